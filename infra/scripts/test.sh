@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up (./.venv) and run the default test suite. pytest's "no tests collected" (exit 5) counts as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash infra/scripts/setup.sh
+. .venv/bin/activate
+export PATH="$PWD/.venv/bin:$PATH"
+set +e
+python -m pytest -q -m "not benchmark_only and not gpu" "$@"
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc

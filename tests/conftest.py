@@ -1,0 +1,48 @@
+"""Shared pytest setup: quiet offline environment, CPU-only, one local Ray runtime per session."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+for _k, _v in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray runtime (ray.init), started once per test session and shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200 * 1024**2,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for MLflow servers, torch.distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
