@@ -1,0 +1,168 @@
+"""Encoder / decoder of VAR's multi-scale VQVAE: the LDM/VQGAN "f16" recipe of spec §1.2.
+
+Module names (conv_in, down.{i}.block.{j}, down.{i}.attn.{j}, down.{i}.downsample.conv, mid.block_1/attn_1/block_2,
+up.{i}..., norm_out, conv_out) match the released `vae_ch160v4096z32.pth` keys (spec §6.2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def Normalize(ch: int) -> nn.GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6, affine), used before every conv stack."""
+    return nn.GroupNorm(num_groups=32, num_channels=ch, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3, plus a (1x1 conv when widths differ) shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
+        self.norm2 = Normalize(out_ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention: softmax(q^T k / sqrt(C)) v over all H*W positions, then proj_out, residual."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.C = ch
+        self.norm = Normalize(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, k, v stacked along channels in that order
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
+        # (B, 3C, H, W) -> (B, HW, 3C) -> three (B, 1, HW, C) single-head tensors
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous(memory_format=torch.channels_last)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one pixel, then conv3x3 stride 2 (no padding): halves the resolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then conv3x3: doubles the resolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    """Bottleneck: Res, Attn, Res at the lowest resolution."""
+
+    def __init__(self, ch: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, dropout)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> latent (B, z_channels, H/2^(n-1), W/2^(n-1)); attention only at the last level."""
+
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+        super().__init__()
+        n = len(ch_mult)
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i in range(n):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            level.attn = nn.ModuleList()
+            block_out = ch * ch_mult[i]
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if i == n - 1:
+                    level.attn.append(AttnBlock(block_in))
+            if i != n - 1:
+                level.downsample = Downsample(block_in)
+            self.down.append(level)
+        self.mid = _Mid(block_in, dropout)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent -> image; `up` is stored highest-resolution first (index 0) but executed from the last index down."""
+
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+        super().__init__()
+        n = len(ch_mult)
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        self.mid = _Mid(block_in, dropout)
+        ups: list[nn.Module] = []
+        for i in reversed(range(n)):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            level.attn = nn.ModuleList()
+            block_out = ch * ch_mult[i]
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if i == n - 1:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in)
+            ups.insert(0, level)
+        self.up = nn.ModuleList(ups)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

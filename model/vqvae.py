@@ -1,0 +1,100 @@
+"""VAR's multi-scale VQVAE as used by VARSR (spec §1): tokenizer of HR images and decoder of the final latent.
+
+    f      = quant_conv(encoder(x))                       x in [-1, 1], f (B, Cvae, pnK, pnK)
+    tokens = residual quantisation of f over patch_nums  (+ R, the continuous residual before the last scale)
+    image  = clamp(decoder(post_quant_conv(f_hat)), -1, 1)
+
+Key names equal the released `vae_ch160v4096z32.pth` (spec §6.2), so it loads with strict=True.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model.config import VARSRConfig
+from model.quantizer import MultiScaleQuantizer
+from model.vae_layers import Decoder, Encoder
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VARSRConfig):
+        super().__init__()
+        v = cfg.vqvae
+        self.patch_nums = tuple(cfg.patch_nums)
+        self.V, self.Cvae = v.vocab_size, v.z_channels
+        self.downsample = v.downsample
+        self.encoder = Encoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout)
+        self.decoder = Decoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout)
+        self.quantize = MultiScaleQuantizer(v.vocab_size, v.z_channels, self.patch_nums, v.beta, v.quant_resi,
+                                            v.share_quant_resi)
+        ks = v.quant_conv_ks
+        self.quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
+
+    def freeze(self) -> "VQVAE":
+        """Inference mode of VARSR: eval() and no gradients for any parameter."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Standard load; an `ema_vocab_hit_SV` for another number of scales keeps the model's own buffer (§1.3)."""
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # the quantizer's hook does the rest
+
+    # ---- phi ---------------------------------------------------------------------------------------------------------
+    def phi_index(self, si: int) -> int:
+        """Which shared phi conv scale si uses (spec §1.3 table)."""
+        return self.quantize.phi_table[si]
+
+    def phi(self, si: int, h: torch.Tensor) -> torch.Tensor:
+        """(1 - r)·h + r·conv_j(h) with j = phi_index(si)."""
+        return self.quantize.phi(si, h)
+
+    # ---- tokenisation ------------------------------------------------------------------------------------------------
+    def _check_image(self, x: torch.Tensor) -> None:
+        side = self.patch_nums[-1] * self.downsample
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != side or x.shape[3] != side:
+            raise ValueError(f"expected images (B, 3, {side}, {side}) in [-1, 1], got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> latent f (B, Cvae, H/16, W/16)."""
+        return self.quant_conv(self.encoder(x))
+
+    @torch.no_grad()
+    def tokenize(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Like img_to_idxBl but also returns the final f_hat (spec §1.4 identities: f_hat_final + R - e_last = f)."""
+        self._check_image(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f = self.encode(x.float())
+            return self.quantize.tokenize(f.float())
+
+    @torch.no_grad()
+    def img_to_idxBl(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """HR image -> (K index maps (B, pn²), continuous residual target R (B, pnK², Cvae)); fp32, no grad."""
+        idx_list, R, _ = self.tokenize(x)
+        return idx_list, R
+
+    def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """K GT index maps -> teacher-forcing inputs (B, L - 1, Cvae) (spec §1.5)."""
+        return self.quantize.idxBl_to_var_input(idx_list)
+
+    def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
+                                      h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (spec §1.6)."""
+        return self.quantize.get_next_autoregressive_input(si, f_hat, h_BChw)
+
+    def embed_idx(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, n) code indices -> (B, n, Cvae) codebook vectors."""
+        return self.quantize.embedding(idx)
+
+    # ---- decoding ----------------------------------------------------------------------------------------------------
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Final latent (B, Cvae, pnK, pnK) -> image (B, 3, H, W) clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+    # ---- VQVAE training (spec §1.7) ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """x -> (reconstruction (unclamped), vq loss, codebook usage % per scale); VAR behaviour, phi at every scale."""
+        self._check_image(x)
+        f_hat, vq_loss, usage = self.quantize(self.encode(x))
+        return self.decoder(self.post_quant_conv(f_hat)), vq_loss, usage

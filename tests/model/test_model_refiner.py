@@ -1,0 +1,201 @@
+"""Diffusion refiner (spec §3): schedule numbers, key layout, loss, sampler determinism and guidance algebra."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from model.config import VARSRConfig
+from model.diffusion_schedule import GaussianSchedule, cosine_betas, space_timesteps
+from model.refiner import DiffLoss
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = VARSRConfig.preset("tiny")
+    torch.manual_seed(0)
+    dl = DiffLoss(cfg)
+    # give the zero-initialised adaLN/final layers random weights so every branch of the net matters
+    with torch.no_grad():
+        for p in dl.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return cfg, dl
+
+
+def test_training_schedule_numbers():
+    b = cosine_betas(1000)
+    assert b.dtype == np.float64 and len(b) == 1000
+    assert b[0] == pytest.approx(4.128e-05, rel=1e-3)
+    assert b[999] == 0.999
+    assert np.cumprod(1 - b)[999] == pytest.approx(2.43e-09, rel=1e-2)
+
+
+def test_respaced_schedule_numbers():
+    cfg = VARSRConfig.preset("tiny")
+    s = DiffLoss(cfg).sample_schedule
+    assert space_timesteps(1000, 10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert s.timestep_map == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    beta = [4.128e-05, 3.437e-02, 9.272e-02, 1.5305e-01, 2.1934e-01, 2.9716e-01, 3.9574e-01, 5.3252e-01, 7.4237e-01,
+            0.9999999]
+    abar = [0.99996, 0.96559, 0.87606, 0.74197, 0.57923, 0.40711, 0.24600, 0.11500, 0.029628, 2.43e-09]
+    np.testing.assert_allclose(s.betas, beta, rtol=2e-3)
+    np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=2e-3)
+    plv = [-10.096, -10.096, -3.660, -2.610, -2.006, -1.556, -1.167, -0.790, -0.390, -0.030]
+    np.testing.assert_allclose(s.posterior_log_variance_clipped, plv, atol=2e-3)
+    logb = [-10.095, -3.370, -2.378, -1.877, -1.517, -1.213, -0.927, -0.630, -0.298]
+    np.testing.assert_allclose(s.log_betas[:9], logb, atol=2e-3)
+    assert abs(s.log_betas[9]) < 1e-6
+
+
+def test_schedule_gathers_float32_on_device_and_rejects_bad_respacing():
+    s = GaussianSchedule(cosine_betas(1000))
+    v = s.at("sqrt_alphas_cumprod", torch.tensor([0, 999]))
+    assert v.dtype == torch.float32 and v.shape == (2, 1)
+    with pytest.raises(ValueError, match="respace"):
+        space_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="schedule"):
+        DiffLoss(VARSRConfig.preset("tiny", refiner_schedule="sqrt"))
+
+
+def test_released_refiner_keys_and_count():
+    cfg = VARSRConfig.preset("d24")
+    holder = nn.Module()
+    with torch.device("meta"):
+        holder.diffloss = DiffLoss(cfg)
+    sd = {k: tuple(v.shape) for k, v in holder.state_dict().items()}
+    expect = {
+        "diffloss.net.time_embed.mlp.0.weight": (1024, 256), "diffloss.net.time_embed.mlp.0.bias": (1024,),
+        "diffloss.net.time_embed.mlp.2.weight": (1024, 1024), "diffloss.net.time_embed.mlp.2.bias": (1024,),
+        "diffloss.net.cond_embed.weight": (1024, 1536), "diffloss.net.cond_embed.bias": (1024,),
+        "diffloss.net.input_proj.weight": (1024, 32), "diffloss.net.input_proj.bias": (1024,),
+        "diffloss.net.final_layer.linear.weight": (64, 1024), "diffloss.net.final_layer.linear.bias": (64,),
+        "diffloss.net.final_layer.adaLN_modulation.1.weight": (2048, 1024),
+        "diffloss.net.final_layer.adaLN_modulation.1.bias": (2048,),
+    }
+    for i in range(6):
+        p = f"diffloss.net.res_blocks.{i}."
+        expect.update({p + "in_ln.weight": (1024,), p + "in_ln.bias": (1024,),
+                       p + "mlp.0.weight": (1024, 1024), p + "mlp.0.bias": (1024,),
+                       p + "mlp.2.weight": (1024, 1024), p + "mlp.2.bias": (1024,),
+                       p + "adaLN_modulation.1.weight": (3072, 1024), p + "adaLN_modulation.1.bias": (3072,)})
+    assert sd == expect
+    assert sum(p.numel() for p in holder.parameters()) == pytest.approx(36.586e6, abs=1e3)
+
+
+def test_dit_init_zeroes_modulation_and_output():
+    dl = DiffLoss(VARSRConfig.preset("tiny"))
+    net = dl.net
+    assert not net.final_layer.linear.weight.any() and not net.final_layer.adaLN_modulation[1].weight.any()
+    assert all(not b.adaLN_modulation[1].weight.any() for b in net.res_blocks)
+    assert net.input_proj.weight.std() > 0 and not net.input_proj.bias.any()
+
+
+def test_time_embedding_is_cos_then_sin():
+    from model.refiner import TimestepEmbedder
+
+    e = TimestepEmbedder.sinusoidal(torch.tensor([0, 5]), 256)
+    assert e.shape == (2, 256)
+    torch.testing.assert_close(e[0, :128], torch.ones(128))
+    torch.testing.assert_close(e[0, 128:], torch.zeros(128))
+    torch.testing.assert_close(e[1, 0], torch.cos(torch.tensor(5.0)))
+    torch.testing.assert_close(e[1, 128], torch.sin(torch.tensor(5.0)))
+
+
+def test_loss_decreases_on_a_fixed_set():
+    cfg = VARSRConfig.preset("tiny")
+    torch.manual_seed(0)
+    dl = DiffLoss(cfg)
+    z = torch.randn(64, cfg.C)
+    residual = 0.3 * torch.tanh(z[:, : cfg.vqvae.z_channels] * 2)  # a learnable function of the condition
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(dl.loss(z, residual, torch.Generator().manual_seed(s))) for s in range(8)]))
+
+    before = eval_loss()
+    opt = torch.optim.AdamW(dl.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        loss = dl.loss(z, residual, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_loss_is_deterministic_for_a_generator_and_checks_shapes(tiny):
+    cfg, dl = tiny
+    z, r = torch.randn(8, cfg.C), torch.randn(8, cfg.vqvae.z_channels) * 0.2
+    a = dl.loss(z, r, torch.Generator().manual_seed(5))
+    b = dl.loss(z, r, torch.Generator().manual_seed(5))
+    assert a.ndim == 0 and torch.equal(a, b) and torch.isfinite(a)
+    with pytest.raises(ValueError, match="residual must be"):
+        dl.loss(z, torch.zeros(8, 3))
+
+
+def test_sample_deterministic(tiny):
+    cfg, dl = tiny
+    zp, zn = torch.randn(6, cfg.C), torch.randn(6, cfg.C)
+    a = dl.sample(zp, zn, 2.0, generator=torch.Generator().manual_seed(0))
+    b = dl.sample(zp, zn, 2.0, generator=torch.Generator().manual_seed(0))
+    c = dl.sample(zp, zn, 2.0, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (6, cfg.vqvae.z_channels) and torch.equal(a, b) and not torch.equal(a, c)
+    noise = torch.randn(6, cfg.vqvae.z_channels)
+    d = dl.sample(zp, None, 0.0, noise=noise, generator=torch.Generator().manual_seed(3))
+    e = dl.sample(zp, None, 0.0, noise=noise, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(d, e)
+    # result is in latent units: x0 is clamped to [-1, 1] at every step, so the output is within ±refiner_scale
+    assert float(a.abs().max()) <= cfg.refiner_scale + 1e-5
+
+
+def test_guidance_algebra(tiny):
+    cfg, dl = tiny
+    zp = torch.randn(5, cfg.C)
+    zn1, zn2 = torch.randn(5, cfg.C), torch.randn(5, cfg.C)
+    noise = torch.randn(5, cfg.vqvae.z_channels)
+
+    def run(zn, s):
+        return dl.sample(zp, zn, s, noise=noise, generator=torch.Generator().manual_seed(9))
+
+    torch.testing.assert_close(run(zn1, 0.0), run(zn2, 0.0), atol=1e-6, rtol=0)  # cfg 0: negative has no influence
+    assert not torch.allclose(run(zn1, 3.0), run(zn2, 3.0))
+
+
+def test_sample_matches_reference_loop(tiny):
+    """Upstream's doubled-batch loop, written out: [x1; x1] into the net, guided ε in both halves, first half kept."""
+    cfg, dl = tiny
+    s, N, C = 1.5, 4, cfg.vqvae.z_channels
+    zp, zn = torch.randn(N, cfg.C), torch.randn(N, cfg.C)
+    noise = torch.randn(N, C)
+    out = dl.sample(zp, zn, s, noise=noise, generator=torch.Generator().manual_seed(4))
+
+    sch = dl.sample_schedule
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([noise, noise]).double()
+    with torch.no_grad():
+        for i in reversed(range(10)):
+            half = x[:N]
+            o = dl.net(torch.cat([half, half]).float(), torch.full((2 * N,), sch.timestep_map[i]),
+                       torch.cat([zp, zn])).double()
+            eps = (1 + s) * o[:N, :C] - s * o[N:, :C]
+            eps, v = torch.cat([eps, eps]), o[:, C:]
+            x0 = (np.sqrt(1 / sch.alphas_cumprod[i]) * x - np.sqrt(1 / sch.alphas_cumprod[i] - 1) * eps).clamp(-1, 1)
+            mean = sch.posterior_mean_coef1[i] * x0 + sch.posterior_mean_coef2[i] * x
+            frac = (v + 1) / 2
+            logvar = frac * np.log(sch.betas[i]) + (1 - frac) * sch.posterior_log_variance_clipped[i]
+            z = torch.randn(2 * N, C, generator=g).double()
+            x = mean + (torch.exp(0.5 * logvar) * z if i > 0 else 0)
+    torch.testing.assert_close(out, (x[:N] * cfg.refiner_scale).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_sample_under_bf16_autocast(tiny):
+    cfg, dl = tiny
+    zp, zn = torch.randn(4, cfg.C), torch.randn(4, cfg.C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dl.sample(zp, zn, 2.0, generator=torch.Generator().manual_seed(0))
+        loss = dl.loss(zp, torch.randn(4, cfg.vqvae.z_channels) * 0.1, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(loss)
