@@ -78,7 +78,7 @@ class NegativesConfig(_Model):
     score: str = "quality"           # column; lower = worse
     f: float = 0.4                   # minmax: score < min + f * max
     percentile: float = 5.0          # percentile: score <= P-th percentile
-    max_fraction: float = 0.5        # never more than this share of the kept pool
+    max_fraction: float = 0.1        # never more than this share of the kept pool (paper: ~1 % negatives)
 
 
 class SelectConfig(_Model):
@@ -98,6 +98,9 @@ class KernelConfig(_Model):
         "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"])
     kernel_prob: list[float] = Field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
     sinc_prob: float = 0.1
+    sinc_omega_small: Range = (1.0471975511965976, 3.141592653589793)   # omega_c ~ U[pi/3, pi] if size < 13
+    sinc_omega_large: Range = (0.6283185307179586, 3.141592653589793)   # omega_c ~ U[pi/5, pi] otherwise
+    sinc_small_below: int = 13
     sigma_x: Range = (0.2, 3.0)
     sigma_y: Range = (0.2, 3.0)
     rotation: Range = (-3.141592653589793, 3.141592653589793)

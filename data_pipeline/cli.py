@@ -1,0 +1,130 @@
+"""`varsr data ...`: score, select, shard, build, inspect, verify. Also `python -m data_pipeline.cli ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML file or preset name in configs/data (default: built-in)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. shard.crop_size=256 (repeatable)")
+    if ray:
+        p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local ray.init())")
+
+
+def _cfg(args):
+    from .config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_score(args) -> dict:
+    from .jobs import score
+    return score(args.input, args.output, _cfg(args), args.ray_address)
+
+
+def cmd_select(args) -> dict:
+    from .jobs import select
+    return select(args.scores, args.output, _cfg(args))
+
+
+def cmd_shard(args) -> dict:
+    from .jobs import shard
+    r = shard(args.selection, args.output, _cfg(args), args.ray_address)
+    r.pop("manifest")
+    return r
+
+
+def cmd_build(args) -> dict:
+    from .jobs import build
+    return build(args.input, args.output, _cfg(args), args.ray_address)
+
+
+def cmd_inspect(args) -> dict:
+    from .reader import read_manifest
+    m = read_manifest(args.output)
+    return {"counts": m["counts"], "shards": len(m["shards"]), "hr_size": m["hr_size"], "lr_size": m["lr_size"],
+            "config_hash": m["config_hash"]}
+
+
+def cmd_verify(args) -> dict:
+    """Check every shard listed in the manifest exists with the recorded size and sha256."""
+    import hashlib
+    from .reader import read_manifest
+    m = read_manifest(args.output)
+    bad = []
+    for sh in m["shards"]:
+        p = os.path.join(args.output, sh["name"])
+        if not os.path.exists(p):
+            bad.append({"shard": sh["name"], "problem": "missing"})
+            continue
+        with open(p, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != sh["sha256"]:
+            bad.append({"shard": sh["name"], "problem": "sha256 mismatch"})
+    return {"shards": len(m["shards"]), "ok": not bad, "problems": bad}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `data` command with its subcommands to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="curate an image corpus into WebDataset shards (Ray)")
+    sub = data.add_subparsers(dest="data_cmd", required=True)
+    p = sub.add_parser("score", help="decode + score every input into scores.parquet")
+    p.add_argument("--input", "-i", required=True, nargs="+", help="folder, glob, fsspec URL or manifest")
+    p.add_argument("--output", "-o", required=True)
+    _common(p)
+    p.set_defaults(data_func=cmd_score)
+    p = sub.add_parser("select", help="thresholds, dedup, clusters, negatives -> selection.parquet")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--output", "-o", required=True)
+    _common(p, ray=False)
+    p.set_defaults(data_func=cmd_select)
+    p = sub.add_parser("shard", help="crop + degrade the selection into WebDataset shards (resumable)")
+    p.add_argument("--selection", required=True)
+    p.add_argument("--output", "-o", required=True)
+    _common(p)
+    p.set_defaults(data_func=cmd_shard)
+    p = sub.add_parser("build", help="score -> select -> shard in one go (resumable)")
+    p.add_argument("--input", "-i", required=True, nargs="+")
+    p.add_argument("--output", "-o", required=True)
+    _common(p)
+    p.set_defaults(data_func=cmd_build)
+    p = sub.add_parser("inspect", help="print a built folder's manifest counts")
+    p.add_argument("output")
+    p.set_defaults(data_func=cmd_inspect)
+    p = sub.add_parser("verify", help="check shards against manifest sha256")
+    p.add_argument("output")
+    p.set_defaults(data_func=cmd_verify)
+    data.set_defaults(func=run)
+    return data
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if getattr(args, "input", None) and isinstance(args.input, list) and len(args.input) == 1:
+        args.input = args.input[0]
+    result = args.data_func(args)
+    if args.data_cmd != "build":
+        print(json.dumps(result, indent=1, default=str))
+    if args.data_cmd == "verify" and not result["ok"]:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.cli")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""HR crop (spec §5.5): resize the short side to round(f * crop) with LANCZOS, centre or random crop, random flip."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def crop_hr(rgb: np.ndarray, crop: int, short_factor: float, mode: str, flip_prob: float,
+            rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Returns the (crop, crop, 3) uint8 HR and what was done (resize size, box, flip) for the sample JSON."""
+    h, w = rgb.shape[:2]
+    short = max(crop, int(round(short_factor * crop)))
+    s = short / min(h, w)
+    nw, nh = max(crop, int(round(w * s))), max(crop, int(round(h * s)))
+    if (nw, nh) != (w, h):
+        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.LANCZOS))
+    if mode == "center":
+        y0, x0 = (nh - crop) // 2, (nw - crop) // 2
+    else:
+        y0, x0 = int(rng.integers(0, nh - crop + 1)), int(rng.integers(0, nw - crop + 1))
+    hr = rgb[y0:y0 + crop, x0:x0 + crop]
+    flip = bool(rng.random() < flip_prob)
+    if flip:
+        hr = hr[:, ::-1]
+    return np.ascontiguousarray(hr), {"resized_to": [nw, nh], "box": [x0, y0, x0 + crop, y0 + crop], "flip": flip}

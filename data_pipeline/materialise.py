@@ -1,0 +1,120 @@
+"""Materialisation of one sample and one shard: decode -> crop -> degrade -> PNG encode -> tar.
+
+Seeds are derived from (build seed, source sha256, purpose), so a sample's crop and degradation do not depend on
+which shard or worker handles it. Stage timings are returned separately (they are not part of the output).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+
+import cv2
+import numpy as np
+
+from .config import PIPELINE_VERSION, BuildConfig
+from .crop import crop_hr
+from .decode import decode_image
+from .degrade import degrade
+from .shards import TarWriter, encode_png, shard_name, stats_name, write_json_atomic
+from .sources import read_bytes
+
+STAGES = ("read", "decode", "crop", "degrade", "encode", "write")
+
+
+def derive_seed(seed: int, sha256: str, purpose: str) -> int:
+    h = hashlib.sha256(f"{seed}:{sha256}:{purpose}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_key(sha256: str, variant: int) -> str:
+    return sha256[:24] if variant == 0 else f"{sha256[:24]}_v{variant}"
+
+
+def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
+                      timings: dict | None = None) -> list[tuple[str, dict[str, bytes]]] | tuple[str, str]:
+    """All samples (one per LR variant) of one selected image, or (reason, error) when it fails now."""
+    t = timings if timings is not None else {}
+
+    def tick(stage, t0):
+        now = time.perf_counter()
+        t[stage] = t.get(stage, 0.0) + (now - t0)
+        return now
+
+    sc, dc = cfg.shard, cfg.degradation
+    t0 = time.perf_counter()
+    if data is None:
+        data = read_bytes(row["uri"], cfg.decode.max_bytes)
+    t0 = tick("read", t0)
+    if hashlib.sha256(data).hexdigest() != row["sha256"]:
+        return "source_changed", "content hash differs from the scored file"
+    label = int(row["label"])
+    short_factor = sc.resize_short_factor_neg if label == 1 else sc.resize_short_factor
+    dec = decode_image(data, cfg.decode, draft_to=int(round(short_factor * sc.crop_size)))
+    if dec.status != "ok":
+        return dec.reason, dec.error
+    t0 = tick("decode", t0)
+    rng = np.random.default_rng(derive_seed(cfg.seed, row["sha256"], "crop"))
+    hr, crop_info = crop_hr(dec.image, sc.crop_size, short_factor, sc.crop, sc.flip_prob, rng)
+    t0 = tick("crop", t0)
+    hr_png = encode_png(hr, sc.hr_png_compression)
+    t0 = tick("encode", t0)
+    scores = json.loads(row.get("scores_json") or "{}")
+    out = []
+    for v in range(sc.lr_variants):
+        lr, params = degrade(hr, dc, derive_seed(cfg.seed, row["sha256"], f"degrade:{v}"))
+        t0 = tick("degrade", t0)
+        lr_png = encode_png(lr, sc.lr_png_compression)
+        key = sample_key(row["sha256"], v)
+        meta = {
+            "key": key, "source_uri": row["uri"], "sha256": row["sha256"],
+            "original_size": [int(row["width"]), int(row["height"])], "label": label,
+            "class_id": int(row["class_id"]), "scores": scores, "crop": crop_info,
+            "hr_size": [sc.crop_size, sc.crop_size], "lr_size": list(lr.shape[:2][::-1]), "scale": dc.scale,
+            "variant": v, "degradation": {"preset": dc.preset, "params": params},
+            "source_meta": json.loads(row.get("meta") or "{}"),
+            "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
+        }
+        out.append((key, {"hr.png": hr_png, "json": json.dumps(meta, sort_keys=True).encode(), "lr.png": lr_png}))
+        t0 = tick("encode", t0)
+    return out
+
+
+def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) -> dict:
+    """Materialise `rows` into shard `index` atomically; returns {stats, timings, failures}."""
+    cv2.setNumThreads(1)
+    timings: dict[str, float] = {}
+    prefix = cfg.shard.prefix
+    writer = TarWriter(f"{out_dir}/{shard_name(prefix, index)}")
+    failures, labels, classes, n = [], Counter(), Counter(), 0
+    try:
+        for row in rows:
+            res = materialise_image(row, cfg, timings=timings)
+            if isinstance(res, tuple):
+                failures.append({"uri": row["uri"], "reason": res[0], "error": res[1]})
+                continue
+            t0 = time.perf_counter()
+            for key, members in res:
+                for ext in ("hr.png", "json", "lr.png"):
+                    writer.add(f"{key}.{ext}", members[ext])
+                n += 1
+                labels[int(row["label"])] += 1
+                classes[int(row["class_id"])] += 1
+            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = {"shard": shard_name(prefix, index), "index": index, "samples": n,
+                 "images": len(rows) - len(failures), "failed": failures,
+                 "labels": {str(k): v for k, v in sorted(labels.items())},
+                 "classes": {str(k): v for k, v in sorted(classes.items())},
+                 "hr_size": cfg.shard.crop_size, "lr_size": cfg.shard.crop_size // cfg.degradation.scale,
+                 "config_hash": cfg.config_hash()}
+        stats["bytes"], stats["sha256"] = writer.finish()
+        write_json_atomic(f"{out_dir}/{stats_name(prefix, index)}", stats)
+        writer.publish()
+        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+    return {"stats": stats, "timings": timings}
+
