@@ -1,0 +1,146 @@
+"""The VARSR MLflow pyfunc model (DESIGN.md "MLflow model").
+
+Input: a DataFrame with a string column ``image`` (base64 PNG/JPEG, one image per row) and params ``scale``,
+``cfg``, ``seed`` (-1 = random), ``top_k``, ``top_p``, ``tile`` (-1 = auto, N >= 0 = force latent tiling with N
+cells of overlap) and ``color_fix``. Output: a DataFrame with ``image`` (base64 PNG), ``width``, ``height``.
+Bad requests raise ``MlflowException(INVALID_PARAMETER_VALUE)``, which the scoring server turns into HTTP 400 with the
+message (no stack trace); the server keeps answering.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from infra.config import save_config
+
+from .config import InferenceConfig
+from .images import ImageInputError, decode_base64_image, encode_png_base64
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_CHECKPOINT = "checkpoint"
+ARTIFACT_CONFIG = "inference_config"
+CONFIG_FILENAME = "inference.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("model", "inference", "infra")  # importable inside the model, whatever environment serves it
+PIP_REQUIREMENTS = ["mlflow==3.17.2", "torch==2.13.0", "pillow==13.0.0", "numpy==2.4.6", "pandas==3.1.1",
+                    "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4"]
+
+
+def bad_request(msg: str) -> MlflowException:
+    """An error the scoring server answers with HTTP 400 and ``msg``."""
+    return MlflowException(msg, error_code=INVALID_PARAMETER_VALUE)
+
+
+def signature(config: InferenceConfig) -> ModelSignature:
+    """Input ``image`` (string), output image/width/height, params with the config's defaults."""
+    s = config.sampling
+    params = ParamSchema([
+        ParamSpec("scale", "double", float(s.scale)),
+        ParamSpec("cfg", "double", float(s.cfg)),
+        ParamSpec("seed", "long", -1),
+        ParamSpec("top_k", "long", int(s.top_k)),
+        ParamSpec("top_p", "double", float(s.top_p)),
+        ParamSpec("tile", "long", -1),
+        ParamSpec("color_fix", "string", str(s.color_fix)),
+    ])
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "image"), ColSpec("long", "width"), ColSpec("long", "height")]),
+        params=params,
+    )
+
+
+def example_input() -> pd.DataFrame:
+    """A small real photo (a 16x16 crop of skimage's astronaut, PNG, base64) in the request format."""
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC).crop((24, 8, 40, 24))
+    return pd.DataFrame({"image": [encode_png_base64(img)]})
+
+
+class VARSRPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around :class:`inference.pipeline.VARSRPipeline`."""
+
+    def load_context(self, context):
+        from .config import load_inference_config
+        from .pipeline import VARSRPipeline
+
+        self.config = load_inference_config(context.artifacts[ARTIFACT_CONFIG])
+        self.pipeline = VARSRPipeline.from_pretrained(context.artifacts[ARTIFACT_CHECKPOINT], config=self.config)
+
+    def _params(self, params: dict[str, Any] | None):
+        from .pipeline import UpscaleParamError
+
+        p = dict(params or {})
+        seed = p.get("seed", -1)
+        tile = p.get("tile", -1)
+        try:
+            return self.pipeline.make_params(
+                scale=p.get("scale"), cfg=p.get("cfg"), top_k=p.get("top_k"), top_p=p.get("top_p"),
+                seed=None if seed is None or int(seed) < 0 else int(seed),
+                color_fix=p.get("color_fix", "default"),
+                tile=None if tile is None or int(tile) < 0 else int(tile))
+        except (UpscaleParamError, TypeError, ValueError) as e:
+            raise bad_request(f"invalid params: {e}") from None
+
+    def predict(self, context, model_input, params=None):
+        lim = self.config.limits
+        if not isinstance(model_input, pd.DataFrame):
+            raise bad_request(f"expected a table with a string column 'image', got {type(model_input).__name__}")
+        if "image" not in model_input.columns:
+            raise bad_request(f"missing column 'image' (got columns {list(model_input.columns)})")
+        if len(model_input) == 0:
+            raise bad_request("no images in the request")
+        if len(model_input) > lim.max_batch_images:
+            raise bad_request(f"too many images in one request: {len(model_input)} > limit {lim.max_batch_images}")
+        p = self._params(params)
+        images = []
+        for i, value in enumerate(model_input["image"].tolist()):
+            try:
+                img = decode_base64_image(value, max_pixels=lim.max_input_pixels, max_bytes=lim.max_payload_bytes)
+                self.pipeline.target_size(img.width, img.height, p.scale)
+            except ImageInputError as e:
+                raise bad_request(f"row {i}: {e}") from None
+            images.append(img)
+        try:
+            out = self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+                                        color_fix=p.color_fix, tile="auto" if p.overlap is None else p.overlap)
+        except Exception as e:  # noqa: BLE001 - never leak a stack trace to the client; log it server-side
+            log.exception("upscale failed")
+            raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None
+        return pd.DataFrame({"image": [encode_png_base64(o) for o in out],
+                             "width": [o.width for o in out], "height": [o.height for o in out]})
+
+
+def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = "model",
+                     registered_model_name: str | None = None, validate_example: bool = True):
+    """Log the pyfunc model (checkpoint + inference config as artifacts, code, signature, example) in the active
+    run; returns MLflow's ModelInfo."""
+    ckpt = Path(ckpt_dir)
+    if not ((ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()):
+        raise FileNotFoundError(f"{ckpt} is not a native VARSR checkpoint (model.safetensors + config.json)")
+    with tempfile.TemporaryDirectory(prefix="varsr-log-") as tmp:
+        cfg_path = save_config(config, Path(tmp) / CONFIG_FILENAME)
+        sig = signature(config)
+        example = (example_input(), {"scale": float(config.sampling.scale), "seed": 0})
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=VARSRPyfunc(),
+            artifacts={ARTIFACT_CHECKPOINT: str(ckpt), ARTIFACT_CONFIG: str(cfg_path)},
+            code_paths=[str(REPO_ROOT / pkg) for pkg in CODE_PACKAGES],
+            signature=sig,
+            input_example=example if validate_example else None,
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name,
+        )

@@ -1,0 +1,301 @@
+"""VARSRPipeline: any-size image super-resolution with the VARSR model (spec §4).
+
+Per image: decode to RGB (any mode, EXIF applied) -> bicubic-upsample the LR to the target size (scale x input; for a
+target equal to the model resolution this is exactly the released pre-processing, spec §4.1) -> reflect-pad to a
+multiple of the VQVAE stride and at least one model tile -> one generate() per latent tile (a single tile when the
+padded target is the model resolution; otherwise overlapping tiles, batched) returning f_hat -> tiles blended in
+latent space with symmetric smooth weights -> decoded once -> cropped to the exact target -> uint8 -> colour fix
+against the bicubic-upsampled LR (AdaIN or wavelet) -> PIL.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .colorfix import color_fix as apply_color_fix
+from .config import InferenceConfig, load_inference_config
+from .images import ImageInputError, ImageLike, check_pixels, load_image, pil_to_tensor, tensor_to_pil_round, tensor_to_pil_trunc
+from .tiling import Tile, blend_tiles, tile_grid
+
+log = logging.getLogger(__name__)
+
+COLOR_FIXES = ("adain", "wavelet", "none")
+_AUTO = "auto"
+
+
+class UpscaleParamError(ValueError):
+    """An upscale parameter is unsupported or out of range; the message names it and the allowed range."""
+
+
+@dataclass
+class UpscaleParams:
+    """Validated parameters of one upscale call."""
+
+    scale: float
+    cfg: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    color_fix: str
+    overlap: int | None  # None: tile only when needed, with the config overlap; int: force tiling with this overlap
+
+
+@dataclass
+class _Plan:
+    """Geometry of one image: target size, padded size, latent tiles and the LR crops they see."""
+
+    target_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+    lr_up: torch.Tensor  # (3, H, W) bicubic-upsampled LR in [0, 1], the colour reference
+    tiles: list[Tile]
+    crops: list[torch.Tensor]  # (3, S, S) per tile
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> cuda when available, else cpu."""
+    if device is None or str(device) == _AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None -> bf16 autocast on GPU, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == _AUTO:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UpscaleParamError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+def is_mlflow_uri(s: str) -> bool:
+    """True for ``models:/``, ``runs:/`` and remote artifact URIs (anything with a scheme other than file)."""
+    return s.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or ("://" in s and not s.startswith("file://"))
+
+
+def find_checkpoint_dir(root: Path) -> Path:
+    """The folder under ``root`` holding ``model.safetensors`` + ``config.json`` (a native checkpoint)."""
+    for cand in [root, *sorted(p.parent for p in root.rglob("model.safetensors"))]:
+        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
+            return cand
+    raise FileNotFoundError(f"no native VARSR checkpoint (model.safetensors + config.json) under {root}")
+
+
+def reflect_pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Pad (C,H0,W0) at the bottom/right to (C,h,w): reflect where possible, replicate beyond that."""
+    ph, pw = h - x.shape[-2], w - x.shape[-1]
+    if ph == 0 and pw == 0:
+        return x
+    y = x[None]
+    while ph > 0 or pw > 0:  # reflect in steps no larger than the current extent
+        sh = min(ph, y.shape[-2] - 1)
+        sw = min(pw, y.shape[-1] - 1)
+        if sh <= 0 and sw <= 0:
+            y = F.pad(y, (0, pw, 0, ph), mode="replicate")
+            break
+        y = F.pad(y, (0, max(sw, 0), 0, max(sh, 0)), mode="reflect")
+        ph, pw = ph - max(sh, 0), pw - max(sw, 0)
+    return y[0]
+
+
+class VARSRPipeline:
+    """Super-resolve images of any size with a VARSR model (see the module docstring for the steps)."""
+
+    def __init__(self, vqvae: torch.nn.Module, varsr: torch.nn.Module, config: InferenceConfig | None = None,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+        self.config = config or load_inference_config()
+        self.device = resolve_device(device if device is not None else self.config.runtime.device)
+        self.dtype = resolve_dtype(dtype if dtype is not None else self.config.runtime.dtype, self.device)
+        self.vqvae = vqvae.to(self.device).eval()
+        self.varsr = varsr.to(self.device).eval()
+        self.model_cfg = varsr.cfg
+        self.image_size: int = int(self.model_cfg.image_size)
+        self.latent_side: int = int(self.model_cfg.pn_last)
+        self.stride: int = int(self.model_cfg.vqvae.downsample)
+
+    # ---- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_uri: str | Path, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, config: InferenceConfig | None = None,
+                        tracking_uri: str | None = None) -> "VARSRPipeline":
+        """Load from a native checkpoint folder or an MLflow URI (``models:/NAME@ALIAS``, ``runs:/ID/model``)."""
+        from model import from_pretrained
+
+        s = str(path_or_uri)
+        if not is_mlflow_uri(s):
+            vqvae, varsr = from_pretrained(Path(s), device="cpu")
+            return cls(vqvae, varsr, config, device, dtype)
+        import mlflow
+
+        from .registry import resolve_tracking_uri
+
+        tmp = Path(tempfile.mkdtemp(prefix="varsr-model-"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=str(tmp),
+                                                             tracking_uri=resolve_tracking_uri(tracking_uri)))
+            ckpt = find_checkpoint_dir(local)
+            if config is None:
+                logged = sorted(local.rglob("inference.yaml"))
+                config = load_inference_config(logged[0]) if logged else None
+            vqvae, varsr = from_pretrained(ckpt, device="cpu")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(vqvae, varsr, config, device, dtype)
+
+    # ---- parameters ----------------------------------------------------------------------------------------------
+    def make_params(self, scale: float | None = None, cfg: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, seed: int | None = None, color_fix: str | None = "default",
+                    tile: int | str | None = None) -> UpscaleParams:
+        """Fill defaults from the config and check every value; raises UpscaleParamError naming the bad one."""
+        d, lim = self.config.sampling, self.config.limits
+        scale = float(d.scale if scale is None else scale)
+        if not (math.isfinite(scale) and lim.min_scale <= scale <= lim.max_scale):
+            raise UpscaleParamError(f"scale must be in [{lim.min_scale}, {lim.max_scale}], got {scale}")
+        cfg = float(d.cfg if cfg is None else cfg)
+        if not (math.isfinite(cfg) and 0.0 <= cfg <= 50.0):
+            raise UpscaleParamError(f"cfg must be in [0, 50], got {cfg}")
+        top_k = int(d.top_k if top_k is None else top_k)
+        vocab = int(self.model_cfg.vqvae.vocab_size)
+        if not 0 <= top_k <= vocab:
+            raise UpscaleParamError(f"top_k must be in [0, {vocab}] (0 = off), got {top_k}")
+        top_p = float(d.top_p if top_p is None else top_p)
+        if not (math.isfinite(top_p) and 0.0 <= top_p <= 1.0):
+            raise UpscaleParamError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
+        if seed is not None and (int(seed) != seed or not 0 <= int(seed) < 2**63):
+            raise UpscaleParamError(f"seed must be an integer in [0, 2^63), got {seed}")
+        cf = d.color_fix if color_fix == "default" else ("none" if color_fix is None else str(color_fix))
+        if cf not in COLOR_FIXES:
+            raise UpscaleParamError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, got {cf!r}")
+        overlap: int | None
+        if tile is None or tile == _AUTO:
+            overlap = None
+        else:
+            try:
+                overlap = int(tile)
+            except (TypeError, ValueError):
+                raise UpscaleParamError(f"tile must be 'auto' or an overlap in latent cells, got {tile!r}") from None
+            if not 0 <= overlap < self.latent_side:
+                raise UpscaleParamError(
+                    f"tile overlap must be in [0, {self.latent_side - 1}] latent cells, got {overlap}")
+        return UpscaleParams(scale, cfg, top_k, top_p, None if seed is None else int(seed), cf, overlap)
+
+    def target_size(self, width: int, height: int, scale: float) -> tuple[int, int]:
+        """Output (width, height) for an input of width x height at ``scale``; enforces max_output_pixels."""
+        tw, th = max(1, round(width * scale)), max(1, round(height * scale))
+        check_pixels(tw, th, self.config.limits.max_output_pixels, what="output")
+        return tw, th
+
+    # ---- planning ------------------------------------------------------------------------------------------------
+    def default_overlap(self) -> int:
+        ov = self.config.tiling.overlap
+        return self.latent_side // 4 if ov is None else int(ov)
+
+    def plan(self, img: Image.Image, p: UpscaleParams) -> _Plan:
+        """Target size, padding and latent tiles of one RGB image."""
+        tw, th = self.target_size(img.width, img.height, p.scale)
+        lr_up = pil_to_tensor(img.resize((tw, th), Image.BICUBIC))
+        S, d, P = self.image_size, self.stride, self.latent_side
+        hp, wp = max(S, math.ceil(th / d) * d), max(S, math.ceil(tw / d) * d)
+        padded = reflect_pad_to(lr_up, hp, wp)
+        overlap = self.default_overlap() if p.overlap is None else p.overlap
+        tiles = tile_grid(hp // d, wp // d, P, overlap)
+        crops = [padded[:, t.y * d: t.y * d + S, t.x * d: t.x * d + S] for t in tiles]
+        return _Plan((th, tw), (hp, wp), lr_up, tiles, crops)
+
+    # ---- running -------------------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams) -> torch.Tensor:
+        """f_hat for every crop (N, Cvae, P, P), in batches of tiling.batch_size.
+
+        With a seed, every call gets a generator seeded with it; the model gives each image its own stream drawn from
+        that generator, so a crop's result does not depend on which batch it lands in.
+        """
+        bs = max(1, int(self.config.tiling.batch_size))
+        out = []
+        for i in range(0, len(crops), bs):
+            x = torch.stack(crops[i: i + bs]).to(self.device, torch.float32)
+            gen = None
+            if p.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(p.seed)
+            with self._autocast():
+                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gen,
+                                        return_fhat=True)
+            out.append(f.float())
+        return torch.cat(out)
+
+    def _decode(self, plan: _Plan, latents: torch.Tensor) -> torch.Tensor:
+        """Blend (when tiled) and decode once -> (3, H, W) in [0, 1] cropped to the target."""
+        d = self.stride
+        hp, wp = plan.padded_hw
+        if len(plan.tiles) == 1:
+            f_hat = latents[0]
+        else:
+            tcfg = self.config.tiling
+            f_hat = blend_tiles(latents, plan.tiles, (hp // d, wp // d), tcfg.weight, tcfg.sigma)
+        with self._autocast():
+            img = self.vqvae.fhat_to_img(f_hat[None].to(self.device))
+        img = ((img.float() + 1) / 2).clamp(0, 1)[0]
+        th, tw = plan.target_hw
+        return img[:, :th, :tw].cpu()
+
+    def _postprocess(self, sr: torch.Tensor, plan: _Plan, p: UpscaleParams) -> Image.Image:
+        """uint8 rounding, colour fix against the bicubic LR, truncation to uint8 (spec §4.4 / §7.2 item 8)."""
+        if p.color_fix == "none":
+            return tensor_to_pil_round(sr)
+        q = (sr * 255.0).round() / 255.0
+        fixed = apply_color_fix(q[None], plan.lr_up[None], p.color_fix)[0]
+        return tensor_to_pil_trunc(fixed)
+
+    @torch.inference_mode()
+    def upscale(self, images: ImageLike | Sequence[ImageLike], scale: float | None = None, cfg: float | None = None,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                color_fix: str | None = "default", tile: int | str | None = None) -> Image.Image | list[Image.Image]:
+        """Super-resolve one image (returns a PIL image) or a list/batch (returns a list).
+
+        ``images``: PIL image, numpy array (HxW[xC], uint8/uint16/float), tensor ((3,H,W) or (B,3,H,W) in [0, 1]),
+        file path or encoded bytes. ``scale``: output = scale x input size. ``seed``: fixes sampling (same seed ->
+        same output; a batch gives each image the result it gets alone). ``color_fix``: adain | wavelet | none/None
+        (default from config). ``tile``: None/'auto' tiles only targets larger than the model resolution; an int
+        forces latent tiling with that overlap (latent cells).
+        """
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
+        items = [images] if single else list(images)
+        p = self.make_params(scale, cfg, top_k, top_p, seed, color_fix, tile)
+        pils = [load_image(x, self.config.limits.max_input_pixels) for x in items]
+        plans = [self.plan(im, p) for im in pils]
+        crops = [c for pl in plans for c in pl.crops]
+        latents = self._generate_latents(crops, p)
+        results, k = [], 0
+        for pl in plans:
+            n = len(pl.tiles)
+            sr = self._decode(pl, latents[k: k + n])
+            k += n
+            results.append(self._postprocess(sr, pl, p))
+        return results[0] if single else results
+
+    def describe(self) -> dict[str, Any]:
+        """What this pipeline runs (logged next to outputs and in benchmarks)."""
+        return {"model": self.model_cfg.name, "image_size": self.image_size, "latent_side": self.latent_side,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size}
+
+
+__all__ = ["VARSRPipeline", "UpscaleParams", "UpscaleParamError", "ImageInputError", "resolve_device", "resolve_dtype"]
