@@ -116,7 +116,8 @@ def _shuffle(src, bufsize: int, rng: random.Random):
 
 
 def _to_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255.0)
+    a = a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+    return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
 
 def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Tensor:

@@ -78,7 +78,11 @@ def write_sample_corpus(directory: str | Path, with_bad_files: bool = True) -> d
     files["modes/brick_LA.png"] = (_png(Image.fromarray(la, "LA")), "mode LA", "ok")
     grass_p = rgb(np.stack([sd.grass()] * 3, axis=2)).quantize(64)
     files["modes/grass_P_transparency.png"] = (_png(grass_p, transparency=0), "mode P with transparency", "ok")
-    files["modes/logo_RGBA.png"] = (_png(rgb(sd.logo())), "mode RGBA", "ok")
+    rocket = sd.rocket()
+    yy, xx = np.indices(rocket.shape[:2])
+    alpha = np.where((yy - 213) ** 2 + (xx - 320) ** 2 < 200 ** 2, 255, 0).astype(np.uint8)  # opaque disc
+    files["modes/rocket_RGBA.png"] = (_png(Image.fromarray(np.dstack([rocket, alpha]), "RGBA")),
+                                      "mode RGBA (transparent outside a disc)", "ok")
     files["modes/gravel_CMYK.jpg"] = (_jpeg(rgb(np.stack([sd.gravel()] * 3, axis=2)).convert("CMYK")),
                                       "CMYK JPEG", "ok")
     moon16 = sd.moon().astype(np.uint16) * 257
