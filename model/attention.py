@@ -1,0 +1,60 @@
+"""Self-attention of the VARSR blocks (spec §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
+softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a KV cache for scale-by-scale inference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+MAX_LOG_TEMPERATURE = math.log(100.0)
+
+
+def level_mask(level_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (S, S) visibility: query at level a may attend key at level b iff b ≤ a (True = attend)."""
+    return level_ids[None, :] <= level_ids[:, None]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention; parameter names follow the official checkpoint (mat_qkv, q_bias, v_bias, scale_mul_1H11, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: q, k, v; head-major inside each
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())  # log temperature
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.attn_drop = attn_drop
+        self.caching, self.cached_k, self.cached_v = False, None, None
+
+    def kv_caching(self, enable: bool) -> None:
+        """Turn the KV cache on/off; either way the cache is emptied."""
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, N, C); rope = (cos, sin) rows for these N positions; mask bool (N, N_keys) or None (inference)."""
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, c)
+        temperature = self.scale_mul_1H11.clamp(max=MAX_LOG_TEMPERATURE).exp()
+        q = F.normalize(q.float(), dim=-1) * temperature.float()
+        k = F.normalize(k.float(), dim=-1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if self.caching:
+            if self.cached_k is not None:
+                k = torch.cat([self.cached_k, k], dim=2)
+                v = torch.cat([self.cached_v, v], dim=2)
+            self.cached_k, self.cached_v = k, v
+        drop = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

@@ -1,0 +1,75 @@
+"""The VARSR training objective (spec §5.3): token cross-entropy over all scales + weighted refiner loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .varsr import VARSR
+
+
+@dataclass
+class LossOutput:
+    """loss = ce_weight·ce + diff_weight·diff (tensors with grad); the rest are detached statistics."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    diff: torch.Tensor
+    acc: float
+    acc_per_scale: list[float]
+    ce_per_scale: list[float]
+    tokens: int
+
+
+def _check_images(name: str, x, B: int | None, S: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (S, S):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, 3, {S}, {S}) tensor in [0, 1], got {shape}")
+    if B is not None and x.shape[0] != B:
+        raise ValueError(f"{name} has batch {x.shape[0]}, expected {B}")
+
+
+def compute_loss(vqvae, varsr: VARSR, hr: torch.Tensor, lr: torch.Tensor | None, label: torch.Tensor,
+                 generator: torch.Generator | None = None) -> LossOutput:
+    """One teacher-forced step's loss.
+
+    hr, lr: (B, 3, S, S) in [0, 1] (lr None for c2i); label (B,) long. The frozen VQVAE tokenises HR under no_grad
+    in fp32 (outside autocast); CE is the uniform mean over all B·L target tokens (label smoothing cfg.label_smooth);
+    the refiner loss uses the model's own argmax last-scale codes (spec §2.10). c2i label dropout happens inside
+    ``varsr.forward`` in training mode.
+    """
+    cfg = varsr.cfg
+    S = cfg.image_size
+    _check_images("hr", hr, None, S)
+    B = hr.shape[0]
+    if cfg.variant == "isr":
+        if lr is None:
+            raise ValueError("the isr variant needs lr images")
+        _check_images("lr", lr, B, S)
+    elif lr is not None:
+        raise ValueError("the c2i variant takes no lr images (pass lr=None)")
+    label = torch.as_tensor(label, dtype=torch.long, device=hr.device).reshape(-1)
+    if label.numel() != B:
+        raise ValueError(f"label must have one entry per image ({B}), got {label.numel()}")
+    if label.min() < 0 or label.max() >= cfg.num_classes:
+        raise ValueError(f"labels must lie in [0, {cfg.num_classes}), got {label.tolist()}")
+
+    with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):
+        idx_list, R = vqvae.img_to_idxBl(hr.float() * 2 - 1)
+        x_in = vqvae.idxBl_to_var_input(idx_list).float()
+    gt = torch.cat(idx_list, dim=1)  # (B, L)
+    logits, diff = varsr(x_in, label, None if lr is None else lr.float() * 2 - 1, R, generator=generator)
+
+    V = logits.shape[-1]
+    ce_tok = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
+                             label_smoothing=cfg.label_smooth).view(B, -1)
+    ce = ce_tok.mean()
+    loss = cfg.ce_weight * ce + cfg.diff_weight * diff
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == gt).float()
+        sl = varsr.scale_slices()
+        acc_ps = [hit[:, s].mean().item() for s in sl]
+        ce_ps = [ce_tok[:, s].mean().item() for s in sl]
+    return LossOutput(loss=loss, ce=ce, diff=diff, acc=hit.mean().item(), acc_per_scale=acc_ps,
+                      ce_per_scale=ce_ps, tokens=gt.numel())

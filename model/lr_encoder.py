@@ -1,0 +1,30 @@
+"""LR prefix encoder ``con_embedding`` (spec §2.2): a ControlNet-style conv stack turning the LR image (resized to the
+model resolution, in [−1, 1]) into one prefix token per stride-16 cell, in raster order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LREncoder(nn.Module):
+    """conv_in 3→ch0; per stage (ch_i→ch_i stride 1, ch_i→ch_{i+1} stride 2); conv_out C→C. SiLU after all but conv_out."""
+
+    def __init__(self, channels: tuple[int, ...], out_dim: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        outs = list(channels[1:]) + [out_dim]
+        blocks = []
+        for cin, cout in zip(channels, outs):
+            blocks.append(nn.Conv2d(cin, cin, 3, padding=1))
+            blocks.append(nn.Conv2d(cin, cout, 3, padding=1, stride=2))
+        self.blocks = nn.ModuleList(blocks)
+        self.conv_out = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr (B, 3, S, S) in [−1, 1] → prefix tokens (B, (S/stride)², C), token of cell (i, j) at index side·i + j."""
+        h = F.silu(self.conv_in(lr))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h).flatten(2).transpose(1, 2)
