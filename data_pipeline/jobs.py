@@ -220,6 +220,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
         else:
             todo.append(i)
     timings: dict[str, float] = {s: 0.0 for s in STAGES}
+    cpu_seconds = 0.0
     n_images = sum(len(plan[i]) for i in todo)
     t0 = time.perf_counter()
     if todo:
@@ -236,6 +237,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for res in batch["result"]:
                 r = json.loads(res)
+                cpu_seconds += r["cpu_seconds"]
                 for k, v in r["timings"].items():
                     timings[k] = timings.get(k, 0.0) + v
                 prog.update(r["stats"]["images"] + len(r["stats"]["failed"]))
@@ -243,7 +245,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
     secs = time.perf_counter() - t0
     manifest = write_manifest(out, cfg, len(plan))
     return {"shards": len(plan), "written": len(todo), "skipped": done, "images_written": n_images,
-            "seconds": secs, "stage_seconds": timings, "manifest": manifest}
+            "seconds": secs, "stage_seconds": timings, "cpu_seconds": cpu_seconds, "manifest": manifest}
 
 
 # ------------------------------------------------------------------------------------------------------ manifest

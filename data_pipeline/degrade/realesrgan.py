@@ -6,6 +6,7 @@ of the HR image and that dict, so the parameters recorded in a sample's JSON rep
 
 Implementation notes (differences from the PyTorch research code, all documented here):
 - blur: `cv2.filter2D` with BORDER_REFLECT_101 = torch 'reflect' padding + correlation (no kernel flip), as BasicSR;
+  separable (rank-1) kernels, i.e. isotropic Gaussians, use `cv2.sepFilter2D` (same result up to float rounding);
 - resize modes use OpenCV: area -> INTER_AREA, bilinear -> INTER_LINEAR (= torch bilinear, align_corners=False,
   no antialias), bicubic -> INTER_CUBIC (a = -0.75 like torch). INTER_AREA equals torch 'area' (adaptive average
   pooling) for integer down-scaling factors and differs slightly otherwise;
@@ -105,6 +106,12 @@ def sample_degradation(rng: np.random.Generator, cfg: DegradationConfig, hr_shap
 
 # ---------------------------------------------------------------------------------------------------- operators
 def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlation with reflect-101 borders; rank-1 kernels (isotropic Gaussians) run as two 1-D passes."""
+    u, sv, vt = np.linalg.svd(kernel)
+    if sv[1] <= 1e-9 * sv[0]:
+        col = (u[:, 0] * np.sqrt(sv[0])).astype(np.float32)
+        row = (vt[0] * np.sqrt(sv[0])).astype(np.float32)
+        return cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101)
     return cv2.filter2D(img, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
 
 

@@ -1,0 +1,112 @@
+"""Throughput of the full per-sample materialisation (read -> decode -> crop 512 -> degrade -> PNG encode -> tar
+write) through the real Ray shard job, on 1 and on 2 cores; prints ONE JSON object.
+
+    python benchmarks/data_bench.py [--images 96] [--crop 512] [--preset varsr-mild] [--per-shard 12]
+
+Sources are real photos bundled with scikit-image / scikit-learn (short side >= crop), reused round-robin.
+Wall time includes Ray scheduling; the per-stage breakdown is measured inside the workers (ms per image).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--crop", type=int, default=512)
+    ap.add_argument("--preset", default="varsr-mild")
+    ap.add_argument("--per-shard", type=int, default=12)
+    ap.add_argument("--png-level", type=int, default=1)
+    ap.add_argument("--cores", default="1,2")
+    args = ap.parse_args()
+
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    import pandas as pd
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from data_pipeline.config import load_config
+    from data_pipeline.decode import probe
+    from data_pipeline.jobs import shard
+    from data_pipeline.sample_corpus import write_sample_corpus
+
+    load_before = round(os.getloadavg()[0], 2)
+    tmp = Path(tempfile.mkdtemp(prefix="data_bench_"))
+    try:
+        info = write_sample_corpus(tmp / "corpus", with_bad_files=False)
+        sources = []
+        for name, v in info.items():
+            data = (tmp / "corpus" / name).read_bytes()
+            p = probe(data)
+            w, h = p.info["width"], p.info["height"]
+            if min(w, h) >= args.crop and "duplicate" not in v["kind"]:
+                sources.append({"uri": str(tmp / "corpus" / name), "sha256": hashlib.sha256(data).hexdigest(),
+                                "width": w, "height": h})
+        rows = [{**sources[i % len(sources)], "label": 0, "class_id": 0, "scores_json": "{}", "meta": "{}"}
+                for i in range(args.images)]
+        # distinct row URIs are not needed; the shard plan permutes rows, every row is one full sample of work
+        sel_path = tmp / "selection.parquet"
+        pd.DataFrame(rows).to_parquet(sel_path)
+        cores = [int(c) for c in args.cores.split(",")]
+        ray.init(num_cpus=max(cores), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=200 * 1024 ** 2)
+        results = {}
+        base = [f"shard.crop_size={args.crop}", f"shard.max_samples_per_shard={args.per_shard}",
+                f"shard.hr_png_compression={args.png_level}"]
+        warm = load_config(args.preset, base + [f"shard.num_workers={max(cores)}"])
+        pd.DataFrame(rows[: 2 * max(cores)]).to_parquet(tmp / "warm.parquet")
+        shard(str(tmp / "warm.parquet"), str(tmp / "warm"), warm)   # start Ray workers, import modules
+        for n in cores:
+            cfg = load_config(args.preset, base + [f"shard.num_workers={n}"])
+            out = tmp / f"out{n}"
+            t0 = time.perf_counter()
+            r = shard(str(sel_path), str(out), cfg)
+            wall = time.perf_counter() - t0
+            imgs = r["images_written"]
+            results[n] = {
+                "images": imgs, "wall_s": round(wall, 3), "samples_per_s": round(imgs / wall, 2),
+                "samples_per_s_per_core": round(imgs / wall / n, 2),
+                "stage_ms_per_sample": {k: round(1000 * v / imgs, 2) for k, v in r["stage_seconds"].items()},
+                "worker_ms_per_sample": round(1000 * sum(r["stage_seconds"].values()) / imgs, 2),
+                "worker_cpu_ms_per_sample": round(1000 * r["cpu_seconds"] / imgs, 2),
+                "samples_per_cpu_s": round(imgs / r["cpu_seconds"], 2),
+                "load_avg_1min_after": round(os.getloadavg()[0], 2),
+                "shards": r["shards"], "bytes": sum(s["bytes"] for s in r["manifest"]["shards"]),
+            }
+        ray.shutdown()
+        out = {"benchmark": "data_pipeline materialise (decode -> crop -> degrade -> encode -> write) via Ray",
+               "config": {"images": args.images, "crop": args.crop, "scale": 4, "preset": args.preset,
+                          "hr_png_level": args.png_level, "samples_per_shard": args.per_shard,
+                          "source_images": [Path(s["uri"]).name for s in sources]},
+               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_avg_1min_before": load_before,
+                           "note": "shared 2-core dev machine; other jobs may run concurrently"},
+               "results": {f"{n}_core{'s' if n > 1 else ''}": v for n, v in results.items()}}
+        if 1 in results and 2 in results:
+            eff = results[2]["samples_per_s"] / (2 * results[1]["samples_per_s"])
+            out["scaling_efficiency_2_cores"] = round(eff, 3)
+            per_core = results[1]["samples_per_s"]
+            out["cores_for_4M_images_per_hour"] = int(-(-4_000_000 / 3600 // (per_core * min(eff, 1.0))))
+            cpu_rate = results[1]["samples_per_cpu_s"]
+            out["cores_for_4M_images_per_hour_from_cpu_time"] = int(-(-4_000_000 / 3600 // cpu_rate))
+        print(json.dumps(out, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
