@@ -1,0 +1,160 @@
+"""Typed training configuration (spec §5.3-5.4 defaults), loadable from YAML with ``key=value`` overrides.
+
+One :class:`TrainConfig` toggles everything a run needs — stage, model preset, data, optimiser/schedule, precision,
+ZeRO stage, activation checkpointing, checkpointing, validation, tracking, launcher — in the torchtitan style:
+``load_train_config("configs/train/stage2_isr_tiny.yaml", ["optim.lr=1e-4", "zero_stage=2"])``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from infra.config import ConfigError, load_config
+
+
+@dataclass
+class ModelSection:
+    """Which VARSR to build and where its weights start from."""
+
+    preset: str = "tiny"  # model.config.PRESETS name; stage c2i uses the ``c2i-`` variant automatically
+    overrides: dict[str, Any] = field(default_factory=dict)  # VARSRConfig fields, e.g. {drop_path_rate: 0.0}
+    init_from: str | None = None  # native checkpoint dir (e.g. stage-1 export) or official VAR/VARSR .pth
+    official_vae: str | None = None  # with an official init_from: the official VQVAE .pth
+    vqvae_checkpoint: str | None = None  # native dir from `varsr train vqvae` (tokenizer weights only)
+
+
+@dataclass
+class DataSection:
+    """Shards (DESIGN.md contract) and the per-rank loader."""
+
+    shards: str = ""  # shard dir (with manifest.json), a brace/glob URL, or a comma list of tars
+    val_shards: str | None = None  # held-out shards for validation (default: the training shards)
+    batch_size: int = 4  # per-rank micro-batch
+    workers: int = 0  # DataLoader workers per rank
+    crop_size: int | None = None  # expected shard HR size; None -> model image size (checked against the manifest)
+    shuffle_buffer: int = 64
+    samples_per_epoch: int | None = None  # None -> manifest sample count
+    split: Literal["node", "global_batch"] = "node"  # global_batch: every rank reads the stream, keeps its slice
+
+
+@dataclass
+class OptimSection:
+    """AdamW + warm-up + ``lin0`` schedule (spec §5.4)."""
+
+    lr: float = 5e-5  # peak lr (no batch-size scaling)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.1
+    warmup_start: float = 0.005  # wp0
+    schedule: Literal["lin0", "constant", "cosine"] = "lin0"
+    plateau: float = 0.3  # lin0: multiplier 1 for this fraction of post-warm-up progress
+    end_factor: float = 0.01  # wpe
+    grad_clip: float = 2.0
+    grad_accum: int = 1
+
+
+@dataclass
+class ValidationSection:
+    """Periodic teacher-forced loss/accuracy on held-out shards + SR samples for fixed LR inputs."""
+
+    every: int = 0  # steps; 0 = only at the end
+    batches: int = 2
+    num_images: int = 4  # fixed LR inputs (the first N held-out samples)
+    cfg: float = 6.0
+    top_k: int = 1
+    top_p: float = 0.75
+    seed: int = 0
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None -> sqlite:///{output_dir}/mlflow.db
+    experiment: str = "varsr-train"
+    run_name: str | None = None
+    parent_run_id: str | None = None  # lineage: stage-1 run for stage 2 (auto-read from a native init_from dir)
+
+
+@dataclass
+class RaySection:
+    """Ray Train TorchTrainer settings (used with ``--ray-address``)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["c2i", "isr"] = "isr"
+    output_dir: str = "runs/train"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0
+    activation_checkpointing: bool = False
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs for the length of the run (schedule length = total_steps)
+    total_steps: int | None = None  # schedule horizon; None -> max_steps or epochs·iters_per_epoch
+    checkpoint_every: int = 0  # steps; a final checkpoint is always written
+    keep_checkpoints: int = 2
+    seed: int = 0
+    nan_policy: Literal["stop", "skip"] = "stop"
+    log_every: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    ray: RaySection = field(default_factory=RaySection)
+    register: bool = False
+    register_name: str = "varsr"
+    register_alias: str = "candidate"
+
+    def validate(self) -> "TrainConfig":
+        errs = []
+        if self.zero_stage not in (0, 1, 2, 3):
+            errs.append(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.data.batch_size < 1:
+            errs.append("data.batch_size must be >= 1")
+        if self.optim.grad_accum < 1:
+            errs.append("optim.grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            errs.append("max_steps must be >= 1")
+        if not 0 <= self.optim.plateau < 1:
+            errs.append("optim.plateau must be in [0, 1)")
+        if errs:
+            raise ConfigError("invalid TrainConfig: " + "; ".join(errs))
+        return self
+
+    @property
+    def model_preset(self) -> str:
+        """The preset actually built: stage c2i uses the ``c2i-`` variant of a plain preset name."""
+        p = self.model.preset
+        if self.stage == "c2i" and not p.startswith("c2i-"):
+            return f"c2i-{p}"
+        if self.stage == "isr" and p.startswith("c2i-"):
+            return p[len("c2i-"):]
+        return p
+
+
+@dataclass
+class VQVAETrainConfig:
+    """Stage 0 (optional): train the tiny tokenizer on shard HR images (`varsr train vqvae`)."""
+
+    output_dir: str = "runs/vqvae"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lr: float = 2e-4
+    steps: int = 200
+    seed: int = 0
+    log_every: int = 10
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="varsr-vqvae"))
+
+
+def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """defaults <- YAML <- overrides, validated."""
+    return load_config(TrainConfig, path, list(overrides)).validate()

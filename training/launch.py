@@ -1,0 +1,105 @@
+"""Launchers: one process (default), several local processes via torchrun (``--nproc``), or a Ray cluster through
+Ray Train's ``TorchTrainer`` (``--ray-address``) with DeepSpeed inside each worker.
+
+The multi-process launchers first write the resolved config to ``{output_dir}/config.yaml``; the workers load that
+file, so every rank trains exactly the same config.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.config import load_config, save_config, to_dict
+from infra.errors import UserError
+from training.config import TrainConfig
+
+
+def run_local(cfg: TrainConfig, resume: str | None = None):
+    """One process in this interpreter (RANK/WORLD_SIZE/... set here unless a launcher already did)."""
+    from training.trainer import train
+
+    return train(cfg, resume)
+
+
+def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: int | None = None) -> int:
+    """Re-exec ``torchrun --nproc_per_node N -m training.launch`` on the resolved config; returns its exit code."""
+    from training.deepspeed_engine import ensure_dist_env
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = save_config(cfg, out / "config.yaml")
+    exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not os.path.exists(exe):
+        raise UserError("torchrun not found on PATH (put the venv's bin on PATH)")
+    if port is None:
+        env_backup = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+        ensure_dist_env()
+        port = int(os.environ["MASTER_PORT"])
+        for k, v in env_backup.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    cmd = [exe, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+           "-m", "training.launch", "--config", str(resolved)]
+    if resume:
+        cmd += ["--resume", resume]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("DS_ACCELERATOR", "cpu" if cfg.device == "cpu" else env.get("DS_ACCELERATOR", ""))
+    if not env["DS_ACCELERATOR"]:
+        env.pop("DS_ACCELERATOR")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
+
+
+def _ray_worker(config: dict) -> None:
+    """Ray Train worker: Ray has set up torch.distributed and the rank env vars; DeepSpeed wraps that group."""
+    from training.trainer import train
+
+    cfg = load_config(TrainConfig, base=config["train_config"])
+    train(cfg, config.get("resume"))
+
+
+def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
+    """Ray Train ``TorchTrainer`` with ``cfg.ray.num_workers`` workers (GPUs per worker from config)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, log_to_driver=True)
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    out = Path(cfg.output_dir).resolve()
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"train_config": to_dict(cfg), "resume": resume},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        run_config=RunConfig(name="varsr-train", storage_path=str(out / "ray_results")),
+    )
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry point: ``python -m training.launch --config resolved.yaml [--resume auto]``."""
+    ap = argparse.ArgumentParser(prog="training.launch")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--resume", default=None)
+    args = ap.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config)
+    try:
+        run_local(cfg, args.resume)
+    except UserError as e:
+        print(f"varsr: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

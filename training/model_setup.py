@@ -1,0 +1,91 @@
+"""Build the models a run trains: VARSRConfig from the TrainConfig, tokenizer weights, stage-1 -> stage-2 init.
+
+``init_from`` may be a native checkpoint dir (e.g. the stage-1 export) or an official VAR/VARSR ``.pth`` (with
+``official_vae``); the transformer is initialised with the shape-filtered rule of spec §5.2 (``load_stage_weights``)
+and the report (loaded / resized / dropped / new tensors) is returned for logging. The tokenizer comes from
+``vqvae_checkpoint`` if given, else from the init checkpoint; it must be the one the parent was trained with.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from infra.errors import UserError
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: TrainConfig):
+    from model import VARSRConfig
+
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("grad_checkpointing", cfg.activation_checkpointing)
+    try:
+        return VARSRConfig.preset(cfg.model_preset, **overrides)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+    except Exception as e:  # noqa: BLE001 - invalid overrides -> one clear line
+        raise UserError(f"model preset {cfg.model_preset!r} with overrides {overrides}: {e}") from None
+
+
+def _native_tensors(directory: str) -> tuple[dict, dict, dict]:
+    """(vqvae state, varsr state, config.json) of a native checkpoint dir."""
+    from safetensors.torch import load_file
+
+    from model.checkpoint import WEIGHTS, read_config
+
+    _, meta = read_config(directory)
+    t = load_file(str(Path(directory) / WEIGHTS))
+    return ({k[6:]: v for k, v in t.items() if k.startswith("vqvae.")},
+            {k[6:]: v for k, v in t.items() if k.startswith("varsr.")}, meta)
+
+
+def load_tokenizer(vqvae, directory: str) -> None:
+    from model.checkpoint import strict_load
+
+    vq_sd, _, _ = _native_tensors(directory)
+    if not vq_sd:
+        raise UserError(f"{directory} holds no VQVAE weights")
+    strict_load(vqvae, vq_sd, f"tokenizer {directory} does not fit this model's VQVAE config")
+    vqvae.freeze()
+
+
+def build_models(cfg: TrainConfig):
+    """(vqvae, varsr, init_report or None, parent lineage dict)."""
+    from model import build, import_official, load_stage_weights
+
+    mcfg = model_config(cfg)
+    vqvae, varsr = build(mcfg)
+    report, parent = None, {}
+    src = cfg.model.init_from
+    if src:
+        if Path(src).is_dir():
+            vq_sd, var_sd, meta = _native_tensors(src)
+            if not cfg.model.vqvae_checkpoint:
+                from model.checkpoint import strict_load
+
+                strict_load(vqvae, vq_sd, f"tokenizer of {src} does not fit this model's VQVAE config")
+                vqvae.freeze()
+            lineage = meta.get("lineage", {}) if isinstance(meta.get("lineage"), dict) else {}
+            parent = {"checkpoint": str(Path(src).resolve()), "run_id": lineage.get("mlflow_run_id")}
+        elif Path(src).is_file():
+            if not cfg.model.official_vae:
+                raise UserError(f"init_from {src} is an official file: also set model.official_vae to its VQVAE .pth")
+            ovq, ovar = import_official(src, cfg.model.official_vae)
+            var_sd = ovar.state_dict()
+            if not cfg.model.vqvae_checkpoint:
+                vqvae.load_state_dict(ovq.state_dict())
+                vqvae.freeze()
+            parent = {"checkpoint": str(Path(src).resolve()), "run_id": None}
+        else:
+            raise UserError(f"model.init_from {src} does not exist")
+        report = load_stage_weights(varsr, var_sd)
+        if not report.get("loaded"):
+            raise UserError(f"init_from {src}: no tensor fits this model (config mismatch?)")
+        log.info("init from %s: loaded %d, resized %d, dropped %d, new %d tensors", src,
+                 len(report["loaded"]), len(report.get("resized", [])), len(report.get("dropped", [])),
+                 len(report.get("new", [])))
+    if cfg.model.vqvae_checkpoint:
+        load_tokenizer(vqvae, cfg.model.vqvae_checkpoint)
+    return vqvae, varsr, report, parent

@@ -1,0 +1,438 @@
+"""The training loop: data -> step -> metrics -> checkpoint -> validation, for one rank of a DeepSpeed job.
+
+Every rank runs :func:`train`; rank 0 alone logs to MLflow and writes plots, the export and the summary. The same
+function serves the one-process default, torchrun workers and Ray Train workers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from infra.config import config_hash, save_config, to_dict
+from infra.errors import UserError
+from training import checkpointing, deepspeed_engine
+from training.config import TrainConfig
+from training.data import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
+from training.model_setup import build_models
+from training.schedule import build_schedule
+from training.steps import NonFiniteLoss, train_step
+from training.tracking import MlflowTracker, NullTracker, default_tracking_uri, git_commit, plot_loss_curves, save_grid
+
+log = logging.getLogger("varsr.train")
+
+# dense peak FLOP/s for the MFU estimate (bf16 tensor-core numbers; fp32 uses TF32 where it applies)
+GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+CPU_PEAK_PER_CORE = 50e9  # rough fp32 AVX2/AVX-512 FMA throughput per core; an estimate, not a measurement
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    run_id: str | None = None
+    export_dir: str | None = None
+    init_report: dict | None = None
+    bad_samples: int = 0
+    skipped_steps: int = 0
+
+
+def _out(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in GPU_PEAK.items():
+            if k in name:
+                return v
+        return 100e12
+    return (os.cpu_count() or 1) * CPU_PEAK_PER_CORE
+
+
+def step_flops(mcfg, n_params: int, samples: int) -> float:
+    """6·params·tokens (fwd+bwd of the dense layers) + 12·depth·C·S² per sample (attention scores and values)."""
+    S = mcfg.seq_len
+    return 6.0 * n_params * S * samples + 12.0 * mcfg.depth * mcfg.C * S * S * samples
+
+
+def fingerprint(cfg: TrainConfig, mcfg) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {
+        "stage": cfg.stage,
+        "model_config_hash": config_hash(mcfg.to_dict()),
+        "micro_batch": cfg.data.batch_size,
+        "grad_accum": cfg.optim.grad_accum,
+        "seed": cfg.seed,
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One rank's view of a training run."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg, self.resume = cfg.validate(), resume
+        self.device = deepspeed_engine.resolve_device(cfg)
+        deepspeed_engine.ensure_dist_env()
+        deepspeed_engine.init_distributed(self.device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.history: list[dict] = []
+        self.tracker = NullTracker()
+
+    # ---- setup -----------------------------------------------------------------------------------------------------
+    def _check_shards(self, shards: ShardSet, image_size: int) -> None:
+        crop = self.cfg.data.crop_size or image_size
+        if crop != image_size:
+            raise UserError(f"data.crop_size {crop} does not fit the model: preset {self.cfg.model_preset!r} "
+                            f"trains on {image_size}px images")
+        seen = shards.crop_size or peek_hr_size(shards.urls[0])
+        if seen is not None and seen != image_size:
+            raise UserError(f"shards {shards.location!r} hold {seen}px HR crops but model preset "
+                            f"{self.cfg.model_preset!r} needs {image_size}px (rebuild the shards at {image_size}px "
+                            f"or pick another preset)")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        _seed_everything(cfg.seed)
+        self.vqvae, varsr, self.init_report, self.parent = build_models(cfg)
+        self.mcfg = varsr.cfg
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            log.warning("fp16 on CPU: DeepSpeed loss scaling runs, autocast is off (CPU has no fast fp16)")
+        self.vqvae.to(self.device)
+        self.shards = resolve_shards(cfg.data.shards)
+        self._check_shards(self.shards, self.mcfg.image_size)
+        n = cfg.data.samples_per_epoch or self.shards.num_samples
+        per_step = cfg.data.batch_size * cfg.optim.grad_accum * self.world
+        self.iters_per_epoch = max(1, (n // per_step) if n else 100)
+        self.total_steps = cfg.total_steps or cfg.max_steps or max(1, math.ceil(cfg.epochs * self.iters_per_epoch))
+        self.run_steps = cfg.max_steps or self.total_steps
+        self.schedule = build_schedule(cfg.optim, self.total_steps, self.iters_per_epoch)
+        self.engine, _, _, self.ds_config = deepspeed_engine.initialize(cfg, varsr.to(self.device), self.schedule)
+        self.model = self.engine.module
+        self.model.set_vqvae(self.vqvae)
+        self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * max(1, self.world) + self.rank)
+        self.fingerprint = fingerprint(cfg, self.mcfg)
+        self.start_step, position = 0, DataPosition()
+        ckpt = checkpointing.find_resume(self.out, self.resume)
+        if ckpt is not None:
+            self.start_step, position = checkpointing.load(self.engine, ckpt, self.generator, self.fingerprint)
+            self._load_history()
+            if self.is_main:
+                _out(f"[train] resumed from {ckpt} at step {self.start_step} (epoch {position.epoch}, "
+                     f"{position.samples_consumed} samples consumed on rank 0)")
+        self.resumed_from = str(ckpt) if ckpt else None
+        self.stream = BatchStream(
+            self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
+            workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
+            shuffle_buffer=cfg.data.shuffle_buffer, position=position)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            (self.out / "model_config.json").write_text(json.dumps(self.mcfg.to_dict(), indent=2) + "\n")
+            if self.init_report is not None:
+                (self.out / "init_report.json").write_text(json.dumps(self.init_report, indent=2) + "\n")
+            self._start_tracking()
+
+    def lineage(self) -> dict:
+        tags = {
+            "varsr.stage": self.cfg.stage,
+            "varsr.data.location": str(Path(self.shards.location).resolve()) if "://" not in self.shards.location
+            else self.shards.location,
+            "varsr.data.manifest_sha256": self.shards.manifest_sha256 or "none",
+            "varsr.git_commit": git_commit(),
+            "varsr.config_hash": config_hash(self.cfg),
+            "varsr.model_config_hash": self.fingerprint["model_config_hash"],
+            "varsr.model_preset": self.cfg.model_preset,
+        }
+        if self.parent.get("checkpoint"):
+            tags["varsr.parent.checkpoint"] = self.parent["checkpoint"]
+        parent_run = self.cfg.tracking.parent_run_id or self.parent.get("run_id")
+        if parent_run:
+            tags["varsr.parent.run_id"] = parent_run
+        if self.resumed_from:
+            tags["varsr.resumed_from"] = self.resumed_from
+        return tags
+
+    def _start_tracking(self) -> None:
+        t = self.cfg.tracking
+        if not t.enabled:
+            return
+        uri = t.tracking_uri or default_tracking_uri(self.out)
+        params_cfg = to_dict(self.cfg)
+        params_cfg["resolved"] = {"world_size": self.world, "iters_per_epoch": self.iters_per_epoch,
+                                  "total_steps": self.total_steps, "warmup_steps": self.schedule.warmup_steps,
+                                  "trainable_params": self.n_params, "image_size": self.mcfg.image_size,
+                                  "global_batch": self.ds_config["train_batch_size"]}
+        self.tracker = MlflowTracker(uri, t.experiment, t.run_name, params_cfg, self.lineage(),
+                                     artifact_root=self.out / "mlartifacts")
+        self.tracker.log_artifact(self.out / "deepspeed_config.json", "config")
+        self.tracker.log_artifact(self.out / "model_config.json", "config")
+        if self.init_report is not None:
+            self.tracker.log_artifact(self.out / "init_report.json", "init")
+            self.tracker.log_metrics({f"init/{k}": len(v) for k, v in self.init_report.items()}, step=0)
+        _out(f"[train] MLflow run {self.tracker.run_id} at {uri}")
+
+    def _load_history(self) -> None:
+        p = self.out / "history.jsonl"
+        if p.is_file():
+            rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            self.history = [r for r in rows if r["step"] <= self.start_step]
+            if self.is_main:  # drop rows of steps after the checkpoint (they will be re-run)
+                p.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    # ---- loop --------------------------------------------------------------------------------------------------------
+    def _check_labels(self, batch: dict) -> None:
+        if self.cfg.stage == "c2i":
+            m = int(batch["class_id"].max())
+            if m >= self.mcfg.num_classes:
+                raise UserError(f"shard class id {m} >= model num_classes {self.mcfg.num_classes}: set "
+                                f"model.overrides.num_classes to at least {m + 1}")
+
+    def _labelled(self, batches):
+        for b in batches:
+            self._check_labels(b)
+            yield b
+
+    def _metrics(self, step: int, r, dt: float) -> dict:
+        samples = r.samples * self.world
+        tokens = r.tokens * self.world
+        flops = step_flops(self.mcfg, self.n_params, samples)
+        m = {"loss": r.loss, "ce": r.ce, "diff": r.diff, "acc": r.acc, "lr": r.lr, "loss_scale": r.loss_scale,
+             "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
+             "mfu": flops / dt / (peak_flops(self.device) * self.world), "step_time_s": dt,
+             "skipped_microbatches": r.skipped, "bad_samples_total": self.stream.pos.bad_samples,
+             "epoch": self.stream.pos.epoch}
+        if r.grad_norm is not None:
+            m["grad_norm"] = r.grad_norm
+        for i, (a, c) in enumerate(zip(r.acc_per_scale, r.ce_per_scale)):
+            m[f"acc_scale{i}"] = a
+            m[f"ce_scale{i}"] = c
+        for k, v in r.timings.items():
+            m[f"time/{k}_s"] = v
+        return m
+
+    def _save_nonfinite(self, e: NonFiniteLoss) -> Path:
+        d = self.out / f"nonfinite_step_{e.step:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        batch = {k: v for k, v in e.batch.items() if isinstance(v, torch.Tensor)}
+        torch.save(batch, d / f"batch_rank{self.rank}.pt")
+        (d / f"info_rank{self.rank}.json").write_text(json.dumps(
+            {"step": e.step, "values": e.values, "keys": e.batch.get("key", [])}, indent=2) + "\n")
+        return d
+
+    def train(self) -> TrainResult:
+        self.setup()
+        cfg = self.cfg
+        batches = self._labelled(iter(self.stream))
+        self.model.train()
+        step = self.start_step
+        losses, skipped_total = [], 0
+        t_start = time.perf_counter()
+        if self.is_main:
+            _out(f"[train] stage {cfg.stage} preset {cfg.model_preset}: {self.n_params / 1e6:.2f} M trainable "
+                 f"params, world {self.world}, ZeRO-{cfg.zero_stage} {cfg.precision}, steps {step}->"
+                 f"{self.run_steps} of {self.total_steps} (warm-up {self.schedule.warmup_steps})")
+        status = "FAILED"
+        try:
+            while step < self.run_steps:
+                t0 = time.perf_counter()
+                try:
+                    r = train_step(self.engine, self.vqvae, batches, stage=cfg.stage, step=step,
+                                   device=self.device, precision=cfg.precision, generator=self.generator,
+                                   nan_policy=cfg.nan_policy, grad_accum=cfg.optim.grad_accum)
+                except NonFiniteLoss as e:
+                    d = self._save_nonfinite(e)
+                    raise UserError(f"{e}; offending batch saved to {d} (set nan_policy=skip to skip such steps, "
+                                    f"or lower optim.lr)") from None
+                dt = time.perf_counter() - t0
+                step += 1
+                skipped_total += r.skipped
+                m = self._metrics(step, r, dt)
+                losses.append(r.loss)
+                self.history.append({"step": step, **{k: m[k] for k in ("loss", "ce", "diff", "lr", "acc")}})
+                if self.is_main:
+                    with open(self.out / "history.jsonl", "a") as f:
+                        f.write(json.dumps(self.history[-1]) + "\n")
+                    if step % cfg.log_every == 0 or step == self.run_steps:
+                        self.tracker.log_metrics(m, step=step)
+                        _out(f"[train] step {step}/{self.run_steps} loss {r.loss:.4f} ce {r.ce:.4f} "
+                             f"diff {r.diff:.4f} acc {r.acc:.3f} lr {r.lr:.2e} gnorm {m.get('grad_norm', 0):.3f} "
+                             f"{m['samples_per_s']:.1f} samples/s")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.run_steps:
+                    checkpointing.save(self.engine, self.out, step, self.stream.pos, self.generator,
+                                       self.fingerprint, cfg.keep_checkpoints)
+                if cfg.validation.every and step % cfg.validation.every == 0 and step < self.run_steps:
+                    self.validate(step)
+            if not (self.out / "checkpoints" / f"step_{step:08d}" / checkpointing.MARKER).is_file():
+                checkpointing.save(self.engine, self.out, step, self.stream.pos, self.generator, self.fingerprint,
+                                   cfg.keep_checkpoints)
+            self.validate(step)
+            export = self.export(step)
+            status = "FINISHED"
+        finally:
+            if self.is_main:
+                self._finish(step, losses, time.perf_counter() - t_start, status)
+        return TrainResult(steps=step, first_loss=losses[0] if losses else None,
+                           last_loss=losses[-1] if losses else None, losses=losses, run_id=self.tracker.run_id,
+                           export_dir=str(export) if export else None, init_report=self.init_report,
+                           bad_samples=self.stream.pos.bad_samples, skipped_steps=skipped_total)
+
+    # ---- validation ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        """Teacher-forced val loss/acc + SR samples (PSNR/SSIM) for fixed inputs; rank 0 (all ranks under ZeRO-3)."""
+        if not self.is_main and self.cfg.zero_stage < 3:
+            return {}
+        from model import compute_loss
+
+        v = self.cfg.validation
+        shards = resolve_shards(v_sh) if (v_sh := self.cfg.data.val_shards) else self.shards
+        stream = BatchStream(shards, size=self.mcfg.image_size, want_lr=self.cfg.stage == "isr",
+                             batch_size=self.cfg.data.batch_size, workers=0, seed=v.seed, rank=0, world=1,
+                             split="global_batch", shuffle_buffer=0)
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(v.seed)
+        losses, accs, first = [], [], None
+        it = iter(stream)
+        for _ in range(max(1, v.batches)):
+            b = next(it)
+            first = first or b
+            hr = b["hr"].to(self.device)
+            lr = b["lr"].to(self.device) if self.cfg.stage == "isr" else None
+            label = (b["label"] if self.cfg.stage == "isr" else b["class_id"]).to(self.device)
+            out = compute_loss(self.vqvae, self.model, hr, lr, label, generator=gen)
+            losses.append(out.loss.item())
+            accs.append(out.acc)
+        metrics = {"val/loss": float(np.mean(losses)), "val/acc": float(np.mean(accs))}
+        rows, titles = self._samples(stream, v, metrics)
+        self.model.train()
+        if self.is_main:
+            grid = save_grid(rows, titles, self.out / "samples" / f"samples_step{step:08d}.png")
+            self.tracker.log_artifact(grid, "samples")
+            self.tracker.log_metrics(metrics, step=step)
+            if self.history and self.history[-1]["step"] == step:
+                self.history[-1].update(metrics)
+            _out(f"[val] step {step} " + " ".join(f"{k} {val:.4f}" for k, val in metrics.items()))
+        return metrics
+
+    def _samples(self, stream: BatchStream, v, metrics: dict):
+        """LR | SR | HR (isr) or class | generated | real (c2i) rows for the first ``num_images`` held-out samples."""
+        n = max(1, v.num_images)
+        hrs, lrs, labels = [], [], []
+        for b in stream:
+            hrs.append(b["hr"])
+            lrs.append(b.get("lr"))
+            labels.append(b["class_id"])
+            if sum(x.shape[0] for x in hrs) >= n:
+                break
+        hr = torch.cat(hrs)[:n]
+        gen = torch.Generator(device=self.device).manual_seed(v.seed)
+        if self.cfg.stage == "isr":
+            lr = torch.cat(lrs)[:n]
+            sr = self.model.generate(lr.to(self.device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
+                                     generator=gen).float().cpu()
+            metrics["val/psnr"], metrics["val/ssim"] = _psnr_ssim(sr, hr)
+            return [[lr[i], sr[i], hr[i]] for i in range(n)], ["LR", "SR", "HR"]
+        cls = torch.cat(labels)[:n]
+        img = self.model.generate(None, class_labels=cls.to(self.device), cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
+                                  generator=gen).float().cpu()
+        return [[img[i], hr[i]] for i in range(n)], ["generated", "real (same class)"]
+
+    # ---- end ------------------------------------------------------------------------------------------------------------
+    def export(self, step: int) -> Path | None:
+        """Final weights in the native format (+ lineage), optionally registered; rank 0 writes."""
+        import deepspeed
+
+        from model import save_pretrained
+
+        params = list(self.model.parameters())
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3 else None
+        d = self.out / "final"
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            if self.is_main:
+                self.model.float()
+                lineage = {**self.lineage(), "mlflow_run_id": self.tracker.run_id, "step": step}
+                save_pretrained(d, self.vqvae, self.model, extra={"lineage": lineage})
+                save_config(self.cfg, d / "train_config.yaml")
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        if not self.is_main:
+            return d
+        self.tracker.log_artifact(d / "config.json", "final")
+        self.tracker.log_artifact(d / "train_config.yaml", "final")
+        self.tracker.set_tags({"varsr.export_dir": str(d.resolve())})
+        _out(f"[train] exported final weights to {d}")
+        if self.cfg.register:
+            self._register(d)
+        return d
+
+    def _register(self, d: Path) -> None:
+        try:
+            from inference.registry import register_model
+        except ImportError as e:
+            _out(f"[train] register: skipped, the inference package has no registry.register_model yet ({e})")
+            return
+        tags = {**self.lineage(), "varsr.train_run_id": self.tracker.run_id or ""}
+        mv = register_model(str(d), self.cfg.register_name, self.cfg.register_alias, tags=tags)
+        _out(f"[train] registered {self.cfg.register_name}@{self.cfg.register_alias}: {mv}")
+
+    def _finish(self, step: int, losses: list[float], wall: float, status: str) -> None:
+        if self.history:
+            png = plot_loss_curves(self.history, self.out / "plots" / "loss_curve.png")
+            self.tracker.log_artifact(png, "plots")
+        summary = {
+            "status": status, "stage": self.cfg.stage, "steps": step, "wall_s": round(wall, 1),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
+            "mlflow_run_id": self.tracker.run_id, "output_dir": str(self.out),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.tracker.log_artifact(self.out / "summary.json")
+        self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
+        width = max(len(k) for k in summary)
+        _out("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
+
+
+def _psnr_ssim(sr: torch.Tensor, hr: torch.Tensor) -> tuple[float, float]:
+    from skimage.metrics import structural_similarity
+
+    mse = ((sr.clamp(0, 1) - hr) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    psnr = float((10 * torch.log10(1.0 / mse)).mean())
+    ssim = float(np.mean([structural_similarity(s.clamp(0, 1).permute(1, 2, 0).numpy(), h.permute(1, 2, 0).numpy(),
+                                                channel_axis=2, data_range=1.0) for s, h in zip(sr, hr)]))
+    return psnr, ssim
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Run (or resume) a training job on this rank; tears the process group down at the end."""
+    try:
+        return Trainer(cfg, resume).train()
+    finally:
+        deepspeed_engine.shutdown()
