@@ -102,11 +102,25 @@ def register(subparsers) -> argparse.ArgumentParser:
     return data
 
 
+def _user_error(e: Exception) -> Exception:
+    """Bad input/config -> the platform's UserError (one line, no traceback) when infra is present."""
+    try:
+        from infra.errors import UserError
+    except ImportError:
+        return e
+    err = UserError(str(e))
+    err.__cause__ = e
+    return err
+
+
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if getattr(args, "input", None) and isinstance(args.input, list) and len(args.input) == 1:
         args.input = args.input[0]
-    result = args.data_func(args)
+    try:
+        result = args.data_func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # pydantic ValidationError is a ValueError
+        raise _user_error(e) from e
     if args.data_cmd != "build":
         print(json.dumps(result, indent=1, default=str))
     if args.data_cmd == "verify" and not result["ok"]:
@@ -121,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors as one line; others keep their traceback
+        if type(e).__name__ == "UserError" or isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
     cfg = _cfg(config)
     out = _prepare_output(output)
     items = list_sources(input, cfg.source)
+    if not items:
+        raise ValueError(f"no input files found in {input!r} (extensions {cfg.source.extensions})")
     uris = [it.uri for it in items]
     fp = scores_fingerprint(uris, cfg)
     path = f"{out}/scores.parquet"
@@ -118,8 +120,6 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = cfg.score.use_gpu if cfg.score.use_gpu is not None else (
         gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
-    if not items:
-        raise ValueError(f"no input files found in {input!r}")
     bs = cfg.score.batch_size
     ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True)} for it in items],
                              override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))

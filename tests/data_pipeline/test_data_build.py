@@ -153,3 +153,31 @@ def test_cli_inspect_and_verify(built):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["ok"] is True
+
+
+def test_select_reruns_without_rescoring(built, tmp_path):
+    root, _, cfg, _ = built
+    out = root / "out"
+    assert dp.score(str(root / "corpus"), str(out), cfg)["reused"] is True
+    cfg2 = dp.load_config(cfg, ["select.negatives.rule=percentile", "select.negatives.percentile=50",
+                                "select.negatives.max_fraction=1.0", "select.score_min.sharpness=100",
+                                "select.cluster.k=2"])
+    r = dp.select(str(out / "scores.parquet"), str(tmp_path), cfg2)
+    sel = pd.read_parquet(tmp_path / "selection.parquet")
+    rej = pd.read_parquet(tmp_path / "rejected.parquet")
+    assert len(sel) == r["selected"] and (sel.sharpness >= 100).all() and set(sel.class_id) <= {0, 1}
+    assert (rej.reason == "score_below:sharpness").sum() >= 1
+    assert sel.label.sum() == (sel.quality <= np.percentile(sel.quality, 50)).sum()
+    assert len(sel) + len(rej) == len(pd.read_parquet(out / "scores.parquet"))
+
+
+def test_cli_register_adds_data_subcommands():
+    import argparse
+    from data_pipeline.cli import register
+    parser = argparse.ArgumentParser(prog="varsr")
+    register(parser.add_subparsers(dest="command"))
+    a = parser.parse_args(["data", "build", "-i", "src", "-o", "dst", "-c", "tiny", "-s", "seed=3"])
+    assert a.data_cmd == "build" and a.overrides == ["seed=3"] and callable(a.func)
+    for cmd in (["score", "-i", "a", "-o", "b"], ["select", "--scores", "s", "-o", "b"],
+                ["shard", "--selection", "s", "-o", "b"], ["inspect", "d"], ["verify", "d"]):
+        assert parser.parse_args(["data", *cmd]).data_cmd == cmd[0]
