@@ -1,0 +1,216 @@
+"""CLI: ``varsr upscale | register | serve | eval`` (registered into the ``varsr`` command by infra/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from infra.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _tile_arg(s: str) -> str | int:
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile must be 'auto' or an overlap in latent cells, got {s!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="native checkpoint folder (model.safetensors + config.json)")
+    src.add_argument("--model-uri", help="MLflow model URI, e.g. models:/varsr@champion")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--config", type=Path, help="inference YAML (default configs/inference/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference config key, e.g. tiling.batch_size=4 (repeatable)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", type=float, default=None, help="output = scale x input size (default 4)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 6.0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="fix sampling (same seed -> same output)")
+    p.add_argument("--tile", type=_tile_arg, default="auto", help="auto, or force latent tiling with N cells overlap")
+    p.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default=None)
+
+
+def _sampling_kwargs(args) -> dict:
+    kw = {"scale": args.scale, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+          "tile": args.tile}
+    if args.color_fix is not None:
+        kw["color_fix"] = args.color_fix
+    return kw
+
+
+def _load_pipeline(args):
+    from .config import load_inference_config
+    from .pipeline import VARSRPipeline
+
+    try:
+        config = load_inference_config(args.config, args.overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    src = str(args.checkpoint) if args.checkpoint else args.model_uri
+    if args.checkpoint and not args.checkpoint.is_dir():
+        raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
+    try:
+        return VARSRPipeline.from_pretrained(src, device=args.device, dtype=args.dtype, config=config,
+                                             tracking_uri=args.tracking_uri)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. unknown registered model / alias
+        raise UserError(f"cannot load the model from {src}: {type(e).__name__}: {e}") from None
+
+
+def collect_inputs(paths: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, path relative to its input root) for files and folders (recursive); missing paths reported."""
+    found, missing = [], []
+    for p in paths:
+        if p.is_file():
+            found.append((p, Path(p.name)))
+        elif p.is_dir():
+            found += [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            missing.append(f"{p}: no such file or folder")
+    return found, missing
+
+
+def cmd_upscale(args) -> int:
+    from tqdm import tqdm
+
+    from .images import ImageInputError, open_image_path
+    from .pipeline import UpscaleParamError
+
+    inputs, problems = collect_inputs(args.inputs)
+    if not inputs:
+        raise UserError("no input images found" + (f" ({'; '.join(problems)})" if problems else ""))
+    out = args.output
+    single_file = len(inputs) == 1 and out.suffix.lower() in IMAGE_SUFFIXES
+    pipe = _load_pipeline(args)
+    kw = _sampling_kwargs(args)
+    try:
+        pipe.make_params(**{k: v for k, v in kw.items()})
+    except UpscaleParamError as e:
+        raise UserError(str(e)) from None
+    ok, failed, t0 = 0, list(problems), time.perf_counter()
+    for src, rel in tqdm(inputs, desc="upscale", unit="img", file=sys.stderr, disable=None):
+        dst = out if single_file else out / rel.with_suffix(".png")
+        try:
+            img = open_image_path(src, pipe.config.limits.max_input_pixels)
+            sr = pipe.upscale(img, **kw)
+        except (ImageInputError, ValueError) as e:
+            failed.append(f"{src}: {e}")
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        sr.save(dst)
+        ok += 1
+    secs = time.perf_counter() - t0
+    for f in failed:
+        print(f"skipped {f}", file=sys.stderr)
+    print(f"upscaled {ok} image(s), skipped {len(failed)}, {secs:.1f} s"
+          + (f" ({secs / ok:.2f} s/image)" if ok else "") + f" -> {out}")
+    return 0 if ok and not failed else (1 if ok else 2)
+
+
+def cmd_register(args) -> int:
+    from .config import load_inference_config
+    from .registry import register_model
+
+    tags = {}
+    for t in args.tag:
+        if "=" not in t:
+            raise UserError(f"--tag {t!r} must be KEY=VALUE")
+        k, v = t.split("=", 1)
+        tags[k] = v
+    try:
+        config = load_inference_config(args.config, args.overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    mv = register_model(args.ckpt_dir, args.name, alias=args.alias or None, tracking_uri=args.tracking_uri, tags=tags,
+                        config=config, validate_example=not args.no_validate)
+    uri = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
+    print(json.dumps({"name": mv.name, "version": int(mv.version), "alias": args.alias, "uri": uri,
+                      "run_id": mv.run_id}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines", args.host)
+    return serve(args.model_uri, args.port, args.host, args.workers, args.tracking_uri)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    for d in (args.hr, args.lr):
+        if not d.is_dir():
+            raise UserError(f"{d} is not a folder")
+    pipe = _load_pipeline(args)
+    kw = _sampling_kwargs(args)
+    kw.pop("scale")
+    try:
+        res = evaluate(pipe, args.hr, args.lr, args.output, baseline=args.baseline, upscale_kwargs=kw,
+                       log_to_mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    for n in res.notices:
+        print(f"notice: {n}", file=sys.stderr)
+    for f in res.failed:
+        print(f"skipped {f}", file=sys.stderr)
+    print(format_table(res.summary))
+    print(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
+    return 0 if res.summary else 2
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("upscale", help="super-resolve image files or folders")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders (recursive)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (or a file for one input)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_upscale)
+
+    p = subparsers.add_parser("register", help="log a checkpoint as an MLflow model, register it, set an alias")
+    p.add_argument("ckpt_dir", type=Path, metavar="CKPT_DIR")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--config", type=Path, help="inference YAML served with the model (limits, defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="run + version tag (repeatable)")
+    p.add_argument("--no-validate", action="store_true", help="skip running the input example at log time")
+    p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)")
+    p.add_argument("model_uri", metavar="MODEL_URI", help="e.g. models:/varsr@champion")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")
+    p.add_argument("--hr", type=Path, required=True)
+    p.add_argument("--lr", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, default=Path("varsr-eval"))
+    p.add_argument("--baseline", choices=("bicubic",), default=None)
+    p.add_argument("--no-mlflow", action="store_true", help="do not log a run")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_eval)

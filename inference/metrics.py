@@ -1,0 +1,106 @@
+"""Full-reference image quality: PSNR and SSIM on the BT.601 Y channel (the paper's tables, spec §4.4) and on RGB.
+
+Y = (65.481 R + 128.553 G + 24.966 B) / 255 + 16/255 for R, G, B in [0, 1], in float64. SSIM is Wang et al.'s: an
+11-tap Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, statistics over the valid region (no padding), averaged over
+channels for RGB. Optional no-reference / learned metrics (NIQE, LPIPS, ...) run only when pyiqa and its weights are
+available locally; otherwise they are skipped with a notice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+BT601 = np.array([65.481, 128.553, 24.966], dtype=np.float64)
+
+
+def as_float_rgb(img: Image.Image | np.ndarray) -> np.ndarray:
+    """RGB image -> HxWx3 float64 in [0, 1]."""
+    a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    return a.astype(np.float64)
+
+
+def rgb_to_y(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 float64 RGB in [0, 1] -> HxW Y (BT.601, studio range, in [16/255, 235/255])."""
+    return (rgb @ BT601) / 255.0 + 16.0 / 255.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB over all elements (inf for identical inputs)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, win: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM of two HxW (or HxWxC, averaged over channels) float images."""
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    if x.ndim == 2:
+        x, y = x[None], y[None]
+    else:
+        x, y = x.permute(2, 0, 1), y.permute(2, 0, 1)
+    if min(x.shape[-2:]) < win:
+        raise ValueError(f"SSIM needs images of at least {win}x{win} pixels, got {tuple(x.shape[-2:])}")
+    c = x.shape[0]
+    g = _gaussian_kernel(win, sigma)
+    kh = g.view(1, 1, win, 1).expand(c, 1, win, 1)
+    kw = g.view(1, 1, 1, win).expand(c, 1, 1, win)
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t[None], kh, groups=c), kw, groups=c)[0]
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    sxx = filt(x * x) - mx * mx
+    syy = filt(y * y) - my * my
+    sxy = filt(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return float(s.mean(dim=(-2, -1)).mean())
+
+
+def full_reference(sr: Image.Image, hr: Image.Image) -> dict[str, float]:
+    """psnr_y, ssim_y, psnr_rgb, ssim_rgb of ``sr`` against ``hr`` (same size required)."""
+    if sr.size != hr.size:
+        raise ValueError(f"SR size {sr.size} differs from HR size {hr.size}")
+    s, h = as_float_rgb(sr), as_float_rgb(hr)
+    ys, yh = rgb_to_y(s), rgb_to_y(h)
+    return {"psnr_y": psnr(ys, yh), "ssim_y": ssim(ys, yh), "psnr_rgb": psnr(s, h), "ssim_rgb": ssim(s, h)}
+
+
+def optional_metrics(names: tuple[str, ...] = ("niqe", "lpips", "dists", "musiq", "clipiqa")
+                     ) -> tuple[dict[str, Callable[[Image.Image, Image.Image], float]], list[str]]:
+    """Metric functions available offline (pyiqa with locally cached weights), and a notice per skipped one."""
+    notices: list[str] = []
+    try:
+        import pyiqa  # noqa: F401
+    except ImportError:
+        return {}, [f"{', '.join(names)} skipped: pyiqa is not installed (optional; needs locally cached weights)"]
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    found: dict[str, Callable[[Image.Image, Image.Image], float]] = {}
+    for name in names:
+        try:
+            metric = pyiqa.create_metric(name, device="cpu")
+        except Exception as e:  # noqa: BLE001 - weights not cached / no network: skip with the reason
+            notices.append(f"{name} skipped: weights not available offline ({type(e).__name__})")
+            continue
+
+        def run(sr: Image.Image, hr: Image.Image, _m=metric) -> float:
+            to_t = lambda im: torch.from_numpy(as_float_rgb(im)).permute(2, 0, 1)[None].float()  # noqa: E731
+            return float(_m(to_t(sr), to_t(hr)).item()) if _m.metric_mode == "FR" else float(_m(to_t(sr)).item())
+
+        found[name] = run
+    return found, notices
