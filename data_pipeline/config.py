@@ -148,6 +148,8 @@ class ShardConfig(_Model):
     lr_variants: int = 1                     # LR variants (independent degradations) per HR
     hr_png_compression: int = 1              # 0..9 (zlib level); deterministic
     lr_png_compression: int = 3
+    png_strategy: Literal["default", "filtered", "huffman_only", "rle", "fixed"] = "rle"   # zlib strategy
+    png_filter: Literal["none", "sub", "up", "avg", "paeth", "fast", "all"] = "paeth"      # PNG row filter
     max_samples_per_shard: int = 1000
     max_shard_bytes: int = 1_000_000_000     # target; converted to a sample count from an estimate
     prefix: str = "shard"

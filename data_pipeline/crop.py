@@ -12,13 +12,18 @@ def crop_hr(rgb: np.ndarray, crop: int, short_factor: float, mode: str, flip_pro
     short = max(crop, int(round(short_factor * crop)))
     s = short / min(h, w)
     nw, nh = max(crop, int(round(w * s))), max(crop, int(round(h * s)))
-    if (nw, nh) != (w, h):
-        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.LANCZOS))
     if mode == "center":
         y0, x0 = (nh - crop) // 2, (nw - crop) // 2
     else:
         y0, x0 = int(rng.integers(0, nh - crop + 1)), int(rng.integers(0, nw - crop + 1))
-    hr = rgb[y0:y0 + crop, x0:x0 + crop]
+    if (nw, nh) != (w, h):
+        # resample only the crop window: PIL's `box` maps the window back to source coordinates, which equals
+        # resize-then-crop up to +-1 level on edge pixels and costs (crop / short)^2 of the full resize
+        sx, sy = w / nw, h / nh
+        box = (x0 * sx, y0 * sy, (x0 + crop) * sx, (y0 + crop) * sy)
+        hr = np.asarray(Image.fromarray(rgb).resize((crop, crop), Image.Resampling.LANCZOS, box=box))
+    else:
+        hr = rgb[y0:y0 + crop, x0:x0 + crop]
     flip = bool(rng.random() < flip_prob)
     if flip:
         hr = hr[:, ::-1]

@@ -58,14 +58,14 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
     rng = np.random.default_rng(derive_seed(cfg.seed, row["sha256"], "crop"))
     hr, crop_info = crop_hr(dec.image, sc.crop_size, short_factor, sc.crop, sc.flip_prob, rng)
     t0 = tick("crop", t0)
-    hr_png = encode_png(hr, sc.hr_png_compression)
+    hr_png = encode_png(hr, sc.hr_png_compression, sc.png_strategy, sc.png_filter)
     t0 = tick("encode", t0)
     scores = json.loads(row.get("scores_json") or "{}")
     out = []
     for v in range(sc.lr_variants):
         lr, params = degrade(hr, dc, derive_seed(cfg.seed, row["sha256"], f"degrade:{v}"))
         t0 = tick("degrade", t0)
-        lr_png = encode_png(lr, sc.lr_png_compression)
+        lr_png = encode_png(lr, sc.lr_png_compression, sc.png_strategy, sc.png_filter)
         key = sample_key(row["sha256"], v)
         meta = {
             "key": key, "source_uri": row["uri"], "sha256": row["sha256"],
