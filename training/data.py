@@ -248,6 +248,8 @@ class BatchStream:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=global_bs, num_workers=self.workers, collate_fn=collate, drop_last=True,
             persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
         )
         for b in loader:
             if self.split == "global_batch" and self.world > 1:

@@ -76,6 +76,11 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
+        import atexit
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        atexit.register(shutdown)
+    else:  # e.g. Ray Train created the torch group: let DeepSpeed wrap it
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
 
 

@@ -22,7 +22,7 @@ def run_local(cfg: TrainConfig, resume: str | None = None):
     """One process in this interpreter (RANK/WORLD_SIZE/... set here unless a launcher already did)."""
     from training.trainer import train
 
-    return train(cfg, resume)
+    return train(cfg, resume, shutdown=True)
 
 
 def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: int | None = None) -> int:
@@ -60,7 +60,7 @@ def _ray_worker(config: dict) -> None:
     from training.trainer import train
 
     cfg = load_config(TrainConfig, base=config["train_config"])
-    train(cfg, config.get("resume"))
+    train(cfg, config.get("resume"), shutdown=False)  # Ray Train owns the process group
 
 
 def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):

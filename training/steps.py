@@ -91,6 +91,7 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
     sums = dict(loss=0.0, ce=0.0, diff=0.0, acc=0.0)
     acc_ps = ce_ps = None
     tokens = samples = skipped = bad = 0
+    own_norm = None  # ZeRO-0 computes the clipped-over norm here; ZeRO>=1 reports it from the engine
     for _ in range(grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -136,7 +137,6 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
         sync()
         t["optimizer"] += time.perf_counter() - t3
     n = max(1, grad_accum - skipped)
-    own_norm = locals().get("own_norm")
     gn = (own_norm if own_norm is not None else engine.get_global_grad_norm()) if skipped < grad_accum else None
     if isinstance(gn, torch.Tensor):
         gn = gn.item()

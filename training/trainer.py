@@ -290,6 +290,7 @@ class Trainer:
                 checkpointing.save(self.engine, self.out, step, self.stream.pos, self.generator, self.fingerprint,
                                    cfg.keep_checkpoints)
             self.validate(step)
+            self.rank_checksums = self._rank_checksums()
             export = self.export(step)
             status = "FINISHED"
         finally:
@@ -402,6 +403,20 @@ class Trainer:
         mv = register_model(str(d), self.cfg.register_name, self.cfg.register_alias, tags=tags)
         _out(f"[train] registered {self.cfg.register_name}@{self.cfg.register_alias}: {mv}")
 
+    @torch.no_grad()
+    def _rank_checksums(self) -> list[float]:
+        """sum(p) + sum(p²) over all parameters on every rank (all-gathered): ranks must agree after training."""
+        if self.cfg.zero_stage == 3:
+            return []
+        s = sum(p.double().sum() + p.double().pow(2).sum() for p in self.model.parameters())
+        t = torch.tensor([float(s)], dtype=torch.float64, device=self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        vals = [float(x) for x in out]
+        if self.is_main and max(vals) - min(vals) > 1e-6 * max(1.0, abs(vals[0])):
+            log.warning("parameters differ across ranks: %s", vals)
+        return vals
+
     def _finish(self, step: int, losses: list[float], wall: float, status: str) -> None:
         if self.history:
             png = plot_loss_curves(self.history, self.out / "plots" / "loss_curve.png")
@@ -411,6 +426,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
             "mlflow_run_id": self.tracker.run_id, "output_dir": str(self.out),
+            "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -430,9 +446,14 @@ def _psnr_ssim(sr: torch.Tensor, hr: torch.Tensor) -> tuple[float, float]:
     return psnr, ssim
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
-    """Run (or resume) a training job on this rank; tears the process group down at the end."""
+def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False) -> TrainResult:
+    """Run (or resume) a training job on this rank.
+
+    The process group stays up for further runs in this process (DeepSpeed caches its groups) and is torn down at
+    exit (or now, with ``shutdown=True``; launchers do that).
+    """
     try:
         return Trainer(cfg, resume).train()
     finally:
-        deepspeed_engine.shutdown()
+        if shutdown:
+            deepspeed_engine.shutdown()
