@@ -140,12 +140,12 @@ class VARSRPipeline:
             return cls(vqvae, varsr, config, device, dtype)
         import mlflow
 
-        from .registry import resolve_tracking_uri
+        from .registry import _TrackingUri, resolve_tracking_uri
 
         tmp = Path(tempfile.mkdtemp(prefix="varsr-model-"))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=str(tmp),
-                                                             tracking_uri=resolve_tracking_uri(tracking_uri)))
+            with _TrackingUri(resolve_tracking_uri(tracking_uri)):  # models:/ resolves through the registry URI
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=str(tmp)))
             ckpt = find_checkpoint_dir(local)
             if config is None:
                 logged = sorted(local.rglob("inference.yaml"))

@@ -60,24 +60,36 @@ def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
 
 
 class _TrackingUri:
-    """Context manager: point MLflow's global tracking + registry URIs at ``uri``, restore the previous ones after."""
+    """Context manager: point MLflow's global tracking + registry URIs (and their env vars, which MLflow sets as a
+    side effect) at ``uri``; restore exactly the previous state afterwards."""
+
+    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
     def __init__(self, uri: str):
         self.uri = uri
 
     def __enter__(self):
         import mlflow
+        from mlflow.tracking._model_registry import utils as reg_utils
+        from mlflow.tracking._tracking_service import utils as trk_utils
 
-        self.prev, self.prev_reg = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        self.saved = (trk_utils._tracking_uri, reg_utils._registry_uri, {k: os.environ.get(k) for k in self._ENV})
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         return self
 
     def __exit__(self, *exc):
         import mlflow
+        from mlflow.tracking._model_registry import utils as reg_utils
 
-        mlflow.set_tracking_uri(self.prev)
-        mlflow.set_registry_uri(self.prev_reg)
+        tracking, registry, env = self.saved
+        mlflow.set_tracking_uri(tracking)
+        reg_utils._registry_uri = registry
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         return False
 
 

@@ -1,0 +1,185 @@
+"""The MLflow model end to end: a tiny model registered in a real SQLite registry, served by `varsr serve`
+(`mlflow models serve`) on a free loopback port, and real HTTP requests — good and bad."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from conftest import free_port
+from inference.config import load_inference_config
+from inference.images import encode_png_base64
+from inference.pipeline import VARSRPipeline
+from inference.registry import default_tracking_uri, register_model
+from model import VARSRConfig, build, save_pretrained
+
+NAME = "varsr-tiny"
+LIMITS = ["limits.max_payload_bytes=200000", "limits.max_input_pixels=65536", "limits.max_output_pixels=262144",
+          "limits.max_batch_images=4"]
+
+
+def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
+    img = Image.fromarray(skdata.chelsea()).resize((w, h), Image.BICUBIC).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    torch.manual_seed(0)
+    vqvae, varsr = build(VARSRConfig.preset("tiny"))
+    ckpt = save_pretrained(root / "ckpt", vqvae, varsr)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mv = register_model(ckpt, NAME, alias="champion", tracking_uri=uri, tags={"lineage.run": "test-run"},
+                        config=load_inference_config(overrides=LIMITS))
+    return {"root": root, "uri": uri, "version": mv, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    root, port = registry["root"], free_port()
+    tmp = root / "server-tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "infra.cli", "serve", f"models:/{NAME}@champion", "--port", str(port),
+           "--tracking-uri", registry["uri"]]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def invoke(url: str, payload=None, raw: str | None = None, timeout: float = 60):
+    body = raw if raw is not None else json.dumps(payload)
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
+                         timeout=timeout)
+
+
+def split(*images: str) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[im] for im in images]}}
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_registry_has_the_version_alias_tags_signature_and_example(registry, monkeypatch):
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    mv = client.get_model_version_by_alias(NAME, "champion")
+    assert mv.version == registry["version"].version and mv.tags["lineage.run"] == "test-run"
+    assert client.get_run(mv.run_id).data.tags["lineage.run"] == "test-run"
+    assert os.environ.get("MLFLOW_TRACKING_URI") != registry["uri"]  # register_model left the global state alone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    info = Model.load(f"models:/{NAME}@champion")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert {p.name: p.default for p in info.signature.params.params} == {
+        "scale": 4.0, "cfg": 6.0, "seed": -1, "top_k": 1, "top_p": 0.75, "tile": -1, "color_fix": "adain"}
+    assert info.saved_input_example_info is not None
+    assert (registry["root"] / "mlartifacts").is_dir()  # artifacts beside the SQLite store
+    assert default_tracking_uri() == registry["uri"]  # $MLFLOW_TRACKING_URI wins
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert default_tracking_uri() == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def test_good_images_round_trip_with_the_expected_size(server):
+    r = invoke(server, {**split(photo_b64(16, 12), photo_b64(10, 10, "L", "JPEG")), "params": {"seed": 0}})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [(p["width"], p["height"]) for p in preds] == [(64, 48), (40, 40)]
+    for p in preds:
+        img = decode(p["image"])
+        assert img.format == "PNG" and img.size == (p["width"], p["height"]) and img.mode == "RGB"
+    r = invoke(server, {"dataframe_records": [{"image": photo_b64(24, 20, "RGBA")}],
+                        "params": {"scale": 2, "seed": 1, "color_fix": "wavelet", "tile": 1}})
+    assert r.status_code == 200, r.text
+    assert (r.json()["predictions"][0]["width"], r.json()["predictions"][0]["height"]) == (48, 40)
+
+
+def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, registry):
+    b64 = photo_b64(16, 16)
+    r = invoke(server, {**split(b64), "params": {"seed": 11}})
+    assert r.status_code == 200, r.text
+    served = np.asarray(decode(r.json()["predictions"][0]["image"]), np.int16)
+    pipe = VARSRPipeline.from_pretrained(f"models:/{NAME}@champion", device="cpu", tracking_uri=registry["uri"])
+    assert pipe.config.limits.max_batch_images == 4  # the limits logged with the model came along
+    local = np.asarray(pipe.upscale(Image.open(io.BytesIO(base64.b64decode(b64))), seed=11), np.int16)
+    assert np.abs(served - local).max() <= 2
+
+
+BAD_REQUESTS = [
+    ("invalid base64", split("@@not*base64@@"), None, "not valid base64"),
+    ("not an image", split(base64.b64encode(b"just some text").decode()), None, "not a recognised image"),
+    ("too many pixels", split(photo_b64(300, 300)), None, "too large"),
+    ("payload too large", split("A" * 250_000), None, "encoded image is too large"),
+    ("output too large", {**split(photo_b64(200, 200)), "params": {"scale": 8}}, None, "output image is too large"),
+    ("scale out of range", {**split(photo_b64(8, 8)), "params": {"scale": 100}}, None, "scale must be in"),
+    ("wrong param type", {**split(photo_b64(8, 8)), "params": {"top_k": "many"}}, None, "top_k"),
+    ("unsupported colour fix", {**split(photo_b64(8, 8)), "params": {"color_fix": "sepia"}}, None, "color_fix"),
+    ("bad tile", {**split(photo_b64(8, 8)), "params": {"tile": 50}}, None, "tile overlap"),
+    ("too many rows", split(*[photo_b64(8, 8)] * 5), None, "too many images"),
+    ("missing column", {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, None, "image"),
+    ("wrong JSON shape", {"images": ["x"]}, None, "dataframe_split"),
+    ("not JSON", None, "{this is not json", "JSON"),
+    ("non-string image", {"dataframe_records": [{"image": 12345}]}, None, "image"),
+]
+
+
+@pytest.mark.parametrize("what,payload,raw,needle", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_4xx_with_a_reason(server, what, payload, raw, needle):
+    r = invoke(server, payload, raw)
+    assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
+    body = r.json()
+    assert needle.lower() in body["message"].lower(), body["message"][:500]
+    assert "Traceback" not in r.text and "stack_trace" not in body
+
+
+def test_server_still_answers_after_bad_requests(server):
+    for payload, raw in [(None, "garbage"), (split("%%%"), None)]:
+        assert invoke(server, payload, raw).status_code == 400
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+    r = invoke(server, {**split(photo_b64(8, 8)), "params": {"seed": 2}})
+    assert r.status_code == 200 and r.json()["predictions"][0]["width"] == 32
