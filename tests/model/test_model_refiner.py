@@ -10,7 +10,15 @@ from model.config import VARSRConfig
 from model.diffusion_schedule import GaussianSchedule, cosine_betas, space_timesteps
 from model.refiner import DiffLoss
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These workloads are tiny: one thread avoids OpenMP spin-waits on shared 2-core machines."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +132,7 @@ def test_loss_decreases_on_a_fixed_set():
         loss.backward()
         opt.step()
     after = eval_loss()
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_loss_is_deterministic_for_a_generator_and_checks_shapes(tiny):

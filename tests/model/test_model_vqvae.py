@@ -11,7 +11,15 @@ from model.resample import area_down, bicubic_up
 from model.vae_layers import AttnBlock
 from model.vqvae import VQVAE
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These workloads are tiny: one thread avoids OpenMP spin-waits on shared 2-core machines."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
