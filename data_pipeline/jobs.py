@@ -219,7 +219,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
             done += 1
         else:
             todo.append(i)
-    timings: dict[str, float] = {s: 0.0 for s in STAGES}
+    timings: dict[str, float] = {s: 0.0 for s in STAGES} | {f"cpu_{s}": 0.0 for s in STAGES}
     cpu_seconds = 0.0
     n_images = sum(len(plan[i]) for i in todo)
     t0 = time.perf_counter()
@@ -245,7 +245,9 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
     secs = time.perf_counter() - t0
     manifest = write_manifest(out, cfg, len(plan))
     return {"shards": len(plan), "written": len(todo), "skipped": done, "images_written": n_images,
-            "seconds": secs, "stage_seconds": timings, "cpu_seconds": cpu_seconds, "manifest": manifest}
+            "seconds": secs, "stage_seconds": {s: timings[s] for s in STAGES},
+            "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES}, "cpu_seconds": cpu_seconds,
+            "manifest": manifest}
 
 
 # ------------------------------------------------------------------------------------------------------ manifest

@@ -34,16 +34,18 @@ def sample_key(sha256: str, variant: int) -> str:
 
 def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
                       timings: dict | None = None) -> list[tuple[str, dict[str, bytes]]] | tuple[str, str]:
-    """All samples (one per LR variant) of one selected image, or (reason, error) when it fails now."""
+    """All samples (one per LR variant) of one selected image, or (reason, error) when it fails now.
+    `timings` accumulates wall seconds per stage under the stage name and CPU seconds under `cpu_<stage>`."""
     t = timings if timings is not None else {}
 
     def tick(stage, t0):
-        now = time.perf_counter()
-        t[stage] = t.get(stage, 0.0) + (now - t0)
+        now = (time.perf_counter(), time.process_time())
+        t[stage] = t.get(stage, 0.0) + (now[0] - t0[0])
+        t[f"cpu_{stage}"] = t.get(f"cpu_{stage}", 0.0) + (now[1] - t0[1])
         return now
 
     sc, dc = cfg.shard, cfg.degradation
-    t0 = time.perf_counter()
+    t0 = (time.perf_counter(), time.process_time())
     if data is None:
         data = read_bytes(row["uri"], cfg.decode.max_bytes)
     t0 = tick("read", t0)
@@ -96,7 +98,7 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             if isinstance(res, tuple):
                 failures.append({"uri": row["uri"], "reason": res[0], "error": res[1]})
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for key, members in res:
                 for ext in ("hr.png", "json", "lr.png"):
                     writer.add(f"{key}.{ext}", members[ext])
@@ -104,7 +106,8 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
                 labels[int(row["label"])] += 1
                 classes[int(row["class_id"])] += 1
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
-        t0 = time.perf_counter()
+            timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = {"shard": shard_name(prefix, index), "index": index, "samples": n,
                  "images": len(rows) - len(failures), "failed": failures,
                  "labels": {str(k): v for k, v in sorted(labels.items())},
@@ -115,6 +118,7 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
         write_json_atomic(f"{out_dir}/{stats_name(prefix, index)}", stats)
         writer.publish()
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
+        timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
     except BaseException:
         writer.abort()
         raise

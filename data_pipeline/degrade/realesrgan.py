@@ -15,6 +15,9 @@ Implementation notes (differences from the PyTorch research code, all documented
 - noise: float32 NumPy PCG64 streams seeded by the recorded per-stage seed; Poisson noise as BasicSR
   (values counted on the 8-bit-rounded image, rounded up to a power of two).
 Images are float32 RGB in [0, 1] (H, W, 3) internally; the result is the 8-bit LR at HR/scale.
+OpenCV is called directly rather than through albumentations: albumentations' operations here are thin OpenCV
+wrappers, but its JPEG op encodes RGB arrays as if they were BGR (wrong chroma weights), and its transforms draw
+from their own random state, which cannot be recorded in, or replayed from, the sample JSON.
 """
 from __future__ import annotations
 
