@@ -62,10 +62,14 @@ class ScoreWorker:
         if dec.status != "ok":
             row.update(status=dec.status, reason=dec.reason, error=dec.error)
             return row, None
+        try:
+            thumb = thumbnail(dec.image, self.cfg.score.thumb_size)
+            row.update(builtin_scores(thumb))
+        except Exception as e:  # noqa: BLE001 - one bad image must not stop the job
+            row.update(status="failed", reason="score_error", error=f"{type(e).__name__}: {e}")
+            return row, None
         row["status"] = "ok"
         row["aspect"] = row["width"] / row["height"]
-        thumb = thumbnail(dec.image, self.cfg.score.thumb_size)
-        row.update(builtin_scores(thumb))
         return row, thumb
 
     def __call__(self, batch: dict) -> dict:

@@ -181,3 +181,20 @@ def test_cli_register_adds_data_subcommands():
     for cmd in (["score", "-i", "a", "-o", "b"], ["select", "--scores", "s", "-o", "b"],
                 ["shard", "--selection", "s", "-o", "b"], ["inspect", "d"], ["verify", "d"]):
         assert parser.parse_args(["data", *cmd]).data_cmd == cmd[0]
+
+
+def test_source_changed_or_missing_at_shard_time_is_recorded(built, tmp_path):
+    import shutil
+    from data_pipeline.materialise import write_shard
+    root, _, cfg, _ = built
+    sel = pd.read_parquet(root / "out" / "selection.parquet").head(3).to_dict(orient="records")
+    for i, row in enumerate(sel):
+        copy = tmp_path / f"src{i}{Path(row['uri']).suffix}"
+        shutil.copy(row["uri"], copy)
+        row["uri"] = str(copy)
+    Path(sel[0]["uri"]).write_bytes(Path(sel[0]["uri"]).read_bytes() + b"x")   # content changed
+    Path(sel[1]["uri"]).unlink()                                                # gone
+    r = write_shard(0, sel, cfg, str(tmp_path))
+    reasons = {f["uri"]: f["reason"] for f in r["stats"]["failed"]}
+    assert reasons == {sel[0]["uri"]: "source_changed", sel[1]["uri"]: "read_error"}
+    assert r["stats"]["samples"] == 1 and (tmp_path / "shard-000000.tar").exists()
