@@ -320,6 +320,7 @@ class Trainer:
         it = iter(stream)
         for _ in range(max(1, v.batches)):
             b = next(it)
+            self._check_labels(b)
             first = first or b
             hr = b["hr"].to(self.device)
             lr = b["lr"].to(self.device) if self.cfg.stage == "isr" else None
@@ -344,6 +345,7 @@ class Trainer:
         n = max(1, v.num_images)
         hrs, lrs, labels = [], [], []
         for b in stream:
+            self._check_labels(b)
             hrs.append(b["hr"])
             lrs.append(b.get("lr"))
             labels.append(b["class_id"])
