@@ -85,21 +85,35 @@ class _ShardSource(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, world_size, rank, seed, shuffle, resampled):
         self.urls, self.world_size, self.rank = list(urls), world_size, rank
-        self.seed, self.shuffle, self.resampled, self.epoch = seed, shuffle, resampled, -1
+        self.seed, self.shuffle, self.resampled, self.epoch = seed, shuffle, resampled, 0
 
     def __iter__(self):
-        self.epoch += 1
+        epoch = self.epoch
+        self.epoch += 1                     # in-process re-iteration moves on; DataLoader workers use set_epoch
         w, nw = _worker()
         if self.resampled:
-            rng = random.Random(hash((self.seed, self.epoch, self.rank, w)) & 0xFFFFFFFF)
+            rng = random.Random(hash((self.seed, epoch, self.rank, w)) & 0xFFFFFFFF)
             while True:
                 yield {"url": self.urls[rng.randrange(len(self.urls))]}
         check_coverage(len(self.urls), self.world_size, nw)
         urls = list(self.urls)
         if self.shuffle:
-            random.Random(self.seed * 1000003 + self.epoch).shuffle(urls)
+            random.Random(self.seed * 1000003 + epoch).shuffle(urls)
         for u in urls[self.rank::self.world_size][w::nw]:
             yield {"url": u}
+
+
+class _Shuffle:
+    """Sample shuffle buffer; its RNG is seeded by (seed, epoch, rank, worker)."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int):
+        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, 0
+
+    def __call__(self, src):
+        w, _ = _worker()
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, w, "shuffle")) & 0xFFFFFFFF)
+        self.epoch += 1
+        yield from _shuffle(src, self.bufsize, rng)
 
 
 def _shuffle(src, bufsize: int, rng: random.Random):
@@ -132,14 +146,17 @@ def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Te
 
 
 class _Decode:
-    def __init__(self, hr_size, lr_size, lr_upsample, crop, keep_lr_lowres, keep_meta, seed):
+    """PNG/JSON -> tensors; random crop / random LR mode use an RNG seeded by (seed, epoch, rank, worker)."""
+
+    def __init__(self, hr_size, lr_size, lr_upsample, crop, keep_lr_lowres, keep_meta, seed, rank):
         self.hr_size, self.lr_size, self.mode, self.crop = hr_size, lr_size, lr_upsample, crop
-        self.keep_lr_lowres, self.keep_meta, self.seed = keep_lr_lowres, keep_meta, seed
-        self.rng = None
+        self.keep_lr_lowres, self.keep_meta, self.seed, self.rank, self.epoch = (keep_lr_lowres, keep_meta,
+                                                                                 seed, rank, 0)
 
     def __call__(self, src):
         w, _ = _worker()
-        rng = random.Random(self.seed * 7919 + w)
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, w, "decode")) & 0xFFFFFFFF)
+        self.epoch += 1
         for s in src:
             yield self.decode(s, rng)
 
@@ -173,8 +190,37 @@ class _Decode:
         return out
 
 
-def _take(src, n):
-    yield from itertools.islice(src, n)
+class _Take:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, src):
+        yield from itertools.islice(src, self.n)
+
+
+class _Batch:
+    def __init__(self, batch_size: int, partial: bool):
+        self.batch_size, self.partial = batch_size, partial
+
+    def __call__(self, src):
+        buf = []
+        for s in src:
+            buf.append(s)
+            if len(buf) == self.batch_size:
+                yield collate(buf)
+                buf = []
+        if buf and self.partial:
+            yield collate(buf)
+
+
+class VarsrShards(wds.DataPipeline):
+    """The reader pipeline; `set_epoch(e)` before each epoch varies shard/sample order and random crops per epoch
+    (also inside DataLoader worker processes, which copy the pipeline when they start)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for stage in self.pipeline:
+            if hasattr(stage, "epoch"):
+                stage.epoch = int(epoch)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -194,7 +240,7 @@ def make_dataset(urls_or_dir, batch_size: int | None = None, *, shuffle: int = 1
                  epoch_samples: int | None = None, seed: int = 0, lr_size: int | None = None,
                  hr_size: int | None = None, lr_upsample: str = "pil_bicubic", crop: str = "random",
                  world_size: int | None = None, rank: int | None = None, num_workers: int | None = None,
-                 keep_lr_lowres: bool = False, keep_meta: bool = False, partial: bool = True) -> wds.DataPipeline:
+                 keep_lr_lowres: bool = False, keep_meta: bool = False, partial: bool = True) -> VarsrShards:
     """WebDataset pipeline (a torch IterableDataset) over VARSR shards.
 
     shuffle: sample shuffle buffer (0 = shard and sample order as written); resampled: draw shards with
@@ -203,6 +249,7 @@ def make_dataset(urls_or_dir, batch_size: int | None = None, *, shuffle: int = 1
     (checked); world_size/rank: node split (default: torch.distributed or WORLD_SIZE/RANK env); num_workers: the
     DataLoader workers, checked against the shard count up front (also checked inside each worker).
     With batch_size, yields collated batches (use DataLoader(ds, batch_size=None, num_workers=...)).
+    Call `ds.set_epoch(e)` before each epoch for a new shard/sample order; the pipeline is picklable (spawn-safe).
     """
     if lr_upsample not in LR_MODES:
         raise ValueError(f"lr_upsample must be one of {LR_MODES}")
@@ -214,17 +261,15 @@ def make_dataset(urls_or_dir, batch_size: int | None = None, *, shuffle: int = 1
         check_coverage(len(urls), ws, num_workers)
     if resampled and epoch_samples is None:
         raise ValueError("resampled=True is infinite: give epoch_samples")
-    stages = [_ShardSource(urls, ws, rk, seed, shuffle > 0, resampled),
-              wds.tarfile_to_samples()]
+    stages = [_ShardSource(urls, ws, rk, seed, shuffle > 0, resampled), wds.tarfile_to_samples()]
     if shuffle > 0:
-        stages.append(wds.filters.pipelinefilter(_shuffle)(shuffle, random.Random(seed * 31 + rk)))
-    stages.append(wds.filters.pipelinefilter(lambda src: _Decode(hr_size, lr_size, lr_upsample, crop,
-                                                                 keep_lr_lowres, keep_meta, seed + rk)(src))())
+        stages.append(_Shuffle(shuffle, seed, rk))
+    stages.append(_Decode(hr_size, lr_size, lr_upsample, crop, keep_lr_lowres, keep_meta, seed, rk))
     if epoch_samples is not None:
-        stages.append(wds.filters.pipelinefilter(_take)(epoch_samples))
+        stages.append(_Take(epoch_samples))
     if batch_size:
-        stages.append(wds.batched(batch_size, collation_fn=collate, partial=partial))
-    return wds.DataPipeline(*stages)
+        stages.append(_Batch(batch_size, partial))
+    return VarsrShards(*stages)
 
 
 def make_loader(urls_or_dir, batch_size: int, num_workers: int = 2, **kw) -> torch.utils.data.DataLoader:
