@@ -24,7 +24,7 @@ class LREncoder(nn.Module):
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """lr (B, 3, S, S) in [−1, 1] → prefix tokens (B, (S/stride)², C), token of cell (i, j) at index side·i + j."""
-        h = F.silu(self.conv_in(lr))
+        h = F.silu(self.conv_in(lr.contiguous(memory_format=torch.channels_last)))  # NHWC: faster oneDNN/cuDNN convs
         for conv in self.blocks:
             h = F.silu(conv(h))
         return self.conv_out(h).flatten(2).transpose(1, 2)

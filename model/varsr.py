@@ -160,8 +160,14 @@ class VARSR(nn.Module):
         return out
 
     # ---- shared pieces ----------------------------------------------------------------------------------------------
-    def encode_prefix(self, lr: torch.Tensor) -> torch.Tensor:
-        """LR in [−1, 1] → prefix tokens (B, prefix_len, C), computed in fp32 as in training (spec §2.10 step 1)."""
+    def encode_prefix(self, lr: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """LR in [−1, 1] → prefix tokens (B, prefix_len, C).
+
+        Training runs it in fp32 outside autocast (spec §2.10 step 1); at inference it runs under the caller's
+        autocast like upstream (``fp32=False``).
+        """
+        if not fp32:
+            return self.con_embedding(lr)
         with torch.autocast(lr.device.type, enabled=False):
             return self.con_embedding(lr.float())
 
@@ -301,7 +307,7 @@ class VARSR(nn.Module):
         cond_BD = self.class_emb(torch.cat([labels, neg]))  # (2B, C)
         sos = cond_BD[:, None]
         if self.prefix_len:
-            prefix = self.encode_prefix(lr_images.to(dev) * 2 - 1)
+            prefix = self.encode_prefix(lr_images.to(dev) * 2 - 1, fp32=False)
             sos = torch.cat([prefix.repeat(2, 1, 1), sos.to(prefix.dtype)], dim=1)
         x = sos + self.pos_start + self.lvl_embed.weight[0]
         cos, sin = self.rope(dev)
@@ -345,7 +351,7 @@ class VARSR(nn.Module):
         if return_fhat:
             self.last_timings = dict(ar_s=t1 - t0, refiner_s=t2 - t1, decode_s=0.0)
             return f_hat
-        img = (self.vqvae.fhat_to_img(f_hat).float() + 1) / 2
+        img = ((self.vqvae.fhat_to_img(f_hat).float() + 1) / 2).contiguous()
         sync()
         self.last_timings = dict(ar_s=t1 - t0, refiner_s=t2 - t1, decode_s=time.perf_counter() - t2)
         return img.clamp_(0, 1)

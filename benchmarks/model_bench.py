@@ -1,0 +1,136 @@
+"""Model benchmark: one training step (tokenise + forward + backward + AdamW) and generate() latency per image.
+
+Prints ONE JSON object: tokens/s and the step breakdown, generate latency split AR / refiner / VQVAE decode, peak
+memory, and the config it ran. ``--research-geometry`` is issue 2's comparison config: patch_nums 1…32 at 512 px,
+depth 4, width 256, heads 4, refiner 1024 × 6, the released VQVAE architecture.
+
+    python benchmarks/model_bench.py --research-geometry --device cpu --dtype fp32 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import VARSRConfig, build  # noqa: E402
+
+
+def research_config() -> VARSRConfig:
+    return VARSRConfig.preset("d24").replace(name="research-d4-w256", depth=4, embed_dim=256, num_heads=4,
+                                             refiner_width=1024, refiner_depth=6)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--research-geometry", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--batch", type=int, default=2, help="training batch")
+    ap.add_argument("--steps", type=int, default=2, help="timed training steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--gen-batch", type=int, default=1, help="images per generate() call")
+    ap.add_argument("--gen-calls", type=int, default=1, choices=range(1, 100), metavar="N", help="timed generate() calls (after one warm-up call)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-generate", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"error": "CUDA requested but not available"}))
+        return 2
+    cfg = research_config() if args.research_geometry else VARSRConfig.preset(args.preset)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(0)
+    vqvae, varsr = build(cfg, device=dev)
+    S, B = cfg.image_size, args.batch
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hr = torch.rand(B, 3, S, S, generator=g).to(dev)
+    lr = torch.rand(B, 3, S, S, generator=g).to(dev)
+    label = torch.zeros(B, dtype=torch.long, device=dev)
+    result = {"config": cfg.to_dict(), "device": args.device, "dtype": args.dtype, "threads": args.threads,
+              "torch": torch.__version__,
+              "params_M": round(sum(p.numel() for p in varsr.parameters()) / 1e6, 3)}
+
+    if not args.skip_train:
+        varsr.train()
+        opt = torch.optim.AdamW(varsr.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        scaler = torch.amp.GradScaler(dev.type, enabled=args.dtype == "fp16")
+        times = []
+        for step in range(args.warmup + args.steps):
+            sync(); t0 = time.perf_counter()
+            with torch.no_grad():  # tokenise HR with the frozen VQVAE, fp32 (spec §5.3)
+                idx_list, R = vqvae.img_to_idxBl(hr * 2 - 1)
+                x_in = vqvae.idxBl_to_var_input(idx_list)
+                gt = torch.cat(idx_list, dim=1)
+            sync(); t1 = time.perf_counter()
+            with autocast():
+                logits, diff = varsr(x_in, label, lr * 2 - 1, R)
+                ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), gt.view(-1))
+                loss = cfg.ce_weight * ce + cfg.diff_weight * diff
+            sync(); t2 = time.perf_counter()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(varsr.parameters(), 2.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sync(); t3 = time.perf_counter()
+            if step >= args.warmup:
+                times.append((t1 - t0, t2 - t1, t3 - t2))
+        n = len(times)
+        tok, fwd, bwd = (sum(t[i] for t in times) / n for i in range(3))
+        step_s = tok + fwd + bwd
+        result["train"] = dict(batch=B, steps=n, step_s=round(step_s, 3), tokenise_s=round(tok, 3),
+                               forward_s=round(fwd, 3), backward_step_s=round(bwd, 3),
+                               target_tokens_per_s=round(B * cfg.L / step_s, 1), loss=round(loss.item(), 4))
+        del opt, logits, loss
+
+    if not args.skip_generate:
+        varsr.eval()
+        GB = args.gen_batch
+        lr_g = torch.rand(GB, 3, S, S, generator=g).to(dev)
+        timings = []
+        for call in range(1 + args.gen_calls):
+            with autocast():
+                sync(); t0 = time.perf_counter()
+                varsr.generate(lr_g, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
+                               generator=torch.Generator(device=dev).manual_seed(call))
+                sync(); total = time.perf_counter() - t0
+            if call > 0:
+                timings.append(dict(varsr.last_timings, total_s=total))
+        n = len(timings)
+        avg = {k: sum(t[k] for t in timings) / n / GB for k in timings[0]}
+        result["generate"] = dict(batch=GB, calls=n, per_image_s=round(avg["total_s"], 3),
+                                  ar_s=round(avg["ar_s"], 3), refiner_s=round(avg["refiner_s"], 3),
+                                  decode_s=round(avg["decode_s"], 3))
+    result["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
