@@ -55,6 +55,7 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto -> cuda if available else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto -> bf16 autocast on GPU, fp32 on CPU
+    cpu_threads: int | None = None  # torch intra-op threads when running on CPU (None: torch's default)
 
 
 @dataclass

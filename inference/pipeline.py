@@ -119,6 +119,8 @@ class VARSRPipeline:
         self.config = config or load_inference_config()
         self.device = resolve_device(device if device is not None else self.config.runtime.device)
         self.dtype = resolve_dtype(dtype if dtype is not None else self.config.runtime.dtype, self.device)
+        if self.device.type == "cpu" and self.config.runtime.cpu_threads:
+            torch.set_num_threads(int(self.config.runtime.cpu_threads))
         self.vqvae = vqvae.to(self.device).eval()
         self.varsr = varsr.to(self.device).eval()
         self.model_cfg = varsr.cfg

@@ -29,7 +29,7 @@ from model import VARSRConfig, build, save_pretrained
 
 NAME = "varsr-tiny"
 LIMITS = ["limits.max_payload_bytes=200000", "limits.max_input_pixels=65536", "limits.max_output_pixels=262144",
-          "limits.max_batch_images=4"]
+          "limits.max_batch_images=4", "runtime.cpu_threads=1"]
 
 
 def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
@@ -37,6 +37,15 @@ def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's kernels are too small to gain from threads; on a shared 2-core box they only contend."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
