@@ -204,6 +204,10 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
     cfg = _cfg(config)
     out = _prepare_output(output)
     sel = pd.read_parquet(selection_path)
+    sel_rej = os.path.join(os.path.dirname(os.path.abspath(selection_path)), "rejected.parquet")
+    if os.path.exists(sel_rej) and not os.path.exists(f"{out}/rejected.parquet"):
+        import shutil
+        shutil.copyfile(sel_rej, f"{out}/rejected.parquet")   # the accounting travels with the shards
     plan = plan_shards(sel, cfg)
     prefix = cfg.shard.prefix
     removed = remove_stale_temporaries(out)

@@ -213,3 +213,12 @@ def test_reader_epochs_reshuffle_and_pipeline_pickles(built):
     ds.set_epoch(1)
     e1 = keys()
     assert e1 != e0 and sorted(e1) == sorted(e0)
+
+
+def test_shard_step_alone_into_another_folder_equals_build(built, tmp_path):
+    root, _, cfg, _ = built
+    r = dp.shard(str(root / "out" / "selection.parquet"), str(tmp_path), cfg)
+    assert r["written"] == r["shards"] and r["skipped"] == 0
+    assert (tmp_path / "manifest.json").read_bytes() == (root / "out" / "manifest.json").read_bytes()
+    for sh in r["manifest"]["shards"]:
+        assert (tmp_path / sh["name"]).read_bytes() == (root / "out" / sh["name"]).read_bytes()
