@@ -1,4 +1,4 @@
-"""``varsr train c2i|isr|vqvae --config YAML [key=value ...] [--resume auto] [--nproc N] [--ray-address ADDR]``."""
+"""``varsr train c2i|isr --config YAML [key=value ...] [--resume auto] [--nproc N] [--ray-address ADDR]``."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,9 @@ from infra.errors import UserError
 def _load(args, stage: str | None):
     from infra.config import load_config
 
-    from training.config import TrainConfig, VQVAETrainConfig
+    from training.config import TrainConfig
 
     try:
-        if stage is None:
-            return load_config(VQVAETrainConfig, args.config, args.overrides)
         cfg = load_config(TrainConfig, args.config, [*args.overrides, f"stage={stage}"])
         return cfg.validate()
     except ConfigError as e:
@@ -34,24 +32,13 @@ def _run_stage(args) -> int:
     return 0
 
 
-def _run_vqvae(args) -> int:
-    from training.stage0_vqvae import train_vqvae
-
-    train_vqvae(_load(args, None))
-    return 0
-
-
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train VARSR (stage 1 c2i, stage 2 isr) or the tiny tokenizer")
+    p = subparsers.add_parser("train", help="train VARSR (stage 1 c2i, stage 2 isr)")
     sub = p.add_subparsers(dest="train_stage", metavar="STAGE", required=True)
-    for stage, help_ in (("c2i", "stage 1: class-to-image pretraining"), ("isr", "stage 2: ISR finetuning"),
-                         ("vqvae", "stage 0 (optional): train the tiny VQVAE tokenizer on shard HR images")):
+    for stage, help_ in (("c2i", "stage 1: class-to-image pretraining"), ("isr", "stage 2: ISR finetuning")):
         s = sub.add_parser(stage, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         s.add_argument("--config", help="YAML (e.g. configs/train/stage2_isr_tiny.yaml)")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 zero_stage=2")
-        if stage == "vqvae":
-            s.set_defaults(func=_run_vqvae)
-            continue
         s.add_argument("--resume", default=None, help="'auto' = latest complete checkpoint in output_dir, or a path")
         s.add_argument("--nproc", type=int, default=1, help="local processes (re-execs via torchrun)")
         s.add_argument("--ray-address", default=None, help="Ray cluster address ('local' = start one here)")

@@ -141,20 +141,6 @@ class TrainConfig:
         return p
 
 
-@dataclass
-class VQVAETrainConfig:
-    """Stage 0 (optional): train the tiny tokenizer on shard HR images (`varsr train vqvae`)."""
-
-    output_dir: str = "runs/vqvae"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    lr: float = 2e-4
-    steps: int = 200
-    seed: int = 0
-    log_every: int = 10
-    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="varsr-vqvae"))
-
-
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
     """defaults <- YAML <- overrides, validated."""
     return load_config(TrainConfig, path, list(overrides)).validate()
