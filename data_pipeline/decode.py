@@ -13,12 +13,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DecodeConfig
 
-Image.MAX_IMAGE_PIXELS = None          # we enforce our own limit from the header
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL's global settings are left alone (other components share the process): our own pixel limit is checked from
+# the header, and PIL's DecompressionBombError (above 2 x Image.MAX_IMAGE_PIXELS) is reported the same way.
 
 
 @dataclass
@@ -68,6 +68,8 @@ def probe(data: bytes, cfg: DecodeConfig | None = None) -> Decoded:
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return Decoded("rejected", "not_an_image", "no image format recognised")
+    except Image.DecompressionBombError as e:
+        return Decoded("rejected", "decompression_bomb", str(e))
     except Exception as e:  # noqa: BLE001 - a broken header is a failed decode
         return Decoded("failed", "decode_error", f"{type(e).__name__}: {e}")
     w, h = im.size
@@ -105,6 +107,8 @@ def decode_image(data: bytes, cfg: DecodeConfig | None = None, draft_to: int | N
             if exif_orientation != 1:
                 im = ImageOps.exif_transpose(im)
             rgb = _to_rgb(im, cfg.background)
+    except Image.DecompressionBombError as e:
+        return Decoded("rejected", "decompression_bomb", str(e), info=info)
     except Exception as e:  # noqa: BLE001 - truncated / corrupt data
         msg = f"{type(e).__name__}: {e}"
         reason = "truncated" if "truncat" in msg.lower() or "broken data stream" in msg.lower() else "decode_error"
