@@ -143,3 +143,29 @@ def test_degrade_at_512_and_other_scale():
     assert lr.shape == (128, 128, 3) and p["resize3"]["size"] == [128, 128]
     lr2, _ = degrade(hr[:256, :256].copy(), DegradationConfig(scale=2), 5)
     assert lr2.shape == (128, 128, 3)
+
+
+def test_full_sample_at_512(tmp_path):
+    """decode -> crop 512 -> degrade -> PNG at the default (paper) geometry; LR 128 reproduced from its JSON."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from data_pipeline.materialise import materialise_image
+    from data_pipeline.reader import upsample_lr
+    from data_pipeline.shards import decode_png
+
+    p = tmp_path / "retina.jpg"
+    Image.fromarray(skimage.data.retina()).save(p, quality=90)
+    data = p.read_bytes()
+    row = {"uri": str(p), "sha256": hashlib.sha256(data).hexdigest(), "width": 1411, "height": 1411, "label": 0,
+           "class_id": 7, "scores_json": "{}", "meta": "{}"}
+    cfg = BuildConfig()
+    [(key, members)] = materialise_image(row, cfg)
+    hr, lr, meta = decode_png(members["hr.png"]), decode_png(members["lr.png"]), json.loads(members["json"])
+    assert hr.shape == (512, 512, 3) and lr.shape == (128, 128, 3)
+    assert meta["crop"]["resized_to"] == [640, 640] and meta["class_id"] == 7 and meta["lr_size"] == [128, 128]
+    np.testing.assert_array_equal(apply_degradation(hr, meta["degradation"]["params"]), lr)
+    up = upsample_lr(lr, (512, 512), "pil_bicubic")
+    assert up.shape == (3, 512, 512) and 0 <= float(up.min()) and float(up.max()) <= 1
