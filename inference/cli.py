@@ -106,7 +106,10 @@ def cmd_upscale(args) -> int:
     except UpscaleParamError as e:
         raise UserError(str(e)) from None
     ok, failed, t0 = 0, list(problems), time.perf_counter()
-    for src, rel in tqdm(inputs, desc="upscale", unit="img", file=sys.stderr, disable=None):
+    tty = sys.stderr.isatty()
+    for i, (src, rel) in enumerate(tqdm(inputs, desc="upscale", unit="img", file=sys.stderr, disable=not tty)):
+        if not tty:
+            log.info("[%d/%d] %s", i + 1, len(inputs), src)
         dst = out if single_file else out / rel.with_suffix(".png")
         try:
             img = open_image_path(src, pipe.config.limits.max_input_pixels)

@@ -107,3 +107,20 @@ def test_eval_reproduces_independent_psnr_ssim_and_logs_to_mlflow(ckpt, tmp_path
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "summary.json", "crops"} <= names
     assert len(client.list_artifacts(run.info.run_id, "crops")) == 3
+
+
+def test_register_command_logs_registers_and_sets_the_alias(ckpt, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["register", str(ckpt), "--name", "cli-model", "--alias", "staging-candidate", "--tracking-uri", uri,
+               "--tag", "source=test", "--set", "limits.max_scale=4", "--no-validate"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["uri"] == "models:/cli-model@staging-candidate" and out["version"] == 1
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("cli-model", "staging-candidate")
+    assert int(mv.version) == 1 and mv.tags["source"] == "test"
+    assert main(["register", str(tmp_path / "missing"), "--name", "x", "--tracking-uri", uri]) == 2
+    assert "not a native VARSR checkpoint" in capsys.readouterr().err
