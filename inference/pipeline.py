@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -124,6 +125,9 @@ class VARSRPipeline:
         self.vqvae = vqvae.to(self.device).eval()
         self.varsr = varsr.to(self.device).eval()
         self.model_cfg = varsr.cfg
+        # generate() keeps its KV cache on the modules: one call at a time per model (the scoring server runs
+        # concurrent requests in threads)
+        self._lock = threading.Lock()
         self.image_size: int = int(self.model_cfg.image_size)
         self.latent_side: int = int(self.model_cfg.pn_last)
         self.stride: int = int(self.model_cfg.vqvae.downsample)
@@ -284,13 +288,13 @@ class VARSRPipeline:
         pils = [load_image(x, self.config.limits.max_input_pixels) for x in items]
         plans = [self.plan(im, p) for im in pils]
         crops = [c for pl in plans for c in pl.crops]
-        latents = self._generate_latents(crops, p)
-        results, k = [], 0
-        for pl in plans:
-            n = len(pl.tiles)
-            sr = self._decode(pl, latents[k: k + n])
-            k += n
-            results.append(self._postprocess(sr, pl, p))
+        with self._lock:
+            latents = self._generate_latents(crops, p)
+            srs, k = [], 0
+            for pl in plans:
+                srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
+                k += len(pl.tiles)
+        results = [self._postprocess(sr, pl, p) for sr, pl in zip(srs, plans)]
         return results[0] if single else results
 
     def describe(self) -> dict[str, Any]:

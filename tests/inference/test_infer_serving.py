@@ -159,6 +159,19 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
     assert np.abs(served - local).max() <= 2
 
 
+def test_concurrent_requests_get_the_same_result_as_one_at_a_time(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    payload = {**split(photo_b64(16, 16)), "params": {"seed": 4}}
+    first = invoke(server, payload)
+    assert first.status_code == 200
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        rs = list(ex.map(lambda _: invoke(server, payload), range(4)))
+    assert all(r.status_code == 200 for r in rs)
+    ref = first.json()["predictions"][0]["image"]
+    assert all(r.json()["predictions"][0]["image"] == ref for r in rs)
+
+
 BAD_REQUESTS = [
     ("invalid base64", split("@@not*base64@@"), None, "not valid base64"),
     ("not an image", split(base64.b64encode(b"just some text").decode()), None, "not a recognised image"),
