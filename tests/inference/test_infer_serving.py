@@ -22,7 +22,6 @@ from skimage import data as skdata
 
 from conftest import free_port
 from inference.config import load_inference_config
-from inference.images import encode_png_base64
 from inference.pipeline import VARSRPipeline
 from inference.registry import default_tracking_uri, register_model
 from model import VARSRConfig, build, save_pretrained
