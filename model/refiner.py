@@ -113,6 +113,7 @@ class DiffLoss(nn.Module):
     def __init__(self, cfg: VARSRConfig):
         super().__init__()
         self.in_channels = cfg.vqvae.z_channels
+        self.cond_channels = cfg.C
         self.scale = float(cfg.refiner_scale)
         self.batch_mul = int(cfg.diffusion_batch_mul)
         if self.scale <= 0 or self.batch_mul < 1:
@@ -136,6 +137,7 @@ class DiffLoss(nn.Module):
     def loss(self, z: torch.Tensor, residual: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean over rows of ε-MSE + VB (mean detached; decoder NLL at t = 0), target x0 = residual / scale."""
         self._check("residual", residual, self.in_channels)
+        self._check("z", z, self.cond_channels)
         if z.shape[0] != residual.shape[0]:
             raise ValueError(f"z has {z.shape[0]} rows but residual has {residual.shape[0]}")
         sch, C = self.train_schedule, self.in_channels
@@ -168,6 +170,7 @@ class DiffLoss(nn.Module):
         first half is kept, which equals upstream's result for its first half.
         """
         sch, C = self.sample_schedule, self.in_channels
+        self._check("z_pos", z_pos, self.cond_channels)
         N, dev = z_pos.shape[0], z_pos.device
         guided = z_neg is not None
         if guided and z_neg.shape != z_pos.shape:
