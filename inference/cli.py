@@ -159,17 +159,30 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate, evaluate_shards, format_table
 
-    for d in (args.hr, args.lr):
-        if not d.is_dir():
-            raise UserError(f"{d} is not a folder")
+    if args.shards:
+        if args.hr or args.lr:
+            raise UserError("give either --shards or --hr/--lr, not both")
+        for s in args.shards:
+            if not s.is_file():
+                raise UserError(f"shard {s} does not exist")
+    else:
+        if not (args.hr and args.lr):
+            raise UserError("give --hr DIR and --lr DIR (or --shards TAR...)")
+        for d in (args.hr, args.lr):
+            if not d.is_dir():
+                raise UserError(f"{d} is not a folder")
     pipe = _load_pipeline(args)
     kw = _sampling_kwargs(args)
     kw.pop("scale")
+    opts = dict(baseline=args.baseline, upscale_kwargs=kw, log_to_mlflow=not args.no_mlflow,
+                tracking_uri=args.tracking_uri)
     try:
-        res = evaluate(pipe, args.hr, args.lr, args.output, baseline=args.baseline, upscale_kwargs=kw,
-                       log_to_mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
+        if args.shards:
+            res = evaluate_shards(pipe, args.shards, args.output, **opts)
+        else:
+            res = evaluate(pipe, args.hr, args.lr, args.output, **opts)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     for n in res.notices:
@@ -209,8 +222,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")
-    p.add_argument("--hr", type=Path, required=True)
-    p.add_argument("--lr", type=Path, required=True)
+    p.add_argument("--hr", type=Path, help="folder of HR images")
+    p.add_argument("--lr", type=Path, help="folder of LR images with the same file names")
+    p.add_argument("--shards", type=Path, nargs="+", help="WebDataset tars with {key}.hr.png + {key}.lr.png")
     p.add_argument("-o", "--output", type=Path, default=Path("varsr-eval"))
     p.add_argument("--baseline", choices=("bicubic",), default=None)
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run")

@@ -1,7 +1,8 @@
-"""`varsr eval`: super-resolve a paired LR/HR folder, score SR (and an optional bicubic baseline), log to MLflow.
+"""`varsr eval`: super-resolve paired LR/HR images, score SR (and an optional bicubic baseline), log to MLflow.
 
-Pairs are matched by file stem (``HR/0001.png`` <-> ``LR/0001.png``, extensions may differ). The scale of each pair
-is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and method),
+Pairs come from two folders, matched by file stem (``HR/0001.png`` <-> ``LR/0001.png``, extensions may differ), or
+from WebDataset shards (plain POSIX tars with ``{key}.hr.png`` + ``{key}.lr.png``, DESIGN.md "Shards"). The scale of
+each pair is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and method),
 ``summary.json`` (means per method + the run config) and ``crops/<stem>.png`` (bicubic | SR | HR, a centre crop).
 """
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .images import ImageInputError, open_image_path
+from .images import ImageInputError, open_image_bytes, open_image_path
 from .metrics import full_reference, optional_metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,38 @@ def pair_folders(hr_dir: Path, lr_dir: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
+Pair = tuple[str, Callable[[], tuple[Image.Image, Image.Image]]]  # (name, load -> (hr, lr))
+
+
+def folder_pairs(hr_dir: Path, lr_dir: Path) -> list[Pair]:
+    """Lazy (name, loader) pairs from two folders."""
+    return [(stem, lambda hp=hp, lp=lp: (open_image_path(hp), open_image_path(lp)))
+            for stem, hp, lp in pair_folders(hr_dir, lr_dir)]
+
+
+def shard_pairs(shards: Iterable[str | Path]) -> Iterator[Pair]:
+    """(key, loader) for every sample of the tar shards that has both ``.hr.png`` and ``.lr.png`` members."""
+    for shard in shards:
+        samples: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    key, ext = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1]
+                    if ext in ("hr.png", "lr.png"):
+                        samples.setdefault(key, {})[ext[:2]] = tar.extractfile(m).read()
+        except (tarfile.TarError, OSError) as e:
+            raise FileNotFoundError(f"cannot read shard {shard}: {e}") from None
+        for key, parts in samples.items():
+            if "hr" in parts and "lr" in parts:
+                yield (key.replace("/", "_"),
+                       lambda p=parts: (open_image_bytes(p["hr"]), open_image_bytes(p["lr"])))
+
+
 def _crop_triptych(bic: Image.Image, sr: Image.Image, hr: Image.Image, side: int = 128) -> Image.Image:
     """Centre crops side by side: bicubic | SR | HR."""
     w, h = hr.size
@@ -72,25 +106,39 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(pipeline, hr_dir: str | Path, lr_dir: str | Path, out_dir: str | Path, baseline: str | None = None,
-             upscale_kwargs: dict[str, Any] | None = None, log_to_mlflow: bool = True, tracking_uri: str | None = None,
-             experiment: str = "varsr-eval", max_crops: int = 4, progress: bool = True) -> EvalResult:
+def evaluate(pipeline, hr_dir: str | Path, lr_dir: str | Path, out_dir: str | Path, **kw: Any) -> EvalResult:
+    """Evaluate on a pair of HR/LR folders (see :func:`evaluate_pairs` for the options)."""
+    pairs = folder_pairs(Path(hr_dir), Path(lr_dir))
+    return evaluate_pairs(pipeline, pairs, out_dir, source={"hr_dir": str(hr_dir), "lr_dir": str(lr_dir)}, **kw)
+
+
+def evaluate_shards(pipeline, shards: list[str | Path], out_dir: str | Path, **kw: Any) -> EvalResult:
+    """Evaluate on WebDataset shards holding ``{key}.hr.png`` + ``{key}.lr.png`` samples."""
+    pairs = list(shard_pairs(shards))
+    if not pairs:
+        raise FileNotFoundError(f"no samples with both .hr.png and .lr.png in {[str(s) for s in shards]}")
+    return evaluate_pairs(pipeline, pairs, out_dir, source={"shards": [str(s) for s in shards]}, **kw)
+
+
+def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: str | None = None,
+                   upscale_kwargs: dict[str, Any] | None = None, log_to_mlflow: bool = True,
+                   tracking_uri: str | None = None, experiment: str = "varsr-eval", max_crops: int = 4,
+                   progress: bool = True, source: dict[str, Any] | None = None) -> EvalResult:
     """Run the pipeline over every pair, score it (and the baseline), write files and (optionally) an MLflow run."""
     from tqdm import tqdm
 
-    hr_dir, lr_dir, out = Path(hr_dir), Path(lr_dir), Path(out_dir)
+    out = Path(out_dir)
     if baseline not in (None, "bicubic"):
         raise ValueError(f"unknown baseline {baseline!r}; only 'bicubic' is supported")
-    pairs = pair_folders(hr_dir, lr_dir)
     (out / "sr").mkdir(parents=True, exist_ok=True)
     (out / "crops").mkdir(parents=True, exist_ok=True)
     extra, notices = optional_metrics()
     res = EvalResult(notices=list(notices), out_dir=out)
     kw = dict(upscale_kwargs or {})
     t0 = time.perf_counter()
-    for stem, hp, lp in tqdm(pairs, desc="eval", unit="img", disable=not progress):
+    for stem, load in tqdm(pairs, desc="eval", unit="img", disable=not progress):
         try:
-            hr, lr = open_image_path(hp), open_image_path(lp)
+            hr, lr = load()
         except ImageInputError as e:
             res.failed.append(f"{stem}: {e}")
             continue
@@ -116,7 +164,7 @@ def evaluate(pipeline, hr_dir: str | Path, lr_dir: str | Path, out_dir: str | Pa
         rows = [r for r in res.rows if r["method"] == method]
         keys = [k for k in rows[0] if k not in ("image", "method", "scale")]
         res.summary[method] = {"images": float(len(rows)), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
-    _write_files(res, out, {"hr_dir": str(hr_dir), "lr_dir": str(lr_dir), "baseline": baseline, **kw,
+    _write_files(res, out, {**(source or {}), "baseline": baseline, **kw,
                             "seconds": seconds, "pipeline": pipeline.describe()})
     if log_to_mlflow:
         res.run_id = _log_mlflow(res, out, kw, baseline, tracking_uri, experiment)

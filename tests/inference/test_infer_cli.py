@@ -124,3 +124,39 @@ def test_register_command_logs_registers_and_sets_the_alias(ckpt, tmp_path, caps
     assert int(mv.version) == 1 and mv.tags["source"] == "test"
     assert main(["register", str(tmp_path / "missing"), "--name", "x", "--tracking-uri", uri]) == 2
     assert "not a native VARSR checkpoint" in capsys.readouterr().err
+
+
+def test_eval_on_paired_shards(ckpt, tmp_path, capsys):
+    import io
+    import tarfile
+
+    def png(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    shard = tmp_path / "eval-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for key, arr in (("s0", skdata.astronaut()), ("s1", skdata.coffee())):
+            hr = Image.fromarray(arr).resize((64, 64), Image.BICUBIC)
+            add(f"{key}.hr.png", png(hr))
+            add(f"{key}.lr.png", png(hr.resize((16, 16), Image.BICUBIC)))
+            add(f"{key}.json", b"{}")
+        add("s2.hr.png", png(Image.new("RGB", (64, 64))))
+        add("s2.lr.png", b"\x89PNG truncated")  # unreadable: reported, the rest goes on
+        add("s3.hr.png", png(Image.new("RGB", (64, 64))))  # no LR: not a pair
+    out = tmp_path / "eval"
+    rc = main(["eval", "--shards", str(shard), "--checkpoint", str(ckpt), "-o", str(out), "--seed", "0", "--no-mlflow"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "s2" in captured.err
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert sorted(r["image"] for r in rows) == ["s0", "s1"]
+    for r in rows:
+        sr = np.asarray(Image.open(out / "sr" / f"{r['image']}.png").convert("RGB"))
+        assert sr.shape == (64, 64, 3)
+    assert json.loads((out / "summary.json").read_text())["failed"][0].startswith("s2")
