@@ -88,6 +88,7 @@ def main() -> None:
                 "worker_cpu_ms_per_sample": round(1000 * r["cpu_seconds"] / imgs, 2),
                 "samples_per_cpu_s": round(imgs / r["cpu_seconds"], 2),
                 "load_avg_1min_after": round(os.getloadavg()[0], 2),
+                "worker_busy_fraction": round(sum(b - a for _, a, b in r["task_spans"]) / (n * wall), 3),
                 "shards": r["shards"], "bytes": sum(s["bytes"] for s in r["manifest"]["shards"]),
             }
         ray.shutdown()

@@ -8,6 +8,7 @@ Output folder layout:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,13 +50,27 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
-def _data_context():
+@contextlib.contextmanager
+def _data_settings():
+    """Ray Data settings for our jobs, restored afterwards (the DataContext is process-global): ordered output,
+    our own progress display, and no per-operator resource reservation. With a single map operator the
+    reservation holds back half the CPUs until the first task has finished (measured: the second of two
+    workers started ~1 s late)."""
     import ray.data
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True     # deterministic output order
-    ctx.enable_progress_bars = False                  # we show our own
+    keys = ("enable_progress_bars", "print_on_execution_start", "op_resource_reservation_enabled")
+    saved = {k: getattr(ctx, k) for k in keys}
+    saved_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    return ctx
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield ctx
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        ctx.execution_options.preserve_order = saved_order
 
 
 def _cluster_cpus() -> int:
@@ -114,32 +129,33 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
         if st != "ok":
             log.warning("IQA scorer '%s' %s", name, st)
     ensure_ray(ray_address or cfg.ray.address, cfg.ray.num_cpus)
-    _data_context()
     import ray
-    n_workers = cfg.score.num_workers or _cluster_cpus()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = cfg.score.use_gpu if cfg.score.use_gpu is not None else (
-        gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
-    bs = cfg.score.batch_size
-    ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True)} for it in items],
-                             override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))
-    ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
-                                                            "device": "cuda" if use_gpu else "cpu"},
-                        batch_size=bs, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_workers),
-                        num_cpus=1, num_gpus=1 if use_gpu else 0)
-    prog = Progress(len(items), "score")
-    tmp = f"{out}/.tmp-scores.parquet"
-    writer, counts = None, Counter()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        if writer is None:
-            schema = batch.schema.with_metadata({META_KEY: json.dumps({"fingerprint": fp}).encode()})
-            writer = pq.ParquetWriter(tmp, schema)
-        writer.write_table(batch.cast(writer.schema))
-        counts.update(batch.column("status").to_pylist())
-        prog.update(batch.num_rows)
-    writer.close()
-    os.replace(tmp, path)
+    with _data_settings():
+        n_workers = cfg.score.num_workers or _cluster_cpus()
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = cfg.score.use_gpu if cfg.score.use_gpu is not None else (
+            gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
+        bs = cfg.score.batch_size
+        ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True)} for it in items],
+                                 override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))
+        ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
+                                                                "device": "cuda" if use_gpu else "cpu"},
+                            batch_size=bs, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, -(-len(items) // bs)),
+                                                               max_size=n_workers),
+                            num_cpus=1, num_gpus=1 if use_gpu else 0)
+        prog = Progress(len(items), "score")
+        tmp = f"{out}/.tmp-scores.parquet"
+        writer, counts = None, Counter()
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if writer is None:
+                schema = batch.schema.with_metadata({META_KEY: json.dumps({"fingerprint": fp}).encode()})
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(batch.cast(writer.schema))
+            counts.update(batch.column("status").to_pylist())
+            prog.update(batch.num_rows)
+        writer.close()
+        os.replace(tmp, path)
     secs = prog.close()
     return {"inputs": len(uris), "scores": path, "status": dict(counts), "seconds": secs, "reused": False}
 
@@ -225,33 +241,35 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
             todo.append(i)
     timings: dict[str, float] = {s: 0.0 for s in STAGES} | {f"cpu_{s}": 0.0 for s in STAGES}
     cpu_seconds = 0.0
+    spans: list[tuple[int, float, float]] = []
     n_images = sum(len(plan[i]) for i in todo)
     t0 = time.perf_counter()
     if todo:
         log.info("shard: %d shards planned, %d already complete, %d to write", len(plan), done, len(todo))
         ensure_ray(ray_address or cfg.ray.address, cfg.ray.num_cpus)
-        _data_context()
-        n_workers = cfg.shard.num_workers or _cluster_cpus()
-        items = [{"index": i, "rows": _jsonable(plan[i])} for i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_shard_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "out_dir": out},
-                            batch_size=1, batch_format="numpy", num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=n_workers))
-        prog = Progress(n_images, "shard")
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for res in batch["result"]:
-                r = json.loads(res)
-                cpu_seconds += r["cpu_seconds"]
-                for k, v in r["timings"].items():
-                    timings[k] = timings.get(k, 0.0) + v
-                prog.update(r["stats"]["images"] + len(r["stats"]["failed"]))
-        prog.close()
+        with _data_settings():
+            n_workers = cfg.shard.num_workers or _cluster_cpus()
+            items = [{"index": i, "rows": _jsonable(plan[i])} for i in todo]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            ds = ds.map_batches(_shard_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "out_dir": out},
+                                batch_size=1, batch_format="numpy", num_cpus=1,
+                                compute=ray.data.TaskPoolStrategy(size=n_workers))
+            prog = Progress(n_images, "shard")
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for res in batch["result"]:
+                    r = json.loads(res)
+                    cpu_seconds += r["cpu_seconds"]
+                    spans.append((r["pid"], *r["span"]))
+                    for k, v in r["timings"].items():
+                        timings[k] = timings.get(k, 0.0) + v
+                    prog.update(r["stats"]["images"] + len(r["stats"]["failed"]))
+            prog.close()
     secs = time.perf_counter() - t0
     manifest = write_manifest(out, cfg, len(plan))
     return {"shards": len(plan), "written": len(todo), "skipped": done, "images_written": n_images,
             "seconds": secs, "stage_seconds": {s: timings[s] for s in STAGES},
             "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES}, "cpu_seconds": cpu_seconds,
-            "manifest": manifest}
+            "task_spans": spans, "manifest": manifest}
 
 
 # ------------------------------------------------------------------------------------------------------ manifest

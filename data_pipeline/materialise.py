@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 
@@ -87,7 +88,7 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
     """Materialise `rows` into shard `index` atomically; returns {stats, timings (wall s per stage),
     cpu_seconds}."""
     cv2.setNumThreads(1)
-    cpu0 = time.process_time()
+    cpu0, started = time.process_time(), time.time()
     timings: dict[str, float] = {}
     prefix = cfg.shard.prefix
     writer = TarWriter(f"{out_dir}/{shard_name(prefix, index)}")
@@ -125,5 +126,6 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
     except BaseException:
         writer.abort()
         raise
-    return {"stats": stats, "timings": timings, "cpu_seconds": time.process_time() - cpu0}
+    return {"stats": stats, "timings": timings, "cpu_seconds": time.process_time() - cpu0,
+            "span": [started, time.time()], "pid": os.getpid()}
 
