@@ -96,6 +96,12 @@ def find_checkpoint_dir(root: Path) -> Path:
     raise FileNotFoundError(f"no native VARSR checkpoint (model.safetensors + config.json) under {root}")
 
 
+def _logged_config(model_dir: Path) -> InferenceConfig | None:
+    """The inference config logged with an MLflow model (``inference.yaml``), if any."""
+    logged = sorted(model_dir.rglob("inference.yaml"))
+    return load_inference_config(logged[0]) if logged else None
+
+
 def reflect_pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Pad (C,H0,W0) at the bottom/right to (C,h,w): reflect where possible, replicate beyond that."""
     ph, pw = h - x.shape[-2], w - x.shape[-1]
@@ -143,7 +149,10 @@ class VARSRPipeline:
 
         s = str(path_or_uri)
         if not is_mlflow_uri(s):
-            vqvae, varsr = from_pretrained(Path(s), device="cpu")
+            root = Path(s)
+            if (root / "MLmodel").is_file():  # a downloaded / saved MLflow model folder
+                root, config = find_checkpoint_dir(root), config or _logged_config(root)
+            vqvae, varsr = from_pretrained(root, device="cpu")
             return cls(vqvae, varsr, config, device, dtype)
         import mlflow
 
@@ -154,9 +163,7 @@ class VARSRPipeline:
             with _TrackingUri(resolve_tracking_uri(tracking_uri)):  # models:/ resolves through the registry URI
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=str(tmp)))
             ckpt = find_checkpoint_dir(local)
-            if config is None:
-                logged = sorted(local.rglob("inference.yaml"))
-                config = load_inference_config(logged[0]) if logged else None
+            config = config or _logged_config(local)
             vqvae, varsr = from_pretrained(ckpt, device="cpu")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

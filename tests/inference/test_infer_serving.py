@@ -156,6 +156,16 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
     assert pipe.config.limits.max_batch_images == 4  # the limits logged with the model came along
     local = np.asarray(pipe.upscale(Image.open(io.BytesIO(base64.b64decode(b64))), seed=11), np.int16)
     assert np.abs(served - local).max() <= 2
+    import mlflow
+
+    from inference.registry import _TrackingUri
+
+    with _TrackingUri(registry["uri"]):
+        model_dir = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(registry["root"] / "dl"))
+    from_folder = VARSRPipeline.from_pretrained(model_dir, device="cpu")  # a downloaded MLflow model folder
+    assert from_folder.config.limits.max_batch_images == 4
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert np.array_equal(np.asarray(from_folder.upscale(img, seed=11), np.int16), local)
 
 
 def test_concurrent_requests_get_the_same_result_as_one_at_a_time(server):
