@@ -116,8 +116,8 @@ def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_sid
         startup = time.perf_counter() - t_start
         buf = io.BytesIO()
         lr_images(1, lr_side)[0].save(buf, format="PNG")
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
-                           "params": {"seed": 0}})
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}, "params": {"seed": 0}})
         headers = {"Content-Type": "application/json"}
 
         def one(_):

@@ -12,6 +12,7 @@ from infra.errors import UserError
 
 log = logging.getLogger(__name__)
 
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -28,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="native checkpoint folder (model.safetensors + config.json)")
     src.add_argument("--model-uri", help="MLflow model URI, e.g. models:/varsr@champion")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--config", type=Path, help="inference YAML (default configs/inference/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inference config key, e.g. tiling.batch_size=4 (repeatable)")
@@ -206,7 +207,7 @@ def register(subparsers) -> None:
     p.add_argument("ckpt_dir", type=Path, metavar="CKPT_DIR")
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--config", type=Path, help="inference YAML served with the model (limits, defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="run + version tag (repeatable)")
@@ -218,7 +219,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")

@@ -68,7 +68,8 @@ class InferenceConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-def load_inference_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InferenceConfig:
+def load_inference_config(path: str | Path | None = None,
+                          overrides: list[str] | tuple[str, ...] = ()) -> InferenceConfig:
     """defaults <- ``path`` (default: configs/inference/default.yaml when present) <- ``key=value`` overrides."""
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH

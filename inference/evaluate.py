@@ -2,7 +2,8 @@
 
 Pairs come from two folders, matched by file stem (``HR/0001.png`` <-> ``LR/0001.png``, extensions may differ), or
 from WebDataset shards (plain POSIX tars with ``{key}.hr.png`` + ``{key}.lr.png``, DESIGN.md "Shards"). The scale of
-each pair is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and method),
+each pair is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and
+method),
 ``summary.json`` (means per method + the run config) and ``crops/<stem>.png`` (bicubic | SR | HR, a centre crop).
 """
 from __future__ import annotations
@@ -102,7 +103,8 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     head = f"{'method':<10} {'images':>6} " + " ".join(f"{c:>10}" for c in cols)
     lines = [head, "-" * len(head)]
     for method, m in summary.items():
-        lines.append(f"{method:<10} {int(m.get('images', 0)):>6} " + " ".join(f"{m.get(c, float('nan')):>10.4f}" for c in cols))
+        vals = " ".join(f"{m.get(c, float('nan')):>10.4f}" for c in cols)
+        lines.append(f"{method:<10} {int(m.get('images', 0)):>6} {vals}")
     return "\n".join(lines)
 
 
@@ -179,7 +181,8 @@ def _write_files(res: EvalResult, out: Path, meta: dict[str, Any]) -> None:
             w.writeheader()
             w.writerows(res.rows)
     (out / "summary.json").write_text(json.dumps(
-        {"summary": res.summary, "notices": res.notices, "failed": res.failed, "config": meta}, indent=2, default=str) + "\n")
+        {"summary": res.summary, "notices": res.notices, "failed": res.failed, "config": meta},
+        indent=2, default=str) + "\n")
 
 
 def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | None, tracking_uri: str | None,

@@ -74,7 +74,8 @@ def server(registry):
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
+                tail = (root / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
             try:
                 if requests.get(f"{url}/ping", timeout=2).status_code == 200:
                     break
@@ -161,7 +162,8 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
     from inference.registry import _TrackingUri
 
     with _TrackingUri(registry["uri"]):
-        model_dir = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(registry["root"] / "dl"))
+        model_dir = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion",
+                                                        dst_path=str(registry["root"] / "dl"))
     from_folder = VARSRPipeline.from_pretrained(model_dir, device="cpu")  # a downloaded MLflow model folder
     assert from_folder.config.limits.max_batch_images == 4
     img = Image.open(io.BytesIO(base64.b64decode(b64)))
