@@ -117,7 +117,9 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
     with _TrackingUri(uri):
         exp_id = ensure_experiment(uri, experiment)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}") as run:
+        # called from inside a training run (train ... register: true): the register run nests under it
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}",
+                              nested=mlflow.active_run() is not None) as run:
             mlflow.set_tags({"varsr.checkpoint": str(ckpt.resolve()), **tags})
             info = log_pyfunc_model(ckpt, cfg, registered_model_name=name, validate_example=validate_example)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -32,8 +32,21 @@ def _run_stage(args) -> int:
     return 0
 
 
+def _run_vqvae(args) -> int:
+    from infra.config import load_config
+
+    from training.stage0_vqvae import VQVAETrainConfig, train_vqvae
+
+    try:
+        cfg = load_config(VQVAETrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    train_vqvae(cfg)
+    return 0
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train VARSR (stage 1 c2i, stage 2 isr)")
+    p = subparsers.add_parser("train", help="train VARSR (stage 0 vqvae, stage 1 c2i, stage 2 isr)")
     sub = p.add_subparsers(dest="train_stage", metavar="STAGE", required=True)
     for stage, help_ in (("c2i", "stage 1: class-to-image pretraining"), ("isr", "stage 2: ISR finetuning")):
         s = sub.add_parser(stage, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -43,3 +56,8 @@ def register(subparsers) -> None:
         s.add_argument("--nproc", type=int, default=1, help="local processes (re-execs via torchrun)")
         s.add_argument("--ray-address", default=None, help="Ray cluster address ('local' = start one here)")
         s.set_defaults(func=_run_stage, stage=stage)
+    s = sub.add_parser("vqvae", help="stage 0: train a small multi-scale VQVAE tokenizer (tiny preset)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--config", help="YAML (e.g. configs/demo/vqvae.yaml)")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 lr=1e-3")
+    s.set_defaults(func=_run_vqvae)

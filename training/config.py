@@ -71,7 +71,7 @@ class ValidationSection:
 @dataclass
 class TrackingSection:
     enabled: bool = True
-    tracking_uri: str | None = None  # None -> sqlite:///{output_dir}/mlflow.db
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "varsr-train"
     run_name: str | None = None
     parent_run_id: str | None = None  # lineage: stage-1 run for stage 2 (auto-read from a native init_from dir)

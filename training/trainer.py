@@ -180,7 +180,8 @@ class Trainer:
         t = self.cfg.tracking
         if not t.enabled:
             return
-        uri = t.tracking_uri or default_tracking_uri(self.out)
+        uri = t.tracking_uri or default_tracking_uri()
+        self.tracking_uri = uri
         params_cfg = to_dict(self.cfg)
         params_cfg["resolved"] = {"world_size": self.world, "iters_per_epoch": self.iters_per_epoch,
                                   "total_steps": self.total_steps, "warmup_steps": self.schedule.warmup_steps,
@@ -402,7 +403,8 @@ class Trainer:
             _out(f"[train] register: skipped, the inference package has no registry.register_model yet ({e})")
             return
         tags = {**self.lineage(), "varsr.train_run_id": self.tracker.run_id or ""}
-        mv = register_model(str(d), self.cfg.register_name, self.cfg.register_alias, tags=tags)
+        mv = register_model(str(d), self.cfg.register_name, self.cfg.register_alias, tags=tags,
+                            tracking_uri=getattr(self, "tracking_uri", None))
         _out(f"[train] registered {self.cfg.register_name}@{self.cfg.register_alias}: {mv}")
 
     @torch.no_grad()

@@ -122,7 +122,8 @@ def test_data_configs_load_into_typed_config():
 
 def test_train_configs_load_into_typed_config():
     from model.config import VARSRConfig
-    from training.config import TrainConfig, VQVAETrainConfig, load_train_config
+    from training.config import TrainConfig, load_train_config
+    from training.stage0_vqvae import VQVAETrainConfig
     from infra.config import load_config
 
     paths = sorted((ROOT / "configs/train").glob("*.yaml")) + sorted((ROOT / "configs/demo").glob("stage*.yaml"))

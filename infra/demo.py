@@ -1,0 +1,364 @@
+"""`varsr demo`: the whole platform on embedded defaults, on one machine, with no services started by hand.
+
+Steps (each one is a plain `varsr` command, run here as a subprocess in the work folder so the demo proves the
+commands a user would type):
+
+  1. corpus    bundled real photos (scikit-image, scikit-learn, matplotlib) + crafted bad files; one held-out photo
+  2. data      `varsr data build`      local Ray: score -> select -> degrade -> WebDataset shards + reject report
+  3. vqvae     `varsr train vqvae`     stage 0: the tiny tokenizer (no released tiny VQVAE exists)
+  4. stage1    `varsr train c2i`       class-to-image pretraining (DeepSpeed), tracked in MLflow
+  5. stage2    `varsr train isr`       ISR finetuning from stage 1, registered as models:/NAME@champion
+  6. serve     `varsr serve`           `mlflow models serve` on 127.0.0.1 answers one real HTTP request
+  7. upscale   `varsr upscale`         the held-out photo, beside a bicubic baseline and the HR reference
+Everything lands under the work folder; state.json records finished steps so a re-run resumes (``--fresh`` restarts).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from infra.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIGS = ROOT / "configs" / "demo"
+STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of the demo; defaults finish in well under 15 minutes on 2 CPU cores."""
+
+    workdir: str = "varsr-demo"
+    vqvae_steps: int = 400
+    stage1_steps: int = 150
+    stage2_steps: int = 150
+    batch_size: int = 8
+    register_name: str = "varsr-demo"
+    alias: str = "champion"
+    port: int | None = None  # serving port; None = a free one
+    seed: int = 0
+    holdout_lr_side: int = 48  # held-out LR long side; x4 upscaling gives a multi-tile output for the tiny model
+    fresh: bool = False
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.w = Path(cfg.workdir).resolve()
+        self.log = log
+        self.state_path = self.w / "state.json"
+        self.tracking_uri = f"sqlite:///{self.w / 'mlflow.db'}"
+        self.model_uri = f"models:/{cfg.register_name}@{cfg.alias}"
+        self.commands: dict[str, list[str]] = {}
+        self.t0 = time.monotonic()
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def _save_state(self, st: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=2))
+        tmp.replace(self.state_path)
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(
+            MLFLOW_TRACKING_URI=self.tracking_uri,
+            RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
+            DO_NOT_TRACK="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+        )
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+        return env
+
+    def varsr(self, step: str, *args: str) -> None:
+        """Run one `varsr ...` command in the work folder; its output streams to the terminal and logs/<step>.log."""
+        cmd = ["varsr", *args]
+        self.commands[step] = cmd
+        (self.w / "logs").mkdir(exist_ok=True)
+        logf = self.w / "logs" / f"{step}.log"
+        self.log(f"    $ {' '.join(cmd)}")
+        with open(logf, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=self.w, env=self.env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                if _interesting(line):
+                    self.log(f"    | {line.rstrip()[:160]}")
+            rc = proc.wait()
+        if rc != 0:
+            raise UserError(f"demo step '{step}' failed (exit {rc}); see {logf}")
+
+    # ---- steps ----------------------------------------------------------------------------------------------------
+    def step_corpus(self) -> dict:
+        from data_pipeline.sample_corpus import write_sample_corpus
+
+        files = write_sample_corpus(self.w / "corpus")
+        self.commands["corpus"] = ["varsr", "demo", "corpus", "--workdir", str(self.w)]
+        hr, lr = write_holdout(self.w / "holdout", self.cfg.holdout_lr_side)
+        bad = sorted(k for k, v in files.items() if not v["expect"].startswith("ok"))
+        return dict(corpus=str(self.w / "corpus"), files=len(files), bad_files=bad, holdout_hr=str(hr),
+                    holdout_lr=str(lr))
+
+    def step_data(self) -> dict:
+        self.varsr("data", "data", "build", "--input", "corpus", "--output", "shards",
+                   "--config", str(DEMO_CONFIGS / "data.yaml"))
+        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
+        c = manifest["counts"]
+        return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"], rejected=c["rejected_by_reason"],
+                    failed=c["failed_by_reason"], samples=c["samples"], shard_files=len(manifest["shards"]))
+
+    def step_vqvae(self) -> dict:
+        self.varsr("vqvae", "train", "vqvae", "--config", str(DEMO_CONFIGS / "vqvae.yaml"),
+                   f"max_steps={self.cfg.vqvae_steps}", f"data.batch_size={self.cfg.batch_size}")
+        return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"))
+
+    def step_stage1(self) -> dict:
+        self.varsr("stage1", "train", "c2i", "--config", str(DEMO_CONFIGS / "stage1.yaml"),
+                   f"max_steps={self.cfg.stage1_steps}", f"data.batch_size={self.cfg.batch_size}",
+                   f"seed={self.cfg.seed}", "--resume", "auto")
+        return dict(checkpoint=str(self.w / "runs" / "stage1" / "final"))
+
+    def step_stage2(self) -> dict:
+        self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
+                   f"max_steps={self.cfg.stage2_steps}", f"data.batch_size={self.cfg.batch_size}",
+                   f"seed={self.cfg.seed}", f"register_name={self.cfg.register_name}",
+                   f"register_alias={self.cfg.alias}", "--resume", "auto")
+        return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri)
+
+    def step_serve(self) -> dict:
+        """Serve the registered model on loopback and send one real HTTP request with the held-out LR."""
+        import requests
+        from PIL import Image
+
+        port = self.cfg.port or _free_port()
+        args = ["serve", self.model_uri, "--port", str(port), "--host", "127.0.0.1"]
+        self.commands["serve"] = ["varsr", *args]
+        self.log(f"    $ varsr {' '.join(args)}   (background)")
+        logf = open(self.w / "logs" / "serve.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=self.w, env=self.env(),
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise UserError(f"the model server exited with {proc.returncode}; see {logf.name}")
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise UserError(f"the model server did not answer /ping within 180 s; see {logf.name}")
+                time.sleep(1)
+            lr_path = Path(self.state()["corpus"]["info"]["holdout_lr"])
+            payload = {"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(lr_path.read_bytes()).decode()]]},
+                       "params": {"scale": 4, "seed": self.cfg.seed}}
+            t = time.monotonic()
+            r = requests.post(f"{url}/invocations", json=payload, timeout=600)
+            latency = time.monotonic() - t
+            if r.status_code != 200:
+                raise UserError(f"the served model answered HTTP {r.status_code}: {r.text[:300]}")
+            pred = r.json()["predictions"][0]
+            img = Image.open(io.BytesIO(base64.b64decode(pred["image"])))
+            out = self.w / "outputs" / "http_response.png"
+            out.parent.mkdir(exist_ok=True)
+            img.save(out)
+            lr = Image.open(lr_path)
+            expect = (lr.width * 4, lr.height * 4)
+            if img.size != expect:
+                raise UserError(f"HTTP answer has size {img.size}, expected {expect}")
+            # and a bad request is refused with a reason, not a stack trace
+            bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"],
+                                                                                "data": [["not base64!"]]}}, timeout=60)
+            return dict(url=url, status=r.status_code, latency_s=round(latency, 2), response_image=str(out),
+                        size=list(img.size), bad_request_status=bad.status_code,
+                        bad_request_message=_message(bad)[:200])
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+            logf.close()
+
+    def step_upscale(self) -> dict:
+        """Upscale the held-out photo through the CLI; write bicubic + side-by-side comparison; PSNR vs HR."""
+        from PIL import Image
+
+        info = self.state()["corpus"]["info"]
+        lr_path, hr_path = Path(info["holdout_lr"]), Path(info["holdout_hr"])
+        out_dir = self.w / "outputs"
+        self.varsr("upscale", "upscale", str(lr_path), "-o", str(out_dir / "varsr"), "--model-uri", self.model_uri,
+                   "--scale", "4", "--seed", str(self.cfg.seed))
+        sr_path = next((out_dir / "varsr").glob(lr_path.stem + "*"))
+        lr, hr, sr = Image.open(lr_path).convert("RGB"), Image.open(hr_path).convert("RGB"), Image.open(sr_path).convert("RGB")
+        bic = lr.resize(hr.size, Image.BICUBIC)
+        bic_path = out_dir / "bicubic.png"
+        bic.save(bic_path)
+        cmp_path = out_dir / "comparison.png"
+        side_by_side([lr.resize(hr.size, Image.NEAREST), bic, sr.resize(hr.size), hr],
+                     ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
+        from inference.metrics import full_reference  # BT.601 Y-channel PSNR/SSIM, as the paper's tables
+
+        m_sr, m_bic = full_reference(sr.resize(hr.size), hr), full_reference(bic, hr)
+        metrics = dict(psnr_y_varsr=m_sr["psnr_y"], ssim_y_varsr=m_sr["ssim_y"],
+                       psnr_y_bicubic=m_bic["psnr_y"], ssim_y_bicubic=m_bic["ssim_y"])
+        _log_demo_run(self.tracking_uri, metrics, [cmp_path, bic_path, sr_path])
+        return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path),
+                    **{k: round(float(v), 3) for k, v in metrics.items()})
+
+    # ---- driver ---------------------------------------------------------------------------------------------------
+    def run(self, only: list[str] | None = None) -> dict:
+        if self.cfg.fresh and self.w.exists():
+            self.log(f"--fresh: removing {self.w}")
+            shutil.rmtree(self.w)
+        self.w.mkdir(parents=True, exist_ok=True)
+        st = self.state()
+        todo = [s for s in STEPS if only is None or s in only]
+        for i, name in enumerate(todo, 1):
+            if st.get(name, {}).get("done"):
+                self.log(f"[{i}/{len(todo)}] {name}: done in an earlier run, skipped (use --fresh to redo)")
+                continue
+            self.log(f"[{i}/{len(todo)}] {name} ...  (elapsed {time.monotonic() - self.t0:.0f} s)")
+            t = time.monotonic()
+            info = getattr(self, f"step_{name}")()
+            st[name] = dict(done=True, seconds=round(time.monotonic() - t, 1), info=info,
+                            command=" ".join(self.commands.get(name, [])))
+            self._save_state(st)
+            self.log(f"[{i}/{len(todo)}] {name}: ok in {st[name]['seconds']} s")
+        summary = self.summary(st)
+        (self.w / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log(format_summary(summary))
+        return summary
+
+    def summary(self, st: dict) -> dict:
+        return dict(workdir=str(self.w), tracking_uri=self.tracking_uri, model_uri=self.model_uri,
+                    mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
+                    total_seconds=round(sum(v.get("seconds", 0) for v in st.values()), 1),
+                    steps={k: st[k] for k in STEPS if k in st})
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------------
+def write_holdout(d: Path, lr_side: int) -> tuple[Path, Path]:
+    """A real photo kept out of training (scikit-image's stereo motorcycle, left view): HR and its x4 bicubic LR."""
+    import skimage.data as sd
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    left = Image.fromarray(sd.stereo_motorcycle()[0])
+    w, h = left.size
+    lr_w, lr_h = lr_side, max(8, round(lr_side * h / w))
+    hr = left.resize((lr_w * 4, lr_h * 4), Image.LANCZOS)
+    lr = hr.resize((lr_w, lr_h), Image.BICUBIC)
+    hr_path, lr_path = d / "motorcycle_hr.png", d / "motorcycle_lr.png"
+    hr.save(hr_path)
+    lr.save(lr_path)
+    return hr_path, lr_path
+
+
+def side_by_side(images, titles):
+    from PIL import Image, ImageDraw
+
+    w, h = images[0].size
+    pad = 14
+    canvas = Image.new("RGB", (w * len(images), h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (im, t) in enumerate(zip(images, titles)):
+        canvas.paste(im.convert("RGB").resize((w, h)), (i * w, pad))
+        draw.text((i * w + 2, 1), t, fill="black")
+    return canvas
+
+
+def _log_demo_run(tracking_uri: str, metrics: dict, artifacts: list[Path]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("varsr-demo")
+    with mlflow.start_run(run_name="demo-upscale"):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for a in artifacts:
+            mlflow.log_artifact(str(a), artifact_path="upscale")
+
+
+def _interesting(line: str) -> bool:
+    """Which subprocess lines reach the terminal (everything goes to the step log)."""
+    s = line.strip()
+    return bool(s) and not s.startswith(("[W", "W11", "I11")) and "Warning" not in s and "warn(" not in s
+
+
+def _message(r) -> str:
+    try:
+        return json.loads(r.text).get("message", r.text)
+    except ValueError:
+        return r.text
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def format_summary(s: dict) -> str:
+    st = s["steps"]
+    rows = [("step", "seconds", "result")]
+    for k, v in st.items():
+        info = v.get("info", {})
+        res = {
+            "corpus": lambda: f"{info.get('files')} files ({len(info.get('bad_files', []))} bad), holdout {info.get('holdout_lr')}",
+            "data": lambda: f"{info.get('inputs')} inputs -> {info.get('kept')} kept, rejected {info.get('rejected')}, "
+                            f"failed {info.get('failed')}; {info.get('samples')} samples in {info.get('shard_files')} "
+                            f"shards at {info.get('shards')}",
+            "vqvae": lambda: info.get("checkpoint"),
+            "stage1": lambda: info.get("checkpoint"),
+            "stage2": lambda: f"{info.get('checkpoint')} -> {info.get('model_uri')}",
+            "serve": lambda: f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
+                             f"bad request -> {info.get('bad_request_status')}",
+            "upscale": lambda: f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
+                               f"bicubic {info.get('psnr_y_bicubic')} dB)",
+        }.get(k, lambda: "")()
+        rows.append((k, str(v.get("seconds", "")), str(res)))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = ["", "VARSR demo summary", "=" * 18]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    lines += ["", f"work folder : {s['workdir']}", f"MLflow      : {s['tracking_uri']}",
+              f"model       : {s['model_uri']}", f"MLflow UI   : {s['mlflow_ui']}",
+              f"total       : {s['total_seconds']} s", ""]
+    lines.append("Each step alone:")
+    for k, v in st.items():
+        if v.get("command"):
+            lines.append(f"  {v['command']}")
+    return "\n".join(lines)
+
+
+def config_from_args(args) -> DemoConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name, None) is not None}
+    return DemoConfig(**kw)
