@@ -35,7 +35,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(silu(self.norm1(x)))
         h = self.conv2(self.dropout(silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        return h.add_(self.nin_shortcut(x))  # in place on the conv output (not needed by autograd)
 
 
 class AttnBlock(nn.Module):
@@ -57,7 +57,7 @@ class AttnBlock(nn.Module):
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         if x.is_contiguous(memory_format=torch.channels_last):
             h = h.contiguous(memory_format=torch.channels_last)
-        return x + self.proj_out(h)
+        return self.proj_out(h).add_(x)
 
 
 class Downsample(nn.Module):
