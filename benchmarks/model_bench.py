@@ -81,32 +81,35 @@ def main(argv=None) -> int:
         scaler = torch.amp.GradScaler(dev.type, enabled=args.dtype == "fp16")
         times = []
         for step in range(args.warmup + args.steps):
-            sync(); t0 = time.perf_counter()
+            sync(); t0 = time.perf_counter(); c0 = time.process_time()
             with torch.no_grad():  # tokenise HR with the frozen VQVAE, fp32 (spec §5.3)
                 idx_list, R = vqvae.img_to_idxBl(hr * 2 - 1)
                 x_in = vqvae.idxBl_to_var_input(idx_list)
                 gt = torch.cat(idx_list, dim=1)
-            sync(); t1 = time.perf_counter()
+            sync(); t1 = time.perf_counter(); c1 = time.process_time()
             with autocast():
                 logits, diff = varsr(x_in, label, lr * 2 - 1, R)
                 ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), gt.view(-1))
                 loss = cfg.ce_weight * ce + cfg.diff_weight * diff
-            sync(); t2 = time.perf_counter()
+            sync(); t2 = time.perf_counter(); c2 = time.process_time()
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(varsr.parameters(), 2.0)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            sync(); t3 = time.perf_counter()
+            sync(); t3 = time.perf_counter(); c3 = time.process_time()
             if step >= args.warmup:
-                times.append((t1 - t0, t2 - t1, t3 - t2))
+                times.append((t1 - t0, t2 - t1, t3 - t2, c1 - c0, c2 - c1, c3 - c2))
         n = len(times)
-        tok, fwd, bwd = (sum(t[i] for t in times) / n for i in range(3))
+        tok, fwd, bwd, ctok, cfwd, cbwd = (sum(t[i] for t in times) / n for i in range(6))
         step_s = tok + fwd + bwd
+        cpu_s = ctok + cfwd + cbwd
         result["train"] = dict(batch=B, steps=n, step_s=round(step_s, 3), tokenise_s=round(tok, 3),
                                forward_s=round(fwd, 3), backward_step_s=round(bwd, 3),
-                               target_tokens_per_s=round(B * cfg.L / step_s, 1), loss=round(loss.item(), 4))
+                               target_tokens_per_s=round(B * cfg.L / step_s, 1), loss=round(loss.item(), 4),
+                               cpu_s=dict(tokenise=round(ctok, 3), forward=round(cfwd, 3),
+                                          backward_step=round(cbwd, 3), total=round(cpu_s, 3)))
         del opt, logits, loss
 
     if not args.skip_generate:
@@ -116,17 +119,19 @@ def main(argv=None) -> int:
         timings = []
         for call in range(1 + args.gen_calls):
             with autocast():
-                sync(); t0 = time.perf_counter()
+                sync(); t0 = time.perf_counter(); c0 = time.process_time()
                 varsr.generate(lr_g, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
                                generator=torch.Generator(device=dev).manual_seed(call))
                 sync(); total = time.perf_counter() - t0
             if call > 0:
-                timings.append(dict(varsr.last_timings, total_s=total))
+                timings.append(dict(varsr.last_timings, total_s=total, cpu_s=time.process_time() - c0))
         n = len(timings)
         avg = {k: sum(t[k] for t in timings) / n / GB for k in timings[0]}
         result["generate"] = dict(batch=GB, calls=n, per_image_s=round(avg["total_s"], 3),
                                   ar_s=round(avg["ar_s"], 3), refiner_s=round(avg["refiner_s"], 3),
-                                  decode_s=round(avg["decode_s"], 3))
+                                  decode_s=round(avg["decode_s"], 3), cpu_s=round(avg["cpu_s"], 3))
+    # shared machines: wall time includes waiting for other processes; process CPU time does not
+    result["load_average_1m"] = round(__import__("os").getloadavg()[0], 2)
     result["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
     print(json.dumps(result))
     return 0

@@ -49,7 +49,6 @@ def _info(args) -> int:
 
 
 def _import(args) -> int:
-    from .checkpoint import save_pretrained
     from .config import VARSRConfig
     from .official import import_official
 
@@ -59,9 +58,8 @@ def _import(args) -> int:
             cfg = VARSRConfig.preset(args.preset)
         except KeyError as e:
             raise UserError(str(e.args[0])) from None
-    vqvae, varsr = import_official(args.var, args.vae, config=cfg)
-    d = save_pretrained(args.output, vqvae, varsr,
-                        extra={"imported_from": {"var": str(args.var), "vae": str(args.vae)}})
+    vqvae, varsr = import_official(args.var, args.vae, config=cfg, out_dir=args.output)
+    d = args.output
     n = sum(p.numel() for p in varsr.parameters())
     print(f"imported {args.var} + {args.vae} -> {d} (config '{varsr.cfg.name}', {n / 1e6:.1f} M transformer params)")
     return 0

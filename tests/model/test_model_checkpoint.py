@@ -184,3 +184,21 @@ def test_cli_info_and_import(tiny, tmp_path, capsys):
     assert main(["import-checkpoint", "--var", str(tmp_path / "nope.pth"), "--vae", str(tmp_path / "VQVAE.pth"),
                  "-o", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_import_var_transformer_file_as_stage2_init(tiny, tmp_path):
+    vqvae, varsr = tiny
+    sd = {k: v for k, v in _official_var_sd(varsr).items()
+          if not k.startswith(("diffloss.", "decoder_norm.", "con_embedding."))}
+    sd["pos_1LC"] = torch.zeros(1, 21, varsr.C)  # VAR's absolute position table
+    sd["pos_start"] = torch.zeros(1, 1, varsr.C)
+    sd["class_emb.weight"] = torch.randn(5, varsr.C)  # VAR: classes + null row
+    torch.save(sd, tmp_path / "var_d2.pth")
+    torch.save(vqvae.state_dict(), tmp_path / "vae.pth")
+    with pytest.raises(UserError, match="VAR .*pass a config"):
+        import_official(tmp_path / "var_d2.pth", tmp_path / "vae.pth")
+    _, var2 = import_official(tmp_path / "var_d2.pth", tmp_path / "vae.pth", config=varsr.cfg, out_dir=tmp_path / "o")
+    assert torch.equal(var2.class_emb.weight, sd["class_emb.weight"][:2])
+    assert torch.equal(var2.blocks[0].attn.mat_qkv.weight, sd["blocks.0.attn.mat_qkv.weight"])
+    rep = json.loads((tmp_path / "o" / "config.json").read_text())["stage_init_report"]
+    assert "pos_1LC" in rep["dropped"] and "pos_start" in rep["new"] and rep["resized"] == ["class_emb.weight"]
