@@ -1,7 +1,7 @@
 """Throughput of the full per-sample materialisation (read -> decode -> crop 512 -> degrade -> PNG encode -> tar
 write) through the real Ray shard job, on 1 and on 2 cores; prints ONE JSON object.
 
-    python benchmarks/data_bench.py [--images 96] [--crop 512] [--preset varsr-mild] [--per-shard 12]
+    python benchmarks/data_bench.py [--images 192] [--crop 512] [--preset varsr-mild] [--per-shard 48]
 
 Sources are real photos bundled with scikit-image / scikit-learn (short side >= crop), reused round-robin.
 Wall time includes Ray scheduling; per-stage wall and CPU ms per sample are measured inside the workers. On a shared
@@ -27,10 +27,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--crop", type=int, default=512)
     ap.add_argument("--preset", default="varsr-mild")
-    ap.add_argument("--per-shard", type=int, default=12)
+    ap.add_argument("--per-shard", type=int, default=48)
     ap.add_argument("--png-level", type=int, default=1)
     ap.add_argument("--cores", default="1,2")
     args = ap.parse_args()
