@@ -12,17 +12,9 @@ from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
+from infra.tracking import DEFAULT_ARTIFACTS, DEFAULT_DB, default_tracking_uri  # noqa: F401 - the platform default
+
 DEFAULT_EXPERIMENT = "varsr-models"
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACTS = "mlartifacts"
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<cwd>/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).resolve()}"
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
