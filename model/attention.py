@@ -19,6 +19,25 @@ def level_mask(level_ids: torch.Tensor) -> torch.Tensor:
     return level_ids[None, :] <= level_ids[:, None]
 
 
+def level_segments(level_ids: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor | None]]:
+    """The block-causal mask as query segments (q_start, q_end, k_end, mask or None), equivalent to ``level_mask``.
+
+    Level 0 sees exactly level 0 and the last level sees everything, so those two need no mask and no masked-out
+    keys; only the middle levels use a (sliced) mask. This skips about a third of the score matrix at the released
+    geometry and lets the unmasked kernels run.
+    """
+    S = level_ids.numel()
+    first_l = int((level_ids == 0).sum())
+    last_start = int((level_ids < level_ids.max()).sum()) if level_ids.max() > 0 else S
+    full = level_mask(level_ids)
+    segs = [(0, first_l, first_l, None)]
+    if last_start > first_l:
+        segs.append((first_l, last_start, last_start, full[first_l:last_start, :last_start].contiguous()))
+    if S > last_start:
+        segs.append((last_start, S, S, None))
+    return segs
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; parameter names follow the official checkpoint (mat_qkv, q_bias, v_bias, scale_mul_1H11, proj)."""
 
@@ -40,7 +59,10 @@ class SelfAttention(nn.Module):
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, N, C); rope = (cos, sin) rows for these N positions; mask bool (N, N_keys) or None (inference)."""
+        """x (B, N, C); rope = (cos, sin) rows for these N positions.
+
+        mask: bool (N, N_keys), or query segments from ``level_segments`` (training), or None (KV-cached inference).
+        """
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
@@ -56,5 +78,9 @@ class SelfAttention(nn.Module):
                 v = torch.cat([self.cached_v, v], dim=2)
             self.cached_k, self.cached_v = k, v
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
+        if isinstance(mask, list):
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m,
+                                                            dropout_p=drop, scale=1.0) for qs, qe, ke, m in mask], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

@@ -36,7 +36,12 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     B, l, V = logits.shape
-    logits = logits.float().clone()
+    logits = logits.float()
+    if top_k == 1:  # greedy (the released default): the argmax, unless a row has tied maxima (then sample below)
+        top = logits.max(dim=-1, keepdim=True).values
+        if not ((logits == top).sum(dim=-1) > 1).any():
+            return logits.argmax(dim=-1)
+    logits = logits.clone()
     if 0 < top_k < V:
         kth = logits.topk(int(top_k), dim=-1, largest=True, sorted=True).values[..., -1:]
         logits.masked_fill_(logits < kth, float("-inf"))

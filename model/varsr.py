@@ -151,6 +151,16 @@ class VARSR(nn.Module):
             self._cache[key] = level_mask(self._level_ids).to(device)
         return self._cache[key]
 
+    def attn_segments(self, device) -> list:
+        """The level mask as query segments (see ``attention.level_segments``), built once per device."""
+        from .attention import level_segments
+
+        key = ("segments", str(device))
+        if key not in self._cache:
+            self._cache[key] = [(a, b, c, None if m is None else m.to(device))
+                                for a, b, c, m in level_segments(self._level_ids)]
+        return self._cache[key]
+
     def scale_slices(self) -> list[slice]:
         """Slices of the length-L target/logit sequence per scale."""
         out, b = [], 0
@@ -214,7 +224,7 @@ class VARSR(nn.Module):
         if torch.is_autocast_enabled(dev.type):
             dt = torch.get_autocast_dtype(dev.type)
             x, cond_BD = x.to(dt), cond_BD.to(dt)
-        x = self.run_blocks(x, cond_BD, self.rope(dev), self.attn_mask(dev))
+        x = self.run_blocks(x, cond_BD, self.rope(dev), self.attn_segments(dev))
 
         logits = self.logits(x[:, self.prefix_len:], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
         n_last = self.patch_nums[-1] ** 2

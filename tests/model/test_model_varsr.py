@@ -156,6 +156,9 @@ def test_sampler_top_k_top_p():
     assert set(draws.unique().tolist()) == {1, 3}
     with pytest.raises(ValueError, match="top_p"):
         sample_top_k_top_p(logits, 0, 1.5)
+    # greedy with tied maxima picks among the tied entries only, at random
+    tied = torch.tensor([[[0.0, 3.0, 3.0, 1.0]]]).repeat(1, 200, 1)
+    assert set(sample_top_k_top_p(tied, 1, 0.75, g).unique().tolist()) == {1, 2}
 
 
 def test_generate_shapes_range_and_input_errors():
@@ -258,3 +261,18 @@ def test_research_yaml_is_the_benchmark_geometry():
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(VARSRConfig, root / "configs" / "model" / "research-d4-w256.yaml").validate()
     assert (cfg.image_size, cfg.L, cfg.prefix_len, cfg.C, cfg.heads) == (512, 2240, 1024, 256, 4)
+
+
+def test_segmented_attention_equals_full_level_mask():
+    from model.attention import level_segments
+
+    _, varsr = _tiny()
+    attn = varsr.blocks[0].attn
+    S = varsr.cfg.seq_len
+    x = torch.randn(2, S, varsr.C, generator=torch.Generator().manual_seed(0))
+    rope = varsr.rope("cpu")
+    segs = level_segments(varsr.level_ids("cpu"))
+    assert [s[:3] for s in segs] == [(0, 17, 17), (17, 21, 21), (21, 37, 37)]
+    assert segs[0][3] is None and segs[2][3] is None
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, rope, segs), attn(x, rope, varsr.attn_mask("cpu")), atol=1e-5, rtol=1e-5)
