@@ -206,7 +206,13 @@ class VARSR(nn.Module):
         Returns (logits (B, L, V) float32, refiner loss scalar). In training mode the c2i variant replaces labels by
         the null class with probability cfg.cond_drop_rate.
         """
-        B = x_BLCv.shape[0]
+        B, n_last = x_BLCv.shape[0], self.patch_nums[-1] ** 2
+        if tuple(x_BLCv.shape[1:]) != (self.cfg.L - 1, self.Cvae):
+            raise ValueError(f"teacher-forcing inputs must be (B, {self.cfg.L - 1}, {self.Cvae}), got {tuple(x_BLCv.shape)}")
+        if tuple(residual.shape) != (B, n_last, self.Cvae):
+            raise ValueError(f"residual must be {(B, n_last, self.Cvae)}, got {tuple(residual.shape)}")
+        if tuple(label_B.shape) != (B,):
+            raise ValueError(f"labels must be ({B},), got {tuple(label_B.shape)}")
         if self.cfg.variant == "c2i" and self.training and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(B, generator=generator, device=label_B.device if generator is None else generator.device)
             label_B = torch.where(drop.to(label_B.device) < self.cfg.cond_drop_rate,
@@ -227,7 +233,6 @@ class VARSR(nn.Module):
         x = self.run_blocks(x, cond_BD, self.rope(dev), self.attn_segments(dev))
 
         logits = self.logits(x[:, self.prefix_len:], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
-        n_last = self.patch_nums[-1] ** 2
         h_last = x[:, -n_last:]
         with torch.no_grad():  # refiner condition uses the model's own argmax codes of the last scale (§2.10 step 5)
             idx_last = logits[:, -n_last:].argmax(dim=-1)
