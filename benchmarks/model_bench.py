@@ -29,6 +29,20 @@ def research_config() -> VARSRConfig:
                                              refiner_width=1024, refiner_depth=6)
 
 
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 3) -> float:
+    """Machine calibration: fp32 GEMM throughput now (shared machines vary a lot; divide by it to compare runs)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -132,6 +146,7 @@ def main(argv=None) -> int:
                                   decode_s=round(avg["decode_s"], 3), cpu_s=round(avg["cpu_s"], 3))
     # shared machines: wall time includes waiting for other processes; process CPU time does not
     result["load_average_1m"] = round(__import__("os").getloadavg()[0], 2)
+    result["calibration_fp32_matmul_gflops"] = round(matmul_gflops(dev), 1)
     result["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
     print(json.dumps(result))
     return 0
