@@ -40,7 +40,7 @@ class DemoConfig:
     """Knobs of the demo; defaults finish in well under 15 minutes on 2 CPU cores."""
 
     workdir: str = "varsr-demo"
-    vqvae_steps: int = 400
+    vqvae_steps: int = 250
     stage1_steps: int = 150
     stage2_steps: int = 150
     batch_size: int = 8
