@@ -16,9 +16,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,31 +86,16 @@ def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_sid
     import requests
 
     from inference.registry import register_model
+    from inference.serve import background_server
     from model import save_pretrained
 
     ckpt = save_pretrained(work / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     register_model(ckpt, "varsr-bench", tracking_uri=uri, validate_example=False)
-    port, tmp = free_port(), work / "server-tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = open(work / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve", "models:/varsr-bench@champion", "--port",
-                             str(port), "--tracking-uri", uri], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t_start = time.perf_counter()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(work / 'server.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-            if time.perf_counter() - t_start > 180:
-                raise RuntimeError("server did not start within 180 s")
+
+    t_start = time.perf_counter()
+    with background_server("models:/varsr-bench@champion", free_port(), tracking_uri=uri, cwd=ROOT,
+                           log_path=work / "server.log", tmp_dir=work / "server-tmp") as url:
         startup = time.perf_counter() - t_start
         buf = io.BytesIO()
         lr_images(1, lr_side)[0].save(buf, format="PNG")
@@ -135,16 +118,6 @@ def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_sid
         return {"clients": clients, "requests": n_requests, "ok": ok, "requests_per_s": round(n_requests / wall, 3),
                 "latency_s_p50": round(pct(lat, 50), 4), "latency_s_p90": round(pct(lat, 90), 4),
                 "server_startup_s": round(startup, 2)}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -144,58 +143,41 @@ class Demo:
         import requests
         from PIL import Image
 
+        from inference.serve import background_server
+
         port = self.cfg.port or _free_port()
-        args = ["serve", self.model_uri, "--port", str(port), "--host", "127.0.0.1"]
-        self.commands["serve"] = ["varsr", *args]
-        self.log(f"    $ varsr {' '.join(args)}   (background)")
-        logf = open(self.w / "logs" / "serve.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=self.w, env=self.env(),
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.commands["serve"] = ["varsr", "serve", self.model_uri, "--port", str(port), "--host", "127.0.0.1"]
+        self.log(f"    $ {' '.join(self.commands['serve'])}   (background)")
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None:
-                    raise UserError(f"the model server exited with {proc.returncode}; see {logf.name}")
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise UserError(f"the model server did not answer /ping within 180 s; see {logf.name}")
-                time.sleep(1)
-            lr_path = Path(self.state()["corpus"]["info"]["holdout_lr"])
-            payload = {"dataframe_split": {"columns": ["image"],
-                                           "data": [[base64.b64encode(lr_path.read_bytes()).decode()]]},
-                       "params": {"scale": 4, "seed": self.cfg.seed}}
-            t = time.monotonic()
-            r = requests.post(f"{url}/invocations", json=payload, timeout=600)
-            latency = time.monotonic() - t
-            if r.status_code != 200:
-                raise UserError(f"the served model answered HTTP {r.status_code}: {r.text[:300]}")
-            pred = r.json()["predictions"][0]
-            img = Image.open(io.BytesIO(base64.b64decode(pred["image"])))
-            out = self.w / "outputs" / "http_response.png"
-            out.parent.mkdir(exist_ok=True)
-            img.save(out)
-            lr = Image.open(lr_path)
-            expect = (lr.width * 4, lr.height * 4)
-            if img.size != expect:
-                raise UserError(f"HTTP answer has size {img.size}, expected {expect}")
-            # and a bad request is refused with a reason, not a stack trace
-            bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"],
-                                                                                "data": [["not base64!"]]}}, timeout=60)
-            return dict(url=url, status=r.status_code, latency_s=round(latency, 2), response_image=str(out),
-                        size=list(img.size), bad_request_status=bad.status_code,
-                        bad_request_message=_message(bad)[:200])
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
-            logf.close()
+            server = background_server(self.model_uri, port, cwd=self.w, env=self.env(),
+                                       log_path=self.w / "logs" / "serve.log", tmp_dir=self.w / "tmp-serve")
+            with server as url:
+                lr_path = Path(self.state()["corpus"]["info"]["holdout_lr"])
+                payload = {"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(lr_path.read_bytes()).decode()]]},
+                           "params": {"scale": 4, "seed": self.cfg.seed}}
+                t = time.monotonic()
+                r = requests.post(f"{url}/invocations", json=payload, timeout=600)
+                latency = time.monotonic() - t
+                if r.status_code != 200:
+                    raise UserError(f"the served model answered HTTP {r.status_code}: {r.text[:300]}")
+                # and a bad request is refused with a reason, not a stack trace
+                bad = requests.post(f"{url}/invocations",
+                                    json={"dataframe_split": {"columns": ["image"], "data": [["not base64!"]]}},
+                                    timeout=60)
+        except RuntimeError as e:
+            raise UserError(f"serving step failed: {e}") from None
+        pred = r.json()["predictions"][0]
+        img = Image.open(io.BytesIO(base64.b64decode(pred["image"])))
+        out = self.w / "outputs" / "http_response.png"
+        out.parent.mkdir(exist_ok=True)
+        img.save(out)
+        lr = Image.open(lr_path)
+        expect = (lr.width * 4, lr.height * 4)
+        if img.size != expect:
+            raise UserError(f"HTTP answer has size {img.size}, expected {expect}")
+        return dict(url=url, status=r.status_code, latency_s=round(latency, 2), response_image=str(out),
+                    size=list(img.size), bad_request_status=bad.status_code, bad_request_message=_message(bad)[:200])
 
     def step_upscale(self) -> dict:
         """Upscale the held-out photo through the CLI; write bicubic + side-by-side comparison; PSNR vs HR."""

@@ -15,8 +15,23 @@ for _k, _v in {
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads lose their core to
+    # the other test processes (Ray workers, DeepSpeed ranks, the model server) and slow everything down
+    "OMP_WAIT_POLICY": "PASSIVE",
 }.items():
     os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Test workloads are tiny: one intra-op thread avoids OpenMP contention on shared 2-core machines (subprocesses
+    such as DeepSpeed ranks, Ray workers and model servers keep their own settings)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,7 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
 
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, log_to_driver=True)
+    cfg = _absolute_paths(cfg)
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
@@ -84,6 +85,23 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
         run_config=RunConfig(name="varsr-train", storage_path=str(out / "ray_results")),
     )
     return trainer.fit()
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Ray workers do not run in the driver's folder: make every local path (and the default MLflow store) absolute."""
+    from infra.tracking import default_tracking_uri
+
+    d = to_dict(cfg)
+
+    def local_abs(p):
+        return str(Path(p).resolve()) if p and "://" not in p and not any(c in p for c in "*?{,") else p
+
+    d["output_dir"] = local_abs(d["output_dir"])
+    for sec, key in (("data", "shards"), ("data", "val_shards"), ("model", "init_from"), ("model", "official_vae"),
+                     ("model", "vqvae_checkpoint")):
+        d[sec][key] = local_abs(d[sec][key])
+    d["tracking"]["tracking_uri"] = d["tracking"]["tracking_uri"] or default_tracking_uri()
+    return load_config(TrainConfig, base=d)
 
 
 def main(argv: list[str] | None = None) -> int:

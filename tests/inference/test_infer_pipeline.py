@@ -13,15 +13,6 @@ from inference.pipeline import UpscaleParamError, VARSRPipeline
 from model import VARSRConfig, build, save_pretrained
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's kernels are too small to gain from threads; on a shared 2-core box they only contend."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)

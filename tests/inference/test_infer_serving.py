@@ -6,11 +6,6 @@ import base64
 import io
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +18,7 @@ from skimage import data as skdata
 from conftest import free_port
 from inference.config import load_inference_config
 from inference.pipeline import VARSRPipeline
+from inference.serve import background_server
 from inference.registry import default_tracking_uri, register_model
 from model import VARSRConfig, build, save_pretrained
 
@@ -36,15 +32,6 @@ def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's kernels are too small to gain from threads; on a shared 2-core box they only contend."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -61,42 +48,10 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(registry):
-    root, port = registry["root"], free_port()
-    tmp = root / "server-tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "infra.cli", "serve", f"models:/{NAME}@champion", "--port", str(port),
-           "--tracking-uri", registry["uri"]]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                tail = (root / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    root = registry["root"]
+    with background_server(f"models:/{NAME}@champion", free_port(), tracking_uri=registry["uri"],
+                           log_path=root / "server.log", tmp_dir=root / "server-tmp", ready_timeout=120) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def invoke(url: str, payload=None, raw: str | None = None, timeout: float = 60):

@@ -10,9 +10,6 @@ from infra.errors import UserError
 from model import VARSRConfig, build, from_pretrained, import_official, load_stage_weights, save_pretrained
 from model.official import infer_config
 
-torch.set_num_threads(1)  # tiny workloads: one thread is faster on shared 2-core machines
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

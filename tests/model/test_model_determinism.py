@@ -6,9 +6,6 @@ import torch
 
 from model import VARSRConfig, build
 
-torch.set_num_threads(1)  # tiny workloads: one thread is faster on shared 2-core machines
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

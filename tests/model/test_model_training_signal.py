@@ -10,9 +10,6 @@ from model import VARSRConfig, build, compute_loss
 
 skdata = pytest.importorskip("skimage.data")
 
-torch.set_num_threads(1)  # tiny workloads: one thread is faster on shared 2-core machines
-
-
 def real_photos(size: int) -> torch.Tensor:
     """Four bundled photos, centre-cropped square and area-resized to size×size, in [0, 1]."""
     out = []

@@ -9,9 +9,6 @@ import torch
 from model import VARSRConfig, build, compute_loss, sample_top_k_top_p
 from model.rope import apply_rope, rope_angles, rope_frequencies
 
-torch.set_num_threads(1)  # tiny workloads: one thread is faster on shared 2-core machines
-
-
 def _tiny(**kw):
     # strong AdaLN gammas so every block really changes the residual stream (the default 1e-4 is near-identity)
     cfg = VARSRConfig.preset("tiny", init_adaln_gamma=1.0, **kw)

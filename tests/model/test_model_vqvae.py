@@ -13,15 +13,6 @@ from model.vqvae import VQVAE
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These workloads are tiny: one thread avoids OpenMP spin-waits on shared 2-core machines."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
