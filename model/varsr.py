@@ -178,8 +178,18 @@ class VARSR(nn.Module):
         """
         if not fp32:
             return self.con_embedding(lr)
+        # in the weights' precision outside autocast: fp32 normally; bf16/fp16 when the engine keeps low-precision
+        # weights (DeepSpeed bf16/fp16 with fp32 master copies), where fp32 activations cannot meet bf16 weights
+        wdtype = self.con_embedding.conv_in.weight.dtype
         with torch.autocast(lr.device.type, enabled=False):
-            return self.con_embedding(lr.float())
+            return self.con_embedding(lr.to(wdtype)).float()
+
+    def refiner_condition(self, h_last: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """z = decoder_norm(h_last + word_embed(e)) in float32 (spec §3.2); the norm's affine is applied in fp32 even
+        when the weights are kept in bf16/fp16 by the engine (LayerNorm is an fp32 op under autocast anyway)."""
+        n = self.decoder_norm
+        x = h_last.float() + self.word_embed(e.to(self.word_embed.weight.dtype)).float()
+        return F.layer_norm(x, n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
 
     def logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """head(head_nm(h, cond)) in float32 (spec §2.8)."""
@@ -237,7 +247,7 @@ class VARSR(nn.Module):
         with torch.no_grad():  # refiner condition uses the model's own argmax codes of the last scale (§2.10 step 5)
             idx_last = logits[:, -n_last:].argmax(dim=-1)
             e = self.vqvae.embed_idx(idx_last).float()
-        z = self.decoder_norm(h_last.float() + self.word_embed(e).float())
+        z = self.refiner_condition(h_last, e)
         diff = self.diffloss.loss(z.reshape(-1, self.C), (residual.float() - e).reshape(-1, self.Cvae),
                                   generator=generator)
         return logits, diff
@@ -353,7 +363,7 @@ class VARSR(nn.Module):
 
         # refiner (spec §3.4): z = decoder_norm(h_last + word_embed(e_last)), guided with s = cfg
         e = self.vqvae.embed_idx(idx).float()
-        z = self.decoder_norm(h_last.float() + self.word_embed(e).float().repeat(2, 1, 1))
+        z = self.refiner_condition(h_last, e.repeat(2, 1, 1))
         res = []
         for b in range(B):
             noise = None if refiner_noise is None else refiner_noise[b].to(dev, torch.float32)

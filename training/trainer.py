@@ -26,7 +26,7 @@ from training.config import TrainConfig
 from training.data import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
 from training.schedule import build_schedule
-from training.steps import NonFiniteLoss, train_step
+from training.steps import NonFiniteLoss, _autocast, train_step
 from training.tracking import MlflowTracker, NullTracker, default_tracking_uri, git_commit, plot_loss_curves, save_grid
 
 log = logging.getLogger("varsr.train")
@@ -326,7 +326,8 @@ class Trainer:
             hr = b["hr"].to(self.device)
             lr = b["lr"].to(self.device) if self.cfg.stage == "isr" else None
             label = (b["label"] if self.cfg.stage == "isr" else b["class_id"]).to(self.device)
-            out = compute_loss(self.vqvae, self.model, hr, lr, label, generator=gen)
+            with _autocast(self.device, self.cfg.precision):  # the training step's precision
+                out = compute_loss(self.vqvae, self.model, hr, lr, label, generator=gen)
             losses.append(out.loss.item())
             accs.append(out.acc)
         metrics = {"val/loss": float(np.mean(losses)), "val/acc": float(np.mean(accs))}
@@ -356,13 +357,15 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(v.seed)
         if self.cfg.stage == "isr":
             lr = torch.cat(lrs)[:n]
-            sr = self.model.generate(lr.to(self.device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
-                                     generator=gen).float().cpu()
+            with _autocast(self.device, self.cfg.precision):
+                sr = self.model.generate(lr.to(self.device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
+                                         generator=gen).float().cpu()
             metrics["val/psnr"], metrics["val/ssim"] = _psnr_ssim(sr, hr)
             return [[lr[i], sr[i], hr[i]] for i in range(n)], ["LR", "SR", "HR"]
         cls = torch.cat(labels)[:n]
-        img = self.model.generate(None, class_labels=cls.to(self.device), cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
-                                  generator=gen).float().cpu()
+        with _autocast(self.device, self.cfg.precision):
+            img = self.model.generate(None, class_labels=cls.to(self.device), cfg=v.cfg, top_k=v.top_k,
+                                      top_p=v.top_p, generator=gen).float().cpu()
         return [[img[i], hr[i]] for i in range(n)], ["generated", "real (same class)"]
 
     # ---- end ------------------------------------------------------------------------------------------------------------
