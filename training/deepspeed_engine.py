@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from infra.errors import UserError
+
 from training.config import TrainConfig
 from training.param_groups import param_groups, torch_groups
 from training.schedule import Schedule
@@ -49,7 +51,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.precision == "fp16":
+        raise UserError("precision=fp16 needs a CUDA device (fp16 autocast + loss scaling); on CPU use "
+                        "precision=bf16 or fp32")
     return torch.device("cpu")
 
 

@@ -57,3 +57,10 @@ def test_nan_policy_skip_skips_and_finishes(shards, tmp_path, dist_port, corrupt
     cfg = _cfg(tmp_path, "skip", shards, "max_steps=2", "nan_policy=skip", f"model.init_from={corrupted_parent}")
     r = train(cfg)
     assert r.steps == 2 and r.skipped_steps == 2  # every step skipped, none applied: the weights stay as loaded
+
+
+def test_fp16_on_cpu_is_refused_clearly(shards, tmp_path, dist_port):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on CUDA")
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        train(_cfg(tmp_path, "fp16", shards, "precision=fp16", "max_steps=1"))
