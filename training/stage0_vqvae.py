@@ -40,6 +40,7 @@ class VQVAETrainConfig:
     mse_weight: float = 1.0
     vq_weight: float = 1.0
     grad_clip: float = 1.0
+    restart_dead_codes_every: int = 20  # 0 = off; re-seed unused codes from encoder outputs (avoids codebook collapse)
     seed: int = 0
     log_every: int = 20
     device: str = "auto"
@@ -110,6 +111,10 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
         gn = torch.nn.utils.clip_grad_norm_(vqvae.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        if cfg.restart_dead_codes_every and step % cfg.restart_dead_codes_every == 0 and step < cfg.max_steps:
+            restarted = restart_dead_codes(vqvae, x)
+            if restarted:
+                log.info("step %d: re-seeded %d unused codes", step, restarted)
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
         m = dict(step=step, loss=float(loss), l1=float(l1), mse=float(mse), vq=float(vq_loss), grad_norm=float(gn),
                  psnr=rec_psnr, usage=float(sum(usage) / max(len(usage), 1)), lr=sched.get_last_lr()[0])
@@ -145,6 +150,21 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
           f"{last['loss']:.4f}, rec-PSNR {first['psnr']:.2f} -> {last['psnr']:.2f} dB; tokenizer -> {export}", flush=True)
     return dict(losses=[h["loss"] for h in history], psnr=[h["psnr"] for h in history], export_dir=str(export),
                 run_id=tracker.run_id)
+
+
+@torch.no_grad()
+def restart_dead_codes(vqvae, x: torch.Tensor, min_hits: float = 0.5) -> int:
+    """Codes hit (EMA, summed over scales) less than ``min_hits`` times per step are re-seeded with encoder outputs
+    of the current batch (plus a little noise): a small VQVAE otherwise collapses onto a handful of codes."""
+    q = vqvae.quantize
+    dead = (q.ema_vocab_hit_SV.sum(0) < min_hits).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    f = vqvae.encode(x).permute(0, 2, 3, 1).reshape(-1, q.embedding.weight.shape[1])
+    pick = torch.randint(0, f.shape[0], (dead.numel(),), device=f.device)
+    q.embedding.weight[dead] = f[pick] + 0.01 * f.std() * torch.randn_like(f[pick])
+    q.ema_vocab_hit_SV[:, dead] = min_hits  # give the new codes a grace period before the next check
+    return int(dead.numel())
 
 
 def _plot(history: list[dict], path: Path) -> Path:
