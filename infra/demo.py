@@ -39,9 +39,9 @@ class DemoConfig:
     """Knobs of the demo; defaults finish in well under 15 minutes on 2 CPU cores."""
 
     workdir: str = "varsr-demo"
-    vqvae_steps: int = 250
+    vqvae_steps: int = 600
     stage1_steps: int = 150
-    stage2_steps: int = 150
+    stage2_steps: int = 400
     batch_size: int = 8
     register_name: str = "varsr-demo"
     alias: str = "champion"
