@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -76,17 +75,12 @@ def bench_pipeline(pipe, batch_sizes: list[int], iters: int, lr_side: int) -> di
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_side: int) -> dict:
     import requests
 
     from inference.registry import register_model
     from inference.serve import background_server
+    from infra.net import free_port
     from model import save_pretrained
 
     ckpt = save_pretrained(work / "ckpt", vqvae, varsr)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from infra.errors import UserError
+from infra.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIGS = ROOT / "configs" / "demo"
@@ -145,7 +146,7 @@ class Demo:
 
         from inference.serve import background_server
 
-        port = self.cfg.port or _free_port()
+        port = self.cfg.port or free_port()
         self.commands["serve"] = ["varsr", "serve", self.model_uri, "--port", str(port), "--host", "127.0.0.1"]
         self.log(f"    $ {' '.join(self.commands['serve'])}   (background)")
         try:
@@ -289,14 +290,6 @@ def _message(r) -> str:
         return json.loads(r.text).get("message", r.text)
     except ValueError:
         return r.text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _has_cuda() -> bool:

@@ -95,6 +95,15 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: each ResnetBlock, followed by its AttnBlock where the level has attention."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, z_channels, H/2^(n-1), W/2^(n-1)); attention only at the last level."""
 
@@ -124,10 +133,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
@@ -164,10 +170,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(silu(self.norm_out(h)))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
+
+from infra.net import free_port
 
 for _k, _v in {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -49,13 +50,6 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for MLflow servers, torch.distributed rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

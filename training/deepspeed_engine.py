@@ -67,11 +67,9 @@ def ensure_dist_env(port: int | None = None) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         return
     if port is None:
-        import socket
+        from infra.net import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 

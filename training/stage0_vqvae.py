@@ -68,7 +68,8 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     """Train the tokenizer; returns {losses, export_dir, run_id}."""
     from model import VARSRConfig, VQVAE
     from training.data import BatchStream, resolve_shards
-    from training.tracking import MlflowTracker, NullTracker, default_tracking_uri, save_grid
+    from infra.tracking import default_tracking_uri
+    from training.tracking import MlflowTracker, NullTracker, save_grid
 
     if cfg.max_steps < 1:
         raise UserError("max_steps must be >= 1")

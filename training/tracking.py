@@ -60,14 +60,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return {k: v[:500] for k, v in out.items()}
 
 
-def default_tracking_uri() -> str:
-    """The platform default (``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``): runs, the registry and
-    the model server meet in one store."""
-    from infra.tracking import default_tracking_uri as platform_default
-
-    return platform_default()
-
-
 class NullTracker:
     """What non-zero ranks (and disabled tracking) get."""
 

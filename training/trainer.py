@@ -27,7 +27,8 @@ from training.data import BatchStream, DataPosition, ShardSet, peek_hr_size, res
 from training.model_setup import build_models
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, train_step
-from training.tracking import MlflowTracker, NullTracker, default_tracking_uri, git_commit, plot_loss_curves, save_grid
+from infra.tracking import default_tracking_uri
+from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
 
 log = logging.getLogger("varsr.train")
 

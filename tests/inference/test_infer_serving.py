@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import free_port
+from infra.net import free_port
 from inference.config import load_inference_config
 from inference.pipeline import VARSRPipeline
 from inference.serve import background_server

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from infra.net import free_port
 
 VENV_BIN = str(Path(sys.executable).parent)
 os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
@@ -49,12 +50,6 @@ def dist_port(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     return port
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sha256(path: Path) -> str:
