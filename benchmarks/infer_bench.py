@@ -80,7 +80,7 @@ def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_sid
 
     from inference.registry import register_model
     from inference.serve import background_server
-    from infra.net import free_port
+    from infra.core.net import free_port
     from model import save_pretrained
 
     ckpt = save_pretrained(work / "ckpt", vqvae, varsr)

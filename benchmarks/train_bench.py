@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from infra.config import load_config, to_dict
+    from infra.core.config import load_config, to_dict
     from model import VARSRConfig
     from training.config import TrainConfig
     from training.deepspeed_engine import ensure_dist_env

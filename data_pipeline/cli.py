@@ -105,7 +105,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _user_error(e: Exception) -> Exception:
     """Bad input/config -> the platform's UserError (one line, no traceback) when infra is present."""
     try:
-        from infra.errors import UserError
+        from infra.core.errors import UserError
     except ImportError:
         return e
     err = UserError(str(e))

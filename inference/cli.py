@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Typed inference configuration: sampling defaults, tiling, precision and the safety limits of every entry point.
 
-Loaded from ``configs/inference/default.yaml`` (or any YAML) with ``infra.config.load_config``; the same object is
+Loaded from ``configs/inference/default.yaml`` (or any YAML) with ``infra.core.config.load_config``; the same object is
 logged next to the MLflow model so the served endpoint enforces exactly the limits it was registered with.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from infra.config import load_config
+from infra.core.config import load_config
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "inference" / "default.yaml"
 

@@ -189,10 +189,10 @@ def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | 
                 experiment: str) -> str:
     import mlflow
 
-    from .registry import _TrackingUri, ensure_experiment, resolve_tracking_uri
+    from infra.core.tracking import ensure_experiment, resolve_tracking_uri, tracking_uri_scope
 
     uri = resolve_tracking_uri(tracking_uri)
-    with _TrackingUri(uri):
+    with tracking_uri_scope(uri):
         exp_id = ensure_experiment(uri, experiment)
         with mlflow.start_run(experiment_id=exp_id, run_name="eval") as run:
             mlflow.log_params({k: v for k, v in {**kw, "baseline": baseline}.items() if v is not None})

@@ -20,7 +20,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from infra.config import save_config
+from infra.core.config import save_config
 
 from .config import InferenceConfig
 from .images import ImageInputError, decode_base64_image, encode_png_base64

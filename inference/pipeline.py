@@ -156,11 +156,11 @@ class VARSRPipeline:
             return cls(vqvae, varsr, config, device, dtype)
         import mlflow
 
-        from .registry import _TrackingUri, resolve_tracking_uri
+        from infra.core.tracking import resolve_tracking_uri, tracking_uri_scope
 
         tmp = Path(tempfile.mkdtemp(prefix="varsr-model-"))
         try:
-            with _TrackingUri(resolve_tracking_uri(tracking_uri)):  # models:/ resolves through the registry URI
+            with tracking_uri_scope(resolve_tracking_uri(tracking_uri)):  # models:/ resolves through the registry URI
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=s, dst_path=str(tmp)))
             ckpt = find_checkpoint_dir(local)
             config = config or _logged_config(local)

@@ -6,83 +6,11 @@ wins when set. Registered models use aliases (``@champion``), never stages.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from urllib.parse import urlparse
+
+from infra.core.tracking import DEFAULT_EXPERIMENT, ensure_experiment, resolve_tracking_uri, tracking_uri_scope
 
 log = logging.getLogger(__name__)
-
-from infra.tracking import DEFAULT_ARTIFACTS, DEFAULT_DB, default_tracking_uri  # noqa: F401 - the platform default
-
-DEFAULT_EXPERIMENT = "varsr-models"
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """An explicit URI, else :func:`default_tracking_uri`."""
-    return tracking_uri or default_tracking_uri()
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(urlparse(tracking_uri).path)
-
-
-def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """For a local SQLite store: ``<db folder>/mlartifacts/<experiment>`` (file URI); None lets the server decide."""
-    db = sqlite_path(tracking_uri)
-    if db is None:
-        return None
-    return (db.parent / DEFAULT_ARTIFACTS / experiment).resolve().as_uri()
-
-
-def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
-    """Experiment id of ``name``, created (artifacts beside a local SQLite store) when missing."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    db = sqlite_path(tracking_uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name))
-
-
-class _TrackingUri:
-    """Context manager: point MLflow's global tracking + registry URIs (and their env vars, which MLflow sets as a
-    side effect) at ``uri``; restore exactly the previous state afterwards."""
-
-    _ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def __enter__(self):
-        import mlflow
-        from mlflow.tracking._model_registry import utils as reg_utils
-        from mlflow.tracking._tracking_service import utils as trk_utils
-
-        self.saved = (trk_utils._tracking_uri, reg_utils._registry_uri, {k: os.environ.get(k) for k in self._ENV})
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        return self
-
-    def __exit__(self, *exc):
-        import mlflow
-        from mlflow.tracking._model_registry import utils as reg_utils
-
-        tracking, registry, env = self.saved
-        mlflow.set_tracking_uri(tracking)
-        reg_utils._registry_uri = registry
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        return False
 
 
 def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champion", tracking_uri: str | None = None,
@@ -101,13 +29,13 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
 
     ckpt = Path(ckpt_dir)
     if not ((ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()):
-        from infra.errors import UserError
+        from infra.core.errors import UserError
 
         raise UserError(f"{ckpt} is not a native VARSR checkpoint (needs model.safetensors + config.json)")
     uri = resolve_tracking_uri(tracking_uri)
     cfg = config or load_inference_config()
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    with _TrackingUri(uri):
+    with tracking_uri_scope(uri):
         exp_id = ensure_experiment(uri, experiment)
         # called from inside a training run (train ... register: true): the register run nests under it
         with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}",

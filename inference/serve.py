@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .registry import resolve_tracking_uri
+from infra.core.tracking import resolve_tracking_uri
 
 
 def venv_bin() -> Path:

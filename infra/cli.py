@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print("varsr: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing errors are one clear line; -v shows the traceback
-        from infra.errors import UserError
+        from infra.core.errors import UserError
 
         if isinstance(e, UserError) and not args.verbose:
             print(f"varsr: error: {e}", file=sys.stderr)

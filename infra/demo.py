@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from infra.errors import UserError
-from infra.net import free_port
+from infra.core.errors import UserError
+from infra.core.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIGS = ROOT / "configs" / "demo"

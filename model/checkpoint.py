@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 from .config import VARSRConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 
 def param_counts(vqvae, varsr) -> "OrderedDict[str, int]":

@@ -191,7 +191,7 @@ class VARSRConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VARSRConfig":
-        from infra.config import build
+        from infra.core.config import build
 
         return build(cls, dict(d)).validate()
 

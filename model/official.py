@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 from .checkpoint import format_key_report, key_report, save_pretrained
 from .config import C2I_12_SCALE_PATCH_NUMS, RELEASED_PATCH_NUMS, VARSRConfig

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from infra.net import free_port
+from infra.core.net import free_port
 
 for _k, _v in {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 from training.data import DataPosition
 
 log = logging.getLogger(__name__)

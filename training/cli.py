@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from infra.config import ConfigError
-from infra.errors import UserError
+from infra.core.config import ConfigError
+from infra.core.errors import UserError
 
 
 def _load(args, stage: str | None):
-    from infra.config import load_config
+    from infra.core.config import load_config
 
     from training.config import TrainConfig
 
@@ -33,7 +33,7 @@ def _run_stage(args) -> int:
 
 
 def _run_vqvae(args) -> int:
-    from infra.config import load_config
+    from infra.core.config import load_config
 
     from training.stage0_vqvae import VQVAETrainConfig, train_vqvae
 

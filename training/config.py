@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from infra.config import ConfigError, load_config
+from infra.core.config import ConfigError, load_config
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 
 from training.config import TrainConfig
 from training.param_groups import param_groups, torch_groups
@@ -67,7 +67,7 @@ def ensure_dist_env(port: int | None = None) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         return
     if port is None:
-        from infra.net import free_port
+        from infra.core.net import free_port
 
         port = free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.config import load_config, save_config, to_dict
-from infra.errors import UserError
+from infra.core.config import load_config, save_config, to_dict
+from infra.core.errors import UserError
 from training.config import TrainConfig
 
 
@@ -89,7 +89,7 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers do not run in the driver's folder: make every local path (and the default MLflow store) absolute."""
-    from infra.tracking import default_tracking_uri
+    from infra.core.tracking import default_tracking_uri
 
     d = to_dict(cfg)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)

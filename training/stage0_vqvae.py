@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from infra.config import to_dict
-from infra.errors import UserError
+from infra.core.config import to_dict
+from infra.core.errors import UserError
 from training.config import DataSection, ModelSection, TrackingSection
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     """Train the tokenizer; returns {losses, export_dir, run_id}."""
     from model import VARSRConfig, VQVAE
     from training.data import BatchStream, resolve_shards
-    from infra.tracking import default_tracking_uri
+    from infra.core.tracking import default_tracking_uri
     from training.tracking import MlflowTracker, NullTracker, save_grid
 
     if cfg.max_steps < 1:

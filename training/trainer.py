@@ -19,15 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infra.config import config_hash, save_config, to_dict
-from infra.errors import UserError
+from infra.core.config import config_hash, save_config, to_dict
+from infra.core.errors import UserError
 from training import checkpointing, deepspeed_engine
 from training.config import TrainConfig
 from training.data import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, train_step
-from infra.tracking import default_tracking_uri
+from infra.core.tracking import default_tracking_uri
 from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
 
 log = logging.getLogger("varsr.train")

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from infra.net import free_port
+from infra.core.net import free_port
 from inference.config import load_inference_config
 from inference.pipeline import VARSRPipeline
 from inference.serve import background_server
-from inference.registry import default_tracking_uri, register_model
+from infra.core.tracking import default_tracking_uri
+from inference.registry import register_model
 from model import VARSRConfig, build, save_pretrained
 
 NAME = "varsr-tiny"
@@ -114,9 +115,9 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
     assert np.abs(served - local).max() <= 2
     import mlflow
 
-    from inference.registry import _TrackingUri
+    from infra.core.tracking import tracking_uri_scope
 
-    with _TrackingUri(registry["uri"]):
+    with tracking_uri_scope(registry["uri"]):
         model_dir = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion",
                                                         dst_path=str(registry["root"] / "dl"))
     from_folder = VARSRPipeline.from_pretrained(model_dir, device="cpu")  # a downloaded MLflow model folder

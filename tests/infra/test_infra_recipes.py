@@ -124,7 +124,7 @@ def test_train_configs_load_into_typed_config():
     from model.config import VARSRConfig
     from training.config import TrainConfig, load_train_config
     from training.stage0_vqvae import VQVAETrainConfig
-    from infra.config import load_config
+    from infra.core.config import load_config
 
     paths = sorted((ROOT / "configs/train").glob("*.yaml")) + sorted((ROOT / "configs/demo").glob("stage*.yaml"))
     assert paths
@@ -144,7 +144,7 @@ def test_inference_config_loads():
 
 
 def test_unknown_config_key_is_refused(tmp_path):
-    from infra.config import ConfigError, load_config
+    from infra.core.config import ConfigError, load_config
     from training.config import TrainConfig
 
     bad = tmp_path / "bad.yaml"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from infra.errors import UserError
+from infra.core.errors import UserError
 from model import VARSRConfig, build, from_pretrained, import_official, load_stage_weights, save_pretrained
 from model.official import infer_config
 

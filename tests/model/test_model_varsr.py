@@ -243,7 +243,7 @@ def test_c2i_forward_generate_and_null_class_dropout():
 def test_model_yaml_configs_match_presets(name):
     from pathlib import Path
 
-    from infra.config import load_config
+    from infra.core.config import load_config
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(VARSRConfig, root / "configs" / "model" / f"{name}.yaml").validate()
@@ -253,7 +253,7 @@ def test_model_yaml_configs_match_presets(name):
 def test_research_yaml_is_the_benchmark_geometry():
     from pathlib import Path
 
-    from infra.config import load_config
+    from infra.core.config import load_config
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(VARSRConfig, root / "configs" / "model" / "research-d4-w256.yaml").validate()

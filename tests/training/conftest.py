@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.net import free_port
+from infra.core.net import free_port
 
 VENV_BIN = str(Path(sys.executable).parent)
 os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")

@@ -10,7 +10,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from infra.net import free_port
+from infra.core.net import free_port
 
 
 def _run(tmp_path, shards, name, nproc, batch):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from infra.config import load_config
-from infra.errors import UserError
+from infra.core.config import load_config
+from infra.core.errors import UserError
 from model import VARSRConfig, build, from_pretrained, save_pretrained
 from training.config import TrainConfig
 from training.trainer import train

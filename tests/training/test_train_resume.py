@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from infra.config import load_config
-from infra.errors import UserError
+from infra.core.config import load_config
+from infra.core.errors import UserError
 from training.config import TrainConfig
 from training.trainer import train
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from infra.config import load_config
-from infra.errors import UserError
+from infra.core.config import load_config
+from infra.core.errors import UserError
 from training.config import TrainConfig
 from training.model_setup import build_models
 from training.trainer import train
