@@ -41,7 +41,7 @@ def main() -> None:
     import ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from data_pipeline.config import load_config
+    from data_pipeline.config import load_build_config
     from data_pipeline.decode import probe
     from data_pipeline.jobs import shard
     from data_pipeline.sample_corpus import write_sample_corpus
@@ -69,11 +69,11 @@ def main() -> None:
         results = {}
         base = [f"shard.crop_size={args.crop}", f"shard.max_samples_per_shard={args.per_shard}",
                 f"shard.hr_png_compression={args.png_level}"]
-        warm = load_config(args.preset, base + [f"shard.num_workers={max(cores)}"])
+        warm = load_build_config(args.preset, base + [f"shard.num_workers={max(cores)}"])
         pd.DataFrame(rows[: 2 * max(cores)]).to_parquet(tmp / "warm.parquet")
         shard(str(tmp / "warm.parquet"), str(tmp / "warm"), warm)   # start Ray workers, import modules
         for n in cores:
-            cfg = load_config(args.preset, base + [f"shard.num_workers={n}"])
+            cfg = load_build_config(args.preset, base + [f"shard.num_workers={n}"])
             out = tmp / f"out{n}"
             t0 = time.perf_counter()
             r = shard(str(sel_path), str(out), cfg)

@@ -9,7 +9,7 @@ Python API (stable names other components rely on):
     data_pipeline.score(input, output, config=None, ray_address=None) -> dict       # scores.parquet
     data_pipeline.select(scores_path, output, config=None) -> dict                 # selection/rejected.parquet
     data_pipeline.shard(selection_path, output, config=None, ray_address=None) -> dict
-    data_pipeline.load_config(path_or_none, overrides=None) -> BuildConfig       # dotted overrides "a.b=1"
+    data_pipeline.load_build_config(path_or_preset_or_none, overrides=()) -> BuildConfig   # "a.b=1" overrides
     data_pipeline.reader.make_dataset(urls_or_dir, batch_size=None, *, shuffle=1000, resampled=False,
         epoch_samples=None, seed=0, lr_size=None, hr_size=None, lr_upsample="pil_bicubic", crop="random",
         world_size=None, rank=None, num_workers=None, keep_lr_lowres=False, keep_meta=False)
@@ -24,9 +24,9 @@ Shards (DESIGN.md contract): `{prefix}-{000000}.tar` with `{key}.hr.png`, `{key}
 `{key}.json` (key, source_uri, sha256, original_size, label, class_id, scores, crop, hr_size, lr_size, scale,
 variant, degradation{preset, params incl. seed}, source_meta, pipeline_version, config_hash); next to them
 `{prefix}-{000000}.stats.json`, `manifest.json`, `rejected.parquet`, `scores.parquet`, `selection.parquet`.
-CLI: `varsr data {score,select,shard,build,inspect,verify}` or `python -m data_pipeline.cli data ...`.
+CLI: `varsr data {score,select,shard,build,inspect,verify}` (infra/cli.py registers them).
 """
-from .config import BuildConfig, load_config, save_config
+from .config import BuildConfig, load_build_config, save_config
 from .jobs import build, score, select, shard
 
-__all__ = ["BuildConfig", "build", "load_config", "save_config", "score", "select", "shard"]
+__all__ = ["BuildConfig", "build", "load_build_config", "save_config", "score", "select", "shard"]

@@ -1,24 +1,24 @@
-"""`varsr data ...`: score, select, shard, build, inspect, verify. Also `python -m data_pipeline.cli ...`."""
+"""`varsr data ...`: score, select, shard, build, inspect, verify (registered into the `varsr` command by infra/cli.py)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
-import sys
+
+from infra.core.config import add_config_args
+from infra.core.errors import UserError
 
 
 def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
-    p.add_argument("--config", "-c", default=None, help="YAML file or preset name in configs/data (default: built-in)")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. shard.crop_size=256 (repeatable)")
+    add_config_args(p, "YAML file or preset name in configs/data (default: built-in defaults)")
     if ray:
         p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local ray.init())")
 
 
 def _cfg(args):
-    from .config import load_config
-    return load_config(args.config, args.overrides)
+    from .config import load_build_config
+    return load_build_config(args.config, args.overrides)
 
 
 def cmd_score(args) -> dict:
@@ -102,45 +102,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     return data
 
 
-def _user_error(e: Exception) -> Exception:
-    """Bad input/config -> the platform's UserError (one line, no traceback) when infra is present."""
-    try:
-        from infra.core.errors import UserError
-    except ImportError:
-        return e
-    err = UserError(str(e))
-    err.__cause__ = e
-    return err
-
-
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if getattr(args, "input", None) and isinstance(args.input, list) and len(args.input) == 1:
         args.input = args.input[0]
     try:
         result = args.data_func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:   # pydantic ValidationError is a ValueError
-        raise _user_error(e) from e
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # bad input or config: one line, no traceback
+        raise UserError(str(e)) from e
     if args.data_cmd != "build":
         print(json.dumps(result, indent=1, default=str))
     if args.data_cmd == "verify" and not result["ok"]:
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.cli")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except Exception as e:  # noqa: BLE001 - user errors as one line; others keep their traceback
-        if type(e).__name__ == "UserError" or isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PIPELINE_VERSION, BuildConfig, load_config, save_config
+from .config import PIPELINE_VERSION, BuildConfig, load_build_config, save_config
 from .materialise import STAGES, write_shard
 from .progress import Progress, format_table
 from .scorers import iqa_status
@@ -81,7 +81,7 @@ def _cluster_cpus() -> int:
 def _cfg(config) -> BuildConfig:
     if isinstance(config, BuildConfig):
         return config
-    return load_config(config)
+    return load_build_config(config)
 
 
 def _atomic_parquet(df: pd.DataFrame | pa.Table, path: str, meta: dict | None = None) -> None:
@@ -138,7 +138,7 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
         bs = cfg.score.batch_size
         ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True)} for it in items],
                                  override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))
-        ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
+        ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.to_json(),
                                                                 "device": "cuda" if use_gpu else "cpu"},
                             batch_size=bs, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, -(-len(items) // bs)),
@@ -194,7 +194,7 @@ def plan_shards(sel: pd.DataFrame, cfg: BuildConfig) -> list[list[dict]]:
 
 
 def _shard_batch(batch: dict, cfg_json: str, out_dir: str) -> dict:
-    cfg = BuildConfig.model_validate_json(cfg_json)
+    cfg = BuildConfig.from_json(cfg_json)
     results = []
     for idx, rows in zip(batch["index"], batch["rows"]):
         r = write_shard(int(idx), json.loads(rows), cfg, out_dir)
@@ -251,7 +251,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
             n_workers = cfg.shard.num_workers or _cluster_cpus()
             items = [{"index": i, "rows": _jsonable(plan[i])} for i in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map_batches(_shard_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "out_dir": out},
+            ds = ds.map_batches(_shard_batch, fn_kwargs={"cfg_json": cfg.to_json(), "out_dir": out},
                                 batch_size=1, batch_format="numpy", num_cpus=1,
                                 compute=ray.data.TaskPoolStrategy(size=n_workers))
             prog = Progress(n_images, "shard")
@@ -295,7 +295,7 @@ def write_manifest(out: str, cfg: BuildConfig, n_shards: int) -> dict:
     n_inputs = kept + len(rej)
     manifest = {
         "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
-        "config": cfg.model_dump(mode="json", exclude={"ray": True}),
+        "config": cfg.content_dict(),
         "counts": {
             "inputs": n_inputs, "kept": kept, "rejected": int((rej.status == "rejected").sum()),
             "failed": int((rej.status == "failed").sum()),
@@ -318,7 +318,7 @@ def build(input, output: str, config=None, ray_address: str | None = None, overr
           print_summary: bool = True) -> dict:
     """score -> select -> shard in one go; re-running after a crash finishes the missing shards only."""
     t0 = time.perf_counter()
-    cfg = config if isinstance(config, BuildConfig) else load_config(config, overrides)
+    cfg = load_build_config(config, overrides or ())
     out = _prepare_output(output)
     save_config(cfg, f"{out}/config.yaml")
     sc = score(input, out, cfg, ray_address)

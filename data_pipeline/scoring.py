@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from infra.core.config import to_dict
+
 from .config import BuildConfig
 from .decode import decode_image
 from .scorers import BUILTIN_SCORES, IQAPlugin, builtin_scores, load_embedder, thumbnail
@@ -37,7 +39,7 @@ class ScoreWorker:
     def __init__(self, cfg_json: str, device: str = "cpu"):
         import cv2
         cv2.setNumThreads(1)
-        self.cfg = BuildConfig.model_validate_json(cfg_json)
+        self.cfg = BuildConfig.from_json(cfg_json)
         sc = self.cfg.score
         self.plugins = [p for p in (IQAPlugin(pc, sc.weights_dir, device) for pc in sc.iqa) if p.available]
         self.iqa_names = [f"iqa_{p.name}" for p in self.plugins]
@@ -104,7 +106,7 @@ def scores_fingerprint(uris: list[str], cfg: BuildConfig) -> str:
     """What the scores table depends on: the input list and the decode/score settings."""
     h = hashlib.sha256()
     h.update("\n".join(uris).encode())
-    h.update(json.dumps({"decode": cfg.decode.model_dump(mode="json"),
-                         "score": cfg.score.model_dump(mode="json", exclude={"num_workers"})},
+    h.update(json.dumps({"decode": to_dict(cfg.decode),
+                         "score": {k: v for k, v in to_dict(cfg.score).items() if k != "num_workers"}},
                         sort_keys=True).encode())
     return h.hexdigest()[:16]

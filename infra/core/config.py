@@ -1,8 +1,10 @@
-"""Typed configuration: dataclasses (or pydantic models) loaded from YAML with dotted command-line overrides.
+"""The platform's one config system: typed dataclasses loaded from YAML, with ``--set key=value`` overrides.
 
-Every component defines its own config classes; this module only knows how to build them from
-``defaults <- YAML file <- key=value overrides``, validate types (pydantic ``TypeAdapter``), reject unknown keys
-(a typo in a config must fail loudly, not be ignored), and write the resolved config beside an output.
+Every component defines its own config dataclasses (``BuildConfig``, ``TrainConfig``, ``InferenceConfig``, ...);
+this module alone knows how to build them from ``defaults <- YAML file (or a named preset) <- --set overrides``,
+validate the types (pydantic ``TypeAdapter`` over the dataclass), refuse unknown keys (a typo in a config must fail
+loudly, naming the valid keys), hash them, and write the resolved config beside an output. Every command takes the
+same two options, added by :func:`add_config_args`: ``--config FILE_OR_PRESET`` and ``--set KEY=VALUE`` (repeatable).
 """
 from __future__ import annotations
 
@@ -14,19 +16,19 @@ from typing import Any, Iterable, TypeVar, get_type_hints
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override does not fit the config class."""
+class ConfigError(UserError, ValueError):
+    """A config file or override does not fit the config class (the CLI prints it as one line, exit 2)."""
 
 
 def to_dict(obj: Any) -> Any:
     """Plain-Python (JSON/YAML-safe) view of a dataclass / pydantic model, recursively; tuples become lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if hasattr(obj, "model_dump"):
-        return to_dict(obj.model_dump())
     if isinstance(obj, dict):
         return {str(k): to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -73,13 +75,10 @@ def _set_dotted(data: dict, keys: list[str], value: Any) -> None:
 
 
 def _field_names(cls: Any) -> dict[str, Any] | None:
-    """Field name -> annotated type for dataclasses / pydantic models; None for leaf types."""
+    """Field name -> annotated type of a config dataclass; None for leaf types."""
     if dataclasses.is_dataclass(cls):
         hints = get_type_hints(cls)
         return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
-    fields = getattr(cls, "model_fields", None)
-    if isinstance(fields, dict):
-        return {k: v.annotation for k, v in fields.items()}
     return None
 
 
@@ -112,30 +111,59 @@ def build(cls: type[T], data: dict) -> T:
         raise ConfigError(f"invalid {cls.__name__} config:\n{e}") from None
 
 
+def resolve_config_file(source: str | Path, preset_dir: str | Path | None = None) -> Path:
+    """A YAML path, or the name of a preset ``{preset_dir}/{name}.yaml`` (e.g. ``varsr-mild``)."""
+    p = Path(source)
+    if p.is_file():
+        return p
+    if preset_dir is not None:
+        cand = Path(preset_dir) / f"{source}.yaml"
+        if cand.is_file():
+            return cand
+        names = sorted(q.stem for q in Path(preset_dir).glob("*.yaml"))
+        raise ConfigError(f"config {str(source)!r} is neither a file nor a preset in {preset_dir} "
+                          f"(presets: {', '.join(names)})")
+    raise ConfigError(f"config file {p} does not exist")
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a YAML config file, with one-line errors."""
+    p = Path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     cls: type[T],
-    path: str | Path | None = None,
+    source: str | Path | None = None,
     overrides: Iterable[str] = (),
     base: T | dict | None = None,
+    preset_dir: str | Path | None = None,
 ) -> T:
-    """defaults (``cls()`` or ``base``) <- YAML ``path`` <- ``overrides`` (``a.b=value``), validated into ``cls``."""
+    """defaults (``cls()`` or ``base``) <- YAML ``source`` (a path, or a preset name in ``preset_dir``)
+    <- ``overrides`` (``a.b=value``, values parsed as YAML), validated into ``cls``."""
     data: dict = to_dict(base) if base is not None else to_dict(cls())
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+    if source is not None:
+        p = resolve_config_file(source, preset_dir)
+        loaded = load_yaml_mapping(p)
         check_unknown_keys(cls, loaded)
         data = _deep_merge(data, loaded)
     for item in overrides:
         keys, value = parse_override(item)
         _set_dotted(data, keys, value)
     return build(cls, data)
+
+
+def add_config_args(parser, config_help: str = "YAML config file") -> None:
+    """The two config options every ``varsr`` command shares: ``--config`` and repeatable ``--set KEY=VALUE``."""
+    parser.add_argument("--config", "-c", default=None, metavar="FILE", help=config_help)
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set optim.lr=1e-4 (repeatable; values are YAML)")
 
 
 def save_config(obj: Any, path: str | Path) -> Path:

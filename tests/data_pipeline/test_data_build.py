@@ -32,7 +32,7 @@ class MeanBrightness(torch.nn.Module):
 
 
 def _config(weights_dir: Path):
-    return dp.load_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
+    return dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
                                  f"score.weights_dir={weights_dir}", "score.batch_size=4"])
 
 
@@ -149,7 +149,7 @@ def test_reader_options_and_clear_errors(built):
 def test_cli_inspect_and_verify(built):
     out = built[0] / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(dp.__file__).parent.parent)}
-    r = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "data", "verify", str(out)],
+    r = subprocess.run([sys.executable, "-m", "infra.cli", "data", "verify", str(out)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["ok"] is True
@@ -159,7 +159,7 @@ def test_select_reruns_without_rescoring(built, tmp_path):
     root, _, cfg, _ = built
     out = root / "out"
     assert dp.score(str(root / "corpus"), str(out), cfg)["reused"] is True
-    cfg2 = dp.load_config(cfg, ["select.negatives.rule=percentile", "select.negatives.percentile=50",
+    cfg2 = dp.load_build_config(cfg, ["select.negatives.rule=percentile", "select.negatives.percentile=50",
                                 "select.negatives.max_fraction=1.0", "select.score_min.sharpness=100",
                                 "select.cluster.k=2"])
     r = dp.select(str(out / "scores.parquet"), str(tmp_path), cfg2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from data_pipeline.config import BuildConfig, DegradationConfig, load_config
+from data_pipeline.config import BuildConfig, DegradationConfig, load_build_config
 from data_pipeline.degrade import apply_degradation, degrade, sample_degradation
 from data_pipeline.degrade.kernels import kernel_from_params, mixed_kernel, pad_to, sinc_kernel
 from data_pipeline.degrade.realesrgan import blur
@@ -21,7 +21,7 @@ def hr128():
 
 
 def test_varsr_mild_preset_matches_spec_table():
-    d = load_config("varsr-mild").degradation
+    d = load_build_config("varsr-mild").degradation
     assert d == BuildConfig().degradation          # the defaults are the paper's
     assert d.scale == 4
     for k, sig in ((d.kernel1, (0.2, 3.0)), (d.kernel2, (0.2, 1.5))):
@@ -44,7 +44,7 @@ def test_varsr_mild_preset_matches_spec_table():
 
 
 def test_realesrgan_preset_is_stronger():
-    mild, strong = load_config("varsr-mild").degradation, load_config("realesrgan-x4plus").degradation
+    mild, strong = load_build_config("varsr-mild").degradation, load_build_config("realesrgan-x4plus").degradation
     assert strong.preset == "realesrgan-x4plus"
     assert strong.noise_range[1] > mild.noise_range[1] and strong.jpeg_range[0] < mild.jpeg_range[0]
     assert strong.second_blur_prob == 0.8 and strong.resize_range == (0.15, 1.5)

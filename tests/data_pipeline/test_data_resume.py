@@ -37,13 +37,13 @@ def _corpus(d: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, ray_local):
     _corpus(tmp_path / "corpus")
-    cfg = dp.load_config(None, ["shard.crop_size=128", "shard.max_samples_per_shard=1", "shard.lr_variants=2",
+    cfg = dp.load_build_config(None, ["shard.crop_size=128", "shard.max_samples_per_shard=1", "shard.lr_variants=2",
                                 "select.dedup.near=false", "select.cluster.k=3", "score.batch_size=4"])
     save_config(cfg, tmp_path / "cfg.yaml")
     out = tmp_path / "killed"
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": str(Path(dp.__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", "data", "build", "-i",
+    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "data", "build", "-i",
                              str(tmp_path / "corpus"), "-o", str(out), "-c", str(tmp_path / "cfg.yaml"),
                              "--ray-address", address],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

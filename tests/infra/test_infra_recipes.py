@@ -113,7 +113,7 @@ def test_services_bind_loopback_by_default():
 
 
 def test_data_configs_load_into_typed_config():
-    from data_pipeline.config import load_config
+    from data_pipeline.config import load_build_config as load_config
 
     for p in sorted((ROOT / "configs/data").glob("*.yaml")) + [ROOT / "configs/demo/data.yaml"]:
         cfg = load_config(p)

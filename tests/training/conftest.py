@@ -28,7 +28,7 @@ def shards(tmp_path_factory) -> Path:
     if started:
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
-        cfg = dp.load_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
+        cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
                                     f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=2"])
         dp.build(str(root / "corpus"), str(root / "shards"), cfg, print_summary=False)
     finally:
