@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-
-from infra.core.config import add_config_args
+from infra.core.config import add_config_args, to_dict
 from infra.core.errors import UserError
 
 
@@ -44,28 +42,29 @@ def cmd_build(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from .reader import read_manifest
-    m = read_manifest(args.output)
-    return {"counts": m["counts"], "shards": len(m["shards"]), "hr_size": m["hr_size"], "lr_size": m["lr_size"],
-            "config_hash": m["config_hash"]}
+    from .shards import read_manifest
+    m, sha = read_manifest(args.output)
+    return {"counts": to_dict(m.counts), "shards": len(m.shards), "samples": m.num_samples, "hr_size": m.hr_size,
+            "lr_size": m.lr_size, "config_hash": m.config_hash, "manifest_sha256": sha,
+            "token_cache": None if m.tokens is None else m.tokens.tokenizer_sha256}
 
 
 def cmd_verify(args) -> dict:
     """Check every shard listed in the manifest exists with the recorded size and sha256."""
-    import hashlib
-    from .reader import read_manifest
-    m = read_manifest(args.output)
+    from infra.core import storage
+
+    from .shards import read_manifest
+    m, _ = read_manifest(args.output)
     bad = []
-    for sh in m["shards"]:
-        p = os.path.join(args.output, sh["name"])
-        if not os.path.exists(p):
-            bad.append({"shard": sh["name"], "problem": "missing"})
-            continue
-        with open(p, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != sh["sha256"]:
-            bad.append({"shard": sh["name"], "problem": "sha256 mismatch"})
-    return {"shards": len(m["shards"]), "ok": not bad, "problems": bad}
+    for sh in m.shards:
+        url = storage.join(args.output, sh.name)
+        if not storage.exists(url):
+            bad.append({"shard": sh.name, "problem": "missing"})
+        elif storage.size(url) != sh.bytes:
+            bad.append({"shard": sh.name, "problem": f"size {storage.size(url)} != {sh.bytes}"})
+        elif storage.sha256(url) != sh.sha256:
+            bad.append({"shard": sh.name, "problem": "sha256 mismatch"})
+    return {"shards": len(m.shards), "ok": not bad, "problems": bad}
 
 
 def register(subparsers) -> argparse.ArgumentParser:

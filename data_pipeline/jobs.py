@@ -1,18 +1,23 @@
-"""The Ray jobs: score -> select -> shard, and `build` which runs all three, resumably.
+"""The Ray jobs: score -> select -> shard, and ``build`` which runs all three, resumably.
 
-Output folder layout:
-  config.yaml            resolved config            scores.parquet     one row per input (score step)
-  selection.parquet      selected images + labels   rejected.parquet   every input not in a shard, with reason
-  {prefix}-000000.tar    shards                     {prefix}-000000.stats.json   per-shard stats
-  manifest.json          config, counts, shards (deterministic)   build_summary.json  timings (not deterministic)
+The output is a local folder or an object-store prefix (``s3://bucket/shards``), laid out as the shard contract
+says (``shards/format.py``): config.yaml, scores.parquet, selection.parquet, rejected.parquet, the shards with their
+stats, manifest.json (deterministic; written last, the commit point) and build_summary.json (timings).
+
+Shard tasks are plain Ray tasks: each writes its tar and stats straight to the output URL from whichever node runs
+it and returns the stats to the driver, which writes the manifest from what the tasks returned (never from files on
+its own disk). A task lost with its node is retried elsewhere; its writes are idempotent and atomic, so the result
+equals an uninterrupted run. A re-run keeps every published shard whose size and sha256 match its stats.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,12 +27,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from infra.core import storage
+from infra.core.config import build as build_typed
+from infra.core.config import to_dict
+
 from .config import PIPELINE_VERSION, BuildConfig, load_build_config, save_config
 from .materialise import STAGES, write_shard
 from .progress import Progress, format_table
 from .scorers import iqa_status
 from .selection import select as select_rows
-from .shards import exists, is_local, local_path, read_json, remove_stale_temporaries, shard_name, stats_name
+from .shards import (REJECTED, SCORES, SELECTION, Counts, Manifest, ShardEntry, ShardStats, read_stats,
+                     remove_stale_temporaries, shard_name, stats_name, write_manifest as publish_manifest)
 from .sources import list_sources
 
 log = logging.getLogger("data_pipeline")
@@ -84,29 +94,34 @@ def _cfg(config) -> BuildConfig:
     return load_build_config(config)
 
 
-def _atomic_parquet(df: pd.DataFrame | pa.Table, path: str, meta: dict | None = None) -> None:
+def _atomic_parquet(df: pd.DataFrame | pa.Table, url: str, meta: dict | None = None) -> None:
     t = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
     if meta is not None:
         t = t.replace_schema_metadata({**(t.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    tmp = f"{os.path.dirname(path)}/.tmp-{os.path.basename(path)}"
-    pq.write_table(t, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    storage.write_bytes(url, buf.getvalue())
 
 
-def _parquet_meta(path: str) -> dict | None:
-    if not os.path.exists(path):
+def _parquet_meta(url: str) -> dict | None:
+    if not storage.exists(url):
         return None
-    md = pq.read_schema(path).metadata or {}
+    with storage.open_url(url) as f:
+        md = pq.read_schema(f).metadata or {}
     return json.loads(md[META_KEY]) if META_KEY in md else None
 
 
+def read_table(url: str) -> pd.DataFrame:
+    """A Parquet table of the pipeline from a local path or URL (streamed through the storage layer)."""
+    with storage.open_url(url) as f:
+        return pq.read_table(f).to_pandas()
+
+
 def _prepare_output(output: str) -> str:
-    if not is_local(output):
-        raise ValueError("outputs must be a local folder for now (inputs may be any fsspec URL); "
-                         "sync the finished folder to object storage")
-    p = local_path(output)
-    os.makedirs(p, exist_ok=True)
-    return p
+    """The output folder / prefix, created (local) or checked (object storage: its bucket must exist)."""
+    out = storage.absolute(output)
+    storage.makedirs(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------- score
@@ -121,7 +136,7 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
         raise ValueError(f"no input files found in {input!r} (extensions {cfg.source.extensions})")
     uris = [it.uri for it in items]
     fp = scores_fingerprint(uris, cfg)
-    path = f"{out}/scores.parquet"
+    path = storage.join(out, SCORES)
     if (_parquet_meta(path) or {}).get("fingerprint") == fp:
         log.info("score: %s is up to date (%d inputs), reusing it", path, len(uris))
         return {"inputs": len(uris), "scores": path, "reused": True, "seconds": 0.0}
@@ -143,9 +158,13 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
                             batch_size=bs, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, -(-len(items) // bs)),
                                                                max_size=n_workers),
-                            num_cpus=1, num_gpus=1 if use_gpu else 0)
+                            num_cpus=1, num_gpus=1 if use_gpu else 0,
+                            # an actor lost with its node is restarted and its batches re-run elsewhere
+                            max_restarts=-1, max_task_retries=-1)
         prog = Progress(len(items), "score")
-        tmp = f"{out}/.tmp-scores.parquet"
+        tmp_dir = storage.local_path(out) if storage.is_local(out) else None
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=tmp_dir)
+        os.close(fd)
         writer, counts = None, Counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
@@ -155,7 +174,7 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
             counts.update(batch.column("status").to_pylist())
             prog.update(batch.num_rows)
         writer.close()
-        os.replace(tmp, path)
+        storage.put_file(tmp, path)
     secs = prog.close()
     return {"inputs": len(uris), "scores": path, "status": dict(counts), "seconds": secs, "reused": False}
 
@@ -165,13 +184,13 @@ def select(scores_path: str, output: str, config=None) -> dict:
     """Apply the selection rules to a scores table -> `selection.parquet` + `rejected.parquet` (select stage)."""
     cfg = _cfg(config)
     out = _prepare_output(output)
-    df = pd.read_parquet(scores_path)
+    df = read_table(storage.absolute(scores_path))
     sel, rej = select_rows(df, cfg)
-    _atomic_parquet(sel, f"{out}/selection.parquet", {"config_hash": cfg.config_hash()})
-    _atomic_parquet(rej, f"{out}/rejected.parquet")
+    _atomic_parquet(sel, storage.join(out, SELECTION), {"config_hash": cfg.config_hash()})
+    _atomic_parquet(rej, storage.join(out, REJECTED))
     return {"inputs": len(df), "selected": len(sel), "negatives": int(sel.label.sum()),
             "classes": int(sel.class_id.nunique()), "rejected": int((rej.status == "rejected").sum()),
-            "failed": int((rej.status == "failed").sum()), "selection": f"{out}/selection.parquet"}
+            "failed": int((rej.status == "failed").sum()), "selection": storage.join(out, SELECTION)}
 
 
 # --------------------------------------------------------------------------------------------------------- shard
@@ -193,15 +212,6 @@ def plan_shards(sel: pd.DataFrame, cfg: BuildConfig) -> list[list[dict]]:
     return [rows[i:i + k] for i in range(0, len(rows), k)]
 
 
-def _shard_batch(batch: dict, cfg_json: str, out_dir: str) -> dict:
-    cfg = BuildConfig.from_json(cfg_json)
-    results = []
-    for idx, rows in zip(batch["index"], batch["rows"]):
-        r = write_shard(int(idx), json.loads(rows), cfg, out_dir)
-        results.append(json.dumps(r))
-    return {"index": np.asarray(batch["index"], np.int64), "result": np.array(results, dtype=object)}
-
-
 def _jsonable(rows: list[dict]) -> str:
     def conv(v):
         if isinstance(v, (np.integer,)):
@@ -214,102 +224,129 @@ def _jsonable(rows: list[dict]) -> str:
     return json.dumps([{k: conv(v) for k, v in r.items() if k != "embedding"} for r in rows])
 
 
+def _shard_task(index: int, rows_json: str, cfg_json: str, out_dir: str) -> dict:
+    """One Ray task: materialise and publish one shard; its stats come back as the task's result."""
+    return write_shard(index, json.loads(rows_json), BuildConfig.from_json(cfg_json), out_dir)
+
+
+def _complete(out: str, prefix: str, index: int, cfg: BuildConfig) -> ShardStats | None:
+    """The stats of shard ``index`` when it is published and intact (size and sha256 equal its stats), else None."""
+    tar_url, st_url = storage.join(out, shard_name(prefix, index)), storage.join(out, stats_name(prefix, index))
+    if not (storage.exists(tar_url) and storage.exists(st_url)):
+        return None
+    st = read_stats(st_url)
+    if st.config_hash != cfg.config_hash():
+        raise RuntimeError(f"{out} holds {shard_name(prefix, index)} from another config "
+                           f"({st.config_hash} != {cfg.config_hash()}); use a new output folder")
+    if storage.size(tar_url) != st.bytes or storage.sha256(tar_url) != st.sha256:
+        log.warning("shard: %s does not match its stats (size/sha256); writing it again", tar_url)
+        return None
+    return st
+
+
+def _run_shard_tasks(plan: list[list[dict]], todo: list[int], cfg: BuildConfig, out: str, on_done) -> None:
+    """Submit one Ray task per shard to write, at most one per cluster CPU in flight, until all have returned."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=5)(_shard_task)  # retried when the node running it dies
+    cfg_json = cfg.to_json()
+    cfg_ref = ray.put(cfg_json)
+    width = cfg.shard.num_workers or _cluster_cpus()
+    pending: dict = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < width:
+            i = queue.pop(0)
+            pending[task.remote(i, _jsonable(plan[i]), cfg_ref, out)] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            pending.pop(ref)
+            on_done(ray.get(ref))
+
+
 def shard(selection_path: str, output: str, config=None, ray_address: str | None = None) -> dict:
-    """Materialise the selection into shards; completed shards (final name present) are skipped (resume)."""
-    import ray.data
+    """Materialise the selection into shards; intact published shards are kept (resume), the rest are written."""
     cfg = _cfg(config)
     out = _prepare_output(output)
-    sel = pd.read_parquet(selection_path)
-    sel_rej = os.path.join(os.path.dirname(os.path.abspath(selection_path)), "rejected.parquet")
-    if os.path.exists(sel_rej) and not os.path.exists(f"{out}/rejected.parquet"):
-        import shutil
-        shutil.copyfile(sel_rej, f"{out}/rejected.parquet")   # the accounting travels with the shards
+    sel = read_table(storage.absolute(selection_path))
+    sel_rej = storage.join(storage.parent(storage.absolute(selection_path)), REJECTED)
+    out_rej = storage.join(out, REJECTED)
+    if storage.exists(sel_rej) and not storage.exists(out_rej):
+        storage.write_bytes(out_rej, storage.read_bytes(sel_rej))   # the accounting travels with the shards
     plan = plan_shards(sel, cfg)
     prefix = cfg.shard.prefix
     removed = remove_stale_temporaries(out)
     if removed:
         log.info("shard: removed %d temporary files of an interrupted run", removed)
-    todo, done = [], 0
-    for i, rows in enumerate(plan):
-        if exists(f"{out}/{shard_name(prefix, i)}") and exists(f"{out}/{stats_name(prefix, i)}"):
-            st = read_json(f"{out}/{stats_name(prefix, i)}")
-            if st.get("config_hash") != cfg.config_hash():
-                raise RuntimeError(f"{out} holds {shard_name(prefix, i)} from another config "
-                                   f"({st.get('config_hash')} != {cfg.config_hash()}); use a new output folder")
-            done += 1
-        else:
+    stats: dict[int, ShardStats] = {}
+    todo = []
+    for i in range(len(plan)):
+        st = _complete(out, prefix, i, cfg)
+        if st is None:
             todo.append(i)
+        else:
+            stats[i] = st
+    done = len(stats)
     timings: dict[str, float] = {s: 0.0 for s in STAGES} | {f"cpu_{s}": 0.0 for s in STAGES}
-    cpu_seconds = 0.0
+    acc = {"cpu": 0.0}
     spans: list[tuple[int, float, float]] = []
     n_images = sum(len(plan[i]) for i in todo)
     t0 = time.perf_counter()
     if todo:
         log.info("shard: %d shards planned, %d already complete, %d to write", len(plan), done, len(todo))
         ensure_ray(ray_address or cfg.ray.address, cfg.ray.num_cpus)
-        with _data_settings():
-            n_workers = cfg.shard.num_workers or _cluster_cpus()
-            items = [{"index": i, "rows": _jsonable(plan[i])} for i in todo]
-            ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map_batches(_shard_batch, fn_kwargs={"cfg_json": cfg.to_json(), "out_dir": out},
-                                batch_size=1, batch_format="numpy", num_cpus=1,
-                                compute=ray.data.TaskPoolStrategy(size=n_workers))
-            prog = Progress(n_images, "shard")
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                for res in batch["result"]:
-                    r = json.loads(res)
-                    cpu_seconds += r["cpu_seconds"]
-                    spans.append((r["pid"], *r["span"]))
-                    for k, v in r["timings"].items():
-                        timings[k] = timings.get(k, 0.0) + v
-                    prog.update(r["stats"]["images"] + len(r["stats"]["failed"]))
-            prog.close()
+        prog = Progress(n_images, "shard")
+
+        def on_done(r: dict) -> None:
+            st = build_typed(ShardStats, r["stats"])
+            stats[st.index] = st
+            acc["cpu"] += r["cpu_seconds"]
+            spans.append((r["pid"], *r["span"]))
+            for k, v in r["timings"].items():
+                timings[k] = timings.get(k, 0.0) + v
+            prog.update(st.images + len(st.failed))
+
+        _run_shard_tasks(plan, todo, cfg, out, on_done)
+        prog.close()
     secs = time.perf_counter() - t0
-    manifest = write_manifest(out, cfg, len(plan))
+    manifest = write_manifest(out, cfg, [stats[i] for i in range(len(plan))])
     return {"shards": len(plan), "written": len(todo), "skipped": done, "images_written": n_images,
             "seconds": secs, "stage_seconds": {s: timings[s] for s in STAGES},
-            "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES}, "cpu_seconds": cpu_seconds,
-            "task_spans": spans, "manifest": manifest}
+            "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES}, "cpu_seconds": acc["cpu"],
+            "task_spans": spans, "manifest": to_dict(manifest)}
 
 
 # ------------------------------------------------------------------------------------------------------ manifest
-def write_manifest(out: str, cfg: BuildConfig, n_shards: int) -> dict:
-    """manifest.json (deterministic) + the final rejected table, from the per-shard stats and earlier tables."""
-    from .shards import write_json_atomic
-    prefix = cfg.shard.prefix
-    stats = [read_json(f"{out}/{stats_name(prefix, i)}") for i in range(n_shards)]
-    rej = pd.read_parquet(f"{out}/rejected.parquet") if os.path.exists(f"{out}/rejected.parquet") else None
+def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manifest:
+    """The final rejected table, then manifest.json (deterministic; the commit point) from the shards' stats."""
+    rej_url = storage.join(out, REJECTED)
+    rej = read_table(rej_url) if storage.exists(rej_url) else None
     rej = rej[rej.stage != "shard"] if rej is not None else pd.DataFrame(
         columns=["uri", "stage", "status", "reason", "error"])
-    shard_fail = [{"uri": f["uri"], "stage": "shard", "status": "failed", "reason": f["reason"], "error": f["error"]}
-                  for s in stats for f in s["failed"]]
+    shard_fail = [{"uri": f.uri, "stage": "shard", "status": "failed", "reason": f.reason, "error": f.error}
+                  for s in stats for f in s.failed]
     if shard_fail:
         rej = pd.concat([rej, pd.DataFrame(shard_fail)], ignore_index=True)
     rej = rej.sort_values(["uri", "stage"], kind="stable").reset_index(drop=True)
-    _atomic_parquet(rej, f"{out}/rejected.parquet")
+    _atomic_parquet(rej, rej_url)
     labels, classes = Counter(), Counter()
     for s in stats:
-        labels.update({int(k): v for k, v in s["labels"].items()})
-        classes.update({int(k): v for k, v in s["classes"].items()})
-    kept = sum(s["images"] for s in stats)
-    n_inputs = kept + len(rej)
-    manifest = {
-        "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
-        "config": cfg.content_dict(),
-        "counts": {
-            "inputs": n_inputs, "kept": kept, "rejected": int((rej.status == "rejected").sum()),
-            "failed": int((rej.status == "failed").sum()),
-            "rejected_by_reason": dict(sorted(Counter(rej[rej.status == "rejected"].reason).items())),
-            "failed_by_reason": dict(sorted(Counter(rej[rej.status == "failed"].reason).items())),
-            "samples": sum(s["samples"] for s in stats),
-            "labels": {str(k): v for k, v in sorted(labels.items())}, "classes": len(classes),
-        },
-        "hr_size": cfg.shard.crop_size, "lr_size": cfg.shard.crop_size // cfg.degradation.scale,
-        "scale": cfg.degradation.scale, "lr_variants": cfg.shard.lr_variants,
-        "shards": [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                   for s in stats],
-    }
-    write_json_atomic(f"{out}/manifest.json", manifest)
+        labels.update({int(k): v for k, v in s.labels.items()})
+        classes.update({int(k): v for k, v in s.classes.items()})
+    kept = sum(s.images for s in stats)
+    counts = Counts(
+        inputs=kept + len(rej), kept=kept, rejected=int((rej.status == "rejected").sum()),
+        failed=int((rej.status == "failed").sum()),
+        rejected_by_reason=dict(sorted(Counter(rej[rej.status == "rejected"].reason).items())),
+        failed_by_reason=dict(sorted(Counter(rej[rej.status == "failed"].reason).items())),
+        samples=sum(s.samples for s in stats),
+        labels={str(k): v for k, v in sorted(labels.items())}, classes=len(classes))
+    manifest = Manifest(
+        pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(), config=cfg.content_dict(), counts=counts,
+        hr_size=cfg.shard.crop_size, lr_size=cfg.shard.crop_size // cfg.degradation.scale,
+        scale=cfg.degradation.scale, lr_variants=cfg.shard.lr_variants,
+        shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256) for s in stats])
+    publish_manifest(out, manifest)
     return manifest
 
 
@@ -320,10 +357,10 @@ def build(input, output: str, config=None, ray_address: str | None = None, overr
     t0 = time.perf_counter()
     cfg = load_build_config(config, overrides or ())
     out = _prepare_output(output)
-    save_config(cfg, f"{out}/config.yaml")
+    save_config(cfg, storage.join(out, "config.yaml"))
     sc = score(input, out, cfg, ray_address)
-    se = select(f"{out}/scores.parquet", out, cfg)
-    sh = shard(f"{out}/selection.parquet", out, cfg, ray_address)
+    select(storage.join(out, SCORES), out, cfg)
+    sh = shard(storage.join(out, SELECTION), out, cfg, ray_address)
     secs = time.perf_counter() - t0
     m = sh["manifest"]["counts"]
     summary = {
@@ -337,8 +374,7 @@ def build(input, output: str, config=None, ray_address: str | None = None, overr
         "score_seconds": round(sc["seconds"], 3), "shard_stage_ms_per_image": {
             k: round(1000 * v / max(sh["images_written"], 1), 2) for k, v in sh["stage_seconds"].items()},
     }
-    from .shards import write_json_atomic
-    write_json_atomic(f"{out}/build_summary.json", summary)
+    storage.write_text(storage.join(out, "build_summary.json"), json.dumps(summary, indent=1, sort_keys=True))
     if print_summary:
         print(summary_table(summary))
     return summary

@@ -14,11 +14,14 @@ from collections import Counter
 import cv2
 import numpy as np
 
+from infra.core import storage
+from infra.core.config import to_dict
+
 from .config import PIPELINE_VERSION, BuildConfig
 from .crop import crop_hr
 from .decode import decode_image
 from .degrade import degrade
-from .shards import TarWriter, encode_png, shard_name, stats_name, write_json_atomic
+from .shards import SAMPLE_MEMBERS, SampleMeta, ShardFailure, ShardStats, TarWriter, encode_png, publish_shard, shard_name
 from .sources import read_bytes
 
 STAGES = ("read", "decode", "crop", "degrade", "encode", "write")
@@ -70,28 +73,29 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
         t0 = tick("degrade", t0)
         lr_png = encode_png(lr, sc.lr_png_compression, sc.png_strategy, sc.png_filter)
         key = sample_key(row["sha256"], v)
-        meta = {
-            "key": key, "source_uri": row["uri"], "sha256": row["sha256"],
-            "original_size": [int(row["width"]), int(row["height"])], "label": label,
-            "class_id": int(row["class_id"]), "scores": scores, "crop": crop_info,
-            "hr_size": [sc.crop_size, sc.crop_size], "lr_size": list(lr.shape[:2][::-1]), "scale": dc.scale,
-            "variant": v, "degradation": {"preset": dc.preset, "params": params},
-            "source_meta": json.loads(row.get("meta") or "{}"),
-            "pipeline_version": PIPELINE_VERSION, "config_hash": cfg.config_hash(),
-        }
-        out.append((key, {"hr.png": hr_png, "json": json.dumps(meta, sort_keys=True).encode(), "lr.png": lr_png}))
+        meta = SampleMeta(
+            key=key, source_uri=row["uri"], sha256=row["sha256"],
+            original_size=[int(row["width"]), int(row["height"])], label=label,
+            class_id=int(row["class_id"]), scores=scores, crop=crop_info,
+            hr_size=[sc.crop_size, sc.crop_size], lr_size=list(lr.shape[:2][::-1]), scale=dc.scale,
+            variant=v, degradation={"preset": dc.preset, "params": params},
+            source_meta=json.loads(row.get("meta") or "{}"),
+            pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(),
+        )
+        out.append((key, {"hr.png": hr_png, "json": meta.to_bytes(), "lr.png": lr_png}))
         t0 = tick("encode", t0)
     return out
 
 
 def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) -> dict:
-    """Materialise `rows` into shard `index` atomically; returns {stats, timings (wall s per stage),
-    cpu_seconds}."""
+    """Materialise ``rows`` into shard ``index`` and publish it at ``out_dir`` (a local folder or an object-store
+    prefix, written straight from whichever node runs this); returns {stats (the ShardStats as a dict, handed back
+    to the driver), timings (wall s per stage), cpu_seconds, span, pid}."""
     cv2.setNumThreads(1)
     cpu0, started = time.process_time(), time.time()
     timings: dict[str, float] = {}
     prefix = cfg.shard.prefix
-    writer = TarWriter(f"{out_dir}/{shard_name(prefix, index)}")
+    writer = TarWriter(storage.join(out_dir, shard_name(prefix, index)))
     failures, labels, classes, n = [], Counter(), Counter(), 0
     try:
         for row in rows:
@@ -100,11 +104,11 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             except Exception as e:  # noqa: BLE001 - recorded as failed(error); the shard goes on
                 res = ("read_error" if isinstance(e, OSError) else "materialise_error", f"{type(e).__name__}: {e}")
             if isinstance(res, tuple):
-                failures.append({"uri": row["uri"], "reason": res[0], "error": res[1]})
+                failures.append(ShardFailure(uri=row["uri"], reason=res[0], error=res[1]))
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
             for key, members in res:
-                for ext in ("hr.png", "json", "lr.png"):
+                for ext in SAMPLE_MEMBERS:
                     writer.add(f"{key}.{ext}", members[ext])
                 n += 1
                 labels[int(row["label"])] += 1
@@ -112,20 +116,18 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
             timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = {"shard": shard_name(prefix, index), "index": index, "samples": n,
-                 "images": len(rows) - len(failures), "failed": failures,
-                 "labels": {str(k): v for k, v in sorted(labels.items())},
-                 "classes": {str(k): v for k, v in sorted(classes.items())},
-                 "hr_size": cfg.shard.crop_size, "lr_size": cfg.shard.crop_size // cfg.degradation.scale,
-                 "config_hash": cfg.config_hash()}
-        stats["bytes"], stats["sha256"] = writer.finish()
-        write_json_atomic(f"{out_dir}/{stats_name(prefix, index)}", stats)
-        writer.publish()
+        stats = ShardStats(shard=shard_name(prefix, index), index=index, samples=n,
+                           images=len(rows) - len(failures), failed=failures,
+                           labels={str(k): v for k, v in sorted(labels.items())},
+                           classes={str(k): v for k, v in sorted(classes.items())},
+                           hr_size=cfg.shard.crop_size, lr_size=cfg.shard.crop_size // cfg.degradation.scale,
+                           config_hash=cfg.config_hash())
+        publish_shard(writer, stats, out_dir, prefix)
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
         timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
     except BaseException:
         writer.abort()
         raise
-    return {"stats": stats, "timings": timings, "cpu_seconds": time.process_time() - cpu0,
+    return {"stats": to_dict(stats), "timings": timings, "cpu_seconds": time.process_time() - cpu0,
             "span": [started, time.time()], "pid": os.getpid()}
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from infra.core.config import add_config_args
 from infra.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,10 @@ def _tile_arg(s: str) -> str | int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="native checkpoint folder (model.safetensors + config.json)")
+    src.add_argument("--checkpoint", type=Path, help="native checkpoint folder (see model/checkpoint.py)")
     src.add_argument("--model-uri", help="MLflow model URI, e.g. models:/varsr@champion")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
-    p.add_argument("--config", type=Path, help="inference YAML (default configs/inference/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an inference config key, e.g. tiling.batch_size=4 (repeatable)")
+    add_config_args(p, "inference YAML (default configs/inference/default.yaml)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
 
@@ -160,14 +159,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, evaluate_shards, format_table
+    from .evaluate import evaluate, evaluate_pairs, format_table
 
     if args.shards:
         if args.hr or args.lr:
             raise UserError("give either --shards or --hr/--lr, not both")
-        for s in args.shards:
-            if not s.is_file():
-                raise UserError(f"shard {s} does not exist")
+        pairs = args.shard_pairs(args.shards)
     else:
         if not (args.hr and args.lr):
             raise UserError("give --hr DIR and --lr DIR (or --shards TAR...)")
@@ -181,7 +178,7 @@ def cmd_eval(args) -> int:
                 tracking_uri=args.tracking_uri)
     try:
         if args.shards:
-            res = evaluate_shards(pipe, args.shards, args.output, **opts)
+            res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards}, **opts)
         else:
             res = evaluate(pipe, args.hr, args.lr, args.output, **opts)
     except FileNotFoundError as e:
@@ -195,7 +192,9 @@ def cmd_eval(args) -> int:
     return 0 if res.summary else 2
 
 
-def register(subparsers) -> None:
+def register(subparsers, shard_pairs=None) -> None:
+    """Add upscale / register / serve / eval. ``shard_pairs(spec) -> [(key, load -> (hr, lr))]`` enables
+    ``varsr eval --shards`` (the CLI passes the data pipeline's shard reader; inference does not import it)."""
     p = subparsers.add_parser("upscale", help="super-resolve image files or folders")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders (recursive)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (or a file for one input)")
@@ -208,8 +207,7 @@ def register(subparsers) -> None:
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to point at the new version ('' for none)")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
-    p.add_argument("--config", type=Path, help="inference YAML served with the model (limits, defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(p, "inference YAML served with the model (limits, defaults)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="run + version tag (repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip running the input example at log time")
     p.set_defaults(func=cmd_register)
@@ -225,10 +223,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")
     p.add_argument("--hr", type=Path, help="folder of HR images")
     p.add_argument("--lr", type=Path, help="folder of LR images with the same file names")
-    p.add_argument("--shards", type=Path, nargs="+", help="WebDataset tars with {key}.hr.png + {key}.lr.png")
+    if shard_pairs is not None:
+        p.add_argument("--shards", help="a built dataset (folder or URL with manifest.json), a glob or tar URLs")
     p.add_argument("-o", "--output", type=Path, default=Path("varsr-eval"))
     p.add_argument("--baseline", choices=("bicubic",), default=None)
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, shards=None, shard_pairs=shard_pairs)

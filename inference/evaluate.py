@@ -1,7 +1,8 @@
 """`varsr eval`: super-resolve paired LR/HR images, score SR (and an optional bicubic baseline), log to MLflow.
 
 Pairs come from two folders, matched by file stem (``HR/0001.png`` <-> ``LR/0001.png``, extensions may differ), or
-from WebDataset shards (plain POSIX tars with ``{key}.hr.png`` + ``{key}.lr.png``, DESIGN.md "Shards"). The scale of
+from any other source of ``(name, load -> (hr, lr))`` pairs (``varsr eval --shards`` reads them from built shards
+through the data pipeline's shard reader). The scale of
 each pair is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and
 method),
 ``summary.json`` (means per method + the run config) and ``crops/<stem>.png`` (bicubic | SR | HR, a centre crop).
@@ -11,16 +12,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 from PIL import Image
 
-from .images import ImageInputError, open_image_bytes, open_image_path
-from .metrics import full_reference, optional_metrics
+from .images import ImageInputError, open_image_path
+from infra.core.metrics import full_reference, optional_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +63,6 @@ def folder_pairs(hr_dir: Path, lr_dir: Path) -> list[Pair]:
             for stem, hp, lp in pair_folders(hr_dir, lr_dir)]
 
 
-def shard_pairs(shards: Iterable[str | Path]) -> Iterator[Pair]:
-    """(key, loader) for every sample of the tar shards that has both ``.hr.png`` and ``.lr.png`` members."""
-    for shard in shards:
-        samples: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    if "." not in base:
-                        continue
-                    key, ext = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1]
-                    if ext in ("hr.png", "lr.png"):
-                        samples.setdefault(key, {})[ext[:2]] = tar.extractfile(m).read()
-        except (tarfile.TarError, OSError) as e:
-            raise FileNotFoundError(f"cannot read shard {shard}: {e}") from None
-        for key, parts in samples.items():
-            if "hr" in parts and "lr" in parts:
-                yield (key.replace("/", "_"),
-                       lambda p=parts: (open_image_bytes(p["hr"]), open_image_bytes(p["lr"])))
-
-
 def _crop_triptych(bic: Image.Image, sr: Image.Image, hr: Image.Image, side: int = 128) -> Image.Image:
     """Centre crops side by side: bicubic | SR | HR."""
     w, h = hr.size
@@ -112,14 +89,6 @@ def evaluate(pipeline, hr_dir: str | Path, lr_dir: str | Path, out_dir: str | Pa
     """Evaluate on a pair of HR/LR folders (see :func:`evaluate_pairs` for the options)."""
     pairs = folder_pairs(Path(hr_dir), Path(lr_dir))
     return evaluate_pairs(pipeline, pairs, out_dir, source={"hr_dir": str(hr_dir), "lr_dir": str(lr_dir)}, **kw)
-
-
-def evaluate_shards(pipeline, shards: list[str | Path], out_dir: str | Path, **kw: Any) -> EvalResult:
-    """Evaluate on WebDataset shards holding ``{key}.hr.png`` + ``{key}.lr.png`` samples."""
-    pairs = list(shard_pairs(shards))
-    if not pairs:
-        raise FileNotFoundError(f"no samples with both .hr.png and .lr.png in {[str(s) for s in shards]}")
-    return evaluate_pairs(pipeline, pairs, out_dir, source={"shards": [str(s) for s in shards]}, **kw)
 
 
 def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: str | None = None,

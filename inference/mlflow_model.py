@@ -127,9 +127,9 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
                      registered_model_name: str | None = None, validate_example: bool = True):
     """Log the pyfunc model (checkpoint + inference config as artifacts, code, signature, example) in the active
     run; returns MLflow's ModelInfo."""
-    ckpt = Path(ckpt_dir)
-    if not ((ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()):
-        raise FileNotFoundError(f"{ckpt} is not a native VARSR checkpoint (model.safetensors + config.json)")
+    from model.checkpoint import require_native_checkpoint
+
+    ckpt = require_native_checkpoint(ckpt_dir)
     with tempfile.TemporaryDirectory(prefix="varsr-log-") as tmp:
         cfg_path = save_config(config, Path(tmp) / CONFIG_FILENAME)
         sig = signature(config)

@@ -88,14 +88,6 @@ def is_mlflow_uri(s: str) -> bool:
     return s.startswith(("models:/", "runs:/", "mlflow-artifacts:/")) or ("://" in s and not s.startswith("file://"))
 
 
-def find_checkpoint_dir(root: Path) -> Path:
-    """The folder under ``root`` holding ``model.safetensors`` + ``config.json`` (a native checkpoint)."""
-    for cand in [root, *sorted(p.parent for p in root.rglob("model.safetensors"))]:
-        if (cand / "model.safetensors").is_file() and (cand / "config.json").is_file():
-            return cand
-    raise FileNotFoundError(f"no native VARSR checkpoint (model.safetensors + config.json) under {root}")
-
-
 def _logged_config(model_dir: Path) -> InferenceConfig | None:
     """The inference config logged with an MLflow model (``inference.yaml``), if any."""
     logged = sorted(model_dir.rglob("inference.yaml"))
@@ -146,6 +138,7 @@ class VARSRPipeline:
                         tracking_uri: str | None = None) -> "VARSRPipeline":
         """Load from a native checkpoint folder or an MLflow URI (``models:/NAME@ALIAS``, ``runs:/ID/model``)."""
         from model import from_pretrained
+        from model.checkpoint import find_checkpoint_dir
 
         s = str(path_or_uri)
         if not is_mlflow_uri(s):

@@ -15,43 +15,68 @@ log = logging.getLogger(__name__)
 
 def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champion", tracking_uri: str | None = None,
                    tags: dict[str, str] | None = None, config=None, experiment: str = DEFAULT_EXPERIMENT,
-                   validate_example: bool = True):
-    """Log ``ckpt_dir`` as the VARSR pyfunc model in a new run, register it under ``name``, set ``alias``.
+                   validate_example: bool = True, run_id: str | None = None):
+    """Log ``ckpt_dir`` as the VARSR pyfunc model, register it under ``name`` and set ``alias``.
 
-    ``tags`` (e.g. training lineage) go on the run and the model version. ``config``: the InferenceConfig served
-    with the model (limits, defaults); default configs/inference/default.yaml. Returns the MLflow ModelVersion.
+    The model is logged into ``run_id`` when given (the training run that produced the checkpoint, so the registered
+    version's source run is that run), else into a new ``register-NAME`` run of ``experiment``. ``tags`` (training
+    lineage) go on the model version. ``config``: the InferenceConfig served with the model (limits, defaults);
+    default configs/inference/default.yaml. Returns the MLflow ModelVersion.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from model.checkpoint import require_native_checkpoint
+
     from .config import load_inference_config
     from .mlflow_model import log_pyfunc_model
 
-    ckpt = Path(ckpt_dir)
-    if not ((ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()):
-        from infra.core.errors import UserError
-
-        raise UserError(f"{ckpt} is not a native VARSR checkpoint (needs model.safetensors + config.json)")
+    ckpt = require_native_checkpoint(ckpt_dir)
     uri = resolve_tracking_uri(tracking_uri)
     cfg = config or load_inference_config()
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
     with tracking_uri_scope(uri):
-        exp_id = ensure_experiment(uri, experiment)
-        # called from inside a training run (train ... register: true): the register run nests under it
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}",
-                              nested=mlflow.active_run() is not None) as run:
-            mlflow.set_tags({"varsr.checkpoint": str(ckpt.resolve()), **tags})
+        if run_id is not None:
+            run_ctx = mlflow.start_run(run_id=run_id)
+        else:
+            run_ctx = mlflow.start_run(experiment_id=ensure_experiment(uri, experiment), run_name=f"register-{name}")
+        with run_ctx as run:
+            if run_id is None:
+                mlflow.set_tags({"varsr.checkpoint": str(ckpt.resolve()), **tags})
             info = log_pyfunc_model(ckpt, cfg, registered_model_name=name, validate_example=validate_example)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        version = info.registered_model_version
-        if version is None:  # older clients: look it up by run
-            found = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
-            version = max(int(v.version) for v in found)
+        version = str(info.registered_model_version)
         for k, v in tags.items():
-            client.set_model_version_tag(name, str(version), k, v)
+            client.set_model_version_tag(name, version, k, v)
         if alias:
-            client.set_registered_model_alias(name, alias, str(version))
-        mv = client.get_model_version(name, str(version))
+            client.set_registered_model_alias(name, alias, version)
+        mv = client.get_model_version(name, version)
     log.info("registered %s version %s%s (run %s) in %s", name, mv.version, f" @{alias}" if alias else "",
              run.info.run_id, uri)
     return mv
+
+
+def register_training_run(output_dir: str | Path, name: str, alias: str | None = "champion", config=None):
+    """Register the final weights of a finished training run (its ``summary.json`` names the export, the MLflow run
+    and the tracking store): the model is logged into that training run, and the run's lineage tags (``varsr.*``)
+    are copied onto the model version."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from infra.core.errors import UserError
+
+    summary_path = Path(output_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{output_dir} has no summary.json: the training run did not finish")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "FINISHED" or not summary.get("export_dir"):
+        raise UserError(f"training run in {output_dir} did not finish ({summary.get('status')}); nothing to register")
+    run_id, uri = summary.get("mlflow_run_id"), summary.get("tracking_uri")
+    tags = {}
+    if run_id:
+        run = MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id)
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("varsr.")}
+        tags["varsr.train_run_id"] = run_id
+    return register_model(summary["export_dir"], name, alias, tracking_uri=uri, tags=tags, config=config,
+                          run_id=run_id)

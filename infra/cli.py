@@ -1,24 +1,24 @@
-"""The ``varsr`` command: one entry point whose subcommands belong to the components.
+"""The ``varsr`` command: the one place (with the demo) that composes the components.
 
-Each component owns a ``cli.py`` with ``register(subparsers)``; this module only collects them, so a component
-that fails to import (say, a missing optional dependency) breaks only its own subcommands, with the reason shown.
+Each component's ``cli.py`` registers the subcommands that only need that component (``varsr data``, ``varsr train``,
+``varsr upscale|register|serve|eval``, ``varsr model|import-checkpoint``). What crosses components is wired here:
+after ``varsr train c2i|isr`` with ``register.name`` set, the model is logged into the training run itself and
+registered from there (inference's registry); ``varsr eval --shards`` reads pairs through the data pipeline's shard
+reader. Nothing imports this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 
-# (module, what it adds) — order is the order in `varsr --help`.
-COMPONENTS = [
-    ("infra.demo_cli", "demo"),
-    ("data_pipeline.cli", "data"),
-    ("training.cli", "train"),
-    ("inference.cli", "upscale, register, serve, eval"),
-    ("model.cli", "model, import-checkpoint"),
-]
+import data_pipeline.cli as data_cli
+import inference.cli as inference_cli
+import model.cli as model_cli
+import training.cli as training_cli
+from infra import demo
+from infra.core.errors import UserError
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -29,42 +29,53 @@ QUIET_ENV = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+def register_trained_model(cfg) -> None:
+    """After a finished stage-1/2 run: log the pyfunc model into that training run and register it (when the
+    config's ``register.name`` is set), so the registered version's source run is the run that trained it."""
+    if not cfg.register.name:
+        return
+    from inference.registry import register_training_run
+
+    mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias)
+    print(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} "
+          f"from run {mv.run_id}", file=sys.stderr, flush=True)
+
+
+def shard_pairs(shards: str):
+    """``varsr eval --shards``: (key, load -> (hr, lr)) pairs read through the data pipeline's shard reader and
+    decoded by inference's safe image decoder."""
+    from data_pipeline.shards import eval_pairs
+    from inference.images import open_image_bytes
+
+    return [(key, lambda h=hr, lo=lr: (open_image_bytes(h), open_image_bytes(lo)))
+            for key, hr, lr in eval_pairs(shards)]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="varsr",
         description="VARSR platform: curate data (Ray), train (DeepSpeed), track and serve (MLflow).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    broken: list[str] = []
-    for mod_name, what in COMPONENTS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and mod_name.startswith(e.name):
-                continue  # component not built yet in this checkout
-            broken.append(f"{mod_name} ({what}): {e}")
-            continue
-        except Exception as e:  # noqa: BLE001 - report, keep the other subcommands usable
-            broken.append(f"{mod_name} ({what}): {type(e).__name__}: {e}")
-            continue
-        mod.register(sub)
-    return parser, broken
+    demo.register_cli(sub)
+    data_cli.register(sub)
+    training_cli.register(sub, on_trained=register_trained_model)
+    inference_cli.register(sub, shard_pairs=shard_pairs)
+    model_cli.register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    parser, broken = build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if broken:
-        for b in broken:
-            print(f"varsr: warning: subcommands unavailable: {b}", file=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -73,13 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("varsr: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user-facing errors are one clear line; -v shows the traceback
-        from infra.core.errors import UserError
-
-        if isinstance(e, UserError) and not args.verbose:
-            print(f"varsr: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as e:  # bad input or config: one clear line, no traceback (-v shows it)
+        if args.verbose:
+            raise
+        print(f"varsr: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -123,20 +123,20 @@ class Demo:
 
     def step_vqvae(self) -> dict:
         self.varsr("vqvae", "train", "vqvae", "--config", str(DEMO_CONFIGS / "vqvae.yaml"),
-                   f"max_steps={self.cfg.vqvae_steps}", f"data.batch_size={self.cfg.batch_size}")
+                   "--set", f"max_steps={self.cfg.vqvae_steps}", "--set", f"data.batch_size={self.cfg.batch_size}")
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"))
 
     def step_stage1(self) -> dict:
         self.varsr("stage1", "train", "c2i", "--config", str(DEMO_CONFIGS / "stage1.yaml"),
-                   f"max_steps={self.cfg.stage1_steps}", f"data.batch_size={self.cfg.batch_size}",
-                   f"seed={self.cfg.seed}", "--resume", "auto")
+                   "--set", f"max_steps={self.cfg.stage1_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
+                   "--set", f"seed={self.cfg.seed}", "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage1" / "final"))
 
     def step_stage2(self) -> dict:
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
-                   f"max_steps={self.cfg.stage2_steps}", f"data.batch_size={self.cfg.batch_size}",
-                   f"seed={self.cfg.seed}", f"register_name={self.cfg.register_name}",
-                   f"register_alias={self.cfg.alias}", "--resume", "auto")
+                   "--set", f"max_steps={self.cfg.stage2_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
+                   "--set", f"seed={self.cfg.seed}", "--set", f"register.name={self.cfg.register_name}",
+                   "--set", f"register.alias={self.cfg.alias}", "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri)
 
     def step_serve(self) -> dict:
@@ -197,7 +197,7 @@ class Demo:
         cmp_path = out_dir / "comparison.png"
         side_by_side([lr.resize(hr.size, Image.NEAREST), bic, sr.resize(hr.size), hr],
                      ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
-        from inference.metrics import full_reference  # BT.601 Y-channel PSNR/SSIM, as the paper's tables
+        from infra.core.metrics import full_reference  # BT.601 Y-channel PSNR/SSIM, as the paper's tables
 
         m_sr, m_bic = full_reference(sr.resize(hr.size), hr), full_reference(bic, hr)
         metrics = dict(psnr_y_varsr=m_sr["psnr_y"], ssim_y_varsr=m_sr["ssim_y"],
@@ -337,3 +337,27 @@ def format_summary(s: dict) -> str:
 def config_from_args(args) -> DemoConfig:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name, None) is not None}
     return DemoConfig(**kw)
+
+
+def register_cli(subparsers) -> None:
+    """Add ``varsr demo`` to the ``varsr`` command (infra/cli.py)."""
+    p = subparsers.add_parser("demo", help="run the whole platform end to end on embedded defaults (tiny preset)",
+                              description="Corpus -> Ray shards -> DeepSpeed stage 0/1/2 -> MLflow registry -> "
+                                          "HTTP serving -> upscale, all under --workdir.")
+    p.add_argument("step", nargs="?", default=None, choices=("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale"),
+                   help="run only this step (default: all, resuming finished ones)")
+    p.add_argument("--workdir", default="varsr-demo", help="everything is written here (default ./varsr-demo)")
+    p.add_argument("--fresh", action="store_true", default=None, help="delete the work folder first (no resume)")
+    p.add_argument("--vqvae-steps", dest="vqvae_steps", type=int)
+    p.add_argument("--stage1-steps", dest="stage1_steps", type=int)
+    p.add_argument("--stage2-steps", dest="stage2_steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--port", type=int, help="serving port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    Demo(cfg).run(only=[args.step] if args.step else None)
+    return 0

@@ -1,7 +1,13 @@
-"""Native checkpoints: ``model.safetensors`` (keys ``vqvae.<key>``, ``varsr.<key>``) + ``config.json``.
+"""The native checkpoint format, owned here alone: a folder with ``model.safetensors`` + ``config.json``.
 
-safetensors holds only tensors, so loading never unpickles anything. Loading is strict: every missing, unexpected
-or mis-shaped key is named in one clear error.
+``model.safetensors`` holds tensors under ``vqvae.<key>`` and ``varsr.<key>`` (the official key names,
+docs/MODEL.md §6); ``config.json`` holds ``format``/``version``, the full ``VARSRConfig`` and free metadata (lineage,
+init report). Two variants share the layout: the full model (tokenizer + transformer, ``save_pretrained``) and the
+tokenizer only (``contents: tokenizer``, ``save_tokenizer``, written by stage 0). Training initialises from the parts
+(``read_parts``), inference and serving load the whole (``from_pretrained``), and every other module asks this one
+whether a folder is a checkpoint (``is_native_checkpoint`` / ``find_checkpoint_dir``) instead of naming its files.
+safetensors holds only tensors, so loading never unpickles anything; loading is strict, and every missing,
+unexpected or mis-shaped key is named in one clear error.
 """
 from __future__ import annotations
 
@@ -48,18 +54,91 @@ def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     module.load_state_dict(state, strict=True)
 
 
-def save_pretrained(directory, vqvae, varsr, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``directory`` (created); returns the directory."""
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def _write(directory, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Weights first (temporary name, then rename), config.json last: a folder with a config.json is complete."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"vqvae.{k}": v.detach().to("cpu").contiguous() for k, v in vqvae.state_dict().items()}
-    tensors.update({f"varsr.{k}": v.detach().to("cpu").contiguous() for k, v in varsr.state_dict().items()})
-    meta = {"format": FORMAT, "version": VERSION, "config": varsr.cfg.to_dict(), **(extra or {})}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(d / WEIGHTS)
-    (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp_cfg = d / (CONFIG + ".tmp")
+    tmp_cfg.write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2) + "\n")
+    tmp_cfg.replace(d / CONFIG)
     return d
+
+
+def save_pretrained(directory, vqvae, varsr, extra: dict | None = None) -> Path:
+    """Write the full model (tokenizer + transformer) into ``directory`` (created); returns the directory."""
+    tensors = {**_prefixed("vqvae", vqvae), **_prefixed("varsr", varsr)}
+    return _write(directory, tensors, {"config": varsr.cfg.to_dict(), **(extra or {})})
+
+
+def save_tokenizer(directory, vqvae, config: VARSRConfig, extra: dict | None = None) -> Path:
+    """Write a tokenizer-only checkpoint (``vqvae.*`` tensors; ``contents: tokenizer``) for stages 1 and 2."""
+    return _write(directory, _prefixed("vqvae", vqvae), {"config": config.to_dict(), "contents": "tokenizer",
+                                                         **(extra or {})})
+
+
+def is_native_checkpoint(directory) -> bool:
+    d = Path(directory)
+    return (d / WEIGHTS).is_file() and (d / CONFIG).is_file()
+
+
+def require_native_checkpoint(directory) -> Path:
+    """``directory`` as a Path, or a UserError saying it is not a native checkpoint."""
+    d = Path(directory)
+    if not is_native_checkpoint(d):
+        raise UserError(f"{d} is not a native VARSR checkpoint (needs {WEIGHTS} + {CONFIG})")
+    return d
+
+
+def find_checkpoint_dir(root) -> Path:
+    """The native checkpoint folder at or under ``root`` (e.g. inside a downloaded MLflow model)."""
+    root = Path(root)
+    for cand in [root, *sorted(p.parent for p in root.rglob(WEIGHTS))]:
+        if is_native_checkpoint(cand):
+            return cand
+    raise UserError(f"no native VARSR checkpoint ({WEIGHTS} + {CONFIG}) under {root}")
+
+
+def read_parts(directory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(tokenizer state, transformer state, the whole config.json) of a native checkpoint; the transformer state is
+    empty for a tokenizer-only checkpoint."""
+    _, meta = read_config(directory)
+    tensors = _load_tensors(Path(directory))
+    return (_strip(tensors, "vqvae."), _strip(tensors, "varsr."), meta)
+
+
+def load_tokenizer(vqvae: torch.nn.Module, directory, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the tokenizer weights of a native checkpoint (full or tokenizer-only) into ``vqvae`` and freeze it;
+    ``state``: its already read tokenizer tensors (from ``read_parts``)."""
+    vq_sd = state if state is not None else read_parts(directory)[0]
+    if not vq_sd:
+        raise UserError(f"{directory} holds no VQVAE weights")
+    strict_load(vqvae, vq_sd, f"tokenizer {directory} does not fit this model's VQVAE config")
+    vqvae.freeze()
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
+    wf = d / WEIGHTS
+    if not wf.is_file():
+        raise UserError(f"{d}: {WEIGHTS} is missing")
+    try:
+        tensors = load_file(str(wf))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{wf} is not a readable safetensors file ({e})") from None
+    stray = sorted(k for k in tensors if not k.startswith(("vqvae.", "varsr.")))
+    if stray:
+        raise UserError(f"{wf}: unexpected keys outside vqvae./varsr.: {', '.join(stray)}")
+    return tensors
 
 
 def read_config(directory) -> tuple[VARSRConfig, dict]:
@@ -89,26 +168,16 @@ def from_pretrained(directory, device="cpu"):
     """(vqvae, varsr) from a native checkpoint folder; strict key/shape check against its config."""
     from .build import build
 
-    cfg, _ = read_config(directory)
+    cfg, meta = read_config(directory)
+    if meta.get("contents") == "tokenizer":
+        raise UserError(f"{directory} is a tokenizer-only checkpoint (stage 0): it has no transformer to run")
     wf = Path(directory) / WEIGHTS
-    if not wf.is_file():
-        raise UserError(f"{directory}: {WEIGHTS} is missing")
-    try:
-        tensors = load_file(str(wf))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{wf} is not a readable safetensors file ({e})") from None
-    vq_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("vqvae.")}
-    var_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("varsr.")}
-    stray = sorted(k for k in tensors if not k.startswith(("vqvae.", "varsr.")))
-    if stray:
-        raise UserError(f"{wf}: unexpected keys outside vqvae./varsr.: {', '.join(stray)}")
+    tensors = _load_tensors(Path(directory))
+    vq_sd, var_sd = _strip(tensors, "vqvae."), _strip(tensors, "varsr.")
     vqvae, varsr = build(cfg, device="cpu")
     hint = f" (is {wf} from another model config than '{cfg.name}' in its config.json?)"
-    try:
-        strict_load(vqvae, vq_sd, f"{wf} [vqvae] does not match its config{hint}")
-        strict_load(varsr, var_sd, f"{wf} [varsr] does not match its config{hint}")
-    except UserError:
-        raise
+    strict_load(vqvae, vq_sd, f"{wf} [vqvae] does not match its config{hint}")
+    strict_load(varsr, var_sd, f"{wf} [varsr] does not match its config{hint}")
     vqvae.freeze()
     varsr.to(device)
     return vqvae, varsr

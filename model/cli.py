@@ -71,7 +71,7 @@ def register(subparsers) -> None:
     info = msub.add_parser("info", help="config, geometry and parameter counts per module")
     g = info.add_mutually_exclusive_group()
     g.add_argument("--preset", default="d24", help="preset name (default d24, the released VARSR)")
-    g.add_argument("--checkpoint", help="native checkpoint folder (model.safetensors + config.json)")
+    g.add_argument("--checkpoint", help="native checkpoint folder (see model/checkpoint.py)")
     info.set_defaults(func=_info)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from infra.core.errors import UserError
-from training.data import DataPosition
+from data_pipeline.shards import DataPosition
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"

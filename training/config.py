@@ -88,6 +88,14 @@ class RaySection:
 
 
 @dataclass
+class RegisterSection:
+    """After a finished run, the ``varsr`` CLI logs the model into this run and registers it when ``name`` is set."""
+
+    name: str | None = None  # registered model name, e.g. varsr; None = do not register
+    alias: str = "champion"
+
+
+@dataclass
 class TrainConfig:
     stage: Literal["c2i", "isr"] = "isr"
     output_dir: str = "runs/train"
@@ -110,9 +118,7 @@ class TrainConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     ray: RaySection = field(default_factory=RaySection)
-    register: bool = False
-    register_name: str = "varsr"
-    register_alias: str = "candidate"
+    register: RegisterSection = field(default_factory=RegisterSection)
 
     def validate(self) -> "TrainConfig":
         errs = []

@@ -29,31 +29,10 @@ def model_config(cfg: TrainConfig):
         raise UserError(f"model preset {cfg.model_preset!r} with overrides {overrides}: {e}") from None
 
 
-def _native_tensors(directory: str) -> tuple[dict, dict, dict]:
-    """(vqvae state, varsr state, config.json) of a native checkpoint dir."""
-    from safetensors.torch import load_file
-
-    from model.checkpoint import WEIGHTS, read_config
-
-    _, meta = read_config(directory)
-    t = load_file(str(Path(directory) / WEIGHTS))
-    return ({k[6:]: v for k, v in t.items() if k.startswith("vqvae.")},
-            {k[6:]: v for k, v in t.items() if k.startswith("varsr.")}, meta)
-
-
-def load_tokenizer(vqvae, directory: str) -> None:
-    from model.checkpoint import strict_load
-
-    vq_sd, _, _ = _native_tensors(directory)
-    if not vq_sd:
-        raise UserError(f"{directory} holds no VQVAE weights")
-    strict_load(vqvae, vq_sd, f"tokenizer {directory} does not fit this model's VQVAE config")
-    vqvae.freeze()
-
-
 def build_models(cfg: TrainConfig):
     """(vqvae, varsr, init_report or None, parent lineage dict)."""
     from model import build, import_official, load_stage_weights
+    from model.checkpoint import load_tokenizer, read_parts
 
     mcfg = model_config(cfg)
     vqvae, varsr = build(mcfg)
@@ -61,12 +40,9 @@ def build_models(cfg: TrainConfig):
     src = cfg.model.init_from
     if src:
         if Path(src).is_dir():
-            vq_sd, var_sd, meta = _native_tensors(src)
+            vq_sd, var_sd, meta = read_parts(src)
             if not cfg.model.vqvae_checkpoint:
-                from model.checkpoint import strict_load
-
-                strict_load(vqvae, vq_sd, f"tokenizer of {src} does not fit this model's VQVAE config")
-                vqvae.freeze()
+                load_tokenizer(vqvae, src, vq_sd)
             lineage = meta.get("lineage", {}) if isinstance(meta.get("lineage"), dict) else {}
             parent = {"checkpoint": str(Path(src).resolve()), "run_id": lineage.get("mlflow_run_id")}
         elif Path(src).is_file():

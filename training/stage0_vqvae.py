@@ -5,7 +5,7 @@ platform trains one here with VAR's VQVAE objective (spec §1.7: phi at every sc
 codebook + commitment loss) plus an L1 + MSE reconstruction loss. The export is a native checkpoint folder holding the
 tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 load it through ``model.vqvae_checkpoint``.
 
-    varsr train vqvae --config configs/demo/vqvae.yaml [max_steps=400 data.batch_size=8 ...]
+    varsr train vqvae --config configs/demo/vqvae.yaml [--set max_steps=400 --set data.batch_size=8 ...]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from infra.core.config import to_dict
+from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
 from training.config import DataSection, ModelSection, TrackingSection
 
@@ -47,27 +47,16 @@ class VQVAETrainConfig:
     tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="varsr-vqvae"))
 
 
-def tokenizer_export(directory: str | Path, vqvae, model_cfg, extra: dict | None = None) -> Path:
-    """Write a tokenizer-only native checkpoint (``vqvae.*`` tensors + config.json)."""
-    from safetensors.torch import save_file
-
-    from model.checkpoint import CONFIG, FORMAT, VERSION, WEIGHTS
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"vqvae.{k}": v.detach().cpu().contiguous() for k, v in vqvae.state_dict().items()}
-    tmp = d / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(d / WEIGHTS)
-    meta = {"format": FORMAT, "version": VERSION, "config": model_cfg.to_dict(), "contents": "tokenizer", **(extra or {})}
-    (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return d
+def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
+    """defaults <- YAML <- ``key=value`` overrides."""
+    return load_config(VQVAETrainConfig, source, list(overrides))
 
 
 def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     """Train the tokenizer; returns {losses, export_dir, run_id}."""
     from model import VARSRConfig, VQVAE
-    from training.data import BatchStream, resolve_shards
+    from model.checkpoint import save_tokenizer
+    from data_pipeline.shards import BatchStream, resolve_shards
     from infra.core.tracking import default_tracking_uri
     from training.tracking import MlflowTracker, NullTracker, save_grid
 
@@ -75,8 +64,8 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
         raise UserError("max_steps must be >= 1")
     mcfg = VARSRConfig.preset(cfg.model.preset.removeprefix("c2i-"), **cfg.model.overrides)
     shards = resolve_shards(cfg.data.shards)
-    if shards.crop_size is not None and shards.crop_size != mcfg.image_size:
-        raise UserError(f"shards hold {shards.crop_size}px crops but preset {mcfg.name!r} works at {mcfg.image_size}px")
+    if shards.hr_size is not None and shards.hr_size != mcfg.image_size:
+        raise UserError(f"shards hold {shards.hr_size}px crops but preset {mcfg.name!r} works at {mcfg.image_size}px")
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)
@@ -93,7 +82,7 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     uri = cfg.tracking.tracking_uri or default_tracking_uri()
     if cfg.tracking.enabled:
         tracker = MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or "stage0-vqvae", to_dict(cfg),
-                                {"varsr.stage": "vqvae", "varsr.shards.manifest_sha256": shards.manifest_sha256 or ""},
+                                {"varsr.stage": "vqvae", "varsr.data.manifest_sha256": shards.manifest_sha256 or "none"},
                                 artifact_root=out / "mlartifacts")
         print(f"[vqvae] MLflow run {tracker.run_id} at {uri}", flush=True)
     history, t0 = [], time.monotonic()
@@ -140,8 +129,8 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     grid = save_grid([[a, b, c] for a, b, c in zip(x, rec, tok)], ["HR", "reconstruction", "tokens only"],
                      out / "samples" / "reconstructions.png")
     curve = _plot(history, out / "plots" / "loss_curve.png")
-    export = tokenizer_export(out / "final", vqvae.cpu(), mcfg,
-                              extra={"lineage": {"mlflow_run_id": tracker.run_id,
+    export = save_tokenizer(out / "final", vqvae.cpu(), mcfg,
+                            extra={"lineage": {"mlflow_run_id": tracker.run_id,
                                                  "shards_manifest_sha256": shards.manifest_sha256}})
     tracker.log_artifact(grid, "samples")
     tracker.log_artifact(curve, "plots")

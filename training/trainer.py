@@ -23,12 +23,13 @@ from infra.core.config import config_hash, save_config, to_dict
 from infra.core.errors import UserError
 from training import checkpointing, deepspeed_engine
 from training.config import TrainConfig
-from training.data import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
+from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, train_step
 from infra.core.tracking import default_tracking_uri
 from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
+from infra.core.metrics import batch_full_reference
 
 log = logging.getLogger("varsr.train")
 
@@ -107,7 +108,7 @@ class Trainer:
         if crop != image_size:
             raise UserError(f"data.crop_size {crop} does not fit the model: preset {self.cfg.model_preset!r} "
                             f"trains on {image_size}px images")
-        seen = shards.crop_size or peek_hr_size(shards.urls[0])
+        seen = shards.hr_size or peek_hr_size(shards.urls[0])
         if seen is not None and seen != image_size:
             raise UserError(f"shards {shards.location!r} hold {seen}px HR crops but model preset "
                             f"{self.cfg.model_preset!r} needs {image_size}px (rebuild the shards at {image_size}px "
@@ -361,7 +362,7 @@ class Trainer:
             with _autocast(self.device, self.cfg.precision):
                 sr = self.model.generate(lr.to(self.device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
                                          generator=gen).float().cpu()
-            metrics["val/psnr"], metrics["val/ssim"] = _psnr_ssim(sr, hr)
+            metrics.update({f"val/{k}": v for k, v in batch_full_reference(sr, hr).items()})
             return [[lr[i], sr[i], hr[i]] for i in range(n)], ["LR", "SR", "HR"]
         cls = torch.cat(labels)[:n]
         with _autocast(self.device, self.cfg.precision):
@@ -396,20 +397,7 @@ class Trainer:
         self.tracker.log_artifact(d / "train_config.yaml", "final")
         self.tracker.set_tags({"varsr.export_dir": str(d.resolve())})
         _out(f"[train] exported final weights to {d}")
-        if self.cfg.register:
-            self._register(d)
         return d
-
-    def _register(self, d: Path) -> None:
-        try:
-            from inference.registry import register_model
-        except ImportError as e:
-            _out(f"[train] register: skipped, the inference package has no registry.register_model yet ({e})")
-            return
-        tags = {**self.lineage(), "varsr.train_run_id": self.tracker.run_id or ""}
-        mv = register_model(str(d), self.cfg.register_name, self.cfg.register_alias, tags=tags,
-                            tracking_uri=getattr(self, "tracking_uri", None))
-        _out(f"[train] registered {self.cfg.register_name}@{self.cfg.register_alias}: {mv}")
 
     @torch.no_grad()
     def _rank_checksums(self) -> list[float]:
@@ -433,7 +421,8 @@ class Trainer:
             "status": status, "stage": self.cfg.stage, "steps": step, "wall_s": round(wall, 1),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
-            "mlflow_run_id": self.tracker.run_id, "output_dir": str(self.out),
+            "mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self, "tracking_uri", None),
+            "output_dir": str(self.out), "export_dir": str(self.out / "final") if status == "FINISHED" else None,
             "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
         self.out.mkdir(parents=True, exist_ok=True)
@@ -442,16 +431,6 @@ class Trainer:
         self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
         width = max(len(k) for k in summary)
         _out("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
-
-
-def _psnr_ssim(sr: torch.Tensor, hr: torch.Tensor) -> tuple[float, float]:
-    from skimage.metrics import structural_similarity
-
-    mse = ((sr.clamp(0, 1) - hr) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    psnr = float((10 * torch.log10(1.0 / mse)).mean())
-    ssim = float(np.mean([structural_similarity(s.clamp(0, 1).permute(1, 2, 0).numpy(), h.permute(1, 2, 0).numpy(),
-                                                channel_axis=2, data_range=1.0) for s, h in zip(sr, hr)]))
-    return psnr, ssim
 
 
 def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False) -> TrainResult:

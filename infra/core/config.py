@@ -166,16 +166,20 @@ def add_config_args(parser, config_help: str = "YAML config file") -> None:
                         help="override one config key, e.g. --set optim.lr=1e-4 (repeatable; values are YAML)")
 
 
-def save_config(obj: Any, path: str | Path) -> Path:
-    """Write the resolved config (YAML or JSON by suffix) so every output says exactly what produced it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+def dump_config(obj: Any, as_json: bool = False) -> str:
+    """The resolved config as YAML (or JSON) text."""
     data = to_dict(obj)
-    if p.suffix == ".json":
-        p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    else:
-        p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
+    return json.dumps(data, indent=2, sort_keys=True) + "\n" if as_json else yaml.safe_dump(data, sort_keys=False)
+
+
+def save_config(obj: Any, path: str | Path) -> str | Path:
+    """Write the resolved config (YAML, or JSON by suffix) to a local path or a URL, so every output says exactly
+    what produced it."""
+    from . import storage
+
+    s = str(path)
+    storage.write_text(s, dump_config(obj, as_json=s.endswith(".json")))
+    return Path(s) if storage.is_local(s) else s
 
 
 def config_hash(obj: Any) -> str:

@@ -16,9 +16,10 @@ import torch
 
 import data_pipeline as dp
 from data_pipeline.degrade import apply_degradation
-from data_pipeline.reader import make_dataset, make_loader
 from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import decode_png
+from data_pipeline.shards import (BatchStream, ShardStream, collate, decode_png, iter_tar, read_manifest,
+                                  resolve_shards)
+from infra.core.errors import UserError
 
 CONTRACT_FIELDS = {"key", "source_uri", "sha256", "original_size", "label", "class_id", "scores", "crop",
                    "hr_size", "lr_size", "scale", "variant", "degradation", "pipeline_version", "config_hash"}
@@ -113,13 +114,19 @@ def test_same_config_gives_byte_identical_shards(built, tmp_path):
         assert (root / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
+def _stream(out, **kw):
+    args = dict(size=64, want_lr=True, seed=3, epoch=0, rank=0, world=1, split="node", shuffle_buffer=8)
+    return ShardStream(resolve_shards(str(out)).urls, **{**args, **kw})
+
+
 def test_reader_yields_every_sample_once_across_2_nodes_x_2_workers(built):
     root = built[0]
     out = root / "out"
     all_keys = sorted(k for _, k, *_ in _samples(out))
     seen = []
     for rank in range(2):
-        loader = make_loader(out, batch_size=2, num_workers=2, shuffle=8, world_size=2, rank=rank, seed=3)
+        loader = torch.utils.data.DataLoader(_stream(out, rank=rank, world=2), batch_size=2, num_workers=2,
+                                             collate_fn=collate)
         for batch in loader:
             assert batch["hr"].shape[1:] == (3, 64, 64) and batch["lr"].shape == batch["hr"].shape
             assert batch["hr"].dtype == torch.float32 and 0 <= batch["lr"].min() and batch["lr"].max() <= 1
@@ -128,59 +135,45 @@ def test_reader_yields_every_sample_once_across_2_nodes_x_2_workers(built):
     assert sorted(seen) == all_keys
 
 
-def test_reader_options_and_clear_errors(built):
+def test_reader_options_and_clear_errors(built, tmp_path):
     out = built[0] / "out"
-    n_shards = len(json.loads((out / "manifest.json").read_text())["shards"])
-    s = next(iter(make_dataset(out, shuffle=0, hr_size=32, crop="center", keep_lr_lowres=True)))
-    assert s["hr"].shape == (3, 32, 32) and s["lr"].shape == (3, 32, 32) and s["lr_lowres"].shape == (3, 8, 8)
-    assert set(s) >= {"hr", "lr", "label", "class_id", "key"} and isinstance(s["key"], str)
-    s = next(iter(make_dataset(out, shuffle=0, lr_upsample="none", lr_size=16)))
-    assert s["lr"].shape == (3, 16, 16)
-    for mode in ("bicubic", "bilinear", "area", "random"):
-        assert next(iter(make_dataset(out, shuffle=0, lr_upsample=mode)))["lr"].shape == (3, 64, 64)
-    with pytest.raises(ValueError, match="cannot feed"):
-        make_dataset(out, 2, world_size=n_shards, rank=0, num_workers=2)
-    with pytest.raises(ValueError, match="lr_size"):
-        next(iter(make_dataset(out, shuffle=0, lr_size=32)))
-    rs = list(make_dataset(out, shuffle=0, resampled=True, epoch_samples=7, world_size=4, rank=3))
-    assert len(rs) == 7                                               # resampling ignores the coverage rule
+    shards = resolve_shards(str(out))
+    manifest, sha = read_manifest(str(out))
+    assert shards.manifest_sha256 == sha == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert shards.num_samples == manifest.counts.samples and shards.hr_size == 64
+    for mode in ("pil_bicubic", "bicubic", "bilinear", "area", "random"):
+        s = next(iter(_stream(out, lr_mode=mode, shuffle_buffer=0)))
+        assert s["lr"].shape == (3, 64, 64) and s["lr_mode"] in (mode, "area", "bilinear", "bicubic")
+    modes = {s["lr_mode"] for s in _stream(out, lr_mode="random", shuffle_buffer=0)}
+    assert modes == {"area", "bilinear", "bicubic"}                  # one interpolation drawn per sample
+    with pytest.raises(UserError, match="cannot feed"):
+        next(iter(_stream(out, world=len(shards.urls) + 1)))
+    wrong_size = BatchStream(shards, size=32, want_lr=True, batch_size=2, workers=0, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match="no complete batch"):       # every sample is counted bad, none fit
+        next(iter(wrong_size))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither manifest.json nor .tar"):
+        resolve_shards(str(tmp_path / "empty"))
+    import shutil
+    shutil.copytree(out, tmp_path / "broken")
+    os.unlink(tmp_path / "broken" / manifest.shards[0].name)
+    with pytest.raises(UserError, match="missing shard"):
+        resolve_shards(str(tmp_path / "broken"))
 
 
-def test_cli_inspect_and_verify(built):
+def test_reader_streams_from_an_fsspec_url(built):
+    """The same reader over fsspec's in-memory file system: shards are streamed through the storage layer."""
+    import fsspec
     out = built[0] / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(dp.__file__).parent.parent)}
-    r = subprocess.run([sys.executable, "-m", "infra.cli", "data", "verify", str(out)],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ok"] is True
-
-
-def test_select_reruns_without_rescoring(built, tmp_path):
-    root, _, cfg, _ = built
-    out = root / "out"
-    assert dp.score(str(root / "corpus"), str(out), cfg)["reused"] is True
-    cfg2 = dp.load_build_config(cfg, ["select.negatives.rule=percentile", "select.negatives.percentile=50",
-                                "select.negatives.max_fraction=1.0", "select.score_min.sharpness=100",
-                                "select.cluster.k=2"])
-    r = dp.select(str(out / "scores.parquet"), str(tmp_path), cfg2)
-    sel = pd.read_parquet(tmp_path / "selection.parquet")
-    rej = pd.read_parquet(tmp_path / "rejected.parquet")
-    assert len(sel) == r["selected"] and (sel.sharpness >= 100).all() and set(sel.class_id) <= {0, 1}
-    assert (rej.reason == "score_below:sharpness").sum() >= 1
-    assert sel.label.sum() == (sel.quality <= np.percentile(sel.quality, 50)).sum()
-    assert len(sel) + len(rej) == len(pd.read_parquet(out / "scores.parquet"))
-
-
-def test_cli_register_adds_data_subcommands():
-    import argparse
-    from data_pipeline.cli import register
-    parser = argparse.ArgumentParser(prog="varsr")
-    register(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(["data", "build", "-i", "src", "-o", "dst", "-c", "tiny", "-s", "seed=3"])
-    assert a.data_cmd == "build" and a.overrides == ["seed=3"] and callable(a.func)
-    for cmd in (["score", "-i", "a", "-o", "b"], ["select", "--scores", "s", "-o", "b"],
-                ["shard", "--selection", "s", "-o", "b"], ["inspect", "d"], ["verify", "d"]):
-        assert parser.parse_args(["data", *cmd]).data_cmd == cmd[0]
+    fs = fsspec.filesystem("memory")
+    for p in out.iterdir():
+        if p.suffix in (".tar", ".json"):
+            fs.pipe(f"/ds/{p.name}", p.read_bytes())
+    local = sorted(k for url in resolve_shards(str(out)).urls for k in (s["__key__"] for s in iter_tar(url)))
+    remote = resolve_shards("memory://ds")
+    assert remote.manifest_sha256 == resolve_shards(str(out)).manifest_sha256
+    assert sorted(s["key"] for s in ShardStream(remote.urls, size=64, want_lr=True, seed=0, epoch=0, rank=0,
+                                                   world=1)) == local
 
 
 def test_source_changed_or_missing_at_shard_time_is_recorded(built, tmp_path):
@@ -200,18 +193,13 @@ def test_source_changed_or_missing_at_shard_time_is_recorded(built, tmp_path):
     assert r["stats"]["samples"] == 1 and (tmp_path / "shard-000000.tar").exists()
 
 
-def test_reader_epochs_reshuffle_and_pipeline_pickles(built):
+def test_reader_epochs_reshuffle_and_stream_pickles(built):
     import pickle
     out = built[0] / "out"
-    ds = make_dataset(out, 3, shuffle=16, seed=5)
-    pickle.loads(pickle.dumps(ds))                                   # spawn-safe
-    keys = lambda: [k for b in ds for k in b["key"]]  # noqa: E731
-    ds.set_epoch(0)
-    e0 = keys()
-    ds.set_epoch(0)
-    assert keys() == e0                                              # same epoch, same order
-    ds.set_epoch(1)
-    e1 = keys()
+    keys = lambda e: [s["key"] for s in pickle.loads(pickle.dumps(_stream(out, epoch=e, shuffle_buffer=16)))]  # noqa: E731
+    e0 = keys(0)
+    assert keys(0) == e0                                             # same epoch, same order (spawn-safe copy)
+    e1 = keys(1)
     assert e1 != e0 and sorted(e1) == sorted(e0)
 
 

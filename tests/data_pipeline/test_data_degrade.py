@@ -153,7 +153,7 @@ def test_full_sample_at_512(tmp_path):
     from PIL import Image
 
     from data_pipeline.materialise import materialise_image
-    from data_pipeline.reader import upsample_lr
+    from data_pipeline.shards import upsample_lr
     from data_pipeline.shards import decode_png
 
     p = tmp_path / "retina.jpg"

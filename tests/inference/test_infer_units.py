@@ -13,7 +13,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from inference.colorfix import adain_color_fix, channel_mean_std, wavelet_color_fix, wavelet_decompose
 from inference.images import ImageInputError, decode_base64_image, encode_png_base64, load_image, open_image_bytes
-from inference.metrics import full_reference, rgb_to_y
+from infra.core.metrics import full_reference, rgb_to_y
 from inference.tiling import Tile, blend_tiles, tile_grid, tile_starts, window_1d
 
 

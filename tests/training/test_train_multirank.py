@@ -21,11 +21,12 @@ def _run(tmp_path, shards, name, nproc, batch):
     env["MASTER_PORT"] = str(free_port()) if nproc == 1 else ""
     if not env["MASTER_PORT"]:
         env.pop("MASTER_PORT")
-    cmd = [sys.executable, "-m", "infra.cli", "train", "isr", f"--nproc={nproc}",
-           f"output_dir={out}", f"data.shards={shards}", f"data.batch_size={batch}", "data.workers=0",
-           "data.split=global_batch", "data.shuffle_buffer=0", "zero_stage=2", "max_steps=3", "optim.lr=2e-3",
-           "optim.warmup_epochs=0", "model.overrides.drop_path_rate=0.0", "model.overrides.diff_weight=0.0",
-           "tracking.enabled=false", "validation.num_images=1", "validation.batches=1", "seed=1"]
+    overrides = [f"output_dir={out}", f"data.shards={shards}", f"data.batch_size={batch}", "data.workers=0",
+                 "data.split=global_batch", "data.shuffle_buffer=0", "zero_stage=2", "max_steps=3", "optim.lr=2e-3",
+                 "optim.warmup_epochs=0", "model.overrides.drop_path_rate=0.0", "model.overrides.diff_weight=0.0",
+                 "tracking.enabled=false", "validation.num_images=1", "validation.batches=1", "seed=1"]
+    cmd = [sys.executable, "-m", "infra.cli", "train", "isr", f"--nproc={nproc}"]
+    cmd += [a for o in overrides for a in ("--set", o)]
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)

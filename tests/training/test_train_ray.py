@@ -21,9 +21,11 @@ def test_ray_train_launcher_runs_deepspeed_in_a_worker(shards, tmp_path):
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     # relative paths on purpose: the Ray worker runs elsewhere and must still find the shards and the output folder
     rel_shards = os.path.relpath(shards, tmp_path)
-    cmd = [sys.executable, "-m", "infra.cli", "train", "isr", "--ray-address", "local",
-           f"data.shards={rel_shards}", "output_dir=runs/ray", "max_steps=3", "data.batch_size=4", "data.workers=0",
-           "validation.num_images=1", "validation.batches=1", "ray.num_workers=1", "ray.cpus_per_worker=1"]
+    overrides = [f"data.shards={rel_shards}", "output_dir=runs/ray", "max_steps=3", "data.batch_size=4",
+                 "data.workers=0", "validation.num_images=1", "validation.batches=1", "ray.num_workers=1",
+                 "ray.cpus_per_worker=1"]
+    cmd = [sys.executable, "-m", "infra.cli", "train", "isr", "--ray-address", "local"]
+    cmd += [a for o in overrides for a in ("--set", o)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / "runs" / "ray"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from model import VARSRConfig, VQVAE, build
-from training.model_setup import load_tokenizer
-from training.stage0_vqvae import restart_dead_codes, tokenizer_export
+
+from model.checkpoint import load_tokenizer, save_tokenizer
+from training.stage0_vqvae import restart_dead_codes
 
 
 def test_restart_reseeds_only_dead_codes_from_encoder_outputs():
@@ -36,7 +37,7 @@ def test_tokenizer_export_loads_into_a_model(tmp_path):
     torch.manual_seed(1)
     cfg = VARSRConfig.preset("tiny")
     trained = VQVAE(cfg)
-    d = tokenizer_export(tmp_path / "tok", trained, cfg)
+    d = save_tokenizer(tmp_path / "tok", trained, cfg)
     vq, _ = build(cfg)
     load_tokenizer(vq, str(d))
     for (k, a), (_, b) in zip(trained.state_dict().items(), vq.state_dict().items()):

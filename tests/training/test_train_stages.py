@@ -84,7 +84,7 @@ def test_stage1_then_stage2_with_mlflow_lineage(shards, tmp_path, dist_port, mon
     assert p["stage"] == "isr" and float(p["optim.lr"]) == 2e-3 and p["zero_stage"] == "0"
     assert p["optim.betas"] == "[0.9, 0.95]" and p["resolved.total_steps"] == "14"
     for key in ("loss", "ce", "diff", "acc", "acc_scale0", "acc_scale2", "lr", "grad_norm", "loss_scale",
-                "tokens_per_s", "samples_per_s", "mfu", "val/loss", "val/psnr", "val/ssim", "init/loaded"):
+                "tokens_per_s", "samples_per_s", "mfu", "val/loss", "val/psnr_y", "val/ssim_y", "val/psnr_rgb", "init/loaded"):
         assert key in m, key
     assert len(client.get_metric_history(r2.run_id, "loss")) == 14
     assert m["grad_norm"] > 0 and 0 < m["mfu"] < 1

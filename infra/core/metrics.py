@@ -70,13 +70,24 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, win: int = 11, s
     return float(s.mean(dim=(-2, -1)).mean())
 
 
-def full_reference(sr: Image.Image, hr: Image.Image) -> dict[str, float]:
-    """psnr_y, ssim_y, psnr_rgb, ssim_rgb of ``sr`` against ``hr`` (same size required)."""
-    if sr.size != hr.size:
-        raise ValueError(f"SR size {sr.size} differs from HR size {hr.size}")
+def full_reference(sr: Image.Image | np.ndarray, hr: Image.Image | np.ndarray) -> dict[str, float]:
+    """psnr_y, ssim_y, psnr_rgb, ssim_rgb of ``sr`` against ``hr`` (PIL images or HxWx3 uint8/float arrays of the
+    same size)."""
     s, h = as_float_rgb(sr), as_float_rgb(hr)
+    if s.shape != h.shape:
+        raise ValueError(f"SR size {s.shape[1::-1]} differs from HR size {h.shape[1::-1]}")
     ys, yh = rgb_to_y(s), rgb_to_y(h)
     return {"psnr_y": psnr(ys, yh), "ssim_y": ssim(ys, yh), "psnr_rgb": psnr(s, h), "ssim_rgb": ssim(s, h)}
+
+
+def batch_full_reference(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    """Mean :func:`full_reference` over a batch of (B, 3, H, W) images in [0, 1], each first rounded to 8 bits as a
+    saved image would be, so training validation and ``varsr eval`` report the same quantities."""
+    def to_u8(t: torch.Tensor) -> np.ndarray:
+        return (t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+    rows = [full_reference(to_u8(s), to_u8(h)) for s, h in zip(sr, hr)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def optional_metrics(names: tuple[str, ...] = ("niqe", "lpips", "dists", "musiq", "clipiqa")

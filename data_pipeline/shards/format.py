@@ -1,0 +1,217 @@
+"""The shard contract, typed: file names, tar members, the per-sample JSON, per-shard stats and the manifest.
+
+A built dataset is one folder (a local path or an object-store prefix) holding
+
+  ``{prefix}-{000000}.tar``         POSIX tars readable by plain ``webdataset``; per sample ``{key}.hr.png`` (HR crop),
+                                    ``{key}.json`` (:class:`SampleMeta`), ``{key}.lr.png`` (LR at its low resolution)
+                                    and, once tokenised (``varsr data tokenize``), the token-cache members
+  ``{prefix}-{000000}.stats.json``  :class:`ShardStats` of that tar (size and sha256 included)
+  ``manifest.json``                 :class:`Manifest`: config, counts per outcome, every shard with size and sha256
+  ``rejected.parquet``              every input not in a shard, with its reason
+  ``scores.parquet`` / ``selection.parquet``   the score and select steps' tables
+
+A shard appears under its final name only when complete; the manifest is written last and is the commit point: a
+folder without ``manifest.json`` is an unfinished build. Readers verify what they read against it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from infra.core import storage
+from infra.core.config import ConfigError, build, to_dict
+from infra.core.errors import UserError
+
+MANIFEST = "manifest.json"
+REJECTED = "rejected.parquet"
+SCORES = "scores.parquet"
+SELECTION = "selection.parquet"
+SAMPLE_MEMBERS = ("hr.png", "json", "lr.png")  # tar member order per sample (fixed: byte-identical shards)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def stats_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.stats.json"
+
+
+# ---- pixels ------------------------------------------------------------------------------------------------------
+_PNG_STRATEGY = {"default": cv2.IMWRITE_PNG_STRATEGY_DEFAULT, "filtered": cv2.IMWRITE_PNG_STRATEGY_FILTERED,
+                 "huffman_only": cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, "rle": cv2.IMWRITE_PNG_STRATEGY_RLE,
+                 "fixed": cv2.IMWRITE_PNG_STRATEGY_FIXED}
+_PNG_FILTER = {"none": cv2.IMWRITE_PNG_FILTER_NONE, "sub": cv2.IMWRITE_PNG_FILTER_SUB,
+               "up": cv2.IMWRITE_PNG_FILTER_UP, "avg": cv2.IMWRITE_PNG_FILTER_AVG,
+               "paeth": cv2.IMWRITE_PNG_FILTER_PAETH, "fast": cv2.IMWRITE_PNG_FAST_FILTERS,
+               "all": cv2.IMWRITE_PNG_ALL_FILTERS}
+
+
+def encode_png(rgb: np.ndarray, level: int, strategy: str = "rle", filt: str = "paeth") -> bytes:
+    """Deterministic PNG of an RGB uint8 image via OpenCV/libpng. On 512-px photos zlib level 1 + RLE strategy +
+    Paeth filter encodes ~2x faster than the default filters and ~9 % smaller."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(level), cv2.IMWRITE_PNG_STRATEGY, _PNG_STRATEGY[strategy],
+              cv2.IMWRITE_PNG_FILTER, _PNG_FILTER[filt]]
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a PNG member; ValueError when it does not decode."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("member is not a decodable PNG")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# ---- typed records -------------------------------------------------------------------------------------------------
+@dataclass
+class SampleMeta:
+    """``{key}.json``: where a sample comes from and how its LR was made (enough to reproduce it exactly)."""
+
+    key: str
+    source_uri: str
+    sha256: str  # of the source file's bytes
+    original_size: list[int]  # [width, height] of the decoded source
+    label: int  # 0 = high-quality positive, 1 = low-quality negative (image-based CFG)
+    class_id: int  # semantic cluster (stage-1 class-to-image)
+    scores: dict[str, Any]
+    crop: dict[str, Any]
+    hr_size: list[int]
+    lr_size: list[int]
+    scale: int
+    variant: int  # LR variant index of the same HR
+    degradation: dict[str, Any]  # {"preset": name, "params": every sampled parameter incl. the seed}
+    source_meta: dict[str, Any]
+    pipeline_version: str
+    config_hash: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(to_dict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SampleMeta":
+        return build(cls, json.loads(data))
+
+
+@dataclass
+class ShardFailure:
+    uri: str
+    reason: str
+    error: str
+
+
+@dataclass
+class ShardStats:
+    """``{prefix}-{index}.stats.json``: what one shard task wrote (returned to the driver as the task's result)."""
+
+    shard: str
+    index: int
+    samples: int
+    images: int
+    failed: list[ShardFailure]
+    labels: dict[str, int]
+    classes: dict[str, int]
+    hr_size: int
+    lr_size: int
+    config_hash: str
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Counts:
+    """Every input is counted once: kept, rejected (with a reason) or failed (with an error)."""
+
+    inputs: int
+    kept: int
+    rejected: int
+    failed: int
+    rejected_by_reason: dict[str, int]
+    failed_by_reason: dict[str, int]
+    samples: int
+    labels: dict[str, int]
+    classes: int
+
+
+@dataclass
+class TokenCache:
+    """The optional token cache (``varsr data tokenize``): which tokenizer made it and the shard names it wrote."""
+
+    tokenizer_sha256: str
+    patch_nums: list[int]
+    shards: list[ShardEntry]
+
+
+@dataclass
+class Manifest:
+    pipeline_version: str
+    config_hash: str
+    config: dict[str, Any]
+    counts: Counts
+    hr_size: int
+    lr_size: int
+    scale: int
+    lr_variants: int
+    shards: list[ShardEntry]
+    tokens: TokenCache | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_bytes(self) -> bytes:
+        d = to_dict(self)
+        if d["tokens"] is None:
+            del d["tokens"]  # manifests without a token cache stay byte-identical to earlier builds
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+
+def stats_to_bytes(stats: ShardStats) -> bytes:
+    return json.dumps(to_dict(stats), indent=1, sort_keys=True).encode()
+
+
+def read_stats(url: str) -> ShardStats:
+    return _parse(ShardStats, url, storage.read_bytes(url))
+
+
+def _parse(cls, url: str, raw: bytes):
+    try:
+        return build(cls, json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{url} is not valid JSON: {e}") from None
+    except ConfigError as e:
+        raise UserError(f"{url} does not follow the shard contract ({cls.__name__}): {e}") from None
+
+
+def manifest_url(dataset: str) -> str:
+    return storage.join(dataset, MANIFEST)
+
+
+def read_manifest(dataset: str) -> tuple[Manifest, str]:
+    """(manifest, sha256 of its bytes) of a built dataset folder / prefix; UserError when it is missing or invalid."""
+    url = manifest_url(dataset)
+    if not storage.exists(url):
+        raise UserError(f"{dataset} has no {MANIFEST}: not a built dataset, or its build has not finished")
+    raw = storage.read_bytes(url)
+    return _parse(Manifest, url, raw), hashlib.sha256(raw).hexdigest()
+
+
+def write_manifest(dataset: str, manifest: Manifest) -> None:
+    """The commit point of a build: written last, atomically."""
+    storage.write_bytes(manifest_url(dataset), manifest.to_bytes())

@@ -1,0 +1,333 @@
+"""The one shard reader: training (every stage), evaluation and the tests read shards through this module.
+
+* :func:`resolve_shards` turns a dataset folder / URL (its ``manifest.json`` is the source of truth), a glob, a brace
+  pattern or a comma list of tars into a :class:`ShardSet` with the manifest's lineage (sha256, sample count, sizes).
+* :func:`iter_tar` streams one tar from a local path or any fsspec URL (``s3://`` included) through the platform's
+  storage layer, grouping members by sample key as ``webdataset`` does; nothing is copied to local disk first.
+* :class:`ShardStream` is one epoch of decoded samples for one rank and one DataLoader worker: a seeded shard shuffle
+  per epoch, a split by rank (``split="node"``) or a whole stream per rank that keeps its slice of every global batch
+  (``split="global_batch"``), then by worker, and a seeded sample shuffle buffer. Undecodable samples are skipped and
+  counted, never fatal.
+* :class:`BatchStream` is the endless, resumable sequence of batches for one rank: its :class:`DataPosition`
+  ``(epoch, batches consumed in the epoch)`` is saved with training checkpoints, and resuming rebuilds the same
+  epoch and skips the consumed batches, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Decoded samples are dicts: ``hr`` (3, H, W) float in [0, 1]; ``lr`` (3, H, W) the stored LR re-upsampled to the HR
+size (``lr_mode``: ``pil_bicubic`` as at inference, or a torch interpolation mode, or ``random`` = one of them per
+sample, recorded under ``lr_mode``); ``label`` (0/1), ``class_id``, ``key``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from infra.core import storage
+from infra.core.errors import UserError
+
+from .format import Manifest, decode_png, read_manifest
+
+log = logging.getLogger(__name__)
+
+LR_MODES = ("pil_bicubic", "bicubic", "bilinear", "area", "random")
+RANDOM_LR_MODES = ("area", "bilinear", "bicubic")
+
+
+# ---- which shards -------------------------------------------------------------------------------------------------
+@dataclass
+class ShardSet:
+    """Resolved shard URLs plus what the manifest says about them (lineage)."""
+
+    urls: list[str]
+    location: str
+    manifest: Manifest | None = None
+    manifest_sha256: str | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.manifest.num_samples if self.manifest else None
+
+    @property
+    def hr_size(self) -> int | None:
+        return self.manifest.hr_size if self.manifest else None
+
+
+def _glob(pattern: str) -> list[str]:
+    if storage.is_local(pattern):
+        import glob
+
+        return sorted(glob.glob(storage.local_path(pattern)))
+    fs, path = storage.filesystem(pattern)
+    with storage.storage_errors(pattern, "list"):
+        return sorted(f"{storage.protocol(pattern)}://{p}" for p in fs.glob(path))
+
+
+def resolve_shards(spec: str | list[str], check: bool = True) -> ShardSet:
+    """A dataset folder or URL prefix with ``manifest.json`` (every listed shard must exist), a folder of ``.tar``
+    files, a glob, a brace pattern (``shard-{000000..000009}.tar``) or a comma list / list of tar URLs."""
+    if isinstance(spec, (list, tuple)):
+        return ShardSet([str(u) for u in spec], ",".join(map(str, spec)))
+    s = str(spec).strip()
+    if not s:
+        raise UserError("no shards given (a dataset folder / URL with manifest.json, or tar URLs)")
+    if "," in s and "{" not in s:
+        return ShardSet([u.strip() for u in s.split(",") if u.strip()], s)
+    if "{" in s:
+        import braceexpand
+
+        return ShardSet(list(braceexpand.braceexpand(s)), s)
+    if any(c in s for c in "*?["):
+        urls = _glob(s)
+        if not urls:
+            raise UserError(f"no shards match {s}")
+        return ShardSet(urls, s)
+    if s.endswith(".tar"):
+        return ShardSet([s], s)
+    if storage.exists(storage.join(s, "manifest.json")):
+        m, sha = read_manifest(s)
+        urls = [storage.join(s, e.name) for e in m.shards if e.samples > 0]
+        if check:
+            missing = [u for u in urls if not storage.exists(u)]
+            if missing:
+                raise UserError(f"manifest of {s} lists {len(missing)} missing shard(s), e.g. {missing[0]}")
+        return ShardSet(urls, s, m, sha)
+    if storage.is_local(s) and not os.path.exists(storage.local_path(s)):
+        raise UserError(f"shard path {s!r} does not exist")
+    urls = [storage.join(s, n) for n in storage.listdir(s) if fnmatch.fnmatch(n, "*.tar")]
+    if not urls:
+        raise UserError(f"{s} holds neither manifest.json nor .tar shards")
+    return ShardSet(urls, s)
+
+
+# ---- raw samples --------------------------------------------------------------------------------------------------
+def iter_tar(url: str) -> Iterator[dict]:
+    """Samples of one tar, streamed: ``{"__key__": key, "__url__": url, "<ext>": bytes, ...}`` per sample key
+    (the key is the member name up to its first dot, as in webdataset)."""
+    with storage.open_url(url) as f:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            cur: dict | None = None
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                ext = base.split(".", 1)[1]
+                if cur is not None and cur["__key__"] != key:
+                    yield cur
+                    cur = None
+                if cur is None:
+                    cur = {"__key__": key, "__url__": url}
+                cur[ext] = tar.extractfile(m).read()
+            if cur is not None:
+                yield cur
+
+
+# ---- decoding -----------------------------------------------------------------------------------------------------
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    a = a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+    return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
+
+
+def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """LR uint8 (h, w, 3) -> float (3, H, W) in [0, 1], quantised to 8 bits like a stored image."""
+    if mode == "pil_bicubic":
+        up = Image.fromarray(lr).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
+        return _to_tensor(np.asarray(up))
+    x = _to_tensor(lr)[None]
+    kw = {} if mode == "area" else {"align_corners": False}
+    y = F.interpolate(x, size=size_hw, mode=mode, **kw)[0]
+    return y.clamp_(0, 1).mul_(255).round_().div_(255)
+
+
+def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
+                  rng: random.Random | None = None) -> dict:
+    """Raw members -> {hr, lr (re-upsampled), lr_mode, label, class_id, key}; raises on bad data (undecodable PNG,
+    wrong size, missing member) so the stream can skip and count it."""
+    hr = decode_png(raw["hr.png"])
+    if hr.shape[0] != size or hr.shape[1] != size:
+        raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected {size}x{size}")
+    meta = json.loads(raw["json"])
+    out = {"hr": _to_tensor(hr), "label": int(meta["label"]), "class_id": int(meta["class_id"]),
+           "key": raw["__key__"]}
+    if want_lr:
+        mode = lr_mode if lr_mode != "random" else (rng or random).choice(RANDOM_LR_MODES)
+        out["lr"] = upsample_lr(decode_png(raw["lr.png"]), (size, size), mode)
+        out["lr_mode"] = mode
+    return out
+
+
+def peek_hr_size(url: str) -> int | None:
+    """HR side of the first readable sample of a shard (to check the shards fit the model before training)."""
+    for s in iter_tar(url):
+        try:
+            return int(decode_png(s["hr.png"]).shape[0])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+# ---- one epoch for one rank ---------------------------------------------------------------------------------------
+class ShardStream(torch.utils.data.IterableDataset):
+    """One epoch of decoded samples for one rank, sharded over DataLoader workers; deterministic given the seed.
+
+    Yields dicts with an extra ``bad`` field: the number of undecodable samples skipped just before this one.
+    """
+
+    def __init__(self, urls, *, size: int, want_lr: bool, seed: int, epoch: int, rank: int, world: int,
+                 split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic"):
+        if lr_mode not in LR_MODES:
+            raise UserError(f"lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
+        self.urls, self.size, self.want_lr, self.lr_mode = list(urls), size, want_lr, lr_mode
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.split, self.buffer = split, shuffle_buffer
+
+    def shards_for(self, worker: int, nworkers: int) -> list[str]:
+        """This (rank, worker)'s shards of the epoch: seeded shuffle, then split by rank (split=node) and worker."""
+        urls = list(self.urls)
+        random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(urls)
+        if self.split == "node" and self.world > 1:
+            if len(urls) < self.world:
+                raise UserError(f"{len(urls)} shard(s) cannot feed {self.world} ranks with split=node: write more, "
+                                f"smaller shards (shard.max_samples_per_shard) or use data.split=global_batch")
+            urls = urls[self.rank::self.world]
+        return urls[worker::nworkers]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        rank_tag = self.rank if self.split == "node" else 0
+        rng = random.Random(f"{self.seed}/{self.epoch}/{rank_tag}/{worker}/buffer")
+        lr_rng = random.Random(f"{self.seed}/{self.epoch}/{rank_tag}/{worker}/lr_mode")
+        buf: list[dict] = []
+        bad = 0
+
+        def raw_samples():
+            for url in self.shards_for(worker, nworkers):
+                try:
+                    yield from iter_tar(url)
+                except UserError:
+                    raise  # storage unreachable / refused: not a bad sample, a failed run
+                except (tarfile.TarError, OSError, EOFError) as e:  # a corrupt tar tail: count it, go on
+                    log.warning("shard %s: stopped reading (%s: %s)", url, type(e).__name__, e)
+                    yield None
+
+        for raw in raw_samples():
+            if raw is None:
+                bad += 1
+                continue
+            try:
+                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng)
+            except Exception as e:  # noqa: BLE001 - a bad sample: skip and count
+                log.debug("skipping bad sample %s: %s", raw.get("__key__"), e)
+                bad += 1
+                continue
+            if self.buffer <= 1:
+                s["bad"], bad = bad, 0
+                yield s
+                continue
+            buf.append(s)
+            if len(buf) >= self.buffer:
+                out = buf.pop(rng.randrange(len(buf)))
+                out["bad"], bad = bad, 0
+                yield out
+        rng.shuffle(buf)
+        for s in buf:
+            s["bad"], bad = bad, 0
+            yield s
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {
+        "hr": torch.stack([s["hr"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+        "bad": sum(s.get("bad", 0) for s in samples),
+    }
+    if "lr" in samples[0]:
+        out["lr"] = torch.stack([s["lr"] for s in samples])
+        out["lr_mode"] = [s["lr_mode"] for s in samples]
+    return out
+
+
+# ---- endless, resumable batches -----------------------------------------------------------------------------------
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    samples_consumed: int = 0  # per rank, over the whole run
+    bad_samples: int = 0
+
+
+class BatchStream:
+    """Endless per-rank batches over epochs, with a resumable :class:`DataPosition`."""
+
+    def __init__(self, shards: ShardSet, *, size: int, want_lr: bool, batch_size: int, workers: int, seed: int,
+                 rank: int, world: int, split: str = "node", shuffle_buffer: int = 64,
+                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic"):
+        self.shards, self.size, self.want_lr = shards, size, want_lr
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.rank, self.world, self.split, self.buffer = rank, world, split, shuffle_buffer
+        self.lr_mode = lr_mode
+        self.pos = position or DataPosition()
+
+    def epoch_stream(self, epoch: int) -> ShardStream:
+        return ShardStream(self.shards.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
+                           rank=self.rank, world=self.world, split=self.split, shuffle_buffer=self.buffer,
+                           lr_mode=self.lr_mode)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[dict]:
+        global_bs = self.batch_size * (self.world if self.split == "global_batch" else 1)
+        loader = torch.utils.data.DataLoader(
+            self.epoch_stream(epoch), batch_size=global_bs, num_workers=self.workers, collate_fn=collate,
+            drop_last=True, persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
+        )
+        for b in loader:
+            if self.split == "global_batch" and self.world > 1:
+                sl = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+                b = {k: (v[sl] if isinstance(v, (torch.Tensor, list)) else v) for k, v in b.items()}
+            yield b
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            skip = self.pos.batches_in_epoch
+            got_any = False
+            for i, b in enumerate(self._epoch_batches(self.pos.epoch)):
+                got_any = True
+                if i < skip:
+                    continue
+                self.pos.batches_in_epoch += 1
+                self.pos.samples_consumed += len(b["key"])
+                self.pos.bad_samples += int(b["bad"])
+                yield b
+            if not got_any:
+                raise UserError(
+                    f"shards {self.shards.location!r} yielded no complete batch of {self.batch_size} "
+                    f"at {self.size}px for rank {self.rank} (too few valid samples?)")
+            self.pos.epoch += 1
+            self.pos.batches_in_epoch = 0
+
+
+# ---- evaluation pairs ---------------------------------------------------------------------------------------------
+def eval_pairs(spec: str | list[str]) -> list[tuple[str, bytes, bytes]]:
+    """(key, HR PNG bytes, LR PNG bytes) for every sample that has both images, in shard order (decoding is the
+    evaluator's business: it applies its own input limits)."""
+    pairs = [(raw["__key__"].replace("/", "_"), raw["hr.png"], raw["lr.png"])
+             for url in resolve_shards(spec).urls for raw in iter_tar(url) if "hr.png" in raw and "lr.png" in raw]
+    if not pairs:
+        raise UserError(f"no samples with both .hr.png and .lr.png in {spec}")
+    return pairs
