@@ -114,7 +114,10 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = "stop"
     log_every: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    # a DeepSpeed JSON file (path or URL, e.g. configs/deepspeed/zero3_bf16.json) or an inline mapping, merged with
+    # what the trainer derives (batch sizes from data.batch_size/optim.grad_accum/world size; zero_stage, precision
+    # and optim.grad_clip must agree with it): training/deepspeed_engine.py
+    deepspeed: str | dict[str, Any] | None = None
     validation: ValidationSection = field(default_factory=ValidationSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     ray: RaySection = field(default_factory=RaySection)

@@ -26,27 +26,73 @@ def _merge(base: dict, upd: dict) -> dict:
     return out
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# keys the trainer derives from TrainConfig and the world size; a DeepSpeed file's values for them are placeholders
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def load_deepspeed_file(ref: str) -> dict[str, Any]:
+    """A DeepSpeed JSON file: a path (as given, else relative to the repository root, like configs/...) or a URL."""
+    import json
+
+    from infra.core import storage
+
+    url = ref if (not storage.is_local(ref) or os.path.exists(ref)) else os.path.join(REPO_ROOT, ref)
+    if storage.is_local(url) and not os.path.exists(url):
+        raise UserError(f"deepspeed config {ref} does not exist")
+    try:
+        data = json.loads(storage.read_text(url))
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed config {ref} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"deepspeed config {ref} must hold a JSON object")
+    return data
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for ``cfg``: batch sizes, ZeRO stage, precision, clipping (+ ``cfg.deepspeed`` merged)."""
+    """The DeepSpeed config of a run: ``cfg.deepspeed`` (a JSON file or a mapping: ZeRO tuning, communication,
+    anything DeepSpeed reads) merged with what the trainer derives. Batch sizes always come from the TrainConfig
+    and the world size (a file's batch keys are placeholders, so the file alone still parses with DeepSpeed's own
+    config class); ZeRO stage, precision and gradient clipping are the TrainConfig's toggles, and a file that
+    says otherwise is refused with the conflicting key named."""
+    user = load_deepspeed_file(cfg.deepspeed) if isinstance(cfg.deepspeed, str) else dict(cfg.deepspeed or {})
     micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
-    ds: dict[str, Any] = {
+    defaults: dict[str, Any] = {  # what a file may change
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage >= 2:  # safe on gloo/CPU; GPU files turn overlap_comm on
+        defaults["zero_optimization"] = {"overlap_comm": False, "contiguous_gradients": True}
+    derived: dict[str, Any] = {  # what the TrainConfig decides
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
     }
-    if cfg.zero_stage >= 2:
-        ds["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
     if cfg.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        derived["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
-        # spec §5.4: GradScaler init 2^11, growth interval 1000
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 11, "loss_scale_window": 1000, "min_loss_scale": 1}
-    return _merge(ds, cfg.deepspeed)
+        # the paper's loss scaling (docs/MODEL.md §5.4): initial scale 2^11, growth interval 1000
+        derived["fp16"] = {"enabled": True, "initial_scale_power": 11, "loss_scale_window": 1000, "min_loss_scale": 1}
+    owned = {"zero_optimization.stage": cfg.zero_stage, "gradient_clipping": cfg.optim.grad_clip,
+             "bf16.enabled": cfg.precision == "bf16", "fp16.enabled": cfg.precision == "fp16"}
+    for key, mine in owned.items():
+        theirs = _get(user, key)
+        if theirs is not None and theirs != mine:
+            where = cfg.deepspeed if isinstance(cfg.deepspeed, str) else "deepspeed"
+            raise UserError(f"{where} sets {key}={theirs!r} but this run has {key}={mine!r} (from zero_stage / "
+                            f"precision / optim.grad_clip); change one so they agree")
+    return _merge(_merge(defaults, {k: v for k, v in user.items() if k not in BATCH_KEYS}), derived)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:

@@ -24,8 +24,13 @@ def _cfg(tmp_path, name, shards, *extra):
 
 
 def test_bf16_zero3_trains_and_exports(shards, tmp_path, dist_port):
-    r = train(_cfg(tmp_path, "bf16z3", shards, "precision=bf16", "zero_stage=3", "max_steps=3"))
+    """Also the cluster DeepSpeed file: its ZeRO-3 tuning is merged with the trainer's batch sizes."""
+    r = train(_cfg(tmp_path, "bf16z3", shards, "precision=bf16", "zero_stage=3", "max_steps=3",
+                   "deepspeed=configs/deepspeed/zero3_bf16.json"))
     assert r.steps == 3 and all(math.isfinite(x) for x in r.losses)
+    used = json.loads((tmp_path / "bf16z3" / "deepspeed_config.json").read_text())
+    assert used["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000   # from the file
+    assert used["train_micro_batch_size_per_gpu"] == 4 and used["train_batch_size"] == 4  # from the TrainConfig
     vq, var = from_pretrained(r.export_dir)  # gathered ZeRO-3 shards export as a full native checkpoint
     assert var.cfg.name == "tiny"
     assert all(torch.isfinite(p).all() for p in var.parameters())
