@@ -31,7 +31,7 @@ ARTIFACT_CHECKPOINT = "checkpoint"
 ARTIFACT_CONFIG = "inference_config"
 CONFIG_FILENAME = "inference.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_PACKAGES = ("model", "inference", "infra")  # importable inside the model, whatever environment serves it
+SERVED_ENTRY = "inference.mlflow_model"  # the served model ships this module and everything it can import
 PIP_REQUIREMENTS = ["mlflow==3.17.2", "torch==2.13.0", "pillow==13.0.0", "numpy==2.4.6", "pandas==3.1.1",
                     "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4"]
 
@@ -132,15 +132,39 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
     ckpt = require_native_checkpoint(ckpt_dir)
     with tempfile.TemporaryDirectory(prefix="varsr-log-") as tmp:
         cfg_path = save_config(config, Path(tmp) / CONFIG_FILENAME)
+        code_paths = served_code(Path(tmp) / "code")
         sig = signature(config)
         example = (example_input(), {"scale": float(config.sampling.scale), "seed": 0})
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=VARSRPyfunc(),
             artifacts={ARTIFACT_CHECKPOINT: str(ckpt), ARTIFACT_CONFIG: str(cfg_path)},
-            code_paths=[str(REPO_ROOT / pkg) for pkg in CODE_PACKAGES],
+            code_paths=code_paths,
             signature=sig,
             input_example=example if validate_example else None,
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_model_name,
         )
+
+
+def served_modules() -> list[str]:
+    """The project modules the served model can import: the closure of ``inference.mlflow_model`` (model,
+    inference's pipeline, the bottom layer it uses), never the CLI, the demo, training or the data pipeline."""
+    from infra.core.imports import closure, import_graph
+
+    return sorted(closure(import_graph(REPO_ROOT), SERVED_ENTRY))
+
+
+def served_code(dest: Path) -> list[str]:
+    """Copy exactly :func:`served_modules` into ``dest`` (package layout kept); returns MLflow ``code_paths``."""
+    import shutil
+
+    from infra.core.imports import list_modules
+
+    files = list_modules(REPO_ROOT)
+    for m in served_modules():
+        src = files[m]
+        dst = dest / src.relative_to(REPO_ROOT)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return [str(p) for p in sorted(dest.iterdir())]

@@ -90,6 +90,25 @@ def test_registry_has_the_version_alias_tags_signature_and_example(registry, mon
     assert default_tracking_uri() == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def test_the_served_model_ships_only_the_code_it_runs(registry, tmp_path):
+    """The logged model's code folder holds exactly the import closure of inference.mlflow_model: the pipeline, the
+    model and the bottom layer, never the CLI, the demo, training or the data pipeline."""
+    import mlflow
+
+    from infra.core.tracking import tracking_uri_scope
+    from inference.mlflow_model import served_modules
+
+    with tracking_uri_scope(registry["uri"]):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path)))
+    shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
+    expected = sorted(m.replace(".", "/") + ("/__init__.py" if (Path(m.replace(".", "/")) / "__init__.py").is_file()
+                                             else ".py") for m in served_modules())
+    assert shipped == expected
+    assert "inference/mlflow_model.py" in shipped and "model/varsr.py" in shipped
+    assert not any(p.startswith(("training/", "data_pipeline/")) or p in ("infra/cli.py", "infra/demo.py")
+                   or p.startswith("infra/demo") for p in shipped)
+
+
 def test_good_images_round_trip_with_the_expected_size(server):
     r = invoke(server, {**split(photo_b64(16, 12), photo_b64(10, 10, "L", "JPEG")), "params": {"seed": 0}})
     assert r.status_code == 200, r.text
