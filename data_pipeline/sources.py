@@ -1,7 +1,8 @@
 """Input sources: a local folder (recursive), a glob, any fsspec URL, or a manifest (Parquet/CSV/JSONL).
 
 `list_sources` turns a source spec into a sorted, de-duplicated list of `SourceItem`s (URI + optional metadata);
-`read_bytes` fetches one through fsspec. Sample ids come later from the content hash (sha256 of the bytes).
+`read_bytes` fetches one through the platform's storage layer (``infra.core.storage``: a missing bucket or refused
+credentials end in one line naming the URL). Sample ids come later from the content hash (sha256 of the bytes).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import fsspec
+from infra.core import storage
 
 from .config import SourceConfig
 
@@ -43,7 +44,7 @@ def _wanted(name: str, cfg: SourceConfig) -> bool:
 
 def _read_manifest(uri: str, cfg: SourceConfig) -> list[SourceItem]:
     import pandas as pd
-    with fsspec.open(uri, "rb") as f:
+    with storage.open_url(uri) as f:
         if uri.endswith(".parquet"):
             df = pd.read_parquet(f)
         elif uri.endswith(".csv"):
@@ -78,14 +79,17 @@ def list_sources(spec: str | Path | Iterable[str], cfg: SourceConfig | None = No
         if s.lower().endswith(MANIFEST_SUFFIXES) and not _is_glob(s):
             items = _read_manifest(s, cfg)
         elif _has_protocol(s):
-            fs, path = fsspec.core.url_to_fs(s)
+            fs, path = storage.filesystem(s)
             proto = s.split("://", 1)[0]
-            if _is_glob(path):
-                paths = fs.glob(path)
-            elif fs.isdir(path):
-                paths = fs.find(path)
-            else:
-                paths = [path]
+            with storage.storage_errors(s, "list"):
+                if _is_glob(path):
+                    paths = fs.glob(path)
+                elif fs.isdir(path):
+                    paths = fs.find(path)
+                elif fs.exists(path):
+                    paths = [path]
+                else:
+                    raise FileNotFoundError(path)
             items = [SourceItem(f"{proto}://{p}") for p in paths if _wanted(p, cfg)]
         elif _is_glob(local):
             items = [SourceItem(os.path.abspath(p)) for p in _glob.glob(local, recursive=True)
@@ -104,6 +108,6 @@ def list_sources(spec: str | Path | Iterable[str], cfg: SourceConfig | None = No
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """Read a file through fsspec; reads at most max_bytes + 1 bytes so oversize files are detected cheaply."""
-    with fsspec.open(uri, "rb") as f:
+    """Read a file (local or URL); reads at most max_bytes + 1 bytes so oversize files are detected cheaply."""
+    with storage.open_url(uri) as f, storage.storage_errors(uri, "read"):
         return f.read() if max_bytes is None else f.read(max_bytes + 1)
