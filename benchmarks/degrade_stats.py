@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))   # PYTHONPATH (e.g. an older checkout) wins
 
 VARIANTS = {
     "reference_ops": ["degradation.resize_backend=torch", "degradation.jpeg_backend=diffjpeg"],
