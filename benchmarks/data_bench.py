@@ -1,12 +1,17 @@
 """Throughput of the full per-sample materialisation (read -> decode -> crop 512 -> degrade -> PNG encode -> tar
 write) through the real Ray shard job, on 1 and on 2 cores; prints ONE JSON object.
 
-    python benchmarks/data_bench.py [--images 192] [--crop 512] [--preset varsr-mild] [--per-shard 48]
+    python benchmarks/data_bench.py [--images 192] [--crop 512] [--preset varsr-mild] [--per-shard 48] [--op-reps 15]
 
 Sources are real photos bundled with scikit-image / scikit-learn (short side >= crop), reused round-robin.
 Wall time includes Ray scheduling; per-stage wall and CPU ms per sample are measured inside the workers. On a shared
 machine (other jobs running) wall-clock rates and wall-clock scaling understate the pipeline: the CPU-time figures
 (`samples_per_cpu_s`, `stage_cpu_ms_per_sample`) are then the reliable per-core throughput.
+
+`operators_cpu_ms_per_call`: the degradation's operators timed in this process, each new backend against the
+earlier one in interleaved rounds (torch-semantics resize vs cv2.resize on the first-order resize of a 512^2 image;
+the tensor JPEG vs libjpeg at 512^2, 333^2, 128^2; the reader's resize-back 128 -> 512 vs PIL bicubic; one whole
+`degrade()` of a 512^2 crop per backend combination), with `ratio_over_earlier` of the medians.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +29,63 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _op_timings(reps: int) -> dict:
+    """Per-call CPU ms of the degradation operators, new against earlier backend, interleaved in this process
+    (each round runs every variant once, so load changes hit all variants alike); median and min over rounds."""
+    import cv2
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from data_pipeline.config import DegradationConfig
+    from data_pipeline.degrade import degrade, resize_back
+    from data_pipeline.degrade.jpeg import diff_jpeg, lib_jpeg
+    from data_pipeline.degrade.resize import opencv_resize, torch_resize
+
+    cv2.setNumThreads(1)
+    hr = np.ascontiguousarray(skimage.data.astronaut())                          # 512 x 512
+    x = hr.astype(np.float32) / np.float32(255.0)
+    lr = np.ascontiguousarray(hr[::4, ::4])
+    cases: dict[str, object] = {}
+    for mode in ("area", "bilinear", "bicubic"):
+        for s in (0.3, 0.65, 1.25):                                              # first-order resize of 512^2
+            size = (int(512 * s), int(512 * s))
+            cases[f"resize_{mode}_x{s}/torch"] = lambda m=mode, s=s: torch_resize(x, m, scale_factor=s)
+            cases[f"resize_{mode}_x{s}/opencv"] = lambda m=mode, z=size: opencv_resize(x, m, z)
+    for side in (512, 333, 128):
+        xs = np.ascontiguousarray(x[:side, :side])
+        cases[f"jpeg_{side}/diffjpeg"] = lambda a=xs: diff_jpeg(a, 77.7)
+        cases[f"jpeg_{side}/libjpeg"] = lambda a=xs: lib_jpeg(a, 78)
+    for mode in ("area", "bilinear", "bicubic"):
+        cases[f"resize_back_128_to_512/torch_{mode}"] = lambda m=mode: resize_back(lr, (512, 512), m)
+    cases["resize_back_128_to_512/pil_bicubic"] = lambda: np.asarray(
+        Image.fromarray(lr).resize((512, 512), Image.Resampling.BICUBIC))
+    cfgs = {f"{r}+{j}": DegradationConfig(resize_backend=r, jpeg_backend=j)
+            for r, j in (("torch", "diffjpeg"), ("opencv", "libjpeg"), ("torch", "libjpeg"), ("opencv", "diffjpeg"))}
+    for name, cfg in cfgs.items():
+        cases[f"degrade_512/{name}"] = lambda c=cfg: [degrade(hr, c, seed) for seed in range(8)]
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for f in cases.values():                                                     # warm-up: imports, caches
+        f()
+    for _ in range(reps):
+        for k, f in cases.items():
+            t0 = time.process_time()
+            f()
+            times[k].append(1000 * (time.process_time() - t0) / (8 if k.startswith("degrade_") else 1))
+    out: dict[str, dict] = {}
+    for k, v in times.items():
+        op, variant = k.split("/")
+        out.setdefault(op, {})[variant] = {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)}
+    earlier = ("opencv", "libjpeg", "pil_bicubic", "opencv+libjpeg")
+    for op, d in out.items():
+        med = {k: v["median_ms"] for k, v in d.items()}
+        old = next((med[k] for k in earlier if k in med), None)
+        ratios = {k: round(v / old, 2) for k, v in med.items() if k not in earlier and old}
+        if ratios:
+            d["ratio_over_earlier"] = ratios if len(ratios) > 1 else next(iter(ratios.values()))
+    return out
 
 
 def main() -> None:
@@ -33,6 +96,7 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=48)
     ap.add_argument("--png-level", type=int, default=1)
     ap.add_argument("--cores", default="1,2")
+    ap.add_argument("--op-reps", type=int, default=15, help="rounds of the per-operator timings (0: skip)")
     args = ap.parse_args()
 
     import logging
@@ -92,6 +156,7 @@ def main() -> None:
                 "shards": r["shards"], "bytes": sum(s["bytes"] for s in r["manifest"]["shards"]),
             }
         ray.shutdown()
+        ops = _op_timings(args.op_reps) if args.op_reps > 0 else None
         out = {"benchmark": "data_pipeline materialise (decode -> crop -> degrade -> encode -> write) via Ray",
                "config": {"images": args.images, "crop": args.crop, "scale": 4, "preset": args.preset,
                           "hr_png_level": args.png_level, "samples_per_shard": args.per_shard,
@@ -100,6 +165,8 @@ def main() -> None:
                            "load_avg_1min_before": load_before,
                            "note": "shared 2-core dev machine; other jobs may run concurrently"},
                "results": {f"{n}_core{'s' if n > 1 else ''}": v for n, v in results.items()}}
+        if ops is not None:
+            out["operators_cpu_ms_per_call"] = ops
         if 1 in results and 2 in results:
             eff = results[2]["samples_per_s"] / (2 * results[1]["samples_per_s"])
             out["scaling_efficiency_2_cores"] = round(eff, 3)

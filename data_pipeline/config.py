@@ -143,6 +143,12 @@ class DegradationConfig:
     gray_noise_prob2: float = 0.4
     jpeg_range2: Range = (60.0, 100.0)
     final_order_resize_first_prob: float = 0.5   # [resize -> sinc -> JPEG] with this p, else [JPEG -> resize -> sinc]
+    # operators: torch = F.interpolate semantics (scale-factor pixel mapping, area = adaptive average pooling);
+    # opencv = cv2.resize. diffjpeg = the reference's tensor JPEG at a float quality; libjpeg = real JPEG, int quality
+    resize_backend: Literal["torch", "opencv"] = "torch"
+    jpeg_backend: Literal["diffjpeg", "libjpeg"] = "diffjpeg"
+    # training reader: the LR is resized back to the HR size with one of these modes, drawn per sample
+    resize_back_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
 
 
 @dataclass

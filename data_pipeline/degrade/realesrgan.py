@@ -1,17 +1,22 @@
-"""Real-ESRGAN second-order degradation (spec §5.7), split into sampling and application.
+"""Real-ESRGAN second-order degradation (the VARSR training LR synthesis), split into sampling and application.
 
 `sample_degradation(rng, cfg, hr_shape)` draws every random choice (kernels, resize modes and scales, noise kinds,
 noise seeds, JPEG qualities, final order) into a JSON-able dict; `apply_degradation(hr, params)` is a pure function
-of the HR image and that dict, so the parameters recorded in a sample's JSON reproduce its LR exactly.
+of the HR image and that dict, so the parameters recorded in a sample's JSON reproduce its LR exactly. The dict
+also records which operator implementations ("backends") produced the LR.
 
-Implementation notes (differences from the PyTorch research code, all documented here):
+Operators (how they relate to the PyTorch reference code):
 - blur: `cv2.filter2D` with BORDER_REFLECT_101 = torch 'reflect' padding + correlation (no kernel flip), as BasicSR;
   separable (rank-1) kernels, i.e. isotropic Gaussians, use `cv2.sepFilter2D` (same result up to float rounding);
-- resize modes use OpenCV: area -> INTER_AREA, bilinear -> INTER_LINEAR (= torch bilinear, align_corners=False,
-  no antialias), bicubic -> INTER_CUBIC (a = -0.75 like torch). INTER_AREA equals torch 'area' (adaptive average
-  pooling) for integer down-scaling factors and differs slightly otherwise;
-- JPEG: OpenCV/libjpeg encode + decode of the 8-bit-rounded image at an integer quality (upstream DiffJPEG uses a
-  float quality); sampled qualities are rounded to the nearest integer and recorded;
+- resize (`resize.py`), backend "torch" (default): PyTorch `F.interpolate` semantics as the reference calls it:
+  the first-order resize by a scale factor (pixel centres mapped with 1/s), the second-order and final resizes to
+  a size (mapped with in/out); area = adaptive average pooling; bilinear and bicubic (a = -0.75) with
+  align_corners=False, no antialias. Backend "opencv": cv2.resize to the same output sizes (INTER_AREA /
+  INTER_LINEAR / INTER_CUBIC), which maps pixels with the size ratio and averages areas differently;
+- JPEG (`jpeg.py`), backend "diffjpeg" (default): the reference's tensor JPEG (4:2:0, 8x8 DCT, float-scaled
+  standard tables, rounding of the coefficients, inverse) at the sampled float quality, on the unrounded image
+  clamped to [0, 1]. Backend "libjpeg": OpenCV/libjpeg encode + decode of the 8-bit-rounded image at the quality
+  rounded to an integer (real JPEG artefacts);
 - noise: float32 NumPy PCG64 streams seeded by the recorded per-stage seed; Poisson noise as BasicSR
   (values counted on the 8-bit-rounded image, rounded up to a power of two).
 Images are float32 RGB in [0, 1] (H, W, 3) internally; the result is the 8-bit LR at HR/scale.
@@ -27,9 +32,14 @@ import cv2
 import numpy as np
 
 from ..config import DegradationConfig, KernelConfig
+from .jpeg import diff_jpeg, lib_jpeg
 from .kernels import kernel_from_params, sinc_kernel
+from .resize import MODES, opencv_resize, torch_resize
 
-_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+RESIZE_BACKENDS = ("torch", "opencv")
+JPEG_BACKENDS = ("diffjpeg", "libjpeg")
+# parameters recorded without "backends" (shards written before the choice existed) were made with these
+LEGACY_BACKENDS = {"resize": "opencv", "jpeg": "libjpeg"}
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -78,11 +88,24 @@ def _sample_noise(rng, gauss_p, sigma_range, poisson_range, gray_p) -> dict:
     return d
 
 
+def _check(cfg: DegradationConfig) -> None:
+    if cfg.resize_backend not in RESIZE_BACKENDS or cfg.jpeg_backend not in JPEG_BACKENDS:
+        raise ValueError(f"degradation backends must be resize_backend in {RESIZE_BACKENDS} and jpeg_backend in "
+                         f"{JPEG_BACKENDS}, got {cfg.resize_backend!r}, {cfg.jpeg_backend!r}")
+    for name in ("resize_modes", "resize_back_modes"):
+        modes = list(getattr(cfg, name))
+        if not modes or any(m not in MODES for m in modes):
+            raise ValueError(f"degradation.{name} must be a non-empty list of {MODES}, got {modes}")
+
+
 def sample_degradation(rng: np.random.Generator, cfg: DegradationConfig, hr_shape: tuple[int, int]) -> dict:
     """Draw all parameters of one degradation of an HR image of shape (H, W)."""
+    _check(cfg)
     h, w = hr_shape
     modes = list(cfg.resize_modes)
     pick = lambda: str(modes[int(rng.choice(len(modes)))])  # noqa: E731
+    # libjpeg takes an integer quality; the tensor JPEG keeps the sampled float, as the reference
+    quality = (lambda q: int(round(q))) if cfg.jpeg_backend == "libjpeg" else float
     k1 = _sample_kernel(rng, cfg.kernel1)
     k2 = _sample_kernel(rng, cfg.kernel2)
     if rng.random() < cfg.final_sinc_prob:
@@ -92,7 +115,7 @@ def sample_degradation(rng: np.random.Generator, cfg: DegradationConfig, hr_shap
         final_sinc = None                       # identity (pulse) kernel
     r1 = {**_sample_resize(rng, cfg.resize_prob, cfg.resize_range), "mode": pick()}
     n1 = _sample_noise(rng, cfg.gaussian_noise_prob, cfg.noise_range, cfg.poisson_scale_range, cfg.gray_noise_prob)
-    j1 = int(round(_u(rng, cfg.jpeg_range)))
+    j1 = quality(_u(rng, cfg.jpeg_range))
     second_blur = bool(rng.random() < cfg.second_blur_prob)
     r2 = {**_sample_resize(rng, cfg.resize_prob2, cfg.resize_range2), "mode": pick()}
     r2["size"] = [int(h / cfg.scale * r2["scale"]), int(w / cfg.scale * r2["scale"])]
@@ -100,11 +123,12 @@ def sample_degradation(rng: np.random.Generator, cfg: DegradationConfig, hr_shap
                        cfg.gray_noise_prob2)
     order = "resize_sinc_jpeg" if rng.random() < cfg.final_order_resize_first_prob else "jpeg_resize_sinc"
     r3 = {"mode": pick(), "size": [h // cfg.scale, w // cfg.scale]}
-    j2 = int(round(_u(rng, cfg.jpeg_range2)))
+    j2 = quality(_u(rng, cfg.jpeg_range2))
     return {"kernel1": k1, "resize1": r1, "noise1": n1, "jpeg1": {"quality": j1},
             "second_blur": second_blur, "kernel2": k2, "resize2": r2, "noise2": n2,
             "final_order": order, "resize3": r3, "final_sinc": final_sinc, "jpeg2": {"quality": j2},
-            "scale": cfg.scale}
+            "scale": cfg.scale, "backends": {"resize": cfg.resize_backend, "jpeg": cfg.jpeg_backend},
+            "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]}}
 
 
 # ---------------------------------------------------------------------------------------------------- operators
@@ -116,13 +140,6 @@ def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
         row = (vt[0] * np.sqrt(sv[0])).astype(np.float32)
         return cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101)
     return cv2.filter2D(img, -1, kernel.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
-
-
-def resize(img: np.ndarray, size_hw: tuple[int, int], mode: str) -> np.ndarray:
-    h, w = max(1, int(size_hw[0])), max(1, int(size_hw[1]))
-    if (h, w) == img.shape[:2]:
-        return img
-    return cv2.resize(img, (w, h), interpolation=_MODES[mode])
 
 
 def add_noise(img: np.ndarray, p: dict) -> np.ndarray:
@@ -142,40 +159,53 @@ def add_noise(img: np.ndarray, p: dict) -> np.ndarray:
     return np.clip(img + noise, 0.0, 1.0, dtype=np.float32)
 
 
-def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / np.float32(255)
+def _resize(img: np.ndarray, backend: str, mode: str, size_hw=None, scale: float | None = None) -> np.ndarray:
+    """Resize by a scale factor (`scale`) or to `size_hw`; the opencv backend always resizes to the size."""
+    if backend == "torch":
+        return torch_resize(img, mode, size=size_hw, scale_factor=scale)
+    if backend == "opencv":
+        if size_hw is None:
+            size_hw = (int(img.shape[0] * scale), int(img.shape[1] * scale))
+        return opencv_resize(img, mode, size_hw)
+    raise ValueError(f"unknown resize backend {backend!r}; expected one of {RESIZE_BACKENDS}")
+
+
+def _jpeg(img: np.ndarray, backend: str, quality: float) -> np.ndarray:
+    if backend == "diffjpeg":
+        return diff_jpeg(np.clip(img, 0.0, 1.0), float(quality))
+    if backend == "libjpeg":
+        return lib_jpeg(img, int(quality))
+    raise ValueError(f"unknown JPEG backend {backend!r}; expected one of {JPEG_BACKENDS}")
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 def apply_degradation(hr: np.ndarray, params: dict) -> np.ndarray:
     """HR uint8 (H, W, 3) RGB + parameters -> LR uint8 (H/scale, W/scale, 3). Deterministic."""
     h, w = hr.shape[:2]
+    be = params.get("backends", LEGACY_BACKENDS)
+    rz, jp = be["resize"], be["jpeg"]
     x = hr.astype(np.float32) / np.float32(255.0)
-    # first order: blur -> resize -> noise -> JPEG
+    # first order: blur -> resize (by a scale factor) -> noise -> JPEG
     x = blur(x, kernel_from_params(params["kernel1"]))
     r1 = params["resize1"]
-    x = resize(x, (int(h * r1["scale"]), int(w * r1["scale"])), r1["mode"])
+    x = _resize(x, rz, r1["mode"], scale=r1["scale"])
     x = add_noise(x, params["noise1"])
-    x = jpeg(x, params["jpeg1"]["quality"])
-    # second order: (blur) -> resize -> noise -> final [resize -> sinc -> JPEG] or [JPEG -> resize -> sinc]
+    x = _jpeg(x, jp, params["jpeg1"]["quality"])
+    # second order: (blur) -> resize (to a size) -> noise -> final [resize -> sinc -> JPEG] or [JPEG -> resize -> sinc]
     if params["second_blur"]:
         x = blur(x, kernel_from_params(params["kernel2"]))
-    x = resize(x, params["resize2"]["size"], params["resize2"]["mode"])
+    x = _resize(x, rz, params["resize2"]["mode"], size_hw=params["resize2"]["size"])
     x = add_noise(x, params["noise2"])
     fs = params["final_sinc"]
     r3 = params["resize3"]
     if params["final_order"] == "resize_sinc_jpeg":
-        x = resize(x, r3["size"], r3["mode"])
+        x = _resize(x, rz, r3["mode"], size_hw=r3["size"])
         if fs is not None:
             x = blur(x, sinc_kernel(fs["size"], fs["omega_c"]))
-        x = jpeg(x, params["jpeg2"]["quality"])
+        x = _jpeg(x, jp, params["jpeg2"]["quality"])
     else:
-        x = jpeg(x, params["jpeg2"]["quality"])
-        x = resize(x, r3["size"], r3["mode"])
+        x = _jpeg(x, jp, params["jpeg2"]["quality"])
+        x = _resize(x, rz, r3["mode"], size_hw=r3["size"])
         if fs is not None:
             x = blur(x, sinc_kernel(fs["size"], fs["omega_c"]))
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Real-ESRGAN degradation (spec §5.7): kernels, parameter ranges, sizes, determinism, the varsr-mild preset."""
+"""Real-ESRGAN degradation (docs/MODEL.md §5.7): kernels, parameter ranges, sizes, determinism, the varsr-mild preset."""
 from __future__ import annotations
 
 import math
@@ -41,6 +41,9 @@ def test_varsr_mild_preset_matches_spec_table():
     assert d.second_blur_prob == 0.5 and d.resize_prob2 == (0.3, 0.4, 0.3) and d.resize_range2 == (0.6, 1.2)
     assert d.gaussian_noise_prob2 == 0.5 and d.noise_range2 == (1, 12) and d.poisson_scale_range2 == (0.05, 1.0)
     assert d.gray_noise_prob2 == 0.4 and d.jpeg_range2 == (60, 100) and d.final_order_resize_first_prob == 0.5
+    # the reference's operators: F.interpolate resize, tensor JPEG; resize-back over the three modes
+    assert d.resize_backend == "torch" and d.jpeg_backend == "diffjpeg"
+    assert tuple(d.resize_back_modes) == ("area", "bilinear", "bicubic")
 
 
 def test_realesrgan_preset_is_stronger():
@@ -48,6 +51,7 @@ def test_realesrgan_preset_is_stronger():
     assert strong.preset == "realesrgan-x4plus"
     assert strong.noise_range[1] > mild.noise_range[1] and strong.jpeg_range[0] < mild.jpeg_range[0]
     assert strong.second_blur_prob == 0.8 and strong.resize_range == (0.15, 1.5)
+    assert strong.resize_backend == "torch" and strong.jpeg_backend == "libjpeg"
 
 
 @pytest.mark.parametrize("kind", ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
