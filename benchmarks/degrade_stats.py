@@ -85,7 +85,10 @@ def main() -> None:
 
     import cv2
 
-    from data_pipeline.config import load_config
+    try:
+        from data_pipeline.config import load_build_config as load_config
+    except ImportError:  # an older checkout measured through PYTHONPATH
+        from data_pipeline.config import load_config
     from data_pipeline.degrade import degrade
     from data_pipeline.scorers import blockiness, noise_sigma, sharpness
 

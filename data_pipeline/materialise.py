@@ -102,7 +102,8 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             try:
                 res = materialise_image(row, cfg, timings=timings)
             except Exception as e:  # noqa: BLE001 - recorded as failed(error); the shard goes on
-                res = ("read_error" if isinstance(e, OSError) else "materialise_error", f"{type(e).__name__}: {e}")
+                res = ("read_error" if isinstance(e, (OSError, storage.StorageError)) else "materialise_error",
+                       f"{type(e).__name__}: {e}")
             if isinstance(res, tuple):
                 failures.append(ShardFailure(uri=row["uri"], reason=res[0], error=res[1]))
                 continue

@@ -36,6 +36,9 @@ class DataSection:
     shuffle_buffer: int = 64
     samples_per_epoch: int | None = None  # None -> manifest sample count
     split: Literal["node", "global_batch"] = "node"  # global_batch: every rank reads the stream, keeps its slice
+    # how the stored LR is resized back to the model size: pil_bicubic (as at inference) or random (a torch mode per
+    # sample, as the reference training does; on in the varsr-mild training configs) or one fixed torch mode
+    lr_upsample: Literal["pil_bicubic", "random", "bicubic", "bilinear", "area"] = "pil_bicubic"
 
 
 @dataclass

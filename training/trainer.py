@@ -148,7 +148,7 @@ class Trainer:
         self.stream = BatchStream(
             self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
             workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
-            shuffle_buffer=cfg.data.shuffle_buffer, position=position)
+            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")

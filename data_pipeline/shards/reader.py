@@ -12,9 +12,11 @@
   ``(epoch, batches consumed in the epoch)`` is saved with training checkpoints, and resuming rebuilds the same
   epoch and skips the consumed batches, so a resumed run sees exactly the batches an uninterrupted run would.
 
-Decoded samples are dicts: ``hr`` (3, H, W) float in [0, 1]; ``lr`` (3, H, W) the stored LR re-upsampled to the HR
-size (``lr_mode``: ``pil_bicubic`` as at inference, or a torch interpolation mode, or ``random`` = one of them per
-sample, recorded under ``lr_mode``); ``label`` (0/1), ``class_id``, ``key``.
+Decoded samples are dicts: ``hr`` (3, H, W) float in [0, 1]; ``lr`` (3, H, W) the stored LR resized back to the HR
+size (``lr_mode``: ``pil_bicubic`` as at inference; ``area`` / ``bilinear`` / ``bicubic`` with torch's interpolation
+semantics; or ``random``: one of those drawn per sample, as the reference training does — the modes a sample's
+degradation recorded, see ``data_pipeline.degrade.resize``), with the mode used under ``lr_mode``; ``label`` (0/1),
+``class_id``, ``key``.
 """
 from __future__ import annotations
 
@@ -29,18 +31,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from infra.core import storage
 from infra.core.errors import UserError
 
+from ..degrade.resize import RESIZE_BACK_MODES, random_resize_back, resize_back
 from .format import Manifest, decode_png, read_manifest
 
 log = logging.getLogger(__name__)
 
 LR_MODES = ("pil_bicubic", "bicubic", "bilinear", "area", "random")
-RANDOM_LR_MODES = ("area", "bilinear", "bicubic")
 
 
 # ---- which shards -------------------------------------------------------------------------------------------------
@@ -141,14 +142,12 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Tensor:
-    """LR uint8 (h, w, 3) -> float (3, H, W) in [0, 1], quantised to 8 bits like a stored image."""
+    """LR uint8 (h, w, 3) -> float (3, H, W) in [0, 1], quantised to 8 bits like a stored image: PIL bicubic (the
+    inference pre-processing) or a torch-semantics interpolation (the training resize-back)."""
     if mode == "pil_bicubic":
         up = Image.fromarray(lr).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC)
         return _to_tensor(np.asarray(up))
-    x = _to_tensor(lr)[None]
-    kw = {} if mode == "area" else {"align_corners": False}
-    y = F.interpolate(x, size=size_hw, mode=mode, **kw)[0]
-    return y.clamp_(0, 1).mul_(255).round_().div_(255)
+    return resize_back(lr, size_hw, mode)
 
 
 def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
@@ -162,9 +161,15 @@ def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicub
     out = {"hr": _to_tensor(hr), "label": int(meta["label"]), "class_id": int(meta["class_id"]),
            "key": raw["__key__"]}
     if want_lr:
-        mode = lr_mode if lr_mode != "random" else (rng or random).choice(RANDOM_LR_MODES)
-        out["lr"] = upsample_lr(decode_png(raw["lr.png"]), (size, size), mode)
-        out["lr_mode"] = mode
+        lr = decode_png(raw["lr.png"])
+        if lr_mode == "random":
+            modes = (meta.get("degradation", {}).get("params", {}).get("resize_back", {})
+                     .get("modes", RESIZE_BACK_MODES))
+            out["lr"], drawn = random_resize_back(lr, (size, size), rng or random.Random(0), modes)
+            out["lr_mode"] = drawn["mode"]
+        else:
+            out["lr"] = upsample_lr(lr, (size, size), lr_mode)
+            out["lr_mode"] = lr_mode
     return out
 
 
