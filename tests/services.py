@@ -311,9 +311,11 @@ def postgres_server():
         _timed("PostgreSQL", t0)
         yield server
     finally:
+        t1 = time.monotonic()
         subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, cwd=base, **as_user)
         shutil.rmtree(base, ignore_errors=True)
+        print(f"[services] PostgreSQL stopped in {time.monotonic() - t1:.1f} s", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------- MLflow

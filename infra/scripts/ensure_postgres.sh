@@ -3,9 +3,10 @@
 # server on 127.0.0.1 from them (tests/services.py). Installs Debian's `postgresql` when they are missing and we
 # are root; otherwise says what to install. Quiet unless something fails.
 set -euo pipefail
+pg_lib=${PG_LIB_DIR:-/usr/lib/postgresql}     # where Debian puts the versioned server binaries
 have_pg() {
   command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1 && return 0
-  compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null
+  compgen -G "$pg_lib/*/bin/pg_ctl" >/dev/null
 }
 have_pg && exit 0
 if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
