@@ -191,3 +191,20 @@ def test_both_backend_forms_at_once_is_an_error():
     with pytest.raises(serve.SetupError, match="not both"):
         serve.backend_from_env({"MLFLOW_DB_HOST": "h", "MLFLOW_DB_PASSWORD": "x",
                                 "MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"}, "/tmp")
+
+
+def test_docker_compose_drives_the_same_recipe():
+    """docker-compose.yaml runs start_server.sh with settings the script documents, the password as its own
+    variable (never pasted into a URI), and loopback-only ports."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "infra/mlflow/docker-compose.yaml").read_text())
+    svc = compose["services"]["mlflow"]
+    assert svc["command"] == ["bash", "infra/mlflow/start_server.sh"]
+    documented = set(re.findall(r"\b((?:MLFLOW|AWS)_[A-Z0-9_]+)\b", SCRIPT.read_text()))
+    env = svc["environment"]
+    assert set(env) - {"MLFLOW_DISABLE_TELEMETRY"} <= documented, set(env) - documented
+    assert "MLFLOW_BACKEND_STORE_URI" not in env and env["MLFLOW_DB_PASSWORD"].startswith("${POSTGRES_PASSWORD")
+    assert env["MLFLOW_DB_HOST"] == "postgres" and "MLFLOW_SERVER_ALLOWED_HOSTS" in env
+    for name, s in compose["services"].items():
+        assert all(str(p).startswith("127.0.0.1:") for p in s.get("ports", [])), name
