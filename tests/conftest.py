@@ -7,6 +7,9 @@ import pytest
 
 from infra.core.net import free_port
 
+# real services on loopback (moto S3, PostgreSQL, MLflow tracking server), started lazily once per session
+pytest_plugins = ("tests.services",)
+
 for _k, _v in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "NO_ALBUMENTATIONS_UPDATE": "1",

@@ -22,25 +22,52 @@ def _varsr_parser():
     return parser
 
 
+# `varsr` followed by a subcommand, up to the end of the shell word run (a quote, `;`, `&&`, `|`, `#` or the line end):
+# finds it after `cd DIR &&`, inside `ray job submit -- "..."`, at the start of a line or after a path such as
+# `.venv/bin/varsr`; `name: varsr` (a YAML value at the end of a line) is not a command
+_VARSR = re.compile(r"(?:^|[\s/\"'])varsr[ \t]+([a-z][^\"'\n;&|#`]*)")
+
+
 def _varsr_commands(text: str) -> list[list[str]]:
-    """`varsr ...` command lines in a recipe (entrypoints, setup commands and comments), line continuations joined."""
+    """`varsr ...` command lines in a recipe or doc (entrypoints, commands, comments), line continuations joined."""
     text = re.sub(r"\\\n\s*#?\s*", " ", text)
-    cmds = []
-    for line in text.splitlines():
-        line = line.strip().lstrip("#").strip().lstrip("-").strip()
-        m = re.search(r"(?:^|[\s/])varsr\s+(.*)$", line)
-        if m and not line.startswith(("name:", "cluster_name", "ray.io/cluster")):
-            tail = m.group(1).split("#")[0].strip().rstrip("\\").strip()
-            if tail and re.match(r"[a-z]", tail):
-                cmds.append(shlex.split(tail))
-    return cmds
+    return [shlex.split(m.group(1).strip()) for m in _VARSR.finditer(text)]
+
+
+def _recipe_texts() -> list[tuple[Path, str]]:
+    """Every recipe under infra/: raw text plus its loaded YAML strings, so folded entrypoints count as one line."""
+    out = []
+    for path in YAMLS:
+        if not path.is_relative_to(ROOT / "infra"):
+            continue
+        strings = []
+
+        def walk(o):
+            if isinstance(o, dict):
+                for v in o.values():
+                    walk(v)
+            elif isinstance(o, list):
+                for v in o:
+                    walk(v)
+            elif isinstance(o, str):
+                strings.append(o)
+
+        text = path.read_text()
+        for d in yaml.safe_load_all(text):
+            walk(d)
+        out.append((path, text + "\n" + "\n".join(strings)))
+    return out
 
 
 def test_there_are_recipes():
     names = {p.relative_to(ROOT).as_posix() for p in YAMLS}
     for must in ("infra/ray/cluster.yaml", "infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob-data.yaml",
-                 "infra/kuberay/rayjob-train.yaml", "infra/mlflow/docker-compose.yaml"):
+                 "infra/kuberay/rayjob-train.yaml", "infra/kuberay/storage.yaml", "infra/kuberay/secrets.example.yaml",
+                 "infra/mlflow/docker-compose.yaml"):
         assert must in names
+    for must in ("infra/docker/Dockerfile", "infra/docker/image.env", "infra/mlflow/start_server.sh",
+                 "infra/scripts/render_manifests.py", "docs/CLUSTER.md"):
+        assert (ROOT / must).is_file(), must
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -57,33 +84,43 @@ def test_json_parses(path):
 def test_every_varsr_command_in_recipes_parses_and_its_files_exist():
     parser = _varsr_parser()
     seen = 0
-    for path in YAMLS:
-        if not path.is_relative_to(ROOT / "infra"):
-            continue
-        text = path.read_text()
-        # entrypoints folded with YAML '>-' are one logical line once loaded: use the loaded strings too
-        strings = []
-
-        def walk(o):
-            if isinstance(o, dict):
-                for v in o.values():
-                    walk(v)
-            elif isinstance(o, list):
-                for v in o:
-                    walk(v)
-            elif isinstance(o, str):
-                strings.append(o)
-
-        for d in yaml.safe_load_all(text):
-            walk(d)
-        for cmd in _varsr_commands(text + "\n" + "\n".join(strings)):
+    for path, text in _recipe_texts():
+        for cmd in _varsr_commands(text):
             args = parser.parse_args(cmd)  # SystemExit (test failure) on an unknown command or flag
             assert getattr(args, "func", None), f"{path}: `varsr {' '.join(cmd)}` selects no command"
             seen += 1
             for tok in cmd:
                 if tok.startswith("configs/") or tok.startswith("infra/"):
                     assert (ROOT / tok).exists(), f"{path}: `varsr {' '.join(cmd)}` names missing file {tok}"
-    assert seen >= 4
+    assert seen >= 5
+
+
+def test_cluster_guide_commands_parse_and_name_existing_files():
+    """docs/CLUSTER.md (the README's "Run on a cluster" text): every `varsr` command selects a real subcommand with
+    its required arguments, and every repository path it names exists. Options are written in the `--set KEY=VALUE`
+    form every command is moving to; until a command takes `--set`, that is the only option allowed to be unknown."""
+    parser = _varsr_parser()
+    text = (ROOT / "docs/CLUSTER.md").read_text()
+    cmds = _varsr_commands(text)
+    assert len(cmds) >= 3
+    for cmd in cmds:
+        args, unknown = parser.parse_known_args(cmd)
+        assert getattr(args, "func", None), f"`varsr {' '.join(cmd)}` selects no command"
+        assert all(u == "--set" or "=" in u for u in unknown), f"`varsr {' '.join(cmd)}`: unknown {unknown}"
+    for ref in set(re.findall(r"\b((?:infra|configs|tests|docs)/[\w./-]*\w)", text)):
+        if not ref.startswith(("build/",)):
+            assert (ROOT / ref).exists(), f"docs/CLUSTER.md names missing {ref}"
+
+
+def test_command_finder_sees_commands_in_every_form():
+    text = ("entrypoint: cd /opt/varsr && varsr data build --input a --output b\n"
+            "ray job submit -- \"cd /opt/varsr && varsr train isr --config x.yaml --ray-address auto\"\n"
+            "  name: varsr\n.venv/bin/varsr data inspect out  # comment\n"
+            "varsr train isr --config c.yaml \\\n   --resume auto\n")
+    assert _varsr_commands(text) == [["data", "build", "--input", "a", "--output", "b"],
+                                     ["train", "isr", "--config", "x.yaml", "--ray-address", "auto"],
+                                     ["data", "inspect", "out"],
+                                     ["train", "isr", "--config", "c.yaml", "--resume", "auto"]]
 
 
 def test_shell_paths_in_recipes_exist():
@@ -96,7 +133,8 @@ def test_shell_paths_in_recipes_exist():
 
 def test_no_credentials_in_recipes():
     pat = re.compile(r"(password|secret|token|access_key)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{6,}", re.I)
-    for path in YAMLS + JSONS + sorted((ROOT / "infra").rglob("*.sh")):
+    extra = [ROOT / "infra/docker/Dockerfile", ROOT / "infra/docker/image.env", ROOT / "docs/CLUSTER.md"]
+    for path in YAMLS + JSONS + sorted((ROOT / "infra").rglob("*.sh")) + extra:
         for line in path.read_text().splitlines():
             if "${" in line or "secretRef" in line or line.strip().startswith("#"):
                 continue
@@ -108,7 +146,7 @@ def test_services_bind_loopback_by_default():
     for name, svc in compose["services"].items():
         for p in svc.get("ports", []):
             assert str(p).startswith("127.0.0.1:"), f"{name} publishes {p} beyond loopback"
-    assert "127.0.0.1" in (ROOT / "infra/mlflow/start_server.sh").read_text()
+    assert 'env.get("MLFLOW_HOST", "127.0.0.1")' in (ROOT / "infra/mlflow/serve.py").read_text()
 
 
 def test_data_configs_load_into_typed_config():
