@@ -53,10 +53,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
     if address:
         kwargs["address"] = address
+        runtime_env: dict = {"env_vars": storage.forwarded_env()}  # workers reach the same object store
         if address.startswith("ray://"):
-            kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
+            root = Path(__file__).resolve().parent.parent  # the client's code: the pipeline and its bottom layer
+            runtime_env["py_modules"] = [str(root / "data_pipeline"), str(root / "infra")]
+        kwargs["runtime_env"] = runtime_env
+    else:  # a local runtime for this job: bound to loopback, like every service the platform starts by default
+        kwargs["_node_ip_address"] = "127.0.0.1"
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
 
 

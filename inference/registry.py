@@ -61,15 +61,17 @@ def register_training_run(output_dir: str | Path, name: str, alias: str | None =
     and the tracking store): the model is logged into that training run, and the run's lineage tags (``varsr.*``)
     are copied onto the model version."""
     import json
+    import tempfile
 
     from mlflow.tracking import MlflowClient
 
+    from infra.core import storage
     from infra.core.errors import UserError
 
-    summary_path = Path(output_dir) / "summary.json"
-    if not summary_path.is_file():
+    summary_url = storage.join(storage.absolute(output_dir), "summary.json")
+    if not storage.exists(summary_url):
         raise UserError(f"{output_dir} has no summary.json: the training run did not finish")
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(storage.read_text(summary_url))
     if summary.get("status") != "FINISHED" or not summary.get("export_dir"):
         raise UserError(f"training run in {output_dir} did not finish ({summary.get('status')}); nothing to register")
     run_id, uri = summary.get("mlflow_run_id"), summary.get("tracking_uri")
@@ -78,5 +80,9 @@ def register_training_run(output_dir: str | Path, name: str, alias: str | None =
         run = MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id)
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("varsr.")}
         tags["varsr.train_run_id"] = run_id
-    return register_model(summary["export_dir"], name, alias, tracking_uri=uri, tags=tags, config=config,
-                          run_id=run_id)
+    export = summary["export_dir"]
+    if storage.is_local(export):
+        return register_model(export, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix="varsr-export-") as tmp:  # the export lives in object storage
+        storage.get_tree(export, tmp)
+        return register_model(tmp, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id)

@@ -22,6 +22,9 @@ for _k, _v in {
     # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads lose their core to
     # the other test processes (Ray workers, DeepSpeed ranks, the model server) and slow everything down
     "OMP_WAIT_POLICY": "PASSIVE",
+    # every Ray runtime of the tests (local, or the multi-node test cluster) stays on 127.0.0.1: Ray otherwise
+    # rewrites loopback addresses to the machine's own network address
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }.items():
     os.environ.setdefault(_k, _v)
 

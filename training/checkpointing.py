@@ -1,8 +1,11 @@
-"""Checkpoints: DeepSpeed engine state (model, optimiser, LR schedule) + our own trainer state, with a COMPLETE marker.
+"""Training checkpoints: DeepSpeed engine state (model, optimiser, LR schedule) + our trainer state, with a COMPLETE
+marker; the output folder may be local or an object-store URL (``training/run_dir.py``).
 
 Layout: ``{output_dir}/checkpoints/step_{N:08d}/`` holds DeepSpeed's files, ``trainer_state.json`` (step, data
 position per rank, config hashes) and ``rng_rank{r}.pt`` (python / numpy / torch / CUDA / step-generator states).
-``COMPLETE`` is written by rank 0 after every rank has finished, so ``--resume auto`` never picks a torn checkpoint.
+Every rank writes (and, for a URL, publishes) its own files; ``COMPLETE`` is written by rank 0 after every rank has
+finished, so ``--resume auto`` never picks a torn checkpoint. Resuming from a URL brings the checkpoint into each
+rank's local folder first (no shared disk between nodes is assumed).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch.distributed as dist
 
 from infra.core.errors import UserError
 from data_pipeline.shards import DataPosition
+from training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -62,49 +66,70 @@ def set_rng_state(st: dict, generator: torch.Generator | None) -> None:
         generator.set_state(st["generator"])
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+CKPTS = "checkpoints"
 
 
-def save(engine, output_dir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    root = checkpoint_root(output_dir)
-    tag = f"step_{step:08d}"
-    d = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def save(engine, run: RunDir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int) -> str:
+    """Collective: every rank calls it. Returns the checkpoint's location (path or URL)."""
+    tag = _tag(step)
+    rel = f"{CKPTS}/{tag}"
+    d = run / rel
+    if run.remote and d.exists():
+        shutil.rmtree(d)  # a stale local copy (e.g. from a download for resume) must not be re-published
+    engine.save_checkpoint(str(run / CKPTS), tag=tag, client_state={"step": step}, save_latest=False)
     rank = _rank()
-    torch.save({"rng": rng_state(generator), "position": asdict(position)}, d / f"rng_rank{rank}.pt")
+    torch.save({"rng": rng_state(generator)}, d / f"rng_rank{rank}.pt")
+    positions = [None] * _world()
+    if dist.is_initialized():
+        dist.all_gather_object(positions, asdict(position))
+    else:
+        positions[0] = asdict(position)
+    if run.remote:  # every rank publishes what it wrote (its own optimiser shard, its RNG state)
+        for f in sorted(d.rglob("*")):
+            if f.is_file():
+                run.publish(f.relative_to(run.local))
     _barrier()
     if rank == 0:
-        positions = {}
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        for r in range(world):
-            positions[r] = torch.load(d / f"rng_rank{r}.pt", weights_only=True)["position"]
-        (d / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "world_size": world, "positions": positions, **fingerprint}, indent=2) + "\n")
+        state = {"step": step, "world_size": _world(), "positions": dict(enumerate(positions)), **fingerprint}
+        (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         (d / MARKER).write_text(json.dumps({"step": step}) + "\n")
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint saved: %s", d)
+        run.publish(f"{rel}/trainer_state.json")
+        run.publish(f"{rel}/{MARKER}")  # last: the commit point of the checkpoint
+        for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+            run.remove_tree(f"{CKPTS}/{_tag(old)}")
+        log.info("checkpoint saved: %s", run.url_of(rel))
     _barrier()
-    return d
+    return run.url_of(rel)
 
 
-def complete_checkpoints(output_dir) -> list[Path]:
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+def complete_checkpoints(run: RunDir) -> list[int]:
+    """Steps of the complete checkpoints of a run (at its output URL), oldest first."""
+    steps = []
+    for name in run.list(CKPTS):
+        if name.startswith("step_") and name[5:].isdigit() and run.exists(f"{CKPTS}/{name}/{MARKER}"):
+            steps.append(int(name[5:]))
+    return sorted(steps)
 
 
-def find_resume(output_dir, resume: str | None) -> Path | None:
-    """``auto`` -> latest complete checkpoint under output_dir (None if there is none); a path -> that checkpoint."""
+def find_resume(run: RunDir, resume: str | None) -> Path | None:
+    """``auto`` -> the latest complete checkpoint of the run (None if there is none); a path -> that checkpoint.
+    For a URL output the checkpoint is brought into this rank's local folder."""
     if not resume:
         return None
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        found = complete_checkpoints(run)
+        if not found:
+            return None
+        rel = f"{CKPTS}/{_tag(found[-1])}"
+        return run.fetch_tree(rel) if run.remote else run / rel
     p = Path(resume)
     if not (p / MARKER).is_file():
         raise UserError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in it)")
@@ -119,13 +144,12 @@ def load(engine, ckpt: Path, generator, fingerprint: dict) -> tuple[int, DataPos
             raise UserError(
                 f"checkpoint {ckpt} was written by another config ({k}: checkpoint {state.get(k)!r}, "
                 f"this run {v!r}); use a fresh output_dir or the matching config")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if state["world_size"] != world:
-        raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} rank(s), this run has {world}")
+    if state["world_size"] != _world():
+        raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} rank(s), this run has {_world()}")
     path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {ckpt}")
     st = torch.load(ckpt / f"rng_rank{_rank()}.pt", weights_only=True)
     set_rng_state(st["rng"], generator)
-    return int(client["step"]), DataPosition(**st["position"])
+    return int(client["step"]), DataPosition(**state["positions"][str(_rank())])

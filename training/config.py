@@ -88,6 +88,7 @@ class RaySection:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    max_failures: int = 3  # Ray Train restarts the workers from the last complete checkpoint up to this many times
 
 
 @dataclass

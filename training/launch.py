@@ -29,9 +29,9 @@ def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: 
     """Re-exec ``torchrun --nproc_per_node N -m training.launch`` on the resolved config; returns its exit code."""
     from training.deepspeed_engine import ensure_dist_env
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = save_config(cfg, out / "config.yaml")
+    from training.run_dir import RunDir
+
+    resolved = save_config(cfg, RunDir(cfg.output_dir).local / "config.yaml")  # local, whatever output_dir is
     exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not os.path.exists(exe):
         raise UserError("torchrun not found on PATH (put the venv's bin on PATH)")
@@ -56,45 +56,79 @@ def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: 
 
 
 def _ray_worker(config: dict) -> None:
-    """Ray Train worker: Ray has set up torch.distributed and the rank env vars; DeepSpeed wraps that group."""
+    """Ray Train worker: Ray has set up torch.distributed and the rank env vars; DeepSpeed wraps that group.
+
+    Ray Train's failure handling restarts every worker when one dies (up to ``ray.max_failures`` times). Each
+    complete checkpoint is reported to Ray Train as a small pointer, so a restarted worker sees
+    ``ray.train.get_checkpoint()`` and resumes from the run's latest complete checkpoint (``--resume auto``).
+    """
+    import json
+    import tempfile
+
+    import ray.train
+
     from training.trainer import train
 
     cfg = load_config(TrainConfig, base=config["train_config"])
-    train(cfg, config.get("resume"), shutdown=False)  # Ray Train owns the process group
+    resume = "auto" if ray.train.get_checkpoint() is not None else config.get("resume")
+
+    def report(step: int, location: str) -> None:
+        rank = ray.train.get_context().get_world_rank()
+        if rank != 0:
+            ray.train.report({"step": step})
+            return
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "varsr_checkpoint.json"), "w") as f:
+                json.dump({"step": step, "location": location}, f)
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    train(cfg, resume, shutdown=False, on_checkpoint=report)  # Ray Train owns the process group
 
 
 def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
-    """Ray Train ``TorchTrainer`` with ``cfg.ray.num_workers`` workers (GPUs per worker from config)."""
+    """Ray Train ``TorchTrainer`` with ``cfg.ray.num_workers`` workers (GPUs per worker from config); Ray's run
+    state goes to ``{output_dir}/ray_results`` (a local path or the same object store)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from infra.core import storage
+
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, log_to_driver=True)
+        if address == "local":  # a local runtime, bound to loopback
+            ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address, log_to_driver=True)
     cfg = _absolute_paths(cfg)
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker
-    out = Path(cfg.output_dir).resolve()
+    results = storage.join(cfg.output_dir, "ray_results")
+    fs_kw = {}
+    if not storage.is_local(results):
+        fs_kw["storage_filesystem"], results = storage.pyarrow_filesystem(results)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"train_config": to_dict(cfg), "resume": resume},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        run_config=RunConfig(name="varsr-train", storage_path=str(out / "ray_results")),
+        run_config=RunConfig(name="varsr-train", storage_path=results, **fs_kw,
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             worker_runtime_env={"env_vars": storage.forwarded_env()}),
     )
     return trainer.fit()
 
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers do not run in the driver's folder: make every local path (and the default MLflow store) absolute."""
+    from infra.core import storage
     from infra.core.tracking import default_tracking_uri
 
     d = to_dict(cfg)
 
     def local_abs(p):
-        return str(Path(p).resolve()) if p and "://" not in p and not any(c in p for c in "*?{,") else p
+        return storage.absolute(p) if p and not any(c in p for c in "*?{,") else p
 
     d["output_dir"] = local_abs(d["output_dir"])
     for sec, key in (("data", "shards"), ("data", "val_shards"), ("model", "init_from"), ("model", "official_vae"),

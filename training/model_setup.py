@@ -29,6 +29,31 @@ def model_config(cfg: TrainConfig):
         raise UserError(f"model preset {cfg.model_preset!r} with overrides {overrides}: {e}") from None
 
 
+def local_checkpoint(ref: str) -> str:
+    """A checkpoint given as a URL (a native folder such as the stage-1 export at s3://.../final, or an official
+    ``.pth`` file) is brought into a local cache once (keyed by the URL); local paths are returned unchanged."""
+    import hashlib
+    import os
+    import tempfile
+
+    from infra.core import storage
+
+    if storage.is_local(ref):
+        return storage.local_path(ref)
+    root = os.environ.get("VARSR_SCRATCH") or tempfile.gettempdir()
+    dest = Path(root) / f"varsr-ckpt-{hashlib.sha256(ref.encode()).hexdigest()[:12]}"
+    if ref.endswith(".pth"):
+        dest = dest.with_suffix(".pth")
+        if not dest.is_file():
+            storage.get_file(ref, dest)
+    elif not dest.is_dir():
+        if not storage.exists(storage.join(ref, "config.json")):
+            raise UserError(f"{ref} is not a native checkpoint (no config.json there)")
+        storage.get_tree(ref, dest.with_suffix(".part"))
+        dest.with_suffix(".part").rename(dest)
+    return str(dest)
+
+
 def build_models(cfg: TrainConfig):
     """(vqvae, varsr, init_report or None, parent lineage dict)."""
     from model import build, import_official, load_stage_weights
@@ -39,16 +64,18 @@ def build_models(cfg: TrainConfig):
     report, parent = None, {}
     src = cfg.model.init_from
     if src:
+        origin, src = src, local_checkpoint(src)
         if Path(src).is_dir():
             vq_sd, var_sd, meta = read_parts(src)
             if not cfg.model.vqvae_checkpoint:
                 load_tokenizer(vqvae, src, vq_sd)
             lineage = meta.get("lineage", {}) if isinstance(meta.get("lineage"), dict) else {}
-            parent = {"checkpoint": str(Path(src).resolve()), "run_id": lineage.get("mlflow_run_id")}
+            parent = {"checkpoint": origin if "://" in origin else str(Path(src).resolve()),
+                      "run_id": lineage.get("mlflow_run_id")}
         elif Path(src).is_file():
             if not cfg.model.official_vae:
                 raise UserError(f"init_from {src} is an official file: also set model.official_vae to its VQVAE .pth")
-            ovq, ovar = import_official(src, cfg.model.official_vae)
+            ovq, ovar = import_official(src, local_checkpoint(cfg.model.official_vae))
             var_sd = ovar.state_dict()
             if not cfg.model.vqvae_checkpoint:
                 vqvae.load_state_dict(ovq.state_dict())
@@ -63,5 +90,5 @@ def build_models(cfg: TrainConfig):
                  len(report["loaded"]), len(report.get("resized", [])), len(report.get("dropped", [])),
                  len(report.get("new", [])))
     if cfg.model.vqvae_checkpoint:
-        load_tokenizer(vqvae, cfg.model.vqvae_checkpoint)
+        load_tokenizer(vqvae, local_checkpoint(cfg.model.vqvae_checkpoint))
     return vqvae, varsr, report, parent

@@ -28,6 +28,7 @@ from training.model_setup import build_models
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, train_step
 from infra.core.tracking import default_tracking_uri
+from training.run_dir import RunDir
 from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
 from infra.core.metrics import batch_full_reference
 
@@ -91,14 +92,15 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """One rank's view of a training run."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
-        self.cfg, self.resume = cfg.validate(), resume
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, on_checkpoint=None):
+        self.cfg, self.resume, self.on_checkpoint = cfg.validate(), resume, on_checkpoint
         self.device = deepspeed_engine.resolve_device(cfg)
         deepspeed_engine.ensure_dist_env()
         deepspeed_engine.init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.out = Path(cfg.output_dir)
+        self.run = RunDir(cfg.output_dir, self.rank)
+        self.out = self.run.local  # this rank's working folder; published to cfg.output_dir when that is a URL
         self.history: list[dict] = []
         self.tracker = NullTracker()
 
@@ -137,7 +139,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * max(1, self.world) + self.rank)
         self.fingerprint = fingerprint(cfg, self.mcfg)
         self.start_step, position = 0, DataPosition()
-        ckpt = checkpointing.find_resume(self.out, self.resume)
+        ckpt = checkpointing.find_resume(self.run, self.resume)
         if ckpt is not None:
             self.start_step, position = checkpointing.load(self.engine, ckpt, self.generator, self.fingerprint)
             self._load_history()
@@ -145,17 +147,22 @@ class Trainer:
                 _out(f"[train] resumed from {ckpt} at step {self.start_step} (epoch {position.epoch}, "
                      f"{position.samples_consumed} samples consumed on rank 0)")
         self.resumed_from = str(ckpt) if ckpt else None
+        if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
+            (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
         self.stream = BatchStream(
             self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
             workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
             shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample)
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
             (self.out / "model_config.json").write_text(json.dumps(self.mcfg.to_dict(), indent=2) + "\n")
+            names = ["config.yaml", "deepspeed_config.json", "model_config.json"]
             if self.init_report is not None:
                 (self.out / "init_report.json").write_text(json.dumps(self.init_report, indent=2) + "\n")
+                names.append("init_report.json")
+            for n in names:
+                self.run.publish(n)
             self._start_tracking()
 
     def lineage(self) -> dict:
@@ -200,6 +207,8 @@ class Trainer:
 
     def _load_history(self) -> None:
         p = self.out / "history.jsonl"
+        if self.run.remote:
+            self.run.fetch("history.jsonl")
         if p.is_file():
             rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
             self.history = [r for r in rows if r["step"] <= self.start_step]
@@ -244,6 +253,7 @@ class Trainer:
         torch.save(batch, d / f"batch_rank{self.rank}.pt")
         (d / f"info_rank{self.rank}.json").write_text(json.dumps(
             {"step": e.step, "values": e.values, "keys": e.batch.get("key", [])}, indent=2) + "\n")
+        self.run.publish_tree(d.name)
         return d
 
     def train(self) -> TrainResult:
@@ -275,7 +285,8 @@ class Trainer:
                 skipped_total += r.skipped
                 m = self._metrics(step, r, dt)
                 losses.append(r.loss)
-                self.history.append({"step": step, **{k: m[k] for k in ("loss", "ce", "diff", "lr", "acc")}})
+                keep = ("loss", "ce", "diff", "lr", "acc", "tokens_per_s", "step_time_s")
+                self.history.append({"step": step, **{k: m[k] for k in keep}})
                 if self.is_main:
                     with open(self.out / "history.jsonl", "a") as f:
                         f.write(json.dumps(self.history[-1]) + "\n")
@@ -285,13 +296,11 @@ class Trainer:
                              f"diff {r.diff:.4f} acc {r.acc:.3f} lr {r.lr:.2e} gnorm {m.get('grad_norm', 0):.3f} "
                              f"{m['samples_per_s']:.1f} samples/s")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.run_steps:
-                    checkpointing.save(self.engine, self.out, step, self.stream.pos, self.generator,
-                                       self.fingerprint, cfg.keep_checkpoints)
+                    self._checkpoint(step)
                 if cfg.validation.every and step % cfg.validation.every == 0 and step < self.run_steps:
                     self.validate(step)
-            if not (self.out / "checkpoints" / f"step_{step:08d}" / checkpointing.MARKER).is_file():
-                checkpointing.save(self.engine, self.out, step, self.stream.pos, self.generator, self.fingerprint,
-                                   cfg.keep_checkpoints)
+            if step not in checkpointing.complete_checkpoints(self.run):
+                self._checkpoint(step)
             self.validate(step)
             self.rank_checksums = self._rank_checksums()
             export = self.export(step)
@@ -303,6 +312,15 @@ class Trainer:
                            last_loss=losses[-1] if losses else None, losses=losses, run_id=self.tracker.run_id,
                            export_dir=str(export) if export else None, init_report=self.init_report,
                            bad_samples=self.stream.pos.bad_samples, skipped_steps=skipped_total)
+
+    def _checkpoint(self, step: int) -> None:
+        """A complete checkpoint (every rank), then the run history with it, so a resumed run sees both."""
+        location = checkpointing.save(self.engine, self.run, step, self.stream.pos, self.generator,
+                                      self.fingerprint, self.cfg.keep_checkpoints)
+        if self.is_main:
+            self.run.publish("history.jsonl")
+        if self.on_checkpoint is not None:  # e.g. Ray Train's failure handling (training/launch.py), every rank
+            self.on_checkpoint(step, location)
 
     # ---- validation ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -380,6 +398,10 @@ class Trainer:
         params = list(self.model.parameters())
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3 else None
         d = self.out / "final"
+        if self.run.remote and d.exists():
+            import shutil
+
+            shutil.rmtree(d)
         if ctx is not None:
             ctx.__enter__()
         try:
@@ -395,8 +417,9 @@ class Trainer:
             return d
         self.tracker.log_artifact(d / "config.json", "final")
         self.tracker.log_artifact(d / "train_config.yaml", "final")
-        self.tracker.set_tags({"varsr.export_dir": str(d.resolve())})
-        _out(f"[train] exported final weights to {d}")
+        self.run.publish_tree("final")
+        self.tracker.set_tags({"varsr.export_dir": self.run.url_of("final")})
+        _out(f"[train] exported final weights to {self.run.url_of('final')}")
         return d
 
     @torch.no_grad()
@@ -422,25 +445,29 @@ class Trainer:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
             "mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self, "tracking_uri", None),
-            "output_dir": str(self.out), "export_dir": str(self.out / "final") if status == "FINISHED" else None,
+            "output_dir": self.run.url, "export_dir": self.run.url_of("final") if status == "FINISHED" else None,
             "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
-        self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for rel in ("history.jsonl", "samples", "plots", "summary.json"):  # summary last: the run is done
+            if (self.out / rel).is_dir():
+                self.run.publish_tree(rel)
+            elif (self.out / rel).is_file():
+                self.run.publish(rel)
         self.tracker.log_artifact(self.out / "summary.json")
         self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
         width = max(len(k) for k in summary)
         _out("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
 
 
-def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None) -> TrainResult:
     """Run (or resume) a training job on this rank.
 
     The process group stays up for further runs in this process (DeepSpeed caches its groups) and is torn down at
     exit (or now, with ``shutdown=True``; launchers do that).
     """
     try:
-        return Trainer(cfg, resume).train()
+        return Trainer(cfg, resume, on_checkpoint).train()
     finally:
         if shutdown:
             deepspeed_engine.shutdown()

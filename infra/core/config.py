@@ -111,11 +111,17 @@ def build(cls: type[T], data: dict) -> T:
         raise ConfigError(f"invalid {cls.__name__} config:\n{e}") from None
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def resolve_config_file(source: str | Path, preset_dir: str | Path | None = None) -> Path:
-    """A YAML path, or the name of a preset ``{preset_dir}/{name}.yaml`` (e.g. ``varsr-mild``)."""
+    """A YAML path (relative paths are tried from the current folder, then from the repository root, so
+    ``configs/train/...`` works from anywhere), or the name of a preset ``{preset_dir}/{name}.yaml``."""
     p = Path(source)
     if p.is_file():
         return p
+    if not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return REPO_ROOT / p
     if preset_dir is not None:
         cand = Path(preset_dir) / f"{source}.yaml"
         if cand.is_file():

@@ -328,3 +328,22 @@ def get_tree(url: str, local_dir: str | os.PathLike) -> None:
     for obj in found:
         rel = posixpath.relpath(obj, path)
         get_file(f"{protocol(url)}://{obj}", os.path.join(dst, *rel.split("/")))
+
+
+# Settings a process on another node needs to reach the same storage (and tracking) as the one that launched it.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+                 "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "VARSR_SCRATCH")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage/tracking environment of this process, to hand to remote workers (Ray runtime_env)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for a URL, through fsspec (for libraries such as Ray Train that take pyarrow)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
