@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Set up (./.venv), make sure PostgreSQL is installed (the suite starts a throwaway server from it), and run the
-# default test suite. pytest's "no tests collected" (exit 5) counts as a failure.
+# Set up (./.venv), make sure PostgreSQL is installed (the suite starts a throwaway server from it), then run
+#   1. the default suite (pytest -m "not benchmark_only and not gpu and not cluster"; under 20 minutes on 2 cores),
+#   2. the cluster suite (pytest -m cluster: a multi-node Ray cluster, moto's S3 server and an MLflow server on
+#      PostgreSQL + S3, all on 127.0.0.1; node failures included).
+# Extra arguments go to both pytest runs. pytest's "no tests collected" (exit 5) counts as a failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash infra/scripts/setup.sh
 bash infra/scripts/ensure_postgres.sh
 . .venv/bin/activate
 export PATH="$PWD/.venv/bin:$PATH"
-set +e
-python -m pytest -q -m "not benchmark_only and not gpu" "$@"
-rc=$?
-set -e
-if [[ $rc -eq 5 ]]; then
-  echo "error: pytest collected no tests" >&2
-  exit 1
-fi
-exit $rc
+status=0
+for marks in "not benchmark_only and not gpu and not cluster" "cluster"; do
+  echo "== pytest -m \"$marks\""
+  set +e
+  python -m pytest -q -m "$marks" "$@"
+  rc=$?
+  set -e
+  if [[ $rc -eq 5 ]]; then
+    echo "error: pytest -m \"$marks\" collected no tests" >&2
+    rc=1
+  fi
+  [[ $rc -eq 0 ]] || status=$rc
+done
+exit $status

@@ -22,6 +22,7 @@ class RayCluster:
     address: str
     scratch: Path
     workers: list = field(default_factory=list)
+    scratch_of: dict = field(default_factory=dict)  # worker node -> its scratch folder
     added: int = 0
 
     def add_worker(self):
@@ -32,12 +33,14 @@ class RayCluster:
         node = self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=120 * 1024**2,
                                      env_vars={"VARSR_SCRATCH": str(d)})
         self.workers.append(node)
+        self.scratch_of[node] = d
         self.cluster.wait_for_nodes()
         return node
 
     def kill_worker(self, node) -> None:
         """Kill every process of a worker node (its raylet and the tasks and actors on it)."""
         self.workers.remove(node)
+        self.scratch_of.pop(node)
         self.cluster.remove_node(node, allow_graceful=False)
 
 

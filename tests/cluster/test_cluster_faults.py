@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 # one image per shard, at 256 px with two LR variants: enough shard tasks, each long enough to be caught in flight
 MANY_SHARDS = ("--set", "shard.max_samples_per_shard=1", "--set", "shard.crop_size=256", "--set", "shard.lr_variants=2",
                "--set", "select.cluster.k=4", "--set", "score.weights_dir=/nonexistent-iqa-cache")
-TRAIN = ("--set", "max_steps=6", "--set", "checkpoint_every=2", "--set", "data.workers=0", "--set",
+TRAIN = ("--set", "max_steps=16", "--set", "checkpoint_every=4", "--set", "data.workers=0", "--set",
          "validation.num_images=1", "--set", "validation.batches=1", "--set", "ray.cpus_per_worker=1",
          "--set", "model.overrides.num_classes=4", "--set", "tracking.enabled=false", "--set", "ray.max_failures=2",
          "--set", "optim.warmup_epochs=0", "--set", "model.overrides.drop_path_rate=0.0")
@@ -101,16 +101,20 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_c
     log = tmp_path / "killed.log"
     proc = start_varsr(train_args("killed"), env, tmp_path, log)
     try:
-        marker = f"s3://{bucket}/runs/killed/checkpoints/step_00000002/COMPLETE"
-        wait_for(lambda: storage.exists(marker), 900, "the first complete checkpoint", proc, log)
-        ray_cluster.kill_worker(ray_cluster.workers[0])  # one of the two training workers dies with its node
+        # the first complete checkpoint, once reported to Ray Train (the pointer its failure handling restores)
+        reported = lambda: any(k.endswith("varsr_checkpoint.json")  # noqa: E731
+                               for k in s3_server.list_keys(bucket, "runs/killed/ray_results/"))
+        wait_for(reported, 900, "the first checkpoint reported to Ray Train", proc, log)
+        # the node running the rank-1 training worker: its scratch folder holds that rank's work folder
+        victim = next(n for n, d in ray_cluster.scratch_of.items() if any(d.glob("varsr-run-*-rank1")))
+        ray_cluster.kill_worker(victim)                  # one of the two training workers dies with its node
         ray_cluster.add_worker()
         assert proc.wait(timeout=1200) == 0, log.read_text()[-6000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     summary = json.loads(storage.read_text(f"s3://{bucket}/runs/killed/summary.json"))
-    assert summary["status"] == "FINISHED" and summary["steps"] == 6
+    assert summary["status"] == "FINISHED" and summary["steps"] == 16
     text = log.read_text()
     assert "resumed from" in text, "the restarted workers did not resume from the checkpoint"
     a, b = _final_weights(bucket, "uninterrupted"), _final_weights(bucket, "killed")

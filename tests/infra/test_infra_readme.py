@@ -23,7 +23,8 @@ def _commands() -> list[list[str]]:
                 part = part.strip()
                 if part.startswith(".venv/bin/varsr "):
                     part = part[len(".venv/bin/"):]
-                if part.startswith("varsr "):
+                if part.startswith("varsr "):  # shell variables get example values (the cluster section's)
+                    part = part.replace("$PORT", "5001").replace("$RAY", "127.0.0.1:6379")
                     out.append(shlex.split(part)[1:])
     return out
 
@@ -58,3 +59,13 @@ def test_every_readme_varsr_command_parses():
 def test_readme_has_no_unfilled_placeholders():
     for marker in ("BENCHMARK_TABLE", "STATUS_SECTION", "TODO", "TBD"):
         assert marker not in README, marker
+
+
+def test_readme_cluster_commands_are_the_ones_the_cluster_test_runs():
+    """The README's "Run on a cluster" commands are, character for character, those tests/cluster runs."""
+    from tests.cluster import commands
+
+    section = README.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    shown = [line for line in block.splitlines() if line.startswith("varsr ")]
+    assert shown == list(commands.README_COMMANDS)
