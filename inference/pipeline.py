@@ -304,5 +304,64 @@ class VARSRPipeline:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size}
 
+    # ---- serving: the images of several requests in one pass -----------------------------------------------------
+    @torch.inference_mode()
+    def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
+                         fixed_batch_shape: bool = False) -> list[list[Image.Image]]:
+        """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
+
+        Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
+        of its own request, tile t -- is named by those indices, not by its place in the combined batch, so it draws
+        the same random stream whatever else runs with it. ``fixed_batch_shape`` pads the crops to a multiple of
+        ``tiling.batch_size``, so that every generate() call has one shape: kernels pick their summation order by
+        shape (a matrix product of 2 rows is summed differently from one of 8), and only a fixed shape makes the
+        result byte-identical alone and batched. ``requests`` hold RGB PIL images already checked against the limits
+        (:func:`load_image`, :meth:`target_size`); ``p`` comes from :meth:`make_params`.
+
+        Generation holds the model's lock for as long as the model keeps sampling state on its modules; the decode
+        keeps none and runs outside it, so one batch can decode while another generates.
+        """
+        plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
+        crops: list[torch.Tensor] = []
+        keys: list[tuple[int, int]] = []
+        for req in plans:
+            for i, pl in enumerate(req):
+                crops += pl.crops
+                keys += [(i, t) for t in range(len(pl.tiles))]
+        n = len(crops)
+        if n == 0:
+            return [[] for _ in plans]
+        bs = max(1, int(self.config.tiling.batch_size))
+        if fixed_batch_shape and n % bs:
+            pad = bs - n % bs  # blank crops, generated and dropped
+            crops += [torch.zeros_like(crops[0])] * pad
+            keys += [(0, 0)] * pad
+        lock = getattr(self, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            latents = self._latents_for(crops, p, keys)[:n]
+        out: list[list[Image.Image]] = []
+        k = 0
+        for req in plans:
+            imgs = []
+            for pl in req:
+                sr = self._decode(pl, latents[k: k + len(pl.tiles)])
+                imgs.append(self._postprocess(sr, pl, p))
+                k += len(pl.tiles)
+            out.append(imgs)
+        return out
+
+    def _latents_for(self, crops: list[torch.Tensor], p: UpscaleParams, keys: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`_generate_latents` with each crop's stream key (image index in its request, tile index).
+
+        A ``_generate_latents`` that takes ``keys`` derives each crop's random stream from (seed, image, tile); one
+        that does not gives every crop of a call the stream of the seed itself. Either way a crop's stream does not
+        depend on its batch-mates.
+        """
+        import inspect
+
+        if "keys" in inspect.signature(self._generate_latents).parameters:
+            return self._generate_latents(crops, p, keys)
+        return self._generate_latents(crops, p)
+
 
 __all__ = ["VARSRPipeline", "UpscaleParams", "UpscaleParamError", "ImageInputError", "resolve_device", "resolve_dtype"]
