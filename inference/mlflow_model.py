@@ -144,9 +144,13 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if sv.max_batch_images <= 1:
             return None
         fixed = bool(sv.fixed_batch_shape)
+        gb = int(sv.generate_batch)
+        if gb <= 0:
+            gb = self.config.tiling.batch_size if self.pipeline.device.type == "cuda" else 1
 
         def run(key, requests):
-            return self.pipeline.upscale_requests(requests, UpscaleParams(*key), fixed_batch_shape=fixed)
+            return self.pipeline.upscale_requests(requests, UpscaleParams(*key), generate_batch=gb,
+                                                  fixed_batch_shape=fixed)
 
         on_batch = None
         if sv.log_batches:
@@ -161,6 +165,8 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
                 blog.info("batch: %d requests, %d images, params %s", n_requests, n_images,
                           dict(zip((f.name for f in dataclasses.fields(UpscaleParams)), key)))
 
+        log.info("request batching: up to %d images, %.1f ms wait, %d generate() crops per call%s",
+                 sv.max_batch_images, sv.batch_wait_ms, gb, " (fixed shape)" if fixed else "")
         return RequestBatcher(run, max_batch=int(sv.max_batch_images), wait_s=max(0.0, sv.batch_wait_ms) / 1000.0,
                               workers=int(sv.concurrent_batches), on_batch=on_batch)
 

@@ -307,19 +307,21 @@ class VARSRPipeline:
     # ---- serving: the images of several requests in one pass -----------------------------------------------------
     @torch.inference_mode()
     def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
-                         fixed_batch_shape: bool = False) -> list[list[Image.Image]]:
+                         generate_batch: int | None = None, fixed_batch_shape: bool = False
+                         ) -> list[list[Image.Image]]:
         """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
 
         Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
         of its own request, tile t -- is named by those indices, not by its place in the combined batch, so it draws
-        the same random stream whatever else runs with it. ``fixed_batch_shape`` pads the crops to a multiple of
-        ``tiling.batch_size``, so that every generate() call has one shape: kernels pick their summation order by
-        shape (a matrix product of 2 rows is summed differently from one of 8), and only a fixed shape makes the
-        result byte-identical alone and batched. ``requests`` hold RGB PIL images already checked against the limits
-        (:func:`load_image`, :meth:`target_size`); ``p`` comes from :meth:`make_params`.
+        the same random stream whatever else runs with it. Crops go through generate() ``generate_batch`` at a time
+        (default and upper bound ``tiling.batch_size``); ``fixed_batch_shape`` pads the last call to that size, so
+        that every call has one shape: kernels pick their summation order by shape (a matrix product of 2 rows is
+        summed differently from one of 8), and only a fixed shape makes the result byte-identical alone and
+        batched. ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
+        :meth:`target_size`); ``p`` comes from :meth:`make_params`.
 
-        Generation holds the model's lock for as long as the model keeps sampling state on its modules; the decode
-        keeps none and runs outside it, so one batch can decode while another generates.
+        Each generate() call holds the model's lock for as long as the model keeps sampling state on its modules;
+        the decode keeps none and runs outside it, so one batch can decode while another generates.
         """
         plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
         crops: list[torch.Tensor] = []
@@ -331,14 +333,18 @@ class VARSRPipeline:
         n = len(crops)
         if n == 0:
             return [[] for _ in plans]
-        bs = max(1, int(self.config.tiling.batch_size))
-        if fixed_batch_shape and n % bs:
-            pad = bs - n % bs  # blank crops, generated and dropped
+        limit = max(1, int(self.config.tiling.batch_size))  # _generate_latents splits anything larger
+        gb = limit if generate_batch is None else max(1, min(int(generate_batch), limit))
+        if fixed_batch_shape and n % gb:
+            pad = gb - n % gb  # blank crops, generated and dropped
             crops += [torch.zeros_like(crops[0])] * pad
             keys += [(0, 0)] * pad
         lock = getattr(self, "_lock", None)
-        with lock if lock is not None else contextlib.nullcontext():
-            latents = self._latents_for(crops, p, keys)[:n]
+        parts = []
+        for s in range(0, len(crops), gb):
+            with lock if lock is not None else contextlib.nullcontext():
+                parts.append(self._latents_for(crops[s: s + gb], p, keys[s: s + gb]))
+        latents = torch.cat(parts)[:n]
         out: list[list[Image.Image]] = []
         k = 0
         for req in plans:

@@ -122,14 +122,18 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def pipeline_batcher(pipe, fixed: bool, max_batch: int, wait_s: float) -> RequestBatcher:
+def pipeline_batcher(pipe, fixed: bool, max_batch: int, wait_s: float, generate_batch: int | None = None
+                     ) -> RequestBatcher:
     from inference.pipeline import UpscaleParams
 
-    return RequestBatcher(lambda key, reqs: pipe.upscale_requests(reqs, UpscaleParams(*key), fixed_batch_shape=fixed),
-                          max_batch=max_batch, wait_s=wait_s)
+    def run(key, reqs):
+        return pipe.upscale_requests(reqs, UpscaleParams(*key), generate_batch=generate_batch, fixed_batch_shape=fixed)
+
+    return RequestBatcher(run, max_batch=max_batch, wait_s=wait_s)
 
 
-def test_a_request_gives_byte_identical_images_alone_and_batched(pipe):
+@pytest.mark.parametrize("generate_batch", [4, 1], ids=["generate_4_crops", "generate_1_crop"])
+def test_a_request_gives_byte_identical_images_alone_and_batched(pipe, generate_batch):
     """Requests of 1, 2 and 3 images (one of them tiled) with their own seeds and params: run one at a time, then
     all at once through the batcher (same-params requests share generate() calls), then in reverse order."""
     ims = photos()
@@ -139,13 +143,13 @@ def test_a_request_gives_byte_identical_images_alone_and_batched(pipe):
     params = [pipe.make_params(**kw) for _, kw in requests]
     jobs = [(dataclasses.astuple(p), imgs, len(imgs)) for (imgs, _), p in zip(requests, params)]
 
-    alone_b = pipeline_batcher(pipe, fixed=True, max_batch=1, wait_s=0)
+    alone_b = pipeline_batcher(pipe, fixed=True, max_batch=1, wait_s=0, generate_batch=generate_batch)
     alone = [[png(x) for x in alone_b.submit(*job)] for job in jobs]
     assert alone_b.stats.largest_batch_requests == 1
 
     n_images = sum(len(r[0]) for r in requests)
     for order in (list(range(len(jobs))), list(range(len(jobs)))[::-1]):
-        b = pipeline_batcher(pipe, fixed=True, max_batch=n_images, wait_s=1.0)
+        b = pipeline_batcher(pipe, fixed=True, max_batch=n_images, wait_s=1.0, generate_batch=generate_batch)
         out = submit_all(b, [jobs[i] for i in order])
         together = [None] * len(jobs)
         for i, o in zip(order, out):

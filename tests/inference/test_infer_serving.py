@@ -29,10 +29,10 @@ from model import VARSRConfig, build, save_pretrained
 NAME = "varsr-tiny"
 LIMITS = ["limits.max_payload_bytes=200000", "limits.max_input_pixels=65536", "limits.max_output_pixels=262144",
           "limits.max_batch_images=4", "runtime.cpu_threads=1"]
-# batching: a wide window so that requests sent together reliably meet, generate() batches of 4 crops, one log
-# line per batch (the tests read it to know that batches formed)
+# batching: a wide window so that requests sent together reliably meet, generate() calls of exactly 4 crops from
+# several requests (not the CPU default of 1), one log line per batch (the tests read it to know batches formed)
 SERVING = ["serving.max_batch_images=8", "serving.batch_wait_ms=300", "serving.log_batches=true",
-           "tiling.batch_size=4"]
+           "serving.generate_batch=4", "tiling.batch_size=4"]
 
 
 def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
