@@ -6,9 +6,11 @@ are in ``predict()`` at the same time. :class:`RequestBatcher` sits between thos
 thread hands its (already validated) work over with :meth:`RequestBatcher.submit` and blocks; worker threads gather
 pending work with the same key (the request's params), waiting at most ``wait_s`` after the oldest one arrived for
 more to join, up to ``max_batch`` images, and make one call for the lot. Every request gets back exactly its own
-results. A failing batch is retried request by request, so an error reaches only the request that caused it.
+results, as soon as they are ready (``deliver``), not when the whole batch is. When a batch fails, the requests it
+had not answered yet are retried one by one, so an error reaches only the request that caused it.
 
-The module knows nothing about images or models: ``run(key, payloads) -> results`` does the work.
+The module knows nothing about images or models: ``run(key, payloads, deliver)`` does the work, calling
+``deliver(i, result)`` for payload i as soon as it is done, or returning the results in payload order.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
+Deliver = Callable[[int, Any], None]
+RunBatch = Callable[[Hashable, list[Any], Deliver], Optional[Sequence[Any]]]
 
 
 @dataclass
@@ -145,7 +148,8 @@ class RequestBatcher:
             return taken
 
     def _run(self, jobs: list[_Job]) -> None:
-        """Run one batch and deliver each request's result; on failure, run each request alone."""
+        """Run one batch, answering each request as soon as ``run`` delivers it; when the batch fails, run the requests
+        it had not answered yet one by one."""
         key = jobs[0].key
         n_images = sum(j.size for j in jobs)
         with self._cond:
@@ -153,24 +157,37 @@ class RequestBatcher:
             self.stats.requests += len(jobs)
             self.stats.images += n_images
             self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(jobs))
+
+        def deliver(i: int, result: Any) -> None:
+            if not jobs[i].future.done():
+                jobs[i].future.set_result(result)
+
         try:
             if self._on_batch is not None:
                 self._on_batch(key, len(jobs), n_images)
-            results = list(self._run_batch(key, [j.payload for j in jobs]))
-            if len(results) != len(jobs):
-                raise RuntimeError(f"batch returned {len(results)} results for {len(jobs)} requests")
+            results = self._run_batch(key, [j.payload for j in jobs], deliver)
+            if results is not None:
+                results = list(results)
+                if len(results) != len(jobs):
+                    raise RuntimeError(f"batch returned {len(results)} results for {len(jobs)} requests")
+                for i, r in enumerate(results):
+                    deliver(i, r)
+            missing = [j for j in jobs if not j.future.done()]
+            if missing:
+                raise RuntimeError(f"batch answered {len(jobs) - len(missing)} of {len(jobs)} requests")
         except Exception as e:  # noqa: BLE001 - delivered to the request(s) it belongs to
-            if len(jobs) == 1:
-                jobs[0].future.set_exception(e)
+            left = [j for j in jobs if not j.future.done()]
+            if len(left) == 1 and len(jobs) == 1:
+                left[0].future.set_exception(e)
                 return
-            log.warning("a batch of %d requests failed (%s: %s); running each alone", len(jobs), type(e).__name__, e)
+            if not left:
+                return
+            log.warning("a batch of %d requests failed (%s: %s); running the %d unanswered alone", len(jobs),
+                        type(e).__name__, e, len(left))
             with self._cond:
-                self.stats.retried_alone += len(jobs)
-            for job in jobs:
+                self.stats.retried_alone += len(left)
+            for job in left:
                 self._run([job])
-            return
-        for job, result in zip(jobs, results):
-            job.future.set_result(result)
 
 
 __all__ = ["RequestBatcher", "BatchStats"]

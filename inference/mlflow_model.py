@@ -148,9 +148,9 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if gb <= 0:
             gb = self.config.tiling.batch_size if self.pipeline.device.type == "cuda" else 1
 
-        def run(key, requests):
+        def run(key, requests, deliver):
             return self.pipeline.upscale_requests(requests, UpscaleParams(*key), generate_batch=gb,
-                                                  fixed_batch_shape=fixed)
+                                                  fixed_batch_shape=fixed, on_done=deliver)
 
         on_batch = None
         if sv.log_batches:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -307,32 +307,34 @@ class VARSRPipeline:
     # ---- serving: the images of several requests in one pass -----------------------------------------------------
     @torch.inference_mode()
     def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
-                         generate_batch: int | None = None, fixed_batch_shape: bool = False
-                         ) -> list[list[Image.Image]]:
+                         generate_batch: int | None = None, fixed_batch_shape: bool = False,
+                         on_done: Callable[[int, list[Image.Image]], None] | None = None) -> list[list[Image.Image]]:
         """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
 
         Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
         of its own request, tile t -- is named by those indices, not by its place in the combined batch, so it draws
         the same random stream whatever else runs with it. Crops go through generate() ``generate_batch`` at a time
-        (default and upper bound ``tiling.batch_size``); ``fixed_batch_shape`` pads the last call to that size, so
-        that every call has one shape: kernels pick their summation order by shape (a matrix product of 2 rows is
-        summed differently from one of 8), and only a fixed shape makes the result byte-identical alone and
-        batched. ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
-        :meth:`target_size`); ``p`` comes from :meth:`make_params`.
+        (default and upper bound ``tiling.batch_size``), in request order; ``fixed_batch_shape`` pads the last call
+        to that size, so that every call has one shape: kernels pick their summation order by shape (a matrix
+        product of 2 rows is summed differently from one of 8), and only a fixed shape makes the result
+        byte-identical alone and batched. After each call the images whose crops are all generated are decoded, and
+        ``on_done(r, images)`` hands request r its images as soon as they are all ready.
 
-        Each generate() call holds the model's lock for as long as the model keeps sampling state on its modules;
-        the decode keeps none and runs outside it, so one batch can decode while another generates.
+        ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
+        :meth:`target_size`); ``p`` comes from :meth:`make_params`. Each generate() call holds the model's lock for as
+        long as the model keeps sampling state on its modules; the decode keeps none and runs outside it, so one
+        batch can decode while another generates.
         """
         plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
         crops: list[torch.Tensor] = []
         keys: list[tuple[int, int]] = []
-        for req in plans:
+        spans: list[tuple[int, int, int]] = []  # (request, first crop, end crop) of each image, in crop order
+        for r, req in enumerate(plans):
             for i, pl in enumerate(req):
+                spans.append((r, len(crops), len(crops) + len(pl.tiles)))
                 crops += pl.crops
                 keys += [(i, t) for t in range(len(pl.tiles))]
         n = len(crops)
-        if n == 0:
-            return [[] for _ in plans]
         limit = max(1, int(self.config.tiling.batch_size))  # _generate_latents splits anything larger
         gb = limit if generate_batch is None else max(1, min(int(generate_batch), limit))
         if fixed_batch_shape and n % gb:
@@ -340,20 +342,23 @@ class VARSRPipeline:
             crops += [torch.zeros_like(crops[0])] * pad
             keys += [(0, 0)] * pad
         lock = getattr(self, "_lock", None)
-        parts = []
+        out: list[list[Image.Image]] = [[] for _ in plans]
+        rows: list[torch.Tensor] = []  # one latent per crop, generated so far
+        img_idx = 0
+        for r, req in enumerate(plans):  # requests without images are done at once
+            if not req and on_done is not None:
+                on_done(r, [])
         for s in range(0, len(crops), gb):
             with lock if lock is not None else contextlib.nullcontext():
-                parts.append(self._latents_for(crops[s: s + gb], p, keys[s: s + gb]))
-        latents = torch.cat(parts)[:n]
-        out: list[list[Image.Image]] = []
-        k = 0
-        for req in plans:
-            imgs = []
-            for pl in req:
-                sr = self._decode(pl, latents[k: k + len(pl.tiles)])
-                imgs.append(self._postprocess(sr, pl, p))
-                k += len(pl.tiles)
-            out.append(imgs)
+                rows += list(self._latents_for(crops[s: s + gb], p, keys[s: s + gb]))
+            while img_idx < len(spans) and spans[img_idx][2] <= len(rows):
+                r, a, b = spans[img_idx]
+                pl = plans[r][len(out[r])]
+                sr = self._decode(pl, torch.stack(rows[a:b]))
+                out[r].append(self._postprocess(sr, pl, p))
+                if len(out[r]) == len(plans[r]) and on_done is not None:
+                    on_done(r, out[r])
+                img_idx += 1
         return out
 
     def _latents_for(self, crops: list[torch.Tensor], p: UpscaleParams, keys: list[tuple[int, int]]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from model import VARSRConfig, build
 WAIT_LONG = 60.0  # batches below close when full; the wait only bounds a broken test
 
 
-def run_tagged(key, payloads):
+def run_tagged(key, payloads, deliver):
     """A batch function whose answers show which batch and which request they came from."""
     return [(key, p, len(payloads)) for p in payloads]
 
@@ -62,7 +62,7 @@ def test_requests_with_different_keys_never_share_a_batch():
 
 def test_batches_hold_at_most_max_batch_images_and_a_large_request_runs_alone():
     sizes = []
-    b = RequestBatcher(lambda k, ps: sizes.append(sum(p for p in ps)) or list(ps), max_batch=4, wait_s=0.05)
+    b = RequestBatcher(lambda k, ps, deliver: sizes.append(sum(p for p in ps)) or list(ps), max_batch=4, wait_s=0.05)
     out = submit_all(b, [("k", s, s) for s in (1, 3, 2, 2, 6, 1)])
     assert out == [1, 3, 2, 2, 6, 1]
     assert sum(sizes) == 15 and max(sizes) == 6  # the 6-image request ran, alone
@@ -71,7 +71,7 @@ def test_batches_hold_at_most_max_batch_images_and_a_large_request_runs_alone():
 
 
 def test_a_failing_request_gets_its_error_and_its_batch_mates_their_results():
-    def run(key, payloads):
+    def run(key, payloads, deliver):
         if "poison" in payloads:
             raise ValueError("poisoned batch")
         return [p.upper() for p in payloads]
@@ -85,12 +85,40 @@ def test_a_failing_request_gets_its_error_and_its_batch_mates_their_results():
 
 
 def test_a_batch_function_that_loses_results_fails_loudly_not_silently():
-    b = RequestBatcher(lambda k, ps: list(ps)[:-1], max_batch=1, wait_s=0)
+    b = RequestBatcher(lambda k, ps, deliver: list(ps)[:-1], max_batch=1, wait_s=0)
     with pytest.raises(RuntimeError, match="0 results for 1 requests"):
         b.submit("k", "x")
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit("k", "y")
+    b = RequestBatcher(lambda k, ps, deliver: None, max_batch=1, wait_s=0)
+    with pytest.raises(RuntimeError, match="answered 0 of 1 requests"):
+        b.submit("k", "x")
+    b.close()
+
+
+def test_requests_are_answered_as_they_finish_and_a_later_failure_spares_them():
+    """Request 0 is delivered while the batch still runs (its client does not wait for the batch), then the batch
+    fails: request 0 keeps its result, and only the unanswered ones are retried alone."""
+    released = threading.Event()
+    calls = []
+
+    def run(key, payloads, deliver):
+        calls.append(list(payloads))
+        if len(payloads) > 1:
+            deliver(0, payloads[0] * 2)
+            assert released.wait(60)
+            raise RuntimeError("late failure")
+        return [payloads[0] * 3]
+
+    b = RequestBatcher(run, max_batch=3, wait_s=WAIT_LONG)
+    futures = [b.submit_async("k", x) for x in ("a", "b", "c")]
+    assert futures[0].result(timeout=60) == "aa"  # answered before the batch function returned
+    assert not futures[1].done()
+    released.set()
+    assert [f.result(timeout=60) for f in futures] == ["aa", "bbb", "ccc"]
+    assert calls == [["a", "b", "c"], ["b"], ["c"]] and b.stats.retried_alone == 2
+    b.close()
 
 
 def test_wait_zero_takes_only_what_is_pending_and_still_serves_everyone():
@@ -126,8 +154,9 @@ def pipeline_batcher(pipe, fixed: bool, max_batch: int, wait_s: float, generate_
                      ) -> RequestBatcher:
     from inference.pipeline import UpscaleParams
 
-    def run(key, reqs):
-        return pipe.upscale_requests(reqs, UpscaleParams(*key), generate_batch=generate_batch, fixed_batch_shape=fixed)
+    def run(key, reqs, deliver):
+        return pipe.upscale_requests(reqs, UpscaleParams(*key), generate_batch=generate_batch, fixed_batch_shape=fixed,
+                                     on_done=deliver)
 
     return RequestBatcher(run, max_batch=max_batch, wait_s=wait_s)
 
@@ -164,6 +193,33 @@ def test_a_request_gives_byte_identical_images_alone_and_batched(pipe, generate_
         scale = kw.get("scale", 4)
         assert [Image.open(io.BytesIO(r)).size for r in res] == [(round(i.width * scale), round(i.height * scale))
                                                                  for i in imgs]
+
+
+def test_upscale_requests_hands_each_request_over_once_all_its_images_are_ready(pipe):
+    """With one crop per generate() call, request r is handed over right after its own crops (before later requests
+    are generated), with the images the call returns for it."""
+    ims = photos()
+    p = pipe.make_params(seed=2)
+    events = []
+    orig = pipe._latents_for
+
+    def counting(crops, params, keys):
+        events.append(("generate", len(crops)))
+        return orig(crops, params, keys)
+
+    pipe._latents_for = counting
+    try:
+        out = pipe.upscale_requests([[ims[0]], [ims[1], ims[2]], [ims[3]]], p, generate_batch=1,
+                                    on_done=lambda r, imgs: events.append(("done", r, [png(x) for x in imgs])))
+    finally:
+        del pipe._latents_for
+    reqs = [[ims[0]], [ims[1], ims[2]], [ims[3]]]
+    expected = []
+    for r, imgs in enumerate(reqs):
+        expected += [("generate", 1)] * sum(len(pipe.plan(im, p).tiles) for im in imgs) + [("done", r)]
+    assert len(expected) > 6  # some of these images take several tiles
+    assert [e[:2] for e in events] == expected
+    assert [e[2] for e in events if e[0] == "done"] == [[png(x) for x in o] for o in out]
 
 
 def test_seeded_requests_batched_together_still_get_their_own_noise(pipe):
