@@ -230,3 +230,22 @@ def test_seeded_requests_batched_together_still_get_their_own_noise(pipe):
     out = pipe.upscale_requests([[ims[0]], [ims[1]], [ims[0]], [ims[0]]], p, fixed_batch_shape=True)
     assert png(out[0][0]) != png(out[1][0])
     assert png(out[0][0]) == png(out[2][0]) == png(out[3][0])
+
+
+def test_the_request_thread_pool_is_widened_inside_the_servers_event_loop():
+    """MLflow's server runs predict() with asyncio.to_thread; the model widens that pool from inside the running
+    loop (where uvicorn loads it). 40 calls that can only finish together need 40 threads: more than the default
+    pool has anywhere (min(32, cpus + 4))."""
+    import asyncio
+
+    from inference.mlflow_model import widen_request_threads
+
+    assert widen_request_threads(40) is False  # no running loop here: nothing to widen
+    n = 40
+    together = threading.Barrier(n, timeout=30)
+
+    async def main():
+        assert widen_request_threads(n)
+        return await asyncio.gather(*(asyncio.to_thread(together.wait) for _ in range(n)))
+
+    assert sorted(asyncio.run(main())) == list(range(n))
