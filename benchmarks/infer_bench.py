@@ -1,8 +1,17 @@
 """Inference benchmark: pipeline latency/throughput at batch 1 and 8, and the served endpoint under concurrent clients.
 
-Prints ONE JSON object: the config it ran, per-image latency p50/p90 and images/s per batch size, and requests/s with
-p50/p90 latency through `mlflow models serve` (loopback only, bounded number of clients and requests).
-Random weights of the chosen preset (speed does not depend on the weights).
+Prints ONE JSON object: the config it ran; per-image latency p50/p90 and images/s per pipeline batch size; and, through
+`varsr serve` (`mlflow models serve`, loopback only), requests/s, p50/p90 latency and the server's CPU time per
+request at 1, 4 and 8 concurrent clients, plus the single-request latency, for servers of one registered model running
+side by side:
+- ``one_per_call``: today's path, one request per pipeline call (``serving.max_batch_images=1``; the model lock
+  serialises generation while the model keeps sampling state on its modules), MLflow's default request threads;
+- ``batched``: the config's ``serving`` section (request batching; on a CPU one crop per generate() call);
+- ``batched_generate_N``: the same, with generate() batched N crops at a time across requests (what the auto setting
+  does on a GPU; fixed shape, so short batches are padded).
+Every round runs each client count against each server, rotating which goes first, so all see the same machine load;
+ratios are each server against ``one_per_call``. Random weights of the chosen preset (speed does not depend on them).
+Each client sends its requests back to back (closed loop), cycling through 16 different images, all with one seed.
 
     .venv/bin/python benchmarks/infer_bench.py                       # tiny preset on CPU
     .venv/bin/python benchmarks/infer_bench.py --preset d24 --device cuda --dtype bfloat16 --no-server
@@ -11,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -75,9 +85,74 @@ def bench_pipeline(pipe, batch_sizes: list[int], iters: int, lr_side: int) -> di
     return out
 
 
-def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_side: int) -> dict:
+def request_body(img, seed: int) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}, "params": {"seed": seed}})
+
+
+def load_clients(url: str, bodies: list[str], clients: int, per_client: int) -> tuple[list[float], float, int]:
+    """``clients`` threads, each sending ``per_client`` requests back to back (client i cycles through the bodies
+    from its own offset, so concurrent requests carry different images). Returns latencies, wall time, 200s."""
     import requests
 
+    headers = {"Content-Type": "application/json"}
+
+    def client(i: int):
+        out = []
+        with requests.Session() as s:
+            for k in range(per_client):
+                body = bodies[(i + k * clients) % len(bodies)]
+                t0 = time.perf_counter()
+                r = s.post(f"{url}/invocations", data=body, headers=headers, timeout=300)
+                out.append((time.perf_counter() - t0, r.status_code))
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as ex:
+        results = [x for xs in ex.map(client, range(clients)) for x in xs]
+    wall = time.perf_counter() - t0
+    return [r[0] for r in results], wall, sum(1 for r in results if r[1] == 200)
+
+
+def summarize(lat: list[float], wall: float, ok: int, clients: int, cpu_s: float) -> dict:
+    return {"clients": clients, "requests": len(lat), "ok": ok, "requests_per_s": round(len(lat) / wall, 3),
+            "latency_s_p50": round(pct(lat, 50), 4), "latency_s_p90": round(pct(lat, 90), 4),
+            "server_cpu_ms_per_request": round(1000 * cpu_s / max(1, len(lat)), 2)}
+
+
+def server_pid(port: int) -> int | None:
+    """The pid of the uvicorn process serving ``port`` (from its command line)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(b"uvicorn" in c for c in cmd[:2]) and str(port).encode() in cmd:
+                return int(d.name)
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of ``pid`` (all its threads) so far; 0 where /proc is not readable."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, rounds: int, lr_side: int,
+                 seed: int, register_set: list[str], variants: dict[str, list[str]]) -> dict:
+    """One registered model, one `varsr serve` per variant (``--set`` overrides), all up at once; every round runs
+    each client count against each variant, rotating which goes first, so all see the same machine load. The first
+    variant is the reference of the ratios."""
+    from inference.config import load_inference_config
     from inference.registry import register_model
     from inference.serve import background_server
     from infra.core.net import free_port
@@ -85,33 +160,57 @@ def bench_server(vqvae, varsr, work: Path, clients: int, n_requests: int, lr_sid
 
     ckpt = save_pretrained(work / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    register_model(ckpt, "varsr-bench", tracking_uri=uri, validate_example=False)
-
-    t_start = time.perf_counter()
-    with background_server("models:/varsr-bench@champion", free_port(), tracking_uri=uri, cwd=ROOT,
-                           log_path=work / "server.log", tmp_dir=work / "server-tmp") as url:
-        startup = time.perf_counter() - t_start
-        buf = io.BytesIO()
-        lr_images(1, lr_side)[0].save(buf, format="PNG")
-        b64 = base64.b64encode(buf.getvalue()).decode()
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}, "params": {"seed": 0}})
-        headers = {"Content-Type": "application/json"}
-
-        def one(_):
+    register_model(ckpt, "varsr-bench", tracking_uri=uri, validate_example=False,
+                   config=load_inference_config(overrides=register_set))
+    bodies = [request_body(img, seed) for img in lr_images(16, lr_side)]
+    names = list(variants)
+    lat = {(n, c): [] for n in names for c in clients}
+    wall = {(n, c): 0.0 for n in names for c in clients}
+    cpu = {(n, c): 0.0 for n in names for c in clients}
+    ok = {(n, c): 0 for n in names for c in clients}
+    startup, pids = {}, {}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for n in names:
             t0 = time.perf_counter()
-            r = requests.post(f"{url}/invocations", data=body, headers=headers, timeout=300)
-            return time.perf_counter() - t0, r.status_code
-
-        one(0)  # warm-up
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as ex:
-            results = list(ex.map(one, range(n_requests)))
-        wall = time.perf_counter() - t0
-        lat = [r[0] for r in results]
-        ok = sum(1 for r in results if r[1] == 200)
-        return {"clients": clients, "requests": n_requests, "ok": ok, "requests_per_s": round(n_requests / wall, 3),
-                "latency_s_p50": round(pct(lat, 50), 4), "latency_s_p90": round(pct(lat, 90), 4),
-                "server_startup_s": round(startup, 2)}
+            port = free_port()
+            urls[n] = stack.enter_context(background_server(
+                "models:/varsr-bench@champion", port, tracking_uri=uri, cwd=ROOT, overrides=variants[n],
+                log_path=work / f"server-{n}.log", tmp_dir=work / f"server-tmp-{n}"))
+            startup[n] = round(time.perf_counter() - t0, 2)
+            pids[n] = server_pid(port)
+        for n in names:  # warm-up: first requests pay lazy initialisation
+            load_clients(urls[n], bodies, max(clients), 1)
+        for r in range(rounds):
+            for c in clients:
+                for n in names[r % len(names):] + names[:r % len(names)]:
+                    c0 = cpu_seconds(pids[n])
+                    la, w, k = load_clients(urls[n], bodies, c, per_client)
+                    cpu[(n, c)] += cpu_seconds(pids[n]) - c0
+                    lat[(n, c)] += la
+                    wall[(n, c)] += w
+                    ok[(n, c)] += k
+    out: dict = {}
+    for n in names:
+        out[n] = {f"clients_{c}": summarize(lat[(n, c)], wall[(n, c)], ok[(n, c)], c, cpu[(n, c)]) for c in clients}
+        out[n]["single_request_latency_s_p50"] = round(pct(lat[(n, min(clients))], 50), 4)
+        out[n]["server_startup_s"] = startup[n]
+    base, top = names[0], f"clients_{max(clients)}"
+    out["ratios"], out["targets"] = {}, {}
+    for n in names[1:]:
+        ratios = {}
+        for c in clients:
+            b, m = out[base][f"clients_{c}"], out[n][f"clients_{c}"]
+            ratios[f"requests_per_s_clients_{c}"] = round(m["requests_per_s"] / b["requests_per_s"], 3)
+            ratios[f"latency_p90_clients_{c}"] = round(m["latency_s_p90"] / b["latency_s_p90"], 3)
+        ratios[f"p90_{top}_over_its_single_request"] = round(
+            out[n][top]["latency_s_p90"] / out[n]["single_request_latency_s_p50"], 3)
+        ratios[f"p90_{top}_over_{base}_single_request"] = round(
+            out[n][top]["latency_s_p90"] / out[base]["single_request_latency_s_p50"], 3)
+        out["ratios"][f"{n}/{base}"] = ratios
+        out["targets"][n] = {f"requests_per_s_{top}_at_least_2x_{base}": ratios[f"requests_per_s_{top}"] >= 2.0,
+                             f"p90_{top}_within_2x_single_request": ratios[f"p90_{top}_over_its_single_request"] <= 2.0}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--scale", type=int, default=4, help="LR side = model resolution / scale")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients (bounded to 16)")
-    ap.add_argument("--requests", type=int, default=16, help="requests through the endpoint (bounded to 256)")
+    ap.add_argument("--clients", default="1,4,8", help="concurrent HTTP client counts (each bounded to 16)")
+    ap.add_argument("--requests-per-client", type=int, default=4, help="requests per client per round (<= 32)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all client counts (<= 10)")
+    ap.add_argument("--seed", type=int, default=0, help="request seed (-1: random; requests batch by params)")
+    ap.add_argument("--server-threads", type=int, default=None,
+                    help="torch threads of the served model (runtime.cpu_threads; default: torch's)")
+    ap.add_argument("--tile-batch", type=int, default=8,
+                    help="tiling.batch_size of the served model: the generate() shape of a batch")
+    ap.add_argument("--batched-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="serving.* overrides of the batched server (default: the config's serving section)")
+    ap.add_argument("--generate-batch-variant", action=argparse.BooleanOptionalAction, default=True,
+                    help="also serve a variant whose generate() calls batch --tile-batch crops across requests "
+                         "(what the auto setting does on a GPU)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="serve only the batched variant (no one-request-per-call server to compare with)")
     ap.add_argument("--no-server", action="store_true", help="skip the served-endpoint part")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = ap.parse_args(argv)
@@ -152,10 +264,29 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["pipeline"] = bench_pipeline(pipe, result["config"]["batch_sizes"], args.iters, lr_side)
     if not args.no_server:
+        clients = sorted({max(1, min(int(c), 16)) for c in args.clients.split(",")})
+        register_set = [f"tiling.batch_size={args.tile_batch}"]
+        if args.server_threads:
+            register_set.append(f"runtime.cpu_threads={args.server_threads}")
+        # today's behaviour: one request per pipeline call (the model lock serialises them), MLflow's thread pool
+        variants = {} if args.no_baseline else {"one_per_call": ["serving.max_batch_images=1",
+                                                                 "serving.request_threads=0"]}
+        variants["batched"] = list(args.batched_set)
+        if args.generate_batch_variant:  # the same batching with generate() batched across requests
+            variants[f"batched_generate_{args.tile_batch}"] = list(args.batched_set) + [
+                f"serving.generate_batch={args.tile_batch}"]
+        per_client, rounds = max(1, min(args.requests_per_client, 32)), max(1, min(args.rounds, 10))
+        from inference.config import load_inference_config
+        from infra.core.config import to_dict
+
+        result["config"]["endpoint"] = {
+            "clients": clients, "requests_per_client": per_client, "rounds": rounds, "seed": args.seed,
+            "registered_set": register_set, "variants": variants,
+            "serving_defaults": to_dict(load_inference_config().serving)}
         work = Path(tempfile.mkdtemp(prefix="varsr-bench-"))
         try:
-            result["endpoint"] = bench_server(vqvae.cpu(), varsr.cpu(), work, max(1, min(args.clients, 16)),
-                                              max(1, min(args.requests, 256)), lr_side)
+            result["endpoint"] = bench_server(vqvae.cpu(), varsr.cpu(), work, clients, per_client, rounds, lr_side,
+                                              args.seed, register_set, variants)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

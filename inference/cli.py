@@ -151,11 +151,17 @@ def cmd_register(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from .mlflow_model import check_serve_overrides
     from .serve import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", args.host)
-    return serve(args.model_uri, args.port, args.host, args.workers, args.tracking_uri)
+    try:
+        overrides = check_serve_overrides(args.overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return serve(args.model_uri, args.port, args.host, args.workers, args.tracking_uri, overrides=overrides,
+                 stop_timeout=args.stop_timeout)
 
 
 def cmd_eval(args) -> int:
@@ -216,8 +222,13 @@ def register(subparsers, shard_pairs=None) -> None:
     p.add_argument("model_uri", metavar="MODEL_URI", help="e.g. models:/varsr@champion")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="serving.* / runtime.* over the registered model's inference config, e.g. "
+                        "serving.batch_wait_ms=10 (repeatable)")
+    p.add_argument("--stop-timeout", type=float, default=30.0,
+                   help="seconds the server gets to finish its requests after SIGTERM/SIGINT before SIGKILL")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")

@@ -59,6 +59,32 @@ class RuntimeConfig:
 
 
 @dataclass
+class ServingConfig:
+    """How the served endpoint turns concurrent requests into pipeline calls (``inference/batching.py``).
+
+    Requests that arrive within ``batch_wait_ms`` of each other and share their params (scale, cfg, top_k, top_p,
+    seed, color_fix, tile) run as one pipeline call of at most ``max_batch_images`` images; each request still gets
+    exactly its own images back, and the same images it gets alone.
+    """
+
+    max_batch_images: int = 8  # images per batched pipeline call; <= 1 turns batching off (one request per call)
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others to join it
+    concurrent_batches: int = 2  # batches in progress at once (one generates while another decodes and encodes)
+    # crops per generate() call of a batch, at most tiling.batch_size; 0 = auto: tiling.batch_size on a GPU (where a
+    # batch of 8 costs about what one crop does), 1 on a CPU (where a crop's cost barely drops in a batch, and with
+    # fixed_batch_shape a lone request would pay for every padding crop)
+    generate_batch: int = 0
+    # every generate() call runs on exactly generate_batch crops (short ones padded), so a crop's arithmetic never
+    # depends on what else is in its batch: results are byte-identical alone and batched. Off: no padding work,
+    # but batched kernels may move a pixel by a level or two against the same request alone.
+    fixed_batch_shape: bool = True
+    # threads the scoring server runs predict() in (MLflow runs each request with asyncio.to_thread on the event
+    # loop's default executor: min(32, cpus + 4) threads, which caps the requests a batch can gather); 0 keeps it
+    request_threads: int = 16
+    log_batches: bool = False  # log one INFO line per batch (requests, images, params) to the server's stderr
+
+
+@dataclass
 class InferenceConfig:
     """Everything an upscale call needs besides the model weights."""
 
@@ -66,6 +92,7 @@ class InferenceConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 def load_inference_config(path: str | Path | None = None,

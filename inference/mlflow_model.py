@@ -5,10 +5,20 @@ Input: a DataFrame with a string column ``image`` (base64 PNG/JPEG, one image pe
 cells of overlap) and ``color_fix``. Output: a DataFrame with ``image`` (base64 PNG), ``width``, ``height``.
 Bad requests raise ``MlflowException(INVALID_PARAMETER_VALUE)``, which the scoring server turns into HTTP 400 with the
 message (no stack trace); the server keeps answering.
+
+Serving: MLflow's scoring server runs each request's ``predict`` in its own thread, so concurrent requests meet here.
+Each thread checks and decodes its own request, then hands the images to a :class:`inference.batching.RequestBatcher`
+(config ``serving``), which runs requests with the same params together through
+:meth:`inference.pipeline.VARSRPipeline.upscale_requests`; each thread encodes its own results. ``serving.
+max_batch_images: 1`` runs every request alone through :meth:`~inference.pipeline.VARSRPipeline.upscale`.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,8 @@ ARTIFACT_CONFIG = "inference_config"
 CONFIG_FILENAME = "inference.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVED_ENTRY = "inference.mlflow_model"  # the served model ships this module and everything it can import
+SERVING_OVERRIDES_ENV = "VARSR_SERVING_OVERRIDES"  # JSON list of key=value set by `varsr serve --set`
+SERVE_TIME_SECTIONS = ("serving", "runtime")  # what `varsr serve --set` may change; limits stay as registered
 PIP_REQUIREMENTS = ["mlflow==3.17.2", "torch==2.13.0", "pillow==13.0.0", "numpy==2.4.6", "pandas==3.1.1",
                     "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4"]
 
@@ -69,6 +81,47 @@ def example_input() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_png_base64(img)]})
 
 
+def check_serve_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``varsr serve --set`` items: only ``serving.*`` and ``runtime.*`` keys (the limits and sampling defaults are
+    the registered model's), each valid for :class:`InferenceConfig`; raises ValueError naming the bad one."""
+    from infra.core.config import parse_override
+
+    from .config import load_inference_config
+
+    items = [str(o) for o in overrides]
+    for item in items:
+        keys, _ = parse_override(item)
+        if keys[0] not in SERVE_TIME_SECTIONS:
+            raise ValueError(f"--set {item}: only {', '.join(s + '.*' for s in SERVE_TIME_SECTIONS)} can be set when "
+                             f"serving (limits and defaults are the registered model's)")
+    load_inference_config(None, items)  # types and key names
+    return items
+
+
+def serve_time_overrides() -> list[str]:
+    """The ``--set`` items ``varsr serve`` passed to this server process (empty when not served by it)."""
+    raw = os.environ.get(SERVING_OVERRIDES_ENV, "").strip()
+    return check_serve_overrides(json.loads(raw)) if raw else []
+
+
+def widen_request_threads(n: int) -> bool:
+    """Give the running event loop's default executor ``n`` threads; False when no loop is running here.
+
+    MLflow's scoring server runs each request's predict() with ``asyncio.to_thread``, i.e. on the event loop's
+    default executor (``min(32, cpus + 4)`` threads): no more requests than that can wait together for a batch.
+    uvicorn loads the app, and with it this model, inside its running loop, which is where this finds it.
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=n, thread_name_prefix="varsr-request"))
+    return True
+
+
 class VARSRPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around :class:`inference.pipeline.VARSRPipeline`."""
 
@@ -76,8 +129,46 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         from .config import load_inference_config
         from .pipeline import VARSRPipeline
 
-        self.config = load_inference_config(context.artifacts[ARTIFACT_CONFIG])
+        self.config = load_inference_config(context.artifacts[ARTIFACT_CONFIG], serve_time_overrides())
         self.pipeline = VARSRPipeline.from_pretrained(context.artifacts[ARTIFACT_CHECKPOINT], config=self.config)
+        self.batcher = self._make_batcher()
+
+    def _make_batcher(self):
+        """The request batcher of ``config.serving``; None when batching is off (max_batch_images <= 1)."""
+        from .batching import RequestBatcher
+        from .pipeline import UpscaleParams
+
+        sv = self.config.serving
+        if sv.request_threads > 0 and widen_request_threads(int(sv.request_threads)):
+            log.info("scoring server: %d request threads", sv.request_threads)
+        if sv.max_batch_images <= 1:
+            return None
+        fixed = bool(sv.fixed_batch_shape)
+        gb = int(sv.generate_batch)
+        if gb <= 0:
+            gb = self.config.tiling.batch_size if self.pipeline.device.type == "cuda" else 1
+
+        def run(key, requests, deliver):
+            return self.pipeline.upscale_requests(requests, UpscaleParams(*key), generate_batch=gb,
+                                                  fixed_batch_shape=fixed, on_done=deliver)
+
+        on_batch = None
+        if sv.log_batches:
+            blog = logging.getLogger("inference.batching")
+            if not blog.handlers:
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                blog.addHandler(handler)
+            blog.setLevel(logging.INFO)
+
+            def on_batch(key, n_requests, n_images):
+                blog.info("batch: %d requests, %d images, params %s", n_requests, n_images,
+                          dict(zip((f.name for f in dataclasses.fields(UpscaleParams)), key)))
+
+        log.info("request batching: up to %d images, %.1f ms wait, %d generate() crops per call%s",
+                 sv.max_batch_images, sv.batch_wait_ms, gb, " (fixed shape)" if fixed else "")
+        return RequestBatcher(run, max_batch=int(sv.max_batch_images), wait_s=max(0.0, sv.batch_wait_ms) / 1000.0,
+                              workers=int(sv.concurrent_batches), on_batch=on_batch)
 
     def _params(self, params: dict[str, Any] | None):
         from .pipeline import UpscaleParamError
@@ -114,8 +205,12 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
                 raise bad_request(f"row {i}: {e}") from None
             images.append(img)
         try:
-            out = self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                                        color_fix=p.color_fix, tile="auto" if p.overlap is None else p.overlap)
+            if getattr(self, "batcher", None) is not None:
+                out = self.batcher.submit(dataclasses.astuple(p), images, size=len(images))
+            else:
+                out = self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p,
+                                            seed=p.seed, color_fix=p.color_fix,
+                                            tile="auto" if p.overlap is None else p.overlap)
         except Exception as e:  # noqa: BLE001 - never leak a stack trace to the client; log it server-side
             log.exception("upscale failed")
             raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -303,6 +303,76 @@ class VARSRPipeline:
         return {"model": self.model_cfg.name, "image_size": self.image_size, "latent_side": self.latent_side,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size}
+
+    # ---- serving: the images of several requests in one pass -----------------------------------------------------
+    @torch.inference_mode()
+    def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
+                         generate_batch: int | None = None, fixed_batch_shape: bool = False,
+                         on_done: Callable[[int, list[Image.Image]], None] | None = None) -> list[list[Image.Image]]:
+        """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
+
+        Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
+        of its own request, tile t -- is named by those indices, not by its place in the combined batch, so it draws
+        the same random stream whatever else runs with it. Crops go through generate() ``generate_batch`` at a time
+        (default and upper bound ``tiling.batch_size``), in request order; ``fixed_batch_shape`` pads the last call
+        to that size, so that every call has one shape: kernels pick their summation order by shape (a matrix
+        product of 2 rows is summed differently from one of 8), and only a fixed shape makes the result
+        byte-identical alone and batched. After each call the images whose crops are all generated are decoded, and
+        ``on_done(r, images)`` hands request r its images as soon as they are all ready.
+
+        ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
+        :meth:`target_size`); ``p`` comes from :meth:`make_params`. Each generate() call holds the model's lock for as
+        long as the model keeps sampling state on its modules; the decode keeps none and runs outside it, so one
+        batch can decode while another generates.
+        """
+        plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
+        crops: list[torch.Tensor] = []
+        keys: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []  # (request, first crop, end crop) of each image, in crop order
+        for r, req in enumerate(plans):
+            for i, pl in enumerate(req):
+                spans.append((r, len(crops), len(crops) + len(pl.tiles)))
+                crops += pl.crops
+                keys += [(i, t) for t in range(len(pl.tiles))]
+        n = len(crops)
+        limit = max(1, int(self.config.tiling.batch_size))  # _generate_latents splits anything larger
+        gb = limit if generate_batch is None else max(1, min(int(generate_batch), limit))
+        if fixed_batch_shape and n % gb:
+            pad = gb - n % gb  # blank crops, generated and dropped
+            crops += [torch.zeros_like(crops[0])] * pad
+            keys += [(0, 0)] * pad
+        lock = getattr(self, "_lock", None)
+        out: list[list[Image.Image]] = [[] for _ in plans]
+        rows: list[torch.Tensor] = []  # one latent per crop, generated so far
+        img_idx = 0
+        for r, req in enumerate(plans):  # requests without images are done at once
+            if not req and on_done is not None:
+                on_done(r, [])
+        for s in range(0, len(crops), gb):
+            with lock if lock is not None else contextlib.nullcontext():
+                rows += list(self._latents_for(crops[s: s + gb], p, keys[s: s + gb]))
+            while img_idx < len(spans) and spans[img_idx][2] <= len(rows):
+                r, a, b = spans[img_idx]
+                pl = plans[r][len(out[r])]
+                sr = self._decode(pl, torch.stack(rows[a:b]))
+                out[r].append(self._postprocess(sr, pl, p))
+                if len(out[r]) == len(plans[r]) and on_done is not None:
+                    on_done(r, out[r])
+                img_idx += 1
+        return out
+
+    def _latents_for(self, crops: list[torch.Tensor], p: UpscaleParams, keys: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`_generate_latents` with each crop's stream key (image index in its request, tile index).
+
+        A ``_generate_latents`` that takes ``keys`` derives each crop's random stream from (seed, image, tile); one
+        that does not gives every crop of a call the stream of the seed itself. Either way a crop's stream does not
+        depend on its batch-mates.
+        """
+        import inspect
+
+        if "keys" in inspect.signature(self._generate_latents).parameters:
+            return self._generate_latents(crops, p, keys)
+        return self._generate_latents(crops, p)
 
 
 __all__ = ["VARSRPipeline", "UpscaleParams", "UpscaleParamError", "ImageInputError", "resolve_device", "resolve_dtype"]

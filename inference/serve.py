@@ -1,16 +1,39 @@
-"""`varsr serve`: run MLflow's scoring server for a registered model on loopback, with the right environment."""
+"""`varsr serve`: MLflow's scoring server for a registered model, run as one process group that stops cleanly.
+
+The processes: ``varsr serve`` starts ``mlflow models serve`` in a new session (so in a process group of its own);
+mlflow copies the model into a temporary folder and starts ``uvicorn`` through ``bash -c "exec uvicorn ..."``
+(same group; with ``--workers N`` uvicorn's worker processes join it too). ``varsr serve`` gives that server its own
+TMPDIR, a folder it creates and deletes, so the model's temporary copy goes with it.
+
+SIGTERM (``kill``, systemd, Kubernetes), SIGINT (Ctrl-C) and SIGHUP to ``varsr serve`` send SIGTERM to the whole
+server group (uvicorn finishes the requests in flight, then exits); ``varsr serve`` waits until no process of the
+group is left (it is their subreaper on Linux, so it also reaps the uvicorn process once mlflow has exited), uses
+SIGKILL after ``stop_timeout`` seconds or on a second Ctrl-C, deletes the temporary folder and exits with status 0.
+If ``varsr serve`` itself is killed with SIGKILL, the kernel sends SIGTERM to mlflow (parent-death signal), and mlflow
+does the same for uvicorn; only the temporary folder is then left behind.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from infra.core.tracking import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def venv_bin() -> Path:
@@ -19,8 +42,15 @@ def venv_bin() -> Path:
 
 
 def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1,
-                  tracking_uri: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) running ``mlflow models serve --env-manager local`` for ``model_uri``."""
+                  tracking_uri: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+                  ) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) running ``mlflow models serve --env-manager local`` for ``model_uri``.
+
+    ``overrides``: ``serving.*`` / ``runtime.*`` ``key=value`` items applied on top of the registered model's
+    inference config (see :func:`inference.mlflow_model.check_serve_overrides`).
+    """
+    from .mlflow_model import SERVING_OVERRIDES_ENV
+
     bin_dir = venv_bin()
     mlflow_exe = bin_dir / "mlflow"
     argv = [str(mlflow_exe)] if mlflow_exe.is_file() else [sys.executable, "-m", "mlflow"]
@@ -30,33 +60,136 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: i
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(tracking_uri)
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if overrides:
+        env[SERVING_OVERRIDES_ENV] = json.dumps(list(overrides))
+    else:
+        env.pop(SERVING_OVERRIDES_ENV, None)
     return argv, env
 
 
-def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1, tracking_uri: str | None = None) -> int:
-    """Run the server in the foreground until it exits (Ctrl-C stops it); returns its exit code."""
-    argv, env = serve_command(model_uri, port, host, workers, tracking_uri)
-    proc = subprocess.Popen(argv, env=env)
+def _prctl(option: int, value: int) -> bool:
+    """prctl(2) on Linux; False where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: receive SIGTERM when ``varsr serve`` dies, even by SIGKILL."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (a zombie not yet reaped included) is still in process group ``pgid``."""
+    return signal_group(pgid, 0)
+
+
+def _reap_group(pgid: int) -> list[tuple[int, int]]:
+    """Reap every exited child of this process in group ``pgid``: [(pid, exit code or -signal)]."""
+    out = []
+    while True:
         try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            res = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if res is None:
+            return out
+        code = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+        out.append((res.si_pid, code))
+
+
+def run_server_group(argv: list[str], env: dict[str, str], stop_timeout: float = 30.0, poll_s: float = 0.1) -> int:
+    """Run ``argv`` as the leader of a new process group and supervise the group until none of it is left.
+
+    A stop signal (SIGTERM, SIGINT, SIGHUP) sends SIGTERM to the group; SIGKILL follows after ``stop_timeout``
+    seconds or on a second SIGINT. Returns 0 after a requested stop, else the leader's exit code (if it exits on
+    its own, what is left of its group is stopped the same way first).
+    """
+    state = {"signal": None, "stopping_since": None, "pgid": None, "sigints": 0}
+
+    def on_signal(signum, _frame):
+        if state["signal"] is None:
+            state["signal"] = signum
+            log.info("varsr serve: %s received, stopping the server", signal.Signals(signum).name)
+        if state["stopping_since"] is None:
+            state["stopping_since"] = time.monotonic()
+        state["sigints"] += signum == signal.SIGINT
+        if state["pgid"] is not None:
+            signal_group(state["pgid"], signal.SIGKILL if state["sigints"] > 1 else signal.SIGTERM)
+
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of the group (uvicorn after mlflow exits) come to us
+    try:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_term_with_parent)
+        state["pgid"] = pgid = proc.pid
+        if state["signal"] is not None:  # a signal came before the group existed
+            signal_group(pgid, signal.SIGTERM)
+        leader_rc: int | None = None
+        killed = False
+        while True:
+            for pid, code in _reap_group(pgid):
+                if pid == proc.pid:
+                    leader_rc = proc.returncode = code
+            if leader_rc is not None and not group_alive(pgid):
+                break
+            if leader_rc is not None and state["stopping_since"] is None:
+                log.info("varsr serve: the server exited with %s; stopping the rest of its group", leader_rc)
+                state["stopping_since"] = time.monotonic()
+                signal_group(pgid, signal.SIGTERM)
+            since = state["stopping_since"]
+            if since is not None and not killed and time.monotonic() - since > stop_timeout:
+                log.warning("varsr serve: the server did not stop within %.0f s; killing it", stop_timeout)
+                signal_group(pgid, signal.SIGKILL)
+                killed = True
+            time.sleep(poll_s)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if subreaper:
+            _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+    if state["signal"] is not None:
+        log.info("varsr serve: stopped")
+        return 0
+    return int(leader_rc or 0)
+
+
+def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1, tracking_uri: str | None = None,
+          overrides: list[str] | tuple[str, ...] = (), stop_timeout: float = 30.0) -> int:
+    """Run the server in the foreground until it exits or a stop signal arrives (see the module docstring)."""
+    argv, env = serve_command(model_uri, port, host, workers, tracking_uri, overrides)
+    tmp = Path(tempfile.mkdtemp(prefix="varsr-serve-"))
+    env["TMPDIR"] = str(tmp)  # mlflow's copy of the model lands here, and goes with it
+    try:
+        return run_server_group(argv, env, stop_timeout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def background_server(model_uri: str, port: int, *, tracking_uri: str | None = None, log_path: str | Path,
                       cwd: str | Path | None = None, env: dict[str, str] | None = None, ready_timeout: float = 180.0,
-                      tmp_dir: str | Path | None = None):
-    """Run ``varsr serve`` in its own process group, wait until ``/ping`` answers, yield the base URL, then stop it.
+                      tmp_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                      stop_timeout: float = 30.0):
+    """Run ``varsr serve`` in the background, wait until ``/ping`` answers, yield the base URL, then stop it.
 
-    ``tmp_dir`` becomes the server's TMPDIR (``mlflow models serve`` copies the model into a temporary folder that
-    it never removes) and is deleted afterwards. The server's output goes to ``log_path``; a server that exits or
-    does not answer within ``ready_timeout`` raises RuntimeError with the end of that log.
+    Stopping sends SIGTERM to ``varsr serve``, which stops its whole server group (see the module docstring).
+    ``tmp_dir`` becomes the TMPDIR of ``varsr serve`` and is deleted afterwards. ``overrides``: ``serving.*`` /
+    ``runtime.*`` items for ``--set``. The server's output goes to ``log_path``; a server that exits or does not
+    answer within ``ready_timeout`` raises RuntimeError with the end of that log.
     """
     import requests
 
@@ -65,12 +198,16 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
     if tmp_dir is not None:
         Path(tmp_dir).mkdir(parents=True, exist_ok=True)
         penv["TMPDIR"] = str(tmp_dir)
-    argv = [sys.executable, "-m", "infra.cli", "serve", model_uri, "--port", str(port), "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "infra.cli", "serve", model_uri, "--port", str(port), "--host", "127.0.0.1",
+            "--stop-timeout", str(stop_timeout)]
     if tracking_uri:
         argv += ["--tracking-uri", tracking_uri]
+    for item in overrides:
+        argv += ["--set", item]
     log_path = Path(log_path)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(argv, cwd=cwd, env=penv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(argv, cwd=cwd, env=penv, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
@@ -89,14 +226,11 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
         yield url
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=stop_timeout + 15)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_group(proc.pid, signal.SIGKILL)  # varsr serve's death takes its server group down with it
             proc.wait(timeout=10)
-        log.close()
+        log_file.close()
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)

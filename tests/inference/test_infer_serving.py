@@ -6,6 +6,9 @@ import base64
 import io
 import json
 import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,10 @@ from model import VARSRConfig, build, save_pretrained
 NAME = "varsr-tiny"
 LIMITS = ["limits.max_payload_bytes=200000", "limits.max_input_pixels=65536", "limits.max_output_pixels=262144",
           "limits.max_batch_images=4", "runtime.cpu_threads=1"]
+# batching: a wide window so that requests sent together reliably meet, generate() calls of exactly 4 crops from
+# several requests (not the CPU default of 1), one log line per batch (the tests read it to know batches formed)
+SERVING = ["serving.max_batch_images=8", "serving.batch_wait_ms=300", "serving.log_batches=true",
+           "serving.generate_batch=4", "tiling.batch_size=4"]
 
 
 def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
@@ -43,7 +50,7 @@ def registry(tmp_path_factory):
     ckpt = save_pretrained(root / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mv = register_model(ckpt, NAME, alias="champion", tracking_uri=uri, tags={"lineage.run": "test-run"},
-                        config=load_inference_config(overrides=LIMITS))
+                        config=load_inference_config(overrides=LIMITS + SERVING))
     return {"root": root, "uri": uri, "version": mv, "ckpt": ckpt}
 
 
@@ -146,8 +153,6 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
 
 
 def test_concurrent_requests_get_the_same_result_as_one_at_a_time(server):
-    from concurrent.futures import ThreadPoolExecutor
-
     payload = {**split(photo_b64(16, 16)), "params": {"seed": 4}}
     first = invoke(server, payload)
     assert first.status_code == 200
@@ -156,6 +161,61 @@ def test_concurrent_requests_get_the_same_result_as_one_at_a_time(server):
     assert all(r.status_code == 200 for r in rs)
     ref = first.json()["predictions"][0]["image"]
     assert all(r.json()["predictions"][0]["image"] == ref for r in rs)
+
+
+def batches_logged(log_path: Path) -> list[int]:
+    """Requests per batch, from the server's ``inference.batching`` log lines so far."""
+    return [int(m.group(1)) for m in re.finditer(r"inference\.batching: batch: (\d+) requests", log_path.read_text())]
+
+
+def send_together(url: str, payloads: list) -> list[requests.Response]:
+    """POST every payload from its own thread, all released at once."""
+    start = threading.Barrier(len(payloads))
+
+    def one(payload):
+        start.wait()
+        return invoke(url, payload, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=len(payloads)) as ex:
+        return list(ex.map(one, payloads))
+
+
+def test_requests_sent_together_are_batched_and_byte_identical_to_one_at_a_time(server, registry):
+    """Seven requests (same and different seeds, one with two images, one at another scale) one at a time, then all
+    at once: the server batches the ones with equal params, and every PNG is byte for byte the one it sent alone."""
+    ims = [photo_b64(12 + 2 * i, 16 - i) for i in range(5)]
+    payloads = [{**split(ims[0]), "params": {"seed": 1}}, {**split(ims[1]), "params": {"seed": 1}},
+                {**split(ims[2], ims[3]), "params": {"seed": 1}}, {**split(ims[4]), "params": {"seed": 1}},
+                {**split(ims[0]), "params": {"seed": 2}}, {**split(ims[1]), "params": {"seed": 1, "scale": 2}},
+                {**split(ims[2]), "params": {"seed": 1}}]
+    alone = []
+    for payload in payloads:
+        r = invoke(server, payload)
+        assert r.status_code == 200, r.text
+        alone.append([p["image"] for p in r.json()["predictions"]])
+    log_path = registry["root"] / "server.log"
+    for _ in range(3):  # a loaded machine may spread one round over several batches; three rounds give it a chance
+        seen = len(batches_logged(log_path))
+        rs = send_together(server, payloads)
+        assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs if r.status_code != 200]
+        for i, (r, ref) in enumerate(zip(rs, alone)):
+            assert [p["image"] for p in r.json()["predictions"]] == ref, f"request {i} changed when batched"
+        if max(batches_logged(log_path)[seen:], default=0) > 1:
+            break
+    assert max(batches_logged(log_path)[seen:]) > 1, "no batch of two or more requests formed"
+    assert len(alone[2]) == 2 and decode(alone[5][0]).size == (2 * 12 + 4, 2 * 16 - 2)
+
+
+def test_a_bad_request_in_a_burst_gets_its_400_and_the_others_their_own_images(server):
+    good = [{**split(photo_b64(14, 14)), "params": {"seed": 3}}, {**split(photo_b64(10, 12)), "params": {"seed": 3}}]
+    refs = [invoke(server, g).json()["predictions"][0]["image"] for g in good]
+    bad = [split("@@not*base64@@"), {**split(photo_b64(8, 8)), "params": {"scale": 100}},
+           split(photo_b64(300, 300))]
+    rs = send_together(server, [good[0], bad[0], good[1], bad[1], bad[2]])
+    assert [r.status_code for r in rs] == [200, 400, 200, 400, 400], [r.text[:200] for r in rs]
+    assert rs[0].json()["predictions"][0]["image"] == refs[0] and rs[2].json()["predictions"][0]["image"] == refs[1]
+    for r, needle in zip((rs[1], rs[3], rs[4]), ("not valid base64", "scale must be in", "too large")):
+        assert needle in r.json()["message"] and "Traceback" not in r.text
 
 
 BAD_REQUESTS = [
