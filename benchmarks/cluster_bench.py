@@ -79,7 +79,8 @@ def bench_data(tmp: Path, n_images: int, rounds: int) -> dict:
     src = corpus(tmp / "corpus", n_images)
     cfg = dp.load_build_config(None, ["shard.crop_size=256", "shard.max_samples_per_shard=8", "select.cluster.k=4",
                                       f"score.weights_dir={tmp / 'no-iqa'}", "select.dedup.near=false"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     dp.score(str(src), str(tmp / "sel"), cfg)
     dp.select(str(tmp / "sel" / "scores.parquet"), str(tmp / "sel"), cfg)
     selection = str(tmp / "sel" / "selection.parquet")
@@ -129,7 +130,8 @@ def bench_train(tmp: Path, steps: int, rounds: int) -> dict:
     cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=8", "select.cluster.k=2",
                                       f"score.weights_dir={tmp / 'no-iqa'}", "select.dedup.near=false",
                                       "shard.lr_variants=2"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     dp.build(str(src), str(tmp / "tshards"), cfg, print_summary=False)
     ray.shutdown()
     for p in sorted((tmp / "tshards").iterdir()):

@@ -128,7 +128,7 @@ def main() -> None:
         sel_path = tmp / "selection.parquet"
         pd.DataFrame(rows).to_parquet(sel_path)
         cores = [int(c) for c in args.cores.split(",")]
-        ray.init(num_cpus=max(cores), include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=max(cores), include_dashboard=False, log_to_driver=False,
                  object_store_memory=200 * 1024 ** 2)
         results = {}
         base = [f"shard.crop_size={args.crop}", f"shard.max_samples_per_shard={args.per_shard}",

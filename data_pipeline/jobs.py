@@ -59,7 +59,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env["py_modules"] = [str(root / "data_pipeline"), str(root / "infra")]
         kwargs["runtime_env"] = runtime_env
     else:  # a local runtime for this job: bound to loopback, like every service the platform starts by default
-        kwargs["_node_ip_address"] = "127.0.0.1"
+        kwargs.update(address="local", _node_ip_address="127.0.0.1")  # never a cluster left running here
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)

@@ -48,6 +48,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a runtime of its own, never a cluster another test left on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=200 * 1024**2,

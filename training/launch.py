@@ -96,7 +96,7 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
 
     if not ray.is_initialized():
         if address == "local":  # a local runtime, bound to loopback
-            ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, log_to_driver=True)
     cfg = _absolute_paths(cfg)
