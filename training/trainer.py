@@ -26,7 +26,7 @@ from training.config import TrainConfig
 from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
 from training.schedule import build_schedule
-from training.steps import NonFiniteLoss, _autocast, train_step
+from training.steps import NonFiniteLoss, _autocast, token_cache_choice, train_step
 from infra.core.tracking import default_tracking_uri
 from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
 from infra.core.metrics import batch_full_reference
@@ -145,10 +145,14 @@ class Trainer:
                 _out(f"[train] resumed from {ckpt} at step {self.start_step} (epoch {position.epoch}, "
                      f"{position.samples_consumed} samples consumed on rank 0)")
         self.resumed_from = str(ckpt) if ckpt else None
+        self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae)
+        if self.is_main:
+            _out(f"[train] {why}")
         self.stream = BatchStream(
             self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
             workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
-            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample)
+            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample,
+            tokens=self.token_cache)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
