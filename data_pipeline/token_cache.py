@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -155,6 +156,10 @@ def tokenize_shard(src_url: str, source: dict, out_dir: str, tokenizer: Tokenize
                                 tokenizer_sha256=sha, samples=samples, tokenized=tokenized,
                                 device=_device_label(device, threads))
         publish_with_stats(writer, stats, storage.join(out_dir, token_stats_name(name)))
+    except (tarfile.TarError, EOFError) as e:
+        writer.abort()
+        raise UserError(f"cannot read {src_url} as a tar ({type(e).__name__}: {e}): the dataset is damaged "
+                        f"(varsr data verify)") from None
     except BaseException:
         writer.abort()
         raise
