@@ -5,6 +5,9 @@ memory, and the config it ran. ``--research-geometry`` is issue 2's comparison c
 depth 4, width 256, heads 4, refiner 1024 × 6, the released VQVAE architecture.
 
     python benchmarks/model_bench.py --research-geometry --device cpu --dtype fp32 --threads 2
+
+``--token-cache`` adds ``train_token_cache``: the training step with the shards' token cache against without it,
+interleaved in this process (see :func:`token_cache_train_bench`); with ``--skip-train --skip-generate`` it runs alone.
 """
 from __future__ import annotations
 
@@ -54,6 +57,96 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# ---- training step with / without the token cache (issue 12) -------------------------------------------------------
+def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, rounds: int, autocast, sync) -> dict:
+    """The training step (tokenise + forward + backward + clip + AdamW) three ways, interleaved round by round in
+    this process on the same model, optimiser and batch (arm order rotates every round):
+
+    * ``main``: today's main path: the frozen VQVAE tokenises the whole batch in one call, then the step;
+    * ``on_the_fly``: this code without a cache: ``compute_loss`` tokenises per sample (``model.losses.tokenize_hr``);
+    * ``cache``: ``compute_loss`` with the batch's cached tokens and residual (what the token shards hold; reading
+      them is the data loader's work, measured apart as ``cache_member_decode_ms_per_sample``).
+
+    Round 0 is the warm-up: every arm starts from the same weights and optimiser state there, and their losses are
+    compared (``on_the_fly`` and ``cache`` must agree bit for bit). Figures are medians of the timed rounds."""
+    import copy
+    import io
+    import statistics
+
+    import numpy as np
+
+    from model.losses import compute_loss, tokenize_hr
+    from training.steps import TimedTokenizer
+
+    # the cache entries exactly as `varsr data tokenize` writes them (int16/int32 indices, float32 residual)
+    idx_list, R = tokenize_hr(vqvae, hr)
+    idx = torch.cat(idx_list, 1)
+    members = []
+    for i in range(hr.shape[0]):
+        t, r = io.BytesIO(), io.BytesIO()
+        np.save(t, idx[i].cpu().numpy().astype(np.int16 if cfg.vqvae.vocab_size <= 32768 else np.int32))
+        np.save(r, R[i].cpu().numpy())
+        members.append((t.getvalue(), r.getvalue()))
+    t0 = time.perf_counter()
+    dec = [(np.load(io.BytesIO(a)), np.load(io.BytesIO(b))) for a, b in members]
+    decode_ms = (time.perf_counter() - t0) * 1000 / len(members)
+    cached = (torch.from_numpy(np.stack([a for a, _ in dec]).astype(np.int64)).to(hr.device),
+              torch.from_numpy(np.stack([b for _, b in dec])).to(hr.device))
+
+    varsr.train()
+    opt = torch.optim.AdamW(varsr.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+    def step(arm: str, seed: int) -> tuple[float, float, float]:
+        tok = TimedTokenizer(vqvae, sync)
+        gen = torch.Generator(device=hr.device).manual_seed(seed)
+        sync()
+        t0 = time.perf_counter()
+        if arm == "main":
+            il, Rm = tok.img_to_idxBl(hr.float() * 2 - 1)
+            tokens = (torch.cat(il, 1), Rm)
+        else:
+            tokens = cached if arm == "cache" else None
+        with autocast():
+            out = compute_loss(tok, varsr, hr, lr, label, generator=gen, tokens=tokens)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(varsr.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t0, tok.seconds, out.loss.item()
+
+    arms = ["main", "on_the_fly", "cache"]
+    times: dict[str, list[tuple[float, float]]] = {a: [] for a in arms}
+    warm_loss: dict[str, float] = {}
+    start = (copy.deepcopy(varsr.state_dict()), copy.deepcopy(opt.state_dict()))
+    for rnd in range(1 + rounds):
+        order = arms[rnd % 3:] + arms[:rnd % 3]
+        for arm in order:
+            if rnd == 0:  # warm-up: same start for every arm, losses compared
+                varsr.load_state_dict(start[0])
+                opt.load_state_dict(copy.deepcopy(start[1]))
+            wall, tok_s, loss = step(arm, seed=rnd)
+            if rnd == 0:
+                warm_loss[arm] = loss
+            else:
+                times[arm].append((wall, tok_s))
+    med = {a: (statistics.median(w for w, _ in v), statistics.median(t for _, t in v)) for a, v in times.items()}
+    return {
+        "batch": hr.shape[0], "timed_rounds": rounds,
+        "step_s": {a: round(m[0], 3) for a, m in med.items()},
+        "tokenise_s": {a: round(m[1], 3) for a, m in med.items()},  # cache: the teacher-forcing input only
+        "all_step_s": {a: [round(w, 3) for w, _ in v] for a, v in times.items()},
+        "speedup_cache_vs_main": round(med["main"][0] / med["cache"][0], 3),
+        "speedup_cache_vs_on_the_fly": round(med["on_the_fly"][0] / med["cache"][0], 3),
+        "on_the_fly_vs_main_step": round(med["on_the_fly"][0] / med["main"][0], 3),
+        "warmup_loss": warm_loss,
+        "loss_cache_equals_on_the_fly_bitwise": warm_loss["cache"] == warm_loss["on_the_fly"],
+        "cache_bytes_per_sample": sum(len(a) + len(b) for a, b in members) // len(members),
+        "cache_member_decode_ms_per_sample": round(decode_ms, 3),
+        "issue_12_target": "fp32 step with the cache >= 1.3x main (30.2 s -> under 23.4 s on the reference machine)",
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -68,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--token-cache", action="store_true",
+                    help="also time the training step with vs without the token cache (interleaved; --steps rounds)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -131,6 +226,10 @@ def main(argv=None) -> int:
                                cpu_s=dict(tokenise=round(ctok, 3), forward=round(cfwd, 3),
                                           backward_step=round(cbwd, 3), total=round(cpu_s, 3)))
         del opt, logits, loss
+
+    if args.token_cache:
+        result["train_token_cache"] = token_cache_train_bench(cfg, vqvae, varsr, hr, lr, label, rounds=args.steps,
+                                                              autocast=autocast, sync=sync)
 
     if not args.skip_generate:
         varsr.eval()

@@ -1,4 +1,6 @@
-"""`varsr data ...`: score, select, shard, build, inspect, verify (registered into the `varsr` command by infra/cli.py)."""
+"""`varsr data ...`: score, select, shard, build, tokenize, inspect, verify (registered into the `varsr` command by
+infra/cli.py, which also hands ``tokenize`` the function that loads a frozen tokenizer from a model checkpoint: the
+data pipeline does not import the model package)."""
 from __future__ import annotations
 
 import argparse
@@ -41,12 +43,24 @@ def cmd_build(args) -> dict:
     return build(args.input, args.output, _cfg(args), args.ray_address)
 
 
+def cmd_tokenize(args) -> dict:
+    from .token_cache import TokenizeOptions, tokenize
+
+    if args.open_tokenizer is None:
+        raise UserError("varsr data tokenize needs the model package to load the tokenizer: run it through `varsr`")
+    opts = TokenizeOptions(batch_size=args.batch_size, device=args.device, threads=args.threads).validate()
+    tokenizer = args.open_tokenizer(args.vqvae)
+    return tokenize(args.shards, tokenizer, opts, args.ray_address)
+
+
 def cmd_inspect(args) -> dict:
     from .shards import read_manifest
     m, sha = read_manifest(args.output)
     return {"counts": to_dict(m.counts), "shards": len(m.shards), "samples": m.num_samples, "hr_size": m.hr_size,
             "lr_size": m.lr_size, "config_hash": m.config_hash, "manifest_sha256": sha,
-            "token_cache": None if m.tokens is None else m.tokens.tokenizer_sha256}
+            "token_cache": None if m.tokens is None else {
+                "tokenizer_sha256": m.tokens.tokenizer_sha256, "patch_nums": m.tokens.patch_nums,
+                "shards": len(m.tokens.shards), "device": m.tokens.device}}
 
 
 def cmd_verify(args) -> dict:
@@ -56,7 +70,7 @@ def cmd_verify(args) -> dict:
     from .shards import read_manifest
     m, _ = read_manifest(args.output)
     bad = []
-    for sh in m.shards:
+    for sh in m.shards + (m.tokens.shards if m.tokens is not None else []):
         url = storage.join(args.output, sh.name)
         if not storage.exists(url):
             bad.append({"shard": sh.name, "problem": "missing"})
@@ -64,11 +78,13 @@ def cmd_verify(args) -> dict:
             bad.append({"shard": sh.name, "problem": f"size {storage.size(url)} != {sh.bytes}"})
         elif storage.sha256(url) != sh.sha256:
             bad.append({"shard": sh.name, "problem": "sha256 mismatch"})
-    return {"shards": len(m.shards), "ok": not bad, "problems": bad}
+    return {"shards": len(m.shards), "token_shards": len(m.tokens.shards) if m.tokens is not None else 0,
+            "ok": not bad, "problems": bad}
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `data` command with its subcommands to an argparse subparsers object."""
+def register(subparsers, open_tokenizer=None) -> argparse.ArgumentParser:
+    """Add the `data` command with its subcommands to an argparse subparsers object. ``open_tokenizer(checkpoint)``
+    returns the frozen tokenizer ``tokenize`` runs (see ``data_pipeline/token_cache.py`` for what it must offer)."""
     data = subparsers.add_parser("data", help="curate an image corpus into WebDataset shards (Ray)")
     sub = data.add_subparsers(dest="data_cmd", required=True)
     p = sub.add_parser("score", help="decode + score every input into scores.parquet")
@@ -91,6 +107,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True)
     _common(p)
     p.set_defaults(data_func=cmd_build)
+    p = sub.add_parser("tokenize", help="add the token cache to built shards: tokens + refiner residual per sample, "
+                                         "as new shard versions (Ray; GPUs when the cluster has them; resumable)")
+    p.add_argument("--shards", required=True, help="built dataset folder or URL prefix (with manifest.json)")
+    p.add_argument("--vqvae", required=True, metavar="CKPT",
+                   help="native checkpoint folder (full or tokenizer-only; local or URL) holding the frozen tokenizer")
+    p.add_argument("--batch-size", type=int, default=8, help="HR crops per tokenizer call (default 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: one GPU per task when the Ray cluster has GPUs, else CPUs")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per CPU task (default 1)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local ray.init())")
+    p.set_defaults(data_func=cmd_tokenize, open_tokenizer=open_tokenizer)
     p = sub.add_parser("inspect", help="print a built folder's manifest counts")
     p.add_argument("output")
     p.set_defaults(data_func=cmd_inspect)

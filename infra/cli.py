@@ -4,7 +4,7 @@ Each component's ``cli.py`` registers the subcommands that only need that compon
 ``varsr upscale|register|serve|eval``, ``varsr model|import-checkpoint``). What crosses components is wired here:
 after ``varsr train c2i|isr`` with ``register.name`` set, the model is logged into the training run itself and
 registered from there (inference's registry); ``varsr eval --shards`` reads pairs through the data pipeline's shard
-reader. Nothing imports this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
+reader; ``varsr data tokenize`` runs the model package's frozen tokenizer in the data pipeline's job. Nothing imports this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
 """
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def shard_pairs(shards: str):
             for key, hr, lr in eval_pairs(shards)]
 
 
+def open_tokenizer(checkpoint: str):
+    """``varsr data tokenize``: the frozen tokenizer of a native model checkpoint, loaded by the model package."""
+    from model.checkpoint import open_tokenizer as load
+
+    return load(checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="varsr",
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.register_cli(sub)
-    data_cli.register(sub)
+    data_cli.register(sub, open_tokenizer=open_tokenizer)
     training_cli.register(sub, on_trained=register_trained_model)
     inference_cli.register(sub, shard_pairs=shard_pairs)
     model_cli.register(sub)

@@ -7,14 +7,18 @@ tokenizer only (``contents: tokenizer``, ``save_tokenizer``, written by stage 0)
 (``read_parts``), inference and serving load the whole (``from_pretrained``), and every other module asks this one
 whether a folder is a checkpoint (``is_native_checkpoint`` / ``find_checkpoint_dir``) instead of naming its files.
 safetensors holds only tensors, so loading never unpickles anything; loading is strict, and every missing,
-unexpected or mis-shaped key is named in one clear error.
+unexpected or mis-shaped key is named in one clear error. The frozen tokenizer's identity is the sha256 of its
+weights (``tokenizer_sha256``): the token cache in the shards records it, and training checks it before using one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from infra.core.errors import UserError
@@ -181,3 +185,80 @@ def from_pretrained(directory, device="cpu"):
     vqvae.freeze()
     varsr.to(device)
     return vqvae, varsr
+
+
+# ---- the frozen tokenizer as the token cache uses it ----------------------------------------------------------------
+def tokenizer_sha256(vqvae: torch.nn.Module) -> str:
+    """sha256 of a tokenizer's weights: every entry of its state dict (parameters and buffers) in sorted key order,
+    each as its key, dtype, shape and raw bytes. Equal weights give the same hash wherever they were loaded from (a
+    full checkpoint, a tokenizer-only one, the same seed's random init); the token cache records it and training
+    uses a cache only when its own frozen tokenizer has the same hash."""
+    h = hashlib.sha256()
+    for k, v in sorted(vqvae.state_dict().items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class FrozenTokenizer:
+    """The frozen VQVAE of a checkpoint as the token cache runs it: HR crops in, the training objective's targets out.
+
+    Picklable (a Ray task receives it whole, so workers need no access to the checkpoint's location). Calling it
+    runs :func:`model.losses.tokenize_hr`, the code :func:`model.losses.compute_loss` runs on the fly.
+    """
+
+    def __init__(self, vqvae: torch.nn.Module, config: VARSRConfig, source: str = ""):
+        self.vqvae, self.config, self.source = vqvae.freeze(), config, source
+        self.sha256 = tokenizer_sha256(vqvae)
+        self.patch_nums = tuple(int(p) for p in config.patch_nums)
+        self.image_size = config.image_size
+        self.vocab_size = config.vqvae.vocab_size
+
+    def to(self, device) -> "FrozenTokenizer":
+        self.vqvae.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vqvae.parameters()).device
+
+    def __call__(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hr (B, 3, S, S) in [0, 1] -> (indices (B, L) int64, residual (B, pn_last², Cvae) float32), on hr's
+        device."""
+        from .losses import tokenize_hr
+
+        idx_list, R = tokenize_hr(self.vqvae, hr.to(self.device))
+        return torch.cat(idx_list, dim=1), R
+
+
+def open_tokenizer(checkpoint: str) -> FrozenTokenizer:
+    """The frozen tokenizer of a native checkpoint folder (full or tokenizer-only), a local path or a URL (then its
+    two files are fetched through the storage layer). Only the ``vqvae.*`` tensors are read."""
+    from infra.core import storage
+
+    from .vqvae import VQVAE
+
+    src = str(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="varsr-tokenizer-") as tmp:
+        if storage.is_local(src):
+            d = Path(storage.local_path(src))
+        else:
+            d = Path(tmp)
+            for name in (CONFIG, WEIGHTS):
+                url = storage.join(src, name)
+                if not storage.exists(url):
+                    raise UserError(f"{src} is not a native VARSR checkpoint: {name} is missing")
+                storage.get_file(url, d / name)
+        cfg, meta = read_config(d)
+        require_native_checkpoint(d)
+        try:
+            with safe_open(str(d / WEIGHTS), framework="pt") as f:
+                state = {k[len("vqvae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vqvae.")}
+        except Exception as e:  # noqa: BLE001 - an unreadable file is one clear line
+            raise UserError(f"{d / WEIGHTS} is not a readable safetensors file ({e})") from None
+    if not state:
+        raise UserError(f"{src} holds no VQVAE weights")
+    vqvae = VQVAE(cfg)
+    strict_load(vqvae, state, f"tokenizer {src} does not fit its own config")
+    return FrozenTokenizer(vqvae, cfg, src)

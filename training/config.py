@@ -39,6 +39,10 @@ class DataSection:
     # how the stored LR is resized back to the model size: pil_bicubic (as at inference) or random (a torch mode per
     # sample, as the reference training does; on in the varsr-mild training configs) or one fixed torch mode
     lr_upsample: Literal["pil_bicubic", "random", "bicubic", "bilinear", "area"] = "pil_bicubic"
+    # the shards' token cache (`varsr data tokenize`): true = use it when it was made by this run's frozen tokenizer
+    # (same weights sha256 and scales), else say so and tokenise HR on the fly; false (YAML `off` too) = always
+    # tokenise on the fly
+    token_cache: bool = True
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """One optimiser step of stage 1 (c2i) or stage 2 (isr) through a DeepSpeed engine (spec §5.3).
 
-Per micro-batch: the frozen VQVAE tokenises HR (timed separately), ``compute_loss`` runs the teacher-forced forward
+Per micro-batch: the frozen VQVAE tokenises HR (timed separately) unless the batch brings its tokens from the shards'
+token cache (:func:`token_cache_choice` decides once per run), ``compute_loss`` runs the teacher-forced forward
 (CE + diff_weight · refiner loss), then ``engine.backward`` / ``engine.step`` (DeepSpeed accumulates, clips to
 ``grad_clip`` and steps AdamW + the LR schedule at the accumulation boundary). A non-finite loss is agreed on by
 all ranks before any backward, so ranks never diverge or deadlock.
@@ -15,6 +16,28 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+
+def token_cache_choice(enabled: bool, shards, vqvae) -> tuple[bool, str]:
+    """(use the shards' token cache?, the one line that says which path this run takes and why).
+
+    The cache is used only when ``enabled`` (``data.token_cache``) and it was made by this run's frozen tokenizer:
+    the sha256 of its weights and its scales equal the cache's. Otherwise HR crops are tokenised on the fly.
+    """
+    from model.checkpoint import tokenizer_sha256
+
+    tc = shards.token_cache
+    if not enabled:
+        return False, "token cache off (data.token_cache=false): tokenising HR on the fly"
+    if tc is None:
+        return False, (f"no token cache in {shards.location} (varsr data tokenize adds one): tokenising HR on the "
+                       f"fly")
+    own = tokenizer_sha256(vqvae)
+    if tc.tokenizer_sha256 != own or [int(p) for p in tc.patch_nums] != [int(p) for p in vqvae.patch_nums]:
+        return False, (f"token cache of {shards.location} was made by tokenizer {tc.tokenizer_sha256[:12]} for scales "
+                       f"{list(tc.patch_nums)}, but this run's frozen tokenizer is {own[:12]} for scales "
+                       f"{list(vqvae.patch_nums)}: ignoring it, tokenising HR on the fly")
+    return True, f"using the token cache of {shards.location} (tokenizer {own[:12]}, made on {tc.device or '?'})"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -100,10 +123,12 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
         hr = batch["hr"].to(device, non_blocking=True)
         lr = batch["lr"].to(device, non_blocking=True) if stage == "isr" else None
         label = (batch["label"] if stage == "isr" else batch["class_id"]).to(device)
+        cached = ((batch["tokens"].to(device, non_blocking=True), batch["resid"].to(device, non_blocking=True))
+                  if "tokens" in batch else None)
         sync()
         t1, tok0 = time.perf_counter(), tok.seconds
         with _autocast(device, precision):
-            out = compute_loss(tok, engine.module, hr, lr, label, generator=generator)
+            out = compute_loss(tok, engine.module, hr, lr, label, generator=generator, tokens=cached)
         sync()
         t["tokenise"] += tok.seconds - tok0
         t["forward"] += time.perf_counter() - t1 - (tok.seconds - tok0)

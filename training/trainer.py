@@ -26,7 +26,7 @@ from training.config import TrainConfig
 from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
 from training.schedule import build_schedule
-from training.steps import NonFiniteLoss, _autocast, train_step
+from training.steps import NonFiniteLoss, _autocast, token_cache_choice, train_step
 from infra.core.tracking import default_tracking_uri
 from training.run_dir import RunDir
 from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
@@ -149,10 +149,14 @@ class Trainer:
         self.resumed_from = str(ckpt) if ckpt else None
         if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
             (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
+        self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae)
+        if self.is_main:
+            _out(f"[train] {why}")
         self.stream = BatchStream(
             self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
             workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
-            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample)
+            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample,
+            tokens=self.token_cache)
         if self.is_main:
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")

@@ -4,9 +4,13 @@ A built dataset is one folder (a local path or an object-store prefix) holding
 
   ``{prefix}-{000000}.tar``         POSIX tars readable by plain ``webdataset``; per sample ``{key}.hr.png`` (HR crop),
                                     ``{key}.json`` (:class:`SampleMeta`), ``{key}.lr.png`` (LR at its low resolution)
-                                    and, once tokenised (``varsr data tokenize``), the token-cache members
   ``{prefix}-{000000}.stats.json``  :class:`ShardStats` of that tar (size and sha256 included)
-  ``manifest.json``                 :class:`Manifest`: config, counts per outcome, every shard with size and sha256
+  ``{prefix}-{000000}.tok-{sha12}.tar``   the token cache (``varsr data tokenize``): a new version of that shard made
+                                    with the tokenizer whose weights hash to ``sha12…``: every member of the original,
+                                    in order, then per sample ``TOKEN_MEMBERS`` (see :class:`TokenCache`)
+  ``{prefix}-{000000}.tok-{sha12}.stats.json``   :class:`TokenShardStats` of that tar
+  ``manifest.json``                 :class:`Manifest`: config, counts per outcome, every shard with size and sha256,
+                                    and the token cache (``tokens``) once one is complete
   ``rejected.parquet``              every input not in a shard, with its reason
   ``scores.parquet`` / ``selection.parquet``   the score and select steps' tables
 
@@ -16,6 +20,7 @@ folder without ``manifest.json`` is an unfinished build. Readers verify what the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +37,11 @@ REJECTED = "rejected.parquet"
 SCORES = "scores.parquet"
 SELECTION = "selection.parquet"
 SAMPLE_MEMBERS = ("hr.png", "json", "lr.png")  # tar member order per sample (fixed: byte-identical shards)
+# token-cache members added after a sample's own members: its multi-scale token indices (all scales concatenated,
+# coarse to fine, raster order inside a scale; int16 when the vocabulary fits, else int32), the continuous residual
+# left before the last scale (the refiner's target; float32, (pn_last², Cvae)) and the tokenizer that made them
+TOKEN_MEMBERS = ("tokens.npy", "resid.npy", "tokens.json")
+TOKEN_TAG = ".tok-"  # in a token shard's name, before the first 12 hex digits of the tokenizer's sha256
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -40,6 +50,22 @@ def shard_name(prefix: str, index: int) -> str:
 
 def stats_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.stats.json"
+
+
+def token_shard_name(shard: str, tokenizer_sha256: str) -> str:
+    """The token-cache version of shard ``shard`` (a ``.tar`` name) for one tokenizer:
+    ``shard-000003.tar`` -> ``shard-000003.tok-<first 12 hex digits of its sha256>.tar``."""
+    if not shard.endswith(".tar") or TOKEN_TAG in shard:
+        raise ValueError(f"{shard!r} is not an original shard name")
+    return f"{shard[:-4]}{TOKEN_TAG}{tokenizer_sha256[:12]}.tar"
+
+
+def token_stats_name(token_shard: str) -> str:
+    return token_shard[:-4] + ".stats.json"
+
+
+def is_token_shard(name: str) -> bool:
+    return TOKEN_TAG in storage.basename(name)
 
 
 # ---- pixels ------------------------------------------------------------------------------------------------------
@@ -69,6 +95,57 @@ def decode_png(data: bytes) -> np.ndarray:
     if img is None:
         raise ValueError("member is not a decodable PNG")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# ---- token-cache members -----------------------------------------------------------------------------------------
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_token_members(tokens: np.ndarray, resid: np.ndarray, tokenizer_sha256: str,
+                         patch_nums: list[int] | tuple[int, ...]) -> dict[str, bytes]:
+    """One sample's token-cache members (``TOKEN_MEMBERS``), deterministic bytes.
+
+    tokens: (L,) integer indices of every scale (L = sum of pn²), stored int16 when they fit, else int32 (lossless);
+    resid: (pn_last², Cvae) float32, stored as is (bit-exact).
+    """
+    pn = [int(p) for p in patch_nums]
+    t = np.asarray(tokens)
+    r = np.asarray(resid)
+    if t.ndim != 1 or t.shape[0] != sum(p * p for p in pn) or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens must be ({sum(p * p for p in pn)},) integers, got {t.shape} {t.dtype}")
+    if r.dtype != np.float32 or r.ndim != 2 or r.shape[0] != pn[-1] ** 2:
+        raise ValueError(f"resid must be ({pn[-1] ** 2}, Cvae) float32, got {r.shape} {r.dtype}")
+    lo, hi = (int(t.min()), int(t.max())) if t.size else (0, 0)
+    if lo < 0:
+        raise ValueError(f"token indices must be >= 0, got {lo}")
+    small = hi <= np.iinfo(np.int16).max
+    meta = {"tokenizer_sha256": tokenizer_sha256, "patch_nums": pn}
+    return {"tokens.npy": _npy(t.astype(np.int16 if small else np.int32)), "resid.npy": _npy(r),
+            "tokens.json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def decode_token_members(raw: dict, tokenizer_sha256: str, patch_nums: list[int] | tuple[int, ...]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (L,) int64, resid (pn_last², Cvae) float32) of one sample's raw members; ValueError when a member is
+    missing, was made by another tokenizer or for other scales, or has the wrong shape or type."""
+    missing = [m for m in TOKEN_MEMBERS if m not in raw]
+    if missing:
+        raise ValueError(f"no token-cache member(s) {', '.join(missing)}")
+    meta = json.loads(raw["tokens.json"])
+    pn = [int(p) for p in patch_nums]
+    if meta.get("tokenizer_sha256") != tokenizer_sha256 or [int(p) for p in meta.get("patch_nums", [])] != pn:
+        raise ValueError(f"token members made by tokenizer {str(meta.get('tokenizer_sha256'))[:12]} for scales "
+                         f"{meta.get('patch_nums')}, expected {tokenizer_sha256[:12]} for {pn}")
+    t = np.load(io.BytesIO(raw["tokens.npy"]), allow_pickle=False)
+    r = np.load(io.BytesIO(raw["resid.npy"]), allow_pickle=False)
+    if t.dtype not in (np.int16, np.int32) or t.shape != (sum(p * p for p in pn),):
+        raise ValueError(f"tokens.npy is {t.shape} {t.dtype}, expected ({sum(p * p for p in pn)},) int16/int32")
+    if r.dtype != np.float32 or r.ndim != 2 or r.shape[0] != pn[-1] ** 2:
+        raise ValueError(f"resid.npy is {r.shape} {r.dtype}, expected ({pn[-1] ** 2}, Cvae) float32")
+    return t.astype(np.int64), r
 
 
 # ---- typed records -------------------------------------------------------------------------------------------------
@@ -151,11 +228,35 @@ class Counts:
 
 @dataclass
 class TokenCache:
-    """The optional token cache (``varsr data tokenize``): which tokenizer made it and the shard names it wrote."""
+    """The optional token cache (``varsr data tokenize``): which tokenizer made it and the shards it wrote.
+
+    ``shards`` holds one entry per non-empty shard of the manifest, in the same order, named by
+    :func:`token_shard_name`; each holds the same samples in the same order as its original, so a reader that swaps
+    the originals for these sees the same stream. ``device`` says where the tokenizer ran (``cpu/<threads>t`` or
+    ``cuda/<name>``): cached values are bit-identical to tokenising on the fly with the same kernels (same device
+    and CPU thread count); elsewhere they agree to float32 rounding.
+    """
 
     tokenizer_sha256: str
     patch_nums: list[int]
     shards: list[ShardEntry]
+    device: str = ""
+
+
+@dataclass
+class TokenShardStats:
+    """``{token shard}.stats.json``: what one tokenise task wrote, checked on resume (size and sha256, and that its
+    source shard and tokenizer are still the ones it was made from)."""
+
+    shard: str
+    source: str
+    source_sha256: str
+    tokenizer_sha256: str
+    samples: int
+    tokenized: int  # samples that got token members (the others have an undecodable or mis-sized HR)
+    device: str
+    bytes: int = 0
+    sha256: str = ""
 
 
 @dataclass
@@ -182,12 +283,16 @@ class Manifest:
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
 
-def stats_to_bytes(stats: ShardStats) -> bytes:
+def stats_to_bytes(stats: ShardStats | TokenShardStats) -> bytes:
     return json.dumps(to_dict(stats), indent=1, sort_keys=True).encode()
 
 
 def read_stats(url: str) -> ShardStats:
     return _parse(ShardStats, url, storage.read_bytes(url))
+
+
+def read_token_stats(url: str) -> TokenShardStats:
+    return _parse(TokenShardStats, url, storage.read_bytes(url))
 
 
 def _parse(cls, url: str, raw: bytes):

@@ -11,12 +11,15 @@
 * :class:`BatchStream` is the endless, resumable sequence of batches for one rank: its :class:`DataPosition`
   ``(epoch, batches consumed in the epoch)`` is saved with training checkpoints, and resuming rebuilds the same
   epoch and skips the consumed batches, so a resumed run sees exactly the batches an uninterrupted run would.
+* The token cache: with ``tokens=True`` a :class:`BatchStream` reads the manifest's token shards instead of the
+  originals (same samples, same order, so the same batches) and adds each sample's cached ``tokens`` and ``resid``.
 
 Decoded samples are dicts: ``hr`` (3, H, W) float in [0, 1]; ``lr`` (3, H, W) the stored LR resized back to the HR
 size (``lr_mode``: ``pil_bicubic`` as at inference; ``area`` / ``bilinear`` / ``bicubic`` with torch's interpolation
 semantics; or ``random``: one of those drawn per sample, as the reference training does — the modes a sample's
 degradation recorded, see ``data_pipeline.degrade.resize``), with the mode used under ``lr_mode``; ``label`` (0/1),
-``class_id``, ``key``.
+``class_id``, ``key``; from a token cache also ``tokens`` (L,) long (every scale's indices, coarse to fine) and
+``resid`` (pn_last², Cvae) float32 (the refiner's target).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from infra.core import storage
 from infra.core.errors import UserError
 
 from ..degrade.resize import RESIZE_BACK_MODES, random_resize_back, resize_back
-from .format import Manifest, decode_png, read_manifest
+from .format import (Manifest, TokenCache, decode_png, decode_token_members, is_token_shard, read_manifest,
+                     token_shard_name)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,31 @@ class ShardSet:
     @property
     def hr_size(self) -> int | None:
         return self.manifest.hr_size if self.manifest else None
+
+    @property
+    def token_cache(self) -> TokenCache | None:
+        """The manifest's token cache (``varsr data tokenize``), if the dataset has a complete one."""
+        return self.manifest.tokens if self.manifest else None
+
+    def token_urls(self, check: bool = True) -> list[str]:
+        """The token shards that stand in for ``urls`` (same order); UserError when there is no token cache or it
+        does not cover every shard (``check``: every one must also exist)."""
+        tc = self.token_cache
+        if tc is None:
+            raise UserError(f"{self.location} has no token cache (run: varsr data tokenize --shards {self.location})")
+        listed = {e.name for e in tc.shards}
+        names = [token_shard_name(storage.basename(u), tc.tokenizer_sha256) for u in self.urls]
+        absent = [n for n in names if n not in listed]
+        if absent:
+            raise UserError(f"the token cache of {self.location} does not list {absent[0]} "
+                            f"({len(absent)} shard(s) uncovered): run varsr data tokenize again")
+        urls = [storage.join(storage.parent(u), n) for u, n in zip(self.urls, names)]
+        if check:
+            missing = [u for u in urls if not storage.exists(u)]
+            if missing:
+                raise UserError(f"the token cache of {self.location} lists {len(missing)} missing shard(s), "
+                                f"e.g. {missing[0]}")
+        return urls
 
 
 def _glob(pattern: str) -> list[str]:
@@ -104,7 +133,7 @@ def resolve_shards(spec: str | list[str], check: bool = True) -> ShardSet:
         return ShardSet(urls, s, m, sha)
     if storage.is_local(s) and not os.path.exists(storage.local_path(s)):
         raise UserError(f"shard path {s!r} does not exist")
-    urls = [storage.join(s, n) for n in storage.listdir(s) if fnmatch.fnmatch(n, "*.tar")]
+    urls = [storage.join(s, n) for n in storage.listdir(s) if fnmatch.fnmatch(n, "*.tar") and not is_token_shard(n)]
     if not urls:
         raise UserError(f"{s} holds neither manifest.json nor .tar shards")
     return ShardSet(urls, s)
@@ -113,26 +142,31 @@ def resolve_shards(spec: str | list[str], check: bool = True) -> ShardSet:
 # ---- raw samples --------------------------------------------------------------------------------------------------
 def iter_tar(url: str) -> Iterator[dict]:
     """Samples of one tar, streamed: ``{"__key__": key, "__url__": url, "<ext>": bytes, ...}`` per sample key
-    (the key is the member name up to its first dot, as in webdataset)."""
+    (the key is the member name up to its first dot, as in webdataset; members in tar order)."""
     with storage.open_url(url) as f:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            cur: dict | None = None
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1]
-                if cur is not None and cur["__key__"] != key:
-                    yield cur
-                    cur = None
-                if cur is None:
-                    cur = {"__key__": key, "__url__": url}
-                cur[ext] = tar.extractfile(m).read()
-            if cur is not None:
+        yield from iter_tar_stream(f, url)
+
+
+def iter_tar_stream(f, url: str) -> Iterator[dict]:
+    """:func:`iter_tar` over an already open, sequentially read file object (``url`` only labels the samples)."""
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        cur: dict | None = None
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+            ext = base.split(".", 1)[1]
+            if cur is not None and cur["__key__"] != key:
                 yield cur
+                cur = None
+            if cur is None:
+                cur = {"__key__": key, "__url__": url}
+            cur[ext] = tar.extractfile(m).read()
+        if cur is not None:
+            yield cur
 
 
 # ---- decoding -----------------------------------------------------------------------------------------------------
@@ -150,16 +184,27 @@ def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Te
     return resize_back(lr, size_hw, mode)
 
 
-def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
-                  rng: random.Random | None = None) -> dict:
-    """Raw members -> {hr, lr (re-upsampled), lr_mode, label, class_id, key}; raises on bad data (undecodable PNG,
-    wrong size, missing member) so the stream can skip and count it."""
+def decode_hr(raw: dict, size: int) -> torch.Tensor:
+    """The HR crop of a raw sample as training sees it: (3, size, size) float in [0, 1]; ValueError when it is
+    undecodable or another size (the token cache tokenises exactly this tensor)."""
     hr = decode_png(raw["hr.png"])
     if hr.shape[0] != size or hr.shape[1] != size:
         raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected {size}x{size}")
+    return _to_tensor(hr)
+
+
+def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
+                  rng: random.Random | None = None, tokens: TokenCache | None = None) -> dict:
+    """Raw members -> {hr, lr (re-upsampled), lr_mode, label, class_id, key} (+ tokens, resid from the token cache
+    ``tokens``); raises on bad data (undecodable PNG, wrong size, missing member, token members of another
+    tokenizer) so the stream can skip and count it."""
+    hr = decode_hr(raw, size)
     meta = json.loads(raw["json"])
-    out = {"hr": _to_tensor(hr), "label": int(meta["label"]), "class_id": int(meta["class_id"]),
+    out = {"hr": hr, "label": int(meta["label"]), "class_id": int(meta["class_id"]),
            "key": raw["__key__"]}
+    if tokens is not None:
+        idx, resid = decode_token_members(raw, tokens.tokenizer_sha256, tokens.patch_nums)
+        out["tokens"], out["resid"] = torch.from_numpy(idx), torch.from_numpy(resid)
     if want_lr:
         lr = decode_png(raw["lr.png"])
         if lr_mode == "random":
@@ -188,13 +233,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     """One epoch of decoded samples for one rank, sharded over DataLoader workers; deterministic given the seed.
 
     Yields dicts with an extra ``bad`` field: the number of undecodable samples skipped just before this one.
+    ``tokens``: the token cache ``urls`` belong to (their samples then carry ``tokens`` and ``resid``). The shard and
+    sample shuffles depend only on the seed, the epoch and the number of shards, so the token shards of a dataset
+    give the same sample order as its originals.
     """
 
     def __init__(self, urls, *, size: int, want_lr: bool, seed: int, epoch: int, rank: int, world: int,
-                 split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic"):
+                 split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic",
+                 tokens: TokenCache | None = None):
         if lr_mode not in LR_MODES:
             raise UserError(f"lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
         self.urls, self.size, self.want_lr, self.lr_mode = list(urls), size, want_lr, lr_mode
+        self.tokens = tokens
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.split, self.buffer = split, shuffle_buffer
 
@@ -233,7 +283,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 bad += 1
                 continue
             try:
-                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng)
+                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens)
             except Exception as e:  # noqa: BLE001 - a bad sample: skip and count
                 log.debug("skipping bad sample %s: %s", raw.get("__key__"), e)
                 bad += 1
@@ -264,6 +314,9 @@ def collate(samples: list[dict]) -> dict:
     if "lr" in samples[0]:
         out["lr"] = torch.stack([s["lr"] for s in samples])
         out["lr_mode"] = [s["lr_mode"] for s in samples]
+    if "tokens" in samples[0]:
+        out["tokens"] = torch.stack([s["tokens"] for s in samples])
+        out["resid"] = torch.stack([s["resid"] for s in samples])
     return out
 
 
@@ -277,21 +330,27 @@ class DataPosition:
 
 
 class BatchStream:
-    """Endless per-rank batches over epochs, with a resumable :class:`DataPosition`."""
+    """Endless per-rank batches over epochs, with a resumable :class:`DataPosition`.
+
+    ``tokens=True`` reads the dataset's token cache (:meth:`ShardSet.token_urls`): the same batches, each with the
+    cached ``tokens`` (B, L) and ``resid`` (B, pn_last², Cvae) added.
+    """
 
     def __init__(self, shards: ShardSet, *, size: int, want_lr: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world: int, split: str = "node", shuffle_buffer: int = 64,
-                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic"):
+                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic", tokens: bool = False):
         self.shards, self.size, self.want_lr = shards, size, want_lr
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world, self.split, self.buffer = rank, world, split, shuffle_buffer
         self.lr_mode = lr_mode
+        self.tokens = shards.token_cache if tokens else None
+        self.urls = shards.token_urls() if tokens else shards.urls
         self.pos = position or DataPosition()
 
     def epoch_stream(self, epoch: int) -> ShardStream:
-        return ShardStream(self.shards.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
+        return ShardStream(self.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
                            rank=self.rank, world=self.world, split=self.split, shuffle_buffer=self.buffer,
-                           lr_mode=self.lr_mode)
+                           lr_mode=self.lr_mode, tokens=self.tokens)
 
     def _epoch_batches(self, epoch: int) -> Iterator[dict]:
         global_bs = self.batch_size * (self.world if self.split == "global_batch" else 1)

@@ -68,8 +68,14 @@ class TarWriter:
 
 def publish_shard(writer: TarWriter, stats: ShardStats, out_dir: str, prefix: str) -> ShardStats:
     """Hash the finished tar, publish its stats, then the tar itself; returns the completed stats."""
+    return publish_with_stats(writer, stats, storage.join(out_dir, stats_name(prefix, stats.index)))
+
+
+def publish_with_stats(writer: TarWriter, stats, stats_url: str):
+    """Hash the finished tar into ``stats`` (its ``bytes`` and ``sha256``), publish the stats at ``stats_url``, then
+    the tar under its final name; returns the completed stats."""
     stats.bytes, stats.sha256 = writer.finish()
-    storage.write_bytes(storage.join(out_dir, stats_name(prefix, stats.index)), stats_to_bytes(stats))
+    storage.write_bytes(stats_url, stats_to_bytes(stats))
     writer.publish()
     return stats
 
