@@ -37,7 +37,8 @@ from .progress import Progress, format_table
 from .scorers import iqa_status
 from .selection import select as select_rows
 from .shards import (REJECTED, SCORES, SELECTION, Counts, Manifest, ShardEntry, ShardStats, read_stats,
-                     remove_stale_temporaries, shard_name, stats_name, write_manifest as publish_manifest)
+                     read_manifest, remove_stale_temporaries, shard_name, stats_name,
+                     write_manifest as publish_manifest)
 from .sources import list_sources
 
 log = logging.getLogger("data_pipeline")
@@ -351,6 +352,10 @@ def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manif
         hr_size=cfg.shard.crop_size, lr_size=cfg.shard.crop_size // cfg.degradation.scale,
         scale=cfg.degradation.scale, lr_variants=cfg.shard.lr_variants,
         shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256) for s in stats])
+    if storage.exists(storage.join(out, "manifest.json")):   # a re-run over intact shards keeps their token cache
+        previous, _ = read_manifest(out)
+        if previous.tokens is not None and previous.shards == manifest.shards:
+            manifest.tokens = previous.tokens
     publish_manifest(out, manifest)
     return manifest
 

@@ -229,3 +229,18 @@ def test_cli_tokenize_inspect_and_clear_errors(dataset, tmp_path, capsys):
         assert varsr_main(["data", "tokenize", "--shards", argv[0], "--vqvae", argv[1]]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+def test_rebuilding_intact_shards_keeps_their_token_cache(dataset, tokenised, tmp_path):
+    """`varsr data build` re-run over a tokenised folder whose shards are intact rewrites the manifest with the
+    same token cache; the cache goes only when the shards it was made from change."""
+    root, _, _ = dataset
+    out = tmp_path / "again"
+    shutil.copytree(tokenised[0], out)
+    before, _ = read_manifest(str(out))
+    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
+                                      f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=2"])
+    r = dp.shard(str(out / "selection.parquet"), str(out), cfg)
+    assert r["written"] == 0 and r["skipped"] == r["shards"]
+    after, _ = read_manifest(str(out))
+    assert before.tokens is not None and after.tokens == before.tokens
