@@ -14,7 +14,6 @@ import logging
 import math
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,9 +131,6 @@ class VARSRPipeline:
         self.vqvae = vqvae.to(self.device).eval()
         self.varsr = varsr.to(self.device).eval()
         self.model_cfg = varsr.cfg
-        # generate() keeps its KV cache on the modules: one call at a time per model (the scoring server runs
-        # concurrent requests in threads)
-        self._lock = threading.Lock()
         self.image_size: int = int(self.model_cfg.image_size)
         self.latent_side: int = int(self.model_cfg.pn_last)
         self.stride: int = int(self.model_cfg.vqvae.downsample)
@@ -235,22 +231,28 @@ class VARSRPipeline:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams) -> torch.Tensor:
+    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams,
+                          keys: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """f_hat for every crop (N, Cvae, P, P), in batches of tiling.batch_size.
 
-        With a seed, every call gets a generator seeded with it; the model gives each image its own stream drawn from
-        that generator, so a crop's result does not depend on which batch it lands in.
+        ``keys`` names each crop (image index in the request, tile index in the image). With a seed, crop (i, t) samples
+        from its own stream derived from (seed, i, t) (``model.sampling.stream_generator``): images and tiles draw
+        independent noise, and a crop's result does not depend on the batch it lands in.
         """
+        from model.sampling import stream_generator
+
+        keys = list(keys) if keys is not None else [(0, t) for t in range(len(crops))]
+        if len(keys) != len(crops):
+            raise ValueError(f"{len(keys)} stream keys for {len(crops)} crops")
         bs = max(1, int(self.config.tiling.batch_size))
         out = []
         for i in range(0, len(crops), bs):
             x = torch.stack(crops[i: i + bs]).to(self.device, torch.float32)
-            gen = None
+            gens = None
             if p.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(p.seed)
+                gens = [stream_generator(p.seed, img, tile, device=self.device) for img, tile in keys[i: i + bs]]
             with self._autocast():
-                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gen,
+                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gens,
                                         return_fhat=True)
             out.append(f.float())
         return torch.cat(out)
@@ -296,12 +298,13 @@ class VARSRPipeline:
         pils = [load_image(x, self.config.limits.max_input_pixels) for x in items]
         plans = [self.plan(im, p) for im in pils]
         crops = [c for pl in plans for c in pl.crops]
-        with self._lock:
-            latents = self._generate_latents(crops, p)
-            srs, k = [], 0
-            for pl in plans:
-                srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
-                k += len(pl.tiles)
+        keys = [(i, t) for i, pl in enumerate(plans) for t in range(len(pl.tiles))]
+        # no lock: generate() keeps all sampling state per call, so concurrent requests may share the model
+        latents = self._generate_latents(crops, p, keys)
+        srs, k = [], 0
+        for pl in plans:
+            srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
+            k += len(pl.tiles)
         results = [self._postprocess(sr, pl, p) for sr, pl in zip(srs, plans)]
         return results[0] if single else results
 
