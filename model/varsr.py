@@ -43,7 +43,7 @@ class VARSR(nn.Module):
         self.num_classes = cfg.num_classes
 
         # conditioning: LR prefix (isr), class token / AdaLN condition, level-0 position, level embedding
-        self.con_embedding = LREncoder(tuple(cfg.lr_encoder_channels), C) if cfg.variant == "isr" else None
+        self.con_embedding = LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden) if cfg.variant == "isr" else None
         self.word_embed = nn.Linear(self.Cvae, C)
         self.class_emb = nn.Embedding(cfg.class_rows, C)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
