@@ -70,11 +70,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``/None -> bf16 autocast on GPU, fp32 elsewhere."""
+    """``auto``/None -> bf16 autocast where the device has bf16 matrix units (model.precision), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == _AUTO:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from model.precision import default_inference_dtype
+
+        return default_inference_dtype(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
