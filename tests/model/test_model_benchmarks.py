@@ -1,4 +1,5 @@
-"""benchmarks/gpu_bench.py runs end to end on CPU (tiny preset), so the GPU benchmark cannot rot between GPU runs."""
+"""The benchmarks run end to end here: gpu_bench on CPU (tiny preset), so the GPU benchmark cannot rot between GPU
+runs, and model_bench's interleaved before/after comparison of generation."""
 from __future__ import annotations
 
 import json
@@ -39,3 +40,24 @@ def test_gpu_bench_runs_on_cpu_and_reports_every_figure():
     assert set(e["step_parts_s"]) >= {"tokenise", "forward", "backward", "optimizer"}
     assert sum(e["sdpa_backends"].values()) > 0 and "peak_memory_mib" in e
     assert "skipped" in tr["compiled"]
+
+
+def test_model_bench_compares_generation_with_the_baseline_commit_interleaved():
+    """model_bench imports the baseline commit's model package beside today's, gives both the same weights, inputs
+    and streams, and reports per-phase medians and base/new ratios; the images must agree."""
+    ref = "508295d"
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}^{{commit}}"], capture_output=True).returncode:
+        pytest.skip(f"baseline commit {ref} is not in this clone (shallow checkout)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_bench.py"), "--preset", "tiny", "--reps", "2",
+                        "--threads", "1", "--baseline-ref", ref], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    gen = out["generate"]
+    assert gen["baseline_ref"] == ref and gen["reps"] == 2
+    for side in ("base", "new"):
+        assert set(gen["per_image_median_s"][side]) == PHASES | {"cpu_s"}
+    assert set(gen["speedup_vs_base"]["new"]["total_s"]) == {"ratio_of_medians", "median_of_paired_ratios"}
+    assert gen["max_abs_image_diff_new_vs_base"] <= 1e-4
+    assert out["train"]["step_s"] > 0 and out["train"]["tokenise_s"] > 0
