@@ -1,5 +1,6 @@
 """Self-attention of the VARSR blocks (spec §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
-softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale inference.
+softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale
+inference.
 
 The cache is an object created by each ``generate`` call and handed down through the blocks (``KVCache``), never
 module state, so several threads may sample from one model at the same time.

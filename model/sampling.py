@@ -34,8 +34,8 @@ def stream_generator(seed: int, *path: int, device=None) -> torch.Generator:
 
 
 def image_generators(seed: int, count: int, device=None, start: int = 0) -> list[torch.Generator]:
-    """Per-image generators for images ``start … start+count−1`` of a request with this seed: image i gets the stream
-    (seed, i), whatever batch it is generated in."""
+    """Per-image generators for images ``start … start+count−1`` of a request with this seed: image i gets the
+    stream (seed, i), whatever batch it is generated in."""
     return [stream_generator(seed, i, device=device) for i in range(start, start + count)]
 
 

@@ -43,7 +43,8 @@ class VARSR(nn.Module):
         self.num_classes = cfg.num_classes
 
         # conditioning: LR prefix (isr), class token / AdaLN condition, level-0 position, level embedding
-        self.con_embedding = LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden) if cfg.variant == "isr" else None
+        self.con_embedding = (LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden)
+                              if cfg.variant == "isr" else None)
         self.word_embed = nn.Linear(self.Cvae, C)
         self.class_emb = nn.Embedding(cfg.class_rows, C)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
@@ -311,7 +312,8 @@ class VARSR(nn.Module):
         """Super-resolve LR images (B, 3, S, S) in [0, 1] (already resized to the model resolution) → (B, 3, S, S) in [0, 1].
 
         Image-based CFG (docs/MODEL.md §4.2): the negative branch is label num_classes−1 sharing the LR prefix (c2i:
-        the null class), guidance t = cfg·si/(K−1) on the logits, (1+t)·pos − t·neg; the refiner is guided with s = cfg.
+        the null class), guidance t = cfg·si/(K−1) on the logits, (1+t)·pos − t·neg; the refiner is guided with
+        s = cfg.
 
         Randomness (``sampling.resolve_generators``): ``generator`` is None (global RNG), one torch.Generator (image b
         draws from the stream (seed drawn from it, b)), or a list of one generator per image (an image then gets the

@@ -33,7 +33,7 @@ def test_same_seed_same_tokens_and_image(model):
     b, tb = _run(varsr, lr, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert all(torch.equal(x, y) for x, y in zip(ta, tb))
-    c, tc = _run(varsr, lr, torch.Generator().manual_seed(8))  # another seed changes something (tokens or refiner noise)
+    c, tc = _run(varsr, lr, torch.Generator().manual_seed(8))  # another seed changes tokens or refiner noise
     assert not torch.equal(a, c)
 
 

@@ -94,8 +94,8 @@ def _one_step_refiner_residual(varsr, h_last2, idx_last, noise, s):
     """The guided one-step refiner result (B, n_last, Cvae), computed from the formulas (docs/MODEL.md §3.4).
 
     With a single respaced step the sampler evaluates the net once at original timestep 0: ᾱ = 1 − β₀ (cosine
-    schedule), x̂₀ = clamp(√(1/ᾱ)·x − √(1/ᾱ − 1)·ε, −1, 1), ε = (1 + s)·ε_pos − s·ε_neg, the posterior mean at t = 0
-    is x̂₀ itself, no noise is added, and the result is x̂₀ × refiner_scale.
+    schedule), x̂₀ = clamp(√(1/ᾱ)·x − √(1/ᾱ − 1)·ε, −1, 1) with ε = (1 + s)·ε_pos − s·ε_neg; the posterior mean at
+    t = 0 is x̂₀ itself, no noise is added, and the result is x̂₀ × refiner_scale.
     """
     B, C = idx_last.shape[0], varsr.Cvae
     e = varsr.vqvae.quantize.embedding.weight[idx_last]  # (B, n, Cvae)
