@@ -311,9 +311,24 @@ class TrainBench:
 def bench_train(presets: list[str], device, batch: int, steps: int, warmup: int, try_compile: bool, budget: Budget,
                 peak_tflops: float) -> dict:
     """Eager steps of every preset first, then the compiled variants while the time budget allows."""
-    benches = {p: TrainBench(p, device, batch, steps, warmup, peak_tflops) for p in presets}
-    out = {p: {"preset": p, "batch": batch, "precision": "bf16", "zero_stage": 2, "eager": b.run(False)}
-           for p, b in benches.items()}
+    benches, out = {}, {}
+    for p in presets:
+        b, tried = batch, []
+        while True:  # a batch that does not fit the card is halved (d24 at batch 8 needs ~80 GB without checkpointing)
+            bench = TrainBench(p, device, b, steps, warmup, peak_tflops)
+            try:
+                eager = bench.run(False)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if b == 1:
+                    raise
+                tried.append(b)
+            free(device)  # outside the except block: its traceback holds the failed run's engine and model
+            b //= 2
+        benches[p] = bench
+        out[p] = {"preset": p, "batch": b, "precision": "bf16", "zero_stage": 2, "eager": eager}
+        if tried:
+            out[p]["out_of_memory_at_batch"] = tried
     for p, b in benches.items():
         if not try_compile:
             out[p]["compiled"] = {"skipped": "compile not requested (--compile off; default on CUDA only)"}
