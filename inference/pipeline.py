@@ -14,7 +14,6 @@ import logging
 import math
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -71,11 +70,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``/None -> bf16 autocast on GPU, fp32 elsewhere."""
+    """``auto``/None -> bf16 autocast where the device has bf16 matrix units (model.precision), fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == _AUTO:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from model.precision import default_inference_dtype
+
+        return default_inference_dtype(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -124,9 +125,6 @@ class VARSRPipeline:
         self.vqvae = vqvae.to(self.device).eval()
         self.varsr = varsr.to(self.device).eval()
         self.model_cfg = varsr.cfg
-        # generate() keeps its KV cache on the modules: one call at a time per model (the scoring server runs
-        # concurrent requests in threads)
-        self._lock = threading.Lock()
         self.image_size: int = int(self.model_cfg.image_size)
         self.latent_side: int = int(self.model_cfg.pn_last)
         self.stride: int = int(self.model_cfg.vqvae.downsample)
@@ -228,22 +226,28 @@ class VARSRPipeline:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams) -> torch.Tensor:
+    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams,
+                          keys: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """f_hat for every crop (N, Cvae, P, P), in batches of tiling.batch_size.
 
-        With a seed, every call gets a generator seeded with it; the model gives each image its own stream drawn from
-        that generator, so a crop's result does not depend on which batch it lands in.
+        ``keys`` names each crop (image index in the request, tile index in the image). With a seed, crop (i, t) samples
+        from its own stream derived from (seed, i, t) (``model.sampling.stream_generator``): images and tiles draw
+        independent noise, and a crop's result does not depend on the batch it lands in.
         """
+        from model.sampling import stream_generator
+
+        keys = list(keys) if keys is not None else [(0, t) for t in range(len(crops))]
+        if len(keys) != len(crops):
+            raise ValueError(f"{len(keys)} stream keys for {len(crops)} crops")
         bs = max(1, int(self.config.tiling.batch_size))
         out = []
         for i in range(0, len(crops), bs):
             x = torch.stack(crops[i: i + bs]).to(self.device, torch.float32)
-            gen = None
+            gens = None
             if p.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(p.seed)
+                gens = [stream_generator(p.seed, img, tile, device=self.device) for img, tile in keys[i: i + bs]]
             with self._autocast():
-                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gen,
+                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gens,
                                         return_fhat=True)
             out.append(f.float())
         return torch.cat(out)
@@ -289,12 +293,13 @@ class VARSRPipeline:
         pils = [load_image(x, self.config.limits.max_input_pixels) for x in items]
         plans = [self.plan(im, p) for im in pils]
         crops = [c for pl in plans for c in pl.crops]
-        with self._lock:
-            latents = self._generate_latents(crops, p)
-            srs, k = [], 0
-            for pl in plans:
-                srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
-                k += len(pl.tiles)
+        keys = [(i, t) for i, pl in enumerate(plans) for t in range(len(pl.tiles))]
+        # no lock: generate() keeps all sampling state per call, so concurrent requests may share the model
+        latents = self._generate_latents(crops, p, keys)
+        srs, k = [], 0
+        for pl in plans:
+            srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
+            k += len(pl.tiles)
         results = [self._postprocess(sr, pl, p) for sr, pl in zip(srs, plans)]
         return results[0] if single else results
 
@@ -321,9 +326,8 @@ class VARSRPipeline:
         ``on_done(r, images)`` hands request r its images as soon as they are all ready.
 
         ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
-        :meth:`target_size`); ``p`` comes from :meth:`make_params`. Each generate() call holds the model's lock for as
-        long as the model keeps sampling state on its modules; the decode keeps none and runs outside it, so one
-        batch can decode while another generates.
+        :meth:`target_size`); ``p`` comes from :meth:`make_params`. generate() keeps its sampling state per call, so
+        one batch can decode while another generates.
         """
         plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
         crops: list[torch.Tensor] = []
@@ -341,7 +345,6 @@ class VARSRPipeline:
             pad = gb - n % gb  # blank crops, generated and dropped
             crops += [torch.zeros_like(crops[0])] * pad
             keys += [(0, 0)] * pad
-        lock = getattr(self, "_lock", None)
         out: list[list[Image.Image]] = [[] for _ in plans]
         rows: list[torch.Tensor] = []  # one latent per crop, generated so far
         img_idx = 0
@@ -349,8 +352,7 @@ class VARSRPipeline:
             if not req and on_done is not None:
                 on_done(r, [])
         for s in range(0, len(crops), gb):
-            with lock if lock is not None else contextlib.nullcontext():
-                rows += list(self._latents_for(crops[s: s + gb], p, keys[s: s + gb]))
+            rows += list(self._generate_latents(crops[s: s + gb], p, keys[s: s + gb]))
             while img_idx < len(spans) and spans[img_idx][2] <= len(rows):
                 r, a, b = spans[img_idx]
                 pl = plans[r][len(out[r])]
@@ -360,19 +362,6 @@ class VARSRPipeline:
                     on_done(r, out[r])
                 img_idx += 1
         return out
-
-    def _latents_for(self, crops: list[torch.Tensor], p: UpscaleParams, keys: list[tuple[int, int]]) -> torch.Tensor:
-        """:meth:`_generate_latents` with each crop's stream key (image index in its request, tile index).
-
-        A ``_generate_latents`` that takes ``keys`` derives each crop's random stream from (seed, image, tile); one
-        that does not gives every crop of a call the stream of the seed itself. Either way a crop's stream does not
-        depend on its batch-mates.
-        """
-        import inspect
-
-        if "keys" in inspect.signature(self._generate_latents).parameters:
-            return self._generate_latents(crops, p, keys)
-        return self._generate_latents(crops, p)
 
 
 __all__ = ["VARSRPipeline", "UpscaleParams", "UpscaleParamError", "ImageInputError", "resolve_device", "resolve_dtype"]

@@ -1,21 +1,23 @@
 """VARSR model package: config + presets, multi-scale VQVAE, VARSR transformer, diffusion refiner, sampling,
 losses and checkpoint I/O (native safetensors and the official-checkpoint importer).
 
-    from model import VARSRConfig, build, compute_loss, save_pretrained, from_pretrained
+    from model import VARSRConfig, build, compute_loss, image_generators, save_pretrained, from_pretrained
     vqvae, varsr = build(VARSRConfig.preset("tiny"))
-    images = varsr.generate(lr_images, generator=torch.Generator().manual_seed(0))
+    images = varsr.generate(lr_images, generator=image_generators(seed=0, count=len(lr_images)))
 """
 from .config import VARSRConfig
 from .vqvae import VQVAE
 from .refiner import DiffLoss
-from .varsr import VARSR
+from .varsr import VARSR, GenerationInfo
 from .build import build
-from .sampling import sample_top_k_top_p
+from .sampling import image_generators, sample_top_k_top_p, stream_generator
+from .precision import default_inference_dtype
 from .losses import LossOutput, compute_loss
 from .checkpoint import from_pretrained, save_pretrained
 from .official import import_official, load_stage_weights
 
 __all__ = [
     "VARSRConfig", "VQVAE", "VARSR", "DiffLoss", "build", "save_pretrained", "from_pretrained", "import_official",
-    "load_stage_weights", "compute_loss", "LossOutput", "sample_top_k_top_p",
+    "load_stage_weights", "compute_loss", "LossOutput", "sample_top_k_top_p", "GenerationInfo", "image_generators",
+    "stream_generator", "default_inference_dtype",
 ]

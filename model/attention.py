@@ -1,5 +1,9 @@
 """Self-attention of the VARSR blocks (spec §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
-softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a KV cache for scale-by-scale inference.
+softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale
+inference.
+
+The cache is an object created by each ``generate`` call and handed down through the blocks (``KVCache``), never
+module state, so several threads may sample from one model at the same time.
 """
 from __future__ import annotations
 
@@ -38,6 +42,51 @@ def level_segments(level_ids: torch.Tensor) -> list[tuple[int, int, int, torch.T
     return segs
 
 
+class KVCache:
+    """Rotated keys and values of one sampling call, one slot per block.
+
+    ``append(layer, k, v)`` writes the new level's keys/values after the ones already held and returns views of all of
+    them. Storage for the whole sequence (``total_len`` positions) is allocated on the first append of a layer, so the
+    growing cache is never re-copied level after level.
+    """
+
+    def __init__(self, num_layers: int, total_len: int):
+        self.total_len = int(total_len)
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.length = [0] * num_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, n, c) → all keys/values of this layer so far, (B, H, length, c)."""
+        start, n = self.length[layer], k.shape[2]
+        if start + n > self.total_len:
+            raise ValueError(f"KV cache overflow: {start} + {n} positions > {self.total_len}")
+        if self.k[layer] is None:
+            B, H, _, c = k.shape
+            self.k[layer] = k.new_empty(B, H, self.total_len, c)
+            self.v[layer] = v.new_empty(B, H, self.total_len, c)
+        kc, vc = self.k[layer], self.v[layer]
+        kc[:, :, start:start + n].copy_(k)
+        vc[:, :, start:start + n].copy_(v)
+        self.length[layer] = start + n
+        return kc[:, :, :start + n], vc[:, :, :start + n]
+
+    def slot(self, layer: int) -> "KVSlot":
+        return KVSlot(self, layer)
+
+
+class KVSlot:
+    """One block's view of a ``KVCache`` (what a block's attention appends to)."""
+
+    __slots__ = ("cache", "layer")
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.append(self.layer, k, v)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; parameter names follow the official checkpoint (mat_qkv, q_bias, v_bias, scale_mul_1H11, proj)."""
 
@@ -52,16 +101,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
-        self.caching, self.cached_k, self.cached_v = False, None, None
 
-    def kv_caching(self, enable: bool) -> None:
-        """Turn the KV cache on/off; either way the cache is emptied."""
-        self.caching, self.cached_k, self.cached_v = enable, None, None
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, kv: KVSlot | None = None
+                ) -> torch.Tensor:
         """x (B, N, C); rope = (cos, sin) rows for these N positions.
 
         mask: bool (N, N_keys), or query segments from ``level_segments`` (training), or None (KV-cached inference).
+        kv: this block's slot of the calling ``generate``'s cache; the new keys/values are appended and the queries
+        attend to everything cached so far (earlier levels and this one).
         """
         B, N, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
@@ -72,11 +119,8 @@ class SelfAttention(nn.Module):
         k = F.normalize(k.float(), dim=-1)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
-        if self.caching:
-            if self.cached_k is not None:
-                k = torch.cat([self.cached_k, k], dim=2)
-                v = torch.cat([self.cached_v, v], dim=2)
-            self.cached_k, self.cached_v = k, v
+        if kv is not None:
+            k, v = kv.append(k, v)
         drop = self.attn_drop if self.training else 0.0
         if isinstance(mask, list):
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m,

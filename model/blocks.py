@@ -54,9 +54,10 @@ class AdaLNSelfAttn(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(dim, 6 * dim))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, cond_BD, rope, mask):
+    def forward(self, x, cond_BD, rope, mask, kv=None):
+        """kv: this block's slot of a per-call KV cache (``attention.KVSlot``) during sampling, else None."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.dim).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, rope, mask) * gamma1)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, rope, mask, kv) * gamma1)
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2)
         return x
 

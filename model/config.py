@@ -58,8 +58,12 @@ class VARSRConfig:
     num_classes: int = 2  # isr: 0 = high quality, 1 = low quality; c2i: semantic classes (a null class is added)
     cond_drop_rate: float = 0.0  # c2i label dropout to the null class (CFG training)
 
-    # LR prefix encoder (spec §2.2): conv_in 3->ch[0], then per stage (ch_i->ch_i, ch_i->ch_{i+1} stride 2), ..., ->C
+    # LR prefix encoder (docs/MODEL.md §2.2): conv_in 3->ch[0], then per stage (ch_i->ch_i, ch_i->ch_{i+1} stride 2)
+    # with ch_{n} = lr_encoder_hidden for the last stage, then conv_out lr_encoder_hidden->C
     lr_encoder_channels: tuple[int, ...] = (32, 128, 256, 512)
+    # the last hidden width is its own number: the released code uses 1536 at every model width (it equals C only at
+    # d24), so research checkpoints of other widths have a 1536-wide last stage
+    lr_encoder_hidden: int = 1536
 
     # RoPE (spec §2.6)
     rope_theta: float = 10000.0
@@ -169,6 +173,8 @@ class VARSRConfig:
             errs.append(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             errs.append(f"patch_nums {self.patch_nums} must be strictly increasing")
+        if self.lr_encoder_hidden < 1:
+            errs.append(f"lr_encoder_hidden must be >= 1, got {self.lr_encoder_hidden}")
         if self.vqvae.ch % 32:
             errs.append(f"vqvae.ch {self.vqvae.ch} must be a multiple of 32 (GroupNorm(32))")
         if self.variant == "isr":
@@ -193,7 +199,11 @@ class VARSRConfig:
     def from_dict(cls, d: dict[str, Any]) -> "VARSRConfig":
         from infra.core.config import build
 
-        return build(cls, dict(d)).validate()
+        d = dict(d)
+        if "lr_encoder_hidden" not in d and _LEGACY_FIELDS <= d.keys():
+            # a complete config written before lr_encoder_hidden existed: that code ended the encoder at width C
+            d["lr_encoder_hidden"] = d["embed_dim"] if d["embed_dim"] is not None else 64 * int(d["depth"])
+        return build(cls, d).validate()
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -220,6 +230,9 @@ class VARSRConfig:
         return cls.from_dict(d)
 
 
+# every field but lr_encoder_hidden: the key set of a serialised config from before that field was added
+_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden"}
+
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -231,6 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         embed_dim=128,
         num_heads=2,
         lr_encoder_channels=(16, 32, 32, 64),
+        lr_encoder_hidden=128,
         refiner_width=128,
         refiner_depth=2,
         diffusion_batch_mul=2,

@@ -9,18 +9,20 @@ import torch.nn.functional as F
 
 
 class LREncoder(nn.Module):
-    """conv_in 3→ch0; per stage (ch_i→ch_i stride 1, ch_i→ch_{i+1} stride 2); conv_out C→C. SiLU after all but conv_out."""
+    """conv_in 3→ch0; per stage (ch_i→ch_i stride 1, ch_i→ch_{i+1} stride 2, the last stage ending at ``hidden``);
+    conv_out hidden→C. SiLU after all but conv_out. The released model has hidden = 1536 at every width C."""
 
-    def __init__(self, channels: tuple[int, ...], out_dim: int):
+    def __init__(self, channels: tuple[int, ...], out_dim: int, hidden: int | None = None):
         super().__init__()
+        hidden = out_dim if hidden is None else int(hidden)
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        outs = list(channels[1:]) + [out_dim]
+        outs = list(channels[1:]) + [hidden]
         blocks = []
         for cin, cout in zip(channels, outs):
             blocks.append(nn.Conv2d(cin, cin, 3, padding=1))
             blocks.append(nn.Conv2d(cin, cout, 3, padding=1, stride=2))
         self.blocks = nn.ModuleList(blocks)
-        self.conv_out = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, out_dim, 3, padding=1)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """lr (B, 3, S, S) in [−1, 1] → prefix tokens (B, (S/stride)², C), token of cell (i, j) at index side·i + j."""

@@ -97,6 +97,7 @@ def infer_config(var_sd: dict, vae_sd: dict, name: str = "imported") -> VARSRCon
             n_blocks = len(_indices(var_sd, r"con_embedding\.blocks\.(\d+)\."))
             d["lr_encoder_channels"] = [var_sd["con_embedding.conv_in.weight"].shape[0]] + [
                 var_sd[f"con_embedding.blocks.{2 * i + 1}.weight"].shape[0] for i in range(n_blocks // 2 - 1)]
+            d["lr_encoder_hidden"] = var_sd["con_embedding.conv_out.weight"].shape[1]  # 1536 in research files
         else:
             d.update(cfg=4.0, top_k=20)
     except KeyError as e:

@@ -1,23 +1,66 @@
-"""Token sampling (spec §4.3): top-k then top-p (nucleus) filtering, then one multinomial draw per token."""
+"""Token sampling (top-k then top-p filtering, then one multinomial draw per token) and the per-image random streams."""
 from __future__ import annotations
+
+import hashlib
+from typing import Sequence, Union
 
 import torch
 
 
-def per_image_generators(generator: torch.Generator | None, batch: int, device) -> list[torch.Generator] | None:
-    """One generator per image, all seeded with a single seed drawn from ``generator``.
+_SEED_DOMAIN = b"varsr-image-stream-v1"
+GeneratorArg = Union[torch.Generator, Sequence[torch.Generator], None]
 
-    This makes an image's randomness independent of its batch: image b of a batch gets exactly the stream it would
-    get alone with the same ``generator`` seed. None (global RNG) when no generator is given.
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 63-bit seed for the stream named by (seed, *path), e.g. (request seed, image index, tile index).
+
+    Deterministic across processes and platforms (SHA-256 of the integers), and unrelated for different paths, so
+    neighbouring images or tiles never share or overlap a stream the way ``seed + index`` seeds could.
+    """
+    h = hashlib.sha256(_SEED_DOMAIN)
+    for v in (seed, *path):
+        v = int(v)
+        if v < 0:
+            raise ValueError(f"seed path entries must be >= 0, got {v}")
+        h.update(v.to_bytes(16, "little"))
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def stream_generator(seed: int, *path: int, device=None) -> torch.Generator:
+    """A torch.Generator on ``device`` seeded with ``derive_seed(seed, *path)``."""
+    g = torch.Generator(device=device if device is not None else "cpu")
+    g.manual_seed(derive_seed(seed, *path))
+    return g
+
+
+def image_generators(seed: int, count: int, device=None, start: int = 0) -> list[torch.Generator]:
+    """Per-image generators for images ``start … start+count−1`` of a request with this seed: image i gets the
+    stream (seed, i), whatever batch it is generated in."""
+    return [stream_generator(seed, i, device=device) for i in range(start, start + count)]
+
+
+def resolve_generators(generator: GeneratorArg, batch: int, device) -> list[torch.Generator] | None:
+    """The per-image generators ``generate`` samples with.
+
+    - None: the global RNG (None is returned).
+    - a list/tuple: one generator per image, used as given (the caller decides the streams, e.g. with
+      ``image_generators``); this is how an image gets the same result in any batch.
+    - one generator: one base seed is drawn from it and image b gets the stream (base seed, b), so images in a batch
+      draw independent noise (as the reference, which samples every image from one global stream).
     """
     if generator is None:
         return None
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    gens = []
-    for _ in range(batch):
-        g = torch.Generator(device=device)
-        g.manual_seed(seed)
-        gens.append(g)
+    if isinstance(generator, torch.Generator):
+        base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        return image_generators(base, batch, device=device)
+    gens = list(generator)
+    if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"generator must be one torch.Generator or a list of {batch} (one per image), "
+                         f"got {len(gens)} entries")
+    dev = torch.device(device)
+    for g in gens:
+        if g.device.type != dev.type:
+            raise ValueError(f"per-image generators must be on the model's device type {dev.type}, got {g.device}")
     return gens
 
 

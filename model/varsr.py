@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import KVCache
 from .blocks import AdaLNBeforeHead, AdaLNSelfAttn
 from .config import VARSRConfig
 from .lr_encoder import LREncoder
 from .rope import rope_table
-from .sampling import per_image_generators, sample_top_k_top_p
+from .sampling import GeneratorArg, resolve_generators, sample_top_k_top_p
 
 
 class VARSR(nn.Module):
@@ -41,7 +43,8 @@ class VARSR(nn.Module):
         self.num_classes = cfg.num_classes
 
         # conditioning: LR prefix (isr), class token / AdaLN condition, level-0 position, level embedding
-        self.con_embedding = LREncoder(tuple(cfg.lr_encoder_channels), C) if cfg.variant == "isr" else None
+        self.con_embedding = (LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden)
+                              if cfg.variant == "isr" else None)
         self.word_embed = nn.Linear(self.Cvae, C)
         self.class_emb = nn.Embedding(cfg.class_rows, C)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
@@ -60,10 +63,10 @@ class VARSR(nn.Module):
         # level id of every sequence position (upstream buffer lvl_1L; regenerated, never stored)
         lvl = [0] * self.first_l + [k for k in range(1, K) for _ in range(self.patch_nums[k] ** 2)]
         self._level_ids = torch.tensor(lvl, dtype=torch.long, device="cpu")
+        # geometry tables per device (RoPE, masks): filled on first use, never changed after, so concurrent readers
+        # are safe (two threads filling the same key compute the same value)
         self._cache: dict = {}
         self._vqvae = (vqvae,)
-        self.last_timings: dict[str, float] = {}  # generate(): seconds spent in AR / refiner / decode
-        self.last_tokens: list[torch.Tensor] = []  # generate(): the sampled (B, pn²) code maps
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -195,14 +198,17 @@ class VARSR(nn.Module):
         """head(head_nm(h, cond)) in float32 (spec §2.8)."""
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
-    def run_blocks(self, x, cond_BD, rope, mask):
-        """All blocks (with gradient checkpointing when configured and training); mask None under KV caching."""
+    def run_blocks(self, x, cond_BD, rope, mask, cache: KVCache | None = None):
+        """All blocks (with gradient checkpointing when configured and training).
+
+        Sampling passes mask None and the call's ``KVCache`` (block i appends to slot i); training passes the mask.
+        """
         ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if ckpt:
                 x = checkpoint(blk, x, cond_BD, rope, mask, use_reentrant=False)
             else:
-                x = blk(x, cond_BD, rope, mask)
+                x = blk(x, cond_BD, rope, mask, None if cache is None else cache.slot(i))
         return x
 
     # ---- training forward (spec §2.10) -----------------------------------------------------------------------------
@@ -253,10 +259,6 @@ class VARSR(nn.Module):
         return logits, diff
 
     # ---- sampling (spec §4.2) --------------------------------------------------------------------------------------
-    def kv_caching(self, enable: bool) -> None:
-        for blk in self.blocks:
-            blk.attn.kv_caching(enable)
-
     def _guidance(self, si: int, cfg: float) -> float:
         K = self.cfg.num_scales
         if self.cfg.variant == "c2i":
@@ -305,29 +307,55 @@ class VARSR(nn.Module):
 
     @torch.inference_mode()
     def generate(self, lr_images: torch.Tensor | None, label=0, cfg: float = 6.0, top_k: int = 1, top_p: float = 0.75,
-                 generator: torch.Generator | None = None, refiner_noise: torch.Tensor | None = None,
-                 return_fhat: bool = False, class_labels=None) -> torch.Tensor:
+                 generator: GeneratorArg = None, refiner_noise: torch.Tensor | None = None,
+                 return_fhat: bool = False, class_labels=None, return_info: bool = False):
         """Super-resolve LR images (B, 3, S, S) in [0, 1] (already resized to the model resolution) → (B, 3, S, S) in [0, 1].
 
-        Image-based CFG (spec §4.2): the negative branch is label num_classes−1 sharing the LR prefix (c2i: the null
-        class), guidance t = cfg·si/(K−1) on the logits, (1+t)·pos − t·neg; the refiner is guided with s = cfg.
-        Randomness: with a ``generator`` one seed is drawn from it and every image gets its own generator seeded with
-        it, so an image's result does not depend on the rest of the batch; ``refiner_noise`` (B, pn_last², Cvae)
-        fixes the refiner's initial noise. ``return_fhat`` returns the final latent f_hat (B, Cvae, pn_last, pn_last).
+        Image-based CFG (docs/MODEL.md §4.2): the negative branch is label num_classes−1 sharing the LR prefix (c2i:
+        the null class), guidance t = cfg·si/(K−1) on the logits, (1+t)·pos − t·neg; the refiner is guided with
+        s = cfg.
+
+        Randomness (``sampling.resolve_generators``): ``generator`` is None (global RNG), one torch.Generator (image b
+        draws from the stream (seed drawn from it, b)), or a list of one generator per image (an image then gets the
+        same result in any batch); ``refiner_noise`` (B, pn_last², Cvae) fixes the refiner's initial noise.
+        ``return_fhat`` returns the final latent f_hat (B, Cvae, pn_last, pn_last) instead of images.
+        ``return_info`` returns ``(output, GenerationInfo)`` with the sampled tokens and the per-phase timings.
+
+        All sampling state (KV cache, generators, tokens) lives in this call, so concurrent calls on one model from
+        several threads are safe.
         """
         if self.vqvae is None:
             raise ValueError("this VARSR has no VQVAE attached (use model.build or set_vqvae)")
         lr_images, labels = self._check_generate_inputs(lr_images, label, class_labels)
         dev = self.word_embed.weight.device
-        B, K, C = labels.numel(), self.cfg.num_scales, self.C
-        n_last = self.patch_nums[-1] ** 2
+        B, n_last = labels.numel(), self.patch_nums[-1] ** 2
         if refiner_noise is not None and tuple(refiner_noise.shape) != (B, n_last, self.Cvae):
             raise ValueError(f"refiner_noise must have shape {(B, n_last, self.Cvae)}, got {tuple(refiner_noise.shape)}")
-        gens = per_image_generators(generator, B, dev)
+        gens = resolve_generators(generator, B, dev)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
+        f_hat, tokens, h_last = self._sample_tokens(lr_images, labels.to(dev), cfg, top_k, top_p, gens)
+        sync()
+        t1 = time.perf_counter()
+        f_hat = f_hat + self._refine(h_last, tokens[-1], cfg, gens, refiner_noise)
+        sync()
+        t2 = time.perf_counter()
+        if return_fhat:
+            out = f_hat
+        else:
+            out = ((self.vqvae.fhat_to_img(f_hat).float() + 1) / 2).clamp_(0, 1).contiguous()
+        sync()
+        info = GenerationInfo(tokens=tokens, ar_s=t1 - t0, refiner_s=t2 - t1, decode_s=time.perf_counter() - t2)
+        return (out, info) if return_info else out
 
-        labels = labels.to(dev)
+    def _sample_tokens(self, lr_images, labels, cfg: float, top_k: int, top_p: float, gens):
+        """The guided scale-by-scale loop (docs/MODEL.md §4.2) with a KV cache owned by this call.
+
+        Returns (f_hat of the sampled codes (B, Cvae, pn_last, pn_last) float32, the K sampled code maps (B, pn²),
+        the last level's block output for both branches (2B, pn_last², C)).
+        """
+        dev = labels.device
+        B, K = labels.numel(), self.cfg.num_scales
         neg = torch.full_like(labels, self.num_classes - 1 if self.cfg.variant == "isr" else self.num_classes)
         cond_BD = self.class_emb(torch.cat([labels, neg]))  # (2B, C)
         sos = cond_BD[:, None]
@@ -337,46 +365,47 @@ class VARSR(nn.Module):
         x = sos + self.pos_start + self.lvl_embed.weight[0]
         cos, sin = self.rope(dev)
         f_hat = torch.zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1], device=dev)
-        cursor, h_last, idx, tokens = 0, None, None, []
-        self.kv_caching(True)
-        try:
-            for si, pn in enumerate(self.patch_nums):
-                n = x.shape[1]
-                h = self.run_blocks(x, cond_BD, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None)
-                cursor += n
-                logits = self.logits(h[:, -1:] if si == 0 else h, cond_BD)  # si = 0: the class token only
-                t = self._guidance(si, cfg)
-                logits = (1 + t) * logits[:B] - t * logits[B:]
-                idx = sample_top_k_top_p(logits, top_k, top_p, generator=gens)  # (B, pn²)
-                tokens.append(idx)
-                h_BChw = self.vqvae.embed_idx(idx).float().transpose(1, 2).reshape(B, self.Cvae, pn, pn)
-                f_hat, nxt = self.vqvae.get_next_autoregressive_input(si, f_hat, h_BChw)
-                if si < K - 1:
-                    x = self.word_embed(nxt.flatten(2).transpose(1, 2).float()) + self.lvl_embed.weight[si + 1]
-                    x = x.repeat(2, 1, 1)
-                else:
-                    h_last = h
-        finally:
-            self.kv_caching(False)
-        sync()
-        t1 = time.perf_counter()
+        cache = KVCache(len(self.blocks), self.cfg.seq_len)
+        cursor, h, tokens = 0, None, []
+        for si, pn in enumerate(self.patch_nums):
+            n = x.shape[1]
+            h = self.run_blocks(x, cond_BD, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None, cache)
+            cursor += n
+            logits = self.logits(h[:, -1:] if si == 0 else h, cond_BD)  # si = 0: the class token only
+            t = self._guidance(si, cfg)
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+            idx = sample_top_k_top_p(logits, top_k, top_p, generator=gens)  # (B, pn²)
+            tokens.append(idx)
+            h_BChw = self.vqvae.embed_idx(idx).float().transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            f_hat, nxt = self.vqvae.get_next_autoregressive_input(si, f_hat, h_BChw)
+            if si < K - 1:
+                x = self.word_embed(nxt.flatten(2).transpose(1, 2).float()) + self.lvl_embed.weight[si + 1]
+                x = x.repeat(2, 1, 1)
+        return f_hat, tokens, h
 
-        # refiner (spec §3.4): z = decoder_norm(h_last + word_embed(e_last)), guided with s = cfg
-        e = self.vqvae.embed_idx(idx).float()
+    def _refine(self, h_last, idx_last, cfg: float, gens, refiner_noise) -> torch.Tensor:
+        """Refiner residual (B, Cvae, pn_last, pn_last) in latent units (docs/MODEL.md §3.4): per image, guided with
+        s = cfg between z = decoder_norm(h_last + word_embed(e_last)) of the two branches."""
+        B, pn = idx_last.shape[0], self.patch_nums[-1]
+        dev = h_last.device
+        e = self.vqvae.embed_idx(idx_last).float()
         z = self.refiner_condition(h_last, e.repeat(2, 1, 1))
         res = []
         for b in range(B):
             noise = None if refiner_noise is None else refiner_noise[b].to(dev, torch.float32)
             res.append(self.diffloss.sample(z[b], z[B + b], cfg, noise=noise, generator=gens[b] if gens else None))
-        self.last_tokens = tokens  # sampled code maps per scale, for inspection / tests
-        residual = torch.stack(res).float()  # (B, n_last, Cvae) in latent units
-        f_hat = f_hat + residual.transpose(1, 2).reshape_as(f_hat)
-        sync()
-        t2 = time.perf_counter()
-        if return_fhat:
-            self.last_timings = dict(ar_s=t1 - t0, refiner_s=t2 - t1, decode_s=0.0)
-            return f_hat
-        img = ((self.vqvae.fhat_to_img(f_hat).float() + 1) / 2).contiguous()
-        sync()
-        self.last_timings = dict(ar_s=t1 - t0, refiner_s=t2 - t1, decode_s=time.perf_counter() - t2)
-        return img.clamp_(0, 1)
+        residual = torch.stack(res).float()  # (B, n_last, Cvae)
+        return residual.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+
+
+@dataclass
+class GenerationInfo:
+    """What one ``generate`` call sampled and where its time went (seconds; decode_s ≈ 0 with return_fhat)."""
+
+    tokens: list[torch.Tensor] = field(default_factory=list)  # the K sampled code maps (B, pn_k²)
+    ar_s: float = 0.0
+    refiner_s: float = 0.0
+    decode_s: float = 0.0
+
+    def timings(self) -> dict[str, float]:
+        return dict(ar_s=self.ar_s, refiner_s=self.refiner_s, decode_s=self.decode_s)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from model.config import VARSRConfig
 from model.quantizer import MultiScaleQuantizer
-from model.vae_layers import Decoder, Encoder
+from model.vae_layers import Decoder, Encoder, fp32_conv
 
 
 class VQVAE(nn.Module):
@@ -91,7 +91,7 @@ class VQVAE(nn.Module):
     # ---- decoding ----------------------------------------------------------------------------------------------------
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Final latent (B, Cvae, pnK, pnK) -> image (B, 3, H, W) clamped to [-1, 1]."""
-        h = self.post_quant_conv(f_hat.contiguous(memory_format=torch.channels_last))
+        h = fp32_conv(self.post_quant_conv, f_hat.contiguous(memory_format=torch.channels_last))
         return self.decoder(h).clamp_(-1, 1).contiguous()
 
     # ---- VQVAE training (spec §1.7) ----------------------------------------------------------------------------------

@@ -199,3 +199,36 @@ def test_import_var_transformer_file_as_stage2_init(tiny, tmp_path):
     assert torch.equal(var2.blocks[0].attn.mat_qkv.weight, sd["blocks.0.attn.mat_qkv.weight"])
     rep = json.loads((tmp_path / "o" / "config.json").read_text())["stage_init_report"]
     assert "pos_1LC" in rep["dropped"] and "pos_start" in rep["new"] and rep["resized"] == ["class_emb.weight"]
+
+
+def test_import_research_checkpoint_whose_lr_encoder_is_wider_than_the_model(tmp_path):
+    """Research checkpoints keep the released 1536-wide last LR-encoder stage at every width C: the importer reads
+    that width from the file (here 96 at C = 64), builds it, and the weights load strictly and round-trip."""
+    cfg = VARSRConfig.from_dict(dict(
+        name="research-narrow", depth=2, embed_dim=64, num_heads=1, refiner_width=64, refiner_depth=2,
+        lr_encoder_channels=[8, 16, 16, 32], lr_encoder_hidden=96, patch_nums=[1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
+        vqvae=dict(vocab_size=128, z_channels=8, ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1)))
+    torch.manual_seed(0)
+    vqvae, varsr = build(cfg)
+    sd = _official_var_sd(varsr)
+    assert sd["con_embedding.blocks.7.weight"].shape == (96, 32, 3, 3)
+    assert sd["con_embedding.conv_out.weight"].shape == (64, 96, 3, 3)
+    _write_trainer(tmp_path / "VARSR.pth", var_sd=sd)
+    _write_trainer(tmp_path / "VQVAE.pth", vae_sd=vqvae.state_dict())
+    vq2, var2 = import_official(tmp_path / "VARSR.pth", tmp_path / "VQVAE.pth", out_dir=tmp_path / "native")
+    assert var2.cfg.lr_encoder_hidden == 96 and var2.cfg.C == 64
+    _assert_equal_state(varsr, var2)
+    _, var3 = from_pretrained(tmp_path / "native")
+    assert var3.cfg.lr_encoder_hidden == 96
+    _assert_equal_state(varsr, var3)
+
+
+def test_lr_encoder_hidden_defaults_to_the_released_width_and_legacy_configs_keep_width_c():
+    assert VARSRConfig().lr_encoder_hidden == 1536
+    assert VARSRConfig.preset("d16").lr_encoder_hidden == 1536  # released code: 1536 whatever the width
+    _, d16 = build(VARSRConfig.preset("d16"), device="meta")
+    assert tuple(d16.con_embedding.conv_out.weight.shape) == (1024, 1536, 3, 3)
+    # a complete config.json written before the field existed described an encoder ending at C
+    legacy = VARSRConfig.preset("d16").to_dict()
+    del legacy["lr_encoder_hidden"]
+    assert VARSRConfig.from_dict(legacy).lr_encoder_hidden == 1024

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import VARSRConfig, build, compute_loss, sample_top_k_top_p
+from model.attention import KVCache
 from model.rope import apply_rope, rope_angles, rope_frequencies
 
 def _tiny(**kw):
@@ -26,19 +27,16 @@ def _incremental_logits(varsr, x_in, label, lr):
     x = sos + varsr.pos_start + varsr.lvl_embed.weight[0]
     cos, sin = varsr.rope("cpu")
     out, cursor, begin = [], 0, 0
-    varsr.kv_caching(True)
-    try:
-        for si, pn in enumerate(varsr.patch_nums):
-            n = x.shape[1]
-            h = varsr.run_blocks(x, cond, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None)
-            cursor += n
-            out.append(varsr.logits(h[:, -1:] if si == 0 else h, cond))
-            if si + 1 < len(varsr.patch_nums):
-                nxt = varsr.patch_nums[si + 1] ** 2
-                x = varsr.word_embed(x_in[:, begin:begin + nxt]) + varsr.lvl_embed.weight[si + 1]
-                begin += nxt
-    finally:
-        varsr.kv_caching(False)
+    cache = KVCache(len(varsr.blocks), varsr.cfg.seq_len)
+    for si, pn in enumerate(varsr.patch_nums):
+        n = x.shape[1]
+        h = varsr.run_blocks(x, cond, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None, cache)
+        cursor += n
+        out.append(varsr.logits(h[:, -1:] if si == 0 else h, cond))
+        if si + 1 < len(varsr.patch_nums):
+            nxt = varsr.patch_nums[si + 1] ** 2
+            x = varsr.word_embed(x_in[:, begin:begin + nxt]) + varsr.lvl_embed.weight[si + 1]
+            begin += nxt
     return out
 
 
@@ -163,10 +161,11 @@ def test_generate_shapes_range_and_input_errors():
     varsr.eval()
     S = varsr.cfg.image_size
     lr = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(0))
-    img = varsr.generate(lr, generator=torch.Generator().manual_seed(0))
+    img, info = varsr.generate(lr, generator=torch.Generator().manual_seed(0), return_info=True)
     assert img.shape == (2, 3, S, S) and img.dtype == torch.float32
     assert 0 <= img.min() and img.max() <= 1
-    assert [t.shape for t in varsr.last_tokens] == [(2, 1), (2, 4), (2, 16)]
+    assert [t.shape for t in info.tokens] == [(2, 1), (2, 4), (2, 16)]
+    assert set(info.timings()) == {"ar_s", "refiner_s", "decode_s"} and info.decode_s > 0
     f_hat = varsr.generate(lr, generator=torch.Generator().manual_seed(0), return_fhat=True)
     assert f_hat.shape == (2, varsr.cfg.vqvae.z_channels, 4, 4)
     with pytest.raises(ValueError, match=r"shape \(B, 3, 64, 64\)"):
