@@ -201,18 +201,18 @@ def test_upscale_requests_hands_each_request_over_once_all_its_images_are_ready(
     ims = photos()
     p = pipe.make_params(seed=2)
     events = []
-    orig = pipe._latents_for
+    orig = pipe._generate_latents
 
     def counting(crops, params, keys):
         events.append(("generate", len(crops)))
         return orig(crops, params, keys)
 
-    pipe._latents_for = counting
+    pipe._generate_latents = counting
     try:
         out = pipe.upscale_requests([[ims[0]], [ims[1], ims[2]], [ims[3]]], p, generate_batch=1,
                                     on_done=lambda r, imgs: events.append(("done", r, [png(x) for x in imgs])))
     finally:
-        del pipe._latents_for
+        del pipe._generate_latents
     reqs = [[ims[0]], [ims[1], ims[2]], [ims[3]]]
     expected = []
     for r, imgs in enumerate(reqs):
