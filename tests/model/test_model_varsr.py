@@ -238,25 +238,18 @@ def test_c2i_forward_generate_and_null_class_dropout():
         varsr.generate(torch.rand(1, 3, 64, 64), class_labels=[0])
 
 
-@pytest.mark.parametrize("name", ["tiny", "c2i-tiny", "d24"])
-def test_model_yaml_configs_match_presets(name):
+def test_the_benchmark_geometry_is_the_issues_research_geometry():
+    """benchmarks/model_bench.py --research-geometry: released scales and VQVAE at 512 px, depth 4, width 256."""
+    import importlib.util
     from pathlib import Path
 
-    from infra.core.config import load_config
-
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_config(VARSRConfig, root / "configs" / "model" / f"{name}.yaml").validate()
-    assert cfg.to_dict() == VARSRConfig.preset(name).to_dict()
-
-
-def test_research_yaml_is_the_benchmark_geometry():
-    from pathlib import Path
-
-    from infra.core.config import load_config
-
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_config(VARSRConfig, root / "configs" / "model" / "research-d4-w256.yaml").validate()
-    assert (cfg.image_size, cfg.L, cfg.prefix_len, cfg.C, cfg.heads) == (512, 2240, 1024, 256, 4)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "model_bench.py"
+    spec = importlib.util.spec_from_file_location("model_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.research_config().validate()
+    assert (cfg.image_size, cfg.L, cfg.prefix_len, cfg.C, cfg.heads, cfg.depth) == (512, 2240, 1024, 256, 4, 4)
+    assert (cfg.refiner_width, cfg.refiner_depth, cfg.vqvae) == (1024, 6, VARSRConfig.preset("d24").vqvae)
 
 
 def test_segmented_attention_equals_full_level_mask():
