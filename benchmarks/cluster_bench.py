@@ -114,7 +114,8 @@ def _train_once(shards: str, out: str, steps: int, warmup: int = 2) -> float:
         "checkpoint_every=0"])
     train(cfg)
     hist = [json.loads(x) for x in Path(out, "history.jsonl").read_text().splitlines()]
-    return statistics.median(h["tokens_per_s"] for h in hist[warmup:])
+    steps = [h for h in hist if "throughput/tokens_per_s" in h]  # training rows (validation rows hold val/...)
+    return statistics.median(h["throughput/tokens_per_s"] for h in steps[warmup:])
 
 
 def bench_train(tmp: Path, steps: int, rounds: int) -> dict:

@@ -181,7 +181,7 @@ def cmd_eval(args) -> int:
     kw = _sampling_kwargs(args)
     kw.pop("scale")
     opts = dict(baseline=args.baseline, upscale_kwargs=kw, log_to_mlflow=not args.no_mlflow,
-                tracking_uri=args.tracking_uri)
+                tracking_uri=args.tracking_uri, model_ref=args.model_uri or str(args.checkpoint))
     try:
         if args.shards:
             res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards}, **opts)

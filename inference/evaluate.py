@@ -6,12 +6,19 @@ through the data pipeline's shard reader). The scale of
 each pair is HR size / LR size. Outputs in ``out_dir``: ``sr/<stem>.png``, ``metrics.csv`` (one row per image and
 method),
 ``summary.json`` (means per method + the run config) and ``crops/<stem>.png`` (bicubic | SR | HR, a centre crop).
+
+The MLflow run (``eval <model> <data> <time>``, in the pipeline's experiment, nested under a parent when one is given)
+records what was evaluated on what: the model URI (and the registered model's logged model as a model input), the
+sampling params, the data as a dataset input (a shard manifest by its sha256, else the pairs by a hash of their
+pixels), ``<method>/<metric>`` means (``varsr/psnr_y``, ``bicubic/ssim_y``, ...) and the files above.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +98,25 @@ def evaluate(pipeline, hr_dir: str | Path, lr_dir: str | Path, out_dir: str | Pa
     return evaluate_pairs(pipeline, pairs, out_dir, source={"hr_dir": str(hr_dir), "lr_dir": str(lr_dir)}, **kw)
 
 
+@dataclass
+class TrackingOptions:
+    """Where and how ``varsr eval`` records its MLflow run."""
+
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str | None = None  # None -> $MLFLOW_EXPERIMENT_NAME, else the parent's, else varsr
+    run_name: str | None = None  # None -> "eval <model> <data> <local time>"
+    parent_run_id: str | None = None  # None -> $VARSR_PARENT_RUN_ID
+
+
 def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: str | None = None,
                    upscale_kwargs: dict[str, Any] | None = None, log_to_mlflow: bool = True,
-                   tracking_uri: str | None = None, experiment: str = "varsr-eval", max_crops: int = 4,
-                   progress: bool = True, source: dict[str, Any] | None = None) -> EvalResult:
-    """Run the pipeline over every pair, score it (and the baseline), write files and (optionally) an MLflow run."""
+                   tracking_uri: str | None = None, experiment: str | None = None, max_crops: int = 4,
+                   progress: bool = True, source: dict[str, Any] | None = None, model_ref: str | None = None,
+                   run_name: str | None = None, parent_run_id: str | None = None) -> EvalResult:
+    """Run the pipeline over every pair, score it (and the baseline), write files and (optionally) an MLflow run.
+
+    ``source`` says where the pairs come from (``{"shards": spec}`` or ``{"hr_dir": ..., "lr_dir": ...}``) and
+    ``model_ref`` what was evaluated (a ``models:/`` URI or a checkpoint folder); both are recorded in the run."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -106,6 +127,7 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
     extra, notices = optional_metrics()
     res = EvalResult(notices=list(notices), out_dir=out)
     kw = dict(upscale_kwargs or {})
+    content = hashlib.sha256()  # what the pairs hold, whatever their files were called or encoded as
     t0 = time.perf_counter()
     for stem, load in tqdm(pairs, desc="eval", unit="img", disable=not progress):
         try:
@@ -117,6 +139,7 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         if abs(hr.height / lr.height - scale) > 1e-6 * max(1.0, scale):
             res.failed.append(f"{stem}: HR {hr.size} is not a uniform multiple of LR {lr.size}")
             continue
+        content.update(stem.encode() + hr.convert("RGB").tobytes() + lr.convert("RGB").tobytes())
         sr = pipeline.upscale(lr, scale=scale, **kw)
         if sr.size != hr.size:  # rounding of a non-integral scale: match the reference exactly
             sr = sr.resize(hr.size, Image.BICUBIC)
@@ -135,10 +158,12 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         rows = [r for r in res.rows if r["method"] == method]
         keys = [k for k in rows[0] if k not in ("image", "method", "scale")]
         res.summary[method] = {"images": float(len(rows)), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
-    _write_files(res, out, {**(source or {}), "baseline": baseline, **kw,
+    _write_files(res, out, {**(source or {}), "model": model_ref, "baseline": baseline, **kw,
                             "seconds": seconds, "pipeline": pipeline.describe()})
     if log_to_mlflow:
-        res.run_id = _log_mlflow(res, out, kw, baseline, tracking_uri, experiment)
+        opts = TrackingOptions(tracking_uri, experiment, run_name, parent_run_id)
+        res.run_id = _log_mlflow(res, out, kw, baseline, opts, source or {}, model_ref, content.hexdigest(),
+                                 pipeline.describe())
     return res
 
 
@@ -154,22 +179,95 @@ def _write_files(res: EvalResult, out: Path, meta: dict[str, Any]) -> None:
         indent=2, default=str) + "\n")
 
 
-def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | None, tracking_uri: str | None,
-                experiment: str) -> str:
-    import mlflow
+def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
+    """The dataset input of an evaluation: a shard dataset by its manifest (sha256 digest, URL / run-relative
+    source), any other pairs by the hash of their pixels."""
+    from infra.core import storage
+    from infra.core.tracking import dataset_input, portable_ref
 
-    from infra.core.tracking import ensure_experiment, resolve_tracking_uri, tracking_uri_scope
+    shards = source.get("shards")
+    if shards and not any(c in str(shards) for c in ",{*?[") and not str(shards).endswith(".tar"):
+        manifest = storage.join(str(shards), "manifest.json")
+        if storage.exists(manifest):
+            sha = storage.sha256(manifest)
+            src = manifest if not storage.is_local(manifest) else portable_ref(storage.local_path(manifest), out)
+            return dataset_input(src, sha, name=os.path.basename(os.path.normpath(str(shards).rstrip("/"))),
+                                 context="evaluation", profile={"manifest_sha256": sha, "pairs": n,
+                                                                "pixels_sha256": content_sha})
+    where = source.get("hr_dir") or shards or "pairs"
+    src = where if "://" in str(where) else portable_ref(str(where), out)
+    return dataset_input(src, content_sha, name=os.path.basename(os.path.normpath(str(where))) or "pairs",
+                         context="evaluation", profile={"pixels_sha256": content_sha, "pairs": n,
+                                                        **({"lr_dir": portable_ref(source["lr_dir"], out)}
+                                                           if source.get("lr_dir") else {})})
 
-    uri = resolve_tracking_uri(tracking_uri)
-    with tracking_uri_scope(uri):
-        exp_id = ensure_experiment(uri, experiment)
-        with mlflow.start_run(experiment_id=exp_id, run_name="eval") as run:
-            mlflow.log_params({k: v for k, v in {**kw, "baseline": baseline}.items() if v is not None})
-            for method, m in res.summary.items():
-                mlflow.log_metrics({f"{method}_{k}": v for k, v in m.items() if v == v and abs(v) != float("inf")})
-            for name in ("metrics.csv", "summary.json"):
-                if (out / name).is_file():
-                    mlflow.log_artifact(str(out / name))
-            if (out / "crops").is_dir():
-                mlflow.log_artifacts(str(out / "crops"), artifact_path="crops")
-            return run.info.run_id
+
+def _model_label(model_ref: str | None) -> str | None:
+    if not model_ref:
+        return None
+    return model_ref.removeprefix("models:/") if model_ref.startswith("models:/") else \
+        os.path.basename(os.path.normpath(model_ref))
+
+
+def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | None, opts: TrackingOptions,
+                source: dict[str, Any], model_ref: str | None, content_sha: str, pipeline: dict[str, Any]) -> str:
+    from mlflow.entities import LoggedModelInput, Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from infra.core.tracking import portable_ref, resolve_tracking_uri, run_name, start_run
+
+    uri = resolve_tracking_uri(opts.tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    where = source.get("shards") or source.get("hr_dir")
+    data_label = os.path.basename(os.path.normpath(str(where))) if where else None
+    model = model_ref if (model_ref is None or "://" in model_ref or model_ref.startswith("models:/")) \
+        else portable_ref(model_ref, out)
+    tags = {"varsr.stage": "eval", **({"varsr.model_uri": model} if model else {})}
+    run = start_run(uri, opts.run_name or run_name("eval", _model_label(model_ref), data_label),
+                    experiment=opts.experiment, parent_run_id=opts.parent_run_id, tags=tags, source="varsr eval")
+    run_id, status = run.info.run_id, "FAILED"
+    try:
+        params = {**{k: v for k, v in {**kw, "baseline": baseline}.items() if v is not None},
+                  "model_uri": model, "pairs": len({r["image"] for r in res.rows}), "failed": len(res.failed),
+                  **{f"data.{k}": (v if "://" in str(v) else portable_ref(str(v), out)) for k, v in source.items()},
+                  **{f"pipeline.{k}": v for k, v in pipeline.items()}}
+        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        client.log_inputs(run_id, datasets=[_data_input(source, content_sha, out, len(res.rows))])
+        if model_ref and model_ref.startswith("models:/"):
+            try:
+                mv = _model_version(client, model_ref)
+                if mv is not None:
+                    client.set_tag(run_id, "varsr.model_version", f"{mv.name}/{mv.version}")
+                    model_id = getattr(mv, "model_id", None) or (
+                        mv.source.removeprefix("models:/") if (mv.source or "").startswith("models:/m-") else None)
+                    if model_id:
+                        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+            except MlflowException as e:
+                log.info("model %s not linked as an input: %s", model_ref, e)
+        for method, m in res.summary.items():
+            for k, v in m.items():
+                if v == v and abs(v) != float("inf"):
+                    client.log_metric(run_id, f"{method}/{k}", float(v))
+        for name in ("metrics.csv", "summary.json"):
+            if (out / name).is_file():
+                client.log_artifact(run_id, str(out / name))
+        if (out / "crops").is_dir():
+            client.log_artifacts(run_id, str(out / "crops"), artifact_path="crops")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def _model_version(client, model_uri: str):
+    """The registered version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI points at (None otherwise)."""
+    ref = model_uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, version = ref.split("/", 1)
+        if version.isdigit():
+            return client.get_model_version(name, version)
+    return None

@@ -219,9 +219,15 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = "model",
-                     registered_model_name: str | None = None, validate_example: bool = True):
+                     registered_model_name: str | None = None, validate_example: bool = True,
+                     model_id: str | None = None, checkpoint_ref: str | None = None):
     """Log the pyfunc model (checkpoint + inference config as artifacts, code, signature, example) in the active
-    run; returns MLflow's ModelInfo."""
+    run, or into the pending logged model ``model_id`` (created by the caller for a finished run), and register it
+    as ``registered_model_name``; returns MLflow's ModelInfo.
+
+    The MLmodel file names its artifacts by where they came from: ``checkpoint_ref`` (default: the checkpoint
+    folder's name; a URL or a path relative to the tracking store) and ``inference.yaml``, never the temporary or
+    absolute paths they were copied from; its ``artifact_path`` is the model's ``models:/`` URI."""
     from model.checkpoint import require_native_checkpoint
 
     ckpt = require_native_checkpoint(ckpt_dir)
@@ -230,7 +236,7 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
         code_paths = served_code(Path(tmp) / "code")
         sig = signature(config)
         example = (example_input(), {"scale": float(config.sampling.scale), "seed": 0})
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=name,
             python_model=VARSRPyfunc(),
             artifacts={ARTIFACT_CHECKPOINT: str(ckpt), ARTIFACT_CONFIG: str(cfg_path)},
@@ -238,8 +244,31 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
             signature=sig,
             input_example=example if validate_example else None,
             pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=registered_model_name,
+            model_id=model_id,
         )
+    _record_sources(info, {ARTIFACT_CHECKPOINT: checkpoint_ref or ckpt.name, ARTIFACT_CONFIG: CONFIG_FILENAME})
+    if registered_model_name:
+        info.registered_model_version = mlflow.register_model(info.model_uri, registered_model_name).version
+    return info
+
+
+def _record_sources(info, sources: dict[str, str]) -> None:
+    """Rewrite the logged MLmodel so it records no local path: artifact sources as given, ``artifact_path`` as the
+    model's URI, ``run_id`` as the logged model's source run."""
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    logged = client.get_logged_model(info.model_id)
+    with tempfile.TemporaryDirectory(prefix="varsr-mlmodel-") as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/MLmodel", dst_path=tmp)
+        m = Model.load(path)
+        m.artifact_path = info.model_uri
+        m.run_id = m.run_id or logged.source_run_id
+        for key, src in sources.items():
+            m.flavors["python_function"]["artifacts"][key]["uri"] = src
+        m.save(path)
+        client.log_model_artifact(info.model_id, path)
 
 
 def served_modules() -> list[str]:

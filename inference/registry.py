@@ -1,29 +1,39 @@
-"""MLflow tracking/registry helpers: the default local store, and registering a checkpoint as ``models:/NAME@ALIAS``.
+"""Registering a checkpoint as ``models:/NAME@ALIAS`` (aliases such as ``@champion``, never stages).
 
-Default store (no setup): ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``; ``MLFLOW_TRACKING_URI``
-wins when set. Registered models use aliases (``@champion``), never stages.
+A finished training run is registered from the run itself (:func:`register_training_run`): the served pyfunc model
+is logged into that run as one of its models, so the run page shows it and the registered version's source run is
+the run that trained it. A checkpoint from elsewhere gets a run of its own, named ``register NAME <time>``
+(:func:`register_model` without ``run_id``). The store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``
+(infra/core/tracking.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-from infra.core.tracking import DEFAULT_EXPERIMENT, ensure_experiment, resolve_tracking_uri, tracking_uri_scope
+from infra.core.tracking import portable_ref, resolve_tracking_uri
+from infra.core.tracking import run_name as make_run_name
+from infra.core.tracking import start_run, store_dir, tracking_uri_scope
 
 log = logging.getLogger(__name__)
 
 
 def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champion", tracking_uri: str | None = None,
-                   tags: dict[str, str] | None = None, config=None, experiment: str = DEFAULT_EXPERIMENT,
-                   validate_example: bool = True, run_id: str | None = None):
+                   tags: dict[str, str] | None = None, config=None, experiment: str | None = None,
+                   validate_example: bool = True, run_id: str | None = None, checkpoint_ref: str | None = None,
+                   run_name: str | None = None, parent_run_id: str | None = None):
     """Log ``ckpt_dir`` as the VARSR pyfunc model, register it under ``name`` and set ``alias``.
 
-    The model is logged into ``run_id`` when given (the training run that produced the checkpoint, so the registered
-    version's source run is that run), else into a new ``register-NAME`` run of ``experiment``. ``tags`` (training
-    lineage) go on the model version. ``config``: the InferenceConfig served with the model (limits, defaults);
-    default configs/inference/default.yaml. Returns the MLflow ModelVersion.
+    The model is logged into ``run_id`` when given (the training run that produced the checkpoint: it becomes one of
+    that run's models, without re-opening the run), else into a new run ``register NAME <time>`` in ``experiment``
+    (default: the pipeline's), nested under ``parent_run_id`` / ``$VARSR_PARENT_RUN_ID``. ``tags`` (training
+    lineage) go on the model version. ``checkpoint_ref`` is how the model records where its weights came from (a URL
+    or a path relative to the tracking store; default: ``ckpt_dir`` relative to the store). ``config``: the
+    InferenceConfig served with the model (limits, defaults); default configs/inference/default.yaml.
+    Returns the MLflow ModelVersion.
     """
-    import mlflow
+    from mlflow.entities import LoggedModelOutput
     from mlflow.tracking import MlflowClient
 
     from model.checkpoint import require_native_checkpoint
@@ -35,28 +45,40 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
     uri = resolve_tracking_uri(tracking_uri)
     cfg = config or load_inference_config()
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    with tracking_uri_scope(uri):
-        if run_id is not None:
-            run_ctx = mlflow.start_run(run_id=run_id)
-        else:
-            run_ctx = mlflow.start_run(experiment_id=ensure_experiment(uri, experiment), run_name=f"register-{name}")
-        with run_ctx as run:
-            if run_id is None:
-                mlflow.set_tags({"varsr.checkpoint": str(ckpt.resolve()), **tags})
-            info = log_pyfunc_model(ckpt, cfg, registered_model_name=name, validate_example=validate_example)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    ref = checkpoint_ref or portable_ref(ckpt, store_dir(uri) or os.getcwd())
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    own_run = run_id is None
+    if own_run:
+        run = start_run(uri, run_name or make_run_name("register", name), experiment=experiment,
+                        parent_run_id=parent_run_id, tags={"varsr.stage": "register", "varsr.checkpoint": ref, **tags},
+                        source="varsr register")
+        run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        with tracking_uri_scope(uri):
+            exp_id = client.get_run(run_id).info.experiment_id
+            pending = client.create_logged_model(exp_id, name="model", source_run_id=run_id, model_type="varsr-pyfunc",
+                                                 tags={"varsr.checkpoint": ref})
+            info = log_pyfunc_model(ckpt, cfg, registered_model_name=name, validate_example=validate_example,
+                                    model_id=pending.model_id, checkpoint_ref=ref)
+            client.log_outputs(run_id, [LoggedModelOutput(info.model_id, 0)])  # the run page lists its models
         version = str(info.registered_model_version)
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
         if alias:
             client.set_registered_model_alias(name, alias, version)
         mv = client.get_model_version(name, version)
+        status = "FINISHED"
+    finally:
+        if own_run:
+            client.set_terminated(run_id, status)
     log.info("registered %s version %s%s (run %s) in %s", name, mv.version, f" @{alias}" if alias else "",
-             run.info.run_id, uri)
+             run_id, uri)
     return mv
 
 
-def register_training_run(output_dir: str | Path, name: str, alias: str | None = "champion", config=None):
+def register_training_run(output_dir: str | Path, name: str, alias: str | None = "champion", config=None,
+                          tracking_uri: str | None = None):
     """Register the final weights of a finished training run (its ``summary.json`` names the export, the MLflow run
     and the tracking store): the model is logged into that training run, and the run's lineage tags (``varsr.*``)
     are copied onto the model version."""
@@ -68,21 +90,31 @@ def register_training_run(output_dir: str | Path, name: str, alias: str | None =
     from infra.core import storage
     from infra.core.errors import UserError
 
-    summary_url = storage.join(storage.absolute(output_dir), "summary.json")
+    out = storage.absolute(output_dir)
+    summary_url = storage.join(out, "summary.json")
     if not storage.exists(summary_url):
         raise UserError(f"{output_dir} has no summary.json: the training run did not finish")
     summary = json.loads(storage.read_text(summary_url))
     if summary.get("status") != "FINISHED" or not summary.get("export_dir"):
         raise UserError(f"training run in {output_dir} did not finish ({summary.get('status')}); nothing to register")
-    run_id, uri = summary.get("mlflow_run_id"), summary.get("tracking_uri")
+    uri = tracking_uri or summary.get("tracking_uri")
+    if uri is None and summary.get("tracking_store") and storage.is_local(out):  # a SQLite store beside the output
+        uri = f"sqlite:///{os.path.normpath(os.path.join(storage.local_path(out), summary['tracking_store']))}"
+    uri = resolve_tracking_uri(uri)
+    run_id = summary.get("mlflow_run_id")
     tags = {}
     if run_id:
-        run = MlflowClient(tracking_uri=resolve_tracking_uri(uri)).get_run(run_id)
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("varsr.")}
         tags["varsr.train_run_id"] = run_id
     export = summary["export_dir"]
+    if "://" not in export or export.startswith("file://"):
+        export = storage.join(out, export) if not os.path.isabs(storage.local_path(export)) else export
     if storage.is_local(export):
-        return register_model(export, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id)
+        ref = portable_ref(storage.local_path(export), store_dir(uri) or os.getcwd())
+        return register_model(storage.local_path(export), name, alias, tracking_uri=uri, tags=tags, config=config,
+                              run_id=run_id, checkpoint_ref=ref)
     with tempfile.TemporaryDirectory(prefix="varsr-export-") as tmp:  # the export lives in object storage
         storage.get_tree(export, tmp)
-        return register_model(tmp, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id)
+        return register_model(tmp, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id,
+                              checkpoint_ref=export)

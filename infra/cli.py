@@ -36,7 +36,8 @@ def register_trained_model(cfg) -> None:
         return
     from inference.registry import register_training_run
 
-    mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias)
+    mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias,
+                               tracking_uri=cfg.tracking.tracking_uri)
     print(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} "
           f"from run {mv.run_id}", file=sys.stderr, flush=True)
 

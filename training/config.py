@@ -77,11 +77,16 @@ class ValidationSection:
 
 @dataclass
 class TrackingSection:
+    """How a run is tracked in MLflow (rank 0 logs)."""
+
     enabled: bool = True
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "varsr-train"
-    run_name: str | None = None
-    parent_run_id: str | None = None  # lineage: stage-1 run for stage 2 (auto-read from a native init_from dir)
+    experiment: str | None = None  # None -> $MLFLOW_EXPERIMENT_NAME, else the parent run's, else varsr
+    run_name: str | None = None  # None -> "<stage> <preset> seed<N> <local time>": stage2-isr tiny seed0 2026-11-30T12:37
+    parent_run_id: str | None = None  # nest the run under this one (e.g. a demo / multi-stage launch); None ->
+    #                                    $VARSR_PARENT_RUN_ID. Where the weights come from is lineage (varsr.parent.*)
+    system_metrics: bool = True  # CPU / memory / disk / network (GPU with NVML) as system/... metrics
+    log_checkpoint: bool = True  # upload the export's weights into its logged model (False: config + lineage only)
 
 
 @dataclass

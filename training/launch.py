@@ -123,7 +123,7 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers do not run in the driver's folder: make every local path (and the default MLflow store) absolute."""
     from infra.core import storage
-    from infra.core.tracking import default_tracking_uri
+    from infra.core.tracking import EXPERIMENT_ENV, default_parent_run_id, default_tracking_uri
 
     d = to_dict(cfg)
 
@@ -134,7 +134,10 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     for sec, key in (("data", "shards"), ("data", "val_shards"), ("model", "init_from"), ("model", "official_vae"),
                      ("model", "vqvae_checkpoint")):
         d[sec][key] = local_abs(d[sec][key])
-    d["tracking"]["tracking_uri"] = d["tracking"]["tracking_uri"] or default_tracking_uri()
+    t = d["tracking"]  # the tracking defaults of this environment, resolved for workers started elsewhere
+    t["tracking_uri"] = t["tracking_uri"] or default_tracking_uri()
+    t["experiment"] = t["experiment"] or os.environ.get(EXPERIMENT_ENV, "").strip() or None
+    t["parent_run_id"] = t["parent_run_id"] or default_parent_run_id()
     return load_config(TrainConfig, base=d)
 
 

@@ -1,9 +1,12 @@
 """Stage 0 (optional): train a multi-scale VQVAE tokenizer on shard HR crops.
 
-The released VARSR freezes VAR's VQVAE (spec §5.1); small presets such as ``tiny`` have no released tokenizer, so the
-platform trains one here with VAR's VQVAE objective (spec §1.7: phi at every scale, straight-through estimator,
-codebook + commitment loss) plus an L1 + MSE reconstruction loss. The export is a native checkpoint folder holding the
-tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 load it through ``model.vqvae_checkpoint``.
+The released VARSR freezes VAR's VQVAE (docs/MODEL.md §5.1); small presets such as ``tiny`` have no released tokenizer,
+so the platform trains one here with VAR's VQVAE objective (docs/MODEL.md §1.7: phi at every scale, straight-through
+estimator, codebook + commitment loss) plus an L1 + MSE reconstruction loss. The export is a native checkpoint folder
+holding the tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 load it through
+``model.vqvae_checkpoint``. Tracked like every stage (training/tracking.py): run ``stage0-vqvae <preset> seed<N>
+<time>``, the shared lineage tags, the shard manifest as dataset input, ``loss/...`` metrics, an HR | reconstruction |
+tokens-only grid of distinct samples, and the export as the run's logged model (stage 1 links it as a model input).
 
     varsr train vqvae --config configs/demo/vqvae.yaml [--set max_steps=400 --set data.batch_size=8 ...]
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
 from training.config import DataSection, ModelSection, TrackingSection
+from training.tracking import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,8 @@ class VQVAETrainConfig:
     seed: int = 0
     log_every: int = 20
     device: str = "auto"
-    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment="varsr-vqvae"))
+    grid_images: int = 4  # distinct held-out samples in the reconstruction grid
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
 def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
@@ -53,12 +59,9 @@ def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
 
 
 def train_vqvae(cfg: VQVAETrainConfig) -> dict:
-    """Train the tokenizer; returns {losses, export_dir, run_id}."""
+    """Train the tokenizer; returns {losses, psnr, export_dir, run_id, model_id}."""
     from model import VARSRConfig, VQVAE
-    from model.checkpoint import save_tokenizer
     from data_pipeline.shards import BatchStream, resolve_shards
-    from infra.core.tracking import default_tracking_uri
-    from training.tracking import MlflowTracker, NullTracker, save_grid
 
     if cfg.max_steps < 1:
         raise UserError("max_steps must be >= 1")
@@ -75,18 +78,64 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     stream = iter(BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size,
                               workers=cfg.data.workers, seed=cfg.seed, rank=0, world=1,
                               shuffle_buffer=cfg.data.shuffle_buffer))
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tracker = NullTracker()
-    uri = cfg.tracking.tracking_uri or default_tracking_uri()
-    if cfg.tracking.enabled:
-        tracker = MlflowTracker(uri, cfg.tracking.experiment, cfg.tracking.run_name or "stage0-vqvae", to_dict(cfg),
-                                {"varsr.stage": "vqvae", "varsr.data.manifest_sha256": shards.manifest_sha256 or "none"},
-                                artifact_root=out / "mlartifacts")
-        print(f"[vqvae] MLflow run {tracker.run_id} at {uri}", flush=True)
+    tracker = _start_tracking(cfg, shards, mcfg.name, out)
+    status = "FAILED"
+    try:
+        history = _train_loop(cfg, vqvae, opt, sched, stream, dev, tracker)
+        vqvae.eval()
+        val = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else shards
+        grid = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
+        curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq"]),
+                                      ("reconstruction PSNR (dB)", ["recon/psnr"]),
+                                      ("codebook usage (%)", ["codebook/usage_pct"])],
+                            out / "plots" / "loss_curve.png", log_panels=("tokenizer losses",))
+        tracker.log_artifact(grid, "samples")
+        tracker.log_artifact(curve, "plots")
+        export, model_id = _export(vqvae, mcfg, cfg, shards, out, tracker, len(history))
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    first, last = history[0], history[-1]
+    print(f"[vqvae] done: {cfg.max_steps} steps, loss {first['loss/total']:.4f} -> {last['loss/total']:.4f}, "
+          f"rec-PSNR {first['recon/psnr']:.2f} -> {last['recon/psnr']:.2f} dB; tokenizer -> {export}", flush=True)
+    return dict(losses=[h["loss/total"] for h in history], psnr=[h["recon/psnr"] for h in history],
+                export_dir=str(export), run_id=tracker.run_id, model_id=model_id)
+
+
+def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
+    """The stage-0 run: named, nested when a parent is given, with the lineage tags every stage sets and the shard
+    manifest as its dataset input."""
+    from infra.core.tracking import default_tracking_uri, run_name
+    from training.tracking import (MlflowTracker, NullTracker, STAGE_RUN_KIND, lineage_tags, manifest_source,
+                                   run_params)
+
+    t = cfg.tracking
+    if not t.enabled:
+        return NullTracker()
+    uri = t.tracking_uri or default_tracking_uri()
+    base = str(out)
+    name = t.run_name or run_name(STAGE_RUN_KIND["vqvae"], preset, f"seed{cfg.seed}")
+    tags = lineage_tags(stage="vqvae", preset=preset, config=cfg, data_location=shards.location,
+                        manifest_sha256=shards.manifest_sha256, run_base=base, output_url=base, tracking_uri=uri)
+    tracker = MlflowTracker(uri, name, experiment=t.experiment, parent_run_id=t.parent_run_id,
+                            params=run_params(to_dict(cfg), base), config=to_dict(cfg), tags=tags,
+                            source="varsr train vqvae", system_metrics=t.system_metrics)
+    src = manifest_source(shards.location, base) if shards.manifest_sha256 else None
+    if src is not None:
+        tracker.log_dataset(src, shards.manifest_sha256, context="training",
+                            name=Path(shards.location.rstrip("/")).name,
+                            profile={"manifest_sha256": shards.manifest_sha256, "samples": shards.num_samples,
+                                     "shards": len(shards.urls), "hr_size": shards.hr_size})
+    print(f"[vqvae] MLflow run {tracker.run_id} ({name}) at {uri}", flush=True)
+    return tracker
+
+
+def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker) -> list[dict]:
+    """The optimisation steps; returns the per-step metrics (also logged)."""
     history, t0 = [], time.monotonic()
-    batch = None
     for step in range(1, cfg.max_steps + 1):
         batch = next(stream)
         x = batch["hr"].to(dev) * 2 - 1
@@ -106,40 +155,69 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
             if restarted:
                 log.info("step %d: re-seeded %d unused codes", step, restarted)
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
-        m = dict(step=step, loss=float(loss), l1=float(l1), mse=float(mse), vq=float(vq_loss), grad_norm=float(gn),
-                 psnr=rec_psnr, usage=float(sum(usage) / max(len(usage), 1)), lr=sched.get_last_lr()[0])
-        history.append(m)
-        tracker.log_metrics({f"vqvae/{k}": v for k, v in m.items() if k != "step"}, step=step)
+        m = {"loss/total": float(loss), "loss/l1": float(l1), "loss/mse": float(mse), "loss/vq": float(vq_loss),
+             "optim/grad_norm": float(gn), "recon/psnr": rec_psnr,
+             "codebook/usage_pct": float(sum(usage) / max(len(usage), 1)), "lr": sched.get_last_lr()[0]}
+        history.append({"step": step, **m})
+        tracker.log_metrics(m, step=step)
         if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
             el = time.monotonic() - t0
-            print(f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss']:.4f} l1 {m['l1']:.4f} vq {m['vq']:.4f} "
-                  f"rec-PSNR {rec_psnr:.2f} dB usage {m['usage']:.1f}% ({el:.0f} s, "
-                  f"ETA {el / step * (cfg.max_steps - step):.0f} s)", flush=True)
-    vqvae.eval()
-    with torch.no_grad():
-        x = batch["hr"][:4].to(dev)
-        rec = ((vqvae(x * 2 - 1)[0].clamp(-1, 1) + 1) / 2)
-        # the tokenised path the transformer sees: K-scale codes + continuous residual (= exact f) decode
-        idx, _ = vqvae.img_to_idxBl(x * 2 - 1)
-        f_hat = torch.zeros_like(vqvae.encode(x * 2 - 1))
-        for si, pn in enumerate(mcfg.patch_nums):
-            h = vqvae.embed_idx(idx[si]).transpose(1, 2).reshape(x.shape[0], -1, pn, pn)
-            f_hat, _ = vqvae.get_next_autoregressive_input(si, f_hat, h)
-        tok = (vqvae.fhat_to_img(f_hat) + 1) / 2
-    grid = save_grid([[a, b, c] for a, b, c in zip(x, rec, tok)], ["HR", "reconstruction", "tokens only"],
-                     out / "samples" / "reconstructions.png")
-    curve = _plot(history, out / "plots" / "loss_curve.png")
-    export = save_tokenizer(out / "final", vqvae.cpu(), mcfg,
-                            extra={"lineage": {"mlflow_run_id": tracker.run_id,
-                                                 "shards_manifest_sha256": shards.manifest_sha256}})
-    tracker.log_artifact(grid, "samples")
-    tracker.log_artifact(curve, "plots")
-    tracker.end()
-    first, last = history[0], history[-1]
-    print(f"[vqvae] done: {cfg.max_steps} steps in {time.monotonic() - t0:.0f} s, loss {first['loss']:.4f} -> "
-          f"{last['loss']:.4f}, rec-PSNR {first['psnr']:.2f} -> {last['psnr']:.2f} dB; tokenizer -> {export}", flush=True)
-    return dict(losses=[h["loss"] for h in history], psnr=[h["psnr"] for h in history], export_dir=str(export),
-                run_id=tracker.run_id)
+            print(f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss/total']:.4f} l1 {m['loss/l1']:.4f} "
+                  f"vq {m['loss/vq']:.4f} rec-PSNR {rec_psnr:.2f} dB usage {m['codebook/usage_pct']:.1f}% "
+                  f"({el:.0f} s, ETA {el / step * (cfg.max_steps - step):.0f} s)", flush=True)
+    return history
+
+
+@torch.no_grad()
+def _reconstruction_grid(vqvae, mcfg, shards, cfg: VQVAETrainConfig, dev, path: Path) -> Path:
+    """HR | reconstruction | tokens only (the K-scale codes alone, the path the transformer sees) for
+    ``grid_images`` distinct samples (shards hold several LR variants of one HR crop: duplicates are skipped)."""
+    from data_pipeline.shards import BatchStream
+    from training.tracking import save_grid
+
+    stream = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size, workers=0,
+                         seed=cfg.seed, rank=0, world=1, shuffle_buffer=0)
+    n, seen, picked = max(1, cfg.grid_images), set(), []
+    for b in stream:
+        for i in range(b["hr"].shape[0]):
+            d = hash(b["hr"][i].numpy().tobytes())
+            if d not in seen:
+                seen.add(d)
+                picked.append((b["hr"][i], str(b["key"][i])))
+        if len(picked) >= n or stream.pos.epoch > 0:
+            break
+    picked = picked[:n]
+    x = torch.stack([p[0] for p in picked]).to(dev)
+    rec = (vqvae(x * 2 - 1)[0].clamp(-1, 1) + 1) / 2
+    idx, _ = vqvae.img_to_idxBl(x * 2 - 1)
+    f_hat = torch.zeros_like(vqvae.encode(x * 2 - 1))
+    for si, pn in enumerate(mcfg.patch_nums):
+        h = vqvae.embed_idx(idx[si]).transpose(1, 2).reshape(x.shape[0], -1, pn, pn)
+        f_hat, _ = vqvae.get_next_autoregressive_input(si, f_hat, h)
+    tok = (vqvae.fhat_to_img(f_hat).clamp(-1, 1) + 1) / 2
+    labels = [f"{key[-28:]}   rec PSNR {10 * math.log10(1.0 / max(float(((r - a) ** 2).mean()), 1e-12)):.2f} dB"
+              for (a, key), r in zip(((x[i], picked[i][1]) for i in range(len(picked))), rec)]
+    return save_grid([[a, b, c] for a, b, c in zip(x, rec, tok)], ["HR", "reconstruction", "tokens only"], path,
+                     row_labels=labels)
+
+
+def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step: int):
+    """The tokenizer-only checkpoint in ``final/`` (lineage inside), logged as the run's model; (folder, model id)."""
+    from model.checkpoint import save_tokenizer
+    from training.tracking import MlflowTracker, STAGE_RUN_KIND
+
+    model = None
+    if isinstance(tracker, MlflowTracker):
+        model = tracker.create_model(STAGE_RUN_KIND["vqvae"], model_type="varsr-vqvae-checkpoint",
+                                     tags={"varsr.stage": "vqvae", "varsr.model_preset": mcfg.name})
+    lineage = {"mlflow_run_id": tracker.run_id, "mlflow_model_id": model.model_id if model else None,
+               "varsr.data.manifest_sha256": shards.manifest_sha256, "step": step}
+    export = save_tokenizer(out / "final", vqvae.cpu(), mcfg, extra={"lineage": lineage})
+    tracker.set_tags({"varsr.export_dir": "final"})
+    if model is not None:
+        tracker.log_checkpoint_model(model.name, export, model_id=model.model_id,
+                                     weights=cfg.tracking.log_checkpoint, step=step)
+    return export, model.model_id if model else None
 
 
 @torch.no_grad()
@@ -155,28 +233,3 @@ def restart_dead_codes(vqvae, x: torch.Tensor, min_hits: float = 0.5) -> int:
     q.embedding.weight[dead] = f[pick] + 0.01 * f.std() * torch.randn_like(f[pick])
     q.ema_vocab_hit_SV[:, dead] = min_hits  # give the new codes a grace period before the next check
     return int(dead.numel())
-
-
-def _plot(history: list[dict], path: Path) -> Path:
-    """Loss terms and reconstruction PSNR against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "l1", "mse", "vq"):
-        axes[0].plot(steps, [h[key] for h in history], label=key)
-    axes[0].set_yscale("log")
-    axes[0].legend()
-    axes[0].set_title("tokenizer losses")
-    axes[1].plot(steps, [h["psnr"] for h in history], color="C4")
-    axes[1].set_title("reconstruction PSNR (dB)")
-    for a in axes:
-        a.set_xlabel("step")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

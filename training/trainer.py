@@ -27,12 +27,17 @@ from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_si
 from training.model_setup import build_models
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, token_cache_choice, train_step
-from infra.core.tracking import default_tracking_uri
+from infra.core.tracking import default_tracking_uri, portable_ref, run_name
 from training.run_dir import RunDir
-from training.tracking import MlflowTracker, NullTracker, git_commit, plot_loss_curves, save_grid
+from training.tracking import (STAGE_RUN_KIND, MlflowTracker, NullTracker, checkpoint_lineage, lineage_tags,
+                               manifest_source, plot_loss_curves, run_params, save_grid)
 from infra.core.metrics import batch_full_reference
 
 log = logging.getLogger("varsr.train")
+
+# what history.jsonl keeps of every step's metrics (the loss-curve plot and benchmarks read it)
+HISTORY_KEYS = ("loss/total", "loss/ce", "loss/refiner", "acc/total", "lr", "throughput/tokens_per_s",
+                "throughput/step_time_s")
 
 # dense peak FLOP/s for the MFU estimate (bf16 tensor-core numbers; fp32 uses TF32 where it applies)
 GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -170,44 +175,68 @@ class Trainer:
             self._start_tracking()
 
     def lineage(self) -> dict:
-        tags = {
-            "varsr.stage": self.cfg.stage,
-            "varsr.data.location": str(Path(self.shards.location).resolve()) if "://" not in self.shards.location
-            else self.shards.location,
-            "varsr.data.manifest_sha256": self.shards.manifest_sha256 or "none",
-            "varsr.git_commit": git_commit(),
-            "varsr.config_hash": config_hash(self.cfg),
-            "varsr.model_config_hash": self.fingerprint["model_config_hash"],
-            "varsr.model_preset": self.cfg.model_preset,
-        }
-        if self.parent.get("checkpoint"):
-            tags["varsr.parent.checkpoint"] = self.parent["checkpoint"]
-        parent_run = self.cfg.tracking.parent_run_id or self.parent.get("run_id")
-        if parent_run:
-            tags["varsr.parent.run_id"] = parent_run
+        """The lineage tags of the run (the same keys on every stage, see training/tracking.py), plus where its
+        weights start from: ``varsr.parent.*`` (the init checkpoint and its run), ``varsr.tokenizer.*``. Local paths
+        are relative to the run's output folder; URLs as given."""
+        cfg, base = self.cfg, self.run.url
+        uri = self.cfg.tracking.tracking_uri or default_tracking_uri()
+        tags = lineage_tags(stage=cfg.stage, preset=cfg.model_preset, config=cfg, data_location=self.shards.location,
+                            manifest_sha256=self.shards.manifest_sha256, run_base=base, output_url=self.run.url,
+                            tracking_uri=uri)
+        tags["varsr.model_config_hash"] = self.fingerprint["model_config_hash"]
+        if cfg.model.init_from:
+            tags["varsr.parent.checkpoint"] = portable_ref(cfg.model.init_from, base)
+            if self.parent.get("run_id"):
+                tags["varsr.parent.run_id"] = self.parent["run_id"]
+        if cfg.model.vqvae_checkpoint:
+            tags["varsr.tokenizer.checkpoint"] = portable_ref(cfg.model.vqvae_checkpoint, base)
+            tok_run = checkpoint_lineage(cfg.model.vqvae_checkpoint).get("mlflow_run_id")
+            if tok_run:
+                tags["varsr.tokenizer.run_id"] = tok_run
         if self.resumed_from:
-            tags["varsr.resumed_from"] = self.resumed_from
+            tags["varsr.resumed_from"] = portable_ref(self.resumed_from, base)
         return tags
 
     def _start_tracking(self) -> None:
-        t = self.cfg.tracking
+        t, cfg = self.cfg.tracking, self.cfg
         if not t.enabled:
             return
         uri = t.tracking_uri or default_tracking_uri()
         self.tracking_uri = uri
-        params_cfg = to_dict(self.cfg)
+        params_cfg = to_dict(cfg)
         params_cfg["resolved"] = {"world_size": self.world, "iters_per_epoch": self.iters_per_epoch,
                                   "total_steps": self.total_steps, "warmup_steps": self.schedule.warmup_steps,
                                   "trainable_params": self.n_params, "image_size": self.mcfg.image_size,
                                   "global_batch": self.ds_config["train_batch_size"]}
-        self.tracker = MlflowTracker(uri, t.experiment, t.run_name, params_cfg, self.lineage(),
-                                     artifact_root=self.out / "mlartifacts")
+        name = t.run_name or run_name(STAGE_RUN_KIND[cfg.stage], cfg.model_preset.removeprefix("c2i-"),
+                                      f"seed{cfg.seed}")
+        self.tracker = MlflowTracker(uri, name, experiment=t.experiment, parent_run_id=t.parent_run_id,
+                                     params=run_params(params_cfg, self.run.url), config=params_cfg,
+                                     tags=self.lineage(), source=f"varsr train {cfg.stage}",
+                                     system_metrics=t.system_metrics)
+        self._log_inputs()
         self.tracker.log_artifact(self.out / "deepspeed_config.json", "config")
         self.tracker.log_artifact(self.out / "model_config.json", "config")
         if self.init_report is not None:
             self.tracker.log_artifact(self.out / "init_report.json", "init")
             self.tracker.log_metrics({f"init/{k}": len(v) for k, v in self.init_report.items()}, step=0)
-        _out(f"[train] MLflow run {self.tracker.run_id} at {uri}")
+        _out(f"[train] MLflow run {self.tracker.run_id} ({name}) at {uri}")
+
+    def _log_inputs(self) -> None:
+        """Dataset inputs (the shard manifests) and model inputs (the tokenizer and init checkpoints' logged models,
+        when they are in this store)."""
+        cfg, base = self.cfg, self.run.url
+        for shards, context in ((self.shards, "training"),
+                                (resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else None, "validation")):
+            if shards is None or not shards.manifest_sha256:
+                continue
+            src = manifest_source(shards.location, base)
+            if src is not None:
+                self.tracker.log_dataset(src, shards.manifest_sha256, context=context,
+                                         name=os.path.basename(os.path.normpath(shards.location.rstrip("/"))),
+                                         profile=_shard_profile(shards))
+        for ref in (cfg.model.vqvae_checkpoint, cfg.model.init_from):
+            self.tracker.log_model_input(checkpoint_lineage(ref).get("mlflow_model_id"))
 
     def _load_history(self) -> None:
         p = self.out / "history.jsonl"
@@ -233,19 +262,21 @@ class Trainer:
             yield b
 
     def _metrics(self, step: int, r, dt: float) -> dict:
+        """One step's metrics under the platform's names (loss/..., acc/..., ce/..., throughput/..., optim/...)."""
         samples = r.samples * self.world
         tokens = r.tokens * self.world
         flops = step_flops(self.mcfg, self.n_params, samples)
-        m = {"loss": r.loss, "ce": r.ce, "diff": r.diff, "acc": r.acc, "lr": r.lr, "loss_scale": r.loss_scale,
-             "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
-             "mfu": flops / dt / (peak_flops(self.device) * self.world), "step_time_s": dt,
-             "skipped_microbatches": r.skipped, "bad_samples_total": self.stream.pos.bad_samples,
-             "epoch": self.stream.pos.epoch}
+        m = {"loss/total": r.loss, "loss/ce": r.ce, "loss/refiner": r.diff, "acc/total": r.acc, "lr": r.lr,
+             "optim/loss_scale": r.loss_scale,
+             "throughput/tokens_per_s": tokens / dt, "throughput/samples_per_s": samples / dt,
+             "throughput/mfu": flops / dt / (peak_flops(self.device) * self.world), "throughput/step_time_s": dt,
+             "data/skipped_microbatches": r.skipped, "data/bad_samples_total": self.stream.pos.bad_samples,
+             "data/epoch": self.stream.pos.epoch}
         if r.grad_norm is not None:
-            m["grad_norm"] = r.grad_norm
+            m["optim/grad_norm"] = r.grad_norm
         for i, (a, c) in enumerate(zip(r.acc_per_scale, r.ce_per_scale)):
-            m[f"acc_scale{i}"] = a
-            m[f"ce_scale{i}"] = c
+            m[f"acc/scale_{i}"] = a
+            m[f"ce/scale_{i}"] = c
         for k, v in r.timings.items():
             m[f"time/{k}_s"] = v
         return m
@@ -289,16 +320,15 @@ class Trainer:
                 skipped_total += r.skipped
                 m = self._metrics(step, r, dt)
                 losses.append(r.loss)
-                keep = ("loss", "ce", "diff", "lr", "acc", "tokens_per_s", "step_time_s")
-                self.history.append({"step": step, **{k: m[k] for k in keep}})
+                self.history.append({"step": step, **{k: m[k] for k in HISTORY_KEYS}})
                 if self.is_main:
                     with open(self.out / "history.jsonl", "a") as f:
                         f.write(json.dumps(self.history[-1]) + "\n")
                     if step % cfg.log_every == 0 or step == self.run_steps:
                         self.tracker.log_metrics(m, step=step)
                         _out(f"[train] step {step}/{self.run_steps} loss {r.loss:.4f} ce {r.ce:.4f} "
-                             f"diff {r.diff:.4f} acc {r.acc:.3f} lr {r.lr:.2e} gnorm {m.get('grad_norm', 0):.3f} "
-                             f"{m['samples_per_s']:.1f} samples/s")
+                             f"refiner {r.diff:.4f} acc {r.acc:.3f} lr {r.lr:.2e} "
+                             f"gnorm {m.get('optim/grad_norm', 0):.3f} {m['throughput/samples_per_s']:.1f} samples/s")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < self.run_steps:
                     self._checkpoint(step)
                 if cfg.validation.every and step % cfg.validation.every == 0 and step < self.run_steps:
@@ -355,42 +385,69 @@ class Trainer:
             losses.append(out.loss.item())
             accs.append(out.acc)
         metrics = {"val/loss": float(np.mean(losses)), "val/acc": float(np.mean(accs))}
-        rows, titles = self._samples(stream, v, metrics)
+        rows, titles, labels = self._samples(stream, v, metrics)
         self.model.train()
         if self.is_main:
-            grid = save_grid(rows, titles, self.out / "samples" / f"samples_step{step:08d}.png")
+            grid = save_grid(rows, titles, self.out / "samples" / f"samples_step{step:08d}.png", row_labels=labels)
             self.tracker.log_artifact(grid, "samples")
             self.tracker.log_metrics(metrics, step=step)
-            if self.history and self.history[-1]["step"] == step:
-                self.history[-1].update(metrics)
+            self.history.append({"step": step, **metrics})  # a row of its own: history.jsonl draws val curves too
+            with open(self.out / "history.jsonl", "a") as f:
+                f.write(json.dumps(self.history[-1]) + "\n")
             _out(f"[val] step {step} " + " ".join(f"{k} {val:.4f}" for k, val in metrics.items()))
         return metrics
 
-    def _samples(self, stream: BatchStream, v, metrics: dict):
-        """LR | SR | HR (isr) or class | generated | real (c2i) rows for the first ``num_images`` held-out samples."""
-        n = max(1, v.num_images)
-        hrs, lrs, labels = [], [], []
+    def _distinct_samples(self, stream: BatchStream, n: int, prefer_classes: bool) -> list[dict]:
+        """Up to ``n`` held-out samples with pairwise different HR images (shards hold several LR variants of one HR
+        crop; a grid of one photo four times shows nothing), read from at most one epoch of the validation stream.
+        ``prefer_classes``: first one sample per class, then the rest."""
+        seen, found = set(), []
         for b in stream:
             self._check_labels(b)
-            hrs.append(b["hr"])
-            lrs.append(b.get("lr"))
-            labels.append(b["class_id"])
-            if sum(x.shape[0] for x in hrs) >= n:
+            for i in range(b["hr"].shape[0]):
+                digest = hash(b["hr"][i].numpy().tobytes())
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                found.append({"hr": b["hr"][i], "lr": b["lr"][i] if "lr" in b else None,
+                              "class_id": int(b["class_id"][i]), "key": str(b["key"][i])})
+            enough = len({s["class_id"] for s in found}) >= n if prefer_classes else len(found) >= n
+            if enough or stream.pos.epoch > 0 or len(found) >= 16 * n:
                 break
-        hr = torch.cat(hrs)[:n]
-        gen = torch.Generator(device=self.device).manual_seed(v.seed)
-        if self.cfg.stage == "isr":
-            lr = torch.cat(lrs)[:n]
+        if prefer_classes:
+            by_class: dict[int, dict] = {}
+            for s in found:
+                by_class.setdefault(s["class_id"], s)
+            first = list(by_class.values())
+            found = first + [s for s in found if all(s is not f for f in first)]
+        return found[:n]
+
+    def _samples(self, stream: BatchStream, v, metrics: dict):
+        """Grid rows for the first ``num_images`` distinct held-out samples: LR | SR | HR (isr; PSNR/SSIM of the SR
+        into ``metrics``) or generated | real for that sample's class (c2i; one seed per row)."""
+        n = max(1, v.num_images)
+        c2i = self.cfg.stage != "isr"
+        picked = self._distinct_samples(stream, n, prefer_classes=c2i)
+        hr = torch.stack([s["hr"] for s in picked])
+        if not c2i:
+            lr = torch.stack([s["lr"] for s in picked])
+            gen = torch.Generator(device=self.device).manual_seed(v.seed)
             with _autocast(self.device, self.cfg.precision):
                 sr = self.model.generate(lr.to(self.device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
                                          generator=gen).float().cpu()
-            metrics.update({f"val/{k}": v for k, v in batch_full_reference(sr, hr).items()})
-            return [[lr[i], sr[i], hr[i]] for i in range(n)], ["LR", "SR", "HR"]
-        cls = torch.cat(labels)[:n]
-        with _autocast(self.device, self.cfg.precision):
-            img = self.model.generate(None, class_labels=cls.to(self.device), cfg=v.cfg, top_k=v.top_k,
-                                      top_p=v.top_p, generator=gen).float().cpu()
-        return [[img[i], hr[i]] for i in range(n)], ["generated", "real (same class)"]
+            metrics.update({f"val/{k}": val for k, val in batch_full_reference(sr, hr).items()})
+            labels = [f"{s['key'][-28:]}   SR PSNR-Y {batch_full_reference(sr[i:i + 1], hr[i:i + 1])['psnr_y']:.2f} dB"
+                      for i, s in enumerate(picked)]
+            return [[lr[i], sr[i], hr[i]] for i in range(len(picked))], ["LR input", "SR", "HR"], labels
+        imgs = []
+        for i, s in enumerate(picked):  # one generator per row: tiles differ even for one class
+            gen = torch.Generator(device=self.device).manual_seed(v.seed + i)
+            with _autocast(self.device, self.cfg.precision):
+                imgs.append(self.model.generate(None, class_labels=torch.tensor([s["class_id"]], device=self.device),
+                                                cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
+                                                generator=gen).float().cpu()[0])
+        labels = [f"class {s['class_id']}   seed {v.seed + i}" for i, s in enumerate(picked)]
+        return [[imgs[i], hr[i]] for i in range(len(picked))], ["generated", "real, same class"], labels
 
     # ---- end ------------------------------------------------------------------------------------------------------------
     def export(self, step: int) -> Path | None:
@@ -408,10 +465,17 @@ class Trainer:
             shutil.rmtree(d)
         if ctx is not None:
             ctx.__enter__()
+        model = None
         try:
             if self.is_main:
                 self.model.float()
-                lineage = {**self.lineage(), "mlflow_run_id": self.tracker.run_id, "step": step}
+                # the export becomes a logged model of this run, unless the CLI logs the served model at registration
+                if not self.cfg.register.name and isinstance(self.tracker, MlflowTracker):
+                    model = self.tracker.create_model(STAGE_RUN_KIND[self.cfg.stage],
+                                                      model_type=f"varsr-{self.cfg.stage}-checkpoint",
+                                                      tags=self.lineage())
+                lineage = {**self.lineage(), "mlflow_run_id": self.tracker.run_id, "step": step,
+                           "mlflow_model_id": model.model_id if model else None}
                 save_pretrained(d, self.vqvae, self.model, extra={"lineage": lineage})
                 save_config(self.cfg, d / "train_config.yaml")
         finally:
@@ -422,7 +486,11 @@ class Trainer:
         self.tracker.log_artifact(d / "config.json", "final")
         self.tracker.log_artifact(d / "train_config.yaml", "final")
         self.run.publish_tree("final")
-        self.tracker.set_tags({"varsr.export_dir": self.run.url_of("final")})
+        export_ref = "final" if not self.run.remote else self.run.url_of("final")  # relative to the output folder
+        self.tracker.set_tags({"varsr.export_dir": export_ref})
+        if model is not None:
+            self.tracker.log_checkpoint_model(model.name, d, model_id=model.model_id,
+                                              weights=self.cfg.tracking.log_checkpoint, step=step)
         _out(f"[train] exported final weights to {self.run.url_of('final')}")
         return d
 
@@ -448,8 +516,9 @@ class Trainer:
             "status": status, "stage": self.cfg.stage, "steps": step, "wall_s": round(wall, 1),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
-            "mlflow_run_id": self.tracker.run_id, "tracking_uri": getattr(self, "tracking_uri", None),
-            "output_dir": self.run.url, "export_dir": self.run.url_of("final") if status == "FINISHED" else None,
+            "mlflow_run_id": self.tracker.run_id, **_store_ref(getattr(self, "tracking_uri", None), self.run.url),
+            "output_dir": self.run.url if self.run.remote else ".",
+            "export_dir": (self.run.url_of("final") if self.run.remote else "final") if status == "FINISHED" else None,
             "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -460,8 +529,28 @@ class Trainer:
                 self.run.publish(rel)
         self.tracker.log_artifact(self.out / "summary.json")
         self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
+        summary["output_dir"] = self.run.url  # on the terminal: where to look
         width = max(len(k) for k in summary)
         _out("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
+
+
+def _store_ref(tracking_uri: str | None, output_url: str) -> dict:
+    """How summary.json names the tracking store: a SQLite file relative to the output folder (they move together),
+    any other store by its URI."""
+    from infra.core.tracking import sqlite_path
+
+    if tracking_uri is None:
+        return {"tracking_uri": None}
+    db = sqlite_path(tracking_uri)
+    if db is None or "://" in output_url:
+        return {"tracking_uri": tracking_uri}
+    return {"tracking_store": portable_ref(db, output_url)}
+
+
+def _shard_profile(shards: ShardSet) -> dict:
+    """What the dataset input of a run says about its shards beyond source and digest."""
+    return {"manifest_sha256": shards.manifest_sha256, "samples": shards.num_samples, "shards": len(shards.urls),
+            "hr_size": shards.hr_size}
 
 
 def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None) -> TrainResult:

@@ -91,10 +91,10 @@ def test_eval_reproduces_independent_psnr_ssim_and_logs_to_mlflow(ckpt, tmp_path
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("varsr-eval")
+    exp = client.get_experiment_by_name("varsr")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.metrics["varsr_psnr_y"] == pytest.approx(summary["varsr"]["psnr_y"], abs=1e-6)
-    assert run.data.metrics["bicubic_ssim_y"] == pytest.approx(summary["bicubic"]["ssim_y"], abs=1e-6)
+    assert run.data.metrics["varsr/psnr_y"] == pytest.approx(summary["varsr"]["psnr_y"], abs=1e-6)
+    assert run.data.metrics["bicubic/ssim_y"] == pytest.approx(summary["bicubic"]["ssim_y"], abs=1e-6)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "summary.json", "crops"} <= names
     assert len(client.list_artifacts(run.info.run_id, "crops")) == 3

@@ -32,7 +32,7 @@ def test_ray_train_launcher_runs_deepspeed_in_a_worker(shards, tmp_path):
     final = out / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in hist if "loss" in h][:3] == [1, 2, 3]
+    assert [h["step"] for h in hist if "loss/total" in h][:3] == [1, 2, 3]
     # tracked in the platform default store of the launching folder (resolved before the worker started)
     import mlflow
     from mlflow.tracking import MlflowClient
