@@ -77,7 +77,7 @@ class ClusterConfig:
 
 @dataclass
 class NegativesConfig:
-    """Low-quality negatives (label 1) for image-based CFG (spec §5.6)."""
+    """Low-quality negatives (label 1) for image-based CFG (docs/MODEL.md §5.6)."""
     rule: Literal["none", "minmax", "percentile"] = "minmax"
     score: str = "quality"           # column; lower = worse
     f: float = 0.4                   # minmax: score < min + f * max
@@ -116,7 +116,7 @@ class KernelConfig:
 
 @dataclass
 class DegradationConfig:
-    """Real-ESRGAN second-order degradation (spec §5.7). Defaults = the paper's `varsr-mild` preset."""
+    """Real-ESRGAN second-order degradation (docs/MODEL.md §5.7). Defaults = the paper's `varsr-mild` preset."""
     preset: str = "varsr-mild"
     scale: int = 4
     kernel1: KernelConfig = field(default_factory=KernelConfig)
@@ -153,7 +153,7 @@ class DegradationConfig:
 
 @dataclass
 class ShardConfig:
-    """Materialisation: crop, degrade, write WebDataset shards (DESIGN.md shard contract)."""
+    """Materialisation: crop, degrade, write WebDataset shards (the shard contract, data_pipeline/shards/format.py)."""
     crop_size: int = 512
     resize_short_factor: float = 1.25        # positives: short side -> round(1.25 * crop), LANCZOS
     resize_short_factor_neg: float = 1.0     # negatives: short side -> crop

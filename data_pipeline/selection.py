@@ -26,7 +26,7 @@ def score_columns(df: pd.DataFrame) -> list[str]:
 
 
 def negative_mask(scores: np.ndarray, rule: str, f: float, percentile: float, max_fraction: float) -> np.ndarray:
-    """Low-quality negatives: minmax `s < min + f * max` (spec §5.6) or `s <= P-th percentile`; capped to the
+    """Low-quality negatives: minmax `s < min + f * max` (docs/MODEL.md §5.6) or `s <= P-th percentile`; capped to the
     `max_fraction` lowest scores."""
     n = len(scores)
     if rule == "none" or n == 0:

@@ -18,7 +18,7 @@ ColorFix = Literal["adain", "wavelet", "none"]
 
 @dataclass
 class SamplingConfig:
-    """Defaults of one upscale call (spec §4.2); every one can be overridden per call / request."""
+    """Defaults of one upscale call (docs/MODEL.md §4.2); every one can be overridden per call / request."""
 
     scale: float = 4.0
     cfg: float = 6.0
@@ -29,7 +29,7 @@ class SamplingConfig:
 
 @dataclass
 class TilingConfig:
-    """Latent tiling for targets larger than one model tile (spec §4.5, symmetric weights)."""
+    """Latent tiling for targets larger than one model tile (docs/MODEL.md §4.5, symmetric weights)."""
 
     overlap: int | None = None  # latent cells shared by neighbouring tiles; None -> pn_last // 4
     weight: Literal["gaussian", "cosine"] = "gaussian"

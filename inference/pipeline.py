@@ -1,7 +1,7 @@
-"""VARSRPipeline: any-size image super-resolution with the VARSR model (spec §4).
+"""VARSRPipeline: any-size image super-resolution with the VARSR model (docs/MODEL.md §4).
 
 Per image: decode to RGB (any mode, EXIF applied) -> bicubic-upsample the LR to the target size (scale x input; for a
-target equal to the model resolution this is exactly the released pre-processing, spec §4.1) -> reflect-pad to a
+target equal to the model resolution this is exactly the released pre-processing, docs/MODEL.md §4.1) -> reflect-pad to a
 multiple of the VQVAE stride and at least one model tile -> one generate() per latent tile (a single tile when the
 padded target is the model resolution; otherwise overlapping tiles, batched) returning f_hat -> tiles blended in
 latent space with symmetric smooth weights -> decoded once -> cropped to the exact target -> uint8 -> colour fix
@@ -268,7 +268,7 @@ class VARSRPipeline:
         return img[:, :th, :tw].cpu()
 
     def _postprocess(self, sr: torch.Tensor, plan: _Plan, p: UpscaleParams) -> Image.Image:
-        """uint8 rounding, colour fix against the bicubic LR, truncation to uint8 (spec §4.4 / §7.2 item 8)."""
+        """uint8 rounding, colour fix against the bicubic LR, truncation to uint8 (docs/MODEL.md §4.4 / docs/MODEL.md §7.2 item 8)."""
         if p.color_fix == "none":
             return tensor_to_pil_round(sr)
         q = (sr * 255.0).round() / 255.0

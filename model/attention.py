@@ -1,4 +1,4 @@
-"""Self-attention of the VARSR blocks (spec §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
+"""Self-attention of the VARSR blocks (docs/MODEL.md §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
 softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale
 inference.
 

@@ -1,4 +1,4 @@
-"""Transformer blocks (spec §2.7–2.8): AdaLN self-attention block conditioned on the class embedding, and the
+"""Transformer blocks (docs/MODEL.md §2.7–2.8): AdaLN self-attention block conditioned on the class embedding, and the
 AdaLN layer before the output head. Chunk orders are the official ones (block: γ1, γ2, s1, s2, b1, b2; head: s, b).
 """
 from __future__ import annotations

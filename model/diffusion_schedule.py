@@ -1,4 +1,4 @@
-"""Gaussian diffusion tables and likelihood terms of the refiner (spec §3.3-§3.4; IDDPM conventions).
+"""Gaussian diffusion tables and likelihood terms of the refiner (docs/MODEL.md §3.3-docs/MODEL.md §3.4; IDDPM conventions).
 
 All tables are float64 NumPy arrays (the upstream precision); values are gathered per timestep as float32 tensors on
 the caller's device, so the network may run under autocast while the schedule arithmetic never does.

@@ -1,4 +1,4 @@
-"""Importer for the official VARSR / VAR checkpoint files (spec §6) and the stage-2 weight loader (spec §5.2).
+"""Importer for the official VARSR / VAR checkpoint files (docs/MODEL.md §6) and the stage-2 weight loader (docs/MODEL.md §5.2).
 
 Files: ``VARSR.pth`` / ``VARSR_C2I.pth`` / ``VARSR_base.pth`` (transformer at ``['trainer']['var_wo_ddp']``),
 ``VQVAE.pth`` (``['trainer']['vae_local']``), and the plain state dicts ``var_d*.pth`` / ``vae_ch160v4096z32.pth``.
@@ -137,7 +137,7 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
     """Official files → (vqvae, varsr), strict key/shape check; also writes a native checkpoint when ``out_dir``.
 
     A VAR transformer file (``var_d*.pth``: absolute ``pos_1LC``, no refiner) is a different architecture: it is
-    loaded as a stage-2 initialisation (``load_stage_weights``, spec §5.2) and the report goes to config.json.
+    loaded as a stage-2 initialisation (``load_stage_weights``, docs/MODEL.md §5.2) and the report goes to config.json.
     """
     from .build import build
 
@@ -152,7 +152,7 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
         config = infer_config(var_sd, vae_sd, name=f"imported-{Path(var_path).stem}")
     vqvae, varsr = build(config)
 
-    # VQVAE: strict, except a usage-statistics buffer for another number of scales keeps ours (spec §1.3)
+    # VQVAE: strict, except a usage-statistics buffer for another number of scales keeps ours (docs/MODEL.md §1.3)
     own = vqvae.state_dict()
     if EMA_KEY in vae_sd and EMA_KEY in own and vae_sd[EMA_KEY].shape != own[EMA_KEY].shape:
         vae_sd = {**vae_sd, EMA_KEY: own[EMA_KEY]}
@@ -184,7 +184,7 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
 
 @torch.no_grad()
 def load_stage_weights(varsr, source_state_dict: dict) -> dict[str, list[str]]:
-    """Stage-2 init from a stage-1 / VAR state dict (spec §5.2), non-strict.
+    """Stage-2 init from a stage-1 / VAR state dict (docs/MODEL.md §5.2), non-strict.
 
     (a) ``class_emb.weight`` with more rows than needed is truncated to the first rows; (b) every key missing from
     the model or of another shape is dropped (also the regenerable buffers); (c) the rest is copied. Returns the

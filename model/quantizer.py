@@ -1,4 +1,4 @@
-"""Multi-scale residual quantizer with partially shared phi convolutions (spec §1.3-§1.7).
+"""Multi-scale residual quantizer with partially shared phi convolutions (docs/MODEL.md §1.3-docs/MODEL.md §1.7).
 
 A latent f (B, Cvae, pn_K, pn_K) is explained coarse-to-fine: at scale k the remaining residual is area-downsampled to
 pn_k x pn_k, snapped to its nearest codebook vectors, upsampled back (bicubic), refined by phi, and subtracted.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from model.resample import area_down, bicubic_up
 
-# Spec §1.3: the upstream float64 argmin results, hard-coded by (number of scales K, number of phi convs n).
+# docs/MODEL.md §1.3: the upstream float64 argmin results, hard-coded by (number of scales K, number of phi convs n).
 _PHI_TABLES: dict[tuple[int, int], tuple[int, ...]] = {
     (10, 4): (0, 0, 1, 1, 1, 2, 2, 3, 3, 3),  # released patch_nums (1,2,3,4,6,9,13,18,24,32)
     (12, 4): (0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3),  # C2I patch_nums (1,2,3,4,6,9,12,16,20,24,28,32)
@@ -72,7 +72,7 @@ class MultiScaleQuantizer(nn.Module):
         table = _PHI_TABLES.get((K, n))
         self.phi_table = table if table is not None else tuple(computed_phi_index(si, K, n) for si in range(K))
 
-    # ---- loading: usage statistics for another number of scales are ignored (spec §1.3) -----------------------------
+    # ---- loading: usage statistics for another number of scales are ignored (docs/MODEL.md §1.3) -----------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "ema_vocab_hit_SV"
         if key in state_dict and state_dict[key].shape[0] != self.ema_vocab_hit_SV.shape[0]:
@@ -102,7 +102,7 @@ class MultiScaleQuantizer(nn.Module):
         z = f_rest if si == len(self.patch_nums) - 1 else area_down(f_rest, pn)
         return self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
 
-    # ---- VARSR tokenisation (spec §1.4) ------------------------------------------------------------------------------
+    # ---- VARSR tokenisation (docs/MODEL.md §1.4) ------------------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """f (B, Cvae, pnK, pnK) -> (K index maps (B, pn²), R (B, pnK², Cvae), final f_hat (B, Cvae, pnK, pnK))."""
@@ -126,7 +126,7 @@ class MultiScaleQuantizer(nn.Module):
             f_rest.sub_(h)
         return idx_list, R, f_hat
 
-    # ---- teacher forcing (spec §1.5) and AR accumulation (spec §1.6) ---------------------------------------------------
+    # ---- teacher forcing (docs/MODEL.md §1.5) and AR accumulation (docs/MODEL.md §1.6) ---------------------------------------------------
     def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """K GT index maps -> (B, L - 1, Cvae): area-downsampled partial f_hat after each scale but the last."""
         K = len(self.patch_nums)
@@ -154,7 +154,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat.add_(h_BChw)
         return f_hat, f_hat
 
-    # ---- VAR's VQVAE training forward (spec §1.7: phi at every scale, straight-through) -------------------------------
+    # ---- VAR's VQVAE training forward (docs/MODEL.md §1.7: phi at every scale, straight-through) -------------------------------
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """f -> (straight-through f_hat, mean over scales of beta·commitment + codebook loss, usage % per scale)."""
         B, C, H, W = f.shape

@@ -1,4 +1,4 @@
-"""Resampling primitives of the multi-scale residual quantizer (spec §1.3, §7.3).
+"""Resampling primitives of the multi-scale residual quantizer (docs/MODEL.md §1.3, docs/MODEL.md §7.3).
 
 Kept as PyTorch ops on purpose: the released tokens depend on PyTorch's exact "area" (adaptive average pooling,
 overlapping windows for non-divisors) and "bicubic" (A = -0.75, align_corners=False, border replicate) numerics.

@@ -1,4 +1,4 @@
-"""Scale-aligned 2-D rotary position embedding (spec §2.6).
+"""Scale-aligned 2-D rotary position embedding (docs/MODEL.md §2.6).
 
 Every token of every scale gets a (row, col) position on one shared grid of side ``grid`` (pn_last = 32 for the
 released model): token (i, j) of an n×n map sits at ((i/n)·grid, (j/n)·grid), the top-left corner of its cell. So

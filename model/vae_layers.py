@@ -1,7 +1,7 @@
-"""Encoder / decoder of VAR's multi-scale VQVAE: the LDM/VQGAN "f16" recipe of spec §1.2.
+"""Encoder / decoder of VAR's multi-scale VQVAE: the LDM/VQGAN "f16" recipe of docs/MODEL.md §1.2.
 
 Module names (conv_in, down.{i}.block.{j}, down.{i}.attn.{j}, down.{i}.downsample.conv, mid.block_1/attn_1/block_2,
-up.{i}..., norm_out, conv_out) match the released `vae_ch160v4096z32.pth` keys (spec §6.2).
+up.{i}..., norm_out, conv_out) match the released `vae_ch160v4096z32.pth` keys (docs/MODEL.md §6.2).
 """
 from __future__ import annotations
 

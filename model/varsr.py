@@ -1,13 +1,13 @@
-"""The VARSR transformer (spec §2): next-scale prediction conditioned on LR prefix tokens.
+"""The VARSR transformer (docs/MODEL.md §2): next-scale prediction conditioned on LR prefix tokens.
 
-Sequence (spec §2.4): [LR prefix tokens (isr only) ; class token] form level 0 (first_l tokens), followed by the
+Sequence (docs/MODEL.md §2.4): [LR prefix tokens (isr only) ; class token] form level 0 (first_l tokens), followed by the
 teacher-forced inputs of scales 1…K−1 (level k = pn_k² tokens). Each level sees itself and all earlier levels
-(block-causal mask, §2.5); position comes only from the scale-aligned 2-D RoPE (§2.6) plus a learned ``pos_start`` on
+(block-causal mask, docs/MODEL.md §2.5); position comes only from the scale-aligned 2-D RoPE (docs/MODEL.md §2.6) plus a learned ``pos_start`` on
 level 0. Logits at the class token predict scale 0, the tokens of level k predict scale k. The final block output at the
-last scale conditions the diffusion refiner (§3), which predicts the last scale's quantisation error.
+last scale conditions the diffusion refiner (docs/MODEL.md §3), which predicts the last scale's quantisation error.
 
 One class serves both variants: ``isr`` (VAR_RoPE, the SR model) and ``c2i`` (ImgVAR_RoPE, class-to-image stage 1:
-no prefix, class_emb has an extra null row for CFG, label dropout in training, §2.12).
+no prefix, class_emb has an extra null row for CFG, label dropout in training, docs/MODEL.md §2.12).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .sampling import GeneratorArg, resolve_generators, sample_top_k_top_p
 
 
 class VARSR(nn.Module):
-    """Parameter names are the official ones (spec §6.1); the VQVAE is held by reference, not as a submodule."""
+    """Parameter names are the official ones (docs/MODEL.md §6.1); the VQVAE is held by reference, not as a submodule."""
 
     def __init__(self, cfg: VARSRConfig, vqvae: nn.Module | None = None):
         super().__init__()
@@ -57,7 +57,7 @@ class VARSR(nn.Module):
         )
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, self.V)
-        self.decoder_norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # refiner condition (§3.2)
+        self.decoder_norm = nn.LayerNorm(C, eps=cfg.norm_eps)  # refiner condition (docs/MODEL.md §3.2)
         self.diffloss = DiffLoss(cfg)
 
         # level id of every sequence position (upstream buffer lvl_1L; regenerated, never stored)
@@ -79,7 +79,7 @@ class VARSR(nn.Module):
         self._vqvae = (vqvae,)
 
     def _apply(self, fn, recurse=True):
-        """Moving the transformer moves its VQVAE too (device only: the tokenizer stays fp32, spec §5.3)."""
+        """Moving the transformer moves its VQVAE too (device only: the tokenizer stays fp32, docs/MODEL.md §5.3)."""
         out = super()._apply(fn, recurse)
         vq = self.vqvae
         if vq is not None:
@@ -88,7 +88,7 @@ class VARSR(nn.Module):
                 vq.to(dev)
         return out
 
-    # ---- init (spec §2.9) -----------------------------------------------------------------------------------------
+    # ---- init (docs/MODEL.md §2.9) -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
         """Upstream ``init_weights``: trunc-normal everywhere, then the head/AdaLN/residual rescalings.
@@ -129,7 +129,7 @@ class VARSR(nn.Module):
 
     # ---- geometry caches (not in the state dict) ------------------------------------------------------------------
     def rope_sides(self) -> list[int]:
-        """RoPE grid sides in sequence order: (prefix side, 1, pn_1, …) for isr; patch_nums for c2i (spec §2.6, §2.12)."""
+        """RoPE grid sides in sequence order: (prefix side, 1, pn_1, …) for isr; patch_nums for c2i (docs/MODEL.md §2.6, docs/MODEL.md §2.12)."""
         sides = list(self.patch_nums)
         if self.prefix_len:
             sides = [math.isqrt(self.prefix_len)] + sides
@@ -176,7 +176,7 @@ class VARSR(nn.Module):
     def encode_prefix(self, lr: torch.Tensor, fp32: bool = True) -> torch.Tensor:
         """LR in [−1, 1] → prefix tokens (B, prefix_len, C).
 
-        Training runs it in fp32 outside autocast (spec §2.10 step 1); at inference it runs under the caller's
+        Training runs it in fp32 outside autocast (docs/MODEL.md §2.10 step 1); at inference it runs under the caller's
         autocast like upstream (``fp32=False``).
         """
         if not fp32:
@@ -188,14 +188,14 @@ class VARSR(nn.Module):
             return self.con_embedding(lr.to(wdtype)).float()
 
     def refiner_condition(self, h_last: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """z = decoder_norm(h_last + word_embed(e)) in float32 (spec §3.2); the norm's affine is applied in fp32 even
+        """z = decoder_norm(h_last + word_embed(e)) in float32 (docs/MODEL.md §3.2); the norm's affine is applied in fp32 even
         when the weights are kept in bf16/fp16 by the engine (LayerNorm is an fp32 op under autocast anyway)."""
         n = self.decoder_norm
         x = h_last.float() + self.word_embed(e.to(self.word_embed.weight.dtype)).float()
         return F.layer_norm(x, n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
 
     def logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """head(head_nm(h, cond)) in float32 (spec §2.8)."""
+        """head(head_nm(h, cond)) in float32 (docs/MODEL.md §2.8)."""
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
     def run_blocks(self, x, cond_BD, rope, mask, cache: KVCache | None = None):
@@ -211,7 +211,7 @@ class VARSR(nn.Module):
                 x = blk(x, cond_BD, rope, mask, None if cache is None else cache.slot(i))
         return x
 
-    # ---- training forward (spec §2.10) -----------------------------------------------------------------------------
+    # ---- training forward (docs/MODEL.md §2.10) -----------------------------------------------------------------------------
     def forward(self, x_BLCv: torch.Tensor, label_B: torch.Tensor, lr: torch.Tensor | None,
                 residual: torch.Tensor, generator: torch.Generator | None = None):
         """Teacher-forced forward.
@@ -250,7 +250,7 @@ class VARSR(nn.Module):
 
         logits = self.logits(x[:, self.prefix_len:], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
         h_last = x[:, -n_last:]
-        with torch.no_grad():  # refiner condition uses the model's own argmax codes of the last scale (§2.10 step 5)
+        with torch.no_grad():  # refiner condition uses the model's own argmax codes of the last scale (docs/MODEL.md §2.10 step 5)
             idx_last = logits[:, -n_last:].argmax(dim=-1)
             e = self.vqvae.embed_idx(idx_last).float()
         z = self.refiner_condition(h_last, e)
@@ -258,7 +258,7 @@ class VARSR(nn.Module):
                                   generator=generator)
         return logits, diff
 
-    # ---- sampling (spec §4.2) --------------------------------------------------------------------------------------
+    # ---- sampling (docs/MODEL.md §4.2) --------------------------------------------------------------------------------------
     def _guidance(self, si: int, cfg: float) -> float:
         K = self.cfg.num_scales
         if self.cfg.variant == "c2i":
@@ -285,7 +285,7 @@ class VARSR(nn.Module):
             raise ValueError(f"lr_images must be a float tensor (B, 3, {S}, {S}) in [0, 1], got {type(lr_images).__name__}")
         if lr_images.ndim != 4 or lr_images.shape[1] != 3 or tuple(lr_images.shape[2:]) != (S, S):
             raise ValueError(f"lr_images must have shape (B, 3, {S}, {S}) (resize the LR to the model resolution "
-                             f"first, spec §4.1), got {tuple(lr_images.shape)}")
+                             f"first, docs/MODEL.md §4.1), got {tuple(lr_images.shape)}")
         if lr_images.shape[0] == 0:
             raise ValueError("lr_images is an empty batch")
         if not lr_images.is_floating_point():

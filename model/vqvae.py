@@ -1,10 +1,10 @@
-"""VAR's multi-scale VQVAE as used by VARSR (spec §1): tokenizer of HR images and decoder of the final latent.
+"""VAR's multi-scale VQVAE as used by VARSR (docs/MODEL.md §1): tokenizer of HR images and decoder of the final latent.
 
     f      = quant_conv(encoder(x))                       x in [-1, 1], f (B, Cvae, pnK, pnK)
     tokens = residual quantisation of f over patch_nums  (+ R, the continuous residual before the last scale)
     image  = clamp(decoder(post_quant_conv(f_hat)), -1, 1)
 
-Key names equal the released `vae_ch160v4096z32.pth` (spec §6.2), so it loads with strict=True.
+Key names equal the released `vae_ch160v4096z32.pth` (docs/MODEL.md §6.2), so it loads with strict=True.
 """
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ class VQVAE(nn.Module):
         return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Standard load; an `ema_vocab_hit_SV` for another number of scales keeps the model's own buffer (§1.3)."""
+        """Standard load; an `ema_vocab_hit_SV` for another number of scales keeps the model's own buffer (docs/MODEL.md §1.3)."""
         return super().load_state_dict(state_dict, strict=strict, assign=assign)  # the quantizer's hook does the rest
 
     # ---- phi ---------------------------------------------------------------------------------------------------------
     def phi_index(self, si: int) -> int:
-        """Which shared phi conv scale si uses (spec §1.3 table)."""
+        """Which shared phi conv scale si uses (docs/MODEL.md §1.3 table)."""
         return self.quantize.phi_table[si]
 
     def phi(self, si: int, h: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Like img_to_idxBl but also returns the final f_hat (spec §1.4 identities: f_hat_final + R - e_last = f)."""
+        """Like img_to_idxBl but also returns the final f_hat (docs/MODEL.md §1.4 identities: f_hat_final + R - e_last = f)."""
         self._check_image(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             f = self.encode(x.float())
@@ -76,12 +76,12 @@ class VQVAE(nn.Module):
         return idx_list, R
 
     def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """K GT index maps -> teacher-forcing inputs (B, L - 1, Cvae) (spec §1.5)."""
+        """K GT index maps -> teacher-forcing inputs (B, L - 1, Cvae) (docs/MODEL.md §1.5)."""
         return self.quantize.idxBl_to_var_input(idx_list)
 
     def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
                                       h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (spec §1.6)."""
+        """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (docs/MODEL.md §1.6)."""
         return self.quantize.get_next_autoregressive_input(si, f_hat, h_BChw)
 
     def embed_idx(self, idx: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class VQVAE(nn.Module):
         h = fp32_conv(self.post_quant_conv, f_hat.contiguous(memory_format=torch.channels_last))
         return self.decoder(h).clamp_(-1, 1).contiguous()
 
-    # ---- VQVAE training (spec §1.7) ----------------------------------------------------------------------------------
+    # ---- VQVAE training (docs/MODEL.md §1.7) ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """x -> (reconstruction (unclamped), vq loss, codebook usage % per scale); VAR behaviour, phi at every scale."""
         self._check_image(x)

@@ -1,4 +1,4 @@
-"""Typed training configuration (spec §5.3-5.4 defaults), loadable from YAML with ``key=value`` overrides.
+"""Typed training configuration (docs/MODEL.md §5.3-5.4 defaults), loadable from YAML with ``key=value`` overrides.
 
 One :class:`TrainConfig` toggles everything a run needs — stage, model preset, data, optimiser/schedule, precision,
 ZeRO stage, activation checkpointing, checkpointing, validation, tracking, launcher — in the torchtitan style:
@@ -26,7 +26,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Shards (DESIGN.md contract) and the per-rank loader."""
+    """Shards (the shard contract, data_pipeline/shards/format.py) and the per-rank loader."""
 
     shards: str = ""  # shard dir (with manifest.json), a brace/glob URL, or a comma list of tars
     val_shards: str | None = None  # held-out shards for validation (default: the training shards)
@@ -47,7 +47,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW + warm-up + ``lin0`` schedule (spec §5.4)."""
+    """AdamW + warm-up + ``lin0`` schedule (docs/MODEL.md §5.4)."""
 
     lr: float = 5e-5  # peak lr (no batch-size scaling)
     betas: tuple[float, float] = (0.9, 0.95)

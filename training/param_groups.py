@@ -1,4 +1,4 @@
-"""AdamW parameter groups (spec §5.4): "D" (decayed) vs "ND" (no weight decay).
+"""AdamW parameter groups (docs/MODEL.md §5.4): "D" (decayed) vs "ND" (no weight decay).
 
 "D": trainable parameters with ndim >= 2, name not ending in ``bias`` and containing none of the no-decay name
 fragments — so the whole refiner (``diffloss``), ``pos_start``, ``lvl_embed``, ``scale_mul``, gammas/betas and

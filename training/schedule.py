@@ -1,4 +1,4 @@
-"""Learning-rate multiplier: linear warm-up from ``wp0`` then the ``lin0`` plateau-and-decay (spec §5.4).
+"""Learning-rate multiplier: linear warm-up from ``wp0`` then the ``lin0`` plateau-and-decay (docs/MODEL.md §5.4).
 
 ``lr(it) = peak · multiplier(it)``; ``it`` counts optimiser steps from 0. Pure functions, so the schedule is the
 same whether driven by a torch ``LambdaLR`` inside DeepSpeed or evaluated for a plot.

@@ -1,4 +1,4 @@
-"""One optimiser step of stage 1 (c2i) or stage 2 (isr) through a DeepSpeed engine (spec §5.3).
+"""One optimiser step of stage 1 (c2i) or stage 2 (isr) through a DeepSpeed engine (docs/MODEL.md §5.3).
 
 Per micro-batch: the frozen VQVAE tokenises HR (timed separately) unless the batch brings its tokens from the shards'
 token cache (:func:`token_cache_choice` decides once per run), ``compute_loss`` runs the teacher-forced forward

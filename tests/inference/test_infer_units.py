@@ -24,7 +24,7 @@ def test_adain_matches_reference_mean_and_unbiased_std():
     source = 0.4 + 0.08 * torch.randn(2, 3, 24, 24, generator=g) + torch.tensor([0.0, 0.1, -0.1]).view(1, 3, 1, 1)
     out = adain_color_fix(target, source, clamp=False)
     torch.testing.assert_close(out.mean(dim=(2, 3)), source.mean(dim=(2, 3)), atol=1e-6, rtol=0)
-    # std = sqrt(unbiased var + 1e-5) for both images (spec §4.4): the output's raw std is the reference's up to eps
+    # std = sqrt(unbiased var + 1e-5) for both images (docs/MODEL.md §4.4): the output's raw std is the reference's up to eps
     st_raw = target.flatten(2).std(dim=2, unbiased=True)
     ss_eps = (source.flatten(2).var(dim=2, unbiased=True) + 1e-5).sqrt()
     st_eps = (st_raw**2 + 1e-5).sqrt()

@@ -42,7 +42,7 @@ def _inputs(varsr, B: int = 3):
 
 
 def _expected_guidance(cfg: VARSRConfig, si: int, scale: float) -> float:
-    """The logit guidance per scale, written out independently of the model code (docs/MODEL.md §4.2, §2.12)."""
+    """The logit guidance per scale, written out independently of the model code (docs/MODEL.md §4.2, docs/MODEL.md §2.12)."""
     K = cfg.num_scales
     if cfg.variant == "isr":
         return scale * si / (K - 1)

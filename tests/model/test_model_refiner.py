@@ -1,4 +1,4 @@
-"""Diffusion refiner (spec §3): schedule numbers, key layout, loss, sampler determinism and guidance algebra."""
+"""Diffusion refiner (docs/MODEL.md §3): schedule numbers, key layout, loss, sampler determinism and guidance algebra."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Multi-scale VQVAE (spec §1): tokeniser identities, phi tables, released key layout, attention, decode, training."""
+"""Multi-scale VQVAE (docs/MODEL.md §1): tokeniser identities, phi tables, released key layout, attention, decode, training."""
 from __future__ import annotations
 
 import pytest

@@ -67,7 +67,7 @@ def test_stage1_then_stage2_with_mlflow_lineage(shards, tmp_path, dist_port, mon
     sd2 = varsr2.state_dict()
     for k in report["loaded"]:
         src = s1[f"varsr.{k}"]
-        if k in report["resized"]:  # spec §5.2 (a): class_emb truncated to the first rows
+        if k in report["resized"]:  # docs/MODEL.md §5.2 (a): class_emb truncated to the first rows
             src = src[: sd2[k].shape[0]]
         assert torch.equal(sd2[k], src), k
     assert "class_emb.weight" in report["resized"]
