@@ -62,7 +62,7 @@ class PretrainConfig:
     vqvae: StageSection = field(default_factory=lambda: StageSection(300, 2e-3))
     stage1: StageSection = field(default_factory=lambda: StageSection(100, 1e-3))
     stage2: StageSection = field(default_factory=lambda: StageSection(400, 1e-3))
-    eval_images: int = 8  # held-out photos scored at export (square crops of eval_hr_side px)
+    eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)
     eval_hr_side: int = 256
     eval_cfg: float = 6.0
 
