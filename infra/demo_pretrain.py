@@ -87,14 +87,15 @@ class Pretrain(Demo):
         self.p = pcfg
         self.ship = Path(ship).resolve() if ship else None
         self.config_path = Path(config_path or DEFAULT_CONFIG).resolve()
+        self.model_uri = str(self.ship or self.w / "base")  # the summary's "model" line: a file checkpoint here
 
     # ---- MLflow: one parent run, the stages' runs as its children ----------------------------------------------------
     def parent_run_id(self) -> str:
         import mlflow
 
-        st = self.state()
-        if st.get("_parent_run_id"):
-            return st["_parent_run_id"]
+        rid_file = self.w / "parent_run_id"  # beside state.json, which the step loop rewrites
+        if rid_file.is_file():
+            return rid_file.read_text().strip()
         mlflow.set_tracking_uri(self.tracking_uri)
         from infra.core.tracking import ensure_experiment
 
@@ -107,8 +108,7 @@ class Pretrain(Demo):
             mlflow.set_tags({"varsr.recipe": "varsr demo pretrain", "varsr.git_commit": git_commit()})
             rid = run.info.run_id
         mlflow.tracking.MlflowClient(self.tracking_uri).set_terminated(rid, "RUNNING")
-        st["_parent_run_id"] = rid
-        self._save_state(st)
+        rid_file.write_text(rid + "\n")
         return rid
 
     def adopt_children(self) -> list[str]:
@@ -320,8 +320,9 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 1024 x "
         "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
         "class-to-image (stage 1), ISR (stage 2). `varsr demo` finetunes its stage 2 on the demo corpus.",
-        "It is a small model trained for about an hour on two CPU cores: it demonstrates the platform, "
-        "it is not a competitive super-resolution model.", "",
+        f"It is a small model trained for {_train_minutes(st):.0f} minutes on a shared two-core CPU machine: it "
+        "demonstrates the platform and gives the demo's finetuning a real starting point; it is not a competitive "
+        "super-resolution model.", "",
         "## Files", "",
         "- `model.safetensors`, `config.json`: native checkpoint (`model.from_pretrained`), tokenizer included",
         "- `eval.json`: per-image figures on the held-out photos; `mlflow_runs.json`: the MLflow runs' params, "
@@ -330,7 +331,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "```", f"varsr demo pretrain --config {_rel(config_path)} --workdir varsr-pretrain "
         f"--ship model/pretrained/{p.preset}-base", "```", "",
         f"Code: git commit `{git_commit()}`. Every stage as a `varsr` command (run in the work folder):", "",
-        "```", *[st[k]["command"] for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
+        "```", *[_rel_cmd(st[k]["command"]) for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
         "## Data", "",
         f"{c['photos']} photographs from Debian (bookworm) wallpaper packages, fetched with `apt-get download`; "
         f"each resized to short sides {p.corpus.short_sides} and cut into {p.corpus.tile}-px tiles "
@@ -378,6 +379,15 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         lines.append(f"- `{r['run_id']}` {r['run_name']}: " + ", ".join(f"{k} {r['metrics'][k]:.4g}" for k in keys))
     lines += ["", "Full params/metrics/tags: `mlflow_runs.json`.", ""]
     return "\n".join(lines)
+
+
+def _train_minutes(st: dict) -> float:
+    return sum(st[k]["seconds"] for k in ("vqvae", "stage1", "stage2") if k in st) / 60
+
+
+def _rel_cmd(cmd: str) -> str:
+    """A recorded command with repository paths made relative (and the work folder named as in the command line)."""
+    return cmd.replace(f"{ROOT}/", "")
 
 
 def _rel(p: Path) -> str:
