@@ -12,6 +12,7 @@ motorcycle), each as a square HR crop and its x4 bicubic LR. Figures (means over
 * tokenizer ceiling: the HR decoded from its tokens alone, and from tokens + the exact continuous residual
 * cfg sweep: VARSR at each of --cfgs
 * tiled vs one pass: the pipeline's overlapping latent-blended tiles against every model window run alone
+* colour fix: the configured one (AdaIN by default) against the other (wavelet)
 * with --served and an MLflow model: the served model's HTTP answer against the pipeline's for the first photo
 """
 from __future__ import annotations
@@ -84,7 +85,9 @@ def main() -> int:
     cfgs = [float(c) for c in a.cfgs.split(",") if c.strip()]
     kw = dict(seed=a.seed)
 
-    rows = {"bicubic": [], "ceiling": [], "tiled": [], "one_pass": [], **{f"cfg{c:g}": [] for c in cfgs}}
+    other_fix = "wavelet" if pipe.config.sampling.color_fix != "wavelet" else "adain"
+    rows = {"bicubic": [], "ceiling": [], "tiled": [], "one_pass": [], "other_fix": [],
+            **{f"cfg{c:g}": [] for c in cfgs}}
     for p in pairs:
         rows["bicubic"].append(sr_figures(bicubic(p), p.hr))
         rows["ceiling"].append(tokenizer_ceiling(pipe.vqvae, S, p.hr))
@@ -93,6 +96,7 @@ def main() -> int:
         tiled = pipe.upscale(p.lr, cfg=a.cfg, **kw)
         rows["tiled"].append(sr_figures(tiled, p.hr))
         rows["one_pass"].append(sr_figures(one_pass_stitched(pipe, p, S, cfg=a.cfg, **kw), p.hr))
+        rows["other_fix"].append(sr_figures(pipe.upscale(p.lr, cfg=a.cfg, color_fix=other_fix, **kw), p.hr))
     m = {k: {kk: round(vv, 4) for kk, vv in mean_figures(v).items()} for k, v in rows.items()}
     hr_hf = [__import__("inference.metrics", fromlist=["hf_energy"]).hf_energy(p.hr) for p in pairs]
 
@@ -112,6 +116,7 @@ def main() -> int:
         "tokenizer_ceiling": m["ceiling"],
         "cfg_sweep": {f"{c:g}": m[f"cfg{c:g}"] for c in cfgs},
         "tiled_vs_one_pass": {"tiled": m["tiled"], "one_pass": m["one_pass"]},
+        "color_fix": {pipe.config.sampling.color_fix: m["tiled"], other_fix: m["other_fix"]},
         "no_reference": {"hf_energy_hr": round(sum(hr_hf) / len(hr_hf), 3),
                          "hf_energy_bicubic": m["bicubic"]["hf_energy"], "hf_energy_varsr": m["tiled"]["hf_energy"],
                          "hf_gap_db_bicubic": m["bicubic"]["hf_gap_db"], "hf_gap_db_varsr": m["tiled"]["hf_gap_db"]},
