@@ -49,6 +49,7 @@ class CorpusSection:
 class StageSection:
     steps: int = 100
     lr: float = 1e-3
+    batch_size: int | None = None  # None: the recipe's batch_size
 
 
 @dataclass
@@ -163,7 +164,8 @@ class Pretrain(Demo):
         p = self.p
         self.train_step("vqvae", *cmd_train_vqvae(DEMO_CONFIGS_DIR / "pretrain_vqvae.yaml",
                                                   [f"max_steps={p.vqvae.steps}", f"lr={p.vqvae.lr}",
-                                                   f"data.batch_size={p.batch_size}", f"model.preset={p.preset}"]))
+                                                   f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
+                                                   f"model.preset={p.preset}"]))
         meta = json.loads((self.w / "runs" / "vqvae" / "final" / "config.json").read_text())
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"),
                     mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
@@ -355,8 +357,8 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         lines.append(f"| {k} | `varsr train {'vqvae' if k == 'vqvae' else ('c2i' if k == 'stage1' else 'isr')}` | "
                      f"{steps} | {st[k]['seconds']} | {loss} | `{info.get('mlflow_run_id')}` |")
     total = sum(st[k]["seconds"] for k in STAGE_WALL_KEYS if k in st)
-    lines += ["", f"Batch {p.batch_size}, fp32, DeepSpeed ZeRO-1 on CPU (gloo). Wall time of corpus + data + "
-              f"stages 0-2: {total:.0f} s on a shared 2-core machine.", "",
+    lines += ["", f"Batch {p.batch_size} (tokenizer {p.vqvae.batch_size or p.batch_size}), fp32, DeepSpeed ZeRO-1 "
+              f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a shared 2-core machine.", "",
               "## Held-out metrics", "",
               f"{figures['config']['n']} lomiri photographs, square {figures['config']['hr_side']}-px HR crops, LR = "
               f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, AdaIN colour fix. PSNR/SSIM on Y (BT.601); "
