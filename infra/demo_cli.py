@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
         pcfg = load_pretrain_config(args.config, args.overrides)
         Pretrain(pcfg, args.workdir or "varsr-pretrain", ship=args.ship, fresh=bool(args.fresh),
-                 config_path=args.config).run(only=[args.only] if args.only else None)
+                 config_path=args.config, overrides=args.overrides).run(only=[args.only] if args.only else None)
         return 0
     from infra.demo import Demo, config_from_args
 

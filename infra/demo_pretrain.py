@@ -83,11 +83,13 @@ class Pretrain(Demo):
     steps = PRETRAIN_STEPS
 
     def __init__(self, pcfg: PretrainConfig, workdir: str, ship: str | None = None, fresh: bool = False,
-                 config_path: str | Path | None = None, log: Callable[[str], None] = print):
+                 config_path: str | Path | None = None, overrides: list[str] = (),
+                 log: Callable[[str], None] = print):
         super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
         self.p = pcfg
         self.ship = Path(ship).resolve() if ship else None
         self.config_path = Path(config_path or DEFAULT_CONFIG).resolve()
+        self.overrides = list(overrides)
         self.model_uri = str(self.ship or self.w / "base")  # the summary's "model" line: a file checkpoint here
 
     # ---- MLflow: one parent run, the stages' runs as its children ----------------------------------------------------
@@ -104,7 +106,8 @@ class Pretrain(Demo):
         with mlflow.start_run(experiment_id=exp, run_name=f"pretrain-{self.p.preset}-base") as run:
             mlflow.log_params({"preset": self.p.preset, "batch_size": self.p.batch_size,
                                "vqvae.steps": self.p.vqvae.steps, "stage1.steps": self.p.stage1.steps,
-                               "stage2.steps": self.p.stage2.steps, "config": str(self.config_path)})
+                               "stage2.steps": self.p.stage2.steps, "config": str(self.config_path),
+                               "overrides": " ".join(self.overrides)})
             mlflow.log_dict(to_dict(self.p), "config/pretrain.json")
             mlflow.set_tags({"varsr.recipe": "varsr demo pretrain", "varsr.git_commit": git_commit()})
             rid = run.info.run_id
@@ -214,7 +217,7 @@ class Pretrain(Demo):
                 client.log_metric(parent, f"wall_s/{name}", float(st[name]["seconds"]))
         record = mlflow_record(self.tracking_uri, [parent, *kids])
         (base / "mlflow_runs.json").write_text(json.dumps(record, indent=2) + "\n")
-        card = model_card(self.p, st, figures, record, parent, self.config_path)
+        card = model_card(self.p, st, figures, record, parent, self.config_path, self.overrides)
         (base / "MODEL_CARD.md").write_text(card)
         client.log_artifact(parent, str(base / "MODEL_CARD.md"))
         client.log_artifact(parent, str(base / "eval.json"))
@@ -312,7 +315,8 @@ def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], parent: str, config_path: Path) -> str:
+def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], parent: str, config_path: Path,
+               overrides: list[str] = ()) -> str:
     """MODEL_CARD.md of the base: data, steps, wall times, metrics, MLflow runs, commit and the command."""
     c = st["corpus"]["info"]
     d = st["data"]["info"]
@@ -331,7 +335,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "metrics and tags", "",
         "## Command", "",
         "```", f"varsr demo pretrain --config {_rel(config_path)} --workdir varsr-pretrain "
-        f"--ship model/pretrained/{p.preset}-base", "```", "",
+        f"--ship model/pretrained/{p.preset}-base" + "".join(f" --set {o}" for o in overrides), "```", "",
         f"Code: git commit `{git_commit()}`. Every stage as a `varsr` command (run in the work folder):", "",
         "```", *[_rel_cmd(st[k]["command"]) for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
         "## Data", "",
