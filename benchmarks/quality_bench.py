@@ -1,7 +1,8 @@
 """Quality on held-out photos: where SR quality goes, as one JSON object.
 
-    python benchmarks/quality_bench.py [--checkpoint model/pretrained/small-base | --model-uri models:/varsr-demo@champion
-                                        --tracking-uri sqlite:///varsr-demo/mlflow.db] [--eval-dir DIR] [--n 6]
+    python benchmarks/quality_bench.py [--checkpoint model/pretrained/small-base
+                                        | --model-uri models:/varsr-demo@champion --tracking-uri sqlite:///D/mlflow.db]
+                                       [--eval-dir DIR] [--n 6]
                                        [--hr-side 256] [--cfgs 0,1,3,6] [--cfg 6] [--served]
 
 Held-out photos: the photographs of the lomiri wallpaper packages (never trained on; fetched with `apt-get download`

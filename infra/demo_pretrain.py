@@ -1,6 +1,7 @@
 """`varsr demo pretrain`: the recipe of the shipped base model (``model/pretrained/small-base``), as one command.
 
-    varsr demo pretrain [--config configs/demo/pretrain.yaml] [--workdir varsr-pretrain] [--ship model/pretrained/small-base]
+    varsr demo pretrain [--config configs/demo/pretrain.yaml] [--workdir varsr-pretrain]
+                        [--ship model/pretrained/small-base] [--set KEY=VALUE ...]
 
 Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
 
@@ -255,7 +256,7 @@ def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]
     return ["train", stage, "--config", str(config), *overrides, "--resume", "auto"]
 
 
-# ---- export helpers ---------------------------------------------------------------------------------------------------
+# ---- export helpers --------------------------------------------------------------------------------------------------
 def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float) -> dict:
     """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0."""
     from inference.pipeline import VARSRPipeline
@@ -346,7 +347,8 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         f"(128-px HR, 32-px LR, varsr-mild degradation) in {d['shard_files']} shards, manifest sha256 "
         f"`{d['manifest_sha256'][:16]}`.", "",
         "| package | version | licences | images used |", "|---|---|---|---|",
-        *[f"| {k['name']} | {k['version']} | {', '.join(k['licenses'])} | {len(k['images'])}: {', '.join(k['images'])} |"
+        *[f"| {k['name']} | {k['version']} | {', '.join(k['licenses'])} | "
+          f"{len(k['images'])}: {', '.join(k['images'])} |"
           for k in c["packages"]], "",
         "Held out (never trained on; fetched by the same recipe into `eval/`): "
         + ", ".join(f"{k['name']} {k['version']} ({', '.join(k['licenses'])})" for k in c["eval_packages"])
@@ -366,13 +368,15 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
               "## Held-out metrics", "",
               f"{figures['config']['n']} lomiri photographs, square {figures['config']['hr_side']}-px HR crops, LR = "
               f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, AdaIN colour fix. PSNR/SSIM on Y (BT.601); "
-              "HF = mean squared high-pass of Y (Y minus its Gaussian blur, sigma 1 px), gap = |10 log10(HF_sr/HF_hr)|.",
+              "HF = mean squared high-pass of Y (Y minus its Gaussian blur, sigma 1 px), "
+              "gap = |10 log10(HF_sr/HF_hr)|.",
               "", "| | PSNR-Y (dB) | SSIM-Y | HF energy | HF gap to HR (dB) |", "|---|---|---|---|---|",
               f"| bicubic | {m['bicubic_psnr_y']:.2f} | {m['bicubic_ssim_y']:.3f} | {m['bicubic_hf_energy']:.1f} | "
               f"{m['bicubic_hf_gap_db']:.2f} |",
               f"| base model | {m['varsr_psnr_y']:.2f} | {m['varsr_ssim_y']:.3f} | {m['varsr_hf_energy']:.1f} | "
               f"{m['varsr_hf_gap_db']:.2f} |",
-              f"| tokenizer ceiling: tokens only | {m['ceiling_psnr_y_tokens']:.2f} | {m['ceiling_ssim_y_tokens']:.3f} | | |",
+              f"| tokenizer ceiling: tokens only | {m['ceiling_psnr_y_tokens']:.2f} | "
+              f"{m['ceiling_ssim_y_tokens']:.3f} | | |",
               f"| tokenizer ceiling: tokens + exact residual | {m['ceiling_psnr_y_tokens_residual']:.2f} | "
               f"{m['ceiling_ssim_y_tokens_residual']:.3f} | | |", "",
               "## MLflow", "",
