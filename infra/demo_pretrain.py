@@ -324,7 +324,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
     m = figures["mean"]
     lines = [
         f"# `{p.preset}-base`: the VARSR base model shipped with the platform", "",
-        "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 1024 x "
+        "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 512 x "
         "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
         "class-to-image (stage 1), ISR (stage 2). `varsr demo` finetunes its stage 2 on the demo corpus.",
         f"It is a small model trained for {_train_minutes(st):.0f} minutes on a shared two-core CPU machine: it "
