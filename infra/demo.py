@@ -264,7 +264,7 @@ class Demo:
     def summary(self, st: dict) -> dict:
         return dict(workdir=str(self.w), tracking_uri=self.tracking_uri, model_uri=self.model_uri,
                     mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
-                    total_seconds=round(sum(v.get("seconds", 0) for v in st.values()), 1),
+                    total_seconds=round(sum(st[k].get("seconds", 0) for k in self.steps if k in st), 1),
                     steps={k: st[k] for k in self.steps if k in st})
 
 
