@@ -17,7 +17,7 @@ import data_pipeline.cli as data_cli
 import inference.cli as inference_cli
 import model.cli as model_cli
 import training.cli as training_cli
-from infra import demo
+from infra.demo.cli import register_cli as register_demo_cli
 from infra.core.errors import UserError
 
 QUIET_ENV = {
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo.register_cli(sub)
+    register_demo_cli(sub)
     data_cli.register(sub, open_tokenizer=open_tokenizer)
     training_cli.register(sub, on_trained=register_trained_model)
     inference_cli.register(sub, shard_pairs=shard_pairs)

@@ -235,6 +235,22 @@ _LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"
 
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
+# The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
+# tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
+# stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
+_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
+_SMALL = dict(
+    patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
+    vqvae=_SMALL_VAE,
+    depth=4,
+    embed_dim=256,
+    num_heads=4,
+    lr_encoder_channels=(16, 32, 64),
+    refiner_width=256,
+    refiner_depth=3,
+    diffusion_batch_mul=2,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # 64-px images, 3 scales (1,2,4): prefix 4x4 = pn_last^2, trains on a CPU in minutes.
     "tiny": dict(
@@ -249,6 +265,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         refiner_depth=2,
         diffusion_batch_mul=2,
     ),
+    "small": dict(_SMALL),
     "d16": dict(depth=16),
     "d20": dict(depth=20),
     "d24": dict(depth=24),  # the released VARSR (1.10 B parameters)
@@ -269,6 +286,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         cfg=4.0,
         top_k=20,
     ),
+    "c2i-small": dict(_SMALL, variant="c2i", num_classes=8,
+                      cond_drop_rate=0.1, cfg=4.0, top_k=20),
     "c2i-d24": dict(
         variant="c2i",
         patch_nums=C2I_12_SCALE_PATCH_NUMS,

@@ -276,8 +276,14 @@ class MlflowTracker(NullTracker):
 
     def end(self, status: str = "FINISHED") -> None:
         if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None
+            m, self.monitor = self.monitor, None
+            m.finish()  # the sampler drops what it gathered since its last publish: publish one last sample, so a
+            try:        # run shorter than the sampling interval still records its CPU and memory
+                m.collect_metrics()
+                m.publish_metrics(m.aggregate_metrics())
+                m.mlflow_logger.flush()
+            except Exception as e:  # noqa: BLE001 - metrics about the machine must never fail a run
+                log.warning("last system-metrics sample not logged: %s", e)
         self.client.set_terminated(self.run_id, status)
 
 

@@ -115,3 +115,43 @@ def optional_metrics(names: tuple[str, ...] = ("niqe", "lpips", "dists", "musiq"
 
         found[name] = run
     return found, notices
+
+
+# ---- no-reference: high-frequency energy ----------------------------------------------------------------------------
+def _gaussian_blur_2d(y: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (radius 3 sigma, reflect padding) of an HxW float64 image."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))[None, None]
+    t = F.pad(t, (r, r, r, r), mode="reflect")
+    t = F.conv2d(t, g.view(1, 1, 1, -1))
+    t = F.conv2d(t, g.view(1, 1, -1, 1))
+    return t[0, 0].numpy()
+
+
+def hf_energy(img: Image.Image | np.ndarray, sigma: float = 1.0) -> float:
+    """Mean squared high-pass of the Y channel (Y minus its Gaussian blur, sigma in pixels), in (8-bit levels)^2.
+
+    A no-reference sharpness measure: detail, edges and texture raise it; blur (bicubic upsampling) lowers it.
+    Noise raises it too, so read it beside PSNR/SSIM, or as ``hf_ratio`` against the HR reference.
+    """
+    y = rgb_to_y(as_float_rgb(img)) * 255.0
+    if min(y.shape) < 4 * sigma + 2:
+        raise ValueError(f"image {y.shape[::-1]} too small for a high-pass with sigma {sigma}")
+    hp = y - _gaussian_blur_2d(y, sigma)
+    return float(np.mean(hp**2))
+
+
+def hf_ratio(sr: Image.Image, hr: Image.Image, sigma: float = 1.0) -> float:
+    """hf_energy(sr) / hf_energy(hr): 1 = as much fine detail as the reference, < 1 blurrier, > 1 noisier/sharper."""
+    ref = hf_energy(hr, sigma)
+    return float("nan") if ref == 0 else hf_energy(sr, sigma) / ref
+
+
+def hf_gap_db(sr: Image.Image, hr: Image.Image, sigma: float = 1.0) -> float:
+    """|10·log10(hf_ratio)|: how far the SR's high-frequency energy is from the reference's, in dB (0 = equal).
+    Lower is better; bicubic upsampling typically sits several dB below the reference."""
+    r = hf_ratio(sr, hr, sigma)
+    return float("nan") if not r > 0 else abs(10.0 * math.log10(r))

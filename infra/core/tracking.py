@@ -222,13 +222,20 @@ def _user() -> str:
 
 
 # ---- references and datasets ----------------------------------------------------------------------------------------
+REPO_REF = "<repo>/"  # prefix of a path inside this repository (e.g. the shipped base model)
+
+
 def portable_ref(ref: str | os.PathLike, base: str | os.PathLike) -> str:
-    """How a run records a file or folder: a URL as given; a local path relative to ``base`` (the run's folder), so
+    """How a run records a file or folder: a URL as given; a file of this repository (such as the shipped base model)
+    as ``<repo>/`` + its path in the repository; any other local path relative to ``base`` (the run's folder), so
     no absolute local path ends up in a tag, a param or a dataset source."""
     s = os.fspath(ref)
     if "://" in s and not s.startswith("file://"):
         return s
     path = s[len("file://"):] if s.startswith("file://") else s
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.commonpath([os.path.abspath(path), repo]) == repo:
+        return REPO_REF + os.path.relpath(os.path.abspath(path), repo)
     b = os.fspath(base)
     if "://" in b and not b.startswith("file://"):  # a run in object storage referring to a local file
         return os.path.basename(os.path.normpath(path))

@@ -30,29 +30,39 @@ from typing import Callable
 from infra.core.errors import UserError
 from infra.core.net import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
 
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; defaults finish in well under 15 minutes on 2 CPU cores."""
+    """Knobs of the demo; defaults finish in well under 15 minutes on 2 idle CPU cores."""
 
     workdir: str = "varsr-demo"
-    vqvae_steps: int = 600
-    stage1_steps: int = 150
-    stage2_steps: int = 400
+    base: str = "model/pretrained/small-base"  # shipped base (relative to the repository); stage 2 finetunes it
+    from_scratch: bool = False  # train tokenizer, stage 1 and stage 2 from nothing instead of finetuning the base
+    vqvae_steps: int = 300  # from scratch only
+    stage1_steps: int = 100  # from scratch only
+    stage2_steps: int = 100  # finetuning steps from the base (or stage-2 steps from scratch)
+    stage2_lr: float | None = None  # None: 2e-4 when finetuning the base, 1e-3 from scratch
     batch_size: int = 8
+    cfg: float = 6.0  # sampling guidance of the served/upscaled result
     register_name: str = "varsr-demo"
     alias: str = "champion"
     port: int | None = None  # serving port; None = a free one
     seed: int = 0
-    holdout_lr_side: int = 48  # held-out LR long side; x4 upscaling gives a multi-tile output for the tiny model
+    holdout_lr_side: int = 64  # held-out LR long side; x4 upscaling gives a multi-tile output (128-px model tiles)
     fresh: bool = False
+
+    def base_dir(self) -> Path:
+        b = Path(self.base)
+        return b if b.is_absolute() else ROOT / b
 
 
 class Demo:
+    steps: tuple[str, ...] = STEPS
+
     def __init__(self, cfg: DemoConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.w = Path(cfg.workdir).resolve()
@@ -121,23 +131,47 @@ class Demo:
         return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"], rejected=c["rejected_by_reason"],
                     failed=c["failed_by_reason"], samples=c["samples"], shard_files=len(manifest["shards"]))
 
+    def _check_base(self) -> Path:
+        base = self.cfg.base_dir()
+        if not ((base / "model.safetensors").is_file() and (base / "config.json").is_file()):
+            raise UserError(f"the shipped base model is missing at {base} (model.safetensors + config.json); "
+                            "make it with `varsr demo pretrain --ship model/pretrained/small-base` or run the demo "
+                            "with --from-scratch")
+        return base
+
     def step_vqvae(self) -> dict:
+        if not self.cfg.from_scratch:
+            base = self._check_base()
+            self.commands["vqvae"] = []
+            return dict(checkpoint=str(base), from_base=True, note="tokenizer of the shipped base")
         self.varsr("vqvae", "train", "vqvae", "--config", str(DEMO_CONFIGS / "vqvae.yaml"),
                    "--set", f"max_steps={self.cfg.vqvae_steps}", "--set", f"data.batch_size={self.cfg.batch_size}")
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"))
 
     def step_stage1(self) -> dict:
+        if not self.cfg.from_scratch:
+            base = self._check_base()
+            self.commands["stage1"] = []
+            return dict(checkpoint=str(base), from_base=True, note="stage 1 + 2 pretrained in the shipped base")
         self.varsr("stage1", "train", "c2i", "--config", str(DEMO_CONFIGS / "stage1.yaml"),
                    "--set", f"max_steps={self.cfg.stage1_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
                    "--set", f"seed={self.cfg.seed}", "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage1" / "final"))
 
     def step_stage2(self) -> dict:
+        c = self.cfg
+        if c.from_scratch:
+            init = ["model.init_from=runs/stage1/final", "model.vqvae_checkpoint=runs/vqvae/final"]
+            lr = c.stage2_lr or 1e-3
+        else:
+            init = [f"model.init_from={self._check_base()}"]
+            lr = c.stage2_lr or 2e-4
+        sets = [*init, f"max_steps={c.stage2_steps}", f"optim.lr={lr}", f"data.batch_size={c.batch_size}",
+                f"seed={c.seed}", f"register.name={c.register_name}", f"register.alias={c.alias}"]
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
-                   "--set", f"max_steps={self.cfg.stage2_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
-                   "--set", f"seed={self.cfg.seed}", "--set", f"register.name={self.cfg.register_name}",
-                   "--set", f"register.alias={self.cfg.alias}", "--resume", "auto")
-        return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri)
+                   *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")
+        return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri,
+                    init=init[0].split("=", 1)[1], lr=lr)
 
     def step_serve(self) -> dict:
         """Serve the registered model on loopback and send one real HTTP request with the held-out LR."""
@@ -156,7 +190,7 @@ class Demo:
                 lr_path = Path(self.state()["corpus"]["info"]["holdout_lr"])
                 payload = {"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(lr_path.read_bytes()).decode()]]},
-                           "params": {"scale": 4, "seed": self.cfg.seed}}
+                           "params": {"scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg}}
                 t = time.monotonic()
                 r = requests.post(f"{url}/invocations", json=payload, timeout=600)
                 latency = time.monotonic() - t
@@ -181,14 +215,14 @@ class Demo:
                     size=list(img.size), bad_request_status=bad.status_code, bad_request_message=_message(bad)[:200])
 
     def step_upscale(self) -> dict:
-        """Upscale the held-out photo through the CLI; write bicubic + side-by-side comparison; PSNR vs HR."""
+        """Upscale the held-out photo through the CLI; write bicubic + side-by-side comparison; figures vs HR."""
         from PIL import Image
 
         info = self.state()["corpus"]["info"]
         lr_path, hr_path = Path(info["holdout_lr"]), Path(info["holdout_hr"])
         out_dir = self.w / "outputs"
         self.varsr("upscale", "upscale", str(lr_path), "-o", str(out_dir / "varsr"), "--model-uri", self.model_uri,
-                   "--scale", "4", "--seed", str(self.cfg.seed))
+                   "--scale", "4", "--seed", str(self.cfg.seed), "--cfg", str(self.cfg.cfg))
         sr_path = next((out_dir / "varsr").glob(lr_path.stem + "*"))
         lr, hr, sr = Image.open(lr_path).convert("RGB"), Image.open(hr_path).convert("RGB"), Image.open(sr_path).convert("RGB")
         bic = lr.resize(hr.size, Image.BICUBIC)
@@ -197,13 +231,10 @@ class Demo:
         cmp_path = out_dir / "comparison.png"
         side_by_side([lr.resize(hr.size, Image.NEAREST), bic, sr.resize(hr.size), hr],
                      ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
-        from infra.core.metrics import full_reference  # BT.601 Y-channel PSNR/SSIM, as the paper's tables
-
-        m_sr, m_bic = full_reference(sr.resize(hr.size), hr), full_reference(bic, hr)
-        metrics = dict(psnr_y_varsr=m_sr["psnr_y"], ssim_y_varsr=m_sr["ssim_y"],
-                       psnr_y_bicubic=m_bic["psnr_y"], ssim_y_bicubic=m_bic["ssim_y"])
+        metrics = upscale_figures(sr.resize(hr.size), bic, hr)
         _log_demo_run(self.tracking_uri, metrics, [cmp_path, bic_path, sr_path])
-        return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path),
+        self.log(format_figures(metrics))
+        return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path), cfg=self.cfg.cfg,
                     **{k: round(float(v), 3) for k, v in metrics.items()})
 
     # ---- driver ---------------------------------------------------------------------------------------------------
@@ -213,7 +244,7 @@ class Demo:
             shutil.rmtree(self.w)
         self.w.mkdir(parents=True, exist_ok=True)
         st = self.state()
-        todo = [s for s in STEPS if only is None or s in only]
+        todo = [s for s in self.steps if only is None or s in only]
         for i, name in enumerate(todo, 1):
             if st.get(name, {}).get("done"):
                 self.log(f"[{i}/{len(todo)}] {name}: done in an earlier run, skipped (use --fresh to redo)")
@@ -233,8 +264,8 @@ class Demo:
     def summary(self, st: dict) -> dict:
         return dict(workdir=str(self.w), tracking_uri=self.tracking_uri, model_uri=self.model_uri,
                     mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
-                    total_seconds=round(sum(v.get("seconds", 0) for v in st.values()), 1),
-                    steps={k: st[k] for k in STEPS if k in st})
+                    total_seconds=round(sum(st[k].get("seconds", 0) for k in self.steps if k in st), 1),
+                    steps={k: st[k] for k in self.steps if k in st})
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -253,6 +284,29 @@ def write_holdout(d: Path, lr_side: int) -> tuple[Path, Path]:
     hr.save(hr_path)
     lr.save(lr_path)
     return hr_path, lr_path
+
+
+def upscale_figures(sr, bic, hr) -> dict[str, float]:
+    """PSNR-Y / SSIM-Y (BT.601, the paper's tables) and high-frequency energy of VARSR and bicubic against the HR."""
+    from infra.core.metrics import full_reference, hf_energy, hf_gap_db
+
+    out = {}
+    for name, img in (("varsr", sr), ("bicubic", bic)):
+        m = full_reference(img, hr)
+        out.update({f"psnr_y_{name}": m["psnr_y"], f"ssim_y_{name}": m["ssim_y"], f"hf_energy_{name}": hf_energy(img),
+                    f"hf_gap_db_{name}": hf_gap_db(img, hr)})
+    out["hf_energy_hr"] = hf_energy(hr)
+    return out
+
+
+def format_figures(m: dict) -> str:
+    """The held-out figures as a small table (VARSR beside bicubic)."""
+    rows = [("", "PSNR-Y dB", "SSIM-Y", "HF energy", "HF gap dB")]
+    for name in ("varsr", "bicubic"):
+        rows.append((name, f"{m[f'psnr_y_{name}']:.2f}", f"{m[f'ssim_y_{name}']:.3f}",
+                     f"{m[f'hf_energy_{name}']:.1f}", f"{m[f'hf_gap_db_{name}']:.2f}"))
+    rows.append(("HR", "", "", f"{m['hf_energy_hr']:.1f}", "0"))
+    return "\n".join("    " + "  ".join(f"{c:>10}" for c in r) for r in rows)
 
 
 def side_by_side(images, titles):
@@ -311,13 +365,15 @@ def format_summary(s: dict) -> str:
             "data": lambda: f"{info.get('inputs')} inputs -> {info.get('kept')} kept, rejected {info.get('rejected')}, "
                             f"failed {info.get('failed')}; {info.get('samples')} samples in {info.get('shard_files')} "
                             f"shards at {info.get('shards')}",
-            "vqvae": lambda: info.get("checkpoint"),
-            "stage1": lambda: info.get("checkpoint"),
+            "vqvae": lambda: ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint")),
+            "stage1": lambda: ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint")),
             "stage2": lambda: f"{info.get('checkpoint')} -> {info.get('model_uri')}",
             "serve": lambda: f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
                              f"bad request -> {info.get('bad_request_status')}",
             "upscale": lambda: f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
-                               f"bicubic {info.get('psnr_y_bicubic')} dB)",
+                               f"bicubic {info.get('psnr_y_bicubic')} dB; HF energy VARSR "
+                               f"{info.get('hf_energy_varsr')}, bicubic {info.get('hf_energy_bicubic')}, "
+                               f"HR {info.get('hf_energy_hr')})",
         }.get(k, lambda: "")()
         rows.append((k, str(v.get("seconds", "")), str(res)))
     w0 = max(len(r[0]) for r in rows)
@@ -337,27 +393,3 @@ def format_summary(s: dict) -> str:
 def config_from_args(args) -> DemoConfig:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name, None) is not None}
     return DemoConfig(**kw)
-
-
-def register_cli(subparsers) -> None:
-    """Add ``varsr demo`` to the ``varsr`` command (infra/cli.py)."""
-    p = subparsers.add_parser("demo", help="run the whole platform end to end on embedded defaults (tiny preset)",
-                              description="Corpus -> Ray shards -> DeepSpeed stage 0/1/2 -> MLflow registry -> "
-                                          "HTTP serving -> upscale, all under --workdir.")
-    p.add_argument("step", nargs="?", default=None, choices=("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale"),
-                   help="run only this step (default: all, resuming finished ones)")
-    p.add_argument("--workdir", default="varsr-demo", help="everything is written here (default ./varsr-demo)")
-    p.add_argument("--fresh", action="store_true", default=None, help="delete the work folder first (no resume)")
-    p.add_argument("--vqvae-steps", dest="vqvae_steps", type=int)
-    p.add_argument("--stage1-steps", dest="stage1_steps", type=int)
-    p.add_argument("--stage2-steps", dest="stage2_steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--port", type=int, help="serving port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    Demo(cfg).run(only=[args.step] if args.step else None)
-    return 0

@@ -1,0 +1,407 @@
+"""`varsr demo pretrain`: the recipe of the shipped base model (``model/pretrained/small-base``), as one command.
+
+    varsr demo pretrain [--config configs/demo/pretrain.yaml] [--workdir varsr-pretrain]
+                        [--ship model/pretrained/small-base] [--set KEY=VALUE ...]
+
+Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
+
+  1. corpus   Debian photo wallpapers: `apt-get download` + extraction (data_pipeline.corpus_debian), tiled at
+              several scales; the held-out lomiri-*/ukui-* packages go to eval/ (never to training)
+  2. data     `varsr data build`   curate the tiles into 128-px WebDataset shards
+  3. vqvae    `varsr train vqvae`  stage 0: the `small` tokenizer
+  4. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
+  5. stage2   `varsr train isr`    stage 2: ISR training from stage 1 = the base model
+  6. export   base weights (model.safetensors + config.json, tokenizer included), metrics on the held-out photos,
+              the MLflow record (runs' params and metrics as JSON) and MODEL_CARD.md; copied to --ship when given
+
+MLflow: one parent run (experiment ``varsr-pretrain``) with every stage's run as its child. Resumable: finished
+steps are recorded in state.json and skipped by a re-run; stages 1 and 2 resume from their last checkpoint
+(``--resume auto``); stage 0 has no optimizer checkpoint and restarts when it was killed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from data_pipeline.corpus_debian import PackageSpec
+from infra.core.config import load_config, to_dict
+from infra.core.errors import UserError
+from infra.demo.demo import ROOT, Demo, DemoConfig
+
+DEFAULT_CONFIG = ROOT / "configs" / "demo" / "pretrain.yaml"
+PRETRAIN_STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "export")
+EXPERIMENT = "varsr-pretrain"
+
+
+@dataclass
+class CorpusSection:
+    packages: list[PackageSpec] = field(default_factory=list)
+    eval_packages: list[PackageSpec] = field(default_factory=list)
+    short_sides: list[int] = field(default_factory=lambda: [256, 384, 512, 768])
+    tile: int = 160
+
+
+@dataclass
+class StageSection:
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int | None = None  # None: the recipe's batch_size
+
+
+@dataclass
+class PretrainConfig:
+    """configs/demo/pretrain.yaml."""
+
+    preset: str = "small"
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    data_config: str = "configs/demo/pretrain_data.yaml"
+    batch_size: int = 8
+    vqvae: StageSection = field(default_factory=lambda: StageSection(300, 2e-3))
+    stage1: StageSection = field(default_factory=lambda: StageSection(100, 1e-3))
+    stage2: StageSection = field(default_factory=lambda: StageSection(400, 1e-3))
+    eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)
+    eval_hr_side: int = 256
+    eval_cfg: float = 6.0
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    return load_config(PretrainConfig, path or DEFAULT_CONFIG, list(overrides))
+
+
+def _repo_path(p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else ROOT / q
+
+
+class Pretrain(Demo):
+    """The recipe as resumable steps; shares the `varsr` subprocess runner and state file with the demo."""
+
+    steps = PRETRAIN_STEPS
+
+    def __init__(self, pcfg: PretrainConfig, workdir: str, ship: str | None = None, fresh: bool = False,
+                 config_path: str | Path | None = None, overrides: list[str] = (),
+                 log: Callable[[str], None] = print):
+        super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
+        self.p = pcfg
+        self.ship = Path(ship).resolve() if ship else None
+        self.config_path = Path(config_path or DEFAULT_CONFIG).resolve()
+        self.overrides = list(overrides)
+        self.model_uri = str(self.ship or self.w / "base")  # the summary's "model" line: a file checkpoint here
+
+    # ---- MLflow: one parent run, the stages' runs as its children ----------------------------------------------------
+    def parent_run_id(self) -> str:
+        import mlflow
+
+        rid_file = self.w / "parent_run_id"  # beside state.json, which the step loop rewrites
+        if rid_file.is_file():
+            return rid_file.read_text().strip()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        from infra.core.tracking import ensure_experiment
+
+        exp = ensure_experiment(self.tracking_uri, EXPERIMENT)
+        with mlflow.start_run(experiment_id=exp, run_name=f"pretrain-{self.p.preset}-base") as run:
+            mlflow.log_params({"preset": self.p.preset, "batch_size": self.p.batch_size,
+                               "vqvae.steps": self.p.vqvae.steps, "stage1.steps": self.p.stage1.steps,
+                               "stage2.steps": self.p.stage2.steps, "config": str(self.config_path),
+                               "overrides": " ".join(self.overrides)})
+            mlflow.log_dict(to_dict(self.p), "config/pretrain.json")
+            mlflow.set_tags({"varsr.recipe": "varsr demo pretrain", "varsr.git_commit": git_commit()})
+            rid = run.info.run_id
+        mlflow.tracking.MlflowClient(self.tracking_uri).set_terminated(rid, "RUNNING")
+        rid_file.write_text(rid + "\n")
+        return rid
+
+    def adopt_children(self) -> list[str]:
+        """Tag every run of the experiment (but the parent) as a child of the parent run; returns their ids."""
+        from mlflow.tracking import MlflowClient
+
+        parent = self.parent_run_id()
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        kids = []
+        for r in client.search_runs([exp.experiment_id], max_results=1000):
+            if r.info.run_id == parent:
+                continue
+            if r.data.tags.get("mlflow.parentRunId") != parent:
+                client.set_tag(r.info.run_id, "mlflow.parentRunId", parent)
+            kids.append(r.info.run_id)
+        return kids
+
+    def train_step(self, step: str, *args: str) -> None:
+        self.parent_run_id()
+        try:
+            self.varsr(step, *args)
+        finally:
+            self.adopt_children()
+
+    # ---- steps ------------------------------------------------------------------------------------------------------
+    def step_corpus(self) -> dict:
+        from data_pipeline.corpus_debian import check_training_packages, fetch_and_extract, tile_images
+
+        c = self.p.corpus
+        check_training_packages(c.packages)
+        self.commands["corpus"] = ["varsr", "demo", "pretrain", "corpus", "--workdir", str(self.w)]
+        train = fetch_and_extract(c.packages, self.w / "debs", self.w / "corpus" / "images")
+        held = fetch_and_extract(c.eval_packages, self.w / "debs", self.w / "eval" / "images")
+        files = [f for i in train for f in i.images]
+        tiles_dir = self.w / "corpus" / "tiles"
+        if tiles_dir.exists():
+            shutil.rmtree(tiles_dir)
+        tiles = tile_images(files, tiles_dir, list(c.short_sides), c.tile)
+        return dict(packages=[_pkg(i) for i in train], eval_packages=[_pkg(i) for i in held], photos=len(files),
+                    tiles=len(tiles), tiles_dir=str(tiles_dir), eval_images=[f for i in held for f in i.images])
+
+    def step_data(self) -> dict:
+        self.varsr("data", *cmd_data_build("corpus/tiles", "shards", _repo_path(self.p.data_config)))
+        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
+        c = manifest["counts"]
+        return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"],
+                    rejected=c["rejected_by_reason"], failed=c["failed_by_reason"], samples=c["samples"],
+                    shard_files=len(manifest["shards"]), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
+
+    def step_vqvae(self) -> dict:
+        p = self.p
+        self.train_step("vqvae", *cmd_train_vqvae(DEMO_CONFIGS_DIR / "pretrain_vqvae.yaml",
+                                                  [f"max_steps={p.vqvae.steps}", f"lr={p.vqvae.lr}",
+                                                   f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
+                                                   f"model.preset={p.preset}"]))
+        meta = json.loads((self.w / "runs" / "vqvae" / "final" / "config.json").read_text())
+        return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"),
+                    mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
+
+    def _stage(self, step: str, yaml_name: str, s: StageSection) -> dict:
+        p = self.p
+        self.train_step(step, *cmd_train_stage("c2i" if step == "stage1" else "isr", DEMO_CONFIGS_DIR / yaml_name,
+                                               [f"max_steps={s.steps}", f"optim.lr={s.lr}",
+                                                f"data.batch_size={p.batch_size}", f"model.preset={p.preset}"]))
+        out = self.w / "runs" / step
+        summary = json.loads((out / "summary.json").read_text())
+        return dict(checkpoint=str(out / "final"), mlflow_run_id=summary.get("mlflow_run_id"),
+                    steps=summary.get("steps"), first_loss=summary.get("first_loss"),
+                    last_loss=summary.get("last_loss"), wall_s=summary.get("wall_s"))
+
+    def step_stage1(self) -> dict:
+        return self._stage("stage1", "pretrain_stage1.yaml", self.p.stage1)
+
+    def step_stage2(self) -> dict:
+        return self._stage("stage2", "pretrain_stage2.yaml", self.p.stage2)
+
+    def step_export(self) -> dict:
+        """Base folder = stage-2 final weights + held-out metrics + the MLflow record + the model card."""
+        import mlflow
+
+        st = self.state()
+        base = self.w / "base"
+        if base.exists():
+            shutil.rmtree(base)
+        base.mkdir(parents=True)
+        src = Path(st["stage2"]["info"]["checkpoint"])
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(src / name, base / name)
+        self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
+        figures = evaluate_checkpoint(base, st["corpus"]["info"]["eval_images"], self.p.eval_images,
+                                      self.p.eval_hr_side, self.p.eval_cfg)
+        (base / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
+        parent = self.parent_run_id()
+        kids = self.adopt_children()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        client = mlflow.tracking.MlflowClient(self.tracking_uri)
+        for k, v in figures["mean"].items():
+            client.log_metric(parent, f"heldout/{k}", float(v))
+        for name in STAGE_WALL_KEYS:
+            if name in st:
+                client.log_metric(parent, f"wall_s/{name}", float(st[name]["seconds"]))
+        record = mlflow_record(self.tracking_uri, [parent, *kids])
+        (base / "mlflow_runs.json").write_text(json.dumps(record, indent=2) + "\n")
+        card = model_card(self.p, st, figures, record, parent, self.config_path, self.overrides)
+        (base / "MODEL_CARD.md").write_text(card)
+        client.log_artifact(parent, str(base / "MODEL_CARD.md"))
+        client.log_artifact(parent, str(base / "eval.json"))
+        client.set_terminated(parent, "FINISHED")
+        shipped = None
+        if self.ship:
+            self.ship.mkdir(parents=True, exist_ok=True)
+            for f in base.iterdir():
+                shutil.copy2(f, self.ship / f.name)
+            shipped = str(self.ship)
+        size_mb = sum(f.stat().st_size for f in base.iterdir()) / 1e6
+        return dict(base=str(base), shipped=shipped, size_mb=round(size_mb, 2), parent_run_id=parent,
+                    heldout=figures["mean"])
+
+    # ---- driver ------------------------------------------------------------------------------------------------------
+    def run(self, only: list[str] | None = None) -> dict:
+        summary = super().run(only)
+        return summary
+
+
+DEMO_CONFIGS_DIR = ROOT / "configs" / "demo"
+STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "stage1", "stage2")
+
+
+# ---- the `varsr` commands the recipe runs (one place, so their syntax is ported in one place) ------------------------
+def cmd_data_build(inp: str, out: str, config: Path) -> list[str]:
+    return ["data", "build", "--input", inp, "--output", out, "--config", str(config)]
+
+
+def cmd_train_vqvae(config: Path, overrides: list[str]) -> list[str]:
+    return ["train", "vqvae", "--config", str(config), *overrides]
+
+
+def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]:
+    return ["train", stage, "--config", str(config), *overrides, "--resume", "auto"]
+
+
+# ---- export helpers --------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float) -> dict:
+    """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0."""
+    from inference.pipeline import VARSRPipeline
+    from infra.demo.quality import bicubic, load_pairs, mean_figures, sr_figures, tokenizer_ceiling
+
+    pipe = VARSRPipeline.from_pretrained(ckpt, device="cpu")
+    S = pipe.image_size
+    pairs = load_pairs(_photos(files), hr_side, n)
+    rows = []
+    for p in pairs:
+        r = {"image": p.name}
+        r.update({f"ceiling_{k}": v for k, v in tokenizer_ceiling(pipe.vqvae, S, p.hr).items()})
+        r.update({f"bicubic_{k}": v for k, v in sr_figures(bicubic(p), p.hr).items()})
+        r.update({f"varsr_{k}": v for k, v in sr_figures(pipe.upscale(p.lr, cfg=cfg, seed=0), p.hr).items()})
+        rows.append(r)
+    mean = mean_figures([{k: v for k, v in r.items() if k != "image"} for r in rows])
+    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "seed": 0, "n": len(rows)}}
+
+
+def _photos(files: list[str]) -> list[str]:
+    """Held-out files that are photographs: the lomiri packages (ukui ships drawings only)."""
+    return [f for f in files if "/lomiri-" in f]
+
+
+def mlflow_record(tracking_uri: str, run_ids: list[str]) -> list[dict]:
+    """Params, final metrics and tags of each run (the MLflow record kept beside the model card)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    out = []
+    for rid in run_ids:
+        r = client.get_run(rid)
+        out.append({"run_id": rid, "run_name": r.info.run_name, "status": r.info.status,
+                    "start_time": r.info.start_time, "end_time": r.info.end_time,
+                    "tags": {k: v for k, v in r.data.tags.items() if k.startswith(("varsr.", "mlflow.parentRunId"))},
+                    "params": dict(r.data.params), "metrics": dict(r.data.metrics)})
+    return out
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return (sha.stdout.strip() or "unknown") + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _pkg(info) -> dict:
+    return {"name": info.name, "version": info.version, "licenses": info.licenses, "sha256": info.sha256,
+            "images": [Path(x).name for x in info.images]}
+
+
+def _sha256(p: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], parent: str, config_path: Path,
+               overrides: list[str] = ()) -> str:
+    """MODEL_CARD.md of the base: data, steps, wall times, metrics, MLflow runs, commit and the command."""
+    c = st["corpus"]["info"]
+    d = st["data"]["info"]
+    m = figures["mean"]
+    lines = [
+        f"# `{p.preset}-base`: the VARSR base model shipped with the platform", "",
+        "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 512 x "
+        "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
+        "class-to-image (stage 1), ISR (stage 2). `varsr demo` finetunes its stage 2 on the demo corpus.",
+        f"It is a small model trained for {_train_minutes(st):.0f} minutes on a shared two-core CPU machine: it "
+        "demonstrates the platform and gives the demo's finetuning a real starting point; it is not a competitive "
+        "super-resolution model.", "",
+        "## Files", "",
+        "- `model.safetensors`, `config.json`: native checkpoint (`model.from_pretrained`), tokenizer included",
+        "- `eval.json`: per-image figures on the held-out photos; `mlflow_runs.json`: the MLflow runs' params, "
+        "metrics and tags", "",
+        "## Command", "",
+        "```", f"varsr demo pretrain --config {_rel(config_path)} --workdir varsr-pretrain "
+        f"--ship model/pretrained/{p.preset}-base" + "".join(f" --set {o}" for o in overrides), "```", "",
+        f"Code: git commit `{git_commit()}`. Every stage as a `varsr` command (run in the work folder):", "",
+        "```", *[_rel_cmd(st[k]["command"]) for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
+        "## Data", "",
+        f"{c['photos']} photographs from Debian (bookworm) wallpaper packages, fetched with `apt-get download`; "
+        f"each resized to short sides {p.corpus.short_sides} and cut into {p.corpus.tile}-px tiles "
+        f"({c['tiles']} tiles), curated by `varsr data build` ({_rel(_repo_path(p.data_config))}): "
+        f"{d['inputs']} inputs -> {d['kept']} kept (rejected {d['rejected']}), {d['samples']} samples "
+        f"(128-px HR, 32-px LR, varsr-mild degradation) in {d['shard_files']} shards, manifest sha256 "
+        f"`{d['manifest_sha256'][:16]}`.", "",
+        "| package | version | licences | images used |", "|---|---|---|---|",
+        *[f"| {k['name']} | {k['version']} | {', '.join(k['licenses'])} | "
+          f"{len(k['images'])}: {', '.join(k['images'])} |"
+          for k in c["packages"]], "",
+        "Held out (never trained on; fetched by the same recipe into `eval/`): "
+        + ", ".join(f"{k['name']} {k['version']} ({', '.join(k['licenses'])})" for k in c["eval_packages"])
+        + ". The photographs among them (the lomiri packages; ukui ships drawings) are the evaluation set.", "",
+        "## Training", "",
+        "| stage | command | steps | wall time (s) | first -> last loss | MLflow run |", "|---|---|---|---|---|---|",
+    ]
+    for k in ("vqvae", "stage1", "stage2"):
+        info = st[k]["info"]
+        loss = (f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}" if info.get("first_loss") is not None else "")
+        steps = info.get("steps", getattr(p, k).steps)
+        lines.append(f"| {k} | `varsr train {'vqvae' if k == 'vqvae' else ('c2i' if k == 'stage1' else 'isr')}` | "
+                     f"{steps} | {st[k]['seconds']} | {loss} | `{info.get('mlflow_run_id')}` |")
+    total = sum(st[k]["seconds"] for k in STAGE_WALL_KEYS if k in st)
+    lines += ["", f"Batch {p.batch_size} (tokenizer {p.vqvae.batch_size or p.batch_size}), fp32, DeepSpeed ZeRO-1 "
+              f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a shared 2-core machine.", "",
+              "## Held-out metrics", "",
+              f"{figures['config']['n']} lomiri photographs, square {figures['config']['hr_side']}-px HR crops, LR = "
+              f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, AdaIN colour fix. PSNR/SSIM on Y (BT.601); "
+              "HF = mean squared high-pass of Y (Y minus its Gaussian blur, sigma 1 px), "
+              "gap = |10 log10(HF_sr/HF_hr)|.",
+              "", "| | PSNR-Y (dB) | SSIM-Y | HF energy | HF gap to HR (dB) |", "|---|---|---|---|---|",
+              f"| bicubic | {m['bicubic_psnr_y']:.2f} | {m['bicubic_ssim_y']:.3f} | {m['bicubic_hf_energy']:.1f} | "
+              f"{m['bicubic_hf_gap_db']:.2f} |",
+              f"| base model | {m['varsr_psnr_y']:.2f} | {m['varsr_ssim_y']:.3f} | {m['varsr_hf_energy']:.1f} | "
+              f"{m['varsr_hf_gap_db']:.2f} |",
+              f"| tokenizer ceiling: tokens only | {m['ceiling_psnr_y_tokens']:.2f} | "
+              f"{m['ceiling_ssim_y_tokens']:.3f} | | |",
+              f"| tokenizer ceiling: tokens + exact residual | {m['ceiling_psnr_y_tokens_residual']:.2f} | "
+              f"{m['ceiling_ssim_y_tokens_residual']:.3f} | | |", "",
+              "## MLflow", "",
+              f"Parent run `{parent}` (experiment `{EXPERIMENT}`), children:", ""]
+    for r in record:
+        if r["run_id"] == parent:
+            continue
+        keys = [k for k in ("loss", "ce", "acc", "val/loss", "val/psnr", "vqvae/psnr", "vqvae/loss", "vqvae/usage")
+                if k in r["metrics"]]
+        lines.append(f"- `{r['run_id']}` {r['run_name']}: " + ", ".join(f"{k} {r['metrics'][k]:.4g}" for k in keys))
+    lines += ["", "Full params/metrics/tags: `mlflow_runs.json`.", ""]
+    return "\n".join(lines)
+
+
+def _train_minutes(st: dict) -> float:
+    return sum(st[k]["seconds"] for k in ("vqvae", "stage1", "stage2") if k in st) / 60
+
+
+def _rel_cmd(cmd: str) -> str:
+    """A recorded command with repository paths made relative (and the work folder named as in the command line)."""
+    return cmd.replace(f"{ROOT}/", "")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)

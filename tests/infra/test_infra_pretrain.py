@@ -1,0 +1,54 @@
+"""`varsr demo pretrain` pieces that run without the network: config loading, the MLflow parent run that adopts
+every stage run as its child (and survives a restart of the recipe), and the commands it issues."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.core.config import ConfigError
+from infra.demo.pretrain import (EXPERIMENT, Pretrain, cmd_train_stage, cmd_train_vqvae, load_pretrain_config)
+
+
+def test_default_recipe_trains_on_photos_and_holds_out_lomiri_and_ukui():
+    cfg = load_pretrain_config(None)
+    train = {p.name for p in cfg.corpus.packages}
+    held = {p.name for p in cfg.corpus.eval_packages}
+    assert not train & held
+    assert all(not n.startswith(("lomiri-", "ukui-")) for n in train)
+    assert held and all(n.startswith(("lomiri-", "ukui-")) for n in held)
+    assert cfg.preset == "small"
+    over = load_pretrain_config(None, ["stage2.steps=7"])
+    assert over.stage2.steps == 7
+    with pytest.raises(ConfigError):
+        load_pretrain_config(None, ["stage2.stepz=7"])
+
+
+def test_parent_run_adopts_stage_runs_and_is_reused_on_resume(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    w = tmp_path / "pt"
+    p = Pretrain(load_pretrain_config(None), str(w), log=lambda s: None)
+    w.mkdir()
+    parent = p.parent_run_id()
+    mlflow.set_tracking_uri(p.tracking_uri)
+    mlflow.set_experiment(EXPERIMENT)
+    kids = []
+    for name in ("pretrain-stage0-vqvae", "pretrain-stage1-c2i"):
+        with mlflow.start_run(run_name=name) as r:
+            mlflow.log_metric("loss", 1.0)
+            kids.append(r.info.run_id)
+    assert sorted(p.adopt_children()) == sorted(kids)
+    client = MlflowClient(p.tracking_uri)
+    assert all(client.get_run(k).data.tags["mlflow.parentRunId"] == parent for k in kids)
+    assert client.get_run(parent).info.status == "RUNNING"
+    # a restarted recipe (new process, same work folder) keeps the same parent run
+    again = Pretrain(load_pretrain_config(None), str(w), log=lambda s: None)
+    assert again.parent_run_id() == parent
+
+
+def test_training_commands_resume_and_carry_overrides():
+    cmd = cmd_train_stage("isr", Path("c.yaml"), ["max_steps=3"])
+    assert cmd[:2] == ["train", "isr"] and "max_steps=3" in cmd and cmd[-2:] == ["--resume", "auto"]
+    assert cmd_train_vqvae(Path("v.yaml"), ["lr=1"])[:2] == ["train", "vqvae"]
