@@ -248,12 +248,16 @@ def cmd_data_build(inp: str, out: str, config: Path) -> list[str]:
     return ["data", "build", "--input", inp, "--output", out, "--config", str(config)]
 
 
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for kv in overrides for a in ("--set", kv)]
+
+
 def cmd_train_vqvae(config: Path, overrides: list[str]) -> list[str]:
-    return ["train", "vqvae", "--config", str(config), *overrides]
+    return ["train", "vqvae", "--config", str(config), *_sets(overrides)]
 
 
 def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]:
-    return ["train", stage, "--config", str(config), *overrides, "--resume", "auto"]
+    return ["train", stage, "--config", str(config), *_sets(overrides), "--resume", "auto"]
 
 
 # ---- export helpers --------------------------------------------------------------------------------------------------

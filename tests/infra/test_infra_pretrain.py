@@ -49,6 +49,11 @@ def test_parent_run_adopts_stage_runs_and_is_reused_on_resume(tmp_path):
 
 
 def test_training_commands_resume_and_carry_overrides():
+    from infra.cli import build_parser
+
     cmd = cmd_train_stage("isr", Path("c.yaml"), ["max_steps=3"])
-    assert cmd[:2] == ["train", "isr"] and "max_steps=3" in cmd and cmd[-2:] == ["--resume", "auto"]
-    assert cmd_train_vqvae(Path("v.yaml"), ["lr=1"])[:2] == ["train", "vqvae"]
+    assert cmd[:2] == ["train", "isr"] and cmd[-2:] == ["--resume", "auto"]
+    parser = build_parser()
+    assert parser.parse_args(cmd).overrides == ["max_steps=3"]          # the real CLI reads the overrides
+    vq = cmd_train_vqvae(Path("v.yaml"), ["lr=1"])
+    assert vq[:2] == ["train", "vqvae"] and parser.parse_args(vq).overrides == ["lr=1"]
