@@ -11,6 +11,12 @@ commands a user would type):
   6. serve     `varsr serve`           `mlflow models serve` on 127.0.0.1 answers one real HTTP request
   7. upscale   `varsr upscale`         the held-out photo, beside a bicubic baseline and the HR reference
 Everything lands under the work folder; state.json records finished steps so a re-run resumes (``--fresh`` restarts).
+
+MLflow (``<workdir>/mlflow.db``, artifacts in ``<workdir>/mlartifacts``): one experiment ``varsr-demo`` and one parent
+run (``demo <preset> seed<N> <time>``) whose children are every run the steps make — the stage-2 training run (which
+also holds the logged and registered model), the serving check and the held-out upscale. The folder is portable:
+move it anywhere and ``varsr demo --workdir NEW`` (or :func:`infra.core.tracking.relocate_local_store`) re-points the
+store before anything reads it.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from infra.core.net import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
+EXPERIMENT = "varsr-demo"
 
 
 @dataclass
@@ -82,8 +89,34 @@ class Demo:
         tmp.write_text(json.dumps(st, indent=2))
         tmp.replace(self.state_path)
 
+    # ---- MLflow: one parent run, every step's run as its child ------------------------------------------------------
+    def parent_run_id(self) -> str:
+        """The demo's parent run, created on the first step and kept (in state.json) across resumed re-runs."""
+        from infra.core.tracking import run_name, start_run
+
+        st = self.state()
+        if st.get("mlflow", {}).get("parent_run_id"):
+            return st["mlflow"]["parent_run_id"]
+        preset = "small" if not self.cfg.from_scratch else "small-from-scratch"
+        run = start_run(self.tracking_uri, run_name("demo", preset, f"seed{self.cfg.seed}"), experiment=EXPERIMENT,
+                        tags={"varsr.stage": "demo", "varsr.model_uri": self.model_uri,
+                              "varsr.demo.from_scratch": str(self.cfg.from_scratch)},
+                        source="varsr demo")
+        st["mlflow"] = {"parent_run_id": run.info.run_id, "experiment": EXPERIMENT}
+        self._save_state(st)
+        return run.info.run_id
+
+    def child_run(self, kind: str, *details, tags: dict | None = None) -> str:
+        from infra.core.tracking import run_name, start_run
+
+        return start_run(self.tracking_uri, run_name(kind, *details), experiment=EXPERIMENT,
+                         parent_run_id=self.parent_run_id(), tags=tags, source=f"varsr demo {kind}").info.run_id
+
     def env(self) -> dict:
+        from infra.core.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV
+
         env = dict(os.environ)
+        env.update({PARENT_RUN_ENV: self.parent_run_id(), EXPERIMENT_ENV: EXPERIMENT})  # every varsr run nests here
         env.update(
             MLFLOW_TRACKING_URI=self.tracking_uri,
             RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
@@ -128,6 +161,11 @@ class Demo:
                    "--config", str(DEMO_CONFIGS / "data.yaml"))
         manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
         c = manifest["counts"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)  # the data behind every stage, on the parent run
+        for k in ("inputs", "kept", "rejected", "failed", "samples"):
+            client.log_metric(self.parent_run_id(), f"data/{k}", float(c[k]))
         return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"], rejected=c["rejected_by_reason"],
                     failed=c["failed_by_reason"], samples=c["samples"], shard_files=len(manifest["shards"]))
 
@@ -211,6 +249,11 @@ class Demo:
         expect = (lr.width * 4, lr.height * 4)
         if img.size != expect:
             raise UserError(f"HTTP answer has size {img.size}, expected {expect}")
+        self._log_child("serve", [self.model_uri], tags={"varsr.model_uri": self.model_uri},
+                        params={"endpoint": "/invocations", "scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg},
+                        metrics={"http/status": r.status_code, "http/latency_s": latency,
+                                 "http/bad_request_status": bad.status_code},
+                        artifacts={"serve": [out]})
         return dict(url=url, status=r.status_code, latency_s=round(latency, 2), response_image=str(out),
                     size=list(img.size), bad_request_status=bad.status_code, bad_request_message=_message(bad)[:200])
 
@@ -232,10 +275,42 @@ class Demo:
         side_by_side([lr.resize(hr.size, Image.NEAREST), bic, sr.resize(hr.size), hr],
                      ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
         metrics = upscale_figures(sr.resize(hr.size), bic, hr)
-        _log_demo_run(self.tracking_uri, metrics, [cmp_path, bic_path, sr_path])
+        sr_named = out_dir / f"{hr_path.stem.replace('_hr', '')}_sr.png"  # the SR output, named for what it is
+        shutil.copyfile(sr_path, sr_named)
+        self._log_child("upscale", [self.model_uri, hr_path.stem.replace("_hr", "")],
+                        tags={"varsr.model_uri": self.model_uri},
+                        params={"scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg, "lr_size": f"{lr.width}x{lr.height}",
+                                "hr_size": f"{hr.width}x{hr.height}"},
+                        metrics=metrics, artifacts={"upscale": [cmp_path, bic_path, sr_named]},
+                        data=(lr_path, "evaluation"))
         self.log(format_figures(metrics))
         return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path), cfg=self.cfg.cfg,
                     **{k: round(float(v), 3) for k, v in metrics.items()})
+
+    def _log_child(self, kind: str, details: list, *, tags: dict, params: dict, metrics: dict,
+                   artifacts: dict[str, list[Path]], data: tuple[Path, str] | None = None) -> str:
+        """A finished child run of the demo's parent: params, metrics, artifacts and (optionally) its input image."""
+        import hashlib
+
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        from infra.core.tracking import dataset_input, end_run, portable_ref
+
+        rid = self.child_run(kind, *details, tags=tags)
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        ts = int(time.time() * 1000)
+        client.log_batch(rid, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+        for folder, files in artifacts.items():
+            for f in files:
+                client.log_artifact(rid, str(f), artifact_path=folder)
+        if data is not None:
+            path, context = data
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            client.log_inputs(rid, datasets=[dataset_input(portable_ref(path, self.w), digest, context=context)])
+        end_run(self.tracking_uri, rid)
+        return rid
 
     # ---- driver ---------------------------------------------------------------------------------------------------
     def run(self, only: list[str] | None = None) -> dict:
@@ -245,17 +320,30 @@ class Demo:
         self.w.mkdir(parents=True, exist_ok=True)
         st = self.state()
         todo = [s for s in self.steps if only is None or s in only]
-        for i, name in enumerate(todo, 1):
-            if st.get(name, {}).get("done"):
-                self.log(f"[{i}/{len(todo)}] {name}: done in an earlier run, skipped (use --fresh to redo)")
-                continue
-            self.log(f"[{i}/{len(todo)}] {name} ...  (elapsed {time.monotonic() - self.t0:.0f} s)")
-            t = time.monotonic()
-            info = getattr(self, f"step_{name}")()
-            st[name] = dict(done=True, seconds=round(time.monotonic() - t, 1), info=info,
-                            command=" ".join(self.commands.get(name, [])))
-            self._save_state(st)
-            self.log(f"[{i}/{len(todo)}] {name}: ok in {st[name]['seconds']} s")
+        from infra.core.tracking import end_run, relocate_local_store
+
+        if (self.w / "mlflow.db").exists():
+            relocate_local_store(self.tracking_uri)  # a moved demo folder: re-point the store before anything reads it
+        parent = self.parent_run_id()
+        st = self.state()
+        try:
+            for i, name in enumerate(todo, 1):
+                if st.get(name, {}).get("done"):
+                    self.log(f"[{i}/{len(todo)}] {name}: done in an earlier run, skipped (use --fresh to redo)")
+                    continue
+                self.log(f"[{i}/{len(todo)}] {name} ...  (elapsed {time.monotonic() - self.t0:.0f} s)")
+                t = time.monotonic()
+                info = getattr(self, f"step_{name}")()
+                st = self.state()
+                st[name] = dict(done=True, seconds=round(time.monotonic() - t, 1), info=info,
+                                command=" ".join(self.commands.get(name, [])))
+                self._save_state(st)
+                self.log(f"[{i}/{len(todo)}] {name}: ok in {st[name]['seconds']} s")
+        except BaseException:
+            end_run(self.tracking_uri, parent, "FAILED")
+            raise
+        if all(st.get(k, {}).get("done") for k in self.steps):
+            end_run(self.tracking_uri, parent, "FINISHED")
         summary = self.summary(st)
         (self.w / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(format_summary(summary))
@@ -320,17 +408,6 @@ def side_by_side(images, titles):
         canvas.paste(im.convert("RGB").resize((w, h)), (i * w, pad))
         draw.text((i * w + 2, 1), t, fill="black")
     return canvas
-
-
-def _log_demo_run(tracking_uri: str, metrics: dict, artifacts: list[Path]) -> None:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("varsr-demo")
-    with mlflow.start_run(run_name="demo-upscale"):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        for a in artifacts:
-            mlflow.log_artifact(str(a), artifact_path="upscale")
 
 
 def _interesting(line: str) -> bool:

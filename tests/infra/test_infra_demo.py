@@ -1,5 +1,7 @@
 """`varsr demo` end to end in a reduced form (a few finetuning steps from the shipped base): every stage's output
-exists and is valid, the held-out figures are printed and logged, and a re-run resumes (skips finished steps)."""
+exists and is valid, the held-out figures are printed and logged, the MLflow record is one parent run with named
+children (the registered version's source run is the stage-2 training run), the sample grids show different samples,
+a re-run resumes (skips finished steps), and the demo folder moved elsewhere still opens with every artifact."""
 from __future__ import annotations
 
 import hashlib
@@ -85,14 +87,82 @@ def test_demo_end_to_end_reduced(tmp_path):
     for k in ("psnr_y", "ssim_y", "hf_energy"):
         assert isinstance(up[f"{k}_varsr"], float) and isinstance(up[f"{k}_bicubic"], float)
     assert "HF energy" in res.stdout
-    demo_runs = [r for r in runs if r.info.run_name == "demo-upscale"]
-    assert demo_runs and {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic"} <= set(
-        demo_runs[0].data.metrics)
+    _check_run_tree(w, uri, st)
 
     # a re-run resumes: every step is skipped
     again = _demo(w, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("done in an earlier run, skipped") == 7
+
+    # the folder moves: its store still finds every artifact and the registered model's schema
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "demo-moved"
+    moved.parent.mkdir()
+    shutil.move(str(w), str(moved))
+    again = _demo(moved, timeout=300)                     # reopening re-points the store at the new place
+    assert again.returncode == 0, again.stderr[-2000:]
+    _check_artifacts_resolve(moved)
+
+
+def _check_run_tree(w: Path, uri: str, st: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import grid_tiles
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("varsr-demo")
+    assert exp is not None and Path(exp.artifact_location.replace("file://", "")) == w / "mlartifacts" / "varsr-demo"
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs[st["mlflow"]["parent_run_id"]]
+    assert parent.info.run_name.startswith("demo small seed0 ") and parent.info.status == "FINISHED"
+    assert parent.data.metrics["data/kept"] > 0
+    children = {r.info.run_name.split(" ")[0]: r for r in runs.values()
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"stage2-isr", "serve", "upscale"} <= set(children), sorted(children)
+    assert len({r.info.run_name for r in runs.values()}) == len(runs)   # no two runs share a name
+    # the registered version comes from the stage-2 training run itself, which shows its logged model
+    mv = client.get_model_version_by_alias("varsr-demo", "champion")
+    assert mv.run_id == children["stage2-isr"].info.run_id
+    assert client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{mv.run_id}'")
+    up = children["upscale"]
+    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic"} <= set(up.data.metrics)
+    assert up.data.tags["varsr.model_uri"] == "models:/varsr-demo@champion" and up.data.params["cfg"]
+    assert up.inputs.dataset_inputs                                     # the held-out photo it ran on
+    names = {a.path for a in client.list_artifacts(up.info.run_id, "upscale")}
+    assert {"upscale/comparison.png", "upscale/bicubic.png", "upscale/motorcycle_sr.png"} <= names
+    # no absolute local path in any tag or param
+    for r in runs.values():
+        for k, v in {**r.data.tags, **r.data.params}.items():
+            assert not str(v).startswith(str(w)) and "/tmp/" not in str(v), (r.info.run_name, k, v)
+    # the stage-2 sample grid shows different validation samples
+    grids = sorted((w / "runs" / "stage2" / "samples").glob("*.png"))
+    meta, rows = grid_tiles(grids[-1])
+    assert len(rows) >= 2
+    hr = [row[-1] for row in rows]
+    assert all((a != b).any() for i, a in enumerate(hr) for b in hr[i + 1:])
+
+
+def _check_artifacts_resolve(w: Path) -> None:
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{w / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("varsr-demo")
+    for r in client.search_runs([exp.experiment_id]):
+        for a in client.list_artifacts(r.info.run_id):
+            if not a.is_dir:
+                local = client.download_artifacts(r.info.run_id, a.path, str(w / "dl" / r.info.run_id))
+                assert Path(local).is_file() and Path(local).stat().st_size > 0
+    from infra.core.tracking import tracking_uri_scope
+
+    with tracking_uri_scope(uri):
+        info = Model.load("models:/varsr-demo@champion")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert not any(str(p).startswith("/tmp/pytest") and "elsewhere" not in str(p)
+                   for p in [exp.artifact_location])
 
 
 def _sha256(p: Path) -> str:
