@@ -1,5 +1,8 @@
-"""Every recipe and preset parses, loads into the project's typed config classes, and every `varsr` command and
-config path it names exists (so cluster recipes cannot rot silently)."""
+"""Every recipe and preset parses and loads into the project's typed config classes, and every `varsr` command and
+config path a recipe names parses against the real CLI and exists. These are static checks: the recipes are run for
+real by other tests (the MLflow server script in test_infra_mlflow_server.py, the cluster commands in tests/cluster,
+the launcher YAML through Ray's validator in test_infra_ray_launcher.py); a KubeRay apply needs a Kubernetes cluster,
+which no test here has."""
 from __future__ import annotations
 
 import json
