@@ -234,18 +234,23 @@ def bench_generate(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, cal
 
 
 # ---- training step -----------------------------------------------------------------------------------------------
-def bench_train(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, steps: int, warmup: int) -> dict:
-    """One training step: tokenise HR with the frozen VQVAE (fp32), forward, backward, AdamW.
-
-    ``--token-cache`` times the step with the shards' token cache beside it (:func:`bench_token_cache`).
-    """
+def model_and_batch(cfg: VARSRConfig, device, batch: int):
+    """(vqvae, varsr, hr, lr, label): seeded random weights and a random batch, the same for every training bench."""
     torch.manual_seed(0)
     vqvae, varsr = build(cfg, device=device)
     S = cfg.image_size
     g = torch.Generator(device="cpu").manual_seed(0)
     hr = torch.rand(batch, 3, S, S, generator=g).to(device)
     lr = torch.rand(batch, 3, S, S, generator=g).to(device)
-    label = torch.zeros(batch, dtype=torch.long, device=device)
+    return vqvae, varsr, hr, lr, torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def bench_train(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, steps: int, warmup: int) -> dict:
+    """One training step: tokenise HR with the frozen VQVAE (fp32), forward, backward, AdamW.
+
+    ``--token-cache`` times the step with the shards' token cache beside it (:func:`bench_token_cache`).
+    """
+    vqvae, varsr, hr, lr, label = model_and_batch(cfg, device, batch)
     varsr.train()
     opt = torch.optim.AdamW(varsr.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -373,13 +378,7 @@ def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, ro
 
 def bench_token_cache(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, rounds: int) -> dict:
     """The token-cache comparison on the same random batch and model as :func:`bench_train`."""
-    torch.manual_seed(0)
-    vqvae, varsr = build(cfg, device=device)
-    S = cfg.image_size
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hr = torch.rand(batch, 3, S, S, generator=g).to(device)
-    lr = torch.rand(batch, 3, S, S, generator=g).to(device)
-    label = torch.zeros(batch, dtype=torch.long, device=device)
+    vqvae, varsr, hr, lr, label = model_and_batch(cfg, device, batch)
     return token_cache_train_bench(cfg, vqvae, varsr, hr, lr, label, rounds=rounds,
                                    autocast=lambda: _autocast(device, dtype), sync=lambda: _sync(device))
 
