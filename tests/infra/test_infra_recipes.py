@@ -173,7 +173,9 @@ def test_train_configs_load_into_typed_config():
         assert isinstance(cfg, TrainConfig)
         VARSRConfig.preset(cfg.model_preset, **cfg.model.overrides)  # the model it names builds a valid config
     vq = load_config(VQVAETrainConfig, ROOT / "configs/demo/vqvae.yaml")
-    assert vq.model.preset == "tiny"
+    stage2 = load_train_config(ROOT / "configs/demo/stage2.yaml")
+    assert vq.model.preset == stage2.model.preset  # the demo's tokenizer fits the demo's model
+    VARSRConfig.preset(vq.model.preset, **vq.model.overrides)
 
 
 def test_inference_config_loads():
