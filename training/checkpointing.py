@@ -77,8 +77,12 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def save(engine, run: RunDir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int) -> str:
-    """Collective: every rank calls it. Returns the checkpoint's location (path or URL)."""
+def save(engine, run: RunDir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int,
+         launch: str | None = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint's location (path or URL).
+
+    ``launch`` (a Ray Train launch's id, ``training/launch.py``) goes into the ``COMPLETE`` marker, so workers that
+    Ray restarts after a failure find the checkpoints of their own launch (``find_resume``)."""
     tag = _tag(step)
     rel = f"{CKPTS}/{tag}"
     d = run / rel
@@ -100,7 +104,7 @@ def save(engine, run: RunDir, step: int, position: DataPosition, generator, fing
     if rank == 0:
         state = {"step": step, "world_size": _world(), "positions": dict(enumerate(positions)), **fingerprint}
         (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (d / MARKER).write_text(json.dumps({"step": step}) + "\n")
+        (d / MARKER).write_text(json.dumps({"step": step, "launch": launch}) + "\n")
         run.publish(f"{rel}/trainer_state.json")
         run.publish(f"{rel}/{MARKER}")  # last: the commit point of the checkpoint
         for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
@@ -119,21 +123,44 @@ def complete_checkpoints(run: RunDir) -> list[int]:
     return sorted(steps)
 
 
-def find_resume(run: RunDir, resume: str | None) -> Path | None:
-    """``auto`` -> the latest complete checkpoint of the run (None if there is none); a path -> that checkpoint.
+def launch_of(run: RunDir, step: int) -> str | None:
+    """The launch id recorded in a complete checkpoint's marker (None for checkpoints written outside Ray Train)."""
+    rel = f"{CKPTS}/{_tag(step)}/{MARKER}"
+    if not run.fetch(rel):
+        return None
+    try:
+        return json.loads((run / rel).read_text()).get("launch")
+    except (ValueError, AttributeError):  # a marker from before launches were recorded holds no JSON object
+        return None
+
+
+def find_resume(run: RunDir, resume: str | None, launch: str | None = None) -> Path | None:
+    """Which checkpoint this rank starts from (None: from scratch).
+
+    * ``launch`` given and the run holds complete checkpoints of that launch: the latest of them. This is a worker
+      restarted by Ray Train after a failure; it must not depend on Ray having registered the reported checkpoint
+      before the failure (a node can die between the upload and the controller's poll).
+    * ``auto`` -> the latest complete checkpoint of the run (None if there is none); a path -> that checkpoint.
+
     For a URL output the checkpoint is brought into this rank's local folder."""
+    if launch is not None:
+        own = [s for s in complete_checkpoints(run) if launch_of(run, s) == launch]
+        if own:
+            return _bring(run, own[-1])
     if not resume:
         return None
     if resume == "auto":
         found = complete_checkpoints(run)
-        if not found:
-            return None
-        rel = f"{CKPTS}/{_tag(found[-1])}"
-        return run.fetch_tree(rel) if run.remote else run / rel
+        return _bring(run, found[-1]) if found else None
     p = Path(resume)
     if not (p / MARKER).is_file():
         raise UserError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker in it)")
     return p
+
+
+def _bring(run: RunDir, step: int) -> Path:
+    rel = f"{CKPTS}/{_tag(step)}"
+    return run.fetch_tree(rel) if run.remote else run / rel
 
 
 def load(engine, ckpt: Path, generator, fingerprint: dict) -> tuple[int, DataPosition]:

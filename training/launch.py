@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from infra.core.config import load_config, save_config, to_dict
@@ -58,9 +59,11 @@ def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: 
 def _ray_worker(config: dict) -> None:
     """Ray Train worker: Ray has set up torch.distributed and the rank env vars; DeepSpeed wraps that group.
 
-    Ray Train's failure handling restarts every worker when one dies (up to ``ray.max_failures`` times). Each
-    complete checkpoint is reported to Ray Train as a small pointer, so a restarted worker sees
-    ``ray.train.get_checkpoint()`` and resumes from the run's latest complete checkpoint (``--resume auto``).
+    Ray Train's failure handling restarts every worker when one dies (up to ``ray.max_failures`` times). A
+    restarted worker resumes from the latest complete checkpoint of its own launch: every checkpoint's marker
+    records the launch id the driver drew (``checkpointing.find_resume``). Each checkpoint is also reported to Ray
+    Train as a small pointer (``ray.train.get_checkpoint()``), but a node can die after the upload and before the
+    controller registers the report, so the pointer alone is not relied on.
     """
     import json
     import tempfile
@@ -82,7 +85,7 @@ def _ray_worker(config: dict) -> None:
                 json.dump({"step": step, "location": location}, f)
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    train(cfg, resume, shutdown=False, on_checkpoint=report)  # Ray Train owns the process group
+    train(cfg, resume, shutdown=False, on_checkpoint=report, launch=config["launch"])  # Ray owns the process group
 
 
 def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
@@ -110,7 +113,7 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
         fs_kw["storage_filesystem"], results = storage.pyarrow_filesystem(results)
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"train_config": to_dict(cfg), "resume": resume},
+        train_loop_config={"train_config": to_dict(cfg), "resume": resume, "launch": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         run_config=RunConfig(name="varsr-train", storage_path=results, **fs_kw,

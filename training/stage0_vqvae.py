@@ -155,7 +155,7 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker) 
             if restarted:
                 log.info("step %d: re-seeded %d unused codes", step, restarted)
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
-        m = {"loss/total": float(loss), "loss/l1": float(l1), "loss/mse": float(mse), "loss/vq": float(vq_loss),
+        m = {"loss/total": loss.item(), "loss/l1": l1.item(), "loss/mse": mse.item(), "loss/vq": vq_loss.item(),
              "optim/grad_norm": float(gn), "recon/psnr": rec_psnr,
              "codebook/usage_pct": float(sum(usage) / max(len(usage), 1)), "lr": sched.get_last_lr()[0]}
         history.append({"step": step, **m})

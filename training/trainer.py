@@ -97,8 +97,8 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """One rank's view of a training run."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, on_checkpoint=None):
-        self.cfg, self.resume, self.on_checkpoint = cfg.validate(), resume, on_checkpoint
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, on_checkpoint=None, launch: str | None = None):
+        self.cfg, self.resume, self.on_checkpoint, self.launch = cfg.validate(), resume, on_checkpoint, launch
         self.device = deepspeed_engine.resolve_device(cfg)
         deepspeed_engine.ensure_dist_env()
         deepspeed_engine.init_distributed(self.device)
@@ -144,14 +144,16 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed * max(1, self.world) + self.rank)
         self.fingerprint = fingerprint(cfg, self.mcfg)
         self.start_step, position = 0, DataPosition()
-        ckpt = checkpointing.find_resume(self.run, self.resume)
+        ckpt = checkpointing.find_resume(self.run, self.resume, self.launch)
+        self.resumed_from = None
         if ckpt is not None:
             self.start_step, position = checkpointing.load(self.engine, ckpt, self.generator, self.fingerprint)
             self._load_history()
+            self.resumed_from = str(self.run.url_of(ckpt.relative_to(self.run.local))
+                                    if self.run.remote and ckpt.is_relative_to(self.run.local) else ckpt)
             if self.is_main:
-                _out(f"[train] resumed from {ckpt} at step {self.start_step} (epoch {position.epoch}, "
+                _out(f"[train] resumed from {self.resumed_from} at step {self.start_step} (epoch {position.epoch}, "
                      f"{position.samples_consumed} samples consumed on rank 0)")
-        self.resumed_from = str(ckpt) if ckpt else None
         if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
             (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
         self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae)
@@ -350,7 +352,7 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         """A complete checkpoint (every rank), then the run history with it, so a resumed run sees both."""
         location = checkpointing.save(self.engine, self.run, step, self.stream.pos, self.generator,
-                                      self.fingerprint, self.cfg.keep_checkpoints)
+                                      self.fingerprint, self.cfg.keep_checkpoints, self.launch)
         if self.is_main:
             self.run.publish("history.jsonl")
         if self.on_checkpoint is not None:  # e.g. Ray Train's failure handling (training/launch.py), every rank
@@ -553,14 +555,16 @@ def _shard_profile(shards: ShardSet) -> dict:
             "hr_size": shards.hr_size}
 
 
-def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None) -> TrainResult:
-    """Run (or resume) a training job on this rank.
+def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None,
+          launch: str | None = None) -> TrainResult:
+    """Run (or resume) a training job on this rank (``launch``: the Ray Train launch this rank belongs to, see
+    ``checkpointing.find_resume``).
 
     The process group stays up for further runs in this process (DeepSpeed caches its groups) and is torn down at
     exit (or now, with ``shutdown=True``; launchers do that).
     """
     try:
-        return Trainer(cfg, resume, on_checkpoint).train()
+        return Trainer(cfg, resume, on_checkpoint, launch).train()
     finally:
         if shutdown:
             deepspeed_engine.shutdown()

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 # one image per shard, at 256 px with two LR variants: enough shard tasks, each long enough to be caught in flight
 MANY_SHARDS = ("--set", "shard.max_samples_per_shard=1", "--set", "shard.crop_size=256", "--set", "shard.lr_variants=2",
                "--set", "select.cluster.k=4", "--set", "score.weights_dir=/nonexistent-iqa-cache")
-TRAIN = ("--set", "max_steps=16", "--set", "checkpoint_every=4", "--set", "data.workers=0", "--set",
+TRAIN = ("--set", "max_steps=24", "--set", "checkpoint_every=4", "--set", "data.workers=0", "--set",
          "validation.num_images=1", "--set", "validation.batches=1", "--set", "ray.cpus_per_worker=1",
          "--set", "model.overrides.num_classes=4", "--set", "tracking.enabled=false", "--set", "ray.max_failures=2",
          "--set", "optim.warmup_epochs=0", "--set", "model.overrides.drop_path_rate=0.0")
@@ -114,9 +114,10 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_c
         if proc.poll() is None:
             proc.kill()
     summary = json.loads(storage.read_text(f"s3://{bucket}/runs/killed/summary.json"))
-    assert summary["status"] == "FINISHED" and summary["steps"] == 16
+    assert summary["status"] == "FINISHED" and summary["steps"] == 24
     text = log.read_text()
     assert "resumed from" in text, "the restarted workers did not resume from the checkpoint"
+    assert "steps 0->24 of 24" in text, "the first attempt did not start from step 0"
     a, b = _final_weights(bucket, "uninterrupted"), _final_weights(bucket, "killed")
     assert a.keys() == b.keys()
     for k in a:

@@ -35,3 +35,30 @@ def test_interrupted_run_resumes_exactly(shards, tmp_path, dist_port, monkeypatc
     monkeypatch.setenv("MASTER_PORT", str(dist_port + 3))
     with pytest.raises(UserError, match="another config"):
         train(_cfg(tmp_path, "split", shards, ["max_steps=9", "model.overrides.depth=3"]), resume="auto")
+
+
+def test_a_restarted_ray_worker_finds_its_own_launchs_checkpoints(tmp_path):
+    """Ray Train restarts workers after a failure with the launch id the driver drew; they resume from the latest
+    complete checkpoint of that launch, whatever ``--resume`` says, and never from another launch's checkpoints."""
+    from training import checkpointing
+    from training.run_dir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+
+    def ckpt(step: int, marker: str | None) -> None:
+        d = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if marker is not None:
+            (d / "COMPLETE").write_text(marker)
+
+    ckpt(4, json.dumps({"step": 4, "launch": "old"}))   # an earlier launch into the same output folder
+    ckpt(8, json.dumps({"step": 8, "launch": "L1"}))
+    ckpt(12, json.dumps({"step": 12, "launch": "L1"}))
+    ckpt(16, None)                                        # torn: never complete
+    ckpt(20, json.dumps({"step": 20}))                    # written outside Ray Train (no launch)
+
+    assert checkpointing.find_resume(run, None, launch="L1").name == "step_00000012"
+    assert checkpointing.find_resume(run, None, launch="L2") is None          # a fresh launch starts from scratch
+    assert checkpointing.find_resume(run, "auto", launch="L2").name == "step_00000020"  # unless asked to resume
+    assert checkpointing.find_resume(run, "auto").name == "step_00000020"
+    assert checkpointing.launch_of(run, 4) == "old" and checkpointing.launch_of(run, 20) is None
