@@ -1,4 +1,4 @@
-"""Colour correction of the SR output against the bicubic-upsampled LR (spec §4.4).
+"""Colour correction of the SR output against the bicubic-upsampled LR (docs/MODEL.md §4.4).
 
 * AdaIN: per channel, the SR image is normalised by its own mean/std and re-scaled by the reference's
   (std = sqrt(unbiased variance + 1e-5), as upstream).

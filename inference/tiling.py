@@ -1,4 +1,4 @@
-"""Latent-space tiling for targets larger than one model tile (spec §4.5, with symmetric weights).
+"""Latent-space tiling for targets larger than one model tile (docs/MODEL.md §4.5, with symmetric weights).
 
 A target of h x w latent cells is covered by tiles of ``tile`` x ``tile`` cells (the model's pn_last) placed every
 ``tile - overlap`` cells, the last row/column snapped to the border. Each tile's f_hat is weighted by a smooth window

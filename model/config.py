@@ -1,7 +1,7 @@
 """VARSR model configuration and presets.
 
-One typed object holds every architectural number of spec §8 ("Configuration object"); the defaults are the released
-VARSR model (spec §0.1: d24, patch_nums 1…32 at 512 px, VQVAE ch160 v4096 z32). Everything geometric is *derived*
+One typed object holds every architectural number of docs/MODEL.md §8 ("Configuration object"); the defaults are the released
+VARSR model (docs/MODEL.md §0.1: d24, patch_nums 1…32 at 512 px, VQVAE ch160 v4096 z32). Everything geometric is *derived*
 from it (image size, prefix length, RoPE grid, sequence length), never hard-coded to 512 / 1024 / 32.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ C2I_12_SCALE_PATCH_NUMS = (1, 2, 3, 4, 6, 9, 12, 16, 20, 24, 28, 32)
 
 @dataclass
 class VQVAEConfig:
-    """VAR's multi-scale VQVAE (spec §1.1)."""
+    """VAR's multi-scale VQVAE (docs/MODEL.md §1.1)."""
 
     vocab_size: int = 4096  # V
     z_channels: int = 32  # Cvae
@@ -45,7 +45,7 @@ class VARSRConfig:
     patch_nums: tuple[int, ...] = RELEASED_PATCH_NUMS
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
 
-    # transformer (spec §2.1)
+    # transformer (docs/MODEL.md §2.1)
     depth: int = 24
     embed_dim: int | None = None  # C; None -> 64·depth
     num_heads: int | None = None  # H; None -> depth
@@ -65,11 +65,11 @@ class VARSRConfig:
     # d24), so research checkpoints of other widths have a 1536-wide last stage
     lr_encoder_hidden: int = 1536
 
-    # RoPE (spec §2.6)
+    # RoPE (docs/MODEL.md §2.6)
     rope_theta: float = 10000.0
     rope_grid: int | None = None  # None -> pn_last (32 for the released model)
 
-    # diffusion refiner (spec §3)
+    # diffusion refiner (docs/MODEL.md §3)
     refiner_width: int = 1024
     refiner_depth: int = 6
     refiner_train_steps: int = 1000
@@ -78,18 +78,18 @@ class VARSRConfig:
     refiner_schedule: str = "cosine"
     diffusion_batch_mul: int = 4
 
-    # sampling defaults (spec §4.2)
+    # sampling defaults (docs/MODEL.md §4.2)
     cfg: float = 6.0
     top_k: int = 1
     top_p: float = 0.75
-    c2i_cfg_schedule: Literal["quadratic", "linear_plus_one"] = "linear_plus_one"  # §2.12 (snapshot vs later upstream)
+    c2i_cfg_schedule: Literal["quadratic", "linear_plus_one"] = "linear_plus_one"  # MODEL.md §2.12
 
-    # loss (spec §5.3)
+    # loss (docs/MODEL.md §5.3)
     ce_weight: float = 1.0
     diff_weight: float = 2.0
     label_smooth: float = 0.0
 
-    # init (spec §2.9)
+    # init (docs/MODEL.md §2.9)
     init_std: float = -1.0  # <0 -> sqrt(1/(3C))
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-4  # README command uses --alng=1e-4
@@ -161,7 +161,7 @@ class VARSRConfig:
 
     @property
     def class_rows(self) -> int:
-        """Rows of class_emb: ISR uses exactly num_classes; C2I adds the null class (spec §2.12)."""
+        """Rows of class_emb: ISR uses exactly num_classes; C2I adds the null class (docs/MODEL.md §2.12)."""
         return self.num_classes + (1 if self.variant == "c2i" else 0)
 
     def validate(self) -> "VARSRConfig":
@@ -270,7 +270,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "d20": dict(depth=20),
     "d24": dict(depth=24),  # the released VARSR (1.10 B parameters)
     "d30": dict(depth=30),
-    # stage-1 class-to-image variants (spec §2.12)
+    # stage-1 class-to-image variants (docs/MODEL.md §2.12)
     "c2i-tiny": dict(
         variant="c2i",
         patch_nums=(1, 2, 4),

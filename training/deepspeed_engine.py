@@ -157,7 +157,7 @@ def initialize(cfg: TrainConfig, model: torch.nn.Module, schedule: Schedule):
 
 
 def shutdown() -> None:
-    """Barrier + destroy the process group (STACK.md: avoids rare aborts at exit)."""
+    """Barrier + destroy the process group (avoids rare gloo aborts at interpreter exit)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Full-reference image quality: PSNR and SSIM on the BT.601 Y channel (the paper's tables, spec §4.4) and on RGB.
+"""Full-reference image quality: PSNR and SSIM on the BT.601 Y channel (the paper's tables, docs/MODEL.md §4.4) and on RGB.
 
 Y = (65.481 R + 128.553 G + 24.966 B) / 255 + 16/255 for R, G, B in [0, 1], in float64. SSIM is Wang et al.'s: an
 11-tap Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, statistics over the valid region (no padding), averaged over
