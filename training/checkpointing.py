@@ -158,6 +158,36 @@ def find_resume(run: RunDir, resume: str | None, launch: str | None = None) -> P
     return p
 
 
+def save_module_state(run: RunDir, step: int, state: dict, keep: int) -> str:
+    """A single-process checkpoint without DeepSpeed (stage 0: the tokenizer's plain torch model and optimiser).
+
+    ``state.pt`` holds ``state`` (tensors, numbers, strings, lists and dicts only, so it loads with
+    ``weights_only=True``) plus this process's RNG states; ``COMPLETE`` is written after it, the commit point that
+    ``find_resume`` looks for. Older checkpoints beyond ``keep`` are removed. Returns the checkpoint's location."""
+    rel = f"{CKPTS}/{_tag(step)}"
+    d = run / rel
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({**state, "step": step, "rng": rng_state(None)}, d / "state.pt")
+    run.publish(f"{rel}/state.pt")
+    (d / MARKER).write_text(json.dumps({"step": step}) + "\n")
+    run.publish(f"{rel}/{MARKER}")
+    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+        run.remove_tree(f"{CKPTS}/{_tag(old)}")
+    return run.url_of(rel)
+
+
+def load_module_state(ckpt: Path, fingerprint: dict) -> dict:
+    """The state saved by :func:`save_module_state`, with this process's RNG states restored from it; UserError when
+    it was written by another configuration (``fingerprint`` keys differ)."""
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    for k, v in fingerprint.items():
+        if st.get("fingerprint", {}).get(k) != v:
+            raise UserError(f"checkpoint {ckpt} was written by another config ({k}: checkpoint "
+                            f"{st.get('fingerprint', {}).get(k)!r}, this run {v!r}); use a fresh output_dir")
+    set_rng_state(st.pop("rng"), None)
+    return st
+
+
 def _bring(run: RunDir, step: int) -> Path:
     rel = f"{CKPTS}/{_tag(step)}"
     return run.fetch_tree(rel) if run.remote else run / rel

@@ -35,7 +35,7 @@ def _run_stage(args) -> int:
 def _run_vqvae(args) -> int:
     from training.stage0_vqvae import load_vqvae_config, train_vqvae
 
-    train_vqvae(load_vqvae_config(args.config, args.overrides))
+    train_vqvae(load_vqvae_config(args.config, args.overrides), resume=args.resume)
     return 0
 
 
@@ -52,4 +52,5 @@ def register(subparsers, on_trained: OnTrained | None = None) -> None:
     s = sub.add_parser("vqvae", help="stage 0: train a small multi-scale VQVAE tokenizer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_args(s, "tokenizer YAML (e.g. configs/demo/vqvae.yaml)")
+    s.add_argument("--resume", default=None, help="'auto' = latest complete checkpoint in output_dir, or a path")
     s.set_defaults(func=_run_vqvae)

@@ -8,7 +8,11 @@ holding the tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 l
 <time>``, the shared lineage tags, the shard manifest as dataset input, ``loss/...`` metrics, an HR | reconstruction |
 tokens-only grid of distinct samples, and the export as the run's logged model (stage 1 links it as a model input).
 
-    varsr train vqvae --config configs/demo/vqvae.yaml [--set max_steps=400 --set data.batch_size=8 ...]
+Checkpoints (model, optimiser, LR schedule, RNG states, data position and the metric history) go to
+``{output_dir}/checkpoints/step_N/`` every ``checkpoint_every`` steps and at the end; ``--resume auto`` continues from
+the latest complete one with the same losses as an uninterrupted run.
+
+    varsr train vqvae --config configs/demo/vqvae.yaml [--set max_steps=400 --set data.batch_size=8 ...] [--resume auto]
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +54,8 @@ class VQVAETrainConfig:
     log_every: int = 20
     device: str = "auto"
     grid_images: int = 4  # distinct held-out samples in the reconstruction grid
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 1
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
@@ -58,10 +64,13 @@ def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
     return load_config(VQVAETrainConfig, source, list(overrides))
 
 
-def train_vqvae(cfg: VQVAETrainConfig) -> dict:
-    """Train the tokenizer; returns {losses, psnr, export_dir, run_id, model_id}."""
+def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
+    """Train the tokenizer (``resume``: ``auto`` or a checkpoint folder); returns {losses, psnr, export_dir, run_id,
+    model_id, resumed_from}."""
     from model import VARSRConfig, VQVAE
-    from data_pipeline.shards import BatchStream, resolve_shards
+    from data_pipeline.shards import BatchStream, DataPosition, resolve_shards
+    from training import checkpointing
+    from training.run_dir import RunDir
 
     if cfg.max_steps < 1:
         raise UserError("max_steps must be >= 1")
@@ -75,16 +84,34 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     vqvae = VQVAE(mcfg).to(dev).train()
     opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-    stream = iter(BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size,
-                              workers=cfg.data.workers, seed=cfg.seed, rank=0, world=1,
-                              shuffle_buffer=cfg.data.shuffle_buffer))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(str(out))
+    fingerprint = _fingerprint(cfg, mcfg)
+    history, position = [], DataPosition()
+    ckpt = checkpointing.find_resume(run, resume)
+    if ckpt is not None:  # after the model is built: the checkpoint's RNG states replace the init's draws
+        st = checkpointing.load_module_state(ckpt, fingerprint)
+        vqvae.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        vqvae.quantize.record_hit = int(st["record_hit"])  # usage EMA updates count (a plain attribute, not state)
+        history, position = st["history"], DataPosition(**st["position"])
+        print(f"[vqvae] resumed from {ckpt} at step {st['step']} (epoch {position.epoch})", flush=True)
+    batches = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size,
+                          workers=cfg.data.workers, seed=cfg.seed, rank=0, world=1,
+                          shuffle_buffer=cfg.data.shuffle_buffer, position=position)
+
+    def checkpoint(step: int, hist: list[dict]) -> None:
+        checkpointing.save_module_state(run, step, {
+            "model": vqvae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "record_hit": vqvae.quantize.record_hit, "position": asdict(batches.pos), "history": hist,
+            "fingerprint": fingerprint}, cfg.keep_checkpoints)
     (out / "resolved_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     tracker = _start_tracking(cfg, shards, mcfg.name, out)
     status = "FAILED"
     try:
-        history = _train_loop(cfg, vqvae, opt, sched, stream, dev, tracker)
+        history = _train_loop(cfg, vqvae, opt, sched, iter(batches), dev, tracker, history, checkpoint)
         vqvae.eval()
         val = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else shards
         grid = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
@@ -102,7 +129,15 @@ def train_vqvae(cfg: VQVAETrainConfig) -> dict:
     print(f"[vqvae] done: {cfg.max_steps} steps, loss {first['loss/total']:.4f} -> {last['loss/total']:.4f}, "
           f"rec-PSNR {first['recon/psnr']:.2f} -> {last['recon/psnr']:.2f} dB; tokenizer -> {export}", flush=True)
     return dict(losses=[h["loss/total"] for h in history], psnr=[h["recon/psnr"] for h in history],
-                export_dir=str(export), run_id=tracker.run_id, model_id=model_id)
+                export_dir=str(export), run_id=tracker.run_id, model_id=model_id,
+                resumed_from=str(ckpt) if ckpt else None)
+
+
+def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
+    """What a resumed run must share with the checkpoint it continues (not max_steps: a run can be extended)."""
+    return {"geometry": json.dumps(mcfg.to_dict(), sort_keys=True), "seed": cfg.seed, "lr": cfg.lr,
+            "batch_size": cfg.data.batch_size, "shards": cfg.data.shards, "warmup_steps": cfg.warmup_steps,
+            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight]}
 
 
 def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
@@ -133,10 +168,12 @@ def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
     return tracker
 
 
-def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker) -> list[dict]:
-    """The optimisation steps; returns the per-step metrics (also logged)."""
-    history, t0 = [], time.monotonic()
-    for step in range(1, cfg.max_steps + 1):
+def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, history: list[dict],
+                checkpoint) -> list[dict]:
+    """The optimisation steps after those in ``history`` (a resumed run's); returns the per-step metrics of the whole
+    run (also logged). ``checkpoint(step, history)`` every ``checkpoint_every`` steps and after the last."""
+    history, t0, start = list(history), time.monotonic(), len(history)
+    for step in range(start + 1, cfg.max_steps + 1):
         batch = next(stream)
         x = batch["hr"].to(dev) * 2 - 1
         rec, vq_loss, usage = vqvae(x)
@@ -164,7 +201,11 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker) 
             el = time.monotonic() - t0
             print(f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss/total']:.4f} l1 {m['loss/l1']:.4f} "
                   f"vq {m['loss/vq']:.4f} rec-PSNR {rec_psnr:.2f} dB usage {m['codebook/usage_pct']:.1f}% "
-                  f"({el:.0f} s, ETA {el / step * (cfg.max_steps - step):.0f} s)", flush=True)
+                  f"({el:.0f} s, ETA {el / (step - start) * (cfg.max_steps - step):.0f} s)", flush=True)
+        if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            checkpoint(step, history)
+    if not history:
+        raise UserError(f"nothing to train: max_steps={cfg.max_steps}")
     return history
 
 

@@ -5,7 +5,7 @@ commands a user would type):
 
   1. corpus    bundled real photos (scikit-image, scikit-learn, matplotlib) + crafted bad files; one held-out photo
   2. data      `varsr data build`      local Ray: score -> select -> degrade -> WebDataset shards + reject report
-  3. vqvae     `varsr train vqvae`     stage 0: the tiny tokenizer (no released tiny VQVAE exists)
+  3. vqvae     `varsr train vqvae`     stage 0: the tokenizer (no released tiny VQVAE exists)
   4. stage1    `varsr train c2i`       class-to-image pretraining (DeepSpeed), tracked in MLflow
   5. stage2    `varsr train isr`       ISR finetuning from stage 1, registered as models:/NAME@champion
   6. serve     `varsr serve`           `mlflow models serve` on 127.0.0.1 answers one real HTTP request
@@ -183,7 +183,8 @@ class Demo:
             self.commands["vqvae"] = []
             return dict(checkpoint=str(base), from_base=True, note="tokenizer of the shipped base")
         self.varsr("vqvae", "train", "vqvae", "--config", str(DEMO_CONFIGS / "vqvae.yaml"),
-                   "--set", f"max_steps={self.cfg.vqvae_steps}", "--set", f"data.batch_size={self.cfg.batch_size}")
+                   "--set", f"max_steps={self.cfg.vqvae_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
+                   "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"))
 
     def step_stage1(self) -> dict:

@@ -15,8 +15,8 @@ Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
               the MLflow record (runs' params and metrics as JSON) and MODEL_CARD.md; copied to --ship when given
 
 MLflow: one parent run (experiment ``varsr-pretrain``) with every stage's run as its child. Resumable: finished
-steps are recorded in state.json and skipped by a re-run; stages 1 and 2 resume from their last checkpoint
-(``--resume auto``); stage 0 has no optimizer checkpoint and restarts when it was killed.
+steps are recorded in state.json and skipped by a re-run; a killed stage (0, 1 or 2) resumes from its last complete
+checkpoint (``--resume auto``).
 """
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def cmd_train_vqvae(config: Path, overrides: list[str]) -> list[str]:
-    return ["train", "vqvae", "--config", str(config), *_sets(overrides)]
+    return ["train", "vqvae", "--config", str(config), *_sets(overrides), "--resume", "auto"]
 
 
 def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]:

@@ -57,3 +57,4 @@ def test_training_commands_resume_and_carry_overrides():
     assert parser.parse_args(cmd).overrides == ["max_steps=3"]          # the real CLI reads the overrides
     vq = cmd_train_vqvae(Path("v.yaml"), ["lr=1"])
     assert vq[:2] == ["train", "vqvae"] and parser.parse_args(vq).overrides == ["lr=1"]
+    assert vq[-2:] == ["--resume", "auto"] and parser.parse_args(vq).resume == "auto"

@@ -43,3 +43,32 @@ def test_tokenizer_export_loads_into_a_model(tmp_path):
     for (k, a), (_, b) in zip(trained.state_dict().items(), vq.state_dict().items()):
         assert torch.equal(a, b), k
     assert not any(p.requires_grad for p in vq.parameters())
+
+
+def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
+    """Stage 0 stopped after 3 steps and resumed (``--resume auto``) gives the uninterrupted losses and weights; a
+    checkpoint of another configuration is refused."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from infra.core.errors import UserError
+    from training.stage0_vqvae import load_vqvae_config, train_vqvae
+
+    def cfg(name, steps, *extra):
+        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
+                                        f"max_steps={steps}", "data.batch_size=4", "data.workers=0",
+                                        "checkpoint_every=2", "restart_dead_codes_every=2", "tracking.enabled=false",
+                                        "grid_images=2", *extra])
+
+    full = train_vqvae(cfg("full", 6))
+    first = train_vqvae(cfg("split", 3))
+    assert first["losses"] == full["losses"][:3]
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step_00000003"]  # keep 1
+    rest = train_vqvae(cfg("split", 6), resume="auto")
+    assert rest["resumed_from"].endswith("step_00000003")
+    assert rest["losses"] == full["losses"]  # the restored history plus 3 new steps, bit for bit
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="another config"):
+        train_vqvae(cfg("split", 8, "lr=0.5"), resume="auto")
