@@ -155,7 +155,7 @@ def main() -> None:
         finally:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
-        print(json.dumps({"screenshots": files, "ui": "mlflow ui (sqlite store of the reduced demo)",
+        print(json.dumps({"screenshots": files, "ui": f"mlflow ui on {store}",
                           "browser": "chromium (headless, via Playwright)", "experiment": exp.experiment_id,
                           "training_run": train_run.info.run_id}))
     finally:
