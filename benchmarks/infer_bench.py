@@ -8,7 +8,9 @@ side by side:
   serialises generation while the model keeps sampling state on its modules), MLflow's default request threads;
 - ``batched``: the config's ``serving`` section (request batching; on a CPU one crop per generate() call);
 - ``batched_generate_N``: the same, with generate() batched N crops at a time across requests (what the auto setting
-  does on a GPU; fixed shape, so short batches are padded).
+  does on a GPU; fixed shape, so short batches are padded);
+- ``batched_N_processes``: the batched server with N uvicorn worker processes (``varsr serve --workers N``) of one
+  torch thread each: on a CPU, request handling (JSON, base64, PNG) runs in parallel instead of under one GIL.
 Every round runs each client count against each server, rotating which goes first, so all see the same machine load;
 ratios are each server against ``one_per_call``. Random weights of the chosen preset (speed does not depend on them).
 Each client sends its requests back to back (closed loop), cycling through 16 different images, all with one seed.
@@ -122,8 +124,9 @@ def summarize(lat: list[float], wall: float, ok: int, clients: int, cpu_s: float
             "server_cpu_ms_per_request": round(1000 * cpu_s / max(1, len(lat)), 2)}
 
 
-def server_pid(port: int) -> int | None:
-    """The pid of the uvicorn process serving ``port`` (from its command line)."""
+def server_pids(port: int) -> list[int]:
+    """The uvicorn process serving ``port`` (from its command line) and its worker processes, if any."""
+    main = None
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
@@ -131,27 +134,41 @@ def server_pid(port: int) -> int | None:
             except OSError:
                 continue
             if any(b"uvicorn" in c for c in cmd[:2]) and str(port).encode() in cmd:
-                return int(d.name)
-    return None
+                main = int(d.name)
+                break
+    if main is None:
+        return []
+    pids = [main]
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                st = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(st[st.rindex(")") + 2:].split()[1]) == main:  # ppid
+                pids.append(int(d.name))
+    return pids
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of ``pid`` (all its threads) so far; 0 where /proc is not readable."""
-    if pid is None:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (all their threads) so far; 0 for a pid /proc cannot read."""
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, rounds: int, lr_side: int,
-                 seed: int, register_set: list[str], variants: dict[str, list[str]]) -> dict:
-    """One registered model, one `varsr serve` per variant (``--set`` overrides), all up at once; every round runs
-    each client count against each variant, rotating which goes first, so all see the same machine load. The first
-    variant is the reference of the ratios."""
+                 seed: int, register_set: list[str], variants: dict[str, list[str]],
+                 workers: dict[str, int] | None = None) -> dict:
+    """One registered model, one `varsr serve` per variant (``--set`` overrides; ``workers``: uvicorn processes per
+    variant, default 1), all up at once; every round runs each client count against each variant, rotating which
+    goes first, so all see the same machine load. The first variant is the reference of the ratios."""
     from inference.config import load_inference_config
     from inference.registry import register_model
     from inference.serve import background_server
@@ -176,9 +193,10 @@ def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, 
             port = free_port()
             urls[n] = stack.enter_context(background_server(
                 "models:/varsr-bench@champion", port, tracking_uri=uri, cwd=ROOT, overrides=variants[n],
-                log_path=work / f"server-{n}.log", tmp_dir=work / f"server-tmp-{n}"))
+                log_path=work / f"server-{n}.log", tmp_dir=work / f"server-tmp-{n}",
+                workers=(workers or {}).get(n, 1)))
             startup[n] = round(time.perf_counter() - t0, 2)
-            pids[n] = server_pid(port)
+            pids[n] = server_pids(port)
         for n in names:  # warm-up: first requests pay lazy initialisation
             load_clients(urls[n], bodies, max(clients), 1)
         for r in range(rounds):
@@ -234,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generate-batch-variant", action=argparse.BooleanOptionalAction, default=True,
                     help="also serve a variant whose generate() calls batch --tile-batch crops across requests "
                          "(what the auto setting does on a GPU)")
+    ap.add_argument("--workers-variant", type=int, default=2,
+                    help="also serve the batched variant with N uvicorn processes of one torch thread (<= 1: no)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="serve only the batched variant (no one-request-per-call server to compare with)")
     ap.add_argument("--no-server", action="store_true", help="skip the served-endpoint part")
@@ -275,18 +295,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.generate_batch_variant:  # the same batching with generate() batched across requests
             variants[f"batched_generate_{args.tile_batch}"] = list(args.batched_set) + [
                 f"serving.generate_batch={args.tile_batch}"]
+        workers = {}
+        if args.workers_variant > 1:  # N server processes, one torch thread each, request batching as configured
+            name = f"batched_{args.workers_variant}_processes"
+            variants[name] = list(args.batched_set) + ["runtime.cpu_threads=1"]
+            workers[name] = args.workers_variant
         per_client, rounds = max(1, min(args.requests_per_client, 32)), max(1, min(args.rounds, 10))
         from inference.config import load_inference_config
         from infra.core.config import to_dict
 
         result["config"]["endpoint"] = {
             "clients": clients, "requests_per_client": per_client, "rounds": rounds, "seed": args.seed,
-            "registered_set": register_set, "variants": variants,
+            "registered_set": register_set, "variants": variants, "server_processes": workers,
             "serving_defaults": to_dict(load_inference_config().serving)}
         work = Path(tempfile.mkdtemp(prefix="varsr-bench-"))
         try:
             result["endpoint"] = bench_server(vqvae.cpu(), varsr.cpu(), work, clients, per_client, rounds, lr_side,
-                                              args.seed, register_set, variants)
+                                              args.seed, register_set, variants, workers)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

@@ -183,11 +183,12 @@ def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1, 
 def background_server(model_uri: str, port: int, *, tracking_uri: str | None = None, log_path: str | Path,
                       cwd: str | Path | None = None, env: dict[str, str] | None = None, ready_timeout: float = 180.0,
                       tmp_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                      stop_timeout: float = 30.0):
+                      stop_timeout: float = 30.0, workers: int = 1):
     """Run ``varsr serve`` in the background, wait until ``/ping`` answers, yield the base URL, then stop it.
 
     Stopping sends SIGTERM to ``varsr serve``, which stops its whole server group (see the module docstring).
-    ``tmp_dir`` becomes the TMPDIR of ``varsr serve`` and is deleted afterwards. ``overrides``: ``serving.*`` /
+    ``tmp_dir`` becomes the TMPDIR of ``varsr serve`` and is deleted afterwards; ``workers``: uvicorn worker
+    processes (each loads the model). ``overrides``: ``serving.*`` /
     ``runtime.*`` items for ``--set``. The server's output goes to ``log_path``; a server that exits or does not
     answer within ``ready_timeout`` raises RuntimeError with the end of that log.
     """
@@ -199,7 +200,7 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
         Path(tmp_dir).mkdir(parents=True, exist_ok=True)
         penv["TMPDIR"] = str(tmp_dir)
     argv = [sys.executable, "-m", "infra.cli", "serve", model_uri, "--port", str(port), "--host", "127.0.0.1",
-            "--stop-timeout", str(stop_timeout)]
+            "--stop-timeout", str(stop_timeout), "--workers", str(workers)]
     if tracking_uri:
         argv += ["--tracking-uri", tracking_uri]
     for item in overrides:
