@@ -246,6 +246,7 @@ _SMALL = dict(
     embed_dim=256,
     num_heads=4,
     lr_encoder_channels=(16, 32, 64),
+    lr_encoder_hidden=256,  # = width, as the shipped base has it (the released 1536 would be 42 % of the weights)
     refiner_width=256,
     refiner_depth=3,
     diffusion_batch_mul=2,
