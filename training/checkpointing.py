@@ -104,14 +104,21 @@ def save(engine, run: RunDir, step: int, position: DataPosition, generator, fing
     if rank == 0:
         state = {"step": step, "world_size": _world(), "positions": dict(enumerate(positions)), **fingerprint}
         (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (d / MARKER).write_text(json.dumps({"step": step, "launch": launch}) + "\n")
         run.publish(f"{rel}/trainer_state.json")
-        run.publish(f"{rel}/{MARKER}")  # last: the commit point of the checkpoint
-        for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
-            run.remove_tree(f"{CKPTS}/{_tag(old)}")
+        _commit(run, step, keep, launch)
         log.info("checkpoint saved: %s", run.url_of(rel))
     _barrier()
     return run.url_of(rel)
+
+
+def _commit(run: RunDir, step: int, keep: int, launch: str | None = None) -> None:
+    """Write and publish the ``COMPLETE`` marker of a checkpoint whose files are all published (its commit point),
+    then remove the complete checkpoints beyond the newest ``keep``."""
+    rel = f"{CKPTS}/{_tag(step)}/{MARKER}"
+    (run / rel).write_text(json.dumps({"step": step, "launch": launch}) + "\n")
+    run.publish(rel)
+    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
+        run.remove_tree(f"{CKPTS}/{_tag(old)}")
 
 
 def complete_checkpoints(run: RunDir) -> list[int]:
@@ -144,9 +151,9 @@ def find_resume(run: RunDir, resume: str | None, launch: str | None = None) -> P
 
     For a URL output the checkpoint is brought into this rank's local folder."""
     if launch is not None:
-        own = [s for s in complete_checkpoints(run) if launch_of(run, s) == launch]
-        if own:
-            return _bring(run, own[-1])
+        own = next((s for s in reversed(complete_checkpoints(run)) if launch_of(run, s) == launch), None)
+        if own is not None:  # newest first: only the markers newer than it are read
+            return _bring(run, own)
     if not resume:
         return None
     if resume == "auto":
@@ -169,10 +176,7 @@ def save_module_state(run: RunDir, step: int, state: dict, keep: int) -> str:
     d.mkdir(parents=True, exist_ok=True)
     torch.save({**state, "step": step, "rng": rng_state(None)}, d / "state.pt")
     run.publish(f"{rel}/state.pt")
-    (d / MARKER).write_text(json.dumps({"step": step}) + "\n")
-    run.publish(f"{rel}/{MARKER}")
-    for old in complete_checkpoints(run)[:-keep] if keep > 0 else []:
-        run.remove_tree(f"{CKPTS}/{_tag(old)}")
+    _commit(run, step, keep)
     return run.url_of(rel)
 
 
@@ -180,10 +184,11 @@ def load_module_state(ckpt: Path, fingerprint: dict) -> dict:
     """The state saved by :func:`save_module_state`, with this process's RNG states restored from it; UserError when
     it was written by another configuration (``fingerprint`` keys differ)."""
     st = torch.load(ckpt / "state.pt", weights_only=True)
+    written = st.get("fingerprint", {})
     for k, v in fingerprint.items():
-        if st.get("fingerprint", {}).get(k) != v:
+        if written.get(k) != v:
             raise UserError(f"checkpoint {ckpt} was written by another config ({k}: checkpoint "
-                            f"{st.get('fingerprint', {}).get(k)!r}, this run {v!r}); use a fresh output_dir")
+                            f"{written.get(k)!r}, this run {v!r}); use a fresh output_dir")
     set_rng_state(st.pop("rng"), None)
     return st
 
