@@ -148,31 +148,29 @@ def _start_moto(log_dir: Path, name: str, extra_env: dict[str, str] | None = Non
     return proc, server
 
 
+def _moto_session(tmp_path_factory, folder: str, name: str, label: str, env: dict | None = None):
+    """Start moto's S3 server, wait until it answers, yield it, stop it (the body of the S3 fixtures)."""
+    t0 = time.monotonic()
+    proc, server = _start_moto(tmp_path_factory.mktemp(folder), name, env)
+    try:
+        _wait_http(f"{server.endpoint_url}/moto-api/", proc, server.log_path, 60, label)
+        _timed(label, t0)
+        yield server
+    finally:
+        _stop(proc, label)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on a free loopback port for the whole session (any credentials accepted)."""
-    t0 = time.monotonic()
-    proc, server = _start_moto(tmp_path_factory.mktemp("moto"), "moto-s3")
-    try:
-        _wait_http(f"{server.endpoint_url}/moto-api/", proc, server.log_path, 60, "moto S3 server")
-        _timed("moto S3 server", t0)
-        yield server
-    finally:
-        _stop(proc, "moto S3 server")
+    yield from _moto_session(tmp_path_factory, "moto", "moto-s3", "moto S3 server")
 
 
 @pytest.fixture(scope="session")
 def s3_server_strict(tmp_path_factory):
     """A second moto S3 server with IAM checks on and no users: every request is refused (InvalidAccessKeyId)."""
-    t0 = time.monotonic()
-    proc, server = _start_moto(tmp_path_factory.mktemp("moto_strict"), "moto-s3-strict",
-                               {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    try:
-        _wait_http(f"{server.endpoint_url}/moto-api/", proc, server.log_path, 60, "strict moto S3 server")
-        _timed("strict moto S3 server", t0)
-        yield server
-    finally:
-        _stop(proc, "strict moto S3 server")
+    yield from _moto_session(tmp_path_factory, "moto_strict", "moto-s3-strict", "strict moto S3 server",
+                             {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 def _clear_s3fs_cache() -> None:
