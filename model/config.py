@@ -94,6 +94,10 @@ class VARSRConfig:
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-4  # README command uses --alng=1e-4
     init_head: float = 0.02
+    # LR-encoder conv init when training from scratch: "upstream" = truncated normal(0.02) as released (docs/MODEL.md
+    # §2.9); "fan_in" = variance-preserving (std gain/sqrt(fan_in)). With the upstream init a narrow encoder's
+    # prefix is ~1e-6 of the position embedding it is added to, so the transformer never sees the LR (MODEL.md §2.9)
+    lr_encoder_init: Literal["upstream", "fan_in"] = "upstream"
 
     # execution
     grad_checkpointing: bool = False  # upstream: always on; here an option (numerically neutral)
@@ -173,6 +177,8 @@ class VARSRConfig:
             errs.append(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             errs.append(f"patch_nums {self.patch_nums} must be strictly increasing")
+        if self.lr_encoder_init not in ("upstream", "fan_in"):
+            errs.append(f"lr_encoder_init must be 'upstream' or 'fan_in', got {self.lr_encoder_init!r}")
         if self.lr_encoder_hidden < 1:
             errs.append(f"lr_encoder_hidden must be >= 1, got {self.lr_encoder_hidden}")
         if self.vqvae.ch % 32:
@@ -230,8 +236,8 @@ class VARSRConfig:
         return cls.from_dict(d)
 
 
-# every field but lr_encoder_hidden: the key set of a serialised config from before that field was added
-_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden"}
+# the key set of a serialised config from before lr_encoder_hidden was added (later fields have neutral defaults)
+_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden", "lr_encoder_init"}
 
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
@@ -247,6 +253,7 @@ _SMALL = dict(
     num_heads=4,
     lr_encoder_channels=(16, 32, 64),
     lr_encoder_hidden=256,  # = width, as the shipped base has it (the released 1536 would be 42 % of the weights)
+    lr_encoder_init="fan_in",  # the upstream init leaves this narrow encoder's prefix at ~1e-6 (no LR signal)
     refiner_width=256,
     refiner_depth=3,
     diffusion_batch_mul=2,
@@ -262,6 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_heads=2,
         lr_encoder_channels=(16, 32, 32, 64),
         lr_encoder_hidden=128,
+        lr_encoder_init="fan_in",  # see small
         refiner_width=128,
         refiner_depth=2,
         diffusion_batch_mul=2,

@@ -126,6 +126,8 @@ class VARSR(nn.Module):
             blk.ada_lin[-1].bias.zero_()
         for p in (self.pos_start, self.class_emb.weight, self.lvl_embed.weight):
             nn.init.trunc_normal_(p, std=std)
+        if self.con_embedding is not None and cfg.lr_encoder_init == "fan_in":
+            self.con_embedding.init_fan_in()
 
     # ---- geometry caches (not in the state dict) ------------------------------------------------------------------
     def rope_sides(self) -> list[int]:

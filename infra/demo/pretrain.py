@@ -9,9 +9,11 @@ Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
               several scales; the held-out lomiri-*/ukui-* packages go to eval/ (never to training)
   2. data     `varsr data build`   curate the tiles into 128-px WebDataset shards
   3. vqvae    `varsr train vqvae`  stage 0: the `small` tokenizer
-  4. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
-  5. stage2   `varsr train isr`    stage 2: ISR training from stage 1 = the base model
-  6. export   base weights (model.safetensors + config.json, tokenizer included), metrics on the held-out photos,
+  4. tokens   `varsr data tokenize` the token cache of the shards for that tokenizer (stages 1-2 then skip the
+              tokenizer's forward pass: about 1.5x faster steps, same losses)
+  5. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
+  6. stage2   `varsr train isr`    stage 2: ISR training from stage 1 = the base model
+  7. export   base weights (model.safetensors + config.json, tokenizer included), metrics on the held-out photos,
               the MLflow record (runs' params and metrics as JSON) and MODEL_CARD.md; copied to --ship when given
 
 MLflow: one parent run (experiment ``varsr-pretrain``) with every stage's run as its child. Resumable: finished
@@ -34,7 +36,7 @@ from infra.core.errors import UserError
 from infra.demo.demo import ROOT, Demo, DemoConfig
 
 DEFAULT_CONFIG = ROOT / "configs" / "demo" / "pretrain.yaml"
-PRETRAIN_STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "export")
+PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "export")
 EXPERIMENT = "varsr-pretrain"
 
 
@@ -174,6 +176,12 @@ class Pretrain(Demo):
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"),
                     mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
 
+    def step_tokens(self) -> dict:
+        self.varsr("data", *cmd_tokenize("shards", "runs/vqvae/final"))
+        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
+        tok = manifest.get("tokens") or {}
+        return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
+
     def _stage(self, step: str, yaml_name: str, s: StageSection) -> dict:
         p = self.p
         self.train_step(step, *cmd_train_stage("c2i" if step == "stage1" else "isr", DEMO_CONFIGS_DIR / yaml_name,
@@ -240,12 +248,16 @@ class Pretrain(Demo):
 
 
 DEMO_CONFIGS_DIR = ROOT / "configs" / "demo"
-STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "stage1", "stage2")
+STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2")
 
 
 # ---- the `varsr` commands the recipe runs (one place, so their syntax is ported in one place) ------------------------
 def cmd_data_build(inp: str, out: str, config: Path) -> list[str]:
     return ["data", "build", "--input", inp, "--output", out, "--config", str(config)]
+
+
+def cmd_tokenize(shards: str, vqvae: str) -> list[str]:
+    return ["tokenize", "--shards", shards, "--vqvae", vqvae]
 
 
 def _sets(overrides: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Training signal: 150 AdamW steps of the tiny preset on bundled real photos reduce CE and refiner loss."""
+"""Training signal: 150 AdamW steps of the tiny preset on bundled real photos reduce CE and refiner loss, and the
+trained model reads its LR input (every photo has label 0, so only the LR prefix tells them apart)."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,3 +50,10 @@ def test_tiny_training_reduces_ce_and_refiner_loss():
     assert np.isfinite(ce).all() and np.isfinite(diff).all()
     assert last_ce < 0.5 * first_ce
     assert last_diff < 0.7 * first_diff
+    # the LR must reach the transformer: each photo scored with another photo's LR is predicted worse
+    varsr.eval()
+    with torch.no_grad():
+        own = compute_loss(vqvae, varsr, hr, lr, label, generator=torch.Generator().manual_seed(1)).ce.item()
+        other = compute_loss(vqvae, varsr, hr, lr.roll(1, 0), label, generator=torch.Generator().manual_seed(1)).ce.item()
+    print(f"CE with its own LR {own:.3f}, with another photo's LR {other:.3f}")
+    assert other > own + 0.5

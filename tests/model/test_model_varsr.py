@@ -265,3 +265,27 @@ def test_segmented_attention_equals_full_level_mask():
     assert segs[0][3] is None and segs[2][3] is None
     with torch.no_grad():
         torch.testing.assert_close(attn(x, rope, segs), attn(x, rope, varsr.attn_mask("cpu")), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_cpu_presets_lr_prefix_carries_the_lr_at_init(preset):
+    """The LR prefix is added to pos_start (docs/MODEL.md §2.4). With the released conv init N(0, 0.02) a narrow
+    LR encoder shrinks its input by ~0.02·√fan_in/2 per layer, so at init the prefix is 1e-6..1e-8 of pos_start and a
+    short run never learns to read the LR; the CPU presets use the variance-preserving ``lr_encoder_init="fan_in"``."""
+    def prefix_spread(cfg):
+        torch.manual_seed(0)
+        _, varsr = build(cfg)
+        S = cfg.image_size
+        lr = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            p = varsr.encode_prefix(lr)
+        return float(p.std(0).mean()), float(varsr.pos_start.std())
+
+    cfg = VARSRConfig.preset(preset)
+    assert cfg.lr_encoder_init == "fan_in"
+    spread, pos = prefix_spread(cfg)
+    assert spread > pos  # the LR differences are at least as large as the position embedding they are added to
+    spread_up, pos_up = prefix_spread(cfg.replace(lr_encoder_init="upstream"))
+    assert spread_up < 1e-3 * pos_up  # the released init on these widths: the LR is invisible
+    with pytest.raises(ValueError, match="lr_encoder_init"):
+        cfg.replace(lr_encoder_init="kaiming")
