@@ -88,6 +88,10 @@ class VARSRConfig:
     ce_weight: float = 1.0
     diff_weight: float = 2.0
     label_smooth: float = 0.0
+    # how CE averages over the L target tokens: "token" = uniform mean over all tokens, as released (docs/MODEL.md
+    # §5.3); "scale" = mean over scales of each scale's mean, so the coarse scales that carry most of the image
+    # (1 + 4 + 9 + ... tokens) are not outweighed by the last two scales (MODEL.md §5.3, small-preset note)
+    ce_weighting: Literal["token", "scale"] = "token"
 
     # init (docs/MODEL.md §2.9)
     init_std: float = -1.0  # <0 -> sqrt(1/(3C))
@@ -177,6 +181,8 @@ class VARSRConfig:
             errs.append(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             errs.append(f"patch_nums {self.patch_nums} must be strictly increasing")
+        if self.ce_weighting not in ("token", "scale"):
+            errs.append(f"ce_weighting must be 'token' or 'scale', got {self.ce_weighting!r}")
         if self.lr_encoder_init not in ("upstream", "fan_in"):
             errs.append(f"lr_encoder_init must be 'upstream' or 'fan_in', got {self.lr_encoder_init!r}")
         if self.lr_encoder_hidden < 1:
@@ -237,7 +243,8 @@ class VARSRConfig:
 
 
 # the key set of a serialised config from before lr_encoder_hidden was added (later fields have neutral defaults)
-_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden", "lr_encoder_init"}
+_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden", "lr_encoder_init",
+                                                                            "ce_weighting"}
 
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
@@ -254,6 +261,7 @@ _SMALL = dict(
     lr_encoder_channels=(16, 32, 64),
     lr_encoder_hidden=256,  # = width, as the shipped base has it (the released 1536 would be 42 % of the weights)
     lr_encoder_init="fan_in",  # the upstream init leaves this narrow encoder's prefix at ~1e-6 (no LR signal)
+    ce_weighting="scale",  # coarse scales learn the LR mapping within a CPU budget (docs/MODEL.md §5.3)
     refiner_width=256,
     refiner_depth=3,
     diffusion_batch_mul=2,

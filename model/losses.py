@@ -104,11 +104,14 @@ def compute_loss(vqvae, varsr: VARSR, hr: torch.Tensor, lr: torch.Tensor | None,
     V = logits.shape[-1]
     ce_tok = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
                              label_smoothing=cfg.label_smooth).view(B, -1)
-    ce = ce_tok.mean()
+    sl = varsr.scale_slices()
+    if cfg.ce_weighting == "scale":
+        ce = torch.stack([ce_tok[:, s].mean() for s in sl]).mean()
+    else:
+        ce = ce_tok.mean()
     loss = cfg.ce_weight * ce + cfg.diff_weight * diff
     with torch.no_grad():
         hit = (logits.argmax(-1) == gt).float()
-        sl = varsr.scale_slices()
         acc_ps = [hit[:, s].mean().item() for s in sl]
         ce_ps = [ce_tok[:, s].mean().item() for s in sl]
     return LossOutput(loss=loss, ce=ce, diff=diff, acc=hit.mean().item(), acc_per_scale=acc_ps,
