@@ -177,7 +177,7 @@ class Pretrain(Demo):
                     mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
 
     def step_tokens(self) -> dict:
-        self.varsr("data", *cmd_tokenize("shards", "runs/vqvae/final"))
+        self.varsr("tokens", *cmd_tokenize("shards", "runs/vqvae/final"))
         manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
         tok = manifest.get("tokens") or {}
         return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
@@ -257,7 +257,7 @@ def cmd_data_build(inp: str, out: str, config: Path) -> list[str]:
 
 
 def cmd_tokenize(shards: str, vqvae: str) -> list[str]:
-    return ["tokenize", "--shards", shards, "--vqvae", vqvae]
+    return ["data", "tokenize", "--shards", shards, "--vqvae", vqvae]
 
 
 def _sets(overrides: list[str]) -> list[str]:
