@@ -289,3 +289,24 @@ def test_the_cpu_presets_lr_prefix_carries_the_lr_at_init(preset):
     assert spread_up < 1e-3 * pos_up  # the released init on these widths: the LR is invisible
     with pytest.raises(ValueError, match="lr_encoder_init"):
         cfg.replace(lr_encoder_init="kaiming")
+
+
+def test_ce_weighting_token_is_the_token_mean_and_scale_the_mean_of_scale_means():
+    """docs/MODEL.md §5.3: "token" (released) averages CE over all L tokens; "scale" averages the per-scale means."""
+    vq, varsr = _tiny()
+    S = varsr.cfg.image_size
+    g = torch.Generator().manual_seed(3)
+    hr, lr = torch.rand(2, 3, S, S, generator=g), torch.rand(2, 3, S, S, generator=g)
+    label = torch.zeros(2, dtype=torch.long)
+    varsr.eval()
+    with torch.no_grad():
+        tok = compute_loss(vq, varsr, hr, lr, label, generator=torch.Generator().manual_seed(0))
+        varsr.cfg = varsr.cfg.replace(ce_weighting="scale")
+        sca = compute_loss(vq, varsr, hr, lr, label, generator=torch.Generator().manual_seed(0))
+    n = [pn * pn for pn in varsr.patch_nums]
+    per = torch.tensor(tok.ce_per_scale, dtype=torch.float64)
+    assert tok.ce_per_scale == pytest.approx(sca.ce_per_scale)
+    assert tok.ce.item() == pytest.approx(float((per * torch.tensor(n)).sum() / sum(n)), rel=1e-5)
+    assert sca.ce.item() == pytest.approx(float(per.mean()), rel=1e-5)
+    assert abs(sca.ce.item() - tok.ce.item()) > 1e-4  # the two weightings differ on these inputs
+    assert VARSRConfig.preset("small").ce_weighting == "scale" and VARSRConfig.preset("d24").ce_weighting == "token"
