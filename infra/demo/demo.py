@@ -385,6 +385,10 @@ def upscale_figures(sr, bic, hr) -> dict[str, float]:
         out.update({f"psnr_y_{name}": m["psnr_y"], f"ssim_y_{name}": m["ssim_y"], f"hf_energy_{name}": hf_energy(img),
                     f"hf_gap_db_{name}": hf_gap_db(img, hr)})
     out["hf_energy_hr"] = hf_energy(hr)
+    # the demo's quality bar (issue: within 3 dB PSNR-Y of bicubic, and high-frequency energy closer to the HR's)
+    out["psnr_y_gap_to_bicubic_db"] = out["psnr_y_varsr"] - out["psnr_y_bicubic"]
+    out["quality_bar_met"] = float(out["psnr_y_gap_to_bicubic_db"] >= -3.0
+                                   and abs(out["hf_gap_db_varsr"]) < abs(out["hf_gap_db_bicubic"]))
     return out
 
 
@@ -395,7 +399,12 @@ def format_figures(m: dict) -> str:
         rows.append((name, f"{m[f'psnr_y_{name}']:.2f}", f"{m[f'ssim_y_{name}']:.3f}",
                      f"{m[f'hf_energy_{name}']:.1f}", f"{m[f'hf_gap_db_{name}']:.2f}"))
     rows.append(("HR", "", "", f"{m['hf_energy_hr']:.1f}", "0"))
-    return "\n".join("    " + "  ".join(f"{c:>10}" for c in r) for r in rows)
+    table = "\n".join("    " + "  ".join(f"{c:>10}" for c in r) for r in rows)
+    if "quality_bar_met" not in m:
+        return table
+    verdict = "met" if m["quality_bar_met"] else "NOT met"
+    return (table + f"\n    quality bar (PSNR-Y within 3 dB of bicubic, HF energy closer to the HR's): {verdict} "
+            f"(PSNR-Y {m['psnr_y_gap_to_bicubic_db']:+.2f} dB vs bicubic)")
 
 
 def side_by_side(images, titles):

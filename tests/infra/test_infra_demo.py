@@ -126,7 +126,7 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     assert mv.run_id == children["stage2-isr"].info.run_id
     assert client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{mv.run_id}'")
     up = children["upscale"]
-    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic"} <= set(up.data.metrics)
+    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic", "quality_bar_met"} <= set(up.data.metrics)
     assert up.data.tags["varsr.model_uri"] == "models:/varsr-demo@champion" and up.data.params["cfg"]
     assert up.inputs.dataset_inputs                                     # the held-out photo it ran on
     names = {a.path for a in client.list_artifacts(up.info.run_id, "upscale")}

@@ -72,3 +72,22 @@ def test_one_pass_stitched_covers_the_image_window_by_window(tiny):
     assert np.array_equal(np.asarray(alone), np.asarray(out)[:64, :64])
     figs = sr_figures(out, p.hr)
     assert set(figs) == {"psnr_y", "ssim_y", "hf_energy", "hf_gap_db"}
+
+
+def test_the_demo_quality_bar_needs_psnr_near_bicubic_and_hf_energy_nearer_the_hr():
+    from infra.demo.demo import format_figures, upscale_figures
+
+    hr = _photo(128, 128, seed=3)
+    p = make_pair(hr, "x", 128, 128)
+    bic = bicubic(p)
+    sharp = hr.filter(ImageFilter.GaussianBlur(0.6))  # near the HR, sharper than bicubic
+    m = upscale_figures(sharp, bic, hr)
+    assert m["quality_bar_met"] == 1.0 and m["psnr_y_gap_to_bicubic_db"] > 0
+    assert "quality bar" in format_figures(m) and ": met" in format_figures(m)
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))  # much HF energy, not the photo
+    m = upscale_figures(noise, bic, hr)
+    assert m["quality_bar_met"] == 0.0 and m["psnr_y_gap_to_bicubic_db"] < -3
+    blurry = hr.filter(ImageFilter.GaussianBlur(4))  # no HF: further from the HR's HF energy than bicubic
+    m = upscale_figures(blurry, bic, hr)
+    assert m["quality_bar_met"] == 0.0 and "NOT met" in format_figures(m)
