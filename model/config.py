@@ -30,6 +30,10 @@ class VQVAEConfig:
     quant_conv_ks: int = 3
     quant_resi: float = 0.5  # phi(h) = (1-r)·h + r·conv(h)
     share_quant_resi: int = 4  # number of phi convs shared across scales
+    # GroupNorm groups of every encoder/decoder norm: 32 as released (ch 160: 5-channel groups). At ch 32 that is one
+    # channel per group, an instance norm that fixes each channel's mean and spread over the image: the decoder
+    # then cannot set an image's colour (docs/MODEL.md §1.2, small-preset note)
+    norm_groups: int = 32
 
     @property
     def downsample(self) -> int:
@@ -187,8 +191,8 @@ class VARSRConfig:
             errs.append(f"lr_encoder_init must be 'upstream' or 'fan_in', got {self.lr_encoder_init!r}")
         if self.lr_encoder_hidden < 1:
             errs.append(f"lr_encoder_hidden must be >= 1, got {self.lr_encoder_hidden}")
-        if self.vqvae.ch % 32:
-            errs.append(f"vqvae.ch {self.vqvae.ch} must be a multiple of 32 (GroupNorm(32))")
+        if self.vqvae.norm_groups < 1 or self.vqvae.ch % self.vqvae.norm_groups:
+            errs.append(f"vqvae.ch {self.vqvae.ch} must be a multiple of vqvae.norm_groups {self.vqvae.norm_groups}")
         if self.variant == "isr":
             if self.image_size % self.lr_encoder_stride:
                 errs.append(
@@ -251,7 +255,7 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
-_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1)
+_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8)
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
     vqvae=_SMALL_VAE,

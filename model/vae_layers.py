@@ -39,19 +39,19 @@ def fp32_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x.float())
 
 
-def Normalize(ch: int) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6, affine), used before every conv stack."""
-    return nn.GroupNorm(num_groups=32, num_channels=ch, eps=1e-6, affine=True)
+def Normalize(ch: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(32 groups as released, eps 1e-6, affine), used before every conv stack (``groups``: MODEL.md §1.2)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=ch, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3, plus a (1x1 conv when widths differ) shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = Normalize(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = Normalize(out_ch, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -65,10 +65,10 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention: softmax(q^T k / sqrt(C)) v over all H*W positions, then proj_out, residual."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
         self.C = ch
-        self.norm = Normalize(ch)
+        self.norm = Normalize(ch, groups)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, k, v stacked along channels in that order
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -151,11 +151,11 @@ class Upsample(nn.Module):
 class _Mid(nn.Module):
     """Bottleneck: Res, Attn, Res at the lowest resolution."""
 
-    def __init__(self, ch: int, dropout: float):
+    def __init__(self, ch: int, dropout: float, norm_groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(ch, ch, dropout)
-        self.attn_1 = AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch, dropout)
+        self.block_1 = ResnetBlock(ch, ch, dropout, norm_groups)
+        self.attn_1 = AttnBlock(ch, norm_groups)
+        self.block_2 = ResnetBlock(ch, ch, dropout, norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -173,7 +173,8 @@ def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, z_channels, H/2^(n-1), W/2^(n-1)); attention only at the last level."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0,
+                 norm_groups: int = 32):
         super().__init__()
         n = len(ch_mult)
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
@@ -185,15 +186,15 @@ class Encoder(nn.Module):
             level.attn = nn.ModuleList()
             block_out = ch * ch_mult[i]
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if i == n - 1:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, norm_groups))
             if i != n - 1:
                 level.downsample = Downsample(block_in)
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _Mid(block_in, dropout, norm_groups)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,12 +210,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent -> image; `up` is stored highest-resolution first (index 0) but executed from the last index down."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0):
+    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0,
+                 norm_groups: int = 32):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm_groups)
         ups: list[nn.Module] = []
         for i in reversed(range(n)):
             level = nn.Module()
@@ -222,15 +224,15 @@ class Decoder(nn.Module):
             level.attn = nn.ModuleList()
             block_out = ch * ch_mult[i]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if i == n - 1:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, norm_groups))
             if i != 0:
                 level.upsample = Upsample(block_in)
             ups.insert(0, level)
         self.up = nn.ModuleList(ups)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

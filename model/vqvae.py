@@ -23,8 +23,8 @@ class VQVAE(nn.Module):
         self.patch_nums = tuple(cfg.patch_nums)
         self.V, self.Cvae = v.vocab_size, v.z_channels
         self.downsample = v.downsample
-        self.encoder = Encoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout)
-        self.decoder = Decoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout)
+        self.encoder = Encoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout, v.norm_groups)
+        self.decoder = Decoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout, v.norm_groups)
         self.quantize = MultiScaleQuantizer(v.vocab_size, v.z_channels, self.patch_nums, v.beta, v.quant_resi,
                                             v.share_quant_resi)
         ks = v.quant_conv_ks
