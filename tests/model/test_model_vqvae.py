@@ -222,3 +222,23 @@ def test_training_forward_straight_through_and_usage():
                  "decoder.conv_out.weight", "quant_conv.weight"):
         g = dict(vq.named_parameters())[name].grad
         assert g is not None and float(g.abs().sum()) > 0, name
+
+
+def test_norm_groups_reach_every_groupnorm_and_old_configs_load_as_32():
+    """docs/MODEL.md §1.2: vqvae.norm_groups sets every encoder/decoder GroupNorm; a config written before the field
+    (no norm_groups key) is the released 32; channels not divisible by the groups are refused."""
+    import json
+
+    from model.config import VARSRConfig
+    from model.vqvae import VQVAE
+
+    cfg = VARSRConfig.preset("small")
+    for groups in (32, 8):
+        c = cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "norm_groups": groups})
+        norms = [m for m in VQVAE(c).modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and {m.num_groups for m in norms} == {groups}
+    old = cfg.to_dict()
+    del old["vqvae"]["norm_groups"]
+    assert VARSRConfig.from_dict(json.loads(json.dumps(old))).vqvae.norm_groups == 32
+    with pytest.raises(ValueError, match="norm_groups"):
+        cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "norm_groups": 5})
