@@ -3,7 +3,7 @@
     python benchmarks/quality_bench.py [--checkpoint model/pretrained/small-base
                                         | --model-uri models:/varsr-demo@champion --tracking-uri sqlite:///D/mlflow.db]
                                        [--eval-dir DIR] [--n 6]
-                                       [--hr-side 256] [--cfgs 0,1,3,6] [--cfg 6] [--served]
+                                       [--hr-side 256] [--cfgs 0,1,3,6] [--cfg 1] [--served]
 
 Held-out photos: the photographs of the lomiri wallpaper packages (never trained on; fetched with `apt-get download`
 by the corpus recipe unless --eval-dir holds them) plus the demo's held-out photo (scikit-image's stereo
@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "varsr" / "heldout"))
     ap.add_argument("--n", type=int, default=6, help="lomiri photos (the demo holdout photo is added)")
     ap.add_argument("--hr-side", type=int, default=256)
-    ap.add_argument("--cfg", type=float, default=6.0)
+    ap.add_argument("--cfg", type=float, default=1.0, help="guidance of the headline figure (the demo's default)")
     ap.add_argument("--cfgs", default="0,1,3,6")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)

@@ -255,8 +255,8 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
-# norm_groups stays 32 (one channel per group at ch 32) because the shipped base was trained so; 8 groups trained
-# ~2 dB better at equal steps (docs/MODEL.md §1.2), for the next base
+# norm_groups stays 32 (one channel per group at ch 32) because the shipped base was trained so; this width is what
+# collapses the tokenizer's colours (docs/MODEL.md §1.2), and 8 groups alone did not fix it in 1000 steps
 _SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=32)
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
