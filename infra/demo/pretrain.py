@@ -180,7 +180,8 @@ class Pretrain(Demo):
         self.varsr("tokens", *cmd_tokenize("shards", "runs/vqvae/final"))
         manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
         tok = manifest.get("tokens") or {}
-        return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
+        return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"),
+                    manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
 
     def _stage(self, step: str, yaml_name: str, s: StageSection) -> dict:
         p = self.p
