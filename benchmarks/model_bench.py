@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -101,6 +102,15 @@ def baseline_models(base, cfg: VARSRConfig, vqvae, varsr, device):
     """The baseline's (vqvae, varsr) for ``cfg`` holding the same weights as today's models."""
     known = {f for f in base.VARSRConfig.__dataclass_fields__}
     d = {k: v for k, v in cfg.to_dict().items() if k in known}
+    # nested VQVAE fields added since the baseline (e.g. norm_groups) are left out when they hold the value the
+    # baseline hard-codes (their default); another value would build a different model, so it is refused
+    base_vq = importlib.import_module(f"{base.__name__}.config").VQVAEConfig
+    known_vq = set(base_vq.__dataclass_fields__)
+    today_vq = dataclasses.asdict(type(cfg.vqvae)())
+    extra = {k: v for k, v in d["vqvae"].items() if k not in known_vq}
+    if any(v != today_vq[k] for k, v in extra.items()):
+        raise SystemExit(f"the baseline {base.__name__} cannot build vqvae fields {extra}: compare at their defaults")
+    d["vqvae"] = {k: v for k, v in d["vqvae"].items() if k in known_vq}
     bcfg = base.VARSRConfig.from_dict(d)
     bvq, bvar = base.build(bcfg, device=device)
     bvq.load_state_dict(vqvae.state_dict())
