@@ -30,9 +30,8 @@ class VQVAEConfig:
     quant_conv_ks: int = 3
     quant_resi: float = 0.5  # phi(h) = (1-r)·h + r·conv(h)
     share_quant_resi: int = 4  # number of phi convs shared across scales
-    # GroupNorm groups of every encoder/decoder norm: 32 as released (ch 160: 5-channel groups). At ch 32 that is one
-    # channel per group, an instance norm that fixes each channel's mean and spread over the image: the decoder
-    # then cannot set an image's colour (docs/MODEL.md §1.2, small-preset note)
+    # GroupNorm groups of every encoder/decoder norm: 32 as released (ch 160: 5-channel groups; at ch 32 one channel
+    # per group, docs/MODEL.md §1.2)
     norm_groups: int = 32
 
     @property
@@ -255,8 +254,8 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
-# norm_groups stays 32 (one channel per group at ch 32) because the shipped base was trained so; this width is what
-# collapses the tokenizer's colours (docs/MODEL.md §1.2), and 8 groups alone did not fix it in 1000 steps
+# norm_groups stays 32 as the shipped base was trained; this tokenizer loses colour (decoded R = G) with 32, 8 or 1
+# groups alike, so the cause is elsewhere and still open (docs/MODEL.md §1.2)
 _SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=32)
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
