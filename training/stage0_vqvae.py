@@ -8,6 +8,11 @@ holding the tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 l
 <time>``, the shared lineage tags, the shard manifest as dataset input, ``loss/...`` metrics, an HR | reconstruction |
 tokens-only grid of distinct samples, and the export as the run's logged model (stage 1 links it as a model input).
 
+Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by
+measuring ``eval/chroma_gain[_tokens]`` on ``colour_check_images`` held-out crops: 1 when the decoded images keep
+each crop's colour, 0 when they all come out with one tint. Below ``MIN_CHROMA_GAIN`` it prints a warning, because a
+transformer trained on such tokens cannot produce colour whatever it learns (docs/MODEL.md §1.2).
+
 Checkpoints (model, optimiser, LR schedule, RNG states, data position and the metric history) go to
 ``{output_dir}/checkpoints/step_N/`` every ``checkpoint_every`` steps and at the end; ``--resume auto`` continues from
 the latest complete one with the same losses as an uninterrupted run.
@@ -27,6 +32,7 @@ import torch
 
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
+from infra.core.metrics import chroma_fidelity
 from training.config import DataSection, ModelSection, TrackingSection
 from training.tracking import plot_curves
 
@@ -54,6 +60,7 @@ class VQVAETrainConfig:
     log_every: int = 20
     device: str = "auto"
     grid_images: int = 4  # distinct held-out samples in the reconstruction grid
+    colour_check_images: int = 32  # distinct held-out crops on which the end-of-run colour check is measured
     checkpoint_every: int = 100  # 0 = only at the end
     keep_checkpoints: int = 1
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -114,7 +121,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         history = _train_loop(cfg, vqvae, opt, sched, iter(batches), dev, tracker, history, checkpoint)
         vqvae.eval()
         val = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else shards
-        grid = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
+        grid, colour = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
+        tracker.log_metrics({f"eval/{k}": v for k, v in colour.items() if k != "images"}, step=len(history))
+        _report_colour(colour)
         curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq"]),
                                       ("reconstruction PSNR (dB)", ["recon/psnr"]),
                                       ("codebook usage (%)", ["codebook/usage_pct"])],
@@ -130,7 +139,23 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
           f"rec-PSNR {first['recon/psnr']:.2f} -> {last['recon/psnr']:.2f} dB; tokenizer -> {export}", flush=True)
     return dict(losses=[h["loss/total"] for h in history], psnr=[h["recon/psnr"] for h in history],
                 export_dir=str(export), run_id=tracker.run_id, model_id=model_id,
-                resumed_from=str(ckpt) if ckpt else None)
+                resumed_from=str(ckpt) if ckpt else None, colour=colour)
+
+
+# Below this chroma gain of the token-only decode the tokenizer has lost colour (every image decodes with about the
+# same tint): stage 1/2 trained on its tokens cannot produce colour either (docs/MODEL.md §1.2).
+MIN_CHROMA_GAIN = 0.5
+
+
+def _report_colour(colour: dict) -> None:
+    """The end-of-run colour check: one summary line, and a warning line when the tokens lost colour."""
+    print(f"[vqvae] colour on {colour['images']} held-out crops: chroma gain {colour['chroma_gain_tokens']:.2f} "
+          f"tokens only / {colour['chroma_gain']:.2f} reconstruction (1 = kept, 0 = lost), mean chroma error "
+          f"{colour['chroma_err_tokens']:.3f}", flush=True)
+    if colour["chroma_gain_tokens"] < MIN_CHROMA_GAIN:  # NaN (too few or identical colours) compares False
+        print(f"[vqvae] WARNING: the tokenizer does not reproduce colour (chroma gain "
+              f"{colour['chroma_gain_tokens']:.2f} < {MIN_CHROMA_GAIN}); a model trained on its tokens decodes "
+              f"near-grey images (docs/MODEL.md §1.2)", flush=True)
 
 
 def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
@@ -194,6 +219,7 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
         m = {"loss/total": loss.item(), "loss/l1": l1.item(), "loss/mse": mse.item(), "loss/vq": vq_loss.item(),
              "optim/grad_norm": float(gn), "recon/psnr": rec_psnr,
+             "recon/chroma_err": chroma_fidelity(x, rec.detach())["chroma_err"],
              "codebook/usage_pct": float(sum(usage) / max(len(usage), 1)), "lr": sched.get_last_lr()[0]}
         history.append({"step": step, **m})
         tracker.log_metrics(m, step=step)
@@ -210,15 +236,17 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
 
 
 @torch.no_grad()
-def _reconstruction_grid(vqvae, mcfg, shards, cfg: VQVAETrainConfig, dev, path: Path) -> Path:
+def _reconstruction_grid(vqvae, mcfg, shards, cfg: VQVAETrainConfig, dev, path: Path) -> tuple[Path, dict]:
     """HR | reconstruction | tokens only (the K-scale codes alone, the path the transformer sees) for
-    ``grid_images`` distinct samples (shards hold several LR variants of one HR crop: duplicates are skipped)."""
+    ``grid_images`` distinct samples (shards hold several LR variants of one HR crop: duplicates are skipped), and
+    the colour check (:func:`infra.core.metrics.chroma_fidelity` of both decodes) on ``colour_check_images``
+    distinct crops."""
     from data_pipeline.shards import BatchStream
     from training.tracking import save_grid
 
     stream = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size, workers=0,
                          seed=cfg.seed, rank=0, world=1, shuffle_buffer=0)
-    n, seen, picked = max(1, cfg.grid_images), set(), []
+    n, seen, picked = max(1, cfg.grid_images, cfg.colour_check_images), set(), []
     for b in stream:
         for i in range(b["hr"].shape[0]):
             d = hash(b["hr"][i].numpy().tobytes())
@@ -236,10 +264,14 @@ def _reconstruction_grid(vqvae, mcfg, shards, cfg: VQVAETrainConfig, dev, path: 
         h = vqvae.embed_idx(idx[si]).transpose(1, 2).reshape(x.shape[0], -1, pn, pn)
         f_hat, _ = vqvae.get_next_autoregressive_input(si, f_hat, h)
     tok = (vqvae.fhat_to_img(f_hat).clamp(-1, 1) + 1) / 2
+    colour = {"images": len(picked), **chroma_fidelity(x, rec),
+              **{f"{k}_tokens": v for k, v in chroma_fidelity(x, tok).items()}}
+    g = max(1, cfg.grid_images)
     labels = [f"{key[-28:]}   rec PSNR {10 * math.log10(1.0 / max(float(((r - a) ** 2).mean()), 1e-12)):.2f} dB"
-              for (a, key), r in zip(((x[i], picked[i][1]) for i in range(len(picked))), rec)]
-    return save_grid([[a, b, c] for a, b, c in zip(x, rec, tok)], ["HR", "reconstruction", "tokens only"], path,
-                     row_labels=labels)
+              for (a, key), r in zip(((x[i], picked[i][1]) for i in range(min(g, len(picked)))), rec)]
+    grid = save_grid([[a, b, c] for a, b, c in list(zip(x, rec, tok))[:g]], ["HR", "reconstruction", "tokens only"],
+                     path, row_labels=labels)
+    return grid, colour
 
 
 def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step: int):

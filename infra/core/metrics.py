@@ -155,3 +155,29 @@ def hf_gap_db(sr: Image.Image, hr: Image.Image, sigma: float = 1.0) -> float:
     Lower is better; bicubic upsampling typically sits several dB below the reference."""
     r = hf_ratio(sr, hr, sigma)
     return float("nan") if not r > 0 else abs(10.0 * math.log10(r))
+
+
+def mean_chroma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB -> (B, 2) per-image mean opponent colour (R - G, B - G), float64: the part of an image's
+    average colour that a grey (R = G = B) picture does not have."""
+    m = x.detach().double().mean(dim=(2, 3))
+    return torch.stack([m[:, 0] - m[:, 1], m[:, 2] - m[:, 1]], dim=1)
+
+
+def chroma_fidelity(x: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
+    """How much of each image's average colour a reconstruction keeps (tokenizer check, docs/MODEL.md §1.2).
+
+    ``x``, ``rec``: (B, 3, H, W) in the same range. ``chroma_err``: mean |mean_chroma(rec) - mean_chroma(x)| in those
+    units. ``chroma_gain``: least-squares slope of the reconstructions' mean chroma on the inputs' (both opponent
+    axes pooled, each centred over the batch): 1 when colours are reproduced, 0 when every image decodes with the
+    same tint whatever its colour (a tokenizer that lost colour); NaN when the inputs' colours do not vary (B < 2
+    or identical colours), where a slope means nothing.
+    """
+    if x.shape != rec.shape or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected two (B, 3, H, W) batches of the same shape, got {tuple(x.shape)}, {tuple(rec.shape)}")
+    cx, cr = mean_chroma(x), mean_chroma(rec)
+    err = float((cr - cx).abs().mean())
+    dx, dr = cx - cx.mean(0), cr - cr.mean(0)
+    var = float((dx * dx).sum())
+    gain = float((dx * dr).sum()) / var if var > 1e-12 else math.nan
+    return {"chroma_gain": gain, "chroma_err": err}

@@ -62,8 +62,10 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
 
 @torch.no_grad()
 def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image) -> dict[str, float]:
-    """PSNR-Y/SSIM-Y of the HR decoded from its tokens, and from tokens + exact residual (tile by tile)."""
-    from infra.core.metrics import full_reference
+    """PSNR-Y/SSIM-Y of the HR decoded from its tokens, and from tokens + exact residual (tile by tile), and how far
+    each decoded tile's mean colour is off (``chroma_err_*``, :func:`infra.core.metrics.chroma_fidelity`, in [0, 1]
+    units: a tokenizer that lost colour shows here, docs/MODEL.md §1.2)."""
+    from infra.core.metrics import chroma_fidelity, full_reference
 
     S = image_size
     W, H = (hr.width // S) * S, (hr.height // S) * S
@@ -87,6 +89,7 @@ def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image) -> dict[str, floa
                 k += 1
         m = full_reference(_to_pil(canvas), ref)
         out[f"psnr_y_{key}"], out[f"ssim_y_{key}"] = m["psnr_y"], m["ssim_y"]
+        out[f"chroma_err_{key}"] = chroma_fidelity((batch + 1) / 2, rec)["chroma_err"]
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from infra.core.metrics import full_reference, hf_energy, hf_gap_db, hf_ratio
+from infra.core.metrics import chroma_fidelity, full_reference, hf_energy, hf_gap_db, hf_ratio
 from infra.demo.quality import bicubic, make_pair, one_pass_stitched, sr_figures, tokenizer_ceiling
 
 
@@ -56,7 +56,34 @@ def test_tokenizer_ceiling_with_exact_residual_is_the_autoencoder_reconstruction
     ref = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     want = full_reference(ref, hr)["psnr_y"]
     assert got["psnr_y_tokens_residual"] == pytest.approx(want, abs=0.05)
-    assert set(got) == {"psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual", "ssim_y_tokens_residual"}
+    assert got["chroma_err_tokens_residual"] == pytest.approx(
+        chroma_fidelity((tiles + 1) / 2, rec.clamp(0, 1))["chroma_err"], abs=1e-6)
+    assert set(got) == {"psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual", "ssim_y_tokens_residual",
+                        "chroma_err_tokens", "chroma_err_tokens_residual"}
+
+
+def _coloured_batch(n: int = 8, side: int = 32, seed: int = 0) -> torch.Tensor:
+    """n images in [0, 1], each with its own random mean colour plus texture."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.rand(n, 3, 1, 1, generator=g) * 0.6 + 0.2
+    return (colour + 0.1 * torch.randn(n, 3, side, side, generator=g)).clamp(0, 1)
+
+
+def test_chroma_fidelity_is_one_when_colours_are_kept_and_zero_when_every_image_gets_one_tint():
+    x = _coloured_batch()
+    assert chroma_fidelity(x, x) == pytest.approx({"chroma_gain": 1.0, "chroma_err": 0.0})
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    tint = torch.tensor([0.05, 0.05, -0.1]).view(1, 3, 1, 1)  # R = G > B: the olive cast of a colour-less tokenizer
+    lost = chroma_fidelity(x, grey + tint)
+    assert lost["chroma_gain"] == pytest.approx(0.0, abs=1e-6)
+    cx = torch.stack([x[:, 0].mean((1, 2)) - x[:, 1].mean((1, 2)), x[:, 2].mean((1, 2)) - x[:, 1].mean((1, 2))], 1)
+    want_err = float((cx.double() - torch.tensor([0.0, -0.15], dtype=torch.float64)).abs().mean())
+    assert lost["chroma_err"] == pytest.approx(want_err, abs=1e-6)
+    half = chroma_fidelity(x, grey + 0.5 * (x - grey))  # every colour difference halved
+    assert half["chroma_gain"] == pytest.approx(0.5, abs=1e-6)
+    assert np.isnan(chroma_fidelity(x[:1], x[:1])["chroma_gain"])  # one image: no slope to measure
+    with pytest.raises(ValueError, match="same shape"):
+        chroma_fidelity(x, x[:, :2])
 
 
 def test_one_pass_stitched_covers_the_image_window_by_window(tiny):

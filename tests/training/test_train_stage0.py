@@ -72,3 +72,18 @@ def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="another config"):
         train_vqvae(cfg("split", 8, "lr=0.5"), resume="auto")
+
+
+def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
+    from training.stage0_vqvae import MIN_CHROMA_GAIN, _report_colour
+
+    kept = {"images": 32, "chroma_gain": 0.93, "chroma_err": 0.01, "chroma_gain_tokens": 0.88, "chroma_err_tokens": 0.02}
+    _report_colour(kept)
+    out = capsys.readouterr().out
+    assert "chroma gain 0.88 tokens only / 0.93 reconstruction" in out and "WARNING" not in out
+    # about the shipped small-base tokenizer (0.01 on 32 crops of its shards, docs/MODEL.md §1.2): colour lost
+    _report_colour({**kept, "chroma_gain": 0.04, "chroma_gain_tokens": 0.03})
+    out = capsys.readouterr().out
+    assert f"WARNING: the tokenizer does not reproduce colour (chroma gain 0.03 < {MIN_CHROMA_GAIN})" in out
+    _report_colour({**kept, "images": 1, "chroma_gain": float("nan"), "chroma_gain_tokens": float("nan")})
+    assert "WARNING" not in capsys.readouterr().out  # one crop: no slope, no verdict

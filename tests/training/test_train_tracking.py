@@ -151,9 +151,13 @@ def test_one_metric_vocabulary_validation_curves_and_system_metrics(pipeline):
         assert key in m2, key
     assert not OLD_NAMES & set(m2), OLD_NAMES & set(m2)
     assert "loss/total" in runs["c2i"].data.metrics and "loss/refiner" in runs["c2i"].data.metrics
-    for key in ("loss/total", "loss/l1", "loss/mse", "loss/vq", "recon/psnr", "codebook/usage_pct", "lr"):
+    for key in ("loss/total", "loss/l1", "loss/mse", "loss/vq", "recon/psnr", "recon/chroma_err", "codebook/usage_pct",
+                "lr", "eval/chroma_gain", "eval/chroma_gain_tokens", "eval/chroma_err", "eval/chroma_err_tokens"):
         assert key in runs["vqvae"].data.metrics, key
     assert len(client.get_metric_history(runs["vqvae"].info.run_id, "loss/l1")) == 6
+    colour = pipeline["s0"]["colour"]  # the end-of-run colour check, as returned and as logged
+    assert colour["images"] >= 2
+    assert runs["vqvae"].data.metrics["eval/chroma_gain_tokens"] == pytest.approx(colour["chroma_gain_tokens"])
     # validation every 2 of 4 steps: a curve, not a point
     assert [m.step for m in client.get_metric_history(runs["isr"].info.run_id, "val/psnr_y")] == [2, 4]
     assert [m.step for m in client.get_metric_history(runs["c2i"].info.run_id, "val/loss")] == [2, 4]
