@@ -11,7 +11,8 @@ tokens-only grid of distinct samples, and the export as the run's logged model (
 Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by
 measuring ``eval/chroma_gain[_tokens]`` on ``colour_check_images`` held-out crops: 1 when the decoded images keep
 each crop's colour, 0 when they all come out with one tint. Below ``MIN_CHROMA_GAIN`` it prints a warning, because a
-transformer trained on such tokens cannot produce colour whatever it learns (docs/MODEL.md §1.2).
+transformer trained on such tokens cannot produce colour whatever it learns (docs/MODEL.md §1.2). The figures and the
+verdict are stored in the export's config.json (``colour_check``); `varsr demo pretrain` stops on ``lost``.
 
 Checkpoints (model, optimiser, LR schedule, RNG states, data position and the metric history) go to
 ``{output_dir}/checkpoints/step_N/`` every ``checkpoint_every`` steps and at the end; ``--resume auto`` continues from
@@ -124,13 +125,14 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         grid, colour = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
         tracker.log_metrics({f"eval/{k}": v for k, v in colour.items() if k != "images"}, step=len(history))
         _report_colour(colour)
+        colour = {**colour, "min_chroma_gain": MIN_CHROMA_GAIN, "verdict": colour_verdict(colour)}
         curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq"]),
                                       ("reconstruction PSNR (dB)", ["recon/psnr"]),
                                       ("codebook usage (%)", ["codebook/usage_pct"])],
                             out / "plots" / "loss_curve.png", log_panels=("tokenizer losses",))
         tracker.log_artifact(grid, "samples")
         tracker.log_artifact(curve, "plots")
-        export, model_id = _export(vqvae, mcfg, cfg, shards, out, tracker, len(history))
+        export, model_id = _export(vqvae, mcfg, cfg, shards, out, tracker, len(history), colour)
         status = "FINISHED"
     finally:
         tracker.end(status)
@@ -145,6 +147,15 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
 # Below this chroma gain of the token-only decode the tokenizer has lost colour (every image decodes with about the
 # same tint): stage 1/2 trained on its tokens cannot produce colour either (docs/MODEL.md §1.2).
 MIN_CHROMA_GAIN = 0.5
+
+
+def colour_verdict(colour: dict) -> str:
+    """``kept`` / ``lost`` by the token-only decode's chroma gain, ``undetermined`` when it is NaN (too few or
+    identical colours among the checked crops)."""
+    g = colour["chroma_gain_tokens"]
+    if g != g:
+        return "undetermined"
+    return "kept" if g >= MIN_CHROMA_GAIN else "lost"
 
 
 def _report_colour(colour: dict) -> None:
@@ -274,8 +285,9 @@ def _reconstruction_grid(vqvae, mcfg, shards, cfg: VQVAETrainConfig, dev, path: 
     return grid, colour
 
 
-def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step: int):
-    """The tokenizer-only checkpoint in ``final/`` (lineage inside), logged as the run's model; (folder, model id)."""
+def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step: int, colour: dict):
+    """The tokenizer-only checkpoint in ``final/`` (lineage and the colour check inside its config.json, where
+    `varsr demo pretrain` reads it), logged as the run's model; (folder, model id)."""
     from model.checkpoint import save_tokenizer
     from training.tracking import MlflowTracker, STAGE_RUN_KIND
 
@@ -285,7 +297,7 @@ def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step
                                      tags={"varsr.stage": "vqvae", "varsr.model_preset": mcfg.name})
     lineage = {"mlflow_run_id": tracker.run_id, "mlflow_model_id": model.model_id if model else None,
                "varsr.data.manifest_sha256": shards.manifest_sha256, "step": step}
-    export = save_tokenizer(out / "final", vqvae.cpu(), mcfg, extra={"lineage": lineage})
+    export = save_tokenizer(out / "final", vqvae.cpu(), mcfg, extra={"lineage": lineage, "colour_check": colour})
     tracker.set_tags({"varsr.export_dir": "final"})
     if model is not None:
         tracker.log_checkpoint_model(model.name, export, model_id=model.model_id,

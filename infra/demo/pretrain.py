@@ -69,6 +69,9 @@ class PretrainConfig:
     eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)
     eval_hr_side: int = 256
     eval_cfg: float = 6.0
+    # stop after the tokenizer step when its colour check (training/stage0_vqvae.py) says colour is lost: stages 1-2
+    # trained on such tokens cannot produce colour, so the hour they take would be wasted (docs/MODEL.md §1.2)
+    require_colour: bool = True
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
@@ -173,8 +176,14 @@ class Pretrain(Demo):
                                                    f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
                                                    f"model.preset={p.preset}"]))
         meta = json.loads((self.w / "runs" / "vqvae" / "final" / "config.json").read_text())
+        colour = meta["colour_check"]  # stage 0's end-of-run colour check (training/stage0_vqvae.py)
+        if colour["verdict"] == "lost" and p.require_colour:
+            raise UserError(f"the tokenizer failed its colour check: chroma gain {colour['chroma_gain_tokens']:.2f} < "
+                            f"{colour['min_chroma_gain']} on {colour['images']} held-out crops, so stages 1-2 would "
+                            f"learn near-grey images (docs/MODEL.md §1.2); train it longer or change its preset, or "
+                            f"go on anyway with --set require_colour=false")
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"),
-                    mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
+                    mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"), colour=colour)
 
     def step_tokens(self) -> dict:
         self.varsr("tokens", *cmd_tokenize("shards", "runs/vqvae/final"))
@@ -379,6 +388,11 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         steps = info.get("steps", getattr(p, k).steps)
         lines.append(f"| {k} | `varsr train {'vqvae' if k == 'vqvae' else ('c2i' if k == 'stage1' else 'isr')}` | "
                      f"{steps} | {st[k]['seconds']} | {loss} | `{info.get('mlflow_run_id')}` |")
+    colour = st["vqvae"]["info"].get("colour")  # absent in state files written before the colour check
+    if colour:
+        lines += ["", f"Tokenizer colour check (stage 0, {colour['images']} held-out crops): chroma gain "
+                      f"{colour['chroma_gain_tokens']:.2f} from tokens only (1 = each crop keeps its colour, 0 = one "
+                      f"tint for all), verdict **{colour['verdict']}**."]
     total = sum(st[k]["seconds"] for k in STAGE_WALL_KEYS if k in st)
     lines += ["", f"Batch {p.batch_size} (tokenizer {p.vqvae.batch_size or p.batch_size}), fp32, DeepSpeed ZeRO-1 "
               f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a shared 2-core machine.", "",

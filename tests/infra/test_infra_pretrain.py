@@ -58,3 +58,34 @@ def test_training_commands_resume_and_carry_overrides():
     vq = cmd_train_vqvae(Path("v.yaml"), ["lr=1"])
     assert vq[:2] == ["train", "vqvae"] and parser.parse_args(vq).overrides == ["lr=1"]
     assert vq[-2:] == ["--resume", "auto"] and parser.parse_args(vq).resume == "auto"
+
+
+def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_path):
+    """Stage 0 stores its colour check in the export's config.json; the recipe refuses to spend stages 1-2 on a
+    tokenizer whose verdict is ``lost`` unless told to (``require_colour=false``), and records the figures."""
+    import json
+
+    from infra.core.errors import UserError
+    from training.stage0_vqvae import colour_verdict
+
+    lost = {"images": 32, "chroma_gain": 0.02, "chroma_err": 0.17, "chroma_gain_tokens": 0.01,
+            "chroma_err_tokens": 0.17, "min_chroma_gain": 0.5}
+    assert colour_verdict(lost) == "lost"
+    assert colour_verdict({**lost, "chroma_gain_tokens": 0.8}) == "kept"
+    assert colour_verdict({**lost, "chroma_gain_tokens": float("nan")}) == "undetermined"
+    final = tmp_path / "pt" / "runs" / "vqvae" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"lineage": {"mlflow_run_id": "r0"},
+                                                   "colour_check": {**lost, "verdict": "lost"}}))
+    issued = []
+
+    def recipe(*overrides):
+        p = Pretrain(load_pretrain_config(None, list(overrides)), str(tmp_path / "pt"), log=lambda s: None)
+        p.train_step = lambda *cmd: issued.append(cmd)  # stage 0 itself is not rerun here
+        return p
+
+    with pytest.raises(UserError, match=r"failed its colour check: chroma gain 0\.01 < 0\.5 on 32 held-out crops"):
+        recipe().step_vqvae()
+    assert issued and issued[0][0] == "vqvae"
+    info = recipe("require_colour=false").step_vqvae()
+    assert info["colour"]["verdict"] == "lost" and info["mlflow_run_id"] == "r0"
