@@ -125,7 +125,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         grid, colour = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
         tracker.log_metrics({f"eval/{k}": v for k, v in colour.items() if k != "images"}, step=len(history))
         _report_colour(colour)
-        colour = {**colour, "min_chroma_gain": MIN_CHROMA_GAIN, "verdict": colour_verdict(colour)}
+        # NaN (no slope to measure) is stored as null: config.json stays standard JSON
+        colour = {**{k: (None if v != v else v) for k, v in colour.items()}, "min_chroma_gain": MIN_CHROMA_GAIN,
+                  "verdict": colour_verdict(colour)}
         curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq"]),
                                       ("reconstruction PSNR (dB)", ["recon/psnr"]),
                                       ("codebook usage (%)", ["codebook/usage_pct"])],

@@ -176,8 +176,9 @@ class Pretrain(Demo):
                                                    f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
                                                    f"model.preset={p.preset}"]))
         meta = json.loads((self.w / "runs" / "vqvae" / "final" / "config.json").read_text())
-        colour = meta["colour_check"]  # stage 0's end-of-run colour check (training/stage0_vqvae.py)
-        if colour["verdict"] == "lost" and p.require_colour:
+        # stage 0's end-of-run colour check (training/stage0_vqvae.py); None for a tokenizer exported before it existed
+        colour = meta.get("colour_check")
+        if colour and colour["verdict"] == "lost" and p.require_colour:
             raise UserError(f"the tokenizer failed its colour check: chroma gain {colour['chroma_gain_tokens']:.2f} < "
                             f"{colour['min_chroma_gain']} on {colour['images']} held-out crops, so stages 1-2 would "
                             f"learn near-grey images (docs/MODEL.md §1.2); train it longer or change its preset, or "
@@ -390,9 +391,10 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
                      f"{steps} | {st[k]['seconds']} | {loss} | `{info.get('mlflow_run_id')}` |")
     colour = st["vqvae"]["info"].get("colour")  # absent in state files written before the colour check
     if colour:
+        gain = colour["chroma_gain_tokens"]
         lines += ["", f"Tokenizer colour check (stage 0, {colour['images']} held-out crops): chroma gain "
-                      f"{colour['chroma_gain_tokens']:.2f} from tokens only (1 = each crop keeps its colour, 0 = one "
-                      f"tint for all), verdict **{colour['verdict']}**."]
+                      f"{'n/a' if gain is None else f'{gain:.2f}'} from tokens only (1 = each crop keeps its colour, "
+                      f"0 = one tint for all), verdict **{colour['verdict']}**."]
     total = sum(st[k]["seconds"] for k in STAGE_WALL_KEYS if k in st)
     lines += ["", f"Batch {p.batch_size} (tokenizer {p.vqvae.batch_size or p.batch_size}), fp32, DeepSpeed ZeRO-1 "
               f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a shared 2-core machine.", "",

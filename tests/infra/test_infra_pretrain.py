@@ -89,3 +89,6 @@ def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_pat
     assert issued and issued[0][0] == "vqvae"
     info = recipe("require_colour=false").step_vqvae()
     assert info["colour"]["verdict"] == "lost" and info["mlflow_run_id"] == "r0"
+    # a tokenizer exported before the check existed is not refused
+    (final / "config.json").write_text(json.dumps({"lineage": {"mlflow_run_id": "r0"}}))
+    assert recipe().step_vqvae()["colour"] is None

@@ -158,6 +158,10 @@ def test_one_metric_vocabulary_validation_curves_and_system_metrics(pipeline):
     colour = pipeline["s0"]["colour"]  # the end-of-run colour check, as returned and as logged
     assert colour["images"] >= 2
     assert runs["vqvae"].data.metrics["eval/chroma_gain_tokens"] == pytest.approx(colour["chroma_gain_tokens"])
+    # the check travels with the tokenizer, as standard JSON (no NaN)
+    meta = json.loads((pipeline["root"] / "runs" / "vqvae" / "final" / "config.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert meta["colour_check"]["verdict"] in ("kept", "lost") and meta["colour_check"]["images"] == colour["images"]
     # validation every 2 of 4 steps: a curve, not a point
     assert [m.step for m in client.get_metric_history(runs["isr"].info.run_id, "val/psnr_y")] == [2, 4]
     assert [m.step for m in client.get_metric_history(runs["c2i"].info.run_id, "val/loss")] == [2, 4]
