@@ -255,8 +255,8 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
 # norm_groups stays 32 as the shipped base was trained. This tokenizer loses colour (decoded R = G; stage 0's colour
-# check scores it 0.01). GroupNorm with 1-4 channels per group is implicated, but this layout still stalls with 1 group:
-# the fix is open (docs/MODEL.md §1.2)
+# check scores it 0.01). Two measured causes, neither fixed yet: the default conv init attenuates its trunk, and
+# GroupNorm (even 1 group) loses colour again once the trunk is fixed (docs/MODEL.md §1.2)
 _SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=32)
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),

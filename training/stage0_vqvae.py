@@ -165,7 +165,7 @@ def _report_colour(colour: dict) -> None:
     print(f"[vqvae] colour on {colour['images']} held-out crops: chroma gain {colour['chroma_gain_tokens']:.2f} "
           f"tokens only / {colour['chroma_gain']:.2f} reconstruction (1 = kept, 0 = lost), mean chroma error "
           f"{colour['chroma_err_tokens']:.3f}", flush=True)
-    if colour["chroma_gain_tokens"] < MIN_CHROMA_GAIN:  # NaN (too few or identical colours) compares False
+    if colour_verdict(colour) == "lost":
         print(f"[vqvae] WARNING: the tokenizer does not reproduce colour (chroma gain "
               f"{colour['chroma_gain_tokens']:.2f} < {MIN_CHROMA_GAIN}); a model trained on its tokens decodes "
               f"near-grey images (docs/MODEL.md §1.2)", flush=True)
