@@ -107,7 +107,8 @@ def baseline_models(base, cfg: VARSRConfig, vqvae, varsr, device):
     base_vq = importlib.import_module(f"{base.__name__}.config").VQVAEConfig
     known_vq = set(base_vq.__dataclass_fields__)
     today_vq = dataclasses.asdict(type(cfg.vqvae)())
-    extra = {k: v for k, v in d["vqvae"].items() if k not in known_vq}
+    # (``init`` only chooses how a new model is initialised; the weights copied in below replace it)
+    extra = {k: v for k, v in d["vqvae"].items() if k not in known_vq and k != "init"}
     if any(v != today_vq[k] for k, v in extra.items()):
         raise SystemExit(f"the baseline {base.__name__} cannot build vqvae fields {extra}: compare at their defaults")
     d["vqvae"] = {k: v for k, v in d["vqvae"].items() if k in known_vq}

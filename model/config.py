@@ -33,6 +33,10 @@ class VQVAEConfig:
     # GroupNorm groups of every encoder/decoder norm: 32 as released (ch 160: 5-channel groups; at ch 32 one channel
     # per group, docs/MODEL.md §1.2)
     norm_groups: int = 32
+    # encoder/decoder conv init when training a tokenizer from scratch: "upstream" = PyTorch's default, as VAR's code
+    # leaves it; "fan_in" = variance-preserving N(0, 1/fan_in), zero biases. Under the default each conv passes ~1/3
+    # of its input's variance, so a narrow tokenizer's ~16-conv trunk attenuates the image (docs/MODEL.md §1.2)
+    init: Literal["upstream", "fan_in"] = "upstream"
 
     @property
     def downsample(self) -> int:
@@ -254,10 +258,11 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
-# norm_groups stays 32 as the shipped base was trained. This tokenizer loses colour (decoded R = G; stage 0's colour
-# check scores it 0.01). Two measured causes, neither fixed yet: the default conv init attenuates its trunk, and
-# GroupNorm (even 1 group) loses colour again once the trunk is fixed (docs/MODEL.md §1.2)
-_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=32)
+# Its tokenizer keeps colour only with one GroupNorm group and a fan-in conv init (docs/MODEL.md §1.2): at ch 32 the
+# released 32 groups hold one channel each, so every norm removes each channel's per-image mean (the image's colour),
+# and under PyTorch's default init the ~16-conv trunk attenuates the image before training starts.
+_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=1,
+                  init="fan_in")
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
     vqvae=_SMALL_VAE,

@@ -30,6 +30,20 @@ class VQVAE(nn.Module):
         ks = v.quant_conv_ks
         self.quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
+        if v.init == "fan_in":
+            self.init_fan_in()
+
+    @torch.no_grad()
+    def init_fan_in(self) -> None:
+        """Every encoder/decoder conv N(0, 1/fan_in), zero biases (``VQVAEConfig.init``): each conv then keeps its
+        input's variance, where PyTorch's default init passes about a third of it, so a trunk of ~16 convs no longer
+        shrinks the image, and its colour, towards nothing before training starts (docs/MODEL.md §1.2)."""
+        for m in (*self.encoder.modules(), *self.decoder.modules()):
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                nn.init.normal_(m.weight, std=fan_in ** -0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
 
     def freeze(self) -> "VQVAE":
         """Inference mode of VARSR: eval() and no gradients for any parameter."""

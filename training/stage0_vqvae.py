@@ -55,6 +55,10 @@ class VQVAETrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     vq_weight: float = 1.0
+    # MSE of the reconstruction's ``lowpass_factor``-px block means: the image's local colour and brightness, the
+    # part a per-pixel loss weighs least while texture errors dominate it (docs/MODEL.md §1.2); 0 = off
+    lowpass_weight: float = 0.0
+    lowpass_factor: int = 8
     grad_clip: float = 1.0
     restart_dead_codes_every: int = 20  # 0 = off; re-seed unused codes from encoder outputs (avoids codebook collapse)
     seed: int = 0
@@ -82,6 +86,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
 
     if cfg.max_steps < 1:
         raise UserError("max_steps must be >= 1")
+    if cfg.lowpass_weight < 0 or cfg.lowpass_factor < 1:
+        raise UserError(f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {cfg.lowpass_weight}, "
+                        f"{cfg.lowpass_factor}")
     mcfg = VARSRConfig.preset(cfg.model.preset.removeprefix("c2i-"), **cfg.model.overrides)
     shards = resolve_shards(cfg.data.shards)
     if shards.hr_size is not None and shards.hr_size != mcfg.image_size:
@@ -128,7 +135,8 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         # NaN (no slope to measure) is stored as null: config.json stays standard JSON
         colour = {**{k: (None if v != v else v) for k, v in colour.items()}, "min_chroma_gain": MIN_CHROMA_GAIN,
                   "verdict": colour_verdict(colour)}
-        curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq"]),
+        curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq",
+                                                            "loss/lowpass"]),
                                       ("reconstruction PSNR (dB)", ["recon/psnr"]),
                                       ("codebook usage (%)", ["codebook/usage_pct"])],
                             out / "plots" / "loss_curve.png", log_panels=("tokenizer losses",))
@@ -175,7 +183,7 @@ def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
     """What a resumed run must share with the checkpoint it continues (not max_steps: a run can be extended)."""
     return {"geometry": json.dumps(mcfg.to_dict(), sort_keys=True), "seed": cfg.seed, "lr": cfg.lr,
             "batch_size": cfg.data.batch_size, "shards": cfg.data.shards, "warmup_steps": cfg.warmup_steps,
-            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight]}
+            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor]}
 
 
 def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
@@ -218,6 +226,9 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
         l1 = (rec - x).abs().mean()
         mse = ((rec - x) ** 2).mean()
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.vq_weight * vq_loss
+        lowpass = lowpass_mse(rec, x, cfg.lowpass_factor) if cfg.lowpass_weight else None
+        if lowpass is not None:
+            loss = loss + cfg.lowpass_weight * lowpass
         if not torch.isfinite(loss):
             raise UserError(f"non-finite VQVAE loss at step {step} (l1={float(l1)}, vq={float(vq_loss)}); lower lr")
         opt.zero_grad(set_to_none=True)
@@ -231,6 +242,7 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
                 log.info("step %d: re-seeded %d unused codes", step, restarted)
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
         m = {"loss/total": loss.item(), "loss/l1": l1.item(), "loss/mse": mse.item(), "loss/vq": vq_loss.item(),
+             **({"loss/lowpass": lowpass.item()} if lowpass is not None else {}),
              "optim/grad_norm": float(gn), "recon/psnr": rec_psnr,
              "recon/chroma_err": chroma_fidelity(x, rec.detach())["chroma_err"],
              "codebook/usage_pct": float(sum(usage) / max(len(usage), 1)), "lr": sched.get_last_lr()[0]}
@@ -246,6 +258,12 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
     if not history:
         raise UserError(f"nothing to train: max_steps={cfg.max_steps}")
     return history
+
+
+def lowpass_mse(rec: torch.Tensor, x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Mean squared error of the ``factor``×``factor`` block means of ``rec`` and ``x`` (B, 3, H, W)."""
+    pool = torch.nn.functional.avg_pool2d
+    return ((pool(rec, factor) - pool(x, factor)) ** 2).mean()
 
 
 @torch.no_grad()

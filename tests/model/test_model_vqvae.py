@@ -242,3 +242,42 @@ def test_norm_groups_reach_every_groupnorm_and_old_configs_load_as_32():
     assert VARSRConfig.from_dict(json.loads(json.dumps(old))).vqvae.norm_groups == 32
     with pytest.raises(ValueError, match="norm_groups"):
         cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "norm_groups": 5})
+
+
+def test_fan_in_init_keeps_the_trunks_variance_where_the_default_init_shrinks_it():
+    """docs/MODEL.md §1.2, cause 1: ``vqvae.init: fan_in`` draws every encoder/decoder conv from N(0, 1/fan_in) with
+    zero biases, so each conv passes its input's variance on; PyTorch's default passes about a third. Checked on the
+    weights and on what a stack of the decoder's convs does to a random signal; old configs load as ``upstream``."""
+    import json
+
+    small = VARSRConfig.preset("small")
+    assert small.vqvae.init == "fan_in" and small.vqvae.norm_groups == 1  # the preset that keeps colour
+    cfg = small.replace(vqvae={**small.to_dict()["vqvae"], "init": "upstream"})
+    fan = cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "init": "fan_in"})
+    torch.manual_seed(0)
+    vq_fan, vq_up = VQVAE(fan), VQVAE(cfg)
+    convs = [m for m in (*vq_fan.encoder.modules(), *vq_fan.decoder.modules()) if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 20
+    for m in convs:
+        fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        assert abs(float(m.weight.detach().std()) * fan_in ** 0.5 - 1) < 0.15, m
+        assert float(m.bias.detach().abs().max()) == 0.0
+    # the quantizer's phi convs and quant convs keep their own init
+    assert vq_fan.quant_conv.bias.abs().max() > 0
+
+    def trunk_gain(vq):  # variance gain of the decoder's 3x3 same-width convs applied in sequence
+        x = torch.randn(1, cfg.vqvae.ch * 4, 16, 16)
+        h = x
+        with torch.no_grad():
+            for m in vq.decoder.modules():
+                if isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels == x.shape[1] \
+                        and m.kernel_size == (3, 3):
+                    h = m(h)
+        return float(h.var() / x.var())
+
+    g_fan, g_up = trunk_gain(vq_fan), trunk_gain(vq_up)
+    assert 0.3 < g_fan < 3.0, g_fan
+    assert g_up < 0.05, g_up
+    old = cfg.to_dict()
+    del old["vqvae"]["init"]
+    assert VARSRConfig.from_dict(json.loads(json.dumps(old))).vqvae.init == "upstream"

@@ -87,3 +87,26 @@ def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
     assert f"WARNING: the tokenizer does not reproduce colour (chroma gain 0.03 < {MIN_CHROMA_GAIN})" in out
     _report_colour({**kept, "images": 1, "chroma_gain": float("nan"), "chroma_gain_tokens": float("nan")})
     assert "WARNING" not in capsys.readouterr().out  # one crop: no slope, no verdict
+
+
+def test_lowpass_loss_sees_block_colour_but_not_texture_that_averages_out():
+    """The stage-0 low-pass term (docs/MODEL.md §1.2): a tint of d on every pixel costs d², a checkerboard error
+    that averages to zero within each block costs nothing, and its gradient on a uniform tint is what MSE on the
+    block means gives; bad settings are refused before training."""
+    import pytest
+
+    from infra.core.errors import UserError
+    from training.stage0_vqvae import VQVAETrainConfig, lowpass_mse, train_vqvae
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    tint = torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)
+    assert torch.isclose(lowpass_mse(x + tint, x, 8), (tint ** 2).mean(), rtol=1e-5)
+    checker = (torch.arange(32).view(1, 32) + torch.arange(32).view(32, 1)) % 2 * 2 - 1.0
+    assert float(lowpass_mse(x + 0.3 * checker, x, 8)) < 1e-10
+    assert float(((x + 0.3 * checker - x) ** 2).mean()) > 0.08  # the per-pixel loss does see it
+    rec = x.clone().requires_grad_(True)
+    lowpass_mse(rec + tint, x, 4).backward()
+    assert torch.allclose(rec.grad, (2 * tint / 3 / (32 * 32) / 2).expand_as(rec), rtol=1e-4)
+    for bad in ({"lowpass_weight": -1.0}, {"lowpass_factor": 0}):
+        with pytest.raises(UserError, match="lowpass"):
+            train_vqvae(VQVAETrainConfig(**bad))
