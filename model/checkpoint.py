@@ -123,6 +123,16 @@ def load_tokenizer(vqvae: torch.nn.Module, directory, state: dict[str, torch.Ten
     vq_sd = state if state is not None else read_parts(directory)[0]
     if not vq_sd:
         raise UserError(f"{directory} holds no VQVAE weights")
+    ours = getattr(vqvae, "vq_config", None)
+    if ours is not None:
+        # settings the tensors' shapes do not reveal but the computation depends on: a tokenizer trained with
+        # 32 GroupNorm groups loads without complaint into a 1-group model and then decodes something else
+        theirs = read_config(directory)[0].vqvae
+        diff = [f"{k} {getattr(theirs, k)} (model: {getattr(ours, k)})" for k in ("norm_groups", "quant_resi")
+                if getattr(theirs, k) != getattr(ours, k)]
+        if diff:
+            raise UserError(f"tokenizer {directory} was trained with {', '.join(diff)}: build the model with its "
+                            f"config (model.overrides or the checkpoint's config.json)")
     strict_load(vqvae, vq_sd, f"tokenizer {directory} does not fit this model's VQVAE config")
     vqvae.freeze()
 

@@ -20,6 +20,7 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VARSRConfig):
         super().__init__()
         v = cfg.vqvae
+        self.vq_config = v  # what the weights do not show (norm_groups, quant_resi): checked when weights are loaded
         self.patch_nums = tuple(cfg.patch_nums)
         self.V, self.Cvae = v.vocab_size, v.z_channels
         self.downsample = v.downsample

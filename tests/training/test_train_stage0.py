@@ -45,6 +45,25 @@ def test_tokenizer_export_loads_into_a_model(tmp_path):
     assert not any(p.requires_grad for p in vq.parameters())
 
 
+def test_a_tokenizer_with_other_groupnorm_groups_is_refused_not_loaded(tmp_path):
+    """GroupNorm's groups and phi's mix ratio do not show in the tensors' shapes: a tokenizer trained with 32 groups
+    (the first small base) would load into today's 1-group `small` model and then decode something else. The load
+    names the setting instead; the same config loads, and so does one differing only in its init."""
+    import pytest
+
+    from infra.core.errors import UserError
+
+    cfg = VARSRConfig.preset("tiny")
+    d = save_tokenizer(tmp_path / "tok", VQVAE(cfg), cfg)
+    one_group = cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "norm_groups": 1})
+    with pytest.raises(UserError, match=r"norm_groups 32 \(model: 1\)"):
+        load_tokenizer(VQVAE(one_group), str(d))
+    other_resi = cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "quant_resi": 0.25})
+    with pytest.raises(UserError, match="quant_resi"):
+        load_tokenizer(VQVAE(other_resi), str(d))
+    load_tokenizer(VQVAE(cfg.replace(vqvae={**cfg.to_dict()["vqvae"], "init": "fan_in"})), str(d))
+
+
 def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
     """Stage 0 stopped after 3 steps and resumed (``--resume auto``) gives the uninterrupted losses and weights; a
     checkpoint of another configuration is refused."""
