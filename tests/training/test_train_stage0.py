@@ -100,7 +100,7 @@ def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
     _report_colour(kept)
     out = capsys.readouterr().out
     assert "chroma gain 0.88 tokens only / 0.93 reconstruction" in out and "WARNING" not in out
-    # about the shipped small-base tokenizer (0.01 on 32 crops of its shards, docs/MODEL.md §1.2): colour lost
+    # about the first small-base tokenizer (0.01 on 32 crops of its shards, docs/MODEL.md §1.2): colour lost
     _report_colour({**kept, "chroma_gain": 0.04, "chroma_gain_tokens": 0.03})
     out = capsys.readouterr().out
     assert f"WARNING: the tokenizer does not reproduce colour (chroma gain 0.03 < {MIN_CHROMA_GAIN})" in out
