@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.conv_init import fan_in_normal_
+
 
 class LREncoder(nn.Module):
     """conv_in 3→ch0; per stage (ch_i→ch_i stride 1, ch_i→ch_{i+1} stride 2, the last stage ending at ``hidden``);
@@ -24,19 +26,13 @@ class LREncoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = nn.Conv2d(hidden, out_dim, 3, padding=1)
 
-    @torch.no_grad()
     def init_fan_in(self, gain: float = 1.7) -> None:
         """Variance-preserving init: hidden convs N(0, gain²/fan_in) (gain ≈ the second-moment gain that keeps SiLU
         activations from shrinking), conv_out N(0, 1/fan_in), zero biases. The prefix then carries the LR at about
         unit scale whatever the widths; the upstream N(0, 0.02²) shrinks it by ~(0.02·√fan_in / 2) per layer."""
-        convs = [self.conv_in, *self.blocks]
-        for conv in convs:
-            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-            nn.init.normal_(conv.weight, std=gain / fan_in ** 0.5)
-            conv.bias.zero_()
-        fan_in = self.conv_out.in_channels * self.conv_out.kernel_size[0] * self.conv_out.kernel_size[1]
-        nn.init.normal_(self.conv_out.weight, std=1 / fan_in ** 0.5)
-        self.conv_out.bias.zero_()
+        for conv in (self.conv_in, *self.blocks):
+            fan_in_normal_(conv, gain)
+        fan_in_normal_(self.conv_out)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """lr (B, 3, S, S) in [−1, 1] → prefix tokens (B, (S/stride)², C), token of cell (i, j) at index side·i + j."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from model.config import VARSRConfig
+from model.conv_init import fan_in_normal_
 from model.quantizer import MultiScaleQuantizer
 from model.vae_layers import Decoder, Encoder, fp32_conv
 
@@ -34,17 +35,13 @@ class VQVAE(nn.Module):
         if v.init == "fan_in":
             self.init_fan_in()
 
-    @torch.no_grad()
     def init_fan_in(self) -> None:
         """Every encoder/decoder conv N(0, 1/fan_in), zero biases (``VQVAEConfig.init``): each conv then keeps its
         input's variance, where PyTorch's default init passes about a third of it, so a trunk of ~16 convs no longer
         shrinks the image, and its colour, towards nothing before training starts (docs/MODEL.md §1.2)."""
         for m in (*self.encoder.modules(), *self.decoder.modules()):
             if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
-                nn.init.normal_(m.weight, std=fan_in ** -0.5)
-                if m.bias is not None:
-                    m.bias.zero_()
+                fan_in_normal_(m)
 
     def freeze(self) -> "VQVAE":
         """Inference mode of VARSR: eval() and no gradients for any parameter."""
