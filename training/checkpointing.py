@@ -180,15 +180,27 @@ def save_module_state(run: RunDir, step: int, state: dict, keep: int) -> str:
     return run.url_of(rel)
 
 
+# fingerprint keys that a run writes only when the setting is on (so checkpoints from before the setting existed still
+# resume): a checkpoint that has one must not be resumed by a run without it
+OPTIONAL_FINGERPRINT_KEYS = ("augment", "lr_schedule")
+
+
+def _fingerprint_mismatch(written: dict, fingerprint: dict) -> str | None:
+    """The first setting where a checkpoint's ``written`` fingerprint and this run's differ, as text; None if equal."""
+    keys = list(fingerprint) + [k for k in OPTIONAL_FINGERPRINT_KEYS if k in written and k not in fingerprint]
+    for k in keys:
+        if written.get(k) != fingerprint.get(k):
+            return f"{k}: checkpoint {written.get(k)!r}, this run {fingerprint.get(k)!r}"
+    return None
+
+
 def load_module_state(ckpt: Path, fingerprint: dict) -> dict:
     """The state saved by :func:`save_module_state`, with this process's RNG states restored from it; UserError when
     it was written by another configuration (``fingerprint`` keys differ)."""
     st = torch.load(ckpt / "state.pt", weights_only=True)
-    written = st.get("fingerprint", {})
-    for k, v in fingerprint.items():
-        if written.get(k) != v:
-            raise UserError(f"checkpoint {ckpt} was written by another config ({k}: checkpoint "
-                            f"{written.get(k)!r}, this run {v!r}); use a fresh output_dir")
+    diff = _fingerprint_mismatch(st.get("fingerprint", {}), fingerprint)
+    if diff:
+        raise UserError(f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir")
     set_rng_state(st.pop("rng"), None)
     return st
 
@@ -201,11 +213,10 @@ def _bring(run: RunDir, step: int) -> Path:
 def load(engine, ckpt: Path, generator, fingerprint: dict) -> tuple[int, DataPosition]:
     """Restore engine + RNG + data position; UserError if the checkpoint is from another config."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    for k, v in fingerprint.items():
-        if state.get(k) != v:
-            raise UserError(
-                f"checkpoint {ckpt} was written by another config ({k}: checkpoint {state.get(k)!r}, "
-                f"this run {v!r}); use a fresh output_dir or the matching config")
+    diff = _fingerprint_mismatch(state, fingerprint)
+    if diff:
+        raise UserError(f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir or the "
+                        f"matching config")
     if state["world_size"] != _world():
         raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} rank(s), this run has {_world()}")
     path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,

@@ -43,6 +43,11 @@ class DataSection:
     # (same weights sha256 and scales), else say so and tokenise HR on the fly; false (YAML `off` too) = always
     # tokenise on the fly
     token_cache: bool = True
+    # random RGB channel order, left-right flip and quarter turns, one draw per crop applied alike to its HR and LR
+    # (training/augment.py): a base trained on a few dozen photos otherwise draws their palette and textures on an
+    # unseen LR (docs/MODEL.md §1.2). Augmented HR crops have no cached tokens: on = tokenise on the fly.
+    augment: bool = False
+    augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled (flips/turns: all)
 
 
 @dataclass
@@ -148,6 +153,8 @@ class TrainConfig:
             errs.append("max_steps must be >= 1")
         if not 0 <= self.optim.plateau < 1:
             errs.append("optim.plateau must be in [0, 1)")
+        if not 0 <= self.data.augment_colour_p <= 1:
+            errs.append(f"data.augment_colour_p must be in [0, 1], got {self.data.augment_colour_p}")
         if errs:
             raise ConfigError("invalid TrainConfig: " + "; ".join(errs))
         return self

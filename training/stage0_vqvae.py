@@ -28,12 +28,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
 from infra.core.metrics import chroma_fidelity
+from training.augment import augment_crops, step_generator
 from training.config import DataSection, ModelSection, TrackingSection
 from training.tracking import plot_curves
 
@@ -52,6 +54,10 @@ class VQVAETrainConfig:
     weight_decay: float = 0.0
     max_steps: int = 400
     warmup_steps: int = 20
+    # after warm-up: ``constant`` (the first recipe), or ``cosine`` from lr down to lr * min_lr_ratio at max_steps.
+    # A constant lr leaves the reconstruction loss bouncing on a plateau; the decay settles it (docs/MODEL.md §1.2).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.05
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     vq_weight: float = 1.0
@@ -59,6 +65,11 @@ class VQVAETrainConfig:
     # part a per-pixel loss weighs least while texture errors dominate it (docs/MODEL.md §1.2); 0 = off
     lowpass_weight: float = 0.0
     lowpass_factor: int = 8
+    # per-crop random RGB channel order, left-right flip and quarter turn (training/augment.py): a tokenizer trained on
+    # a few dozen photos otherwise learns their palette and decodes an unlike photo in it (docs/MODEL.md §1.2).
+    # Off by default (VAR's recipe).
+    augment: bool = False
+    augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled
     grad_clip: float = 1.0
     restart_dead_codes_every: int = 20  # 0 = off; re-seed unused codes from encoder outputs (avoids codebook collapse)
     seed: int = 0
@@ -89,6 +100,11 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     if cfg.lowpass_weight < 0 or cfg.lowpass_factor < 1:
         raise UserError(f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {cfg.lowpass_weight}, "
                         f"{cfg.lowpass_factor}")
+    if cfg.lr_schedule not in ("constant", "cosine") or not 0 <= cfg.min_lr_ratio <= 1:
+        raise UserError(f"lr_schedule must be constant or cosine and min_lr_ratio in [0, 1], got "
+                        f"{cfg.lr_schedule!r}, {cfg.min_lr_ratio}")
+    if not 0 <= cfg.augment_colour_p <= 1:
+        raise UserError(f"augment_colour_p must be in [0, 1], got {cfg.augment_colour_p}")
     mcfg = VARSRConfig.preset(cfg.model.preset.removeprefix("c2i-"), **cfg.model.overrides)
     shards = resolve_shards(cfg.data.shards)
     if shards.hr_size is not None and shards.hr_size != mcfg.image_size:
@@ -98,7 +114,7 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     vqvae = VQVAE(mcfg).to(dev).train()
     opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(str(out))
@@ -110,6 +126,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         vqvae.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        # the lr of the next step follows this run's schedule (a run extended to more steps decays over the new span)
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_factor(cfg, sched.last_epoch)
         vqvae.quantize.record_hit = int(st["record_hit"])  # usage EMA updates count (a plain attribute, not state)
         history, position = st["history"], DataPosition(**st["position"])
         print(f"[vqvae] resumed from {ckpt} at step {st['step']} (epoch {position.epoch})", flush=True)
@@ -183,7 +202,9 @@ def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
     """What a resumed run must share with the checkpoint it continues (not max_steps: a run can be extended)."""
     return {"geometry": json.dumps(mcfg.to_dict(), sort_keys=True), "seed": cfg.seed, "lr": cfg.lr,
             "batch_size": cfg.data.batch_size, "shards": cfg.data.shards, "warmup_steps": cfg.warmup_steps,
-            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor]}
+            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor],
+            **({"augment": [True, cfg.augment_colour_p]} if cfg.augment else {}),
+            **({"lr_schedule": [cfg.lr_schedule, cfg.min_lr_ratio]} if cfg.lr_schedule != "constant" else {})}
 
 
 def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
@@ -222,6 +243,8 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
     for step in range(start + 1, cfg.max_steps + 1):
         batch = next(stream)
         x = batch["hr"].to(dev) * 2 - 1
+        if cfg.augment:
+            x = augment_crops([x], step_generator(cfg.seed, step), cfg.augment_colour_p)[0]
         rec, vq_loss, usage = vqvae(x)
         l1 = (rec - x).abs().mean()
         mse = ((rec - x) ** 2).mean()
@@ -258,6 +281,15 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
     if not history:
         raise UserError(f"nothing to train: max_steps={cfg.max_steps}")
     return history
+
+
+def lr_factor(cfg: VQVAETrainConfig, s: int) -> float:
+    """The multiplier of ``cfg.lr`` after ``s`` optimiser steps: linear warm-up, then constant or cosine decay."""
+    warm = min(1.0, (s + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "constant" or s < cfg.warmup_steps:
+        return warm
+    t = min(1.0, (s - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def lowpass_mse(rec: torch.Tensor, x: torch.Tensor, factor: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 
-def token_cache_choice(enabled: bool, shards, vqvae) -> tuple[bool, str]:
+def token_cache_choice(enabled: bool, shards, vqvae, augment: bool = False) -> tuple[bool, str]:
     """(use the shards' token cache?, the one line that says which path this run takes and why).
 
     The cache is used only when ``enabled`` (``data.token_cache``) and it was made by this run's frozen tokenizer:
@@ -27,6 +27,9 @@ def token_cache_choice(enabled: bool, shards, vqvae) -> tuple[bool, str]:
     from model.checkpoint import tokenizer_sha256
 
     tc = shards.token_cache
+    if augment:
+        return False, ("data.augment=true: augmented HR crops have no cached tokens, tokenising HR on the fly"
+                       + ("" if tc is None else f" (ignoring the token cache of {shards.location})"))
     if not enabled:
         return False, "token cache off (data.token_cache=false): tokenising HR on the fly"
     if tc is None:
@@ -104,9 +107,13 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int, device: torch.device,
-               precision: str, generator: torch.Generator | None, nan_policy: str, grad_accum: int) -> StepResult:
-    """Pull ``grad_accum`` micro-batches, forward/backward each, and take one optimiser step."""
+               precision: str, generator: torch.Generator | None, nan_policy: str, grad_accum: int,
+               augment_seed: int | None = None, augment_colour_p: float = 1.0, rank: int = 0) -> StepResult:
+    """Pull ``grad_accum`` micro-batches, forward/backward each, and take one optimiser step. ``augment_seed``: when
+    set, each micro-batch's crops are augmented (training/augment.py) with draws fixed by (seed, step, micro-batch,
+    rank), so a resumed run trains on what an uninterrupted one would."""
     from model import compute_loss
+    from training.augment import augment_crops, step_generator
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     tok = TimedTokenizer(vqvae, sync)
@@ -115,7 +122,7 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
     acc_ps = ce_ps = None
     tokens = samples = skipped = bad = 0
     own_norm = None  # ZeRO-0 computes the clipped-over norm here; ZeRO>=1 reports it from the engine
-    for _ in range(grad_accum):
+    for micro in range(grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         t["data"] += time.perf_counter() - t0
@@ -125,6 +132,11 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
         label = (batch["label"] if stage == "isr" else batch["class_id"]).to(device)
         cached = ((batch["tokens"].to(device, non_blocking=True), batch["resid"].to(device, non_blocking=True))
                   if "tokens" in batch else None)
+        if augment_seed is not None:
+            gen = step_generator(augment_seed, step * grad_accum + micro, rank)
+            hr, lr = (augment_crops([hr, lr], gen, augment_colour_p) if lr is not None
+                      else (augment_crops([hr], gen, augment_colour_p)[0], None))
+            cached = None  # the cache holds the tokens of the un-augmented crop
         sync()
         t1, tok0 = time.perf_counter(), tok.seconds
         with _autocast(device, precision):

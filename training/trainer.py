@@ -85,6 +85,7 @@ def fingerprint(cfg: TrainConfig, mcfg) -> dict:
         "micro_batch": cfg.data.batch_size,
         "grad_accum": cfg.optim.grad_accum,
         "seed": cfg.seed,
+        **({"augment": [True, cfg.data.augment_colour_p]} if cfg.data.augment else {}),
     }
 
 
@@ -156,7 +157,7 @@ class Trainer:
                      f"{position.samples_consumed} samples consumed on rank 0)")
         if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
             (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
-        self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae)
+        self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae, cfg.data.augment)
         if self.is_main:
             _out(f"[train] {why}")
         self.stream = BatchStream(
@@ -312,7 +313,9 @@ class Trainer:
                 try:
                     r = train_step(self.engine, self.vqvae, batches, stage=cfg.stage, step=step,
                                    device=self.device, precision=cfg.precision, generator=self.generator,
-                                   nan_policy=cfg.nan_policy, grad_accum=cfg.optim.grad_accum)
+                                   nan_policy=cfg.nan_policy, grad_accum=cfg.optim.grad_accum,
+                                   augment_seed=cfg.seed if cfg.data.augment else None,
+                                   augment_colour_p=cfg.data.augment_colour_p, rank=self.rank)
                 except NonFiniteLoss as e:
                     d = self._save_nonfinite(e)
                     raise UserError(f"{e}; offending batch saved to {d} (set nan_policy=skip to skip such steps, "

@@ -129,3 +129,40 @@ def test_lowpass_loss_sees_block_colour_but_not_texture_that_averages_out():
     for bad in ({"lowpass_weight": -1.0}, {"lowpass_factor": 0}):
         with pytest.raises(UserError, match="lowpass"):
             train_vqvae(VQVAETrainConfig(**bad))
+
+
+def test_augmented_cosine_tokenizer_run_resumes_exactly_and_refuses_another_schedule(shards, tmp_path):
+    """Stage 0 with crop augmentation and the cosine lr (training/augment.py, docs/MODEL.md §1.2): the augmentation
+    changes what is trained on, draws are fixed by (seed, step) so a resumed run gives the uninterrupted losses, the lr
+    warms up then decays to lr * min_lr_ratio (a run extended to more steps decays over the new span from where it
+    resumes), and a resume with another schedule or without augmentation is refused."""
+    import pytest
+
+    from infra.core.errors import UserError
+    from training.stage0_vqvae import VQVAETrainConfig, load_vqvae_config, lr_factor, train_vqvae
+
+    def cfg(name, steps, *extra):
+        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
+                                        f"max_steps={steps}", "data.batch_size=4", "data.workers=0",
+                                        "checkpoint_every=2", "tracking.enabled=false", "grid_images=2",
+                                        "warmup_steps=3", *extra])
+
+    aug = ("augment=true", "lr_schedule=cosine")  # steps 1-3 are warm-up: the same lr whatever max_steps says
+    plain = train_vqvae(cfg("plain", 5, "lr_schedule=cosine"))
+    full = train_vqvae(cfg("full", 5, *aug))
+    assert full["losses"] != plain["losses"]  # the crops really were augmented
+    train_vqvae(cfg("split", 3, *aug))
+    rest = train_vqvae(cfg("split", 5, *aug), resume="auto")
+    assert rest["losses"] == full["losses"]
+    for other in (("lr_schedule=cosine",), ("augment=true",), ("augment=true", "lr_schedule=cosine",
+                                                                "augment_colour_p=0.5")):
+        with pytest.raises(UserError, match="another config"):
+            train_vqvae(cfg("split", 6, *other), resume="auto")
+    c = VQVAETrainConfig(lr_schedule="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    f = [lr_factor(c, s) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
+    assert lr_factor(VQVAETrainConfig(warmup_steps=10, max_steps=110), 100) == 1.0  # constant: the first recipe
+    for bad in ({"lr_schedule": "step"}, {"min_lr_ratio": 2.0}, {"augment_colour_p": -0.1}):
+        with pytest.raises(UserError, match="lr_schedule|augment_colour_p"):
+            train_vqvae(VQVAETrainConfig(**bad))
