@@ -119,6 +119,59 @@ def ensure_dist_env(port: int | None = None) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+# A JIT build of a torch extension holds ``<extensions dir>/<op>/lock`` while it compiles (about a minute for DeepSpeed's
+# CPU communication op); a process killed meanwhile leaves the file behind, and every later build of that op then
+# waits on it forever, silently. A lock older than this is taken to be such a leftover.
+STALE_BUILD_LOCK_S = 300.0
+
+
+def extensions_dir() -> str:
+    """Where this Python environment's JIT-built ops go: torch's default root, one folder per ``sys.prefix``. Two
+    environments on one machine (a checkout and a CI clone) would otherwise rebuild the shared op over each other's
+    build, each one waiting on the other's lock."""
+    import hashlib
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.path.join(get_default_build_root(), "varsr-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, poll_s: float = 5.0) -> list[str]:
+    """Wait while a torch-extension build lock is younger than ``max_age_s`` (another process is building the op),
+    then remove any lock older than that (left by a killed build), saying so on stderr. Returns the removed paths."""
+    import sys
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed, said = [], False
+    while True:
+        young = False
+        for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+            try:
+                age = time.time() - lock.stat().st_mtime
+                if age > max_age_s:
+                    lock.unlink()
+                    removed.append(str(lock))
+                    print(f"[train] removed a stale torch-extension build lock {lock} ({age:.0f} s old, left by a "
+                          f"killed build); the op is rebuilt", file=sys.stderr, flush=True)
+                else:
+                    young = True
+                    if not said:
+                        print(f"[train] waiting for a torch-extension build to release {lock} (another process is "
+                              f"compiling the op; a lock older than {max_age_s:.0f} s is removed)", file=sys.stderr,
+                              flush=True)
+                        said = True
+            except FileNotFoundError:  # the build finished, or another process cleared it, meanwhile
+                continue
+        if not young:
+            return removed
+        time.sleep(poll_s)
+
+
 def init_distributed(device: torch.device) -> None:
     """Create the process group (nccl on GPU, gloo on CPU) once."""
     import deepspeed
@@ -126,6 +179,8 @@ def init_distributed(device: torch.device) -> None:
 
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+        clear_stale_build_locks()
     if not dist.is_initialized():
         import atexit
 

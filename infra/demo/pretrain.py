@@ -63,7 +63,7 @@ class PretrainConfig:
     corpus: CorpusSection = field(default_factory=CorpusSection)
     data_config: str = "configs/demo/pretrain_data.yaml"
     batch_size: int = 8
-    vqvae: StageSection = field(default_factory=lambda: StageSection(300, 2e-3))
+    vqvae: StageSection = field(default_factory=lambda: StageSection(300, 3e-4))  # docs/MODEL.md §1.2: not 1e-3
     stage1: StageSection = field(default_factory=lambda: StageSection(100, 1e-3))
     stage2: StageSection = field(default_factory=lambda: StageSection(400, 1e-3))
     eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)

@@ -61,3 +61,30 @@ def test_an_inline_mapping_still_works():
     cfg = load_config(TrainConfig, None, ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
     merged = deepspeed_config(cfg, world_size=1)
     assert merged["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0}
+
+
+def test_a_stale_extension_build_lock_is_removed_after_waiting_out_a_live_one(tmp_path, monkeypatch, capfd):
+    """A killed JIT build leaves ``<op>/lock`` behind and the next build of the op would wait on it forever; before
+    DeepSpeed builds, the trainer waits while a lock is young (a live build) and removes it once it is older than
+    the limit, saying both; with no lock it returns at once."""
+    import os
+    import threading
+    import time
+
+    from training.deepspeed_engine import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 100
+    os.utime(stale, (old, old))
+    threading.Timer(0.5, live.unlink).start()  # the live build finishes half a second later
+    assert clear_stale_build_locks(max_age_s=30, poll_s=0.1) == [str(stale)]
+    assert not stale.exists() and not live.exists()
+    err = capfd.readouterr().err
+    assert "removed a stale torch-extension build lock" in err and "waiting for a torch-extension build" in err
+    live.touch()  # a lock that outlives the limit while we wait is removed too
+    assert clear_stale_build_locks(max_age_s=0.3, poll_s=0.1) == [str(live)]
+    assert clear_stale_build_locks(max_age_s=30) == []
