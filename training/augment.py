@@ -5,22 +5,19 @@ input: the stage-0 tokenizer decodes an unlike photo in its corpus's colours (a 
 and stage 2 draws those textures on an unseen LR (docs/MODEL.md §1.2). Each transform maps a valid (HR, LR) pair to
 another valid pair, so they are free extra data: an autoencoder must then carry colour and geometry through its
 codes, and an SR model must take them from its LR. One draw per crop, applied alike to every tensor of that crop.
-Draws come from a generator seeded by (seed, step), so a resumed run sees the batches an uninterrupted one would.
+Draws come from ``model.sampling.stream_generator(seed, step[, rank])``, so a resumed run sees the batches an
+uninterrupted one would.
 """
 from __future__ import annotations
 
 import torch
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The augmentation draws of one optimiser step on one rank (independent of how the run was interrupted)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + rank)
-
-
 def augment_crops(tensors: list[torch.Tensor], gen: torch.Generator, colour_p: float = 1.0) -> list[torch.Tensor]:
     """``tensors``: batches (B, C, H, W) of the same B crops (e.g. HR and its LR, any sizes). Each crop gets a random
-    RGB channel order (with probability ``colour_p``, else the original order), a left-right flip with probability 1/2 and a random number of quarter turns (only when all
-    its tensors are square, so shapes never change); every tensor of a crop gets the same transform."""
+    RGB channel order (with probability ``colour_p``, else the original order), a left-right flip with probability
+    1/2 and a random number of quarter turns (only when all its tensors are square, so shapes never change); every
+    tensor of a crop gets the same transform."""
     if not tensors:
         return []
     B = tensors[0].shape[0]

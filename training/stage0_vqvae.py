@@ -35,7 +35,8 @@ import torch
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
 from infra.core.metrics import chroma_fidelity
-from training.augment import augment_crops, step_generator
+from model.sampling import stream_generator
+from training.augment import augment_crops
 from training.config import DataSection, ModelSection, TrackingSection
 from training.tracking import plot_curves
 
@@ -244,7 +245,7 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
         batch = next(stream)
         x = batch["hr"].to(dev) * 2 - 1
         if cfg.augment:
-            x = augment_crops([x], step_generator(cfg.seed, step), cfg.augment_colour_p)[0]
+            x = augment_crops([x], stream_generator(cfg.seed, step), cfg.augment_colour_p)[0]
         rec, vq_loss, usage = vqvae(x)
         l1 = (rec - x).abs().mean()
         mse = ((rec - x) ** 2).mean()

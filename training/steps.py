@@ -113,7 +113,8 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
     set, each micro-batch's crops are augmented (training/augment.py) with draws fixed by (seed, step, micro-batch,
     rank), so a resumed run trains on what an uninterrupted one would."""
     from model import compute_loss
-    from training.augment import augment_crops, step_generator
+    from model.sampling import stream_generator
+    from training.augment import augment_crops
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     tok = TimedTokenizer(vqvae, sync)
@@ -133,7 +134,7 @@ def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int,
         cached = ((batch["tokens"].to(device, non_blocking=True), batch["resid"].to(device, non_blocking=True))
                   if "tokens" in batch else None)
         if augment_seed is not None:
-            gen = step_generator(augment_seed, step * grad_accum + micro, rank)
+            gen = stream_generator(augment_seed, step * grad_accum + micro, rank)
             hr, lr = (augment_crops([hr, lr], gen, augment_colour_p) if lr is not None
                       else (augment_crops([hr], gen, augment_colour_p)[0], None))
             cached = None  # the cache holds the tokens of the un-augmented crop

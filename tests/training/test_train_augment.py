@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from infra.core.config import ConfigError, load_config
-from training.augment import augment_crops, step_generator
+from model.sampling import stream_generator
+from training.augment import augment_crops
 from training.config import TrainConfig
 from training.trainer import train
 
@@ -31,7 +32,7 @@ def test_each_crop_gets_one_transform_applied_alike_to_its_hr_and_lr():
     torch.manual_seed(0)
     hr = torch.rand(64, 3, 16, 16)
     lr = F.avg_pool2d(hr, 4)  # the LR of each HR crop
-    a_hr, a_lr = augment_crops([hr, lr], step_generator(5, 11))
+    a_hr, a_lr = augment_crops([hr, lr], stream_generator(5, 11))
     assert a_hr.shape == hr.shape and a_lr.shape == lr.shape
     # still a valid pair: the augmented LR is the LR of the augmented HR
     assert torch.allclose(F.avg_pool2d(a_hr, 4), a_lr, atol=1e-6)
@@ -41,20 +42,20 @@ def test_each_crop_gets_one_transform_applied_alike_to_its_hr_and_lr():
         assert len(hits) == 1  # exactly one of the 48 transforms (random crops have no symmetry)
         perms.add(hits[0] // 8)
     assert len(perms) == 6  # all channel orders drawn over 64 crops
-    again = augment_crops([hr, lr], step_generator(5, 11))
+    again = augment_crops([hr, lr], stream_generator(5, 11))
     assert torch.equal(again[0], a_hr) and torch.equal(again[1], a_lr)  # fixed by (seed, step)
-    assert not torch.equal(augment_crops([hr], step_generator(5, 12))[0], a_hr)  # another step, other draws
+    assert not torch.equal(augment_crops([hr], stream_generator(5, 12))[0], a_hr)  # another step, other draws
 
 
 def test_colour_p_zero_keeps_the_channel_order_and_non_square_crops_are_not_turned():
     torch.manual_seed(1)
     hr = torch.rand(32, 3, 8, 12)
-    out = augment_crops([hr], step_generator(0, 1), colour_p=0.0)[0]
+    out = augment_crops([hr], stream_generator(0, 1), colour_p=0.0)[0]
     assert out.shape == hr.shape
     for b in range(32):
         assert torch.equal(out[b], hr[b]) or torch.equal(out[b], hr[b].flip(-1))
     with pytest.raises(ValueError, match="batch sizes differ"):
-        augment_crops([hr, hr[:3]], step_generator(0, 1))
+        augment_crops([hr, hr[:3]], stream_generator(0, 1))
 
 
 def _cfg(tmp_path, name, shards, extra=()):
