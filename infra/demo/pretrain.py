@@ -354,7 +354,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 512 x "
         "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
         "class-to-image (stage 1), ISR (stage 2). `varsr demo` finetunes its stage 2 on the demo corpus.",
-        f"It is a small model trained for {_train_minutes(st):.0f} minutes on a shared two-core CPU machine: it "
+        f"It is a small model trained for {_train_minutes(st):.0f} minutes on a two-core CPU machine: it "
         "demonstrates the platform and gives the demo's finetuning a real starting point; it is not a competitive "
         "super-resolution model.", "",
         "## Files", "",
@@ -397,7 +397,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
                       f"0 = one tint for all), verdict **{colour['verdict']}**."]
     total = sum(st[k]["seconds"] for k in STAGE_WALL_KEYS if k in st)
     lines += ["", f"Batch {p.batch_size} (tokenizer {p.vqvae.batch_size or p.batch_size}), fp32, DeepSpeed ZeRO-1 "
-              f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a shared 2-core machine.", "",
+              f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a 2-core machine.", "",
               "## Held-out metrics", "",
               f"{figures['config']['n']} lomiri photographs, square {figures['config']['hr_side']}-px HR crops, LR = "
               f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, AdaIN colour fix. PSNR/SSIM on Y (BT.601); "
