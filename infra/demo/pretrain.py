@@ -150,7 +150,7 @@ class Pretrain(Demo):
 
         c = self.p.corpus
         check_training_packages(c.packages)
-        self.commands["corpus"] = ["varsr", "demo", "pretrain", "corpus", "--workdir", str(self.w)]
+        self.commands["corpus"] = ["varsr", *cmd_corpus(self.w)]
         train = fetch_and_extract(c.packages, self.w / "debs", self.w / "corpus" / "images")
         held = fetch_and_extract(c.eval_packages, self.w / "debs", self.w / "eval" / "images")
         files = [f for i in train for f in i.images]
@@ -263,6 +263,10 @@ STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2")
 
 
 # ---- the `varsr` commands the recipe runs (one place, so their syntax is ported in one place) ------------------------
+def cmd_corpus(workdir: Path) -> list[str]:
+    return ["demo", "pretrain", "--only", "corpus", "--workdir", str(workdir)]
+
+
 def cmd_data_build(inp: str, out: str, config: Path) -> list[str]:
     return ["data", "build", "--input", inp, "--output", out, "--config", str(config)]
 

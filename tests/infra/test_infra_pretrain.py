@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from infra.core.config import ConfigError
-from infra.demo.pretrain import (EXPERIMENT, Pretrain, cmd_train_stage, cmd_train_vqvae, load_pretrain_config)
+from infra.demo.pretrain import (EXPERIMENT, Pretrain, cmd_corpus, cmd_train_stage, cmd_train_vqvae,
+                                 load_pretrain_config)
 
 
 def test_default_recipe_trains_on_photos_and_holds_out_lomiri_and_ukui():
@@ -58,6 +59,9 @@ def test_training_commands_resume_and_carry_overrides():
     vq = cmd_train_vqvae(Path("v.yaml"), ["lr=1"])
     assert vq[:2] == ["train", "vqvae"] and parser.parse_args(vq).overrides == ["lr=1"]
     assert vq[-2:] == ["--resume", "auto"] and parser.parse_args(vq).resume == "auto"
+    # the corpus step as the model card prints it (it once printed `pretrain corpus`, which the CLI refuses)
+    corpus = parser.parse_args(cmd_corpus(Path("w")))
+    assert (corpus.step, corpus.only, corpus.workdir) == ("pretrain", "corpus", "w")
 
 
 def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_path):
