@@ -280,7 +280,7 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def cmd_train_vqvae(config: Path, overrides: list[str]) -> list[str]:
-    return ["train", "vqvae", "--config", str(config), *_sets(overrides), "--resume", "auto"]
+    return cmd_train_stage("vqvae", config, overrides)
 
 
 def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]:
