@@ -87,6 +87,35 @@ def save_tokenizer(directory, vqvae, config: VARSRConfig, extra: dict | None = N
                                                          **(extra or {})})
 
 
+# the tokenizer tensors that only shape what is drawn from the codes, not the codes themselves
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def with_decoder(full_dir, tokenizer_dir, out_dir, extra: dict | None = None) -> Path:
+    """A full checkpoint whose decoder comes from another tokenizer checkpoint (a decoder finetune, stage 0b of
+    docs/MODEL.md §1.2), written to ``out_dir``.
+
+    Every other tokenizer tensor (encoder, quant_conv, codebook, phi convs, usage buffer) must be bit-identical in
+    both: the transformer of ``full_dir`` was trained on those codes, and a tokenizer that encodes differently would
+    silently give it inputs it never saw. ``extra`` is merged into config.json's ``lineage``."""
+    full_vq, full_var, meta = read_parts(full_dir)
+    tok_vq, _, _ = read_parts(tokenizer_dir)
+    if not full_var:
+        raise UserError(f"{full_dir} is a tokenizer-only checkpoint: with_decoder needs a full model")
+    if set(full_vq) != set(tok_vq):
+        raise UserError(f"{tokenizer_dir} has other tokenizer keys than {full_dir}: not the same VQVAE config")
+    changed = sorted(k for k in full_vq if not k.startswith(DECODER_PREFIXES)
+                     and not (full_vq[k].shape == tok_vq[k].shape and torch.equal(full_vq[k], tok_vq[k])))
+    if changed:
+        raise UserError(f"{tokenizer_dir} does not encode like {full_dir} (changed: {', '.join(changed[:4])}"
+                        f"{' ...' if len(changed) > 4 else ''}): only decoder.* and post_quant_conv.* may differ")
+    tensors = {**{f"vqvae.{k}": (tok_vq[k] if k.startswith(DECODER_PREFIXES) else v) for k, v in full_vq.items()},
+               **{f"varsr.{k}": v for k, v in full_var.items()}}
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
+    meta["lineage"] = {**meta.get("lineage", {}), **(extra or {})}
+    return _write(out_dir, tensors, meta)
+
+
 def is_native_checkpoint(directory) -> bool:
     d = Path(directory)
     return (d / WEIGHTS).is_file() and (d / CONFIG).is_file()

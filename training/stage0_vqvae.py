@@ -71,6 +71,21 @@ class VQVAETrainConfig:
     # Off by default (VAR's recipe).
     augment: bool = False
     augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled
+    # Decoder finetune (docs/MODEL.md §1.2): start from the tokenizer of ``init_from`` (a native checkpoint folder,
+    # full or tokenizer-only); with ``train_parts: decoder`` only post_quant_conv and the decoder learn, on the
+    # token-only latent f_hat, so the codes stay bit-identical and a transformer trained on them keeps working.
+    init_from: str | None = None
+    train_parts: Literal["all", "decoder"] = "all"
+    # L1 of the high-pass (image minus its Gaussian blur of ``hf_sigma`` px) of reconstruction vs target: rewards
+    # edges where the target has them (training/patch_gan.py); 0 = off
+    hf_weight: float = 0.0
+    hf_sigma: float = 1.0
+    # hinge-loss patch critic (training/patch_gan.py): texture where the codes do not say what it is; 0 = off. The
+    # critic trains from step 1, the decoder gets its loss after ``gan_start`` steps.
+    gan_weight: float = 0.0
+    gan_start: int = 0
+    disc_width: int = 32
+    disc_lr: float | None = None  # None: lr
     grad_clip: float = 1.0
     restart_dead_codes_every: int = 20  # 0 = off; re-seed unused codes from encoder outputs (avoids codebook collapse)
     seed: int = 0
@@ -106,6 +121,13 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
                         f"{cfg.lr_schedule!r}, {cfg.min_lr_ratio}")
     if not 0 <= cfg.augment_colour_p <= 1:
         raise UserError(f"augment_colour_p must be in [0, 1], got {cfg.augment_colour_p}")
+    if cfg.train_parts not in ("all", "decoder"):
+        raise UserError(f"train_parts must be all or decoder, got {cfg.train_parts!r}")
+    if cfg.train_parts == "decoder" and not cfg.init_from:
+        raise UserError("train_parts=decoder finetunes an existing tokenizer: set init_from to its checkpoint folder")
+    if cfg.hf_weight < 0 or cfg.gan_weight < 0 or cfg.hf_sigma <= 0:
+        raise UserError(f"hf_weight and gan_weight must be >= 0 and hf_sigma > 0, got {cfg.hf_weight}, "
+                        f"{cfg.gan_weight}, {cfg.hf_sigma}")
     mcfg = VARSRConfig.preset(cfg.model.preset.removeprefix("c2i-"), **cfg.model.overrides)
     shards = resolve_shards(cfg.data.shards)
     if shards.hr_size is not None and shards.hr_size != mcfg.image_size:
@@ -113,9 +135,23 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)
-    vqvae = VQVAE(mcfg).to(dev).train()
-    opt = torch.optim.AdamW(vqvae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    vqvae = VQVAE(mcfg)
+    if cfg.init_from:
+        _load_init(vqvae, cfg.init_from)
+    vqvae = vqvae.to(dev).train()
+    if cfg.train_parts == "decoder":  # the codes' path is frozen: only post_quant_conv + decoder get gradients
+        vqvae.requires_grad_(False)
+        for part in (vqvae.post_quant_conv, vqvae.decoder):
+            part.requires_grad_(True)
+    params = [p for p in vqvae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    critic = None
+    if cfg.gan_weight > 0:
+        from training.patch_gan import PatchDiscriminator
+
+        disc = PatchDiscriminator(cfg.disc_width).to(dev).train()
+        critic = (disc, torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(0.5, 0.9)))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(str(out))
@@ -131,6 +167,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * lr_factor(cfg, sched.last_epoch)
         vqvae.quantize.record_hit = int(st["record_hit"])  # usage EMA updates count (a plain attribute, not state)
+        if critic is not None:
+            critic[0].load_state_dict(st["critic"])
+            critic[1].load_state_dict(st["critic_optimizer"])
         history, position = st["history"], DataPosition(**st["position"])
         print(f"[vqvae] resumed from {ckpt} at step {st['step']} (epoch {position.epoch})", flush=True)
     batches = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size,
@@ -141,12 +180,14 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         checkpointing.save_module_state(run, step, {
             "model": vqvae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "record_hit": vqvae.quantize.record_hit, "position": asdict(batches.pos), "history": hist,
-            "fingerprint": fingerprint}, cfg.keep_checkpoints)
+            "fingerprint": fingerprint,
+            **({"critic": critic[0].state_dict(), "critic_optimizer": critic[1].state_dict()} if critic else {})},
+            cfg.keep_checkpoints)
     (out / "resolved_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     tracker = _start_tracking(cfg, shards, mcfg.name, out)
     status = "FAILED"
     try:
-        history = _train_loop(cfg, vqvae, opt, sched, iter(batches), dev, tracker, history, checkpoint)
+        history = _train_loop(cfg, vqvae, opt, sched, iter(batches), dev, tracker, history, checkpoint, critic)
         vqvae.eval()
         val = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else shards
         grid, colour = _reconstruction_grid(vqvae, mcfg, val, cfg, dev, out / "samples" / "reconstructions.png")
@@ -156,7 +197,8 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         colour = {**{k: (None if v != v else v) for k, v in colour.items()}, "min_chroma_gain": MIN_CHROMA_GAIN,
                   "verdict": colour_verdict(colour)}
         curve = plot_curves(history, [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq",
-                                                            "loss/lowpass"]),
+                                                            "loss/lowpass", "loss/highpass"]),
+                                      ("adversarial losses", ["loss/generator", "loss/critic"]),
                                       ("reconstruction PSNR (dB)", ["recon/psnr"]),
                                       ("codebook usage (%)", ["codebook/usage_pct"])],
                             out / "plots" / "loss_curve.png", log_panels=("tokenizer losses",))
@@ -205,7 +247,20 @@ def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
             "batch_size": cfg.data.batch_size, "shards": cfg.data.shards, "warmup_steps": cfg.warmup_steps,
             "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor],
             **({"augment": [True, cfg.augment_colour_p]} if cfg.augment else {}),
-            **({"lr_schedule": [cfg.lr_schedule, cfg.min_lr_ratio]} if cfg.lr_schedule != "constant" else {})}
+            **({"lr_schedule": [cfg.lr_schedule, cfg.min_lr_ratio]} if cfg.lr_schedule != "constant" else {}),
+            **({"finetune": [cfg.init_from, cfg.train_parts]} if cfg.init_from else {}),
+            **({"sharpness": [cfg.hf_weight, cfg.hf_sigma, cfg.gan_weight, cfg.gan_start, cfg.disc_width,
+                              cfg.disc_lr]} if cfg.hf_weight or cfg.gan_weight else {})}
+
+
+def _load_init(vqvae, init_from: str) -> None:
+    """The weights of the tokenizer to finetune (``init_from``: local folder or URL of a native checkpoint)."""
+    from model.checkpoint import load_tokenizer
+    from training.model_setup import local_checkpoint
+
+    load_tokenizer(vqvae, local_checkpoint(init_from))
+    vqvae.requires_grad_(True)
+    print(f"[vqvae] starting from the tokenizer of {init_from}", flush=True)
 
 
 def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
@@ -237,45 +292,73 @@ def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
 
 
 def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, history: list[dict],
-                checkpoint) -> list[dict]:
+                checkpoint, critic=None) -> list[dict]:
     """The optimisation steps after those in ``history`` (a resumed run's); returns the per-step metrics of the whole
-    run (also logged). ``checkpoint(step, history)`` every ``checkpoint_every`` steps and after the last."""
+    run (also logged). ``checkpoint(step, history)`` every ``checkpoint_every`` steps and after the last.
+    ``critic``: (patch discriminator, its optimiser) when ``gan_weight`` > 0."""
+    from training.patch_gan import generator_loss, highpass_l1, hinge_d_loss
+
+    decoder_only = cfg.train_parts == "decoder"
     history, t0, start = list(history), time.monotonic(), len(history)
     for step in range(start + 1, cfg.max_steps + 1):
         batch = next(stream)
         x = batch["hr"].to(dev) * 2 - 1
         if cfg.augment:
             x = augment_crops([x], stream_generator(cfg.seed, step), cfg.augment_colour_p)[0]
-        rec, vq_loss, usage = vqvae(x)
+        if decoder_only:  # the token-only latent, as the transformer's codes give it; no codebook loss to learn
+            f_hat = vqvae.tokenize(x)[2]
+            rec = vqvae.decoder(vqvae.post_quant_conv(f_hat.contiguous(memory_format=torch.channels_last)))
+            vq_loss, usage = torch.zeros((), device=dev), []
+        else:
+            rec, vq_loss, usage = vqvae(x)
         l1 = (rec - x).abs().mean()
         mse = ((rec - x) ** 2).mean()
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.vq_weight * vq_loss
         lowpass = lowpass_mse(rec, x, cfg.lowpass_factor) if cfg.lowpass_weight else None
         if lowpass is not None:
             loss = loss + cfg.lowpass_weight * lowpass
+        extra = {}
+        if cfg.hf_weight:
+            extra["loss/highpass"] = highpass_l1(rec, x, cfg.hf_sigma)
+            loss = loss + cfg.hf_weight * extra["loss/highpass"]
+        if critic is not None and step > cfg.gan_start:
+            extra["loss/generator"] = generator_loss(critic[0](rec))
+            loss = loss + cfg.gan_weight * extra["loss/generator"]
         if not torch.isfinite(loss):
             raise UserError(f"non-finite VQVAE loss at step {step} (l1={float(l1)}, vq={float(vq_loss)}); lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(vqvae.parameters(), cfg.grad_clip)
+        gn = torch.nn.utils.clip_grad_norm_([p for p in vqvae.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()
         sched.step()
-        if cfg.restart_dead_codes_every and step % cfg.restart_dead_codes_every == 0 and step < cfg.max_steps:
+        if critic is not None:  # the critic's step on this batch: real crops against the (detached) reconstructions
+            disc, disc_opt = critic
+            d_loss = hinge_d_loss(disc(x), disc(rec.detach()))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            extra["loss/critic"] = d_loss
+        if (cfg.restart_dead_codes_every and not decoder_only and step % cfg.restart_dead_codes_every == 0
+                and step < cfg.max_steps):
             restarted = restart_dead_codes(vqvae, x)
             if restarted:
                 log.info("step %d: re-seeded %d unused codes", step, restarted)
         rec_psnr = float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12)))
         m = {"loss/total": loss.item(), "loss/l1": l1.item(), "loss/mse": mse.item(), "loss/vq": vq_loss.item(),
              **({"loss/lowpass": lowpass.item()} if lowpass is not None else {}),
+             **{k: float(v.detach()) for k, v in extra.items()},
              "optim/grad_norm": float(gn), "recon/psnr": rec_psnr,
              "recon/chroma_err": chroma_fidelity(x, rec.detach())["chroma_err"],
-             "codebook/usage_pct": float(sum(usage) / max(len(usage), 1)), "lr": sched.get_last_lr()[0]}
+             **({"codebook/usage_pct": float(sum(usage) / len(usage))} if usage else {}),
+             "lr": sched.get_last_lr()[0]}
         history.append({"step": step, **m})
         tracker.log_metrics(m, step=step)
         if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
             el = time.monotonic() - t0
             print(f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss/total']:.4f} l1 {m['loss/l1']:.4f} "
-                  f"vq {m['loss/vq']:.4f} rec-PSNR {rec_psnr:.2f} dB usage {m['codebook/usage_pct']:.1f}% "
+                  f"vq {m['loss/vq']:.4f} rec-PSNR {rec_psnr:.2f} dB "
+                  + (f"usage {m['codebook/usage_pct']:.1f}% " if usage else "")
+                  + "".join(f"{k.split('/')[1]} {float(v):.4f} " for k, v in extra.items()) +
                   f"({el:.0f} s, ETA {el / (step - start) * (cfg.max_steps - step):.0f} s)", flush=True)
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint(step, history)
@@ -349,7 +432,9 @@ def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step
         model = tracker.create_model(STAGE_RUN_KIND["vqvae"], model_type="varsr-vqvae-checkpoint",
                                      tags={"varsr.stage": "vqvae", "varsr.model_preset": mcfg.name})
     lineage = {"mlflow_run_id": tracker.run_id, "mlflow_model_id": model.model_id if model else None,
-               "varsr.data.manifest_sha256": shards.manifest_sha256, "step": step}
+               "varsr.data.manifest_sha256": shards.manifest_sha256, "step": step,
+               **({"varsr.tokenizer.init_from": cfg.init_from, "varsr.tokenizer.train_parts": cfg.train_parts}
+                  if cfg.init_from else {})}
     export = save_tokenizer(out / "final", vqvae.cpu(), mcfg, extra={"lineage": lineage, "colour_check": colour})
     tracker.set_tags({"varsr.export_dir": "final"})
     if model is not None:

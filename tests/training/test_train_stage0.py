@@ -2,6 +2,8 @@
 tokenizer-only export loads into a stage-1/2 model through ``model.vqvae_checkpoint``."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from model import VARSRConfig, VQVAE, build
@@ -166,3 +168,73 @@ def test_augmented_cosine_tokenizer_run_resumes_exactly_and_refuses_another_sche
     for bad in ({"lr_schedule": "step"}, {"min_lr_ratio": 2.0}, {"augment_colour_p": -0.1}):
         with pytest.raises(UserError, match="lr_schedule|augment_colour_p"):
             train_vqvae(VQVAETrainConfig(**bad))
+
+
+def test_sharpness_losses_see_edges_and_the_critic_scores_patches():
+    """training/patch_gan.py: the high-pass of a flat image is zero, so its L1 ignores a uniform tint but sees a
+    blurred edge; the critic maps 128-px crops to a patch grid and its hinge loss is 0 only past the margins."""
+    from training.patch_gan import PatchDiscriminator, generator_loss, highpass, highpass_l1, hinge_d_loss
+
+    flat = torch.full((2, 3, 32, 32), 0.3)
+    assert float(highpass(flat).abs().max()) < 1e-6
+    assert float(highpass_l1(flat + 0.2, flat)) < 1e-6  # a tint is not high-frequency
+    edge = torch.zeros(1, 1, 32, 32)
+    edge[..., 16:] = 1.0
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(edge, (2, 2, 2, 2), mode="replicate"), 5, 1)
+    assert float(highpass_l1(blurred, edge)) > 0.01
+    d = PatchDiscriminator(16)
+    assert tuple(d(torch.zeros(2, 3, 128, 128)).shape) == (2, 1, 14, 14)
+    hi, lo = torch.full((4,), 2.0), torch.full((4,), -2.0)
+    assert float(hinge_d_loss(hi, lo)) == 0.0 and float(hinge_d_loss(lo, hi)) == 3.0
+    assert float(generator_loss(hi)) == -2.0
+
+
+def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards, tmp_path):
+    """Stage 0b (docs/MODEL.md §1.2): `train_parts=decoder` from a full checkpoint changes only decoder.* and
+    post_quant_conv.*, so a batch tokenizes to the same codes; it resumes exactly with its critic; `with_decoder`
+    puts the new decoder beside the old transformer and refuses a tokenizer that encodes differently."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from infra.core.errors import UserError
+    from model import from_pretrained
+    from model.checkpoint import DECODER_PREFIXES, save_pretrained, with_decoder
+    from training.stage0_vqvae import load_vqvae_config, train_vqvae
+
+    torch.manual_seed(3)
+    mcfg = VARSRConfig.preset("tiny")
+    vq, var = build(mcfg)
+    full = save_pretrained(tmp_path / "full", vq, var)
+
+    def cfg(name, steps, *extra):
+        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
+                                        f"max_steps={steps}", "data.batch_size=4", "checkpoint_every=2",
+                                        "tracking.enabled=false", "grid_images=2", f"init_from={full}",
+                                        "train_parts=decoder", "hf_weight=1", "gan_weight=0.1", "gan_start=1",
+                                        "lr=0.01", *extra])
+
+    done = train_vqvae(cfg("dec", 4))
+    split = train_vqvae(cfg("split", 2))
+    rest = train_vqvae(cfg("split", 4), resume="auto")
+    assert rest["losses"] == done["losses"] and split["losses"] == done["losses"][:2]  # the critic resumes too
+    old = {k[6:]: v for k, v in load_file(full / "model.safetensors").items() if k.startswith("vqvae.")}
+    new = {k[6:]: v for k, v in load_file(tmp_path / "dec" / "final" / "model.safetensors").items()}
+    assert old.keys() == new.keys()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    assert moved and all(k.startswith(DECODER_PREFIXES) for k in moved)
+    assert any(k.startswith("decoder.") for k in moved)
+
+    merged = with_decoder(full, tmp_path / "dec" / "final", tmp_path / "merged", extra={"varsr.decoder.run_id": "x"})
+    vq2, var2 = from_pretrained(merged)
+    x = torch.rand(2, 3, mcfg.image_size, mcfg.image_size) * 2 - 1
+    a, b = vq.tokenize(x), vq2.tokenize(x)
+    assert all(torch.equal(i, j) for i, j in zip(a[0], b[0]))  # same codes at every scale
+    assert all(torch.equal(p, q) for p, q in zip(var.state_dict().values(), var2.state_dict().values()))
+    assert not torch.equal(vq.fhat_to_img(a[2]), vq2.fhat_to_img(b[2]))  # drawn by the new decoder
+    assert json.loads((merged / "config.json").read_text())["lineage"]["varsr.decoder.run_id"] == "x"
+
+    train_vqvae(cfg("all", 2, "train_parts=all", "gan_weight=0", "restart_dead_codes_every=0"))
+    with pytest.raises(UserError, match="does not encode like"):
+        with_decoder(full, tmp_path / "all" / "final", tmp_path / "bad")
+    with pytest.raises(UserError, match="init_from"):
+        train_vqvae(load_vqvae_config(None, [f"data.shards={shards}", "model.preset=tiny", "train_parts=decoder"]))
