@@ -149,6 +149,10 @@ class DegradationConfig:
     jpeg_backend: Literal["diffjpeg", "libjpeg"] = "diffjpeg"
     # training reader: the LR is resized back to the HR size with one of these modes, drawn per sample
     resize_back_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
+    # the first ``clean_variants`` LR variants of each crop are the plain x``scale`` bicubic downsample (PIL, the
+    # benchmark protocol's LR) instead of the chain above: a model trained on a small corpus then also learns to
+    # follow an undamaged LR closely (docs/MODEL.md §5.7); 0 = every variant degraded (the paper)
+    clean_variants: int = 0
 
 
 @dataclass

@@ -69,7 +69,7 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
     scores = json.loads(row.get("scores_json") or "{}")
     out = []
     for v in range(sc.lr_variants):
-        lr, params = degrade(hr, dc, derive_seed(cfg.seed, row["sha256"], f"degrade:{v}"))
+        lr, params = degrade(hr, dc, derive_seed(cfg.seed, row["sha256"], f"degrade:{v}"), variant=v)
         t0 = tick("degrade", t0)
         lr_png = encode_png(lr, sc.lr_png_compression, sc.png_strategy, sc.png_filter)
         key = sample_key(row["sha256"], v)

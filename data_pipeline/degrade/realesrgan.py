@@ -181,6 +181,8 @@ def _jpeg(img: np.ndarray, backend: str, quality: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- pipeline
 def apply_degradation(hr: np.ndarray, params: dict) -> np.ndarray:
     """HR uint8 (H, W, 3) RGB + parameters -> LR uint8 (H/scale, W/scale, 3). Deterministic."""
+    if params.get("kind") == "bicubic":
+        return bicubic_lr(hr, int(params["scale"]))
     h, w = hr.shape[:2]
     be = params.get("backends", LEGACY_BACKENDS)
     rz, jp = be["resize"], be["jpeg"]
@@ -211,8 +213,21 @@ def apply_degradation(hr: np.ndarray, params: dict) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def degrade(hr: np.ndarray, cfg: DegradationConfig, seed: int) -> tuple[np.ndarray, dict]:
-    """Sample parameters with a PCG64 stream seeded by `seed`, apply them; returns (LR uint8, params incl. seed)."""
+def bicubic_lr(hr: np.ndarray, scale: int) -> np.ndarray:
+    """The undamaged LR: PIL bicubic downsample by ``scale`` (what benchmark LR images are), uint8 RGB."""
+    from PIL import Image
+
+    h, w = hr.shape[:2]
+    small = Image.fromarray(hr).resize((w // scale, h // scale), Image.Resampling.BICUBIC)
+    return np.asarray(small, dtype=np.uint8).copy()
+
+
+def degrade(hr: np.ndarray, cfg: DegradationConfig, seed: int, variant: int = 0) -> tuple[np.ndarray, dict]:
+    """Sample parameters with a PCG64 stream seeded by `seed`, apply them; returns (LR uint8, params incl. seed).
+    Variants below ``cfg.clean_variants`` get the plain bicubic LR (params ``{"kind": "bicubic", "scale"}``)."""
+    if variant < cfg.clean_variants:
+        return bicubic_lr(hr, cfg.scale), {"kind": "bicubic", "scale": int(cfg.scale), "seed": int(seed),
+                                           "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]}}
     rng = np.random.default_rng(seed)
     params = sample_degradation(rng, cfg, hr.shape[:2])
     params["seed"] = int(seed)

@@ -276,3 +276,20 @@ def test_bad_backend_or_mode_names_fail_clearly():
     params["backends"] = {"resize": "torch", "jpeg": "webp"}
     with pytest.raises(ValueError, match="unknown JPEG backend"):
         apply_degradation(np.zeros((64, 64, 3), np.uint8), params)
+
+
+def test_clean_variants_are_the_benchmark_bicubic_lr_and_replay_from_their_json():
+    """``clean_variants: 1``: variant 0 of a crop is PIL's bicubic x4 downsample (the evaluation protocol's LR),
+    recorded as such and replayed by ``apply_degradation``; variant 1 still gets the Real-ESRGAN chain."""
+    from PIL import Image
+
+    hr = np.ascontiguousarray(skimage.data.astronaut()[64:192, 300:428])
+    cfg = DegradationConfig(clean_variants=1)
+    clean, params = degrade(hr, cfg, 5, variant=0)
+    expect = np.asarray(Image.fromarray(hr).resize((32, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(clean, expect)
+    assert params["kind"] == "bicubic" and params["scale"] == 4
+    np.testing.assert_array_equal(apply_degradation(hr, json.loads(json.dumps(params))), clean)
+    damaged, p1 = degrade(hr, cfg, 5, variant=1)
+    assert "kernel1" in p1 and damaged.shape == clean.shape and not np.array_equal(damaged, clean)
+    np.testing.assert_array_equal(degrade(hr, DegradationConfig(), 5, variant=0)[0], degrade(hr, cfg, 5, 1)[0])
