@@ -73,7 +73,7 @@ def main() -> int:
 
     from inference.pipeline import VARSRPipeline
     from infra.demo.quality import (bicubic, load_pairs, make_pair, mean_figures, one_pass_stitched, sr_figures,
-                                    tokenizer_ceiling)
+                                    token_accuracy, tokenizer_ceiling)
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -91,7 +91,7 @@ def main() -> int:
             **{f"cfg{c:g}": [] for c in cfgs}}
     for p in pairs:
         rows["bicubic"].append(sr_figures(bicubic(p), p.hr))
-        rows["ceiling"].append(tokenizer_ceiling(pipe.vqvae, S, p.hr))
+        rows["ceiling"].append(tokenizer_ceiling(pipe.vqvae, S, p.hr, p.lr))
         for c in cfgs:
             rows[f"cfg{c:g}"].append(sr_figures(pipe.upscale(p.lr, cfg=c, **kw), p.hr))
         # the default-cfg result (seeded, so identical to its sweep entry when --cfg is in the sweep)
@@ -102,6 +102,7 @@ def main() -> int:
     m = {k: {kk: round(vv, 4) for kk, vv in mean_figures(v).items()} for k, v in rows.items()}
     hr_hf = [__import__("infra.core.metrics", fromlist=["hf_energy"]).hf_energy(p.hr) for p in pairs]
 
+    accuracy = token_accuracy(pipe.varsr, pipe.vqvae, S, pairs, cfg=a.cfg, seed=a.seed)
     served = None
     if a.served:
         served = compare_served(a, pipe, pairs[0])
@@ -116,6 +117,7 @@ def main() -> int:
         "varsr": m["tiled"],
         "psnr_y_gap_to_bicubic_db": round(m["tiled"]["psnr_y"] - m["bicubic"]["psnr_y"], 3),
         "tokenizer_ceiling": m["ceiling"],
+        "token_accuracy_per_scale": accuracy,
         "cfg_sweep": {f"{c:g}": m[f"cfg{c:g}"] for c in cfgs},
         "tiled_vs_one_pass": {"tiled": m["tiled"], "one_pass": m["one_pass"]},
         "color_fix": {pipe.config.sampling.color_fix: m["tiled"], other_fix: m["other_fix"]},

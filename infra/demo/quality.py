@@ -6,6 +6,10 @@ For a held-out photo (HR) and its x4 bicubic LR:
 * ``tokenizer_ceiling`` — the best any transformer could do with this tokenizer: the HR cut into model-sized tiles,
   tokenised, and decoded from (a) the multi-scale tokens alone (f_hat of the codes) and (b) the tokens plus the exact
   continuous residual of the last scale (what a perfect refiner adds: f_hat + R - e_last = f, the encoder latent).
+  With the LR, also (c) the tokens of the bicubic-upsampled LR decoded: what a transformer that only copied its
+  input's codes would reach.
+* ``token_accuracy`` — per scale, how often the transformer's codes equal the HR's: teacher-forced (the training
+  objective's accuracy) and sampled (what inference draws), beside how often the bicubic LR's own codes do.
 * ``sr_figures`` — PSNR-Y / SSIM-Y / high-frequency energy of an SR result beside bicubic's.
 * ``one_pass_stitched`` — every model window super-resolved alone and stitched without blending, against which the
   pipeline's overlapping, latent-blended tiling is compared on the same image.
@@ -60,37 +64,84 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(a)
 
 
+def _tiles(img: Image.Image, S: int) -> tuple[torch.Tensor, Image.Image]:
+    """The whole ``S``-px tiles of ``img`` (row-major, (N, 3, S, S) in [0, 1]) and the crop they cover."""
+    W, H = (img.width // S) * S, (img.height // S) * S
+    if W == 0 or H == 0:
+        raise ValueError(f"HR {img.size} is smaller than one model tile ({S} px)")
+    ref = img.crop((0, 0, W, H))
+    x = _to_tensor(ref)
+    return torch.stack([x[:, j:j + S, i:i + S] for j in range(0, H, S) for i in range(0, W, S)]), ref
+
+
+def _untile(tiles: torch.Tensor, ref: Image.Image) -> Image.Image:
+    S = tiles.shape[-1]
+    canvas = torch.zeros(3, ref.height, ref.width)
+    k = 0
+    for j in range(0, ref.height, S):
+        for i in range(0, ref.width, S):
+            canvas[:, j:j + S, i:i + S] = tiles[k]
+            k += 1
+    return _to_pil(canvas)
+
+
 @torch.no_grad()
-def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image) -> dict[str, float]:
+def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image, lr: Image.Image | None = None) -> dict[str, float]:
     """PSNR-Y/SSIM-Y of the HR decoded from its tokens, and from tokens + exact residual (tile by tile), and how far
     each decoded tile's mean colour is off (``chroma_err_*``, :func:`infra.core.metrics.chroma_fidelity`, in [0, 1]
-    units: a tokenizer that lost colour shows here, docs/MODEL.md §1.2)."""
-    from infra.core.metrics import chroma_fidelity, full_reference
+    units: a tokenizer that lost colour shows here, docs/MODEL.md §1.2); ``hf_energy_tokens``: the high-frequency
+    energy of the tokens-only decode. With ``lr``, ``psnr_y_lr_tokens``: the codes of the bicubic-upsampled LR
+    decoded, scored against the HR."""
+    from infra.core.metrics import chroma_fidelity, full_reference, hf_energy
 
-    S = image_size
-    W, H = (hr.width // S) * S, (hr.height // S) * S
-    if W == 0 or H == 0:
-        raise ValueError(f"HR {hr.size} is smaller than one model tile ({S} px)")
-    ref = hr.crop((0, 0, W, H))
-    x = _to_tensor(ref)
-    tiles = [x[:, j:j + S, i:i + S] for j in range(0, H, S) for i in range(0, W, S)]
-    batch = torch.stack(tiles) * 2 - 1
+    tiles, ref = _tiles(hr, image_size)
+    batch = tiles * 2 - 1
     idx, R, f_hat = vqvae.tokenize(batch)
     e_last = vqvae.embed_idx(idx[-1]).float()  # (B, n_last, Cvae)
     f_exact = f_hat + (R - e_last).transpose(1, 2).reshape_as(f_hat)
     out = {}
     for key, f in (("tokens", f_hat), ("tokens_residual", f_exact)):
         rec = (vqvae.fhat_to_img(f).float() + 1) / 2
-        canvas = torch.zeros_like(x)
-        k = 0
-        for j in range(0, H, S):
-            for i in range(0, W, S):
-                canvas[:, j:j + S, i:i + S] = rec[k]
-                k += 1
-        m = full_reference(_to_pil(canvas), ref)
+        img = _untile(rec, ref)
+        m = full_reference(img, ref)
         out[f"psnr_y_{key}"], out[f"ssim_y_{key}"] = m["psnr_y"], m["ssim_y"]
         out[f"chroma_err_{key}"] = chroma_fidelity((batch + 1) / 2, rec)["chroma_err"]
+        if key == "tokens":
+            out["hf_energy_tokens"] = hf_energy(img)
+    if lr is not None:
+        up, _ = _tiles(lr.convert("RGB").resize(hr.size, Image.Resampling.BICUBIC), image_size)
+        rec = (vqvae.fhat_to_img(vqvae.tokenize(up * 2 - 1)[2]).float() + 1) / 2
+        out["psnr_y_lr_tokens"] = full_reference(_untile(rec, ref), ref)["psnr_y"]
     return out
+
+
+@torch.no_grad()
+def token_accuracy(varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: float = 1.0,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """Per scale, the share of codes equal to the HR's codes, over the whole tiles of ``pairs``:
+
+    - ``teacher_forced``: argmax of the training forward (HR codes as the previous scales' inputs, the bicubic LR as
+      the prefix): the training objective's accuracy on held-out photos;
+    - ``sampled``: the codes ``generate`` draws at guidance ``cfg`` (each scale conditioned on its own earlier draws);
+    - ``lr_codes``: the codes of the bicubic-upsampled LR itself (a copy of the input's codes).
+    """
+    from model.sampling import image_generators
+
+    hr = torch.cat([_tiles(p.hr, image_size)[0] for p in pairs])
+    up = torch.cat([_tiles(p.lr.convert("RGB").resize(p.hr.size, Image.Resampling.BICUBIC), image_size)[0]
+                    for p in pairs])
+    gt, R, _ = vqvae.tokenize(hr * 2 - 1)
+    lr_codes = vqvae.tokenize(up * 2 - 1)[0]
+    labels = torch.zeros(hr.shape[0], dtype=torch.long)
+    logits, _ = varsr(vqvae.idxBl_to_var_input(gt), labels, up * 2 - 1, R)
+    tf = [logits[:, s].argmax(-1) for s in varsr.scale_slices()]
+    _, info = varsr.generate(up, label=0, cfg=cfg, generator=image_generators(seed, hr.shape[0]),
+                             return_fhat=True, return_info=True)
+
+    def agree(codes):
+        return [round(float((c == g).float().mean()), 4) for c, g in zip(codes, gt)]
+
+    return {"teacher_forced": agree(tf), "sampled": agree(info.tokens), "lr_codes": agree(lr_codes)}
 
 
 def sr_figures(sr: Image.Image, hr: Image.Image) -> dict[str, float]:

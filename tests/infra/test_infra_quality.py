@@ -59,7 +59,43 @@ def test_tokenizer_ceiling_with_exact_residual_is_the_autoencoder_reconstruction
     assert got["chroma_err_tokens_residual"] == pytest.approx(
         chroma_fidelity((tiles + 1) / 2, rec.clamp(0, 1))["chroma_err"], abs=1e-6)
     assert set(got) == {"psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual", "ssim_y_tokens_residual",
-                        "chroma_err_tokens", "chroma_err_tokens_residual"}
+                        "chroma_err_tokens", "chroma_err_tokens_residual", "hf_energy_tokens"}
+    # with the LR: its own codes decoded; an "LR" that is the HR itself (so its bicubic upsampling is the HR) gives
+    # the tokens-only ceiling exactly
+    same = tokenizer_ceiling(vqvae, 64, hr, lr=hr)
+    assert same["psnr_y_lr_tokens"] == pytest.approx(same["psnr_y_tokens"], abs=1e-9)
+    lr = hr.resize((32, 16), Image.BICUBIC)
+    assert tokenizer_ceiling(vqvae, 64, hr, lr=lr)["psnr_y_lr_tokens"] < same["psnr_y_tokens"] + 3
+
+
+@torch.no_grad()
+def test_token_accuracy_counts_agreement_per_scale(tiny):
+    """Teacher-forced and sampled codes are scored against the HR's per scale; an LR whose upsampling is the HR
+    itself has all its codes right; a model whose head always prefers code 0 is right exactly where the HR's code is
+    0."""
+    from infra.demo.quality import HeldOut, token_accuracy
+
+    vqvae, varsr = tiny
+    hr = _photo(128, 64, 2)
+    pair = HeldOut("x", hr, hr)
+    acc = token_accuracy(varsr, vqvae, 64, [pair], cfg=1.0)
+    K = len(varsr.patch_nums)
+    assert set(acc) == {"teacher_forced", "sampled", "lr_codes"}
+    assert all(len(v) == K and all(0 <= a <= 1 for a in v) for v in acc.values())
+    assert acc["lr_codes"] == [1.0] * K
+    x = torch.from_numpy(np.asarray(hr, dtype=np.float32) / 255).permute(2, 0, 1)
+    gt = vqvae.tokenize(torch.stack([x[:, :, :64], x[:, :, 64:]]) * 2 - 1)[0]
+    biased = type(varsr.head)(varsr.head.in_features, varsr.head.out_features)
+    biased.weight.data.zero_()
+    biased.bias.data.zero_()
+    biased.bias.data[0] = 10.0
+    saved, varsr.head = varsr.head, biased
+    try:
+        acc0 = token_accuracy(varsr, vqvae, 64, [pair], cfg=0.0)
+    finally:
+        varsr.head = saved
+    want = [round(float((g == 0).float().mean()), 4) for g in gt]
+    assert acc0["teacher_forced"] == want and acc0["sampled"] == want
 
 
 def _coloured_batch(n: int = 8, side: int = 32, seed: int = 0) -> torch.Tensor:
