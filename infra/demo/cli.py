@@ -5,7 +5,7 @@ import argparse
 import sys
 
 DEMO_STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
-PRETRAIN_STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "export")
+PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 
 
 def register_cli(subparsers) -> None:

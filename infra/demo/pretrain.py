@@ -12,9 +12,17 @@ Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
   4. tokens   `varsr data tokenize` the token cache of the shards for that tokenizer (stages 1-2 then skip the
               tokenizer's forward pass: about 1.5x faster steps, same losses)
   5. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
-  6. stage2   `varsr train isr`    stage 2: ISR training from stage 1 = the base model
-  7. export   base weights (model.safetensors + config.json, tokenizer included), metrics on the held-out photos,
-              the MLflow record (runs' params and metrics as JSON) and MODEL_CARD.md; copied to --ship when given
+  6. stage2   `varsr train isr`    stage 2: ISR training from stage 1
+  7. decoder  `varsr train vqvae`  stage 0b: the tokenizer's decoder finetuned for sharpness (high-pass L1 + a
+              patch critic) with encoder and codebook frozen, so the codes stage 2 learned stay bit-identical
+              (configs/demo/pretrain_decoder.yaml; ``decoder.steps: 0`` skips it)
+  8. export   base weights = stage 2's transformer + stage 0b's decoder (model.safetensors + config.json, tokenizer
+              included), metrics on the held-out photos, the MLflow record (runs' params and metrics as JSON) and
+              MODEL_CARD.md; copied to --ship when given
+
+Continuing a base (``continue_from: model/pretrained/small-base``): stages 0 and 1 are that base's (not retrained),
+the token cache is made with its tokenizer, and stage 2 starts from its weights; steps 6-8 then run as above. The
+model card names the continued base and the commit that shipped it, whose own card holds the earlier stages' record.
 
 MLflow: one parent run (experiment ``varsr-pretrain``) with every stage's run as its child. Resumable: finished
 steps are recorded in state.json and skipped by a re-run; a killed stage (0, 1 or 2) resumes from its last complete
@@ -36,7 +44,7 @@ from infra.core.errors import UserError
 from infra.demo.demo import ROOT, Demo, DemoConfig
 
 DEFAULT_CONFIG = ROOT / "configs" / "demo" / "pretrain.yaml"
-PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "export")
+PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 EXPERIMENT = "varsr-pretrain"
 
 
@@ -66,9 +74,14 @@ class PretrainConfig:
     vqvae: StageSection = field(default_factory=lambda: StageSection(300, 3e-4))  # docs/MODEL.md §1.2: not 1e-3
     stage1: StageSection = field(default_factory=lambda: StageSection(100, 1e-3))
     stage2: StageSection = field(default_factory=lambda: StageSection(400, 1e-3))
+    # stage 0b after stage 2: decoder finetune of the tokenizer (steps 0 = off: the base keeps stage 0's decoder)
+    decoder: StageSection = field(default_factory=lambda: StageSection(0, 1e-4))
     eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)
     eval_hr_side: int = 256
     eval_cfg: float = 6.0
+    # a shipped base to continue (a native full checkpoint, relative to the repository or absolute): stages 0-1 are
+    # taken from it and stage 2 starts from its weights; None = train every stage from nothing
+    continue_from: str | None = None
     # stop after the tokenizer step when its colour check (training/stage0_vqvae.py) says colour is lost: stages 1-2
     # trained on such tokens cannot produce colour, so the hour they take would be wasted (docs/MODEL.md §1.2)
     require_colour: bool = True
@@ -169,8 +182,30 @@ class Pretrain(Demo):
                     rejected=c["rejected_by_reason"], failed=c["failed_by_reason"], samples=c["samples"],
                     shard_files=len(manifest["shards"]), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
 
+    def _continued(self) -> Path | None:
+        """The base this run continues (``continue_from``), checked to be a full native checkpoint."""
+        if not self.p.continue_from:
+            return None
+        from model.checkpoint import read_config
+
+        base = _repo_path(self.p.continue_from)
+        if read_config(base)[1].get("contents") == "tokenizer":
+            raise UserError(f"continue_from={base} is a tokenizer-only checkpoint: a base to continue needs stages 1-2")
+        return base
+
+    def _from_base(self, step: str) -> dict:
+        """Stage 0 or 1 of a continued base: nothing is trained; the card names the base and the commit that
+        shipped its weights."""
+        base = self._continued()
+        self.commands[step] = []
+        lineage = json.loads((base / "config.json").read_text()).get("lineage", {})
+        return dict(checkpoint=str(base), from_base=True, base_commit=shipping_commit(base / "model.safetensors"),
+                    mlflow_run_id=lineage.get("varsr.tokenizer.run_id" if step == "vqvae" else "varsr.parent.run_id"))
+
     def step_vqvae(self) -> dict:
         p = self.p
+        if self._continued():
+            return self._from_base("vqvae")
         self.train_step("vqvae", *cmd_train_vqvae(DEMO_CONFIGS_DIR / "pretrain_vqvae.yaml",
                                                   [f"max_steps={p.vqvae.steps}", f"lr={p.vqvae.lr}",
                                                    f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
@@ -187,7 +222,8 @@ class Pretrain(Demo):
                     mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"), colour=colour)
 
     def step_tokens(self) -> dict:
-        self.varsr("tokens", *cmd_tokenize("shards", "runs/vqvae/final"))
+        base = self._continued()
+        self.varsr("tokens", *cmd_tokenize("shards", str(base) if base else "runs/vqvae/final"))
         manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
         tok = manifest.get("tokens") or {}
         return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"),
@@ -195,9 +231,12 @@ class Pretrain(Demo):
 
     def _stage(self, step: str, yaml_name: str, s: StageSection) -> dict:
         p = self.p
+        base = self._continued() if step == "stage2" else None
+        init = [f"model.init_from={base}", "model.vqvae_checkpoint="] if base else []  # tokenizer: the base's
         self.train_step(step, *cmd_train_stage("c2i" if step == "stage1" else "isr", DEMO_CONFIGS_DIR / yaml_name,
                                                [f"max_steps={s.steps}", f"optim.lr={s.lr}",
-                                                f"data.batch_size={p.batch_size}", f"model.preset={p.preset}"]))
+                                                f"data.batch_size={p.batch_size}", f"model.preset={p.preset}",
+                                                *init]))
         out = self.w / "runs" / step
         summary = json.loads((out / "summary.json").read_text())
         return dict(checkpoint=str(out / "final"), mlflow_run_id=summary.get("mlflow_run_id"),
@@ -205,14 +244,33 @@ class Pretrain(Demo):
                     last_loss=summary.get("last_loss"), wall_s=summary.get("wall_s"))
 
     def step_stage1(self) -> dict:
+        if self._continued():
+            return self._from_base("stage1")
         return self._stage("stage1", "pretrain_stage1.yaml", self.p.stage1)
 
     def step_stage2(self) -> dict:
         return self._stage("stage2", "pretrain_stage2.yaml", self.p.stage2)
 
+    def step_decoder(self) -> dict:
+        """Stage 0b: finetune the decoder of stage 2's tokenizer (its codes frozen) for sharper images."""
+        p = self.p
+        if p.decoder.steps <= 0:
+            self.commands["decoder"] = []
+            return dict(checkpoint=None, note="decoder.steps is 0: the base keeps stage 0's decoder")
+        self.train_step("decoder", *cmd_train_vqvae(DEMO_CONFIGS_DIR / "pretrain_decoder.yaml",
+                                                    [f"max_steps={p.decoder.steps}", f"lr={p.decoder.lr}",
+                                                     f"data.batch_size={p.decoder.batch_size or p.batch_size}",
+                                                     f"model.preset={p.preset}", "init_from=runs/stage2/final"]))
+        out = self.w / "runs" / "vqvae_decoder" / "final"
+        meta = json.loads((out / "config.json").read_text())
+        return dict(checkpoint=str(out), mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
+
     def step_export(self) -> dict:
-        """Base folder = stage-2 final weights + held-out metrics + the MLflow record + the model card."""
+        """Base folder = stage 2's transformer with stage 0b's decoder + held-out metrics + the MLflow record + the
+        model card."""
         import mlflow
+
+        from model.checkpoint import with_decoder
 
         st = self.state()
         base = self.w / "base"
@@ -220,8 +278,13 @@ class Pretrain(Demo):
             shutil.rmtree(base)
         base.mkdir(parents=True)
         src = Path(st["stage2"]["info"]["checkpoint"])
-        for name in ("model.safetensors", "config.json"):
-            shutil.copy2(src / name, base / name)
+        decoder = (st.get("decoder") or {}).get("info", {}).get("checkpoint")
+        if decoder:  # refuses a tokenizer whose codes differ from those stage 2 learned
+            with_decoder(src, decoder, base, extra={"varsr.decoder.checkpoint": "runs/vqvae_decoder/final",
+                                                    "varsr.decoder.run_id": st["decoder"]["info"]["mlflow_run_id"]})
+        else:
+            for name in ("model.safetensors", "config.json"):
+                shutil.copy2(src / name, base / name)
         self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
         figures = evaluate_checkpoint(base, st["corpus"]["info"]["eval_images"], self.p.eval_images,
                                       self.p.eval_hr_side, self.p.eval_cfg)
@@ -259,7 +322,7 @@ class Pretrain(Demo):
 
 
 DEMO_CONFIGS_DIR = ROOT / "configs" / "demo"
-STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2")
+STAGE_WALL_KEYS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder")
 
 
 # ---- the `varsr` commands the recipe runs (one place, so their syntax is ported in one place) ------------------------
@@ -327,6 +390,16 @@ def mlflow_record(tracking_uri: str, run_ids: list[str]) -> list[dict]:
     return out
 
 
+def shipping_commit(path: Path) -> str | None:
+    """The last commit that changed ``path`` (the commit that shipped a base's weights), or None outside git."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -357,8 +430,11 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         f"# `{p.preset}-base`: the VARSR base model shipped with the platform", "",
         "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 512 x "
         "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
-        "class-to-image (stage 1), ISR (stage 2). `varsr demo` finetunes its stage 2 on the demo corpus.",
-        f"It is a small model trained for {_train_minutes(st):.0f} minutes on a two-core CPU machine: it "
+        "class-to-image (stage 1), ISR (stage 2), and a decoder finetune of the tokenizer (stage 0b, codes "
+        "unchanged) when the recipe has one. `varsr demo` finetunes its stage 2 on the demo corpus.",
+        (f"It continues a shipped base (see Training) with {_train_minutes(st):.0f} more minutes of training on a "
+         "two-core CPU machine: it " if st["vqvae"]["info"].get("from_base") else
+         f"It is a small model trained for {_train_minutes(st):.0f} minutes on a two-core CPU machine: it ") +
         "demonstrates the platform and gives the demo's finetuning a real starting point; it is not a competitive "
         "super-resolution model.", "",
         "## Files", "",
@@ -387,12 +463,25 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "## Training", "",
         "| stage | command | steps | wall time (s) | first -> last loss | MLflow run |", "|---|---|---|---|---|---|",
     ]
-    for k in ("vqvae", "stage1", "stage2"):
+    for k in ("vqvae", "stage1", "stage2", "decoder"):
+        if k not in st or (k == "decoder" and not st[k]["info"].get("checkpoint")):
+            continue
         info = st[k]["info"]
+        if info.get("from_base"):
+            lines.append(f"| {k} | from the continued base | | | | `{info.get('mlflow_run_id')}` |")
+            continue
         loss = (f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}" if info.get("first_loss") is not None else "")
         steps = info.get("steps", getattr(p, k).steps)
-        lines.append(f"| {k} | `varsr train {'vqvae' if k == 'vqvae' else ('c2i' if k == 'stage1' else 'isr')}` | "
-                     f"{steps} | {st[k]['seconds']} | {loss} | `{info.get('mlflow_run_id')}` |")
+        cmd = {"stage1": "c2i", "stage2": "isr"}.get(k, "vqvae")
+        lines.append(f"| {k} | `varsr train {cmd}` | {steps} | {st[k]['seconds']} | {loss} | "
+                     f"`{info.get('mlflow_run_id')}` |")
+    cont = st["vqvae"]["info"]
+    if cont.get("from_base"):
+        lines += ["", f"Continued from `{_rel(Path(cont['checkpoint']))}` as shipped at commit "
+                      f"`{cont.get('base_commit')}`: its stages 0 and 1 are kept, stage 2 goes on from its weights. "
+                      f"That base's own card (`git show {(cont.get('base_commit') or 'COMMIT')[:12]}:"
+                      f"{_rel(Path(cont['checkpoint']))}/MODEL_CARD.md`) and `mlflow_runs.json` hold the record of "
+                      "the earlier stages."]
     colour = st["vqvae"]["info"].get("colour")  # absent in state files written before the colour check
     if colour:
         gain = colour["chroma_gain_tokens"]
@@ -429,7 +518,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
 
 
 def _train_minutes(st: dict) -> float:
-    return sum(st[k]["seconds"] for k in ("vqvae", "stage1", "stage2") if k in st) / 60
+    return sum(st[k]["seconds"] for k in ("vqvae", "stage1", "stage2", "decoder") if k in st) / 60
 
 
 def _rel_cmd(cmd: str) -> str:

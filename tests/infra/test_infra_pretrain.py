@@ -96,3 +96,112 @@ def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_pat
     # a tokenizer exported before the check existed is not refused
     (final / "config.json").write_text(json.dumps({"lineage": {"mlflow_run_id": "r0"}}))
     assert recipe().step_vqvae()["colour"] is None
+
+
+def test_the_cli_offers_every_recipe_step_and_the_decoder_step_finetunes_stage_2s_tokenizer(tmp_path):
+    """`varsr demo pretrain --only STEP` accepts exactly the recipe's steps (the CLI keeps its own light list so
+    `--help` does not import the recipe; it once lacked `tokens`); stage 0b is issued with the decoder config, the
+    recipe's steps and lr, from stage 2's checkpoint, and is skipped with `decoder.steps=0`."""
+    import json
+
+    from infra.cli import build_parser
+    from infra.demo import cli
+    from infra.demo.pretrain import PRETRAIN_STEPS
+
+    assert cli.PRETRAIN_STEPS == PRETRAIN_STEPS
+    for step in PRETRAIN_STEPS:
+        assert build_parser().parse_args(["demo", "pretrain", "--only", step]).only == step
+    issued = []
+
+    def recipe(*overrides):
+        p = Pretrain(load_pretrain_config(None, list(overrides)), str(tmp_path / "pt"), log=lambda s: None)
+        p.train_step = lambda *cmd: issued.append(cmd)
+        return p
+
+    assert recipe("decoder.steps=0").step_decoder()["checkpoint"] is None and not issued
+    final = tmp_path / "pt" / "runs" / "vqvae_decoder" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"lineage": {"mlflow_run_id": "d0"}}))
+    info = recipe("decoder.steps=5", "decoder.lr=0.001").step_decoder()
+    assert info == {"checkpoint": str(final), "mlflow_run_id": "d0"}
+    step, *cmd = issued[0]
+    assert step == "decoder" and cmd[:4] == ["train", "vqvae", "--config", str(Path(cmd[3]))]
+    assert cmd[3].endswith("configs/demo/pretrain_decoder.yaml")
+    over = build_parser().parse_args(cmd).overrides
+    assert {"max_steps=5", "lr=0.001", "init_from=runs/stage2/final"} <= set(over)
+
+
+def test_continuing_a_base_keeps_its_stages_0_and_1_and_starts_stage_2_from_it(tmp_path):
+    """`continue_from`: stages 0-1 are not retrained (recorded as the base's, with its lineage run ids), the token
+    cache uses the base's tokenizer, and stage 2 initialises from the base with the base's tokenizer; a
+    tokenizer-only checkpoint is refused."""
+    import json
+
+    import torch
+
+    from infra.core.errors import UserError
+    from infra.demo.pretrain import shipping_commit
+    from model import VARSRConfig, build
+    from model.checkpoint import save_pretrained, save_tokenizer
+
+    torch.manual_seed(0)
+    cfg = VARSRConfig.preset("tiny")
+    vq, var = build(cfg)
+    base = save_pretrained(tmp_path / "base", vq, var, extra={"lineage": {"varsr.tokenizer.run_id": "tok0",
+                                                                          "varsr.parent.run_id": "c2i0"}})
+    issued = []
+    p = Pretrain(load_pretrain_config(None, [f"continue_from={base}", "stage2.steps=3"]), str(tmp_path / "pt"),
+                 log=lambda s: None)
+    p.train_step = lambda *cmd: issued.append(cmd)
+    p.varsr = lambda *cmd: issued.append(cmd)
+    v, s1 = p.step_vqvae(), p.step_stage1()
+    assert v["from_base"] and v["mlflow_run_id"] == "tok0" and s1["mlflow_run_id"] == "c2i0"
+    assert v["checkpoint"] == str(base) and not issued and p.commands["stage1"] == []
+    (tmp_path / "pt" / "shards").mkdir(parents=True)
+    (tmp_path / "pt" / "shards" / "manifest.json").write_text(json.dumps({"tokens": {}}))
+    p.step_tokens()
+    assert issued[-1][0] == "tokens" and issued[-1][-1] == str(base)
+    s2 = tmp_path / "pt" / "runs" / "stage2"
+    s2.mkdir(parents=True)
+    (s2 / "summary.json").write_text(json.dumps({"mlflow_run_id": "r2", "steps": 3}))
+    assert p.step_stage2()["mlflow_run_id"] == "r2"
+    step, *cmd = issued[-1]
+    from infra.cli import build_parser
+
+    over = build_parser().parse_args(cmd).overrides
+    assert step == "stage2" and {f"model.init_from={base}", "model.vqvae_checkpoint=", "max_steps=3"} <= set(over)
+    assert shipping_commit(tmp_path / "nowhere") is None
+    tok = save_tokenizer(tmp_path / "tok", vq, cfg)
+    bad = Pretrain(load_pretrain_config(None, [f"continue_from={tok}"]), str(tmp_path / "pt2"), log=lambda s: None)
+    with pytest.raises(UserError, match="tokenizer-only"):
+        bad.step_vqvae()
+
+
+def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage(tmp_path):
+    from infra.demo.pretrain import model_card
+
+    pcfg = load_pretrain_config(None, ["continue_from=model/pretrained/small-base"])
+    pkg = {"name": "mate-backgrounds", "version": "1", "licenses": ["GPL-2+"], "images": ["a.jpg"]}
+    st = {"corpus": {"seconds": 1.0, "command": "varsr demo pretrain --only corpus",
+                     "info": {"photos": 1, "tiles": 4, "packages": [pkg], "eval_packages": [pkg]}},
+          "data": {"seconds": 2.0, "command": "varsr data build", "info": {
+              "inputs": 4, "kept": 4, "rejected": {}, "samples": 8, "shard_files": 1, "manifest_sha256": "ab" * 32}},
+          "vqvae": {"seconds": 0.1, "command": "", "info": {"checkpoint": "/x/model/pretrained/small-base",
+                                                            "from_base": True, "base_commit": "c0ffee" * 6,
+                                                            "mlflow_run_id": "tok0"}},
+          "stage1": {"seconds": 0.1, "command": "", "info": {"from_base": True, "mlflow_run_id": "c2i0"}},
+          "stage2": {"seconds": 600.0, "command": "varsr train isr", "info": {
+              "steps": 400, "first_loss": 2.0, "last_loss": 1.5, "mlflow_run_id": "r2"}},
+          "decoder": {"seconds": 300.0, "command": "varsr train vqvae", "info": {
+              "checkpoint": "runs/vqvae_decoder/final", "mlflow_run_id": "d0"}}}
+    keys = ["psnr_y", "ssim_y", "hf_energy", "hf_gap_db"]
+    mean = {**{f"{a}_{k}": 1.0 for a in ("bicubic", "varsr") for k in keys},
+            **{f"ceiling_{k}": 1.0 for k in ("psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual",
+                                               "ssim_y_tokens_residual")}}
+    card = model_card(pcfg, st, {"mean": mean, "config": {"n": 6, "hr_side": 256, "cfg": 0.0}}, [], "p0",
+                      tmp_path / "pretrain.yaml")
+    assert "| vqvae | from the continued base | | | | `tok0` |" in card
+    assert "| stage1 | from the continued base | | | | `c2i0` |" in card
+    assert "| stage2 | `varsr train isr` | 400 | 600.0 | 2.000 -> 1.500 | `r2` |" in card
+    assert "| decoder | `varsr train vqvae` | 600 | 300.0 |  | `d0` |" in card
+    assert f"as shipped at commit `{'c0ffee' * 6}`" in card and "with 15 more minutes of training" in card
