@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "varsr" / "heldout"))
     ap.add_argument("--n", type=int, default=6, help="lomiri photos (the demo holdout photo is added)")
     ap.add_argument("--hr-side", type=int, default=256)
-    ap.add_argument("--cfg", type=float, default=1.0, help="guidance of the headline figure (the demo's default)")
+    ap.add_argument("--cfg", type=float, default=0.0, help="guidance of the headline figure (the demo's default)")
     ap.add_argument("--cfgs", default="0,1,3,6")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)

@@ -54,7 +54,7 @@ class DemoConfig:
     stage2_steps: int = 100  # finetuning steps from the base (or stage-2 steps from scratch)
     stage2_lr: float | None = None  # None: 2e-4 when finetuning the base, 1e-3 from scratch
     batch_size: int = 8
-    cfg: float = 1.0  # guidance of the upscaled result: the shipped base's best on held-out photos (its MODEL_CARD.md)
+    cfg: float = 0.0  # guidance of the upscaled result: none, the base's best on held-out photos (docs/MODEL.md §1.2)
     register_name: str = "varsr-demo"
     alias: str = "champion"
     port: int | None = None  # serving port; None = a free one
