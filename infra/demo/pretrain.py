@@ -445,7 +445,8 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "```", f"varsr demo pretrain --config {_rel(config_path)} --workdir varsr-pretrain "
         f"--ship model/pretrained/{p.preset}-base" + "".join(f" --set {o}" for o in overrides), "```", "",
         f"Code: git commit `{git_commit()}`. Every stage as a `varsr` command (run in the work folder):", "",
-        "```", *[_rel_cmd(st[k]["command"]) for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
+        "```", *[_rel_cmd(st[k]["command"], Path(d["shards"]).parent if d.get("shards") else None)
+                 for k in PRETRAIN_STEPS if k in st and st[k].get("command")], "```", "",
         "## Data", "",
         f"{c['photos']} photographs from Debian (bookworm) wallpaper packages, fetched with `apt-get download`; "
         f"each resized to short sides {p.corpus.short_sides} and cut into {p.corpus.tile}-px tiles "
@@ -521,8 +522,11 @@ def _train_minutes(st: dict) -> float:
     return sum(st[k]["seconds"] for k in ("vqvae", "stage1", "stage2", "decoder") if k in st) / 60
 
 
-def _rel_cmd(cmd: str) -> str:
-    """A recorded command with repository paths made relative (and the work folder named as in the command line)."""
+def _rel_cmd(cmd: str, workdir: Path | None = None) -> str:
+    """A recorded command with repository paths made relative and the work folder named as in the card's command
+    line (``varsr-pretrain``)."""
+    if workdir is not None:
+        cmd = cmd.replace(f"--workdir {workdir}", "--workdir varsr-pretrain")
     return cmd.replace(f"{ROOT}/", "")
 
 

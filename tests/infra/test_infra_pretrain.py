@@ -182,10 +182,11 @@ def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage
 
     pcfg = load_pretrain_config(None, ["continue_from=model/pretrained/small-base"])
     pkg = {"name": "mate-backgrounds", "version": "1", "licenses": ["GPL-2+"], "images": ["a.jpg"]}
-    st = {"corpus": {"seconds": 1.0, "command": "varsr demo pretrain --only corpus",
+    st = {"corpus": {"seconds": 1.0, "command": f"varsr demo pretrain --only corpus --workdir {tmp_path / 'w'}",
                      "info": {"photos": 1, "tiles": 4, "packages": [pkg], "eval_packages": [pkg]}},
           "data": {"seconds": 2.0, "command": "varsr data build", "info": {
-              "inputs": 4, "kept": 4, "rejected": {}, "samples": 8, "shard_files": 1, "manifest_sha256": "ab" * 32}},
+              "inputs": 4, "kept": 4, "rejected": {}, "samples": 8, "shard_files": 1, "manifest_sha256": "ab" * 32,
+              "shards": str(tmp_path / "w" / "shards")}},
           "vqvae": {"seconds": 0.1, "command": "", "info": {"checkpoint": "/x/model/pretrained/small-base",
                                                             "from_base": True, "base_commit": "c0ffee" * 6,
                                                             "mlflow_run_id": "tok0"}},
@@ -205,3 +206,5 @@ def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage
     assert "| stage2 | `varsr train isr` | 400 | 600.0 | 2.000 -> 1.500 | `r2` |" in card
     assert "| decoder | `varsr train vqvae` | 600 | 300.0 |  | `d0` |" in card
     assert f"as shipped at commit `{'c0ffee' * 6}`" in card and "with 15 more minutes of training" in card
+    # the per-step commands name the work folder as the card's command line does, not this machine's path
+    assert "varsr demo pretrain --only corpus --workdir varsr-pretrain\n" in card and str(tmp_path / "w") not in card
