@@ -8,6 +8,11 @@ holding the tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 l
 <time>``, the shared lineage tags, the shard manifest as dataset input, ``loss/...`` metrics, an HR | reconstruction |
 tokens-only grid of distinct samples, and the export as the run's logged model (stage 1 links it as a model input).
 
+Stage 0b, the decoder finetune (``train_parts: decoder`` + ``init_from``, configs/demo/pretrain_decoder.yaml): only
+``post_quant_conv`` and the decoder learn, on the tokens-only latent, with the high-pass L1 and the patch critic of
+training/patch_gan.py; encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
+``init_from`` still fits, and ``model.checkpoint.with_decoder`` puts the new decoder beside it (docs/MODEL.md §1.2).
+
 Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by
 measuring ``eval/chroma_gain[_tokens]`` on ``colour_check_images`` held-out crops: 1 when the decoded images keep
 each crop's colour, 0 when they all come out with one tint. Below ``MIN_CHROMA_GAIN`` it prints a warning, because a
