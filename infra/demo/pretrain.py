@@ -270,6 +270,7 @@ class Pretrain(Demo):
         model card."""
         import mlflow
 
+        from infra.demo.quality import evaluate_checkpoint
         from model.checkpoint import with_decoder
 
         st = self.state()
@@ -286,8 +287,8 @@ class Pretrain(Demo):
             for name in ("model.safetensors", "config.json"):
                 shutil.copy2(src / name, base / name)
         self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
-        figures = evaluate_checkpoint(base, st["corpus"]["info"]["eval_images"], self.p.eval_images,
-                                      self.p.eval_hr_side, self.p.eval_cfg)
+        figures = evaluate_checkpoint(base, _photos(st["corpus"]["info"]["eval_images"]), self.p.eval_images,
+                                      self.p.eval_hr_side, self.p.eval_cfg)  # infra/demo/quality.py
         (base / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
         parent = self.parent_run_id()
         kids = self.adopt_children()
@@ -351,25 +352,6 @@ def cmd_train_stage(stage: str, config: Path, overrides: list[str]) -> list[str]
 
 
 # ---- export helpers --------------------------------------------------------------------------------------------------
-def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float) -> dict:
-    """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0."""
-    from inference.pipeline import VARSRPipeline
-    from infra.demo.quality import bicubic, load_pairs, mean_figures, sr_figures, tokenizer_ceiling
-
-    pipe = VARSRPipeline.from_pretrained(ckpt, device="cpu")
-    S = pipe.image_size
-    pairs = load_pairs(_photos(files), hr_side, n)
-    rows = []
-    for p in pairs:
-        r = {"image": p.name}
-        r.update({f"ceiling_{k}": v for k, v in tokenizer_ceiling(pipe.vqvae, S, p.hr).items()})
-        r.update({f"bicubic_{k}": v for k, v in sr_figures(bicubic(p), p.hr).items()})
-        r.update({f"varsr_{k}": v for k, v in sr_figures(pipe.upscale(p.lr, cfg=cfg, seed=0), p.hr).items()})
-        rows.append(r)
-    mean = mean_figures([{k: v for k, v in r.items() if k != "image"} for r in rows])
-    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "seed": 0, "n": len(rows)}}
-
-
 def _photos(files: list[str]) -> list[str]:
     """Held-out files that are photographs: the lomiri packages (ukui ships drawings only)."""
     return [f for f in files if "/lomiri-" in f]

@@ -11,6 +11,8 @@ For a held-out photo (HR) and its x4 bicubic LR:
 * ``token_accuracy`` — per scale, how often the transformer's codes equal the HR's: teacher-forced (the training
   objective's accuracy) and sampled (what inference draws), beside how often the bicubic LR's own codes do.
 * ``sr_figures`` — PSNR-Y / SSIM-Y / high-frequency energy of an SR result beside bicubic's.
+* ``evaluate_checkpoint`` — all of the above for a checkpoint on a list of held-out photos (the recipe's export
+  scores its base with it).
 * ``one_pass_stitched`` — every model window super-resolved alone and stitched without blending, against which the
   pipeline's overlapping, latent-blended tiling is compared on the same image.
 """
@@ -171,3 +173,21 @@ def one_pass_stitched(pipe, p: HeldOut, image_size: int, scale: int = 4, **kw) -
 def mean_figures(rows: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each figure over images (keys of the first row)."""
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float) -> dict:
+    """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0."""
+    from inference.pipeline import VARSRPipeline
+
+    pipe = VARSRPipeline.from_pretrained(ckpt, device="cpu")
+    S = pipe.image_size
+    pairs = load_pairs(files, hr_side, n)
+    rows = []
+    for p in pairs:
+        r = {"image": p.name}
+        r.update({f"ceiling_{k}": v for k, v in tokenizer_ceiling(pipe.vqvae, S, p.hr).items()})
+        r.update({f"bicubic_{k}": v for k, v in sr_figures(bicubic(p), p.hr).items()})
+        r.update({f"varsr_{k}": v for k, v in sr_figures(pipe.upscale(p.lr, cfg=cfg, seed=0), p.hr).items()})
+        rows.append(r)
+    mean = mean_figures([{k: v for k, v in r.items() if k != "image"} for r in rows])
+    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "seed": 0, "n": len(rows)}}
