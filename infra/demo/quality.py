@@ -130,8 +130,7 @@ def token_accuracy(varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: flo
     from model.sampling import image_generators
 
     hr = torch.cat([_tiles(p.hr, image_size)[0] for p in pairs])
-    up = torch.cat([_tiles(p.lr.convert("RGB").resize(p.hr.size, Image.Resampling.BICUBIC), image_size)[0]
-                    for p in pairs])
+    up = torch.cat([_tiles(bicubic(p), image_size)[0] for p in pairs])
     gt, R, _ = vqvae.tokenize(hr * 2 - 1)
     lr_codes = vqvae.tokenize(up * 2 - 1)[0]
     labels = torch.zeros(hr.shape[0], dtype=torch.long)
