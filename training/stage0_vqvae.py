@@ -81,6 +81,10 @@ class VQVAETrainConfig:
     # token-only latent f_hat, so the codes stay bit-identical and a transformer trained on them keeps working.
     init_from: str | None = None
     train_parts: Literal["all", "decoder"] = "all"
+    # decoder finetune only: the share of crops decoded from the encoder latent f = f_hat + (R - e_last) (tokens plus
+    # the exact last-scale residual, what a perfect refiner adds) instead of the token-only f_hat. A decoder trained
+    # on f_hat alone decodes f worse than f_hat, so the refiner's residual cannot help it (docs/MODEL.md §1.2); 0 = off
+    residual_mix: float = 0.0
     # L1 of the high-pass (image minus its Gaussian blur of ``hf_sigma`` px) of reconstruction vs target: rewards
     # edges where the target has them (training/patch_gan.py); 0 = off
     hf_weight: float = 0.0
@@ -130,6 +134,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
         raise UserError(f"train_parts must be all or decoder, got {cfg.train_parts!r}")
     if cfg.train_parts == "decoder" and not cfg.init_from:
         raise UserError("train_parts=decoder finetunes an existing tokenizer: set init_from to its checkpoint folder")
+    if not 0.0 <= cfg.residual_mix <= 1.0 or (cfg.residual_mix and cfg.train_parts != "decoder"):
+        raise UserError(f"residual_mix is a share in [0, 1] and only applies to train_parts=decoder, got "
+                        f"{cfg.residual_mix} with train_parts={cfg.train_parts}")
     if cfg.hf_weight < 0 or cfg.gan_weight < 0 or cfg.hf_sigma <= 0:
         raise UserError(f"hf_weight and gan_weight must be >= 0 and hf_sigma > 0, got {cfg.hf_weight}, "
                         f"{cfg.gan_weight}, {cfg.hf_sigma}")
@@ -311,7 +318,7 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
         if cfg.augment:
             x = augment_crops([x], stream_generator(cfg.seed, step), cfg.augment_colour_p)[0]
         if decoder_only:  # the token-only latent, as the transformer's codes give it; no codebook loss to learn
-            f_hat = vqvae.tokenize(x)[2]
+            f_hat = decoder_latent(vqvae, x, cfg.residual_mix, stream_generator(cfg.seed, step, 1))
             rec = vqvae.decoder(vqvae.post_quant_conv(f_hat.contiguous(memory_format=torch.channels_last)))
             vq_loss, usage = torch.zeros((), device=dev), []
         else:
@@ -370,6 +377,18 @@ def _train_loop(cfg: VQVAETrainConfig, vqvae, opt, sched, stream, dev, tracker, 
     if not history:
         raise UserError(f"nothing to train: max_steps={cfg.max_steps}")
     return history
+
+
+@torch.no_grad()
+def decoder_latent(vqvae, x: torch.Tensor, residual_mix: float, gen: torch.Generator) -> torch.Tensor:
+    """What stage 0b's decoder learns to decode for crops ``x``: the token-only latent f_hat, except for a
+    ``residual_mix`` share of crops (drawn from ``gen``), which get the encoder latent f = f_hat + (R - e_last)."""
+    idx, R, f_hat = vqvae.tokenize(x)
+    if residual_mix <= 0:
+        return f_hat
+    f = f_hat + (R - vqvae.embed_idx(idx[-1]).float()).transpose(1, 2).reshape_as(f_hat)
+    pick = (torch.rand(x.shape[0], generator=gen) < residual_mix).to(x.device)[:, None, None, None]
+    return torch.where(pick, f, f_hat)
 
 
 def lr_factor(cfg: VQVAETrainConfig, s: int) -> float:

@@ -39,6 +39,10 @@ from infra.core.net import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
+FROM_SCRATCH_PRESET = "small"  # the preset of configs/demo/{vqvae,stage1,stage2}.yaml
+# the demo photos' short side before the random model-sized crop, whatever the preset's tile size: the content scale
+# of the recipe's corpus tiles (160 px) and of the held-out HR (256 px on its long side)
+PHOTO_SHORT_SIDE = 160
 EXPERIMENT = "varsr-demo"
 
 
@@ -59,7 +63,7 @@ class DemoConfig:
     alias: str = "champion"
     port: int | None = None  # serving port; None = a free one
     seed: int = 0
-    holdout_lr_side: int = 64  # held-out LR long side; x4 upscaling gives a multi-tile output (128-px model tiles)
+    holdout_lr_side: int = 64  # held-out LR long side; x4 upscaling gives a multi-tile output (64/128-px model tiles)
     fresh: bool = False
 
     def base_dir(self) -> Path:
@@ -97,7 +101,7 @@ class Demo:
         st = self.state()
         if st.get("mlflow", {}).get("parent_run_id"):
             return st["mlflow"]["parent_run_id"]
-        preset = "small" if not self.cfg.from_scratch else "small-from-scratch"
+        preset = self.preset() if not self.cfg.from_scratch else f"{FROM_SCRATCH_PRESET}-from-scratch"
         run = start_run(self.tracking_uri, run_name("demo", preset, f"seed{self.cfg.seed}"), experiment=EXPERIMENT,
                         tags={"varsr.stage": "demo", "varsr.model_uri": self.model_uri,
                               "varsr.demo.from_scratch": str(self.cfg.from_scratch)},
@@ -156,9 +160,21 @@ class Demo:
         return dict(corpus=str(self.w / "corpus"), files=len(files), bad_files=bad, holdout_hr=str(hr),
                     holdout_lr=str(lr))
 
+    def preset(self) -> str:
+        """The model preset the demo trains: the shipped base's (its config.json), or the from-scratch configs'."""
+        if self.cfg.from_scratch:
+            return FROM_SCRATCH_PRESET
+        from model.checkpoint import read_config
+
+        return read_config(self._check_base())[0].name
+
     def step_data(self) -> dict:
+        from model.config import VARSRConfig
+
+        crop = VARSRConfig.preset(self.preset()).image_size  # shards of the model's tile size
         self.varsr("data", "data", "build", "--input", "corpus", "--output", "shards",
-                   "--config", str(DEMO_CONFIGS / "data.yaml"))
+                   "--config", str(DEMO_CONFIGS / "data.yaml"), "--set", f"shard.crop_size={crop}",
+                   "--set", f"shard.resize_short_factor={PHOTO_SHORT_SIDE / crop:g}")
         manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
         c = manifest["counts"]
         from mlflow.tracking import MlflowClient
@@ -205,7 +221,7 @@ class Demo:
         else:
             init = [f"model.init_from={self._check_base()}"]
             lr = c.stage2_lr or 2e-4
-        sets = [*init, f"max_steps={c.stage2_steps}", f"optim.lr={lr}", f"data.batch_size={c.batch_size}",
+        sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}", f"data.batch_size={c.batch_size}",
                 f"seed={c.seed}", f"register.name={c.register_name}", f"register.alias={c.alias}"]
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
                    *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")

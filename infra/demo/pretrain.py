@@ -402,6 +402,16 @@ def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _preset_summary(preset: str) -> str:
+    """The model card's one-line geometry of a preset, read from its config (model/config.py)."""
+    from model.config import VARSRConfig
+
+    c = VARSRConfig.preset(preset)
+    return (f"preset `{preset}`: {c.image_size}-px tiles, {c.vqvae.downsample}-px tokens, {len(c.patch_nums)} scales "
+            f"({','.join(map(str, c.patch_nums))}), codebook {c.vqvae.vocab_size} x {c.vqvae.z_channels}, "
+            f"transformer depth {c.depth} / width {c.embed_dim}")
+
+
 def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], parent: str, config_path: Path,
                overrides: list[str] = ()) -> str:
     """MODEL_CARD.md of the base: data, steps, wall times, metrics, MLflow runs, commit and the command."""
@@ -410,8 +420,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
     m = figures["mean"]
     lines = [
         f"# `{p.preset}-base`: the VARSR base model shipped with the platform", "",
-        "A CPU-sized VARSR (preset `small`: 128-px tiles, 8-px tokens, 8 scales (1,2,3,4,6,8,12,16), codebook 512 x "
-        "16, transformer depth 4 / width 256) trained by the platform's own commands: tokenizer (stage 0), "
+        f"A CPU-sized VARSR ({_preset_summary(p.preset)}) trained by the platform's own commands: tokenizer (stage 0), "
         "class-to-image (stage 1), ISR (stage 2), and a decoder finetune of the tokenizer (stage 0b, codes "
         "unchanged) when the recipe has one. `varsr demo` finetunes its stage 2 on the demo corpus.",
         (f"It continues a shipped base (see Training) with {_train_minutes(st):.0f} more minutes of training on a "

@@ -37,7 +37,11 @@ def test_demo_end_to_end_reduced(tmp_path):
     st = json.loads((w / "state.json").read_text())
     assert all(st[s]["done"] for s in ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale"))
     # tokenizer and stage 1 come from the shipped base; stage 2 finetunes it
-    base = ROOT / "model" / "pretrained" / "small-base"
+    from infra.demo.demo import DemoConfig
+    from model.checkpoint import read_config
+
+    base = DemoConfig().base_dir()
+    tile = read_config(base)[0].image_size  # the demo's shards have the base preset's tile size
     assert st["vqvae"]["info"]["from_base"] and st["stage1"]["info"]["from_base"]
     assert Path(st["stage2"]["info"]["init"]) == base
 
@@ -52,7 +56,7 @@ def test_demo_end_to_end_reduced(tmp_path):
     for sample in wds.WebDataset([str(w / "shards" / s["name"]) for s in m["shards"]], shardshuffle=False):
         assert {"hr.png", "lr.png", "json"} <= set(sample)
         hr = Image.open(io.BytesIO(sample["hr.png"]))
-        assert hr.size == (128, 128)
+        assert hr.size == (tile, tile)
         n += 1
     assert n == c["samples"]
 
@@ -67,7 +71,7 @@ def test_demo_end_to_end_reduced(tmp_path):
     stages = {r.data.tags.get("varsr.stage") for r in runs}
     assert "isr" in stages, stages
     init = [r for r in runs if r.data.tags.get("varsr.stage") == "isr"][0]
-    assert init.data.tags.get("varsr.parent.checkpoint") == "<repo>/model/pretrained/small-base"  # no absolute path
+    assert init.data.tags.get("varsr.parent.checkpoint") == f"<repo>/{DemoConfig().base}"  # no absolute path
     mv = client.get_model_version_by_alias("varsr-demo", "champion")
     assert mv.tags.get("varsr.data.manifest_sha256") == _sha256(w / "shards" / "manifest.json")
 
@@ -167,3 +171,19 @@ def _check_artifacts_resolve(w: Path) -> None:
 
 def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_demo_trains_the_preset_of_its_base_and_shards_at_its_tile_size(tmp_path):
+    """`varsr demo` takes the preset from the shipped base's config.json (a base of another preset needs no other
+    config), and --from-scratch the preset its configs name."""
+    import yaml
+
+    from infra.demo.demo import FROM_SCRATCH_PRESET, PHOTO_SHORT_SIDE, Demo, DemoConfig
+    from model.checkpoint import read_config
+
+    base = DemoConfig().base_dir()
+    assert Demo(DemoConfig(workdir=str(tmp_path / "a"))).preset() == read_config(base)[0].name
+    assert Demo(DemoConfig(workdir=str(tmp_path / "b"), from_scratch=True)).preset() == FROM_SCRATCH_PRESET
+    for name in ("vqvae.yaml", "stage1.yaml", "stage2.yaml"):
+        assert yaml.safe_load((ROOT / "configs" / "demo" / name).read_text())["model"]["preset"] == FROM_SCRATCH_PRESET
+    assert PHOTO_SHORT_SIDE / 128 == 1.25  # the `small` shards keep the data build's default resize

@@ -310,3 +310,20 @@ def test_ce_weighting_token_is_the_token_mean_and_scale_the_mean_of_scale_means(
     assert sca.ce.item() == pytest.approx(float(per.mean()), rel=1e-5)
     assert abs(sca.ce.item() - tok.ce.item()) > 1e-4  # the two weightings differ on these inputs
     assert VARSRConfig.preset("small").ce_weighting == "scale" and VARSRConfig.preset("d24").ce_weighting == "token"
+
+
+def test_small4_has_four_px_tokens_and_the_sequence_of_small():
+    """`small4` (docs/MODEL.md §1.2): 64-px tiles of 4-px tokens, the 16 x 16 last scale, prefix and sequence of
+    `small` (so the transformer costs the same per tile); its stage-1 variant shares the geometry; it generates
+    64-px images from 64-px LR inputs and its tokenizer reconstructs 64-px crops."""
+    small, s4, c4 = VARSRConfig.preset("small"), VARSRConfig.preset("small4"), VARSRConfig.preset("c2i-small4")
+    assert (s4.image_size, s4.vqvae.downsample, s4.lr_encoder_stride) == (64, 4, 4)
+    assert s4.pn_last == small.pn_last == 16 and s4.seq_len == small.seq_len and s4.prefix_len == small.prefix_len
+    assert (c4.variant, c4.image_size, c4.patch_nums) == ("c2i", 64, s4.patch_nums)
+    torch.manual_seed(0)
+    vq, var = build(s4)
+    lr = torch.rand(2, 3, 64, 64)
+    out = var.generate(lr, cfg=0.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    idx, R, f_hat = vq.tokenize(lr * 2 - 1)
+    assert [i.shape[1] for i in idx] == [p * p for p in s4.patch_nums] and f_hat.shape[-1] == 16

@@ -238,3 +238,29 @@ def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards
         with_decoder(full, tmp_path / "all" / "final", tmp_path / "bad")
     with pytest.raises(UserError, match="init_from"):
         train_vqvae(load_vqvae_config(None, [f"data.shards={shards}", "model.preset=tiny", "train_parts=decoder"]))
+
+
+def test_residual_mix_decodes_a_share_of_crops_from_the_encoder_latent(shards):
+    """Stage 0b's ``residual_mix`` (docs/MODEL.md §1.2): a crop gets either the token-only f_hat or the encoder
+    latent f (= f_hat + the exact last-scale residual, what a perfect refiner adds); 0 gives f_hat for every crop,
+    1 gives f for every crop, 0.5 mixes them, and the setting is refused outside [0, 1] or without train_parts=decoder."""
+    import pytest
+
+    from infra.core.errors import UserError
+    from training.stage0_vqvae import decoder_latent, load_vqvae_config, train_vqvae
+
+    torch.manual_seed(5)
+    vq = VQVAE(VARSRConfig.preset("tiny")).eval()
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+    f, f_hat = vq.encode(x), vq.tokenize(x)[2]
+    assert not torch.allclose(f, f_hat, atol=1e-3)
+    assert torch.equal(decoder_latent(vq, x, 0.0, torch.Generator().manual_seed(0)), f_hat)
+    assert torch.allclose(decoder_latent(vq, x, 1.0, torch.Generator().manual_seed(0)), f, atol=1e-5)
+    mixed = decoder_latent(vq, x, 0.5, torch.Generator().manual_seed(0))
+    is_f = [bool(torch.allclose(m, a, atol=1e-5)) for m, a in zip(mixed, f)]
+    is_hat = [bool(torch.equal(m, b)) for m, b in zip(mixed, f_hat)]
+    assert all(a != b for a, b in zip(is_f, is_hat)) and 0 < sum(is_f) < 16
+    assert torch.equal(mixed, decoder_latent(vq, x, 0.5, torch.Generator().manual_seed(0)))  # replayable per step
+    for bad in (["residual_mix=1.5", "train_parts=decoder", "init_from=x"], ["residual_mix=0.5"]):
+        with pytest.raises(UserError, match="residual_mix"):
+            train_vqvae(load_vqvae_config(None, [f"data.shards={shards}", "model.preset=tiny", *bad]))
