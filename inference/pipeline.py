@@ -95,6 +95,15 @@ def _logged_config(model_dir: Path) -> InferenceConfig | None:
     return load_inference_config(logged[0]) if logged else None
 
 
+def model_geometry(checkpoint: str | Path) -> tuple[str, int]:
+    """The preset name and the tile side in HR pixels of a native checkpoint folder, read from its config.json
+    without loading its weights: what a caller building data for the model needs (``varsr demo``'s shards)."""
+    from model.checkpoint import read_config
+
+    cfg = read_config(checkpoint)[0]
+    return cfg.name, int(cfg.image_size)
+
+
 def reflect_pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Pad (C,H0,W0) at the bottom/right to (C,h,w): reflect where possible, replicate beyond that."""
     ph, pw = h - x.shape[-2], w - x.shape[-1]

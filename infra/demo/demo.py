@@ -39,7 +39,7 @@ from infra.core.net import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
-FROM_SCRATCH_PRESET = "small"  # the preset of configs/demo/{vqvae,stage1,stage2}.yaml
+FROM_SCRATCH_PRESET = "small"  # the preset of configs/demo/{vqvae,stage1,stage2}.yaml (128-px tiles)
 # the demo photos' short side before the random model-sized crop, whatever the preset's tile size: the content scale
 # of the recipe's corpus tiles (160 px) and of the held-out HR (256 px on its long side)
 PHOTO_SHORT_SIDE = 160
@@ -164,14 +164,18 @@ class Demo:
         """The model preset the demo trains: the shipped base's (its config.json), or the from-scratch configs'."""
         if self.cfg.from_scratch:
             return FROM_SCRATCH_PRESET
-        from model.checkpoint import read_config
+        from inference.pipeline import model_geometry
 
-        return read_config(self._check_base())[0].name
+        return model_geometry(self._check_base())[0]
+
+    def tile_size(self) -> int:
+        """The model's tile side in HR pixels: the size of the demo's shard crops."""
+        from inference.pipeline import model_geometry
+
+        return 128 if self.cfg.from_scratch else model_geometry(self._check_base())[1]
 
     def step_data(self) -> dict:
-        from model.config import VARSRConfig
-
-        crop = VARSRConfig.preset(self.preset()).image_size  # shards of the model's tile size
+        crop = self.tile_size()  # shards of the model's tile size
         self.varsr("data", "data", "build", "--input", "corpus", "--output", "shards",
                    "--config", str(DEMO_CONFIGS / "data.yaml"), "--set", f"shard.crop_size={crop}",
                    "--set", f"shard.resize_short_factor={PHOTO_SHORT_SIDE / crop:g}")
