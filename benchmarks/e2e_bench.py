@@ -4,7 +4,7 @@
                                    [--from-scratch --vqvae-steps N --stage1-steps N]
 
 Runs the demo afresh (``--fresh``) in a subprocess: by default stage 2 finetunes the shipped base model
-(model/pretrained/small-base); ``--from-scratch`` trains every stage. Peak memory is the largest resident set of any
+(model/pretrained/small4-base); ``--from-scratch`` trains every stage. Peak memory is the largest resident set of any
 process the demo started (getrusage of the children: the data job, each training stage, the model server, …).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Quality on held-out photos: where SR quality goes, as one JSON object.
 
-    python benchmarks/quality_bench.py [--checkpoint model/pretrained/small-base
+    python benchmarks/quality_bench.py [--checkpoint model/pretrained/small4-base
                                         | --model-uri models:/varsr-demo@champion --tracking-uri sqlite:///D/mlflow.db]
                                        [--eval-dir DIR] [--n 6]
                                        [--hr-side 256] [--cfgs 0,1,3,6] [--cfg 1] [--served]
@@ -54,7 +54,7 @@ def demo_holdout_photo():
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default=str(ROOT / "model" / "pretrained" / "small-base"))
+    src.add_argument("--checkpoint", default=str(ROOT / "model" / "pretrained" / "small4-base"))
     src.add_argument("--model-uri")
     ap.add_argument("--tracking-uri")
     ap.add_argument("--eval-dir")

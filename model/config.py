@@ -255,7 +255,7 @@ _LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"
 
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
-# The CPU-sized model of the demo and of the shipped base (model/pretrained/small-base): 128-px images, 8-px
+# The CPU-sized model of the first shipped bases (`small-base`; `small4` below is today's): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
 # Its tokenizer keeps colour only with one GroupNorm group and a fan-in conv init (docs/MODEL.md §1.2): at ch 32 the
@@ -278,7 +278,7 @@ _SMALL = dict(
     diffusion_batch_mul=2,
 )
 
-# `small` with 4-px tokens: 64-px tiles (VQVAE downsample 4, still a 16x16 last scale, so the transformer's sequence
+# `small` with 4-px tokens, the preset of the shipped base (model/pretrained/small4-base): 64-px tiles (VQVAE downsample 4, still a 16x16 last scale, so the transformer's sequence
 # and cost per tile are the same), and an LR encoder of stride 4. The tokens carry four times the information per
 # pixel: after 500 stage-0 steps its held-out tokenizer ceiling is 24.66 dB PSNR-Y on 6 lomiri photos and 19.18 dB on
 # the demo's motorcycle, against 21.35 / 17.01 dB for `small` after the same 500 steps and 23.66 / 18.23 dB after its

@@ -23,7 +23,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--fresh", action="store_true", default=None, help="delete the work folder first (no resume)")
     p.add_argument("--from-scratch", dest="from_scratch", action="store_true", default=None,
                    help="train tokenizer, stage 1 and stage 2 from nothing instead of finetuning the shipped base")
-    p.add_argument("--base", help="base model folder to finetune (default model/pretrained/small-base)")
+    p.add_argument("--base", help="base model folder to finetune (default model/pretrained/small4-base)")
     p.add_argument("--vqvae-steps", dest="vqvae_steps", type=int, help="stage 0 steps (--from-scratch)")
     p.add_argument("--stage1-steps", dest="stage1_steps", type=int, help="stage 1 steps (--from-scratch)")
     p.add_argument("--stage2-steps", dest="stage2_steps", type=int, help="stage 2 (finetuning) steps")
@@ -34,7 +34,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int)
     # pretrain only
     p.add_argument("--config", help="pretrain: recipe YAML (default configs/demo/pretrain.yaml)")
-    p.add_argument("--ship", help="pretrain: copy the exported base here (e.g. model/pretrained/small-base)")
+    p.add_argument("--ship", help="pretrain: copy the exported base here (e.g. model/pretrained/small4-base)")
     p.add_argument("--only", choices=PRETRAIN_STEPS, help="pretrain: run only this step")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="pretrain: override a recipe key, e.g. stage2.steps=200 (repeatable)")

@@ -51,7 +51,7 @@ class DemoConfig:
     """Knobs of the demo; defaults finish in well under 15 minutes on 2 idle CPU cores."""
 
     workdir: str = "varsr-demo"
-    base: str = "model/pretrained/small-base"  # shipped base (relative to the repository); stage 2 finetunes it
+    base: str = "model/pretrained/small4-base"  # shipped base (relative to the repository); stage 2 finetunes it
     from_scratch: bool = False  # train tokenizer, stage 1 and stage 2 from nothing instead of finetuning the base
     vqvae_steps: int = 300  # from scratch only
     stage1_steps: int = 100  # from scratch only
@@ -193,7 +193,7 @@ class Demo:
         base = self.cfg.base_dir()
         if not ((base / "model.safetensors").is_file() and (base / "config.json").is_file()):
             raise UserError(f"the shipped base model is missing at {base} (model.safetensors + config.json); "
-                            "make it with `varsr demo pretrain --ship model/pretrained/small-base` or run the demo "
+                            "make it with `varsr demo pretrain --ship model/pretrained/small4-base` or run the demo "
                             "with --from-scratch")
         return base
 

@@ -1,26 +1,26 @@
-"""`varsr demo pretrain`: the recipe of the shipped base model (``model/pretrained/small-base``), as one command.
+"""`varsr demo pretrain`: the recipe of the shipped base model (``model/pretrained/small4-base``), as one command.
 
     varsr demo pretrain [--config configs/demo/pretrain.yaml] [--workdir varsr-pretrain]
-                        [--ship model/pretrained/small-base] [--set KEY=VALUE ...]
+                        [--ship model/pretrained/small4-base] [--set KEY=VALUE ...]
 
 Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
 
   1. corpus   Debian photo wallpapers: `apt-get download` + extraction (data_pipeline.corpus_debian), tiled at
               several scales; the held-out lomiri-*/ukui-* packages go to eval/ (never to training)
-  2. data     `varsr data build`   curate the tiles into 128-px WebDataset shards
-  3. vqvae    `varsr train vqvae`  stage 0: the `small` tokenizer
+  2. data     `varsr data build`   curate the tiles into WebDataset shards of the preset's tile size (64 px)
+  3. vqvae    `varsr train vqvae`  stage 0: the preset's tokenizer (`small4`: 4-px tokens)
   4. tokens   `varsr data tokenize` the token cache of the shards for that tokenizer (stages 1-2 then skip the
               tokenizer's forward pass: about 1.5x faster steps, same losses)
   5. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
   6. stage2   `varsr train isr`    stage 2: ISR training from stage 1
-  7. decoder  `varsr train vqvae`  stage 0b: the tokenizer's decoder finetuned for sharpness (high-pass L1 + a
-              patch critic) with encoder and codebook frozen, so the codes stage 2 learned stay bit-identical
+  7. decoder  `varsr train vqvae`  stage 0b: the tokenizer's decoder finetuned (half its crops from the exact
+              latent; sharpness losses available) with encoder and codebook frozen, so the codes stage 2 learned stay bit-identical
               (configs/demo/pretrain_decoder.yaml; ``decoder.steps: 0`` skips it)
   8. export   base weights = stage 2's transformer + stage 0b's decoder (model.safetensors + config.json, tokenizer
               included), metrics on the held-out photos, the MLflow record (runs' params and metrics as JSON) and
               MODEL_CARD.md; copied to --ship when given
 
-Continuing a base (``continue_from: model/pretrained/small-base``): stages 0 and 1 are that base's (not retrained),
+Continuing a base (``continue_from: model/pretrained/small4-base``): stages 0 and 1 are that base's (not retrained),
 the token cache is made with its tokenizer, and stage 2 starts from its weights; steps 6-8 then run as above. The
 model card names the continued base and the commit that shipped it, whose own card holds the earlier stages' record.
 
@@ -402,6 +402,13 @@ def _sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _tile(preset: str) -> int:
+    """The preset's tile side in HR pixels (the size of its shard crops)."""
+    from model.config import VARSRConfig
+
+    return VARSRConfig.preset(preset).image_size
+
+
 def _preset_summary(preset: str) -> str:
     """The model card's one-line geometry of a preset, read from its config (model/config.py)."""
     from model.config import VARSRConfig
@@ -443,7 +450,8 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         f"each resized to short sides {p.corpus.short_sides} and cut into {p.corpus.tile}-px tiles "
         f"({c['tiles']} tiles), curated by `varsr data build` ({_rel(_repo_path(p.data_config))}): "
         f"{d['inputs']} inputs -> {d['kept']} kept (rejected {d['rejected']}), {d['samples']} samples "
-        f"(128-px HR, 32-px LR, varsr-mild degradation) in {d['shard_files']} shards, manifest sha256 "
+        f"({_tile(p.preset)}-px HR, {_tile(p.preset) // 4}-px LR, varsr-mild degradation) in {d['shard_files']} shards, "
+        "manifest sha256 "
         f"`{d['manifest_sha256'][:16]}`.", "",
         "| package | version | licences | images used |", "|---|---|---|---|",
         *[f"| {k['name']} | {k['version']} | {', '.join(k['licenses'])} | "

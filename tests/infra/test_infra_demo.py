@@ -119,7 +119,11 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     assert exp is not None and Path(exp.artifact_location.replace("file://", "")) == w / "mlartifacts" / "varsr-demo"
     runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
     parent = runs[st["mlflow"]["parent_run_id"]]
-    assert parent.info.run_name.startswith("demo small seed0 ") and parent.info.status == "FINISHED"
+    from infra.demo.demo import DemoConfig
+    from model.checkpoint import read_config
+
+    preset = read_config(DemoConfig().base_dir())[0].name
+    assert parent.info.run_name.startswith(f"demo {preset} seed0 ") and parent.info.status == "FINISHED"
     assert parent.data.metrics["data/kept"] > 0
     children = {r.info.run_name.split(" ")[0]: r for r in runs.values()
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

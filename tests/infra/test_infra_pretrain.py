@@ -18,7 +18,17 @@ def test_default_recipe_trains_on_photos_and_holds_out_lomiri_and_ukui():
     assert not train & held
     assert all(not n.startswith(("lomiri-", "ukui-")) for n in train)
     assert held and all(n.startswith(("lomiri-", "ukui-")) for n in held)
-    assert cfg.preset == "small"
+    # the recipe's pieces agree: its shards are of its preset's tile size, cut from corpus tiles at least that big,
+    # and the shipped base it makes is of that preset
+    import yaml
+
+    from infra.demo.pretrain import ROOT, _repo_path
+    from model.checkpoint import read_config
+    from model.config import VARSRConfig
+
+    crop = yaml.safe_load(_repo_path(cfg.data_config).read_text())["shard"]["crop_size"]
+    assert crop == VARSRConfig.preset(cfg.preset).image_size <= cfg.corpus.tile
+    assert read_config(ROOT / "model" / "pretrained" / f"{cfg.preset}-base")[0].name == cfg.preset
     over = load_pretrain_config(None, ["stage2.steps=7"])
     assert over.stage2.steps == 7
     with pytest.raises(ConfigError):
@@ -180,14 +190,14 @@ def test_continuing_a_base_keeps_its_stages_0_and_1_and_starts_stage_2_from_it(t
 def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage(tmp_path):
     from infra.demo.pretrain import model_card
 
-    pcfg = load_pretrain_config(None, ["continue_from=model/pretrained/small-base"])
+    pcfg = load_pretrain_config(None, ["continue_from=model/pretrained/small4-base"])
     pkg = {"name": "mate-backgrounds", "version": "1", "licenses": ["GPL-2+"], "images": ["a.jpg"]}
     st = {"corpus": {"seconds": 1.0, "command": f"varsr demo pretrain --only corpus --workdir {tmp_path / 'w'}",
                      "info": {"photos": 1, "tiles": 4, "packages": [pkg], "eval_packages": [pkg]}},
           "data": {"seconds": 2.0, "command": "varsr data build", "info": {
               "inputs": 4, "kept": 4, "rejected": {}, "samples": 8, "shard_files": 1, "manifest_sha256": "ab" * 32,
               "shards": str(tmp_path / "w" / "shards")}},
-          "vqvae": {"seconds": 0.1, "command": "", "info": {"checkpoint": "/x/model/pretrained/small-base",
+          "vqvae": {"seconds": 0.1, "command": "", "info": {"checkpoint": "/x/model/pretrained/small4-base",
                                                             "from_base": True, "base_commit": "c0ffee" * 6,
                                                             "mlflow_run_id": "tok0"}},
           "stage1": {"seconds": 0.1, "command": "", "info": {"from_base": True, "mlflow_run_id": "c2i0"}},
