@@ -278,8 +278,9 @@ _SMALL = dict(
     diffusion_batch_mul=2,
 )
 
-# `small` with 4-px tokens, the preset of the shipped base (model/pretrained/small4-base): 64-px tiles (VQVAE downsample 4, still a 16x16 last scale, so the transformer's sequence
-# and cost per tile are the same), and an LR encoder of stride 4. The tokens carry four times the information per
+# `small` with 4-px tokens, the preset of the shipped base (model/pretrained/small4-base): 64-px tiles (VQVAE
+# downsample 4, still a 16x16 last scale, so the transformer's sequence and cost per tile are the same), and an LR
+# encoder of stride 4. The tokens carry four times the information per
 # pixel: after 500 stage-0 steps its held-out tokenizer ceiling is 24.66 dB PSNR-Y on 6 lomiri photos and 19.18 dB on
 # the demo's motorcycle, against 21.35 / 17.01 dB for `small` after the same 500 steps and 23.66 / 18.23 dB after its
 # recipe's 2000 (docs/MODEL.md §1.2). An image takes four times as many tiles.

@@ -100,6 +100,12 @@ class VQVAE(nn.Module):
         """(B, n) code indices -> (B, n, Cvae) codebook vectors."""
         return self.quantize.embedding(idx)
 
+    def exact_latent(self, idx_list: list[torch.Tensor], R: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat + (R - e_last) as a latent map (B, Cvae, pn_last, pn_last), from ``tokenize``'s outputs: the encoder
+        latent f itself (docs/MODEL.md §1.4), i.e. the tokens completed by the residual a perfect refiner adds."""
+        e_last = self.embed_idx(idx_list[-1]).float()  # (B, n_last, Cvae)
+        return f_hat + (R - e_last).transpose(1, 2).reshape_as(f_hat)
+
     # ---- decoding ----------------------------------------------------------------------------------------------------
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Final latent (B, Cvae, pnK, pnK) -> image (B, 3, H, W) clamped to [-1, 1]."""

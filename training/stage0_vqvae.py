@@ -9,8 +9,8 @@ holding the tokenizer only (``vqvae.*`` tensors + config.json); stages 1 and 2 l
 tokens-only grid of distinct samples, and the export as the run's logged model (stage 1 links it as a model input).
 
 Stage 0b, the decoder finetune (``train_parts: decoder`` + ``init_from``, configs/demo/pretrain_decoder.yaml): only
-``post_quant_conv`` and the decoder learn, on the tokens-only latent, with the high-pass L1 and the patch critic of
-training/patch_gan.py; encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
+``post_quant_conv`` and the decoder learn, on the tokens-only latent (and, for a ``residual_mix`` share of crops, on
+the encoder latent), with the high-pass L1 and the patch critic of training/patch_gan.py when they are weighted; encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
 ``init_from`` still fits, and ``model.checkpoint.with_decoder`` puts the new decoder beside it (docs/MODEL.md §1.2).
 
 Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by
@@ -386,7 +386,7 @@ def decoder_latent(vqvae, x: torch.Tensor, residual_mix: float, gen: torch.Gener
     idx, R, f_hat = vqvae.tokenize(x)
     if residual_mix <= 0:
         return f_hat
-    f = f_hat + (R - vqvae.embed_idx(idx[-1]).float()).transpose(1, 2).reshape_as(f_hat)
+    f = vqvae.exact_latent(idx, R, f_hat)
     pick = (torch.rand(x.shape[0], generator=gen) < residual_mix).to(x.device)[:, None, None, None]
     return torch.where(pick, f, f_hat)
 

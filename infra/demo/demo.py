@@ -225,8 +225,8 @@ class Demo:
         else:
             init = [f"model.init_from={self._check_base()}"]
             lr = c.stage2_lr or 2e-4
-        sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}", f"data.batch_size={c.batch_size}",
-                f"seed={c.seed}", f"register.name={c.register_name}", f"register.alias={c.alias}"]
+        sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}",
+                f"data.batch_size={c.batch_size}", f"seed={c.seed}", f"register.name={c.register_name}", f"register.alias={c.alias}"]
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
                    *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri,

@@ -425,6 +425,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
     c = st["corpus"]["info"]
     d = st["data"]["info"]
     m = figures["mean"]
+    tile = _tile(p.preset)
     lines = [
         f"# `{p.preset}-base`: the VARSR base model shipped with the platform", "",
         f"A CPU-sized VARSR ({_preset_summary(p.preset)}) trained by the platform's own commands: tokenizer (stage 0), "
@@ -450,7 +451,7 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         f"each resized to short sides {p.corpus.short_sides} and cut into {p.corpus.tile}-px tiles "
         f"({c['tiles']} tiles), curated by `varsr data build` ({_rel(_repo_path(p.data_config))}): "
         f"{d['inputs']} inputs -> {d['kept']} kept (rejected {d['rejected']}), {d['samples']} samples "
-        f"({_tile(p.preset)}-px HR, {_tile(p.preset) // 4}-px LR, varsr-mild degradation) in {d['shard_files']} shards, "
+        f"({tile}-px HR, {tile // 4}-px LR, varsr-mild degradation) in {d['shard_files']} shards, "
         "manifest sha256 "
         f"`{d['manifest_sha256'][:16]}`.", "",
         "| package | version | licences | images used |", "|---|---|---|---|",

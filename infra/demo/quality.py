@@ -99,8 +99,7 @@ def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image, lr: Image.Image |
     tiles, ref = _tiles(hr, image_size)
     batch = tiles * 2 - 1
     idx, R, f_hat = vqvae.tokenize(batch)
-    e_last = vqvae.embed_idx(idx[-1]).float()  # (B, n_last, Cvae)
-    f_exact = f_hat + (R - e_last).transpose(1, 2).reshape_as(f_hat)
+    f_exact = vqvae.exact_latent(idx, R, f_hat)
     out = {}
     for key, f in (("tokens", f_hat), ("tokens_residual", f_exact)):
         rec = (vqvae.fhat_to_img(f).float() + 1) / 2

@@ -184,13 +184,14 @@ def test_demo_trains_the_preset_of_its_base_and_shards_at_its_tile_size(tmp_path
 
     from infra.demo.demo import FROM_SCRATCH_PRESET, PHOTO_SHORT_SIDE, Demo, DemoConfig
     from model.checkpoint import read_config
-
-    base = DemoConfig().base_dir()
     from model.config import VARSRConfig
 
-    demo, scratch = Demo(DemoConfig(workdir=str(tmp_path / "a"))), Demo(DemoConfig(workdir=str(tmp_path / "b"), from_scratch=True))
-    assert (demo.preset(), demo.tile_size()) == (read_config(base)[0].name, read_config(base)[0].image_size)
-    assert (scratch.preset(), scratch.tile_size()) == (FROM_SCRATCH_PRESET, VARSRConfig.preset(FROM_SCRATCH_PRESET).image_size)
+    base = read_config(DemoConfig().base_dir())[0]
+    demo = Demo(DemoConfig(workdir=str(tmp_path / "a")))
+    scratch = Demo(DemoConfig(workdir=str(tmp_path / "b"), from_scratch=True))
+    assert (demo.preset(), demo.tile_size()) == (base.name, base.image_size)
+    assert (scratch.preset(), scratch.tile_size()) == (FROM_SCRATCH_PRESET,
+                                                       VARSRConfig.preset(FROM_SCRATCH_PRESET).image_size)
     for name in ("vqvae.yaml", "stage1.yaml", "stage2.yaml"):
         assert yaml.safe_load((ROOT / "configs" / "demo" / name).read_text())["model"]["preset"] == FROM_SCRATCH_PRESET
     assert PHOTO_SHORT_SIDE / 128 == 1.25  # the `small` shards keep the data build's default resize
