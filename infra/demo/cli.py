@@ -30,6 +30,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--stage2-lr", dest="stage2_lr", type=float)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--cfg", type=float, help="guidance of the served / upscaled result")
+    p.add_argument("--color-fix", dest="color_fix", choices=("adain", "wavelet", "none"),
+                   help="colour fix of the served / upscaled result against the bicubic LR (default wavelet)")
     p.add_argument("--port", type=int, help="serving port on 127.0.0.1 (default: a free one)")
     p.add_argument("--seed", type=int)
     # pretrain only

@@ -79,6 +79,7 @@ class PretrainConfig:
     eval_images: int = 6  # held-out photos scored at export (square crops of eval_hr_side px)
     eval_hr_side: int = 256
     eval_cfg: float = 6.0
+    eval_color_fix: str = "adain"  # the release's colour fix; the demo's wavelet fix: --set eval_color_fix=wavelet
     # a shipped base to continue (a native full checkpoint, relative to the repository or absolute): stages 0-1 are
     # taken from it and stage 2 starts from its weights; None = train every stage from nothing
     continue_from: str | None = None
@@ -288,7 +289,8 @@ class Pretrain(Demo):
                 shutil.copy2(src / name, base / name)
         self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
         figures = evaluate_checkpoint(base, _photos(st["corpus"]["info"]["eval_images"]), self.p.eval_images,
-                                      self.p.eval_hr_side, self.p.eval_cfg)  # infra/demo/quality.py
+                                      self.p.eval_hr_side, self.p.eval_cfg,
+                                      self.p.eval_color_fix)  # infra/demo/quality.py
         (base / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
         parent = self.parent_run_id()
         kids = self.adopt_children()
@@ -494,7 +496,8 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
               f"on CPU (gloo). Wall time of corpus + data + stages 0-2: {total:.0f} s on a 2-core machine.", "",
               "## Held-out metrics", "",
               f"{figures['config']['n']} lomiri photographs, square {figures['config']['hr_side']}-px HR crops, LR = "
-              f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, AdaIN colour fix. PSNR/SSIM on Y (BT.601); "
+              f"x4 bicubic; cfg {figures['config']['cfg']}, seed 0, "
+              f"{figures['config'].get('color_fix', 'adain')} colour fix. PSNR/SSIM on Y (BT.601); "
               "HF = mean squared high-pass of Y (Y minus its Gaussian blur, sigma 1 px), "
               "gap = |10 log10(HF_sr/HF_hr)|.",
               "", "| | PSNR-Y (dB) | SSIM-Y | HF energy | HF gap to HR (dB) |", "|---|---|---|---|---|",

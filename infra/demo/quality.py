@@ -173,8 +173,10 @@ def mean_figures(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float) -> dict:
-    """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0."""
+def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float,
+                        color_fix: str = "adain") -> dict:
+    """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0, with the given
+    colour fix against the bicubic LR (adain: the release's; inference/colorfix.py)."""
     from inference.pipeline import VARSRPipeline
 
     pipe = VARSRPipeline.from_pretrained(ckpt, device="cpu")
@@ -185,7 +187,9 @@ def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg:
         r = {"image": p.name}
         r.update({f"ceiling_{k}": v for k, v in tokenizer_ceiling(pipe.vqvae, S, p.hr).items()})
         r.update({f"bicubic_{k}": v for k, v in sr_figures(bicubic(p), p.hr).items()})
-        r.update({f"varsr_{k}": v for k, v in sr_figures(pipe.upscale(p.lr, cfg=cfg, seed=0), p.hr).items()})
+        sr = pipe.upscale(p.lr, cfg=cfg, seed=0, color_fix=color_fix)
+        r.update({f"varsr_{k}": v for k, v in sr_figures(sr, p.hr).items()})
         rows.append(r)
     mean = mean_figures([{k: v for k, v in r.items() if k != "image"} for r in rows])
-    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "seed": 0, "n": len(rows)}}
+    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "color_fix": color_fix, "seed": 0,
+                                                      "n": len(rows)}}

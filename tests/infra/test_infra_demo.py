@@ -91,6 +91,13 @@ def test_demo_end_to_end_reduced(tmp_path):
     for k in ("psnr_y", "ssim_y", "hf_energy"):
         assert isinstance(up[f"{k}_varsr"], float) and isinstance(up[f"{k}_bicubic"], float)
     assert "HF energy" in res.stdout
+    # the HTTP answer and the CLI's upscale both carry the demo's colour fix, the wavelet fix: their low-frequency band
+    # is the bicubic LR's (about 42 dB on this photo; AdaIN or no fix leave the SR's own, about 31 dB). The two images
+    # are not pixel-equal: the CLI generates its crops in batches, the server one crop per call on a CPU
+    # (serving.generate_batch, inference/config.py), and the other float order flips near-tied greedy codes
+    assert up["color_fix"] == DemoConfig().color_fix == "wavelet"
+    for name in (serve["response_image"], up["sr"]):
+        assert _low_band_psnr(Image.open(name), Image.open(up["bicubic"])) > 38, name
     _check_run_tree(w, uri, st)
 
     # a re-run resumes: every step is skipped
@@ -107,6 +114,21 @@ def test_demo_end_to_end_reduced(tmp_path):
     again = _demo(moved, timeout=300)                     # reopening re-points the store at the new place
     assert again.returncode == 0, again.stderr[-2000:]
     _check_artifacts_resolve(moved)
+
+
+def _low_band_psnr(img: Image.Image, ref: Image.Image) -> float:
+    """PSNR (dB) between the low-frequency bands (5 à-trous levels, inference/colorfix.py) of two RGB images."""
+    import numpy as np
+    import torch
+
+    from inference.colorfix import wavelet_decompose
+
+    def low(im):
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        return wavelet_decompose(x)[1]
+
+    mse = float(((low(img) - low(ref)) ** 2).mean())
+    return 10 * float(np.log10(1.0 / max(mse, 1e-12)))
 
 
 def _check_run_tree(w: Path, uri: str, st: dict) -> None:
@@ -136,6 +158,7 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     up = children["upscale"]
     assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic", "quality_bar_met"} <= set(up.data.metrics)
     assert up.data.tags["varsr.model_uri"] == "models:/varsr-demo@champion" and up.data.params["cfg"]
+    assert up.data.params["color_fix"] == children["serve"].data.params["color_fix"] == DemoConfig().color_fix
     assert up.inputs.dataset_inputs                                     # the held-out photo it ran on
     names = {a.path for a in client.list_artifacts(up.info.run_id, "upscale")}
     assert {"upscale/comparison.png", "upscale/bicubic.png", "upscale/motorcycle_sr.png"} <= names
