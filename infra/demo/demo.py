@@ -77,10 +77,19 @@ class DemoConfig:
         return b if b.is_absolute() else ROOT / b
 
 
+def check_color_fix(value: str, key: str) -> None:
+    """Refuse an unknown colour fix up front (the pipeline would only refuse it at the first upscale)."""
+    from inference.pipeline import COLOR_FIXES
+
+    if value not in COLOR_FIXES:
+        raise UserError(f"{key} must be one of {', '.join(COLOR_FIXES)}, got {value!r}")
+
+
 class Demo:
     steps: tuple[str, ...] = STEPS
 
     def __init__(self, cfg: DemoConfig, log: Callable[[str], None] = print):
+        check_color_fix(cfg.color_fix, "color_fix")
         self.cfg = cfg
         self.w = Path(cfg.workdir).resolve()
         self.log = log

@@ -41,7 +41,7 @@ from typing import Callable
 from data_pipeline.corpus_debian import PackageSpec
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
-from infra.demo.demo import ROOT, Demo, DemoConfig
+from infra.demo.demo import ROOT, Demo, DemoConfig, check_color_fix
 
 DEFAULT_CONFIG = ROOT / "configs" / "demo" / "pretrain.yaml"
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
@@ -106,6 +106,7 @@ class Pretrain(Demo):
                  config_path: str | Path | None = None, overrides: list[str] = (),
                  log: Callable[[str], None] = print):
         super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
+        check_color_fix(pcfg.eval_color_fix, "eval_color_fix")  # before hours of training, not at the export
         self.p = pcfg
         self.ship = Path(ship).resolve() if ship else None
         self.config_path = Path(config_path or DEFAULT_CONFIG).resolve()

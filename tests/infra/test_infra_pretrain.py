@@ -74,6 +74,21 @@ def test_training_commands_resume_and_carry_overrides():
     assert (corpus.step, corpus.only, corpus.workdir) == ("pretrain", "corpus", "w")
 
 
+def test_an_unknown_colour_fix_is_refused_before_any_step_runs(tmp_path):
+    """A typo in the recipe's eval_color_fix would otherwise surface at the export, after every training stage."""
+    from infra.core.errors import UserError
+    from infra.demo.demo import Demo, DemoConfig
+    from infra.demo.pretrain import Pretrain, load_pretrain_config
+
+    pcfg = load_pretrain_config(None, ["eval_color_fix=wavlet"])
+    with pytest.raises(UserError, match="eval_color_fix must be one of adain, wavelet, none, got 'wavlet'"):
+        Pretrain(pcfg, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(UserError, match="color_fix must be one of"):
+        Demo(DemoConfig(workdir=str(tmp_path / "d"), color_fix="sepia"))
+    Pretrain(load_pretrain_config(None, ["eval_color_fix=wavelet"]), str(tmp_path / "w"))   # a known one is taken
+
+
 def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_path):
     """Stage 0 stores its colour check in the export's config.json; the recipe refuses to spend stages 1-2 on a
     tokenizer whose verdict is ``lost`` unless told to (``require_colour=false``), and records the figures."""
