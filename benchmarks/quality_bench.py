@@ -53,6 +53,8 @@ def demo_holdout_photo():
 
 
 def main() -> int:
+    from inference.config import COLOR_FIXES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=str(ROOT / "model" / "pretrained" / "small4-base"))
@@ -63,7 +65,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=6, help="lomiri photos (the demo holdout photo is added)")
     ap.add_argument("--hr-side", type=int, default=256)
     ap.add_argument("--cfg", type=float, default=None, help="guidance of the headline figure (default: the demo's)")
-    ap.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default=None,
+    ap.add_argument("--color-fix", choices=COLOR_FIXES, default=None,
                     help="colour fix of every VARSR figure (default: the demo's)")
     ap.add_argument("--cfgs", default="0,1,3,6")
     ap.add_argument("--seed", type=int, default=0)

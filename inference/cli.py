@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from infra.core.config import add_config_args
+from .config import COLOR_FIXES
 from infra.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="fix sampling (same seed -> same output)")
     p.add_argument("--tile", type=_tile_arg, default="auto", help="auto, or force latent tiling with N cells overlap")
-    p.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default=None)
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None)
 
 
 def _sampling_kwargs(args) -> dict:

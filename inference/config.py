@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from infra.core.config import load_config
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "inference" / "default.yaml"
 
 ColorFix = Literal["adain", "wavelet", "none"]
+COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)  # for argparse choices and checks, without importing torch
 
 
 @dataclass

@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .colorfix import color_fix as apply_color_fix
-from .config import InferenceConfig, load_inference_config
+from .config import COLOR_FIXES, InferenceConfig, load_inference_config
 from .images import (ImageInputError, ImageLike, check_pixels, load_image, pil_to_tensor, tensor_to_pil_round,
                      tensor_to_pil_trunc)
 from .tiling import Tile, blend_tiles, tile_grid
 
 log = logging.getLogger(__name__)
 
-COLOR_FIXES = ("adain", "wavelet", "none")
 _AUTO = "auto"
 
 

@@ -10,7 +10,8 @@ tokens-only grid of distinct samples, and the export as the run's logged model (
 
 Stage 0b, the decoder finetune (``train_parts: decoder`` + ``init_from``, configs/demo/pretrain_decoder.yaml): only
 ``post_quant_conv`` and the decoder learn, on the tokens-only latent (and, for a ``residual_mix`` share of crops, on
-the encoder latent), with the high-pass L1 and the patch critic of training/patch_gan.py when they are weighted; encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
+the encoder latent), with the high-pass L1 and the patch critic of training/patch_gan.py when they are weighted;
+encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
 ``init_from`` still fits, and ``model.checkpoint.with_decoder`` puts the new decoder beside it (docs/MODEL.md §1.2).
 
 Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from inference.config import COLOR_FIXES
+
 DEMO_STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 
@@ -30,7 +32,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--stage2-lr", dest="stage2_lr", type=float)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--cfg", type=float, help="guidance of the served / upscaled result")
-    p.add_argument("--color-fix", dest="color_fix", choices=("adain", "wavelet", "none"),
+    p.add_argument("--color-fix", dest="color_fix", choices=COLOR_FIXES,
                    help="colour fix of the served / upscaled result against the bicubic LR (default wavelet)")
     p.add_argument("--port", type=int, help="serving port on 127.0.0.1 (default: a free one)")
     p.add_argument("--seed", type=int)

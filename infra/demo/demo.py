@@ -79,7 +79,7 @@ class DemoConfig:
 
 def check_color_fix(value: str, key: str) -> None:
     """Refuse an unknown colour fix up front (the pipeline would only refuse it at the first upscale)."""
-    from inference.pipeline import COLOR_FIXES
+    from inference.config import COLOR_FIXES
 
     if value not in COLOR_FIXES:
         raise UserError(f"{key} must be one of {', '.join(COLOR_FIXES)}, got {value!r}")
@@ -241,7 +241,8 @@ class Demo:
             init = [f"model.init_from={self._check_base()}"]
             lr = c.stage2_lr or 2e-4
         sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}",
-                f"data.batch_size={c.batch_size}", f"seed={c.seed}", f"register.name={c.register_name}", f"register.alias={c.alias}"]
+                f"data.batch_size={c.batch_size}", f"seed={c.seed}", f"register.name={c.register_name}",
+                f"register.alias={c.alias}"]
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
                    *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri,

@@ -14,7 +14,8 @@ Steps (each a plain `varsr` command run in the work folder, like `varsr demo`):
   5. stage1   `varsr train c2i`    stage 1: class-to-image pretraining on the corpus' clusters
   6. stage2   `varsr train isr`    stage 2: ISR training from stage 1
   7. decoder  `varsr train vqvae`  stage 0b: the tokenizer's decoder finetuned (half its crops from the exact
-              latent; sharpness losses available) with encoder and codebook frozen, so the codes stage 2 learned stay bit-identical
+              latent; sharpness losses available) with encoder and codebook frozen, so the codes stage 2 learned
+              stay bit-identical
               (configs/demo/pretrain_decoder.yaml; ``decoder.steps: 0`` skips it)
   8. export   base weights = stage 2's transformer + stage 0b's decoder (model.safetensors + config.json, tokenizer
               included), metrics on the held-out photos, the MLflow record (runs' params and metrics as JSON) and

@@ -156,7 +156,8 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     assert mv.run_id == children["stage2-isr"].info.run_id
     assert client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{mv.run_id}'")
     up = children["upscale"]
-    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic", "quality_bar_met"} <= set(up.data.metrics)
+    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic",
+            "quality_bar_met"} <= set(up.data.metrics)
     assert up.data.tags["varsr.model_uri"] == "models:/varsr-demo@champion" and up.data.params["cfg"]
     assert up.data.params["color_fix"] == children["serve"].data.params["color_fix"] == DemoConfig().color_fix
     assert up.inputs.dataset_inputs                                     # the held-out photo it ran on
