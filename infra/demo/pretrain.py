@@ -202,8 +202,11 @@ class Pretrain(Demo):
         base = self._continued()
         self.commands[step] = []
         lineage = json.loads((base / "config.json").read_text()).get("lineage", {})
+        # a base that is itself a continuation records no stage-0 run: its tokenizer was last trained by its stage 0b
+        run = (lineage.get("varsr.tokenizer.run_id") or lineage.get("varsr.decoder.run_id") if step == "vqvae"
+               else lineage.get("varsr.parent.run_id"))
         return dict(checkpoint=str(base), from_base=True, base_commit=shipping_commit(base / "model.safetensors"),
-                    mlflow_run_id=lineage.get("varsr.tokenizer.run_id" if step == "vqvae" else "varsr.parent.run_id"))
+                    mlflow_run_id=run)
 
     def step_vqvae(self) -> dict:
         p = self.p

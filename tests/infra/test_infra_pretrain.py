@@ -200,6 +200,11 @@ def test_continuing_a_base_keeps_its_stages_0_and_1_and_starts_stage_2_from_it(t
     bad = Pretrain(load_pretrain_config(None, [f"continue_from={tok}"]), str(tmp_path / "pt2"), log=lambda s: None)
     with pytest.raises(UserError, match="tokenizer-only"):
         bad.step_vqvae()
+    # a base that is itself a continuation names no stage-0 run: its tokenizer's record is its stage 0b's run
+    again = save_pretrained(tmp_path / "again", vq, var, extra={"lineage": {"varsr.decoder.run_id": "dec1",
+                                                                            "varsr.parent.run_id": "c2i0"}})
+    p3 = Pretrain(load_pretrain_config(None, [f"continue_from={again}"]), str(tmp_path / "pt3"), log=lambda s: None)
+    assert p3.step_vqvae()["mlflow_run_id"] == "dec1" and p3.step_stage1()["mlflow_run_id"] == "c2i0"
 
 
 def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage(tmp_path):
