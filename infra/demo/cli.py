@@ -34,6 +34,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cfg", type=float, help="guidance of the served / upscaled result")
     p.add_argument("--color-fix", dest="color_fix", choices=COLOR_FIXES,
                    help="colour fix of the served / upscaled result against the bicubic LR (default wavelet)")
+    p.add_argument("--photo-short-side", dest="photo_short_side", type=int,
+                   help="short side of the demo photos before cropping (default: the base corpus's smallest, 256; "
+                        "160 --from-scratch)")
     p.add_argument("--port", type=int, help="serving port on 127.0.0.1 (default: a free one)")
     p.add_argument("--seed", type=int)
     # pretrain only

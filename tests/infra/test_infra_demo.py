@@ -219,3 +219,9 @@ def test_demo_trains_the_preset_of_its_base_and_shards_at_its_tile_size(tmp_path
     for name in ("vqvae.yaml", "stage1.yaml", "stage2.yaml"):
         assert yaml.safe_load((ROOT / "configs" / "demo" / name).read_text())["model"]["preset"] == FROM_SCRATCH_PRESET
     assert PHOTO_SHORT_SIDE / 128 == 1.25  # the `small` shards keep the data build's default resize
+    # finetuning the base: its crops are cut from photos at the base corpus's smallest scale, not denser ones
+    from infra.demo.pretrain import load_pretrain_config
+
+    assert demo.photo_short_side() == min(load_pretrain_config(None).corpus.short_sides) == 256
+    assert scratch.photo_short_side() == PHOTO_SHORT_SIDE
+    assert Demo(DemoConfig(workdir=str(tmp_path / "c"), photo_short_side=200)).photo_short_side() == 200
