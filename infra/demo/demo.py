@@ -35,8 +35,8 @@ from typing import Callable
 
 from infra.core.errors import UserError
 from infra.core.net import free_port
+from infra.demo.recipe import ROOT, load_pretrain_config
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 STEPS = ("corpus", "data", "vqvae", "stage1", "stage2", "serve", "upscale")
 FROM_SCRATCH_PRESET = "small"  # the preset of configs/demo/{vqvae,stage1,stage2}.yaml (128-px tiles)
@@ -202,8 +202,6 @@ class Demo:
             return self.cfg.photo_short_side
         if self.cfg.from_scratch:
             return PHOTO_SHORT_SIDE
-        from infra.demo.pretrain import load_pretrain_config
-
         return min(load_pretrain_config(None).corpus.short_sides)
 
     def step_data(self) -> dict:
