@@ -40,8 +40,8 @@ from typing import Callable
 
 from infra.core.config import to_dict
 from infra.core.errors import UserError
-from infra.demo.demo import ROOT, Demo, DemoConfig, check_color_fix
-from infra.demo.recipe import DEFAULT_CONFIG, PretrainConfig, StageSection, load_pretrain_config
+from infra.demo.demo import Demo, DemoConfig, check_color_fix
+from infra.demo.recipe import DEFAULT_CONFIG, ROOT, PretrainConfig, StageSection, load_pretrain_config
 
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 EXPERIMENT = "varsr-pretrain"
