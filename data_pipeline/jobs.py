@@ -138,10 +138,14 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
     cfg = _cfg(config)
     out = _prepare_output(output)
     items = list_sources(input, cfg.source)
-    if not items:
-        raise ValueError(f"no input files found in {input!r} (extensions {cfg.source.extensions})")
+    if not any(not it.status for it in items):   # nothing to read: say what was met instead of building nothing
+        met = Counter(it.reason for it in items)
+        raise ValueError(f"no input files found in {input!r} (extensions {cfg.source.extensions})"
+                         + (f"; met {len(items)} other entries: "
+                            + ", ".join(f"{n} {r}" for r, n in sorted(met.items())) if items else ""))
     uris = [it.uri for it in items]
-    fp = scores_fingerprint(uris, cfg)
+    # inputs rejected while listing carry their reason into the fingerprint: a FIFO replaced by a file is new input
+    fp = scores_fingerprint([f"{it.uri}\t{it.status}:{it.reason}" if it.status else it.uri for it in items], cfg)
     path = storage.join(out, SCORES)
     if (_parquet_meta(path) or {}).get("fingerprint") == fp:
         log.info("score: %s is up to date (%d inputs), reusing it", path, len(uris))
@@ -157,7 +161,8 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
         use_gpu = cfg.score.use_gpu if cfg.score.use_gpu is not None else (
             gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
         bs = cfg.score.batch_size
-        ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True)} for it in items],
+        ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True), "status": it.status,
+                                   "reason": it.reason, "error": it.error} for it in items],
                                  override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))
         ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.to_json(),
                                                                 "device": "cuda" if use_gpu else "cpu"},

@@ -2,6 +2,8 @@
 
 Each input becomes one row of the scores table: status ok/rejected/failed (+ reason, error), size, sha256, phash,
 built-in scores, learned-IQA scores for the plug-ins whose weights are present, and the embedding for clustering.
+Inputs already rejected while listing (``data_pipeline/sources.py``: FIFOs, broken symlinks, names that are not
+UTF-8, ...) get their row without being opened, so every input is counted once.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from infra.core.config import to_dict
 from .config import BuildConfig
 from .decode import decode_image
 from .scorers import BUILTIN_SCORES, IQAPlugin, builtin_scores, load_embedder, thumbnail
-from .sources import read_bytes
+from .sources import NotRegularFile, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,21 @@ class ScoreWorker:
         self.iqa_names = [f"iqa_{p.name}" for p in self.plugins]
         self.embed = load_embedder(sc.embedder)
 
-    def score_one(self, uri: str, meta: str) -> tuple[dict, np.ndarray | None]:
+    def score_one(self, uri: str, meta: str, listed: tuple[str, str, str] = ("", "", "")
+                  ) -> tuple[dict, np.ndarray | None]:
+        """One input's row (and its thumbnail when it decoded). ``listed``: (status, reason, error) decided while
+        listing; a non-empty status is recorded as is and the input is never opened."""
         row = empty_row(uri, meta)
         for n in self.iqa_names:
             row[n] = math.nan
+        if listed[0]:
+            row.update(status=listed[0], reason=listed[1], error=listed[2])
+            return row, None
         try:
             data = read_bytes(uri, self.cfg.decode.max_bytes)
+        except NotRegularFile as e:   # a FIFO, device, directory or broken symlink: rejected, never opened
+            row.update(status="rejected", reason=e.reason, error=e.detail)
+            return row, None
         except Exception as e:  # noqa: BLE001 - unreadable source
             row.update(status="failed", reason="read_error", error=f"{type(e).__name__}: {e}")
             return row, None
@@ -76,8 +87,10 @@ class ScoreWorker:
 
     def __call__(self, batch: dict) -> dict:
         rows, thumbs = [], []
-        for uri, meta in zip(batch["uri"], batch["meta"]):
-            r, t = self.score_one(str(uri), str(meta))
+        n = len(batch["uri"])
+        listed = zip(*(batch.get(k, [""] * n) for k in ("status", "reason", "error")))
+        for uri, meta, pre in zip(batch["uri"], batch["meta"], listed):
+            r, t = self.score_one(str(uri), str(meta), tuple(str(x) for x in pre))
             rows.append(r)
             thumbs.append(t)
         ok = [i for i, t in enumerate(thumbs) if t is not None]
@@ -103,9 +116,10 @@ class ScoreWorker:
 
 
 def scores_fingerprint(uris: list[str], cfg: BuildConfig) -> str:
-    """What the scores table depends on: the input list and the decode/score settings."""
+    """What the scores table depends on: the input list and the decode/score settings. Any name is taken: one that
+    is not valid UTF-8 (surrogate escapes) is hashed with its surrogates passed through, never aborting the build."""
     h = hashlib.sha256()
-    h.update("\n".join(uris).encode())
+    h.update("\n".join(uris).encode("utf-8", "surrogatepass"))
     h.update(json.dumps({"decode": to_dict(cfg.decode),
                          "score": {k: v for k, v in to_dict(cfg.score).items() if k != "num_workers"}},
                         sort_keys=True).encode())
