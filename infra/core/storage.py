@@ -39,7 +39,13 @@ def is_local(url: str | os.PathLike) -> bool:
 
 
 def local_path(url: str | os.PathLike) -> str:
+    """A local location as a plain path: ``file://`` dropped, and a ``<repo>/`` reference (a file the repository
+    ships, as runs record it) resolved in this checkout by :func:`infra.core.tracking.resolve_ref`."""
     s = os.fspath(url)
+    if s.startswith("<repo>/"):
+        from .tracking import resolve_ref
+
+        return resolve_ref(s, os.getcwd())
     return s[len("file://"):] if s.startswith("file://") else s
 
 

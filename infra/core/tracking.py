@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import posixpath
 import re
 import sqlite3
 import sys
@@ -222,25 +223,82 @@ def _user() -> str:
 
 
 # ---- references and datasets ----------------------------------------------------------------------------------------
-REPO_REF = "<repo>/"  # prefix of a path inside this repository (e.g. the shipped base model)
+REPO_REF = "<repo>/"  # prefix of a file the repository ships (e.g. the shipped base model), see portable_ref
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or installed source tree) this code runs from
+# The repository's own top-level folders (README "Layout"): only files under these are "shipped". A user's work
+# folder that happens to sit inside the checkout (`varsr demo --workdir varsr-demo`, the README's first command) is
+# not one of them, so its files are recorded relative to the run like any other user folder.
+SHIPPED_DIRS = ("model", "configs", "data_pipeline", "training", "inference", "infra", "benchmarks", "docs", "tests")
+
+
+def _local(s: str) -> str:
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s and not s.startswith("file://")
+
+
+def shipped_relpath(path: str | os.PathLike) -> str | None:
+    """``path``'s place in the repository (``model/pretrained/small4-base``) when it is a file the repository ships:
+    inside :data:`REPO_ROOT` and under one of :data:`SHIPPED_DIRS`; else None."""
+    a = os.path.abspath(_local(os.fspath(path)))
+    root = os.fspath(REPO_ROOT)
+    if os.path.commonpath([a, root]) != root or a == root:
+        return None
+    rel = os.path.relpath(a, root)
+    return rel if rel.split(os.sep, 1)[0] in SHIPPED_DIRS else None
 
 
 def portable_ref(ref: str | os.PathLike, base: str | os.PathLike) -> str:
-    """How a run records a file or folder: a URL as given; a file of this repository (such as the shipped base model)
-    as ``<repo>/`` + its path in the repository; any other local path relative to ``base`` (the run's folder), so
-    no absolute local path ends up in a tag, a param or a dataset source."""
+    """How a run records a file or folder, so that no absolute local path ends up in a tag, a param, a dataset
+    source or ``summary.json``; :func:`resolve_ref` turns it back into a location.
+
+    * a URL (``s3://…``, ``http://…``): as given;
+    * a file the repository ships (:func:`shipped_relpath`: under one of its own top-level folders, such as the base
+      model ``model/pretrained/small4-base``): ``<repo>/`` + its path in the repository, so it still names the same
+      file on another clone;
+    * any other local path, including a user's work folder inside the checkout: relative to ``base`` (the run's
+      folder), so the run, its store and its outputs can be moved or copied together;
+    * a local path recorded by a run that lives in object storage: its base name (there is nothing to be relative to).
+    """
     s = os.fspath(ref)
-    if "://" in s and not s.startswith("file://"):
+    if _is_url(s):
         return s
-    path = s[len("file://"):] if s.startswith("file://") else s
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.commonpath([os.path.abspath(path), repo]) == repo:
-        return REPO_REF + os.path.relpath(os.path.abspath(path), repo)
+    path = _local(s)
+    shipped = shipped_relpath(path)
+    if shipped is not None:
+        return REPO_REF + shipped.replace(os.sep, "/")
     b = os.fspath(base)
-    if "://" in b and not b.startswith("file://"):  # a run in object storage referring to a local file
+    if _is_url(b):  # a run in object storage referring to a local file
         return os.path.basename(os.path.normpath(path))
-    b = b[len("file://"):] if b.startswith("file://") else b
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(b))
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(_local(b)))
+
+
+def resolve_ref(ref: str | os.PathLike, base: str | os.PathLike) -> str:
+    """Where a reference recorded by :func:`portable_ref` points now; the one reader of recorded references (the
+    registry reading ``summary.json``, the storage layer for ``<repo>/`` paths given to serve, upscale, eval, resume
+    and ``model.init_from``, the demo and the model card).
+
+    * a URL: as recorded;
+    * ``<repo>/X``: ``X`` in *this* checkout (:data:`REPO_ROOT`), wherever the recording one was;
+    * an absolute local path (an older record, or one a user wrote): as recorded;
+    * a relative path: joined to ``base``, the folder of the run that recorded it (where ``summary.json`` lies); a URL
+      ``base`` gives a URL.
+    """
+    s = os.fspath(ref)
+    if _is_url(s):
+        return s
+    if s.startswith(REPO_REF):
+        return os.path.normpath(os.path.join(os.fspath(REPO_ROOT), *s[len(REPO_REF):].split("/")))
+    path = _local(s)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    b = os.fspath(base)
+    if _is_url(b):
+        scheme, rest = b.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path.replace(os.sep, '/')))}"
+    return os.path.normpath(os.path.join(os.path.abspath(_local(b)), path))
 
 
 def dataset_input(source: str, digest: str, *, name: str | None = None, context: str | None = None,
