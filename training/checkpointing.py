@@ -6,12 +6,20 @@ position per rank, config hashes) and ``rng_rank{r}.pt`` (python / numpy / torch
 Every rank writes (and, for a URL, publishes) its own files; ``COMPLETE`` is written by rank 0 after every rank has
 finished, so ``--resume auto`` never picks a torn checkpoint. Resuming from a URL brings the checkpoint into each
 rank's local folder first (no shared disk between nodes is assumed).
+
+Resuming never unpickles code: DeepSpeed's own loader reads its files with ``torch.load(weights_only=False)`` and has
+no option for anything else, so :func:`load` first checks every ``.pt`` file of the checkpoint against an allow-list
+(:func:`safe_load`: tensors, plain containers and the few DeepSpeed types of :func:`deepspeed_safe_globals`), then
+routes DeepSpeed's reads through the same ``weights_only=True`` loader. A file holding anything else is refused with one
+line naming it (docs/SECURITY.md).
 """
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -197,12 +205,73 @@ def _fingerprint_mismatch(written: dict, fingerprint: dict) -> str | None:
 def load_module_state(ckpt: Path, fingerprint: dict) -> dict:
     """The state saved by :func:`save_module_state`, with this process's RNG states restored from it; UserError when
     it was written by another configuration (``fingerprint`` keys differ)."""
-    st = torch.load(ckpt / "state.pt", weights_only=True)
+    st = safe_load(ckpt / "state.pt")
     diff = _fingerprint_mismatch(st.get("fingerprint", {}), fingerprint)
     if diff:
         raise UserError(f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir")
     set_rng_state(st.pop("rng"), None)
     return st
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed writes into the checkpoints this platform makes (ZeRO 0-3, fp32 / bf16 / fp16):
+    the loss scalers, the ZeRO stage enum and the fragment addresses of ZeRO's flat partitions. Allowing them lets
+    ``torch.load(weights_only=True)`` rebuild them from their field values; none runs code when unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refusal(path, why: str) -> UserError:
+    return UserError(f"checkpoint file {path} holds {why}, not only tensors and DeepSpeed's training state; refusing "
+                     f"to load it (unpickling it could run code): resume only from checkpoints this platform wrote")
+
+
+def safe_load(path, map_location=None):
+    """``torch.load(path, weights_only=True)`` with :func:`deepspeed_safe_globals` allowed; UserError naming the file
+    when it holds anything else (e.g. a planted object whose ``__reduce__`` would run code)."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
+        raise _refusal(path, m.group(1).rstrip(".,") if m else "objects outside the allow-list") from None
+
+
+def check_checkpoint_files(ckpt: Path) -> None:
+    """Refuse a checkpoint folder any of whose ``.pt`` files names a type outside the allow-list, before anything
+    is loaded (every rank checks the whole folder, so all ranks refuse alike instead of one failing inside a
+    collective). Zip-format files are read statically (``torch.serialization.get_unsafe_globals_in_checkpoint``: no
+    tensor is loaded); legacy-format files are loaded with :func:`safe_load`."""
+    for f in sorted(ckpt.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        except ValueError:  # not a zip checkpoint (legacy torch.save format): a full weights_only load checks it
+            safe_load(f, map_location="cpu")
+            continue
+        except Exception as e:  # noqa: BLE001 - unreadable / corrupt: not a checkpoint this platform wrote
+            raise UserError(f"checkpoint file {f} is not readable as a torch checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if unsafe:
+            raise _refusal(f, f"the global(s) {', '.join(unsafe[:3])}")
+
+
+class _SafeReads:
+    """For the duration of a ``with``: every file DeepSpeed's checkpoint engine reads goes through :func:`safe_load`
+    (DeepSpeed's ``TorchCheckpointEngine.load`` passes ``weights_only=False``)."""
+
+    def __init__(self, engine):
+        self.ce = engine.checkpoint_engine
+
+    def __enter__(self):
+        self.ce.load = lambda path, map_location=None: safe_load(path, map_location)
+        return self
+
+    def __exit__(self, *exc):
+        del self.ce.load  # the instance attribute shadowed the class's method
 
 
 def _bring(run: RunDir, step: int) -> Path:
@@ -219,10 +288,15 @@ def load(engine, ckpt: Path, generator, fingerprint: dict) -> tuple[int, DataPos
                         f"matching config")
     if state["world_size"] != _world():
         raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} rank(s), this run has {_world()}")
-    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    if engine.load_universal_checkpoint():  # DeepSpeed reads universal checkpoints with weights_only=False loads
+        raise UserError("resuming from a DeepSpeed universal checkpoint (checkpoint.load_universal) is not supported: "
+                        "its loader unpickles without an allow-list")
+    check_checkpoint_files(ckpt)
+    with _SafeReads(engine):
+        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {ckpt}")
-    st = torch.load(ckpt / f"rng_rank{_rank()}.pt", weights_only=True)
+    st = safe_load(ckpt / f"rng_rank{_rank()}.pt")
     set_rng_state(st["rng"], generator)
     return int(client["step"]), DataPosition(**state["positions"][str(_rank())])

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +91,31 @@ def encode_png(rgb: np.ndarray, level: int, strategy: str = "rle", filt: str = "
     return buf.tobytes()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of a PNG member; ValueError when it does not decode."""
+class MemberTooLarge(ValueError):
+    """A member whose image header declares more pixels than allowed: refused before any pixel is decoded."""
+
+
+def decode_png(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a PNG member; ValueError when it does not decode, :class:`MemberTooLarge` when its
+    header declares more than ``max_pixels`` (default: ingestion's ``DecodeConfig.max_pixels``) or more bytes than
+    ingestion accepts. The header is read by ingestion's own check (``data_pipeline.decode.probe``) before OpenCV
+    decodes anything, so a few-KB member declaring 30000x30000 costs nothing (a shard is data, possibly not ours)."""
+    from ..config import DecodeConfig
+    from ..decode import probe
+
+    ingest = DecodeConfig()
+    limits = DecodeConfig(max_bytes=ingest.max_bytes, min_side=1,
+                          max_pixels=min(ingest.max_pixels, max_pixels or ingest.max_pixels))
+    head = probe(data, limits)
+    if head.status != "ok":
+        if head.reason == "decompression_bomb" and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])  # PIL's own bomb error does not say the size
+            raise MemberTooLarge(f"member's PNG header declares {w}x{h} = {w * h} pixels, over the limit of "
+                                 f"{limits.max_pixels}; refused without decoding")
+        if head.reason in ("decompression_bomb", "too_many_bytes"):
+            raise MemberTooLarge(f"member refused from its header: {head.error}")
+        raise ValueError(f"member is not a decodable PNG ({head.reason}: {head.error})")
+    head.info.pop("_im").close()
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("member is not a decodable PNG")
@@ -203,12 +228,46 @@ class ShardStats:
     sha256: str = ""
 
 
+def check_shard_name(name: str) -> str:
+    """``name`` when it is a plain relative name of a tar inside the dataset folder (``shard-000000.tar``, or
+    ``sub/shard-000000.tar``); ValueError otherwise. A manifest is data, possibly from someone else: its names are
+    joined onto the dataset's location by training, ``varsr data verify`` and the token cache, so an absolute path
+    (``/etc/hostname``), a parent step (``../outside/secret.tar``), a URL (``s3://…``, ``file:…``), a backslash, a
+    home folder (``~``) or a control character would read outside the dataset (docs/SECURITY.md)."""
+    why = None
+    if not isinstance(name, str) or not name:
+        why = "empty"
+    elif name.startswith("/"):
+        why = "an absolute path"
+    elif name.startswith("~"):
+        why = "a home folder"
+    elif ":" in name:
+        why = "a URL or drive"
+    elif "\\" in name:
+        why = "a backslash"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "a control character"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        why = "an empty, '.' or '..' path step"
+    elif not name.endswith(".tar"):
+        why = "no .tar suffix"
+    if why:
+        raise ValueError(f"shard name {name!r} is not a plain relative name inside the dataset ({why})")
+    return name
+
+
 @dataclass
 class ShardEntry:
+    """One tar of the dataset: its name relative to the dataset folder (checked by :func:`check_shard_name`), its
+    sample count, size in bytes and sha256 (what readers verify, ``reader.py``)."""
+
     name: str
     samples: int
     bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_shard_name(self.name)
 
 
 @dataclass
@@ -300,8 +359,10 @@ def _parse(cls, url: str, raw: bytes):
         return build(cls, json.loads(raw))
     except json.JSONDecodeError as e:
         raise UserError(f"{url} is not valid JSON: {e}") from None
-    except ConfigError as e:
-        raise UserError(f"{url} does not follow the shard contract ({cls.__name__}): {e}") from None
+    except ConfigError as e:  # one line: pydantic's report without its input echo and links
+        lines = [re.sub(r"\s*\[type=.*\]$", "", ln).strip() for ln in str(e).splitlines()]
+        why = "; ".join(ln.rstrip(":") for ln in lines if ln and not ln.startswith("For further information"))
+        raise UserError(f"{url} does not follow the shard contract ({cls.__name__}): {why}") from None
 
 
 def manifest_url(dataset: str) -> str:

@@ -7,7 +7,15 @@
 * :class:`ShardStream` is one epoch of decoded samples for one rank and one DataLoader worker: a seeded shard shuffle
   per epoch, a split by rank (``split="node"``) or a whole stream per rank that keeps its slice of every global batch
   (``split="global_batch"``), then by worker, and a seeded sample shuffle buffer. Undecodable samples are skipped and
-  counted, never fatal.
+  counted, never fatal; a member whose PNG header declares more pixels than the sample may hold is refused from its
+  header, before any pixel is decoded (:func:`decode_sample`), logged and counted the same way.
+* Integrity: a dataset read through its manifest is checked against it, by size when resolved
+  (:func:`resolve_shards`, :meth:`ShardSet.token_urls`) and by sha256 as each shard streams (the bytes are hashed as
+  they pass, the tail after the tar's end included). A mismatch is an error, never a skip: the run stops with one line
+  naming the shard (:class:`ShardIntegrityError`), because the run records the manifest's sha256 as its lineage and
+  must not train on other bytes under that name. The check of a shard completes when its last byte has been read, so
+  samples of the shards being read at that moment (one per DataLoader worker) may have reached a few steps before
+  the run stops; a run that stops this way is recorded FAILED (docs/SECURITY.md).
 * :class:`BatchStream` is the endless, resumable sequence of batches for one rank: its :class:`DataPosition`
   ``(epoch, batches consumed in the epoch)`` is saved with training checkpoints, and resuming rebuilds the same
   epoch and skips the consumed batches, so a resumed run sees exactly the batches an uninterrupted run would.
@@ -24,12 +32,13 @@ degradation recorded, see ``data_pipeline.degrade.resize``), with the mode used 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import random
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -40,12 +49,35 @@ from infra.core import storage
 from infra.core.errors import UserError
 
 from ..degrade.resize import RESIZE_BACK_MODES, random_resize_back, resize_back
-from .format import (Manifest, TokenCache, decode_png, decode_token_members, is_token_shard, read_manifest,
-                     token_shard_name)
+from .format import (Manifest, MemberTooLarge, ShardEntry, TokenCache, decode_png, decode_token_members,
+                     is_token_shard, read_manifest, token_shard_name)
 
 log = logging.getLogger(__name__)
 
 LR_MODES = ("pil_bicubic", "bicubic", "bilinear", "area", "random")
+
+
+class ShardIntegrityError(UserError):
+    """A shard's bytes differ from what its manifest records (size or sha256): the dataset changed or is damaged."""
+
+
+def _integrity_error(url: str, what: str, location: str | None = None) -> ShardIntegrityError:
+    where = storage.parent(url) if location is None else location
+    return ShardIntegrityError(f"shard {url}: {what}; the dataset changed or is damaged since its manifest was "
+                               f"written (check it with: varsr data verify {where})")
+
+
+def check_sizes(urls: list[str], expected: dict[str, ShardEntry], location: str) -> None:
+    """The cheap check at start: every shard with a manifest entry exists and has the size it records."""
+    for u in urls:
+        e = expected.get(u)
+        if e is None:
+            continue
+        if not storage.exists(u):
+            raise UserError(f"manifest of {location} lists a missing shard {u}")
+        n = storage.size(u)
+        if n != e.bytes:
+            raise _integrity_error(u, f"{n} bytes where the manifest records {e.bytes}", location)
 
 
 # ---- which shards -------------------------------------------------------------------------------------------------
@@ -57,6 +89,8 @@ class ShardSet:
     location: str
     manifest: Manifest | None = None
     manifest_sha256: str | None = None
+    # shard URL -> its manifest entry (originals and token shards): what readers verify (size, then sha256 as read)
+    expected: dict[str, ShardEntry] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int | None:
@@ -89,6 +123,7 @@ class ShardSet:
             if missing:
                 raise UserError(f"the token cache of {self.location} lists {len(missing)} missing shard(s), "
                                 f"e.g. {missing[0]}")
+            check_sizes(urls, self.expected, self.location)
         return urls
 
 
@@ -124,13 +159,15 @@ def resolve_shards(spec: str | list[str], check: bool = True) -> ShardSet:
     if s.endswith(".tar"):
         return ShardSet([s], s)
     if storage.exists(storage.join(s, "manifest.json")):
-        m, sha = read_manifest(s)
+        m, sha = read_manifest(s)  # its shard names are plain relative names inside s (format.check_shard_name)
         urls = [storage.join(s, e.name) for e in m.shards if e.samples > 0]
+        expected = {storage.join(s, e.name): e for e in m.shards + (m.tokens.shards if m.tokens else [])}
         if check:
             missing = [u for u in urls if not storage.exists(u)]
             if missing:
                 raise UserError(f"manifest of {s} lists {len(missing)} missing shard(s), e.g. {missing[0]}")
-        return ShardSet(urls, s, m, sha)
+            check_sizes(urls, expected, s)
+        return ShardSet(urls, s, m, sha, expected)
     if storage.is_local(s) and not os.path.exists(storage.local_path(s)):
         raise UserError(f"shard path {s!r} does not exist")
     urls = [storage.join(s, n) for n in storage.listdir(s) if fnmatch.fnmatch(n, "*.tar") and not is_token_shard(n)]
@@ -145,6 +182,53 @@ def iter_tar(url: str) -> Iterator[dict]:
     (the key is the member name up to its first dot, as in webdataset; members in tar order)."""
     with storage.open_url(url) as f:
         yield from iter_tar_stream(f, url)
+
+
+class _HashingReader:
+    """A sequentially read file object that hashes (sha256) and counts the bytes that pass through it."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size)
+        self.h.update(b)
+        self.n += len(b)
+        return b
+
+    def drain(self) -> None:
+        """Read (and hash) what is left: the tar's end-of-archive blocks and record padding, or a corrupt rest."""
+        while self.read(1 << 20):
+            pass
+
+
+def iter_verified_tar(url: str, entry: ShardEntry | None, location: str | None = None) -> Iterator[dict]:
+    """:func:`iter_tar` that hashes the shard's bytes as they stream and, at its end, raises
+    :class:`ShardIntegrityError` when size or sha256 differ from the manifest's ``entry`` (None: no check). A tar
+    error inside a verified shard is re-raised only after the rest is hashed, so a tampered shard is reported as
+    such, and a damaged one that still matches its manifest keeps its old treatment (counted as bad)."""
+    if entry is None:
+        yield from iter_tar(url)
+        return
+    with storage.open_url(url) as f:
+        r = _HashingReader(f)
+        try:
+            yield from iter_tar_stream(r, url)
+        except (tarfile.TarError, OSError, EOFError):
+            r.drain()
+            _verify(url, r, entry, location)
+            raise
+        r.drain()
+        _verify(url, r, entry, location)
+
+
+def _verify(url: str, r: _HashingReader, entry: ShardEntry, location: str | None) -> None:
+    if r.n != entry.bytes:
+        raise _integrity_error(url, f"{r.n} bytes read where the manifest records {entry.bytes}", location)
+    got = r.h.hexdigest()
+    if got != entry.sha256:
+        recorded = entry.sha256[:16] or "(empty)"
+        raise _integrity_error(url, f"sha256 {got[:16]}… where the manifest records {recorded}…", location)
 
 
 def iter_tar_stream(f, url: str) -> Iterator[dict]:
@@ -187,7 +271,7 @@ def upsample_lr(lr: np.ndarray, size_hw: tuple[int, int], mode: str) -> torch.Te
 def decode_hr(raw: dict, size: int) -> torch.Tensor:
     """The HR crop of a raw sample as training sees it: (3, size, size) float in [0, 1]; ValueError when it is
     undecodable or another size (the token cache tokenises exactly this tensor)."""
-    hr = decode_png(raw["hr.png"])
+    hr = decode_png(raw["hr.png"], max_pixels=size * size)  # a bigger header is refused before decoding
     if hr.shape[0] != size or hr.shape[1] != size:
         raise ValueError(f"HR is {hr.shape[1]}x{hr.shape[0]}, expected {size}x{size}")
     return _to_tensor(hr)
@@ -206,7 +290,7 @@ def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicub
         idx, resid = decode_token_members(raw, tokens.tokenizer_sha256, tokens.patch_nums)
         out["tokens"], out["resid"] = torch.from_numpy(idx), torch.from_numpy(resid)
     if want_lr:
-        lr = decode_png(raw["lr.png"])
+        lr = decode_png(raw["lr.png"], max_pixels=size * size)  # the LR is smaller than its HR
         if lr_mode == "random":
             modes = (meta.get("degradation", {}).get("params", {}).get("resize_back", {})
                      .get("modes", RESIZE_BACK_MODES))
@@ -235,16 +319,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     Yields dicts with an extra ``bad`` field: the number of undecodable samples skipped just before this one.
     ``tokens``: the token cache ``urls`` belong to (their samples then carry ``tokens`` and ``resid``). The shard and
     sample shuffles depend only on the seed, the epoch and the number of shards, so the token shards of a dataset
-    give the same sample order as its originals.
+    give the same sample order as its originals. ``expected``: the manifest entries of ``urls`` (from
+    :class:`ShardSet`); each such shard is hashed as it streams and a mismatch stops the stream
+    (:func:`iter_verified_tar`).
     """
 
     def __init__(self, urls, *, size: int, want_lr: bool, seed: int, epoch: int, rank: int, world: int,
                  split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic",
-                 tokens: TokenCache | None = None):
+                 tokens: TokenCache | None = None, expected: dict[str, ShardEntry] | None = None):
         if lr_mode not in LR_MODES:
             raise UserError(f"lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
         self.urls, self.size, self.want_lr, self.lr_mode = list(urls), size, want_lr, lr_mode
-        self.tokens = tokens
+        self.tokens, self.expected = tokens, dict(expected or {})
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.split, self.buffer = split, shuffle_buffer
 
@@ -271,9 +357,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         def raw_samples():
             for url in self.shards_for(worker, nworkers):
                 try:
-                    yield from iter_tar(url)
+                    yield from iter_verified_tar(url, self.expected.get(url))
                 except UserError:
-                    raise  # storage unreachable / refused: not a bad sample, a failed run
+                    raise  # storage unreachable / refused, or not the manifest's bytes: not a bad sample, a failed run
                 except (tarfile.TarError, OSError, EOFError) as e:  # a corrupt tar tail: count it, go on
                     log.warning("shard %s: stopped reading (%s: %s)", url, type(e).__name__, e)
                     yield None
@@ -284,6 +370,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             try:
                 s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens)
+            except MemberTooLarge as e:  # refused from its header, nothing decoded: worth a line, then skip and count
+                log.warning("skipping sample %s of %s: %s", raw.get("__key__"), raw.get("__url__"), e)
+                bad += 1
+                continue
             except Exception as e:  # noqa: BLE001 - a bad sample: skip and count
                 log.debug("skipping bad sample %s: %s", raw.get("__key__"), e)
                 bad += 1
@@ -350,7 +440,8 @@ class BatchStream:
     def epoch_stream(self, epoch: int) -> ShardStream:
         return ShardStream(self.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
                            rank=self.rank, world=self.world, split=self.split, shuffle_buffer=self.buffer,
-                           lr_mode=self.lr_mode, tokens=self.tokens)
+                           lr_mode=self.lr_mode, tokens=self.tokens,
+                           expected={u: self.shards.expected[u] for u in self.urls if u in self.shards.expected})
 
     def _epoch_batches(self, epoch: int) -> Iterator[dict]:
         global_bs = self.batch_size * (self.world if self.split == "global_batch" else 1)
@@ -360,11 +451,17 @@ class BatchStream:
             # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
         )
-        for b in loader:
-            if self.split == "global_batch" and self.world > 1:
-                sl = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-                b = {k: (v[sl] if isinstance(v, (torch.Tensor, list)) else v) for k, v in b.items()}
-            yield b
+        try:
+            for b in loader:
+                if self.split == "global_batch" and self.world > 1:
+                    sl = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+                    b = {k: (v[sl] if isinstance(v, (torch.Tensor, list)) else v) for k, v in b.items()}
+                yield b
+        except UserError as e:  # raised in a DataLoader worker: torch re-raises it with the worker's traceback
+            one = _worker_message(str(e))
+            if one is None:
+                raise
+            raise type(e)(one) from None
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -386,12 +483,24 @@ class BatchStream:
             self.pos.batches_in_epoch = 0
 
 
+def _worker_message(text: str) -> str | None:
+    """The original one-line message of an error torch re-raised from a DataLoader worker (``Caught X in DataLoader
+    worker process N. Original Traceback ... module.X: message``); None for an error raised in this process."""
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return None
+    last = text.rstrip().splitlines()[-1]
+    head, sep, msg = last.partition(": ")
+    return msg if sep and " " not in head else last
+
+
 # ---- evaluation pairs ---------------------------------------------------------------------------------------------
 def eval_pairs(spec: str | list[str]) -> list[tuple[str, bytes, bytes]]:
     """(key, HR PNG bytes, LR PNG bytes) for every sample that has both images, in shard order (decoding is the
     evaluator's business: it applies its own input limits)."""
+    shards = resolve_shards(spec)
     pairs = [(raw["__key__"].replace("/", "_"), raw["hr.png"], raw["lr.png"])
-             for url in resolve_shards(spec).urls for raw in iter_tar(url) if "hr.png" in raw and "lr.png" in raw]
+             for url in shards.urls for raw in iter_verified_tar(url, shards.expected.get(url), shards.location)
+             if "hr.png" in raw and "lr.png" in raw]
     if not pairs:
         raise UserError(f"no samples with both .hr.png and .lr.png in {spec}")
     return pairs
