@@ -7,7 +7,10 @@ thread hands its (already validated) work over with :meth:`RequestBatcher.submit
 pending work with the same key (the request's params), waiting at most ``wait_s`` after the oldest one arrived for
 more to join, up to ``max_batch`` images, and make one call for the lot. Every request gets back exactly its own
 results, as soon as they are ready (``deliver``), not when the whole batch is. When a batch fails, the requests it
-had not answered yet are retried one by one, so an error reaches only the request that caused it.
+had not answered yet are retried one by one, so an error reaches only the request that caused it. A request
+submitted with ``cancelled`` (its deadline passed, its client went away: inference/guard.py) that is cancelled
+before its batch runs is dropped from the queue, and one that the batch left unanswered is not retried: it gets
+:class:`JobCancelled` (the run function is expected to skip its work between tiles).
 
 The module knows nothing about images or models: ``run(key, payloads, deliver)`` does the work, calling
 ``deliver(i, result)`` for payload i as soon as it is done, or returning the results in payload order.
@@ -28,6 +31,10 @@ Deliver = Callable[[int, Any], None]
 RunBatch = Callable[[Hashable, list[Any], Deliver], Optional[Sequence[Any]]]
 
 
+class JobCancelled(RuntimeError):
+    """The request was cancelled (deadline, client gone) before its work was done."""
+
+
 @dataclass
 class _Job:
     """One request's work waiting for (or in) a batch."""
@@ -37,6 +44,10 @@ class _Job:
     size: int  # images, counted against max_batch
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
+    cancelled: Optional[Callable[[], bool]] = None
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled is not None and bool(self.cancelled())
 
 
 @dataclass
@@ -48,6 +59,7 @@ class BatchStats:
     images: int = 0
     largest_batch_requests: int = 0
     retried_alone: int = 0  # requests re-run alone after their batch failed
+    cancelled: int = 0  # requests dropped because they were cancelled before their work was done
 
 
 class RequestBatcher:
@@ -79,9 +91,11 @@ class RequestBatcher:
         self.stats = BatchStats()
 
     # ---- client side ---------------------------------------------------------------------------------------------
-    def submit_async(self, key: Hashable, payload: Any, size: int = 1) -> Future:
-        """Queue one request's work; the future resolves to its own result (or raises its own error)."""
-        job = _Job(key, payload, max(1, int(size)))
+    def submit_async(self, key: Hashable, payload: Any, size: int = 1,
+                     cancelled: Callable[[], bool] | None = None) -> Future:
+        """Queue one request's work; the future resolves to its own result (or raises its own error, or
+        :class:`JobCancelled` once ``cancelled()`` is true and its work was not done)."""
+        job = _Job(key, payload, max(1, int(size)), cancelled=cancelled)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the request batcher is closed")
@@ -115,7 +129,8 @@ class RequestBatcher:
             jobs = self._take()
             if jobs is None:
                 return
-            self._run(jobs)
+            if jobs:
+                self._run(jobs)
 
     def _take(self) -> list[_Job] | None:
         """The next batch: the oldest pending request and, in arrival order, the pending ones with its key that fit,
@@ -126,6 +141,9 @@ class RequestBatcher:
                 if self._closed:
                     return None
                 self._cond.wait()
+            self._drop_cancelled()
+            if not self._pending:
+                return []
             first = self._pending[0]
             deadline = first.arrived + self.wait_s
             while not self._closed:
@@ -134,6 +152,7 @@ class RequestBatcher:
                 if waiting >= self.max_batch or remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._drop_cancelled()
             taken: list[_Job] = []
             total = 0
             for job in self._pending:
@@ -146,6 +165,14 @@ class RequestBatcher:
             for job in taken:
                 self._pending.remove(job)
             return taken
+
+    def _drop_cancelled(self) -> None:
+        """Answer and remove the pending requests that were cancelled (called with ``_cond`` held)."""
+        for job in [j for j in self._pending if j.is_cancelled()]:
+            self._pending.remove(job)
+            self.stats.cancelled += 1
+            if not job.future.done():
+                job.future.set_exception(JobCancelled("cancelled before its work started"))
 
     def _run(self, jobs: list[_Job]) -> None:
         """Run one batch, answering each request as soon as ``run`` delivers it; when the batch fails, run the requests
@@ -176,6 +203,11 @@ class RequestBatcher:
             if missing:
                 raise RuntimeError(f"batch answered {len(jobs) - len(missing)} of {len(jobs)} requests")
         except Exception as e:  # noqa: BLE001 - delivered to the request(s) it belongs to
+            gone = [j for j in jobs if not j.future.done() and j.is_cancelled()]
+            for job in gone:  # cancelled ones are not retried: nobody waits for them
+                job.future.set_exception(JobCancelled("cancelled while its batch ran"))
+            with self._cond:
+                self.stats.cancelled += len(gone)
             left = [j for j in jobs if not j.future.done()]
             if len(left) == 1 and len(jobs) == 1:
                 left[0].future.set_exception(e)
@@ -190,4 +222,4 @@ class RequestBatcher:
                 self._run([job])
 
 
-__all__ = ["RequestBatcher", "BatchStats"]
+__all__ = ["RequestBatcher", "BatchStats", "JobCancelled"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -39,12 +40,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None, help="output = scale x input size (default 4)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (default 6.0)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance (default: the model's sampling.json, else 6.0)")
+    p.add_argument("--top-k", type=int, default=None, help="(default: the model's sampling.json, else 1)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: the model's sampling.json, else 0.75)")
     p.add_argument("--seed", type=int, default=None, help="fix sampling (same seed -> same output)")
     p.add_argument("--tile", type=_tile_arg, default="auto", help="auto, or force latent tiling with N cells overlap")
-    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None)
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None,
+                   help="(default: the model's sampling.json, else adain)")
 
 
 def _sampling_kwargs(args) -> dict:
@@ -67,12 +70,19 @@ def _load_pipeline(args):
     if args.checkpoint and not args.checkpoint.is_dir():
         raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
     try:
-        return VARSRPipeline.from_pretrained(src, device=args.device, dtype=args.dtype, config=config,
+        pipe = VARSRPipeline.from_pretrained(src, device=args.device, dtype=args.dtype, config=config,
                                              tracking_uri=args.tracking_uri)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. unknown registered model / alias
         raise UserError(f"cannot load the model from {src}: {type(e).__name__}: {e}") from None
+    # `--set sampling.KEY=…` is as explicit as a flag: it wins over the model's own sampling.json
+    from infra.core.config import parse_override
+
+    explicit = {keys[1] for keys, _ in map(parse_override, args.overrides) if len(keys) == 2 and keys[0] == "sampling"}
+    if explicit:
+        pipe.sampling = dataclasses.replace(pipe.sampling, **{k: getattr(config.sampling, k) for k in explicit})
+    return pipe
 
 
 def collect_inputs(paths: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -130,6 +140,8 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_register(args) -> int:
+    from infra.core.config import parse_override
+
     from .config import load_inference_config
     from .registry import register_model
 
@@ -139,12 +151,18 @@ def cmd_register(args) -> int:
             raise UserError(f"--tag {t!r} must be KEY=VALUE")
         k, v = t.split("=", 1)
         tags[k] = v
+    sampling = {}
+    for item in args.sampling:
+        keys, value = parse_override(item)
+        if len(keys) != 1:
+            raise UserError(f"--sampling {item!r} must be KEY=VALUE, KEY one of scale, cfg, top_k, top_p, color_fix")
+        sampling[keys[0]] = value
     try:
         config = load_inference_config(args.config, args.overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
     mv = register_model(args.ckpt_dir, args.name, alias=args.alias or None, tracking_uri=args.tracking_uri, tags=tags,
-                        config=config, validate_example=not args.no_validate)
+                        config=config, validate_example=not args.no_validate, sampling=sampling)
     uri = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
     print(json.dumps({"name": mv.name, "version": int(mv.version), "alias": args.alias, "uri": uri,
                       "run_id": mv.run_id}))
@@ -217,6 +235,9 @@ def register(subparsers, shard_pairs=None) -> None:
     add_config_args(p, "inference YAML served with the model (limits, defaults)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="run + version tag (repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip running the input example at log time")
+    p.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampling default the version carries (its checkpoint's sampling.json, over the folder's "
+                        "own), e.g. --sampling cfg=0.75 --sampling color_fix=wavelet (repeatable)")
     p.set_defaults(func=cmd_register)
 
     p = subparsers.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)")

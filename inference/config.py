@@ -83,6 +83,32 @@ class ServingConfig:
     # loop's default executor: min(32, cpus + 4) threads, which caps the requests a batch can gather); 0 keeps it
     request_threads: int = 16
     log_batches: bool = False  # log one INFO line per batch (requests, images, params) to the server's stderr
+    # ---- per-request budgets of the endpoint (inference/README.md, "Limits of the served endpoint"); the work and
+    # memory of a request are estimated from its tiling plan before any generation and refused with a 400 past these
+    # seconds a request may take from arrival to answer; past it its work is cancelled (between tiles) and it gets a
+    # 504. `varsr serve` sets MLflow's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT a little above it, as a backstop
+    request_timeout_s: float = 60.0
+    # work of one request in tile-steps: latent tiles x autoregressive steps (len(patch_nums)), summed over its images;
+    # size it to what this device does in request_timeout_s (benchmarks/infer_bench.py gives the time per tile)
+    max_request_work: int = 4096
+    max_request_memory_mb: int = 4096  # estimated peak memory of one request (float copies + decoder activations)
+    max_request_bytes: int = 64 * 1024 * 1024  # HTTP body of one /invocations request, refused (413) past it unread
+    max_json_depth: int = 32  # nesting of the request JSON (the pyfunc's format needs 4); deeper gets a 400
+    max_error_chars: int = 1000  # message of an error reply; never the request's content
+    # largest `tile` overlap a request may ask for, in latent cells; -1 = half a tile (pn_last // 2). Larger overlaps
+    # multiply the tiles of an image (the work estimate counts them too)
+    max_tile_overlap: int = -1
+    # when the `varsr serve` process that started this server is gone (even by SIGKILL), the server cancels its
+    # requests and kills itself after this many seconds (every uvicorn process of the group watches it)
+    orphan_grace_s: float = 5.0
+
+    def __post_init__(self):
+        for name in ("request_timeout_s", "max_request_work", "max_request_memory_mb", "max_request_bytes",
+                     "max_json_depth", "max_error_chars"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"serving.{name} must be > 0, got {getattr(self, name)}")
+        if self.orphan_grace_s < 0:
+            raise ValueError(f"serving.orphan_grace_s must be >= 0, got {self.orphan_grace_s}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from infra.core.config import save_config
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 ARTIFACT_CHECKPOINT = "checkpoint"
 ARTIFACT_CONFIG = "inference_config"
 CONFIG_FILENAME = "inference.yaml"
+ARTIFACT_CONFIG_PATH = f"artifacts/{CONFIG_FILENAME}"  # where the logged model keeps it (MLflow's artifacts/ folder)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVED_ENTRY = "inference.mlflow_model"  # the served model ships this module and everything it can import
 SERVING_OVERRIDES_ENV = "VARSR_SERVING_OVERRIDES"  # JSON list of key=value set by `varsr serve --set`
@@ -132,6 +134,21 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         self.config = load_inference_config(context.artifacts[ARTIFACT_CONFIG], serve_time_overrides())
         self.pipeline = VARSRPipeline.from_pretrained(context.artifacts[ARTIFACT_CHECKPOINT], config=self.config)
         self.batcher = self._make_batcher()
+        self._guard_endpoint()
+
+    def _guard_endpoint(self) -> None:
+        """Inside a scoring server: put the request guard in front of MLflow's parser and watch ``varsr serve``
+        (inference/guard.py; inference/README.md, "Limits of the served endpoint")."""
+        from .guard import GuardLimits, install_request_guard, start_orphan_watchdog
+
+        sv = self.config.serving
+        # uvicorn 0.55 with one worker imports the app (and loads this model) before its event loop runs: the
+        # request threads are then widened by the guard, from inside the loop, on its first call
+        on_start = None if getattr(self, "_threads_widened", True) else (
+            lambda: widen_request_threads(int(sv.request_threads)))
+        if install_request_guard(GuardLimits.from_serving(sv), on_start=on_start):
+            log.info("scoring server: request guard installed")
+        start_orphan_watchdog(float(sv.orphan_grace_s))
 
     def _make_batcher(self):
         """The request batcher of ``config.serving``; None when batching is off (max_batch_images <= 1)."""
@@ -139,7 +156,8 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         from .pipeline import UpscaleParams
 
         sv = self.config.serving
-        if sv.request_threads > 0 and widen_request_threads(int(sv.request_threads)):
+        self._threads_widened = sv.request_threads <= 0 or widen_request_threads(int(sv.request_threads))
+        if sv.request_threads > 0 and self._threads_widened:
             log.info("scoring server: %d request threads", sv.request_threads)
         if sv.max_batch_images <= 1:
             return None
@@ -148,9 +166,11 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if gb <= 0:
             gb = self.config.tiling.batch_size if self.pipeline.device.type == "cuda" else 1
 
-        def run(key, requests, deliver):
-            return self.pipeline.upscale_requests(requests, UpscaleParams(*key), generate_batch=gb,
-                                                  fixed_batch_shape=fixed, on_done=deliver)
+        def run(key, requests, deliver):  # requests: (images, RequestControl or None) each
+            controls = [c for _, c in requests]
+            self.pipeline.upscale_requests(  # each request is answered through on_done; a cancelled one is not
+                [imgs for imgs, _ in requests], UpscaleParams(*key), generate_batch=gb, fixed_batch_shape=fixed,
+                on_done=deliver, cancelled=lambda r: controls[r] is not None and controls[r].cancelled())
 
         on_batch = None
         if sv.log_batches:
@@ -185,7 +205,57 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         except (UpscaleParamError, TypeError, ValueError) as e:
             raise bad_request(f"invalid params: {e}") from None
 
+    def _check_budget(self, images, p) -> None:
+        """Refuse (400) a request whose plan is past the endpoint's work, memory or tile-overlap budget, before any
+        generation (inference/guard.py: estimate_request)."""
+        from .guard import estimate_request
+
+        sv = self.config.serving
+        max_overlap = self.pipeline.latent_side // 2 if sv.max_tile_overlap < 0 else int(sv.max_tile_overlap)
+        if p.overlap is not None and p.overlap > max_overlap:
+            raise bad_request(f"invalid params: tile overlap must be in [0, {max_overlap}] latent cells on this "
+                              f"endpoint (serving.max_tile_overlap), got {p.overlap}")
+        est = estimate_request(self.pipeline, [(im.width, im.height) for im in images], p)
+        elsewhere = ("run it with `varsr upscale` (or as a batch job) instead, or send fewer or smaller images or a "
+                     "smaller scale")
+        if est.work > sv.max_request_work:
+            raise bad_request(f"request too large for this endpoint: {est.tiles} tiles x {est.steps} steps = "
+                              f"{est.work} tile-steps, over the budget serving.max_request_work={sv.max_request_work};"
+                              f" {elsewhere}")
+        mb = est.memory_bytes / 2**20
+        if mb > sv.max_request_memory_mb:
+            raise bad_request(f"request too large for this endpoint: it needs about {mb:.0f} MB, over the budget "
+                              f"serving.max_request_memory_mb={sv.max_request_memory_mb}; {elsewhere}")
+
+    def _run(self, images, p, control):
+        """Upscale ``images`` (batched or alone), stopping between tiles once ``control`` is cancelled."""
+        from .batching import JobCancelled
+        from .guard import RequestCancelled
+
+        try:
+            if getattr(self, "batcher", None) is None:
+                return self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p,
+                                             seed=p.seed, color_fix=p.color_fix,
+                                             tile="auto" if p.overlap is None else p.overlap,
+                                             check=None if control is None else control.check)
+            fut = self.batcher.submit_async(dataclasses.astuple(p), (images, control), size=len(images),
+                                            cancelled=None if control is None else control.cancelled)
+            if control is None:
+                return fut.result()
+            while True:  # wait, but answer as soon as the request is cancelled or past its deadline
+                try:
+                    return fut.result(timeout=max(0.01, min(0.25, control.remaining())))
+                except FuturesTimeout:
+                    control.check()
+        except (RequestCancelled, JobCancelled) as e:
+            reason = control.reason if control is not None and control.reason else str(e)
+            raise MlflowException(f"request stopped: {reason}; upscale large images with `varsr upscale` or a "
+                                  f"batch job", error_code=DEADLINE_EXCEEDED) from None
+
     def predict(self, context, model_input, params=None):
+        from .guard import current_control
+
+        control = current_control()
         lim = self.config.limits
         if not isinstance(model_input, pd.DataFrame):
             raise bad_request(f"expected a table with a string column 'image', got {type(model_input).__name__}")
@@ -204,13 +274,11 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             except ImageInputError as e:
                 raise bad_request(f"row {i}: {e}") from None
             images.append(img)
+        self._check_budget(images, p)
         try:
-            if getattr(self, "batcher", None) is not None:
-                out = self.batcher.submit(dataclasses.astuple(p), images, size=len(images))
-            else:
-                out = self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p,
-                                            seed=p.seed, color_fix=p.color_fix,
-                                            tile="auto" if p.overlap is None else p.overlap)
+            out = self._run(images, p, control)
+        except MlflowException:
+            raise
         except Exception as e:  # noqa: BLE001 - never leak a stack trace to the client; log it server-side
             log.exception("upscale failed")
             raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None
@@ -228,9 +296,12 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
     The MLmodel file names its artifacts by where they came from: ``checkpoint_ref`` (default: the checkpoint
     folder's name; a URL or a path relative to the tracking store) and ``inference.yaml``, never the temporary or
     absolute paths they were copied from; its ``artifact_path`` is the model's ``models:/`` URI."""
-    from model.checkpoint import require_native_checkpoint
+    from model.checkpoint import read_sampling_defaults, require_native_checkpoint
 
     ckpt = require_native_checkpoint(ckpt_dir)
+    # MLflow gives a request without params the signature's defaults: they, and the logged inference.yaml, are the
+    # model's own sampling defaults (its sampling.json, model/checkpoint.py) over the config's
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **read_sampling_defaults(ckpt)))
     with tempfile.TemporaryDirectory(prefix="varsr-log-") as tmp:
         cfg_path = save_config(config, Path(tmp) / CONFIG_FILENAME)
         code_paths = served_code(Path(tmp) / "code")

@@ -10,6 +10,7 @@ against the bicubic-upsampled LR (AdaIN or wavelet) -> PIL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .colorfix import color_fix as apply_color_fix
-from .config import COLOR_FIXES, InferenceConfig, load_inference_config
+from .config import COLOR_FIXES, InferenceConfig, SamplingConfig, load_inference_config
 from .images import (ImageInputError, ImageLike, check_pixels, load_image, pil_to_tensor, tensor_to_pil_round,
                      tensor_to_pil_trunc)
 from .tiling import Tile, blend_tiles, tile_grid
@@ -59,6 +60,13 @@ class _Plan:
     lr_up: torch.Tensor  # (3, H, W) bicubic-upsampled LR in [0, 1], the colour reference
     tiles: list[Tile]
     crops: list[torch.Tensor]  # (3, S, S) per tile
+
+
+def effective_sampling(config_sampling: SamplingConfig, model_defaults: dict) -> SamplingConfig:
+    """The sampling defaults a model runs with: the inference config's (the global defaults, those of the released
+    d24) with the model's own ``sampling.json`` values put over them key by key (model/checkpoint.py). A call's own
+    params still win over both."""
+    return dataclasses.replace(config_sampling, **model_defaults)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -124,7 +132,10 @@ class VARSRPipeline:
     """Super-resolve images of any size with a VARSR model (see the module docstring for the steps)."""
 
     def __init__(self, vqvae: torch.nn.Module, varsr: torch.nn.Module, config: InferenceConfig | None = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 sampling_defaults: dict | None = None, sampling_source: str = "sampling defaults"):
+        """``sampling_defaults``: the model's own defaults (its ``sampling.json``, model/checkpoint.py); they replace
+        ``config.sampling``'s values key by key, and a call's own params replace both (:meth:`make_params`)."""
         self.config = config or load_inference_config()
         self.device = resolve_device(device if device is not None else self.config.runtime.device)
         self.dtype = resolve_dtype(dtype if dtype is not None else self.config.runtime.dtype, self.device)
@@ -136,6 +147,15 @@ class VARSRPipeline:
         self.image_size: int = int(self.model_cfg.image_size)
         self.latent_side: int = int(self.model_cfg.pn_last)
         self.stride: int = int(self.model_cfg.vqvae.downsample)
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.sampling = effective_sampling(self.config.sampling, self.sampling_defaults)
+        if self.sampling_defaults:  # model-dependent bounds (top_k <= vocabulary, scale limits): checked at load
+            try:
+                self.make_params()
+            except UpscaleParamError as e:
+                from infra.core.errors import UserError
+
+                raise UserError(f"{sampling_source}: {e}") from None
 
     # ---- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -144,7 +164,7 @@ class VARSRPipeline:
                         tracking_uri: str | None = None) -> "VARSRPipeline":
         """Load from a native checkpoint folder or an MLflow URI (``models:/NAME@ALIAS``, ``runs:/ID/model``)."""
         from model import from_pretrained
-        from model.checkpoint import find_checkpoint_dir
+        from model.checkpoint import SAMPLING, find_checkpoint_dir, read_sampling_defaults
 
         s = str(path_or_uri)
         if not is_mlflow_uri(s):
@@ -152,7 +172,7 @@ class VARSRPipeline:
             if (root / "MLmodel").is_file():  # a downloaded / saved MLflow model folder
                 root, config = find_checkpoint_dir(root), config or _logged_config(root)
             vqvae, varsr = from_pretrained(root, device="cpu")
-            return cls(vqvae, varsr, config, device, dtype)
+            return cls(vqvae, varsr, config, device, dtype, read_sampling_defaults(root), str(root / SAMPLING))
         import mlflow
 
         from infra.core.tracking import resolve_tracking_uri, tracking_uri_scope
@@ -164,16 +184,18 @@ class VARSRPipeline:
             ckpt = find_checkpoint_dir(local)
             config = config or _logged_config(local)
             vqvae, varsr = from_pretrained(ckpt, device="cpu")
+            defaults = read_sampling_defaults(ckpt)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return cls(vqvae, varsr, config, device, dtype)
+        return cls(vqvae, varsr, config, device, dtype, defaults, f"{s} ({SAMPLING})")
 
     # ---- parameters ----------------------------------------------------------------------------------------------
     def make_params(self, scale: float | None = None, cfg: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, color_fix: str | None = "default",
                     tile: int | str | None = None) -> UpscaleParams:
-        """Fill defaults from the config and check every value; raises UpscaleParamError naming the bad one."""
-        d, lim = self.config.sampling, self.config.limits
+        """Fill defaults (the model's own, else the config's: ``self.sampling``) and check every value; raises
+        UpscaleParamError naming the bad one."""
+        d, lim = self.sampling, self.config.limits
         scale = float(d.scale if scale is None else scale)
         if not (math.isfinite(scale) and lim.min_scale <= scale <= lim.max_scale):
             raise UpscaleParamError(f"scale must be in [{lim.min_scale}, {lim.max_scale}], got {scale}")
@@ -216,15 +238,21 @@ class VARSRPipeline:
         ov = self.config.tiling.overlap
         return self.latent_side // 4 if ov is None else int(ov)
 
-    def plan(self, img: Image.Image, p: UpscaleParams) -> _Plan:
-        """Target size, padding and latent tiles of one RGB image."""
-        tw, th = self.target_size(img.width, img.height, p.scale)
-        lr_up = pil_to_tensor(img.resize((tw, th), Image.BICUBIC))
+    def plan_size(self, width: int, height: int, p: UpscaleParams) -> tuple[tuple[int, int], tuple[int, int], list[Tile]]:
+        """(target (h, w), padded (h, w), latent tiles) of a width x height input: the plan's geometry, computed
+        without touching pixels (what the served endpoint's work and memory estimates read, inference/guard.py)."""
+        tw, th = self.target_size(width, height, p.scale)
         S, d, P = self.image_size, self.stride, self.latent_side
         hp, wp = max(S, math.ceil(th / d) * d), max(S, math.ceil(tw / d) * d)
-        padded = reflect_pad_to(lr_up, hp, wp)
         overlap = self.default_overlap() if p.overlap is None else p.overlap
-        tiles = tile_grid(hp // d, wp // d, P, overlap)
+        return (th, tw), (hp, wp), tile_grid(hp // d, wp // d, P, overlap)
+
+    def plan(self, img: Image.Image, p: UpscaleParams) -> _Plan:
+        """Target size, padding and latent tiles of one RGB image."""
+        (th, tw), (hp, wp), tiles = self.plan_size(img.width, img.height, p)
+        lr_up = pil_to_tensor(img.resize((tw, th), Image.BICUBIC))
+        S, d = self.image_size, self.stride
+        padded = reflect_pad_to(lr_up, hp, wp)
         crops = [padded[:, t.y * d: t.y * d + S, t.x * d: t.x * d + S] for t in tiles]
         return _Plan((th, tw), (hp, wp), lr_up, tiles, crops)
 
@@ -235,12 +263,14 @@ class VARSRPipeline:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams,
-                          keys: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                          keys: list[tuple[int, int]] | None = None,
+                          check: Callable[[], None] | None = None) -> torch.Tensor:
         """f_hat for every crop (N, Cvae, P, P), in batches of tiling.batch_size.
 
         ``keys`` names each crop (image index in the request, tile index in the image). With a seed, crop (i, t) samples
         from its own stream derived from (seed, i, t) (``model.sampling.stream_generator``): images and tiles draw
-        independent noise, and a crop's result does not depend on the batch it lands in.
+        independent noise, and a crop's result does not depend on the batch it lands in. ``check()`` runs before
+        each generate() call and may raise to stop the work there (the served endpoint's deadline and cancellation).
         """
         from model.sampling import stream_generator
 
@@ -250,6 +280,8 @@ class VARSRPipeline:
         bs = max(1, int(self.config.tiling.batch_size))
         out = []
         for i in range(0, len(crops), bs):
+            if check is not None:
+                check()
             x = torch.stack(crops[i: i + bs]).to(self.device, torch.float32)
             gens = None
             if p.seed is not None:
@@ -286,14 +318,16 @@ class VARSRPipeline:
     @torch.inference_mode()
     def upscale(self, images: ImageLike | Sequence[ImageLike], scale: float | None = None, cfg: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                color_fix: str | None = "default", tile: int | str | None = None) -> Image.Image | list[Image.Image]:
+                color_fix: str | None = "default", tile: int | str | None = None,
+                check: Callable[[], None] | None = None) -> Image.Image | list[Image.Image]:
         """Super-resolve one image (returns a PIL image) or a list/batch (returns a list).
 
         ``images``: PIL image, numpy array (HxW[xC], uint8/uint16/float), tensor ((3,H,W) or (B,3,H,W) in [0, 1]),
         file path or encoded bytes. ``scale``: output = scale x input size. ``seed``: fixes sampling (same seed ->
         same output; a batch gives each image the result it gets alone). ``color_fix``: adain | wavelet | none/None
         (default from config). ``tile``: None/'auto' tiles only targets larger than the model resolution; an int
-        forces latent tiling with that overlap (latent cells).
+        forces latent tiling with that overlap (latent cells). ``check()``, if given, runs between tiles and may
+        raise to stop the work.
         """
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
         items = [images] if single else list(images)
@@ -303,7 +337,7 @@ class VARSRPipeline:
         crops = [c for pl in plans for c in pl.crops]
         keys = [(i, t) for i, pl in enumerate(plans) for t in range(len(pl.tiles))]
         # no lock: generate() keeps all sampling state per call, so concurrent requests may share the model
-        latents = self._generate_latents(crops, p, keys)
+        latents = self._generate_latents(crops, p, keys, check)
         srs, k = [], 0
         for pl in plans:
             srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
@@ -315,13 +349,16 @@ class VARSRPipeline:
         """What this pipeline runs (logged next to outputs and in benchmarks)."""
         return {"model": self.model_cfg.name, "image_size": self.image_size, "latent_side": self.latent_side,
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size}
+                "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size,
+                "sampling": dataclasses.asdict(self.sampling),
+                "sampling_source": "model" if self.sampling_defaults else "config"}
 
     # ---- serving: the images of several requests in one pass -----------------------------------------------------
     @torch.inference_mode()
     def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
                          generate_batch: int | None = None, fixed_batch_shape: bool = False,
-                         on_done: Callable[[int, list[Image.Image]], None] | None = None) -> list[list[Image.Image]]:
+                         on_done: Callable[[int, list[Image.Image]], None] | None = None,
+                         cancelled: Callable[[int], bool] | None = None) -> list[list[Image.Image]]:
         """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
 
         Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
@@ -335,7 +372,8 @@ class VARSRPipeline:
 
         ``requests`` hold RGB PIL images already checked against the limits (:func:`load_image`,
         :meth:`target_size`); ``p`` comes from :meth:`make_params`. generate() keeps its sampling state per call, so
-        one batch can decode while another generates.
+        one batch can decode while another generates. ``cancelled(r)`` is asked between generate() calls: the crops of
+        a request it is true for are dropped, that request gets nothing (no ``on_done``) and its entry stays short.
         """
         plans = [[self.plan(im, p) for im in imgs] for imgs in requests]
         crops: list[torch.Tensor] = []
@@ -359,10 +397,23 @@ class VARSRPipeline:
         for r, req in enumerate(plans):  # requests without images are done at once
             if not req and on_done is not None:
                 on_done(r, [])
+        owner = [r for r, a, b in spans for _ in range(a, b)] + [-1] * (len(crops) - n)  # request of each crop
+        crops_end = {r: b for r, a, b in spans}  # end of each request's crops
+        dropped: set[int] = set()
         for s in range(0, len(crops), gb):
-            rows += list(self._generate_latents(crops[s: s + gb], p, keys[s: s + gb]))
+            if cancelled is not None:
+                dropped.update(r for r in range(len(plans)) if r not in dropped and cancelled(r))
+                if dropped and all(r in dropped for r, end in crops_end.items() if end > s):
+                    break  # nothing left that anyone waits for
+            if dropped and all(o in dropped or o < 0 for o in owner[s: s + gb]):
+                rows += [None] * len(crops[s: s + gb])  # a cancelled request's crops: not generated
+            else:
+                rows += list(self._generate_latents(crops[s: s + gb], p, keys[s: s + gb]))
             while img_idx < len(spans) and spans[img_idx][2] <= len(rows):
                 r, a, b = spans[img_idx]
+                if r in dropped:
+                    img_idx += 1
+                    continue
                 pl = plans[r][len(out[r])]
                 sr = self._decode(pl, torch.stack(rows[a:b]))
                 out[r].append(self._postprocess(sr, pl, p))

@@ -10,7 +10,14 @@ server group (uvicorn finishes the requests in flight, then exits); ``varsr serv
 group is left (it is their subreaper on Linux, so it also reaps the uvicorn process once mlflow has exited), uses
 SIGKILL after ``stop_timeout`` seconds or on a second Ctrl-C, deletes the temporary folder and exits with status 0.
 If ``varsr serve`` itself is killed with SIGKILL, the kernel sends SIGTERM to mlflow (parent-death signal), and mlflow
-does the same for uvicorn; only the temporary folder is then left behind.
+does the same for uvicorn; uvicorn would then wait for its requests in flight, however long, and its ``--workers``
+processes have no parent-death signal, so every process that loads the model also watches ``varsr serve`` (its pid in
+``$VARSR_SERVE_PID``): once it is gone, it cancels its requests (between tiles) and kills itself after
+``serving.orphan_grace_s`` (inference/guard.py). Only the temporary folder is then left behind.
+
+``varsr serve`` sets MLflow's request timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``) a few seconds above the
+model's ``serving.request_timeout_s`` (as registered, or as given with ``--set``), so that the model's own deadline,
+which cancels the work, answers first (inference/README.md, "Limits of the served endpoint").
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 
 
 def venv_bin() -> Path:
@@ -167,10 +175,43 @@ def run_server_group(argv: list[str], env: dict[str, str], stop_timeout: float =
     return int(leader_rc or 0)
 
 
+def served_serving_config(model_uri: str, tracking_uri: str | None = None,
+                          overrides: list[str] | tuple[str, ...] = ()):
+    """The ``serving`` section the server will run with: the model's logged ``inference.yaml`` (only that file is
+    downloaded) with the ``--set`` items over it; the defaults with the items where the model has none."""
+    import mlflow
+
+    from infra.core.tracking import tracking_uri_scope
+
+    from .config import load_inference_config
+    from .mlflow_model import ARTIFACT_CONFIG_PATH
+
+    logged = None
+    tmp = Path(tempfile.mkdtemp(prefix="varsr-serve-config-"))
+    try:
+        with tracking_uri_scope(resolve_tracking_uri(tracking_uri)):
+            logged = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model_uri.rstrip('/')}/{ARTIFACT_CONFIG_PATH}", dst_path=str(tmp))
+        return load_inference_config(logged, list(overrides)).serving
+    except Exception as e:  # noqa: BLE001 - mlflow itself reports a model it cannot find; here only the timeout
+        log.warning("varsr serve: could not read the model's inference config (%s: %s); using the defaults",
+                    type(e).__name__, str(e)[:200])
+        return load_inference_config(None, list(overrides)).serving
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1, tracking_uri: str | None = None,
           overrides: list[str] | tuple[str, ...] = (), stop_timeout: float = 30.0) -> int:
     """Run the server in the foreground until it exits or a stop signal arrives (see the module docstring)."""
+    from .guard import SERVE_PID_ENV, timeout_env_seconds
+
     argv, env = serve_command(model_uri, port, host, workers, tracking_uri, overrides)
+    sv = served_serving_config(model_uri, tracking_uri, overrides)
+    env[TIMEOUT_ENV] = timeout_env_seconds(sv.request_timeout_s)
+    env[SERVE_PID_ENV] = str(os.getpid())  # every server process watches this one (inference/guard.py)
+    log.info("varsr serve: %g s per request (serving.request_timeout_s; %s=%s)", sv.request_timeout_s, TIMEOUT_ENV,
+             env[TIMEOUT_ENV])
     tmp = Path(tempfile.mkdtemp(prefix="varsr-serve-"))
     env["TMPDIR"] = str(tmp)  # mlflow's copy of the model lands here, and goes with it
     try:

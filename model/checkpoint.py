@@ -9,11 +9,21 @@ whether a folder is a checkpoint (``is_native_checkpoint`` / ``find_checkpoint_d
 safetensors holds only tensors, so loading never unpickles anything; loading is strict, and every missing,
 unexpected or mis-shaped key is named in one clear error. The frozen tokenizer's identity is the sha256 of its
 weights (``tokenizer_sha256``): the token cache in the shards records it, and training checks it before using one.
+Every tensor read from ``model.safetensors`` must be floating point and finite (``check_tensors``): a NaN weight
+would otherwise give an all-black image and an integer one garbage, both without a word.
+
+An optional third file, ``sampling.json``, holds the model's own sampling defaults (``cfg``, ``top_k``, ``top_p``,
+``color_fix``, ``scale``; any subset), as ``generation_config.json`` does for a language model: they are set at export
+or registration and used by every entry point unless a call overrides them; a folder without it keeps the global
+defaults of the inference config (docs/MODEL.md §6, "Platform"). This module reads, writes and validates it
+(``read_sampling_defaults`` / ``write_sampling_defaults`` / ``validate_sampling_defaults``); which defaults win over
+which is the inference pipeline's business (inference/pipeline.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -27,6 +37,27 @@ from .config import VARSRConfig
 
 FORMAT, VERSION = "varsr-native", 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+SAMPLING = "sampling.json"  # optional: the model's own sampling defaults
+# the sampling defaults a checkpoint may carry, with their type; the names of inference/config.py's SamplingConfig
+# (this layer does not import inference: tests/inference/test_infer_sampling_defaults.py keeps the two in step)
+SAMPLING_FIELDS: dict[str, type] = {"scale": float, "cfg": float, "top_k": int, "top_p": float, "color_fix": str}
+SAMPLING_COLOR_FIXES = ("adain", "wavelet", "none")  # inference/colorfix.py
+_SAMPLING_RANGES = {"scale": (lambda v: v > 0, "> 0"), "cfg": (lambda v: v >= 0, ">= 0"),
+                    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+                    "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")}
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], source) -> None:
+    """Every tensor floating point and finite, else one UserError naming the first bad one: all weights and
+    buffers of VARSR and its VQVAE are floating point, and a NaN or inf weight only shows up as a black or garbled
+    image much later."""
+    for k, v in tensors.items():
+        if not v.is_floating_point():
+            raise UserError(f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; "
+                            f"model weights must be floating point")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise UserError(f"{source}: tensor {k} is not finite ({n} of {v.numel()} values are NaN or inf)")
 
 
 def key_report(expected: dict[str, tuple], got: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
@@ -62,23 +93,31 @@ def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
 
-def _write(directory, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Weights first (temporary name, then rename), config.json last: a folder with a config.json is complete."""
+def _write(directory, tensors: dict[str, torch.Tensor], meta: dict, sampling: dict | None = None) -> Path:
+    """Weights first (temporary name, then rename), then ``sampling.json`` when given (a stale one is removed),
+    config.json last: a folder with a config.json is complete."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if sampling is not None:
+        sampling = validate_sampling_defaults(sampling, d / SAMPLING)
     tmp = d / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(d / WEIGHTS)
+    if sampling:
+        write_sampling_defaults(d, sampling)
+    else:
+        (d / SAMPLING).unlink(missing_ok=True)
     tmp_cfg = d / (CONFIG + ".tmp")
     tmp_cfg.write_text(json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2) + "\n")
     tmp_cfg.replace(d / CONFIG)
     return d
 
 
-def save_pretrained(directory, vqvae, varsr, extra: dict | None = None) -> Path:
-    """Write the full model (tokenizer + transformer) into ``directory`` (created); returns the directory."""
+def save_pretrained(directory, vqvae, varsr, extra: dict | None = None, sampling: dict | None = None) -> Path:
+    """Write the full model (tokenizer + transformer) into ``directory`` (created); returns the directory.
+    ``sampling``: the model's own sampling defaults (``sampling.json``); None writes none."""
     tensors = {**_prefixed("vqvae", vqvae), **_prefixed("varsr", varsr)}
-    return _write(directory, tensors, {"config": varsr.cfg.to_dict(), **(extra or {})})
+    return _write(directory, tensors, {"config": varsr.cfg.to_dict(), **(extra or {})}, sampling)
 
 
 def save_tokenizer(directory, vqvae, config: VARSRConfig, extra: dict | None = None) -> Path:
@@ -93,7 +132,7 @@ DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
 
 def with_decoder(full_dir, tokenizer_dir, out_dir, extra: dict | None = None) -> Path:
     """A full checkpoint whose decoder comes from another tokenizer checkpoint (a decoder finetune, stage 0b of
-    docs/MODEL.md §1.2), written to ``out_dir``.
+    docs/EXPERIMENTS.md), written to ``out_dir``.
 
     Every other tokenizer tensor (encoder, quant_conv, codebook, phi convs, usage buffer) must be bit-identical in
     both: the transformer of ``full_dir`` was trained on those codes, and a tokenizer that encodes differently would
@@ -113,7 +152,7 @@ def with_decoder(full_dir, tokenizer_dir, out_dir, extra: dict | None = None) ->
                **{f"varsr.{k}": v for k, v in full_var.items()}}
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     meta["lineage"] = {**meta.get("lineage", {}), **(extra or {})}
-    return _write(out_dir, tensors, meta)
+    return _write(out_dir, tensors, meta, read_sampling_defaults(full_dir))  # same model, same defaults
 
 
 def is_native_checkpoint(directory) -> bool:
@@ -181,6 +220,7 @@ def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
     stray = sorted(k for k in tensors if not k.startswith(("vqvae.", "varsr.")))
     if stray:
         raise UserError(f"{wf}: unexpected keys outside vqvae./varsr.: {', '.join(stray)}")
+    check_tensors(tensors, wf)
     return tensors
 
 
@@ -205,6 +245,60 @@ def read_config(directory) -> tuple[VARSRConfig, dict]:
     except Exception as e:  # noqa: BLE001 - config errors become one clear line
         raise UserError(f"{cj}: invalid model config: {e}") from None
     return cfg, meta
+
+
+# ---- sampling.json: the model's own sampling defaults ----------------------------------------------------------------
+def validate_sampling_defaults(values, source) -> dict:
+    """``values`` as a clean dict of sampling defaults, or one UserError naming ``source`` and the bad key: only the
+    keys of ``SAMPLING_FIELDS``, each of its type (an int is a float too; a bool is neither), numbers finite, cfg >= 0,
+    top_k >= 0 (0 = off), top_p in [0, 1] (0 = off), scale > 0, color_fix one of ``SAMPLING_COLOR_FIXES``. The
+    pipeline checks the model-dependent bounds (top_k <= vocabulary, the scale limits) when it loads them."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: sampling defaults must be a JSON object of key: value, got {type(values).__name__}")
+    out: dict = {}
+    for k, v in values.items():
+        kind = SAMPLING_FIELDS.get(k)
+        if kind is None:
+            raise UserError(f"{source}: unknown sampling default {k!r} (known: {', '.join(SAMPLING_FIELDS)})")
+        ok_type = (isinstance(v, str) if kind is str else
+                   isinstance(v, int) and not isinstance(v, bool) if kind is int else
+                   isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok_type:
+            raise UserError(f"{source}: sampling default {k} must be {'a string' if kind is str else kind.__name__}, "
+                            f"got {v!r}")
+        if kind is not str and not math.isfinite(v):
+            raise UserError(f"{source}: sampling default {k} must be a finite number, got {v!r}")
+        if k == "color_fix" and v not in SAMPLING_COLOR_FIXES:
+            raise UserError(f"{source}: sampling default color_fix must be one of {', '.join(SAMPLING_COLOR_FIXES)}, "
+                            f"got {v!r}")
+        if k in _SAMPLING_RANGES and not _SAMPLING_RANGES[k][0](v):
+            raise UserError(f"{source}: sampling default {k} must be {_SAMPLING_RANGES[k][1]}, got {v!r}")
+        out[k] = kind(v)
+    return out
+
+
+def read_sampling_defaults(directory) -> dict:
+    """The sampling defaults a native checkpoint folder carries (``sampling.json``, validated); {} without the
+    file: such a model keeps the global defaults."""
+    f = Path(directory) / SAMPLING
+    if not f.is_file():
+        return {}
+    try:
+        values = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e})") from None
+    return validate_sampling_defaults(values, f)
+
+
+def write_sampling_defaults(directory, values: dict) -> Path:
+    """Write (replace) the sampling defaults of a checkpoint folder, validated first; returns the file. Written
+    under a temporary name and renamed, so a reader sees the old file or the new one."""
+    d = Path(directory)
+    clean = validate_sampling_defaults(values, d / SAMPLING)
+    tmp = d / (SAMPLING + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    tmp.replace(d / SAMPLING)
+    return d / SAMPLING
 
 
 def from_pretrained(directory, device="cpu"):
@@ -296,6 +390,7 @@ def open_tokenizer(checkpoint: str) -> FrozenTokenizer:
                 state = {k[len("vqvae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vqvae.")}
         except Exception as e:  # noqa: BLE001 - an unreadable file is one clear line
             raise UserError(f"{d / WEIGHTS} is not a readable safetensors file ({e})") from None
+        check_tensors({f"vqvae.{k}": v for k, v in state.items()}, f"{src.rstrip('/')}/{WEIGHTS}")
     if not state:
         raise UserError(f"{src} holds no VQVAE weights")
     vqvae = VQVAE(cfg)

@@ -3,7 +3,8 @@
 Files: ``VARSR.pth`` / ``VARSR_C2I.pth`` / ``VARSR_base.pth`` (transformer at ``['trainer']['var_wo_ddp']``),
 ``VQVAE.pth`` (``['trainer']['vae_local']``), and the plain state dicts ``var_d*.pth`` / ``vae_ch160v4096z32.pth``.
 They are read with ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled, so a file that
-tries to run code is refused. Our parameter names equal the official keys; the regenerable buffers (``lvl_1L``,
+tries to run code is refused; a file that is no checkpoint at all, or a corrupt one, is named as such
+(``safe_torch_load``), and NaN / non-floating weights are refused by name (``model.checkpoint.check_tensors``). Our parameter names equal the official keys; the regenerable buffers (``lvl_1L``,
 ``attn_bias_for_masking``, ``zero_k_bias``) are checked against the config and dropped.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from infra.core.errors import UserError
 
-from .checkpoint import format_key_report, key_report, save_pretrained
+from .checkpoint import check_tensors, format_key_report, key_report, save_pretrained
 from .config import C2I_12_SCALE_PATCH_NUMS, RELEASED_PATCH_NUMS, VARSRConfig
 
 log = logging.getLogger(__name__)
@@ -28,20 +29,41 @@ EMA_KEY = "quantize.ema_vocab_hit_SV"
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_PROTOCOLS = range(2, 6)  # the legacy format: a bare pickle, b"\x80" + protocol
+
+
 def safe_torch_load(path) -> object:
-    """torch.load with weights_only=True (+ a small allow-list); a pickle that would run code becomes a UserError."""
+    """torch.load with weights_only=True (+ a small allow-list), with one accurate line for each way a file can fail:
+    empty; not a PyTorch checkpoint at all (neither torch.save's zip archive nor a pickle, e.g. a text file);
+    corrupt (truncated zip, a pickle the safe loader cannot parse); or a pickle that names a Python callable other
+    than tensors and plain containers, which is refused because loading it could run code."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint file {p} does not exist")
+    with p.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UserError(f"{p} is empty: not a PyTorch checkpoint")
+    if head != ZIP_MAGIC and not (head[0] == 0x80 and len(head) > 1 and head[1] in PICKLE_PROTOCOLS):
+        raise UserError(f"{p} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+                        f"it starts with {head!r})")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {p}: it contains pickled objects other than tensors and plain containers "
-                        f"(loading it could run arbitrary code). Details: {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise UserError(f"refusing to load {p}: it pickles {found.group(1)}, a Python object other than tensors "
+                            f"and plain containers (loading it could run arbitrary code)") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise UserError(f"{p} is corrupt or not written by torch.save: the safe loader cannot parse it "
+                        f"({(why.group(1) if why else text).strip().splitlines()[0][:200]})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a broken pickle memo (KeyError), EOF ...: one line
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says it
+        raise UserError(f"{p} is corrupt: not a readable PyTorch checkpoint ({type(e).__name__}"
+                        f"{': ' + first if first else ''})") from None
 
 
 def extract_state_dict(obj, path, inner: str) -> dict[str, torch.Tensor]:
@@ -151,6 +173,8 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
                             f"it should initialise")
         config = infer_config(var_sd, vae_sd, name=f"imported-{Path(var_path).stem}")
     vqvae, varsr = build(config)
+    check_tensors(vae_sd, vae_path)  # NaN / integer weights: refused before anything is written
+    check_tensors({k: v for k, v in var_sd.items() if not _is_buffer(k)}, var_path)
 
     # VQVAE: strict, except a usage-statistics buffer for another number of scales keeps ours (docs/MODEL.md §1.3)
     own = vqvae.state_dict()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from infra.core.config import ConfigError, load_config
+from infra.core.errors import UserError
 
 
 @dataclass
@@ -45,7 +46,7 @@ class DataSection:
     token_cache: bool = True
     # random RGB channel order, left-right flip and quarter turns, one draw per crop applied alike to its HR and LR
     # (training/augment.py): a base trained on a few dozen photos otherwise draws their palette and textures on an
-    # unseen LR (docs/MODEL.md §1.2). Augmented HR crops have no cached tokens: on = tokenise on the fly.
+    # unseen LR (docs/EXPERIMENTS.md). Augmented HR crops have no cached tokens: on = tokenise on the fly.
     augment: bool = False
     augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled (flips/turns: all)
 
@@ -106,11 +107,29 @@ class RaySection:
 
 
 @dataclass
+class SamplingDefaultsSection:
+    """Sampling defaults the registered version carries (its checkpoint's ``sampling.json``, model/checkpoint.py);
+    None = the exported checkpoint's own, else the global defaults of configs/inference/default.yaml."""
+
+    scale: float | None = None
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    color_fix: str | None = None  # adain | wavelet | none (inference/colorfix.py), checked in validate()
+
+    def values(self) -> dict[str, Any]:
+        """The defaults that are set, as ``sampling.json`` holds them."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass
 class RegisterSection:
     """After a finished run, the ``varsr`` CLI logs the model into this run and registers it when ``name`` is set."""
 
     name: str | None = None  # registered model name, e.g. varsr; None = do not register
     alias: str = "champion"
+    # e.g. register.sampling.cfg=0.75 register.sampling.color_fix=wavelet
+    sampling: SamplingDefaultsSection = field(default_factory=SamplingDefaultsSection)
 
 
 @dataclass
@@ -142,7 +161,7 @@ class TrainConfig:
     register: RegisterSection = field(default_factory=RegisterSection)
 
     def validate(self) -> "TrainConfig":
-        errs = []
+        errs = number_errors(self, RANGES)
         if self.zero_stage not in (0, 1, 2, 3):
             errs.append(f"zero_stage must be 0..3, got {self.zero_stage}")
         if self.data.batch_size < 1:
@@ -155,6 +174,13 @@ class TrainConfig:
             errs.append("optim.plateau must be in [0, 1)")
         if not 0 <= self.data.augment_colour_p <= 1:
             errs.append(f"data.augment_colour_p must be in [0, 1], got {self.data.augment_colour_p}")
+        if self.register.sampling.values():
+            from model.checkpoint import validate_sampling_defaults
+
+            try:
+                validate_sampling_defaults(self.register.sampling.values(), "register.sampling")
+            except UserError as e:  # one line naming the key
+                errs.append(str(e))
         if errs:
             raise ConfigError("invalid TrainConfig: " + "; ".join(errs))
         return self
@@ -168,6 +194,43 @@ class TrainConfig:
         if self.stage == "isr" and p.startswith("c2i-"):
             return p[len("c2i-"):]
         return p
+
+
+# numbers that must be finite and within a range (NaN fails every comparison, so each rule also refuses it); a value
+# out of range would otherwise end in a torch traceback mid-run (AdamW refuses lr < 0) or train on garbage (lr NaN)
+RANGES: dict[str, tuple[Any, str]] = {
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_start": (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the peak lr)"),
+    "optim.end_factor": (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the peak lr)"),
+    "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "validation.cfg": (lambda v: v >= 0, ">= 0"),
+    "validation.top_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "validation.top_k": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def number_errors(cfg: Any, ranges: dict[str, tuple[Any, str]]) -> list[str]:
+    """One message per dotted key of ``ranges`` whose value in ``cfg`` is not a finite number within its range,
+    naming the key (a None value is "not set" and passes)."""
+    import math
+
+    errs = []
+    for key, (ok, rule) in ranges.items():
+        v: Any = cfg
+        for part in key.split("."):
+            v = getattr(v, part)
+        if v is None:
+            continue
+        nums = list(v) if isinstance(v, (tuple, list)) else [v]
+        finite = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in nums)
+        if not finite or not ok(v):
+            errs.append(f"{key} must be a finite number {rule}, got {v!r}")
+    return errs
 
 
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:

@@ -35,6 +35,7 @@ from typing import Callable
 
 from infra.core.errors import UserError
 from infra.core.net import free_port
+from infra.core.tracking import resolve_ref
 from infra.demo.recipe import ROOT, load_pretrain_config
 
 DEMO_CONFIGS = ROOT / "configs" / "demo"
@@ -60,11 +61,11 @@ class DemoConfig:
     stage2_lr: float | None = None  # None: 2e-4 when finetuning the base, 1e-3 from scratch
     batch_size: int = 8
     # guidance of the upscaled result (t = cfg·si/9 per scale, docs/MODEL.md §2.11): 0.75 trades 0.3 dB of PSNR-Y for
-    # 2.4x the high-frequency energy of cfg 0 on the held-out motorcycle with the shipped base (docs/MODEL.md §1.2)
+    # 2.4x the high-frequency energy of cfg 0 on the held-out motorcycle with the shipped base (docs/EXPERIMENTS.md)
     cfg: float = 0.75
     # colour fix of the upscaled result against the bicubic LR (inference/colorfix.py): the release ships both and
     # calls AdaIN; the wavelet fix (the LR's low frequencies under the SR's high ones) scores higher PSNR-Y on the
-    # held-out photos with the shipped base (docs/MODEL.md §1.2)
+    # held-out photos with the shipped base (docs/EXPERIMENTS.md)
     color_fix: str = "wavelet"
     register_name: str = "varsr-demo"
     alias: str = "champion"
@@ -74,13 +75,12 @@ class DemoConfig:
     # short side each demo photo is resized to before its crops are cut; None = the smallest short side of the base's
     # corpus (configs/demo/pretrain.yaml corpus.short_sides: 256) when finetuning the base, 160 from scratch. Denser
     # crops than the base saw (160) teach the finetune to draw more detail than the photo has: 0.35-0.8 dB less PSNR-Y
-    # on the held-out photos than at 256, for 1.4-1.8x the high-frequency energy (docs/MODEL.md §1.2)
+    # on the held-out photos than at 256, for 1.4-1.8x the high-frequency energy (docs/EXPERIMENTS.md)
     photo_short_side: int | None = None
     fresh: bool = False
 
     def base_dir(self) -> Path:
-        b = Path(self.base)
-        return b if b.is_absolute() else ROOT / b
+        return Path(resolve_ref(self.base, ROOT))  # repository-relative, ``<repo>/…`` or absolute
 
 
 def check_color_fix(value: str, key: str) -> None:
@@ -197,7 +197,7 @@ class Demo:
 
     def photo_short_side(self) -> int:
         """Short side of the demo photos before cropping: the scale of the base's corpus when finetuning it, so that
-        the finetune sees crops as dense in detail as those the base learned from (docs/MODEL.md §1.2)."""
+        the finetune sees crops as dense in detail as those the base learned from (docs/EXPERIMENTS.md)."""
         if self.cfg.photo_short_side:
             return self.cfg.photo_short_side
         if self.cfg.from_scratch:
@@ -259,7 +259,10 @@ class Demo:
             lr = c.stage2_lr or 2e-4
         sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}",
                 f"data.batch_size={c.batch_size}", f"seed={c.seed}", f"register.name={c.register_name}",
-                f"register.alias={c.alias}"]
+                f"register.alias={c.alias}",
+                # the registered version carries the demo's sampling settings as its own defaults (sampling.json):
+                # `varsr upscale` and the endpoint use them when a call gives no params
+                f"register.sampling.cfg={c.cfg}", f"register.sampling.color_fix={c.color_fix}"]
         self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
                    *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")
         return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri,

@@ -40,16 +40,18 @@ from typing import Callable
 
 from infra.core.config import to_dict
 from infra.core.errors import UserError
+from infra.core.tracking import resolve_ref
 from infra.demo.demo import Demo, DemoConfig, check_color_fix
 from infra.demo.recipe import DEFAULT_CONFIG, ROOT, PretrainConfig, StageSection, load_pretrain_config
+from model.checkpoint import validate_sampling_defaults, write_sampling_defaults
 
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 EXPERIMENT = "varsr-pretrain"
 
 
 def _repo_path(p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else ROOT / q
+    """A path from the recipe's config: relative to the repository, ``<repo>/…`` as runs record it, or absolute."""
+    return Path(resolve_ref(p, ROOT))
 
 
 class Pretrain(Demo):
@@ -62,6 +64,7 @@ class Pretrain(Demo):
                  log: Callable[[str], None] = print):
         super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
         check_color_fix(pcfg.eval_color_fix, "eval_color_fix")  # before hours of training, not at the export
+        validate_sampling_defaults(to_dict(pcfg.sampling), "sampling")
         self.p = pcfg
         self.ship = Path(ship).resolve() if ship else None
         self.config_path = Path(config_path or DEFAULT_CONFIG).resolve()
@@ -176,7 +179,7 @@ class Pretrain(Demo):
         if colour and colour["verdict"] == "lost" and p.require_colour:
             raise UserError(f"the tokenizer failed its colour check: chroma gain {colour['chroma_gain_tokens']:.2f} < "
                             f"{colour['min_chroma_gain']} on {colour['images']} held-out crops, so stages 1-2 would "
-                            f"learn near-grey images (docs/MODEL.md §1.2); train it longer or change its preset, or "
+                            f"learn near-grey images (docs/EXPERIMENTS.md); train it longer or change its preset, or "
                             f"go on anyway with --set require_colour=false")
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"),
                     mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"), colour=colour)
@@ -246,6 +249,7 @@ class Pretrain(Demo):
         else:
             for name in ("model.safetensors", "config.json"):
                 shutil.copy2(src / name, base / name)
+        write_sampling_defaults(base, to_dict(self.p.sampling))  # the base's own defaults (model/checkpoint.py)
         self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
         figures = evaluate_checkpoint(base, _photos(st["corpus"]["info"]["eval_images"]), self.p.eval_images,
                                       self.p.eval_hr_side, self.p.eval_cfg,
@@ -399,8 +403,15 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
         "super-resolution model.", "",
         "## Files", "",
         "- `model.safetensors`, `config.json`: native checkpoint (`model.from_pretrained`), tokenizer included",
+        "- `sampling.json`: the model's own sampling defaults (below)",
         "- `eval.json`: per-image figures on the held-out photos; `mlflow_runs.json`: the MLflow runs' params, "
         "metrics and tags", "",
+        "## Sampling defaults", "",
+        "`sampling.json` holds the settings `varsr upscale`, the pyfunc model and the served endpoint use when a "
+        "call does not give them (a request's or command's own params still win; a model without the file uses the "
+        "global defaults of the released d24, cfg 6.0 and AdaIN): "
+        + ", ".join(f"{k} **{v}**" for k, v in to_dict(p.sampling).items()) + ". They are what `varsr demo` "
+        "upscales with, and a registered version shows them as its `varsr.sampling.*` tags.", "",
         "## Command", "",
         "```", f"varsr demo pretrain --config {_rel(config_path)} --workdir varsr-pretrain "
         f"--ship model/pretrained/{p.preset}-base" + "".join(f" --set {o}" for o in overrides), "```", "",

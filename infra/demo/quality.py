@@ -91,7 +91,7 @@ def _untile(tiles: torch.Tensor, ref: Image.Image) -> Image.Image:
 def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image, lr: Image.Image | None = None) -> dict[str, float]:
     """PSNR-Y/SSIM-Y of the HR decoded from its tokens, and from tokens + exact residual (tile by tile), and how far
     each decoded tile's mean colour is off (``chroma_err_*``, :func:`infra.core.metrics.chroma_fidelity`, in [0, 1]
-    units: a tokenizer that lost colour shows here, docs/MODEL.md §1.2); ``hf_energy_tokens``: the high-frequency
+    units: a tokenizer that lost colour shows here, docs/EXPERIMENTS.md); ``hf_energy_tokens``: the high-frequency
     energy of the tokens-only decode. With ``lr``, ``psnr_y_lr_tokens``: the codes of the bicubic-upsampled LR
     decoded, scored against the HR."""
     from infra.core.metrics import chroma_fidelity, full_reference, hf_energy

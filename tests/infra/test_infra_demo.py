@@ -74,6 +74,9 @@ def test_demo_end_to_end_reduced(tmp_path):
     assert init.data.tags.get("varsr.parent.checkpoint") == f"<repo>/{DemoConfig().base}"  # no absolute path
     mv = client.get_model_version_by_alias("varsr-demo", "champion")
     assert mv.tags.get("varsr.data.manifest_sha256") == _sha256(w / "shards" / "manifest.json")
+    # the version carries the demo's sampling settings as its own defaults (issue 28, finding 5)
+    assert mv.tags.get("varsr.sampling.cfg") == str(DemoConfig().cfg) and mv.tags.get("varsr.sampling.source") == "model"
+    assert mv.tags.get("varsr.sampling.color_fix") == DemoConfig().color_fix
 
     # serving answered a real HTTP request with an image of the right size, and refused a bad one with a 4xx
     serve = st["serve"]["info"]

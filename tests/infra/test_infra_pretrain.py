@@ -238,3 +238,5 @@ def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage
     assert f"as shipped at commit `{'c0ffee' * 6}`" in card and "with 15 more minutes of training" in card
     # the per-step commands name the work folder as the card's command line does, not this machine's path
     assert "varsr demo pretrain --only corpus --workdir varsr-pretrain\n" in card and str(tmp_path / "w") not in card
+    # the base's own sampling defaults (its sampling.json) are shown (issue 28, finding 5)
+    assert "## Sampling defaults" in card and "cfg **0.75**, color_fix **wavelet**" in card
