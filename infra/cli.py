@@ -19,6 +19,7 @@ import model.cli as model_cli
 import training.cli as training_cli
 from infra.demo.cli import register_cli as register_demo_cli
 from infra.core.errors import UserError
+from infra.core import redact
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -37,7 +38,7 @@ def register_trained_model(cfg) -> None:
     from inference.registry import register_training_run
 
     mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias,
-                               tracking_uri=cfg.tracking.tracking_uri)
+                               tracking_uri=cfg.tracking.tracking_uri, sampling=cfg.register.sampling.values())
     print(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} "
           f"from run {mv.run_id}", file=sys.stderr, flush=True)
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    redact.install()  # no credential of a URI in what this process logs, warns or prints as a traceback
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input or config: one clear line, no traceback (-v shows it)
         if args.verbose:
             raise
-        print(f"varsr: error: {e}", file=sys.stderr)
+        print(f"varsr: error: {redact.redact(str(e))}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

@@ -2,7 +2,8 @@
 Ray Train's ``TorchTrainer`` (``--ray-address``) with DeepSpeed inside each worker.
 
 The multi-process launchers first write the resolved config to ``{output_dir}/config.yaml``; the workers load that
-file, so every rank trains exactly the same config.
+file, so every rank trains exactly the same config. The file shows a tracking URI without its credentials
+(infra/core/redact.py); torchrun workers get the full URI in ``$MLFLOW_TRACKING_URI`` beside it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from pathlib import Path
 
 from infra.core.config import load_config, save_config, to_dict
 from infra.core.errors import UserError
+from infra.core.redact import install as redact_output
+from infra.core.redact import redact, restore
+from infra.core.tracking import default_tracking_uri
 from training.config import TrainConfig
 
 
@@ -51,6 +55,8 @@ def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: 
     if not env["DS_ACCELERATOR"]:
         env.pop("DS_ACCELERATOR")
     env.setdefault("OMP_NUM_THREADS", "1")
+    if cfg.tracking.tracking_uri and redact(cfg.tracking.tracking_uri) != cfg.tracking.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = cfg.tracking.tracking_uri  # config.yaml shows it masked; main() restores it
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
@@ -72,6 +78,7 @@ def _ray_worker(config: dict) -> None:
 
     from training.trainer import train
 
+    redact_output()  # this worker's prints and logs (forwarded to the driver, kept in Ray's log files)
     cfg = load_config(TrainConfig, base=config["train_config"])
     resume = "auto" if ray.train.get_checkpoint() is not None else config.get("resume")
 
@@ -150,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--resume", default=None)
     args = ap.parse_args(argv)
+    redact_output()
     cfg = load_config(TrainConfig, args.config)
     try:
+        cfg.tracking.tracking_uri = restore(cfg.tracking.tracking_uri, default_tracking_uri())
         run_local(cfg, args.resume)
     except UserError as e:
-        print(f"varsr: error: {e}", file=sys.stderr)
+        print(f"varsr: error: {redact(str(e))}", file=sys.stderr)
         return 2
     return 0
 

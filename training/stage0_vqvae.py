@@ -12,12 +12,12 @@ Stage 0b, the decoder finetune (``train_parts: decoder`` + ``init_from``, config
 ``post_quant_conv`` and the decoder learn, on the tokens-only latent (and, for a ``residual_mix`` share of crops, on
 the encoder latent), with the high-pass L1 and the patch critic of training/patch_gan.py when they are weighted;
 encoder, quantizer and codebook stay bit-identical, so a transformer trained on the codes of
-``init_from`` still fits, and ``model.checkpoint.with_decoder`` puts the new decoder beside it (docs/MODEL.md §1.2).
+``init_from`` still fits, and ``model.checkpoint.with_decoder`` puts the new decoder beside it (docs/EXPERIMENTS.md).
 
 Colour check: every step logs ``recon/chroma_err`` (how far the batch's mean colours are off), and the run ends by
 measuring ``eval/chroma_gain[_tokens]`` on ``colour_check_images`` held-out crops: 1 when the decoded images keep
 each crop's colour, 0 when they all come out with one tint. Below ``MIN_CHROMA_GAIN`` it prints a warning, because a
-transformer trained on such tokens cannot produce colour whatever it learns (docs/MODEL.md §1.2). The figures and the
+transformer trained on such tokens cannot produce colour whatever it learns (docs/EXPERIMENTS.md). The figures and the
 verdict are stored in the export's config.json (``colour_check``); `varsr demo pretrain` stops on ``lost``.
 
 Checkpoints (model, optimiser, LR schedule, RNG states, data position and the metric history) go to
@@ -41,9 +41,10 @@ import torch
 from infra.core.config import load_config, to_dict
 from infra.core.errors import UserError
 from infra.core.metrics import chroma_fidelity
+from infra.core.redact import redact, redact_config
 from model.sampling import stream_generator
 from training.augment import augment_crops
-from training.config import DataSection, ModelSection, TrackingSection
+from training.config import DataSection, ModelSection, TrackingSection, number_errors
 from training.tracking import plot_curves
 
 log = logging.getLogger(__name__)
@@ -62,29 +63,29 @@ class VQVAETrainConfig:
     max_steps: int = 400
     warmup_steps: int = 20
     # after warm-up: ``constant`` (the first recipe), or ``cosine`` from lr down to lr * min_lr_ratio at max_steps.
-    # A constant lr leaves the reconstruction loss bouncing on a plateau; the decay settles it (docs/MODEL.md §1.2).
+    # A constant lr leaves the reconstruction loss bouncing on a plateau; the decay settles it (docs/EXPERIMENTS.md).
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.05
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     vq_weight: float = 1.0
     # MSE of the reconstruction's ``lowpass_factor``-px block means: the image's local colour and brightness, the
-    # part a per-pixel loss weighs least while texture errors dominate it (docs/MODEL.md §1.2); 0 = off
+    # part a per-pixel loss weighs least while texture errors dominate it (docs/EXPERIMENTS.md); 0 = off
     lowpass_weight: float = 0.0
     lowpass_factor: int = 8
     # per-crop random RGB channel order, left-right flip and quarter turn (training/augment.py): a tokenizer trained on
-    # a few dozen photos otherwise learns their palette and decodes an unlike photo in it (docs/MODEL.md §1.2).
+    # a few dozen photos otherwise learns their palette and decodes an unlike photo in it (docs/EXPERIMENTS.md).
     # Off by default (VAR's recipe).
     augment: bool = False
     augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled
-    # Decoder finetune (docs/MODEL.md §1.2): start from the tokenizer of ``init_from`` (a native checkpoint folder,
+    # Decoder finetune (docs/EXPERIMENTS.md): start from the tokenizer of ``init_from`` (a native checkpoint folder,
     # full or tokenizer-only); with ``train_parts: decoder`` only post_quant_conv and the decoder learn, on the
     # token-only latent f_hat, so the codes stay bit-identical and a transformer trained on them keeps working.
     init_from: str | None = None
     train_parts: Literal["all", "decoder"] = "all"
     # decoder finetune only: the share of crops decoded from the encoder latent f = f_hat + (R - e_last) (tokens plus
     # the exact last-scale residual, what a perfect refiner adds) instead of the token-only f_hat. A decoder trained
-    # on f_hat alone decodes f worse than f_hat, so the refiner's residual cannot help it (docs/MODEL.md §1.2); 0 = off
+    # on f_hat alone decodes f worse than f_hat, so the refiner's residual cannot help it (docs/EXPERIMENTS.md); 0 = off
     residual_mix: float = 0.0
     # L1 of the high-pass (image minus its Gaussian blur of ``hf_sigma`` px) of reconstruction vs target: rewards
     # edges where the target has them (training/patch_gan.py); 0 = off
@@ -108,6 +109,12 @@ class VQVAETrainConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
+# optimiser numbers that must be finite and in range (training/config.py: number_errors), refused before any work
+VQVAE_RANGES = {"lr": (lambda v: v > 0, "> 0"), "disc_lr": (lambda v: v > 0, "> 0"),
+                "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+                "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0")}
+
+
 def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
     """defaults <- YAML <- ``key=value`` overrides."""
     return load_config(VQVAETrainConfig, source, list(overrides))
@@ -123,6 +130,9 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
 
     if cfg.max_steps < 1:
         raise UserError("max_steps must be >= 1")
+    bad = number_errors(cfg, VQVAE_RANGES)
+    if bad:
+        raise UserError("invalid VQVAE config: " + "; ".join(bad))
     if cfg.lowpass_weight < 0 or cfg.lowpass_factor < 1:
         raise UserError(f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {cfg.lowpass_weight}, "
                         f"{cfg.lowpass_factor}")
@@ -196,7 +206,7 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
             "fingerprint": fingerprint,
             **({"critic": critic[0].state_dict(), "critic_optimizer": critic[1].state_dict()} if critic else {})},
             cfg.keep_checkpoints)
-    (out / "resolved_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (out / "resolved_config.json").write_text(json.dumps(redact_config(to_dict(cfg)), indent=2))  # no secret
     tracker = _start_tracking(cfg, shards, mcfg.name, out)
     status = "FAILED"
     try:
@@ -230,7 +240,7 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
 
 
 # Below this chroma gain of the token-only decode the tokenizer has lost colour (every image decodes with about the
-# same tint): stage 1/2 trained on its tokens cannot produce colour either (docs/MODEL.md §1.2).
+# same tint): stage 1/2 trained on its tokens cannot produce colour either (docs/EXPERIMENTS.md).
 MIN_CHROMA_GAIN = 0.5
 
 
@@ -251,7 +261,7 @@ def _report_colour(colour: dict) -> None:
     if colour_verdict(colour) == "lost":
         print(f"[vqvae] WARNING: the tokenizer does not reproduce colour (chroma gain "
               f"{colour['chroma_gain_tokens']:.2f} < {MIN_CHROMA_GAIN}); a model trained on its tokens decodes "
-              f"near-grey images (docs/MODEL.md §1.2)", flush=True)
+              f"near-grey images (docs/EXPERIMENTS.md)", flush=True)
 
 
 def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
@@ -300,7 +310,7 @@ def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
                             name=Path(shards.location.rstrip("/")).name,
                             profile={"manifest_sha256": shards.manifest_sha256, "samples": shards.num_samples,
                                      "shards": len(shards.urls), "hr_size": shards.hr_size})
-    print(f"[vqvae] MLflow run {tracker.run_id} ({name}) at {uri}", flush=True)
+    print(f"[vqvae] MLflow run {tracker.run_id} ({name}) at {redact(uri)}", flush=True)
     return tracker
 
 

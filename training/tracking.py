@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.core.config import config_hash
+from infra.core.redact import redact, redact_config
 from infra.core.tracking import portable_ref, store_dir
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,9 @@ class MlflowTracker(NullTracker):
 
     ``name``: the run name; ``params``: already flattened; ``config``: logged as ``config/resolved_config.json``;
     ``tags``: lineage; ``system_metrics``: CPU / memory / disk / network (and GPU with NVML) every
-    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10) as ``system/...`` metrics.
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10) as ``system/...`` metrics. Every param, tag,
+    dataset source and the config go through infra/core/redact.py on their way in, so no credential of a URI (the
+    tracking URI, a signed data URL) reaches the store.
     """
 
     def __init__(self, tracking_uri: str, name: str, *, experiment: str | None = None,
@@ -188,14 +191,14 @@ class MlflowTracker(NullTracker):
 
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        run = start_run(tracking_uri, name, experiment=experiment, parent_run_id=parent_run_id, tags=tags,
-                        source=source)
+        run = start_run(tracking_uri, name, experiment=experiment, parent_run_id=parent_run_id,
+                        tags={k: redact(str(v)) for k, v in (tags or {}).items()}, source=source)
         self.run_id, self.experiment_id, self.name = run.info.run_id, run.info.experiment_id, name
-        items = [Param(k, v) for k, v in (params or {}).items()]
+        items = [Param(k, redact(v)) for k, v in (params or {}).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         if config is not None:
-            self.client.log_dict(self.run_id, config, "config/resolved_config.json")
+            self.client.log_dict(self.run_id, redact_config(config), "config/resolved_config.json")
         sysinfo = system_info()
         self.client.log_dict(self.run_id, sysinfo, "system/info.json")
         self.set_tags({f"sys.{k}": v for k, v in sysinfo.items()})
@@ -217,15 +220,15 @@ class MlflowTracker(NullTracker):
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:8000]) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))[:8000]) for k, v in tags.items()])
 
     def log_dataset(self, source: str, digest: str, *, name: str | None = None, context: str = "training",
                     profile: dict | None = None) -> None:
         """A dataset input of the run (e.g. the shard manifest: source = its URL, digest = its sha256)."""
         from infra.core.tracking import dataset_input
 
-        self.client.log_inputs(self.run_id, datasets=[dataset_input(source, digest, name=name, context=context,
-                                                                    profile=profile)])
+        self.client.log_inputs(self.run_id, datasets=[dataset_input(redact(source), digest, name=name,
+                                                                    context=context, profile=profile)])
 
     def log_model_input(self, model_id: str | None) -> bool:
         """Record a logged model (e.g. the stage-1 export) as an input of this run; False if it is not in this
@@ -246,8 +249,8 @@ class MlflowTracker(NullTracker):
     def create_model(self, name: str, *, model_type: str, tags: dict | None = None, params: dict | None = None):
         """A pending logged model of this run (its id can go into the export before the files are uploaded)."""
         return self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
-                                               tags={k: str(v) for k, v in (tags or {}).items()},
-                                               params={k: str(v) for k, v in (params or {}).items()},
+                                               tags={k: redact(str(v)) for k, v in (tags or {}).items()},
+                                               params={k: redact(str(v)) for k, v in (params or {}).items()},
                                                model_type=model_type)
 
     def log_checkpoint_model(self, name: str, folder, *, model_id: str | None = None, model_type: str = "varsr",

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from infra.core.config import config_hash, save_config, to_dict
 from infra.core.errors import UserError
+from infra.core.redact import redact
 from training import checkpointing, deepspeed_engine
 from training.config import TrainConfig
 from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
@@ -153,8 +154,8 @@ class Trainer:
             self.resumed_from = str(self.run.url_of(ckpt.relative_to(self.run.local))
                                     if self.run.remote and ckpt.is_relative_to(self.run.local) else ckpt)
             if self.is_main:
-                _out(f"[train] resumed from {self.resumed_from} at step {self.start_step} (epoch {position.epoch}, "
-                     f"{position.samples_consumed} samples consumed on rank 0)")
+                _out(f"[train] resumed from {redact(self.resumed_from)} at step {self.start_step} "
+                     f"(epoch {position.epoch}, {position.samples_consumed} samples consumed on rank 0)")
         if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
             (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
         self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae, cfg.data.augment)
@@ -180,7 +181,7 @@ class Trainer:
     def lineage(self) -> dict:
         """The lineage tags of the run (the same keys on every stage, see training/tracking.py), plus where its
         weights start from: ``varsr.parent.*`` (the init checkpoint and its run), ``varsr.tokenizer.*``. Local paths
-        are relative to the run's output folder; URLs as given."""
+        are relative to the run's output folder; URLs as given, less any credentials (infra/core/redact.py)."""
         cfg, base = self.cfg, self.run.url
         uri = self.cfg.tracking.tracking_uri or default_tracking_uri()
         tags = lineage_tags(stage=cfg.stage, preset=cfg.model_preset, config=cfg, data_location=self.shards.location,
@@ -198,7 +199,7 @@ class Trainer:
                 tags["varsr.tokenizer.run_id"] = tok_run
         if self.resumed_from:
             tags["varsr.resumed_from"] = portable_ref(self.resumed_from, base)
-        return tags
+        return {k: redact(v) for k, v in tags.items()}  # also written into the export's config.json: no secret
 
     def _start_tracking(self) -> None:
         t, cfg = self.cfg.tracking, self.cfg
@@ -223,7 +224,7 @@ class Trainer:
         if self.init_report is not None:
             self.tracker.log_artifact(self.out / "init_report.json", "init")
             self.tracker.log_metrics({f"init/{k}": len(v) for k, v in self.init_report.items()}, step=0)
-        _out(f"[train] MLflow run {self.tracker.run_id} ({name}) at {uri}")
+        _out(f"[train] MLflow run {self.tracker.run_id} ({name}) at {redact(uri)}")
 
     def _log_inputs(self) -> None:
         """Dataset inputs (the shard manifests) and model inputs (the tokenizer and init checkpoints' logged models,
@@ -496,7 +497,7 @@ class Trainer:
         if model is not None:
             self.tracker.log_checkpoint_model(model.name, d, model_id=model.model_id,
                                               weights=self.cfg.tracking.log_checkpoint, step=step)
-        _out(f"[train] exported final weights to {self.run.url_of('final')}")
+        _out(f"[train] exported final weights to {redact(self.run.url_of('final'))}")
         return d
 
     @torch.no_grad()
@@ -522,7 +523,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
             "mlflow_run_id": self.tracker.run_id, **_store_ref(getattr(self, "tracking_uri", None), self.run.url),
-            "output_dir": self.run.url if self.run.remote else ".",
+            "output_dir": redact(self.run.url) if self.run.remote else ".",
             "export_dir": (self.run.url_of("final") if self.run.remote else "final") if status == "FINISHED" else None,
             "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
@@ -534,21 +535,22 @@ class Trainer:
                 self.run.publish(rel)
         self.tracker.log_artifact(self.out / "summary.json")
         self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
-        summary["output_dir"] = self.run.url  # on the terminal: where to look
+        summary["output_dir"] = redact(self.run.url)  # on the terminal: where to look
         width = max(len(k) for k in summary)
         _out("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
 
 
 def _store_ref(tracking_uri: str | None, output_url: str) -> dict:
     """How summary.json names the tracking store: a SQLite file relative to the output folder (they move together),
-    any other store by its URI."""
+    any other store by its URI without credentials (``http://***@host``: infra/core/redact.py; the registry finds
+    the full URI again in ``$MLFLOW_TRACKING_URI`` or ``--tracking-uri``)."""
     from infra.core.tracking import sqlite_path
 
     if tracking_uri is None:
         return {"tracking_uri": None}
     db = sqlite_path(tracking_uri)
     if db is None or "://" in output_url:
-        return {"tracking_uri": tracking_uri}
+        return {"tracking_uri": redact(tracking_uri)}
     return {"tracking_store": portable_ref(db, output_url)}
 
 

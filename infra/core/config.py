@@ -173,14 +173,19 @@ def add_config_args(parser, config_help: str = "YAML config file") -> None:
 
 
 def dump_config(obj: Any, as_json: bool = False) -> str:
-    """The resolved config as YAML (or JSON) text."""
-    data = to_dict(obj)
+    """The resolved config as YAML (or JSON) text, as it may be shown or written: credentials in its URIs (a tracking
+    URI ``http://user:password@host``, a ``?password=`` query) and secret-named values masked by
+    :func:`infra.core.redact.redact_config`. The config a run *uses* is the object itself, never this text (a
+    launcher that hands a config file to workers passes the real URI beside it, see training/launch.py)."""
+    from .redact import redact_config
+
+    data = redact_config(to_dict(obj))
     return json.dumps(data, indent=2, sort_keys=True) + "\n" if as_json else yaml.safe_dump(data, sort_keys=False)
 
 
 def save_config(obj: Any, path: str | Path) -> str | Path:
     """Write the resolved config (YAML, or JSON by suffix) to a local path or a URL, so every output says exactly
-    what produced it."""
+    what produced it (secrets masked: :func:`dump_config`)."""
     from . import storage
 
     s = str(path)

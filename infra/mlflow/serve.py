@@ -6,7 +6,8 @@ on stderr (exit 2) when something is wrong:
 - the backend store URI is built from parts (``MLFLOW_DB_*``) with user and password percent-encoded, so a password
   holding ``@``, ``:`` or ``/`` works; a ``postgresql://`` URI is pointed at the psycopg 3 driver (the one the
   ``cluster`` extra installs); the URI travels to the server in its environment, never on a command line, and is
-  only ever printed with its credentials replaced by ``***``;
+  only ever printed through the platform's one redaction function (infra/core/redact.py: user-info, a libpq
+  ``?password=`` and other secret query values replaced by ``***``);
 - the database driver (psycopg) and, for ``s3://`` artifacts, boto3 are importable;
 - the database answers (retried for ``MLFLOW_STARTUP_WAIT_S`` seconds while it starts up);
 - the artifact bucket exists, and is created when missing (before the first upload, which would otherwise get a
@@ -17,15 +18,30 @@ on stderr (exit 2) when something is wrong:
   checks and port-forwards keep working.
 
 Stand-alone on purpose (standard library, plus psycopg/boto3 when used): it runs in the image or any venv that has
-MLflow, and imports nothing from the project.
+MLflow, and imports nothing from the project's packages; it loads ``infra/core/redact.py`` (standard library only) by
+its path beside this file.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
+
+
+def _load_redact():
+    """infra/core/redact.py, loaded by path: this script runs as a file, with no package on its path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "core", "redact.py")
+    spec = importlib.util.spec_from_file_location("varsr_redact", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_redact = _load_redact()
+redact = _redact.redact
 
 LOOPBACK_HOSTS = ("localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[::1]", "[[]::1]:*")
 
@@ -42,12 +58,10 @@ class Backend:
 
 
 def mask_credentials(uri: str) -> str:
-    """`scheme://***@host/...`: everything between '://' and the LAST '@' is treated as credentials, so a raw
-    password that itself contains '@', ':' or '/' is hidden whole, never in part."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest:
-        return uri
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    """`scheme://***@host/...?password=***`: the platform's redaction (infra/core/redact.py). Everything between
+    '://' and the LAST '@' of the authority is credentials, so a raw password that itself contains '@', ':' or '/' is
+    hidden whole, never in part; secret query values (libpq's `password`, `sslpassword`, ...) are masked too."""
+    return redact(uri)
 
 
 def _psycopg_scheme(uri: str) -> str:
@@ -85,17 +99,18 @@ def backend_from_env(env: dict[str, str], cwd: str) -> Backend:
         uri = _psycopg_scheme(raw)
         creds = raw.partition("://")[2].rpartition("@")[0]
         password = creds.partition(":")[2]
-        return Backend(uri, mask_credentials(uri), tuple(s for s in (password, creds) if s))
+        in_query = [v for k, v in parse_qsl(urlsplit(raw).query) if _redact.secret_key(k, query=True)]
+        return Backend(uri, mask_credentials(uri), tuple(s for s in (password, creds, *in_query) if s))
     return Backend(f"sqlite:///{os.path.join(cwd, 'mlflow.db')}", f"sqlite:///{os.path.join(cwd, 'mlflow.db')}")
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """First line of `text` with every secret (longest first) replaced by ***."""
+    """First line of `text` with every secret (longest first) replaced by ***, then redacted as any URI is."""
     line = (text.strip().splitlines() or [""])[0]
     for s in sorted(secrets, key=len, reverse=True):
         if s:
             line = line.replace(s, "***")
-    return line
+    return redact(line)
 
 
 def check_backend(backend: Backend, wait_s: float) -> None:
@@ -213,11 +228,11 @@ def main() -> int:
             if s3_endpoint(env):
                 env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint(env)   # the variable MLflow's S3 store reads
     except SetupError as e:
-        print(f"error: mlflow server: {e}", file=sys.stderr, flush=True)
+        print(f"error: mlflow server: {redact(str(e))}", file=sys.stderr, flush=True)
         return 2
     cmd = build_command(env, destination)
     hosts = allowed_hosts(env) or "MLflow defaults (localhost, private addresses)"
-    print(f"mlflow server: backend={backend.shown} artifacts={destination}{bucket_state} "
+    print(f"mlflow server: backend={backend.shown} artifacts={redact(destination)}{bucket_state} "
           f"on {env.get('MLFLOW_HOST', '127.0.0.1')}:{env.get('MLFLOW_PORT', '5000')} allowed-hosts={hosts}",
           file=sys.stderr, flush=True)
     for k in ("MLFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD_FILE"):
