@@ -31,11 +31,11 @@ class VQVAEConfig:
     quant_resi: float = 0.5  # phi(h) = (1-r)·h + r·conv(h)
     share_quant_resi: int = 4  # number of phi convs shared across scales
     # GroupNorm groups of every encoder/decoder norm: 32 as released (ch 160: 5-channel groups; at ch 32 one channel
-    # per group, docs/MODEL.md §1.2)
+    # per group, docs/EXPERIMENTS.md)
     norm_groups: int = 32
     # encoder/decoder conv init when training a tokenizer from scratch: "upstream" = PyTorch's default, as VAR's code
     # leaves it; "fan_in" = variance-preserving N(0, 1/fan_in), zero biases. Under the default each conv passes ~1/3
-    # of its input's variance, so a narrow tokenizer's ~16-conv trunk attenuates the image (docs/MODEL.md §1.2)
+    # of its input's variance, so a narrow tokenizer's ~16-conv trunk attenuates the image (docs/EXPERIMENTS.md)
     init: Literal["upstream", "fan_in"] = "upstream"
 
     @property
@@ -258,7 +258,7 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # The CPU-sized model of the first shipped bases (`small-base`; `small4` below is today's): 128-px images, 8-px
 # tokens (VQVAE downsample 8, 16x16 last scale), 8 scales, a 512-entry codebook of 16-d codes; the LR encoder has
 # stride 8 so the prefix is 16x16 = pn_last^2 tokens, as the model requires.
-# Its tokenizer keeps colour only with one GroupNorm group and a fan-in conv init (docs/MODEL.md §1.2): at ch 32 the
+# Its tokenizer keeps colour only with one GroupNorm group and a fan-in conv init (docs/EXPERIMENTS.md): at ch 32 the
 # released 32 groups hold one channel each, so every norm removes each channel's per-image mean (the image's colour),
 # and under PyTorch's default init the ~16-conv trunk attenuates the image before training starts.
 _SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=1,
@@ -283,7 +283,7 @@ _SMALL = dict(
 # encoder of stride 4. The tokens carry four times the information per
 # pixel: after 500 stage-0 steps its held-out tokenizer ceiling is 24.66 dB PSNR-Y on 6 lomiri photos and 19.18 dB on
 # the demo's motorcycle, against 21.35 / 17.01 dB for `small` after the same 500 steps and 23.66 / 18.23 dB after its
-# recipe's 2000 (docs/MODEL.md §1.2). An image takes four times as many tiles.
+# recipe's 2000 (docs/EXPERIMENTS.md). An image takes four times as many tiles.
 _SMALL4 = dict(_SMALL, vqvae=dict(_SMALL_VAE, ch_mult=(1, 2, 4)), lr_encoder_channels=(16, 32))
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""Variance-preserving conv init shared by the parts a CPU-sized model trains from scratch (docs/MODEL.md §1.2, §2.9):
+"""Variance-preserving conv init shared by the parts a CPU-sized model trains from scratch (docs/EXPERIMENTS.md, §2.9):
 the LR encoder (``lr_encoder_init: fan_in``) and the tokenizer (``vqvae.init: fan_in``)."""
 from __future__ import annotations
 

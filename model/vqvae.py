@@ -38,7 +38,7 @@ class VQVAE(nn.Module):
     def init_fan_in(self) -> None:
         """Every encoder/decoder conv N(0, 1/fan_in), zero biases (``VQVAEConfig.init``): each conv then keeps its
         input's variance, where PyTorch's default init passes about a third of it, so a trunk of ~16 convs no longer
-        shrinks the image, and its colour, towards nothing before training starts (docs/MODEL.md §1.2)."""
+        shrinks the image, and its colour, towards nothing before training starts (docs/EXPERIMENTS.md)."""
         for m in (*self.encoder.modules(), *self.decoder.modules()):
             if isinstance(m, nn.Conv2d):
                 fan_in_normal_(m)

@@ -2,7 +2,7 @@
 
 A base model trained on a few dozen photographs otherwise learns their palette and layout instead of following its
 input: the stage-0 tokenizer decodes an unlike photo in its corpus's colours (a red motorcycle as green foliage),
-and stage 2 draws those textures on an unseen LR (docs/MODEL.md §1.2). Each transform maps a valid (HR, LR) pair to
+and stage 2 draws those textures on an unseen LR (docs/EXPERIMENTS.md). Each transform maps a valid (HR, LR) pair to
 another valid pair, so they are free extra data: an autoencoder must then carry colour and geometry through its
 codes, and an SR model must take them from its LR. One draw per crop, applied alike to every tensor of that crop.
 Draws come from ``model.sampling.stream_generator(seed, step[, rank])``, so a resumed run sees the batches an

@@ -1,4 +1,4 @@
-"""Sharpness losses of the stage-0 decoder finetune (docs/MODEL.md §1.2).
+"""Sharpness losses of the stage-0 decoder finetune (docs/EXPERIMENTS.md).
 
 A decoder trained with pixel losses alone (L1 + MSE) returns the mean of every detail it cannot place exactly: a
 blurred image, with less high-frequency energy than even a bicubic upsampling. Two losses push back:

@@ -165,7 +165,7 @@ def mean_chroma(x: torch.Tensor) -> torch.Tensor:
 
 
 def chroma_fidelity(x: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
-    """How much of each image's average colour a reconstruction keeps (tokenizer check, docs/MODEL.md §1.2).
+    """How much of each image's average colour a reconstruction keeps (tokenizer check, docs/EXPERIMENTS.md).
 
     ``x``, ``rec``: (B, 3, H, W) in the same range. ``chroma_err``: mean |mean_chroma(rec) - mean_chroma(x)| in those
     units. ``chroma_gain``: least-squares slope of the reconstructions' mean chroma on the inputs' (both opponent

@@ -61,11 +61,30 @@ def test_readme_has_no_unfilled_placeholders():
         assert marker not in README, marker
 
 
-def test_readme_cluster_commands_are_the_ones_the_cluster_test_runs():
-    """The README's "Run on a cluster" commands are, character for character, those tests/cluster runs."""
+def test_cluster_commands_are_the_ones_the_cluster_test_runs():
+    """docs/CLUSTER.md's "The commands" are, character for character, those tests/cluster runs."""
     from tests.cluster import commands
 
-    section = README.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    doc = (ROOT / "docs" / "CLUSTER.md").read_text()
+    section = doc.split("## The commands", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     shown = [line for line in block.splitlines() if line.startswith("varsr ")]
     assert shown == list(commands.README_COMMANDS)
+
+
+def test_every_command_block_of_the_docs_says_how_the_tests_run_it():
+    """Every note above a block parses (a typo would silently skip it), the README's first block is the set-up +
+    demo run verbatim by tests/readme, its second the test command, and the skip list stays short."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "readme"))
+    from doc_blocks import read_blocks
+
+    blocks = read_blocks(ROOT, "README.md")
+    assert [b.kind for b in blocks[:2]] == ["first", "skip"] and "infra/scripts/test.sh" in blocks[1].body
+    assert all(b.kind != "first" for b in blocks[1:])
+    docs = ("README.md", "inference/README.md", "docs/CLUSTER.md")
+    every = [b for d in docs for b in read_blocks(ROOT, d)]
+    skipped = [b for b in every if b.kind == "skip"]
+    assert len(every) - len(skipped) >= 8 and len(skipped) <= 8, [b.id for b in skipped]
+    assert [b.kind for b in every].count("cluster") == 1

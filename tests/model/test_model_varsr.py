@@ -313,7 +313,7 @@ def test_ce_weighting_token_is_the_token_mean_and_scale_the_mean_of_scale_means(
 
 
 def test_small4_has_four_px_tokens_and_the_sequence_of_small():
-    """`small4` (docs/MODEL.md §1.2): 64-px tiles of 4-px tokens, the 16 x 16 last scale, prefix and sequence of
+    """`small4` (docs/EXPERIMENTS.md): 64-px tiles of 4-px tokens, the 16 x 16 last scale, prefix and sequence of
     `small` (so the transformer costs the same per tile); its stage-1 variant shares the geometry; it generates
     64-px images from 64-px LR inputs and its tokenizer reconstructs 64-px crops."""
     small, s4, c4 = VARSRConfig.preset("small"), VARSRConfig.preset("small4"), VARSRConfig.preset("c2i-small4")

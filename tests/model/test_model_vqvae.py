@@ -225,7 +225,7 @@ def test_training_forward_straight_through_and_usage():
 
 
 def test_norm_groups_reach_every_groupnorm_and_old_configs_load_as_32():
-    """docs/MODEL.md §1.2: vqvae.norm_groups sets every encoder/decoder GroupNorm; a config written before the field
+    """docs/EXPERIMENTS.md: vqvae.norm_groups sets every encoder/decoder GroupNorm; a config written before the field
     (no norm_groups key) is the released 32; channels not divisible by the groups are refused."""
     import json
 
@@ -245,7 +245,7 @@ def test_norm_groups_reach_every_groupnorm_and_old_configs_load_as_32():
 
 
 def test_fan_in_init_keeps_the_trunks_variance_where_the_default_init_shrinks_it():
-    """docs/MODEL.md §1.2, cause 1: ``vqvae.init: fan_in`` draws every encoder/decoder conv from N(0, 1/fan_in) with
+    """docs/EXPERIMENTS.md, cause 1: ``vqvae.init: fan_in`` draws every encoder/decoder conv from N(0, 1/fan_in) with
     zero biases, so each conv passes its input's variance on; PyTorch's default passes about a third. Checked on the
     weights and on what a stack of the decoder's convs does to a random signal; old configs load as ``upstream``."""
     import json

@@ -102,7 +102,7 @@ def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
     _report_colour(kept)
     out = capsys.readouterr().out
     assert "chroma gain 0.88 tokens only / 0.93 reconstruction" in out and "WARNING" not in out
-    # about the first small-base tokenizer (0.01 on 32 crops of its shards, docs/MODEL.md §1.2): colour lost
+    # about the first small-base tokenizer (0.01 on 32 crops of its shards, docs/EXPERIMENTS.md): colour lost
     _report_colour({**kept, "chroma_gain": 0.04, "chroma_gain_tokens": 0.03})
     out = capsys.readouterr().out
     assert f"WARNING: the tokenizer does not reproduce colour (chroma gain 0.03 < {MIN_CHROMA_GAIN})" in out
@@ -111,7 +111,7 @@ def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
 
 
 def test_lowpass_loss_sees_block_colour_but_not_texture_that_averages_out():
-    """The stage-0 low-pass term (docs/MODEL.md §1.2): a tint of d on every pixel costs d², a checkerboard error
+    """The stage-0 low-pass term (docs/EXPERIMENTS.md): a tint of d on every pixel costs d², a checkerboard error
     that averages to zero within each block costs nothing, and its gradient on a uniform tint is what MSE on the
     block means gives; bad settings are refused before training."""
     import pytest
@@ -134,7 +134,7 @@ def test_lowpass_loss_sees_block_colour_but_not_texture_that_averages_out():
 
 
 def test_augmented_cosine_tokenizer_run_resumes_exactly_and_refuses_another_schedule(shards, tmp_path):
-    """Stage 0 with crop augmentation and the cosine lr (training/augment.py, docs/MODEL.md §1.2): the augmentation
+    """Stage 0 with crop augmentation and the cosine lr (training/augment.py, docs/EXPERIMENTS.md): the augmentation
     changes what is trained on, draws are fixed by (seed, step) so a resumed run gives the uninterrupted losses, the lr
     warms up then decays to lr * min_lr_ratio (a run extended to more steps decays over the new span from where it
     resumes), and a resume with another schedule or without augmentation is refused."""
@@ -190,7 +190,7 @@ def test_sharpness_losses_see_edges_and_the_critic_scores_patches():
 
 
 def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards, tmp_path):
-    """Stage 0b (docs/MODEL.md §1.2): `train_parts=decoder` from a full checkpoint changes only decoder.* and
+    """Stage 0b (docs/EXPERIMENTS.md): `train_parts=decoder` from a full checkpoint changes only decoder.* and
     post_quant_conv.*, so a batch tokenizes to the same codes; it resumes exactly with its critic; `with_decoder`
     puts the new decoder beside the old transformer and refuses a tokenizer that encodes differently."""
     import pytest
@@ -241,7 +241,7 @@ def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards
 
 
 def test_residual_mix_decodes_a_share_of_crops_from_the_encoder_latent(shards):
-    """Stage 0b's ``residual_mix`` (docs/MODEL.md §1.2): a crop gets either the token-only f_hat or the encoder
+    """Stage 0b's ``residual_mix`` (docs/EXPERIMENTS.md): a crop gets either the token-only f_hat or the encoder
     latent f (= f_hat + the exact last-scale residual, what a perfect refiner adds); 0 gives f_hat for every crop,
     1 gives f for every crop, 0.5 mixes them, and the setting is refused outside [0, 1] or without train_parts=decoder."""
     import pytest
