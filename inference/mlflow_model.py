@@ -1,4 +1,4 @@
-"""The VARSR MLflow pyfunc model (README, "Contracts").
+"""The VARSR MLflow pyfunc model (docs/CONTRACTS.md, "MLflow model").
 
 Input: a DataFrame with a string column ``image`` (base64 PNG/JPEG, one image per row) and params ``scale``,
 ``cfg``, ``seed`` (-1 = random), ``top_k``, ``top_p``, ``tile`` (-1 = auto, N >= 0 = force latent tiling with N

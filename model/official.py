@@ -127,12 +127,56 @@ def infer_config(var_sd: dict, vae_sd: dict, name: str = "imported") -> VARSRCon
                         f"(pass a config/--preset explicitly)") from None
     if Cvae != vq["z_channels"]:
         raise UserError(f"transformer expects Cvae={Cvae} but the VQVAE has z_channels={vq['z_channels']}")
+    d["patch_nums"] = _patch_nums(var_sd, K, isr)
+    return _known_preset(d) or VARSRConfig.from_dict(d)
+
+
+def _patch_nums(var_sd: dict, K: int, isr: bool) -> list[int]:
+    """The scale schedule: read exactly from the ``lvl_1L`` buffer when the file has it (docs/MODEL.md §2.3: level
+    k >= 1 fills pn_k² positions; level 0 fills pn_0², plus the LR prefix of pn_last² positions in the ISR variant),
+    else the released schedule with ``K`` scales (10 for VARSR, 12 for VAR's c2i)."""
+    lvl = var_sd.get("lvl_1L")
+    if lvl is not None and lvl.numel():
+        counts = torch.bincount(lvl.reshape(-1).long()).tolist()
+        if len(counts) == K:
+            pns = [round(c ** 0.5) for c in counts]
+            if isr:
+                counts[0] -= pns[-1] ** 2
+                pns[0] = round(max(counts[0], 0) ** 0.5)
+            if all(p > 0 and p * p == c for p, c in zip(pns, counts)):
+                return pns
     by_k = {len(RELEASED_PATCH_NUMS): RELEASED_PATCH_NUMS, len(C2I_12_SCALE_PATCH_NUMS): C2I_12_SCALE_PATCH_NUMS}
     if K not in by_k:
-        raise UserError(f"lvl_embed has {K} rows: not one of the released scale schedules (10 or 12 scales); "
-                        f"pass a config/--preset with the right patch_nums")
-    d["patch_nums"] = list(by_k[K])
-    return VARSRConfig.from_dict(d)
+        raise UserError(f"lvl_embed has {K} rows: not one of the released scale schedules (10 or 12 scales) and the "
+                        f"file has no lvl_1L buffer to read the schedule from; pass a config/--preset with the right "
+                        f"patch_nums")
+    return list(by_k[K])
+
+
+# what the tensor shapes fix: a preset that agrees on all of them is the file's preset (its other settings, such as
+# the VQVAE's GroupNorm groups, cannot be read from shapes and come from the preset)
+_SHAPE_FIELDS = ("variant", "patch_nums", "depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes",
+                 "refiner_width", "refiner_depth", "lr_encoder_channels", "lr_encoder_hidden")
+_VQ_SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "share_quant_resi",
+                    "quant_conv_ks")
+
+
+def _known_preset(inferred: dict) -> VARSRConfig | None:
+    """The preset of ``model/config.py`` whose every shape-fixed setting equals the inferred one, named as the preset;
+    None when no preset (or more than one) agrees."""
+    from .config import PRESETS
+
+    def same(a, b) -> bool:
+        return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
+
+    hits = []
+    for name in PRESETS:
+        cfg = VARSRConfig.preset(name)
+        full = cfg.to_dict()
+        if all(same(full.get(k), inferred[k]) for k in _SHAPE_FIELDS if k in inferred) and all(
+                same(full["vqvae"].get(k), inferred["vqvae"][k]) for k in _VQ_SHAPE_FIELDS):
+            hits.append(cfg)
+    return hits[0] if len(hits) == 1 else None
 
 
 def _check_buffers(varsr, var_sd: dict, path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The cluster commands, written once: the end-to-end test runs exactly these, and the README's "Run on a cluster"
+"""The cluster commands, written once: the end-to-end test runs exactly these, and docs/CLUSTER.md's "The commands"
 section shows exactly these (tests/infra/test_infra_readme.py checks that), with its placeholders filled in:
 
   $BUCKET   the object-store bucket          $RAY      the Ray cluster address (``ray start --head`` prints it)

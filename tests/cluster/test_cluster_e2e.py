@@ -1,6 +1,6 @@
 """The whole platform on a cluster, on one machine, with the real pieces: a multi-node Ray cluster (head with 0
 CPUs, two worker nodes), an S3-compatible endpoint (moto's server), and an MLflow tracking server with a PostgreSQL
-backend and S3 artifacts (infra/mlflow/start_server.sh). The commands are the README's "Run on a cluster" commands
+backend and S3 artifacts (infra/mlflow/start_server.sh). The commands are docs/CLUSTER.md's "The commands"
 (tests/cluster/commands.py), with only their sizes reduced:
 
   raw photos in s3:// -> varsr data build -> shards in s3://                       (shard tasks on both worker nodes)

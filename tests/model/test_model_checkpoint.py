@@ -148,6 +148,24 @@ def test_infer_config_from_released_shapes():
     assert got.vqvae == cfg.vqvae
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small4", "c2i-tiny"])
+def test_a_schedule_outside_the_release_is_read_from_lvl_1L_and_named_by_its_preset(preset):
+    """Official-layout files carry lvl_1L: the importer reads the scale schedule from it (the ISR variant's LR prefix
+    counted out of level 0) and names the platform preset whose every shape-fixed setting agrees, so that settings
+    shapes cannot show (the VQVAE's GroupNorm groups) come from it. Without lvl_1L only the released schedules are
+    known, and the error says so."""
+    from infra.core.errors import UserError
+
+    vqvae, varsr = build(VARSRConfig.preset(preset), device="meta")
+    sd = dict(varsr.state_dict())
+    sd["lvl_1L"] = varsr.level_ids("cpu").view(1, -1)
+    got = infer_config(sd, vqvae.state_dict())
+    assert got.name == preset and got == VARSRConfig.preset(preset)
+    del sd["lvl_1L"]
+    with pytest.raises(UserError, match="no lvl_1L buffer"):
+        infer_config(sd, vqvae.state_dict())
+
+
 def test_load_stage_weights_truncates_classes_and_drops_mismatches(tmp_path):
     torch.manual_seed(0)
     _, stage1 = build(VARSRConfig.preset("c2i-tiny"))
