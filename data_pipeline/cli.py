@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+
 from infra.core.config import add_config_args, to_dict
 from infra.core.errors import UserError
 

@@ -1,4 +1,5 @@
-"""HR crop (docs/MODEL.md §5.5): resize the short side to round(f * crop) with LANCZOS, centre or random crop, random flip."""
+"""HR crop (docs/MODEL.md §5.5): resize the short side to round(f * crop) with LANCZOS, centre or random crop, random
+flip."""
 from __future__ import annotations
 
 import numpy as np

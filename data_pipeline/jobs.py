@@ -36,9 +36,21 @@ from .materialise import STAGES, write_shard
 from .progress import Progress, format_table
 from .scorers import iqa_status
 from .selection import select as select_rows
-from .shards import (REJECTED, SCORES, SELECTION, Counts, Manifest, ShardEntry, ShardStats, read_stats,
-                     read_manifest, remove_stale_temporaries, shard_name, stats_name,
-                     write_manifest as publish_manifest)
+from .shards import (
+    REJECTED,
+    SCORES,
+    SELECTION,
+    Counts,
+    Manifest,
+    ShardEntry,
+    ShardStats,
+    read_manifest,
+    read_stats,
+    remove_stale_temporaries,
+    shard_name,
+    stats_name,
+)
+from .shards import write_manifest as publish_manifest
 from .sources import list_sources
 
 log = logging.getLogger("data_pipeline")
@@ -133,8 +145,9 @@ def _prepare_output(output: str) -> str:
 # --------------------------------------------------------------------------------------------------------- score
 def score(input, output: str, config=None, ray_address: str | None = None) -> dict:
     """Decode + score every input into `{output}/scores.parquet`. Skipped when an identical table exists."""
-    from .scoring import ScoreWorker, scores_fingerprint
     import ray.data
+
+    from .scoring import ScoreWorker, scores_fingerprint
     cfg = _cfg(config)
     out = _prepare_output(output)
     items = list_sources(input, cfg.source)
@@ -176,6 +189,7 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
         tmp_dir = storage.local_path(out) if storage.is_local(out) else None
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=tmp_dir)
         os.close(fd)
+        counts: Counter[str]
         writer, counts = None, Counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
@@ -340,6 +354,8 @@ def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manif
         rej = pd.concat([rej, pd.DataFrame(shard_fail)], ignore_index=True)
     rej = rej.sort_values(["uri", "stage"], kind="stable").reset_index(drop=True)
     _atomic_parquet(rej, rej_url)
+    labels: Counter[int]
+    classes: Counter[int]
     labels, classes = Counter(), Counter()
     for s in stats:
         labels.update({int(k): v for k, v in s.labels.items()})

@@ -21,7 +21,16 @@ from .config import PIPELINE_VERSION, BuildConfig
 from .crop import crop_hr
 from .decode import decode_image
 from .degrade import degrade
-from .shards import SAMPLE_MEMBERS, SampleMeta, ShardFailure, ShardStats, TarWriter, encode_png, publish_shard, shard_name
+from .shards import (
+    SAMPLE_MEMBERS,
+    SampleMeta,
+    ShardFailure,
+    ShardStats,
+    TarWriter,
+    encode_png,
+    publish_shard,
+    shard_name,
+)
 from .sources import read_bytes
 
 STAGES = ("read", "decode", "crop", "degrade", "encode", "write")
@@ -96,6 +105,8 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
     timings: dict[str, float] = {}
     prefix = cfg.shard.prefix
     writer = TarWriter(storage.join(out_dir, shard_name(prefix, index)))
+    labels: Counter[int]
+    classes: Counter[int]
     failures, labels, classes, n = [], Counter(), Counter(), 0
     try:
         for row in rows:

@@ -157,20 +157,20 @@ def _walk(root: str, cfg: SourceConfig) -> list[SourceItem]:
                 raise
             items.append(_rejected(folder, "read_error", f"cannot list folder: {type(e).__name__}: {e}", "failed"))
             continue
-        for e in entries:
+        for entry in entries:
             try:
-                real_dir = e.is_dir(follow_symlinks=False)
+                real_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 real_dir = False
-            if real_dir and printable(e.path) == e.path and not e.name.startswith("."):
-                stack.append(e.path)
-            elif real_dir and e.name.startswith("."):
-                items.append(_rejected(e.path, "hidden", "hidden folder (name starts with '.'): not walked"))
+            if real_dir and printable(entry.path) == entry.path and not entry.name.startswith("."):
+                stack.append(entry.path)
+            elif real_dir and entry.name.startswith("."):
+                items.append(_rejected(entry.path, "hidden", "hidden folder (name starts with '.'): not walked"))
             elif real_dir:
-                items.append(_rejected(e.path, "name_not_utf8", f"folder name is not valid UTF-8 "
-                                                                f"({printable(e.path)}): not walked; rename it"))
+                items.append(_rejected(entry.path, "name_not_utf8", "folder name is not valid UTF-8 "
+                                       f"({printable(entry.path)}): not walked; rename it"))
             else:
-                items.append(_local_item(e.path, cfg, walked=True))
+                items.append(_local_item(entry.path, cfg, walked=True))
     return items
 
 

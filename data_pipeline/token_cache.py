@@ -37,9 +37,22 @@ from infra.core.config import build as build_typed
 from infra.core.config import to_dict
 from infra.core.errors import UserError
 
-from .shards import (ShardEntry, TokenCache, TokenShardStats, TarWriter, decode_hr, encode_token_members,
-                     iter_tar_stream, publish_with_stats, read_manifest, read_token_stats, remove_stale_temporaries,
-                     token_shard_name, token_stats_name, write_manifest)
+from .shards import (
+    ShardEntry,
+    TarWriter,
+    TokenCache,
+    TokenShardStats,
+    decode_hr,
+    encode_token_members,
+    iter_tar_stream,
+    publish_with_stats,
+    read_manifest,
+    read_token_stats,
+    remove_stale_temporaries,
+    token_shard_name,
+    token_stats_name,
+    write_manifest,
+)
 from .shards.format import manifest_url
 
 log = logging.getLogger("data_pipeline")
@@ -198,6 +211,7 @@ def _run_tasks(todo: list[ShardEntry], out: str, tokenizer: Tokenizer, opts: Tok
     tok_ref = ray.put(tokenizer)
     cluster = ray.cluster_resources()
     width = max(1, int(cluster.get("GPU", 0)) if device == "cuda" else int(cluster.get("CPU", 1)) // opts.threads)
+    pending: dict
     queue, pending = list(todo), {}
     while queue or pending:
         while queue and len(pending) < width:
@@ -210,7 +224,7 @@ def _run_tasks(todo: list[ShardEntry], out: str, tokenizer: Tokenizer, opts: Tok
             pending.pop(ref)
             try:
                 result = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a task's own UserError is the message to show
+            except Exception as e:  # a task's own UserError is the message to show
                 c = _cause(e)
                 if isinstance(c, UserError):
                     raise UserError(str(c)) from None

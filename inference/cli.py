@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from infra.core.config import add_config_args
-from .config import COLOR_FIXES
 from infra.core.errors import UserError
+
+from .config import COLOR_FIXES
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ class RuntimeConfig:
     """Where and in which precision the model runs."""
 
     device: str = "auto"  # auto -> cuda if available else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto -> bf16 autocast where the device has bf16 matrix units, else fp32
+    # auto -> bf16 autocast where the device has bf16 matrix units, else fp32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cpu_threads: int | None = None  # torch intra-op threads when running on CPU (None: torch's default)
 
 

@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from .images import ImageInputError, open_image_path
 from infra.core.metrics import full_reference, optional_metrics
+
+from .images import ImageInputError, open_image_path
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         content.update(stem.encode() + hr.convert("RGB").tobytes() + lr.convert("RGB").tobytes())
         sr = pipeline.upscale(lr, scale=scale, **kw)
         if sr.size != hr.size:  # rounding of a non-integral scale: match the reference exactly
-            sr = sr.resize(hr.size, Image.BICUBIC)
+            sr = sr.resize(hr.size, Image.Resampling.BICUBIC)
         sr.save(out / "sr" / f"{stem}.png")
-        bic = lr.resize(hr.size, Image.BICUBIC)
+        bic = lr.resize(hr.size, Image.Resampling.BICUBIC)
         methods = {"varsr": sr, **({"bicubic": bic} if baseline == "bicubic" else {})}
         for method, img in methods.items():
             row: dict[str, Any] = {"image": stem, "method": method, "scale": scale, **full_reference(img, hr)}

@@ -265,7 +265,7 @@ class RequestGuard:
             on_start, self._on_start = self._on_start, None
             try:
                 on_start()
-            except Exception:  # noqa: BLE001 - a setup step must not take the server down
+            except Exception:  # a setup step must not take the server down
                 log.exception("request guard: start-up step failed")
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
@@ -333,7 +333,8 @@ class RequestGuard:
         token = _CURRENT.set(control)
         watcher = asyncio.create_task(watch_client())
         try:
-            await asyncio.wait_for(self.app(scope, replay, inner_send), timeout=lim.request_timeout_s + lim.reply_grace_s)
+            await asyncio.wait_for(self.app(scope, replay, inner_send),
+                                   timeout=lim.request_timeout_s + lim.reply_grace_s)
         except (asyncio.TimeoutError, TimeoutError):
             self.stats["timed_out"] += 1
             control.cancel(f"the request took longer than serving.request_timeout_s={lim.request_timeout_s:g} s")

@@ -177,6 +177,7 @@ def tensor_to_pil_round(x: torch.Tensor) -> Image.Image:
 
 
 def tensor_to_pil_trunc(x: torch.Tensor) -> Image.Image:
-    """(3,H,W) float in [0, 1] -> uint8 PIL by truncation (ToPILImage, docs/MODEL.md §4.4 step 2 / docs/MODEL.md §7.2 item 8)."""
+    """(3,H,W) float in [0, 1] -> uint8 PIL by truncation (ToPILImage, docs/MODEL.md §4.4 step 2 / docs/MODEL.md §7.2
+    item 8)."""
     a = (x.detach().clamp(0, 1) * 255.0).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a, mode="RGB")

@@ -79,7 +79,7 @@ def example_input() -> pd.DataFrame:
     from PIL import Image
     from skimage import data
 
-    img = Image.fromarray(data.astronaut()).resize((64, 64), Image.BICUBIC).crop((24, 8, 40, 24))
+    img = Image.fromarray(data.astronaut()).resize((64, 64), Image.Resampling.BICUBIC).crop((24, 8, 40, 24))
     return pd.DataFrame({"image": [encode_png_base64(img)]})
 
 
@@ -279,7 +279,7 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             out = self._run(images, p, control)
         except MlflowException:
             raise
-        except Exception as e:  # noqa: BLE001 - never leak a stack trace to the client; log it server-side
+        except Exception as e:  # never leak a stack trace to the client; log it server-side
             log.exception("upscale failed")
             raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None
         return pd.DataFrame({"image": [encode_png_base64(o) for o in out],

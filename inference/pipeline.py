@@ -1,11 +1,11 @@
 """VARSRPipeline: any-size image super-resolution with the VARSR model (docs/MODEL.md §4).
 
 Per image: decode to RGB (any mode, EXIF applied) -> bicubic-upsample the LR to the target size (scale x input; for a
-target equal to the model resolution this is exactly the released pre-processing, docs/MODEL.md §4.1) -> reflect-pad to a
-multiple of the VQVAE stride and at least one model tile -> one generate() per latent tile (a single tile when the
-padded target is the model resolution; otherwise overlapping tiles, batched) returning f_hat -> tiles blended in
-latent space with symmetric smooth weights -> decoded once -> cropped to the exact target -> uint8 -> colour fix
-against the bicubic-upsampled LR (AdaIN or wavelet) -> PIL.
+target equal to the model resolution this is exactly the released pre-processing, docs/MODEL.md §4.1) -> reflect-pad to
+a multiple of the VQVAE stride and at least one model tile -> one generate() per latent tile (a single tile when the
+padded target is the model resolution; otherwise overlapping tiles, batched) returning f_hat -> tiles blended in latent
+space with symmetric smooth weights -> decoded once -> cropped to the exact target -> uint8 -> colour fix against the
+bicubic-upsampled LR (AdaIN or wavelet) -> PIL.
 """
 from __future__ import annotations
 
@@ -25,8 +25,15 @@ from PIL import Image
 
 from .colorfix import color_fix as apply_color_fix
 from .config import COLOR_FIXES, InferenceConfig, SamplingConfig, load_inference_config
-from .images import (ImageInputError, ImageLike, check_pixels, load_image, pil_to_tensor, tensor_to_pil_round,
-                     tensor_to_pil_trunc)
+from .images import (
+    ImageInputError,
+    ImageLike,
+    check_pixels,
+    load_image,
+    pil_to_tensor,
+    tensor_to_pil_round,
+    tensor_to_pil_trunc,
+)
 from .tiling import Tile, blend_tiles, tile_grid
 
 log = logging.getLogger(__name__)
@@ -238,7 +245,8 @@ class VARSRPipeline:
         ov = self.config.tiling.overlap
         return self.latent_side // 4 if ov is None else int(ov)
 
-    def plan_size(self, width: int, height: int, p: UpscaleParams) -> tuple[tuple[int, int], tuple[int, int], list[Tile]]:
+    def plan_size(self, width: int, height: int,
+                  p: UpscaleParams) -> tuple[tuple[int, int], tuple[int, int], list[Tile]]:
         """(target (h, w), padded (h, w), latent tiles) of a width x height input: the plan's geometry, computed
         without touching pixels (what the served endpoint's work and memory estimates read, inference/guard.py)."""
         tw, th = self.target_size(width, height, p.scale)
@@ -250,7 +258,7 @@ class VARSRPipeline:
     def plan(self, img: Image.Image, p: UpscaleParams) -> _Plan:
         """Target size, padding and latent tiles of one RGB image."""
         (th, tw), (hp, wp), tiles = self.plan_size(img.width, img.height, p)
-        lr_up = pil_to_tensor(img.resize((tw, th), Image.BICUBIC))
+        lr_up = pil_to_tensor(img.resize((tw, th), Image.Resampling.BICUBIC))
         S, d = self.image_size, self.stride
         padded = reflect_pad_to(lr_up, hp, wp)
         crops = [padded[:, t.y * d: t.y * d + S, t.x * d: t.x * d + S] for t in tiles]
@@ -308,7 +316,8 @@ class VARSRPipeline:
         return img[:, :th, :tw].cpu()
 
     def _postprocess(self, sr: torch.Tensor, plan: _Plan, p: UpscaleParams) -> Image.Image:
-        """uint8 rounding, colour fix against the bicubic LR, truncation to uint8 (docs/MODEL.md §4.4 / docs/MODEL.md §7.2 item 8)."""
+        """uint8 rounding, colour fix against the bicubic LR, truncation to uint8 (docs/MODEL.md §4.4 / docs/MODEL.md
+        §7.2 item 8)."""
         if p.color_fix == "none":
             return tensor_to_pil_round(sr)
         q = (sr * 255.0).round() / 255.0

@@ -16,9 +16,16 @@ import tempfile
 from pathlib import Path
 
 from infra.core.redact import redact, restore
-from infra.core.tracking import default_tracking_uri, portable_ref, resolve_ref, resolve_tracking_uri
+from infra.core.tracking import (
+    default_tracking_uri,
+    portable_ref,
+    resolve_ref,
+    resolve_tracking_uri,
+    start_run,
+    store_dir,
+    tracking_uri_scope,
+)
 from infra.core.tracking import run_name as make_run_name
-from infra.core.tracking import start_run, store_dir, tracking_uri_scope
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from infra.core.tracking import resolve_tracking_uri
 
@@ -108,7 +109,7 @@ def group_alive(pgid: int) -> bool:
 
 def _reap_group(pgid: int) -> list[tuple[int, int]]:
     """Reap every exited child of this process in group ``pgid``: [(pid, exit code or -signal)]."""
-    out = []
+    out: list[tuple[int, int]] = []
     while True:
         try:
             res = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG)
@@ -127,7 +128,7 @@ def run_server_group(argv: list[str], env: dict[str, str], stop_timeout: float =
     seconds or on a second SIGINT. Returns 0 after a requested stop, else the leader's exit code (if it exits on
     its own, what is left of its group is stopped the same way first).
     """
-    state = {"signal": None, "stopping_since": None, "pgid": None, "sigints": 0}
+    state: dict[str, Any] = {"signal": None, "stopping_since": None, "pgid": None, "sigints": 0}
 
     def on_signal(signum, _frame):
         if state["signal"] is None:

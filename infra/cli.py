@@ -4,7 +4,8 @@ Each component's ``cli.py`` registers the subcommands that only need that compon
 ``varsr upscale|register|serve|eval``, ``varsr model|import-checkpoint``). What crosses components is wired here:
 after ``varsr train c2i|isr`` with ``register.name`` set, the model is logged into the training run itself and
 registered from there (inference's registry); ``varsr eval --shards`` reads pairs through the data pipeline's shard
-reader; ``varsr data tokenize`` runs the model package's frozen tokenizer in the data pipeline's job. Nothing imports this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
+reader; ``varsr data tokenize`` runs the model package's frozen tokenizer in the data pipeline's job. Nothing imports
+this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import data_pipeline.cli as data_cli
 import inference.cli as inference_cli
 import model.cli as model_cli
 import training.cli as training_cli
-from infra.demo.cli import register_cli as register_demo_cli
-from infra.core.errors import UserError
 from infra.core import redact
+from infra.core.errors import UserError
+from infra.demo.cli import register_cli as register_demo_cli
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

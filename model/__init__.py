@@ -5,16 +5,16 @@ losses and checkpoint I/O (native safetensors and the official-checkpoint import
     vqvae, varsr = build(VARSRConfig.preset("tiny"))
     images = varsr.generate(lr_images, generator=image_generators(seed=0, count=len(lr_images)))
 """
-from .config import VARSRConfig
-from .vqvae import VQVAE
-from .refiner import DiffLoss
-from .varsr import VARSR, GenerationInfo
 from .build import build
-from .sampling import image_generators, sample_top_k_top_p, stream_generator
-from .precision import default_inference_dtype
-from .losses import LossOutput, compute_loss
 from .checkpoint import from_pretrained, save_pretrained
+from .config import VARSRConfig
+from .losses import LossOutput, compute_loss
 from .official import import_official, load_stage_weights
+from .precision import default_inference_dtype
+from .refiner import DiffLoss
+from .sampling import image_generators, sample_top_k_top_p, stream_generator
+from .varsr import VARSR, GenerationInfo
+from .vqvae import VQVAE
 
 __all__ = [
     "VARSRConfig", "VQVAE", "VARSR", "DiffLoss", "build", "save_pretrained", "from_pretrained", "import_official",

@@ -1,5 +1,5 @@
-"""Self-attention of the VARSR blocks (docs/MODEL.md §2.7): L2-normalised q/k with a learned per-head temperature, 2-D RoPE,
-softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale
+"""Self-attention of the VARSR blocks (docs/MODEL.md §2.7): L2-normalised q/k with a learned per-head temperature, 2-D
+RoPE, softmax scale 1, q/v bias but no k bias, the block-causal level mask, and a per-call KV cache for scale-by-scale
 inference.
 
 The cache is an object created by each ``generate`` call and handed down through the blocks (``KVCache``), never
@@ -88,7 +88,8 @@ class KVSlot:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head attention; parameter names follow the official checkpoint (mat_qkv, q_bias, v_bias, scale_mul_1H11, proj)."""
+    """Multi-head attention; parameter names follow the official checkpoint (mat_qkv, q_bias, v_bias, scale_mul_1H11,
+    proj)."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -124,7 +125,8 @@ class SelfAttention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         if isinstance(mask, list):
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m,
-                                                            dropout_p=drop, scale=1.0) for qs, qe, ke, m in mask], dim=2)
+                                                            dropout_p=drop, scale=1.0)
+                             for qs, qe, ke, m in mask], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

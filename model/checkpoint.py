@@ -237,7 +237,8 @@ def read_config(directory) -> tuple[VARSRConfig, dict]:
     except json.JSONDecodeError as e:
         raise UserError(f"{cj} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{cj}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+        raise UserError(f"{cj}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                        f"expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise UserError(f"{cj}: unsupported version {meta.get('version')!r} (this code reads version {VERSION})")
     try:

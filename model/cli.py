@@ -75,7 +75,8 @@ def register(subparsers) -> None:
     info.set_defaults(func=_info)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    imp = subparsers.add_parser("import-checkpoint", help="convert official VARSR/VAR .pth files to a native checkpoint")
+    imp = subparsers.add_parser("import-checkpoint",
+                                help="convert official VARSR/VAR .pth files to a native checkpoint")
     imp.add_argument("--var", required=True, help="VARSR.pth / VARSR_C2I.pth / var_d*.pth")
     imp.add_argument("--vae", required=True, help="VQVAE.pth / vae_ch160v4096z32.pth")
     imp.add_argument("-o", "--output", required=True, help="output folder")

@@ -1,8 +1,8 @@
 """VARSR model configuration and presets.
 
-One typed object holds every architectural number of docs/MODEL.md §8 ("Configuration object"); the defaults are the released
-VARSR model (docs/MODEL.md §0.1: d24, patch_nums 1…32 at 512 px, VQVAE ch160 v4096 z32). Everything geometric is *derived*
-from it (image size, prefix length, RoPE grid, sequence length), never hard-coded to 512 / 1024 / 32.
+One typed object holds every architectural number of docs/MODEL.md §8 ("Configuration object"); the defaults are the
+released VARSR model (docs/MODEL.md §0.1: d24, patch_nums 1…32 at 512 px, VQVAE ch160 v4096 z32). Everything geometric
+is *derived* from it (image size, prefix length, RoPE grid, sequence length), never hard-coded to 512 / 1024 / 32.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Gaussian diffusion tables and likelihood terms of the refiner (docs/MODEL.md §3.3-docs/MODEL.md §3.4; IDDPM conventions).
+"""Gaussian diffusion tables and likelihood terms of the refiner (docs/MODEL.md §3.3-docs/MODEL.md §3.4; IDDPM
+conventions).
 
 All tables are float64 NumPy arrays (the upstream precision); values are gathered per timestep as float32 tensors on
 the caller's device, so the network may run under autocast while the schedule arithmetic never does.
@@ -77,7 +78,7 @@ class GaussianSchedule:
                 tmap.append(i)
         return cls(np.array(new_betas), tmap)
 
-    # ---- gathering -----------------------------------------------------------------------------------------------------
+    # ---- gathering ---------------------------------------------------------------------------------------------------
     def at(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """table[t] as float32 (N, 1) on t's device."""
         key = (name, str(t.device))
@@ -90,7 +91,7 @@ class GaussianSchedule:
         """Respaced indices -> original timesteps given to the network."""
         return torch.as_tensor(self.timestep_map, device=t.device)[t]
 
-    # ---- process -------------------------------------------------------------------------------------------------------
+    # ---- process -----------------------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.at("sqrt_alphas_cumprod", t) * x0 + self.at("sqrt_one_minus_alphas_cumprod", t) * noise
 
@@ -114,7 +115,7 @@ class GaussianSchedule:
         return self.q_posterior_mean(x0, xt, t), self.learned_range_log_variance(v, t)
 
 
-# ---- likelihood terms (IDDPM) ------------------------------------------------------------------------------------------
+# ---- likelihood terms (IDDPM) ----------------------------------------------------------------------------------------
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))

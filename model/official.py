@@ -1,10 +1,12 @@
-"""Importer for the official VARSR / VAR checkpoint files (docs/MODEL.md §6) and the stage-2 weight loader (docs/MODEL.md §5.2).
+"""Importer for the official VARSR / VAR checkpoint files (docs/MODEL.md §6) and the stage-2 weight loader
+(docs/MODEL.md §5.2).
 
 Files: ``VARSR.pth`` / ``VARSR_C2I.pth`` / ``VARSR_base.pth`` (transformer at ``['trainer']['var_wo_ddp']``),
 ``VQVAE.pth`` (``['trainer']['vae_local']``), and the plain state dicts ``var_d*.pth`` / ``vae_ch160v4096z32.pth``.
 They are read with ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled, so a file that
 tries to run code is refused; a file that is no checkpoint at all, or a corrupt one, is named as such
-(``safe_torch_load``), and NaN / non-floating weights are refused by name (``model.checkpoint.check_tensors``). Our parameter names equal the official keys; the regenerable buffers (``lvl_1L``,
+(``safe_torch_load``), and NaN / non-floating weights are refused by name (``model.checkpoint.check_tensors``). Our
+parameter names equal the official keys; the regenerable buffers (``lvl_1L``,
 ``attn_bias_for_masking``, ``zero_k_bias``) are checked against the config and dropped.
 """
 from __future__ import annotations
@@ -79,7 +81,8 @@ def extract_state_dict(obj, path, inner: str) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in obj.items()}
     not_tensors = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
     if not_tensors or not sd:
-        raise UserError(f"{path}: not a state dict (entries that are not tensors: {not_tensors[:5] or 'file is empty'})")
+        raise UserError(f"{path}: not a state dict "
+                        f"(entries that are not tensors: {not_tensors[:5] or 'file is empty'})")
     return sd
 
 
@@ -93,7 +96,8 @@ def _indices(sd, pattern: str) -> list[int]:
 
 
 def infer_config(var_sd: dict, vae_sd: dict, name: str = "imported") -> VARSRConfig:
-    """Architecture from tensor shapes: depth, width, heads, vocab, Cvae, scales (10 or 12 released), classes, variant."""
+    """Architecture from tensor shapes: depth, width, heads, vocab, Cvae, scales (10 or 12 released), classes,
+    variant."""
     try:
         emb = vae_sd["quantize.embedding.weight"]
         ch = vae_sd["encoder.conv_in.weight"].shape[0]

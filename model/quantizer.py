@@ -72,7 +72,7 @@ class MultiScaleQuantizer(nn.Module):
         table = _PHI_TABLES.get((K, n))
         self.phi_table = table if table is not None else tuple(computed_phi_index(si, K, n) for si in range(K))
 
-    # ---- loading: usage statistics for another number of scales are ignored (docs/MODEL.md §1.3) -----------------------------
+    # ---- loading: usage statistics for another number of scales are ignored (docs/MODEL.md §1.3) ---------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "ema_vocab_hit_SV"
         if key in state_dict and state_dict[key].shape[0] != self.ema_vocab_hit_SV.shape[0]:
@@ -102,7 +102,7 @@ class MultiScaleQuantizer(nn.Module):
         z = f_rest if si == len(self.patch_nums) - 1 else area_down(f_rest, pn)
         return self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn * pn)
 
-    # ---- VARSR tokenisation (docs/MODEL.md §1.4) ------------------------------------------------------------------------------
+    # ---- VARSR tokenisation (docs/MODEL.md §1.4) ---------------------------------------------------------------------
     @torch.no_grad()
     def tokenize(self, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """f (B, Cvae, pnK, pnK) -> (K index maps (B, pn²), R (B, pnK², Cvae), final f_hat (B, Cvae, pnK, pnK))."""
@@ -126,7 +126,7 @@ class MultiScaleQuantizer(nn.Module):
             f_rest.sub_(h)
         return idx_list, R, f_hat
 
-    # ---- teacher forcing (docs/MODEL.md §1.5) and AR accumulation (docs/MODEL.md §1.6) ---------------------------------------------------
+    # ---- teacher forcing (docs/MODEL.md §1.5) and AR accumulation (docs/MODEL.md §1.6) -------------------------------
     def idxBl_to_var_input(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         """K GT index maps -> (B, L - 1, Cvae): area-downsampled partial f_hat after each scale but the last."""
         K = len(self.patch_nums)
@@ -146,7 +146,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
                                       h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add scale si's codes to f_hat in place; return (f_hat, next-scale input map), or (f_hat, f_hat) at the end."""
+        """Add scale si's codes to f_hat in place; return (f_hat, next-scale input map), or (f_hat, f_hat) at the
+        end."""
         K = len(self.patch_nums)
         if si < K - 1:
             f_hat.add_(self.phi(si, bicubic_up(h_BChw, f_hat.shape[-1])))
@@ -154,7 +155,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat.add_(h_BChw)
         return f_hat, f_hat
 
-    # ---- VAR's VQVAE training forward (docs/MODEL.md §1.7: phi at every scale, straight-through) -------------------------------
+    # ---- VAR's VQVAE training forward (docs/MODEL.md §1.7: phi at every scale, straight-through) ---------------------
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """f -> (straight-through f_hat, mean over scales of beta·commitment + codebook loss, usage % per scale)."""
         B, C, H, W = f.shape
@@ -179,7 +180,8 @@ class MultiScaleQuantizer(nn.Module):
         f_st = (f_hat.detach() - f_nograd) + f  # value of f_hat, gradient of f (straight-through)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         margin = world * (f.numel() / C) / self.V * 0.08
-        usage = [(self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100 for si in range(len(self.patch_nums))]
+        usage = [(self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100
+                 for si in range(len(self.patch_nums))]
         return f_st, loss, usage
 
     @torch.no_grad()

@@ -3,8 +3,8 @@
 Per final-scale token, conditioned on the transformer feature z, it models x0 = (R - e_last) / refiner_scale, the
 continuous residual the discrete codes miss. Training: ε-MSE + VB (learned-range variance) on a 1000-step cosine
 schedule. Inference: 10-step respaced ancestral sampling with guidance on ε, result rescaled to latent units.
-Held as attribute `diffloss` of the transformer, its keys are `diffloss.net.*` as in the released checkpoint (docs/MODEL.md §6.1).
-"""
+Held as attribute `diffloss` of the transformer, its keys are `diffloss.net.*` as in the released checkpoint
+(docs/MODEL.md §6.1)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,13 @@ import torch
 import torch.nn as nn
 
 from model.config import VARSRConfig
-from model.diffusion_schedule import (GaussianSchedule, discretized_gaussian_log_likelihood, make_betas, normal_kl,
-                                      space_timesteps)
+from model.diffusion_schedule import (
+    GaussianSchedule,
+    discretized_gaussian_log_likelihood,
+    make_betas,
+    normal_kl,
+    space_timesteps,
+)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,7 +138,7 @@ class DiffLoss(nn.Module):
         if t.ndim != 2 or t.shape[1] != ch:
             raise ValueError(f"{name} must be (N, {ch}), got {tuple(t.shape)}")
 
-    # ---- training (docs/MODEL.md §3.3) ------------------------------------------------------------------------------------------
+    # ---- training (docs/MODEL.md §3.3) -------------------------------------------------------------------------------
     def loss(self, z: torch.Tensor, residual: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean over rows of ε-MSE + VB (mean detached; decoder NLL at t = 0), target x0 = residual / scale."""
         self._check("residual", residual, self.in_channels)
@@ -156,10 +161,11 @@ class DiffLoss(nn.Module):
         vb = torch.where(t == 0, nll.mean(dim=1), kl.mean(dim=1)) / math.log(2.0)
         return (mse + vb).mean()
 
-    def forward(self, z: torch.Tensor, residual: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, residual: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         return self.loss(z, residual, generator)
 
-    # ---- inference (docs/MODEL.md §3.4) -----------------------------------------------------------------------------------------
+    # ---- inference (docs/MODEL.md §3.4) ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, z_pos: torch.Tensor, z_neg: torch.Tensor | None, cfg: float, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:

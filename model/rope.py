@@ -36,7 +36,8 @@ def rope_angles(sides, grid: int, head_dim: int, theta: float = 10000.0) -> torc
     return torch.cat([pos[:, :1] * freqs[None], pos[:, 1:] * freqs[None]], dim=1)
 
 
-def rope_table(sides, grid: int, head_dim: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(sides, grid: int, head_dim: int, theta: float = 10000.0,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (N, c/2) float32, for ``apply_rope``."""
     ang = rope_angles(sides, grid, head_dim, theta)
     return ang.cos().to(device), ang.sin().to(device)

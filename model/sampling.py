@@ -6,7 +6,6 @@ from typing import Sequence, Union
 
 import torch
 
-
 _SEED_DOMAIN = b"varsr-image-stream-v1"
 GeneratorArg = Union[torch.Generator, Sequence[torch.Generator], None]
 
@@ -78,7 +77,7 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    B, l, V = logits.shape
+    B, L, V = logits.shape
     logits = logits.float()
     if top_k == 1:  # greedy (the released default): the argmax, unless a row has tied maxima (then sample below)
         top = logits.max(dim=-1, keepdim=True).values
@@ -98,4 +97,4 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
         if len(generator) != B:
             raise ValueError(f"got {len(generator)} generators for a batch of {B}")
         return torch.stack([torch.multinomial(probs[b], 1, generator=g)[:, 0] for b, g in enumerate(generator)])
-    return torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, l)
+    return torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, L)

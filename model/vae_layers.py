@@ -63,7 +63,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention: softmax(q^T k / sqrt(C)) v over all H*W positions, then proj_out, residual."""
+    """Single-head spatial self-attention: softmax(q^T k / sqrt(C)) v over all H*W positions, then proj_out,
+    residual."""
 
     def __init__(self, ch: int, groups: int = 32):
         super().__init__()

@@ -1,10 +1,11 @@
 """The VARSR transformer (docs/MODEL.md §2): next-scale prediction conditioned on LR prefix tokens.
 
-Sequence (docs/MODEL.md §2.4): [LR prefix tokens (isr only) ; class token] form level 0 (first_l tokens), followed by the
-teacher-forced inputs of scales 1…K−1 (level k = pn_k² tokens). Each level sees itself and all earlier levels
-(block-causal mask, docs/MODEL.md §2.5); position comes only from the scale-aligned 2-D RoPE (docs/MODEL.md §2.6) plus a learned ``pos_start`` on
-level 0. Logits at the class token predict scale 0, the tokens of level k predict scale k. The final block output at the
-last scale conditions the diffusion refiner (docs/MODEL.md §3), which predicts the last scale's quantisation error.
+Sequence (docs/MODEL.md §2.4): [LR prefix tokens (isr only) ; class token] form level 0 (first_l tokens), followed by
+the teacher-forced inputs of scales 1…K−1 (level k = pn_k² tokens). Each level sees itself and all earlier levels
+(block-causal mask, docs/MODEL.md §2.5); position comes only from the scale-aligned 2-D RoPE (docs/MODEL.md §2.6) plus a
+learned ``pos_start`` on level 0. Logits at the class token predict scale 0, the tokens of level k predict scale k.
+The final block output at the last scale conditions the diffusion refiner (docs/MODEL.md §3), which predicts the last
+scale's quantisation error.
 
 One class serves both variants: ``isr`` (VAR_RoPE, the SR model) and ``c2i`` (ImgVAR_RoPE, class-to-image stage 1:
 no prefix, class_emb has an extra null row for CFG, label dropout in training, docs/MODEL.md §2.12).
@@ -29,7 +30,8 @@ from .sampling import GeneratorArg, resolve_generators, sample_top_k_top_p
 
 
 class VARSR(nn.Module):
-    """Parameter names are the official ones (docs/MODEL.md §6.1); the VQVAE is held by reference, not as a submodule."""
+    """Parameter names are the official ones (docs/MODEL.md §6.1); the VQVAE is held by reference, not as a
+    submodule."""
 
     def __init__(self, cfg: VARSRConfig, vqvae: nn.Module | None = None):
         super().__init__()
@@ -88,7 +90,7 @@ class VARSR(nn.Module):
                 vq.to(dev)
         return out
 
-    # ---- init (docs/MODEL.md §2.9) -----------------------------------------------------------------------------------------
+    # ---- init (docs/MODEL.md §2.9) -----------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
         """Upstream ``init_weights``: trunc-normal everywhere, then the head/AdaLN/residual rescalings.
@@ -131,7 +133,8 @@ class VARSR(nn.Module):
 
     # ---- geometry caches (not in the state dict) ------------------------------------------------------------------
     def rope_sides(self) -> list[int]:
-        """RoPE grid sides in sequence order: (prefix side, 1, pn_1, …) for isr; patch_nums for c2i (docs/MODEL.md §2.6, docs/MODEL.md §2.12)."""
+        """RoPE grid sides in sequence order: (prefix side, 1, pn_1, …) for isr; patch_nums for c2i (docs/MODEL.md
+        §2.6, docs/MODEL.md §2.12)."""
         sides = list(self.patch_nums)
         if self.prefix_len:
             sides = [math.isqrt(self.prefix_len)] + sides
@@ -190,8 +193,9 @@ class VARSR(nn.Module):
             return self.con_embedding(lr.to(wdtype)).float()
 
     def refiner_condition(self, h_last: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """z = decoder_norm(h_last + word_embed(e)) in float32 (docs/MODEL.md §3.2); the norm's affine is applied in fp32 even
-        when the weights are kept in bf16/fp16 by the engine (LayerNorm is an fp32 op under autocast anyway)."""
+        """z = decoder_norm(h_last + word_embed(e)) in float32 (docs/MODEL.md §3.2); the norm's affine is applied in
+        fp32 even when the weights are kept in bf16/fp16 by the engine (LayerNorm is an fp32 op under autocast
+        anyway)."""
         n = self.decoder_norm
         x = h_last.float() + self.word_embed(e.to(self.word_embed.weight.dtype)).float()
         return F.layer_norm(x, n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
@@ -213,7 +217,7 @@ class VARSR(nn.Module):
                 x = blk(x, cond_BD, rope, mask, None if cache is None else cache.slot(i))
         return x
 
-    # ---- training forward (docs/MODEL.md §2.10) -----------------------------------------------------------------------------
+    # ---- training forward (docs/MODEL.md §2.10) ----------------------------------------------------------------------
     def forward(self, x_BLCv: torch.Tensor, label_B: torch.Tensor, lr: torch.Tensor | None,
                 residual: torch.Tensor, generator: torch.Generator | None = None):
         """Teacher-forced forward.
@@ -226,7 +230,8 @@ class VARSR(nn.Module):
         """
         B, n_last = x_BLCv.shape[0], self.patch_nums[-1] ** 2
         if tuple(x_BLCv.shape[1:]) != (self.cfg.L - 1, self.Cvae):
-            raise ValueError(f"teacher-forcing inputs must be (B, {self.cfg.L - 1}, {self.Cvae}), got {tuple(x_BLCv.shape)}")
+            raise ValueError(f"teacher-forcing inputs must be (B, {self.cfg.L - 1}, {self.Cvae}), "
+                             f"got {tuple(x_BLCv.shape)}")
         if tuple(residual.shape) != (B, n_last, self.Cvae):
             raise ValueError(f"residual must be {(B, n_last, self.Cvae)}, got {tuple(residual.shape)}")
         if tuple(label_B.shape) != (B,):
@@ -252,7 +257,8 @@ class VARSR(nn.Module):
 
         logits = self.logits(x[:, self.prefix_len:], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
         h_last = x[:, -n_last:]
-        with torch.no_grad():  # refiner condition uses the model's own argmax codes of the last scale (docs/MODEL.md §2.10 step 5)
+        # refiner condition uses the model's own argmax codes of the last scale (docs/MODEL.md §2.10 step 5)
+        with torch.no_grad():
             idx_last = logits[:, -n_last:].argmax(dim=-1)
             e = self.vqvae.embed_idx(idx_last).float()
         z = self.refiner_condition(h_last, e)
@@ -260,7 +266,7 @@ class VARSR(nn.Module):
                                   generator=generator)
         return logits, diff
 
-    # ---- sampling (docs/MODEL.md §4.2) --------------------------------------------------------------------------------------
+    # ---- sampling (docs/MODEL.md §4.2) -------------------------------------------------------------------------------
     def _guidance(self, si: int, cfg: float) -> float:
         K = self.cfg.num_scales
         if self.cfg.variant == "c2i":
@@ -284,7 +290,8 @@ class VARSR(nn.Module):
                 raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
             return None, labels
         if not isinstance(lr_images, torch.Tensor):
-            raise ValueError(f"lr_images must be a float tensor (B, 3, {S}, {S}) in [0, 1], got {type(lr_images).__name__}")
+            raise ValueError(f"lr_images must be a float tensor (B, 3, {S}, {S}) in [0, 1], "
+                             f"got {type(lr_images).__name__}")
         if lr_images.ndim != 4 or lr_images.shape[1] != 3 or tuple(lr_images.shape[2:]) != (S, S):
             raise ValueError(f"lr_images must have shape (B, 3, {S}, {S}) (resize the LR to the model resolution "
                              f"first, docs/MODEL.md §4.1), got {tuple(lr_images.shape)}")
@@ -311,7 +318,8 @@ class VARSR(nn.Module):
     def generate(self, lr_images: torch.Tensor | None, label=0, cfg: float = 6.0, top_k: int = 1, top_p: float = 0.75,
                  generator: GeneratorArg = None, refiner_noise: torch.Tensor | None = None,
                  return_fhat: bool = False, class_labels=None, return_info: bool = False):
-        """Super-resolve LR images (B, 3, S, S) in [0, 1] (already resized to the model resolution) → (B, 3, S, S) in [0, 1].
+        """Super-resolve LR images (B, 3, S, S) in [0, 1] (already resized to the model resolution) → (B, 3, S, S) in
+        [0, 1].
 
         Image-based CFG (docs/MODEL.md §4.2): the negative branch is label num_classes−1 sharing the LR prefix (c2i:
         the null class), guidance t = cfg·si/(K−1) on the logits, (1+t)·pos − t·neg; the refiner is guided with
@@ -332,7 +340,8 @@ class VARSR(nn.Module):
         dev = self.word_embed.weight.device
         B, n_last = labels.numel(), self.patch_nums[-1] ** 2
         if refiner_noise is not None and tuple(refiner_noise.shape) != (B, n_last, self.Cvae):
-            raise ValueError(f"refiner_noise must have shape {(B, n_last, self.Cvae)}, got {tuple(refiner_noise.shape)}")
+            raise ValueError(f"refiner_noise must have shape {(B, n_last, self.Cvae)}, "
+                             f"got {tuple(refiner_noise.shape)}")
         gens = resolve_generators(generator, B, dev)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()

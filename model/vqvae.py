@@ -50,7 +50,8 @@ class VQVAE(nn.Module):
         return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Standard load; an `ema_vocab_hit_SV` for another number of scales keeps the model's own buffer (docs/MODEL.md §1.3)."""
+        """Standard load; an `ema_vocab_hit_SV` for another number of scales keeps the model's own buffer
+        (docs/MODEL.md §1.3)."""
         return super().load_state_dict(state_dict, strict=strict, assign=assign)  # the quantizer's hook does the rest
 
     # ---- phi ---------------------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Like img_to_idxBl but also returns the final f_hat (docs/MODEL.md §1.4 identities: f_hat_final + R - e_last = f)."""
+        """Like img_to_idxBl but also returns the final f_hat (docs/MODEL.md §1.4 identities: f_hat_final + R - e_last
+        = f)."""
         self._check_image(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             f = self.encode(x.float())
@@ -93,7 +95,8 @@ class VQVAE(nn.Module):
 
     def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
                                       h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (docs/MODEL.md §1.6)."""
+        """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (docs/MODEL.md
+        §1.6)."""
         return self.quantize.get_next_autoregressive_input(si, f_hat, h_BChw)
 
     def embed_idx(self, idx: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ class VQVAE(nn.Module):
         h = fp32_conv(self.post_quant_conv, f_hat.contiguous(memory_format=torch.channels_last))
         return self.decoder(h).clamp_(-1, 1).contiguous()
 
-    # ---- VQVAE training (docs/MODEL.md §1.7) ----------------------------------------------------------------------------------
+    # ---- VQVAE training (docs/MODEL.md §1.7) -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """x -> (reconstruction (unclamped), vq loss, codebook usage % per scale); VAR behaviour, phi at every scale."""
         self._check_image(x)

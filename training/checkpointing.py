@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from infra.core.errors import UserError
 from data_pipeline.shards import DataPosition
+from infra.core.errors import UserError
 from training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _barrier() -> None:
 
 def rng_state(generator: torch.Generator | None) -> dict:
     np_state = np.random.get_state()
-    st = {
+    st: dict = {
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
         "python_gauss": random.getstate()[2],
@@ -99,7 +99,7 @@ def save(engine, run: RunDir, step: int, position: DataPosition, generator, fing
     engine.save_checkpoint(str(run / CKPTS), tag=tag, client_state={"step": step}, save_latest=False)
     rank = _rank()
     torch.save({"rng": rng_state(generator)}, d / f"rng_rank{rank}.pt")
-    positions = [None] * _world()
+    positions: list[dict | None] = [None] * _world()
     if dist.is_initialized():
         dist.all_gather_object(positions, asdict(position))
     else:

@@ -88,7 +88,8 @@ class TrackingSection:
     enabled: bool = True
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str | None = None  # None -> $MLFLOW_EXPERIMENT_NAME, else the parent run's, else varsr
-    run_name: str | None = None  # None -> "<stage> <preset> seed<N> <local time>": stage2-isr tiny seed0 2026-11-30T12:37
+    # None -> "<stage> <preset> seed<N> <local time>": stage2-isr tiny seed0 2026-11-30T12:37
+    run_name: str | None = None
     parent_run_id: str | None = None  # nest the run under this one (e.g. a demo / multi-stage launch); None ->
     #                                    $VARSR_PARENT_RUN_ID. Where the weights come from is lineage (varsr.parent.*)
     system_metrics: bool = True  # CPU / memory / disk / network (GPU with NVML) as system/... metrics

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from infra.core.errors import UserError
-
 from training.config import TrainConfig
 from training.param_groups import param_groups, torch_groups
 from training.schedule import Schedule
@@ -119,9 +118,9 @@ def ensure_dist_env(port: int | None = None) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-# A JIT build of a torch extension holds ``<extensions dir>/<op>/lock`` while it compiles (about a minute for DeepSpeed's
-# CPU communication op); a process killed meanwhile leaves the file behind, and every later build of that op then
-# waits on it forever, silently. A lock older than this is taken to be such a leftover.
+# A JIT build of a torch extension holds ``<extensions dir>/<op>/lock`` while it compiles (about a minute for
+# DeepSpeed's CPU communication op); a process killed meanwhile leaves the file behind, and every later build of that op
+# then waits on it forever, silently. A lock older than this is taken to be such a leftover.
 STALE_BUILD_LOCK_S = 300.0
 
 

@@ -33,7 +33,6 @@ def run_local(cfg: TrainConfig, resume: str | None = None):
 def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: int | None = None) -> int:
     """Re-exec ``torchrun --nproc_per_node N -m training.launch`` on the resolved config; returns its exit code."""
     from training.deepspeed_engine import ensure_dist_env
-
     from training.run_dir import RunDir
 
     resolved = save_config(cfg, RunDir(cfg.output_dir).local / "config.yaml")  # local, whatever output_dir is

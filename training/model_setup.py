@@ -1,7 +1,8 @@
 """Build the models a run trains: VARSRConfig from the TrainConfig, tokenizer weights, stage-1 -> stage-2 init.
 
 ``init_from`` may be a native checkpoint dir (e.g. the stage-1 export) or an official VAR/VARSR ``.pth`` (with
-``official_vae``); the transformer is initialised with the shape-filtered rule of docs/MODEL.md §5.2 (``load_stage_weights``)
+``official_vae``); the transformer is initialised with the shape-filtered rule of docs/MODEL.md §5.2
+(``load_stage_weights``)
 and the report (loaded / resized / dropped / new tensors) is returned for logging. The tokenizer comes from
 ``vqvae_checkpoint`` if given, else from the init checkpoint; it must be the one the parent was trained with.
 """

@@ -123,8 +123,8 @@ def load_vqvae_config(source=None, overrides=()) -> VQVAETrainConfig:
 def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     """Train the tokenizer (``resume``: ``auto`` or a checkpoint folder); returns {losses, psnr, export_dir, run_id,
     model_id, resumed_from}."""
-    from model import VARSRConfig, VQVAE
     from data_pipeline.shards import BatchStream, DataPosition, resolve_shards
+    from model import VQVAE, VARSRConfig
     from training import checkpointing
     from training.run_dir import RunDir
 
@@ -290,8 +290,7 @@ def _start_tracking(cfg: VQVAETrainConfig, shards, preset: str, out: Path):
     """The stage-0 run: named, nested when a parent is given, with the lineage tags every stage sets and the shard
     manifest as its dataset input."""
     from infra.core.tracking import default_tracking_uri, run_name
-    from training.tracking import (MlflowTracker, NullTracker, STAGE_RUN_KIND, lineage_tags, manifest_source,
-                                   run_params)
+    from training.tracking import STAGE_RUN_KIND, MlflowTracker, NullTracker, lineage_tags, manifest_source, run_params
 
     t = cfg.tracking
     if not t.enabled:
@@ -460,7 +459,7 @@ def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards, out: Path, tracker, step
     """The tokenizer-only checkpoint in ``final/`` (lineage and the colour check inside its config.json, where
     `varsr demo pretrain` reads it), logged as the run's model; (folder, model id)."""
     from model.checkpoint import save_tokenizer
-    from training.tracking import MlflowTracker, STAGE_RUN_KIND
+    from training.tracking import STAGE_RUN_KIND, MlflowTracker
 
     model = None
     if isinstance(tracker, MlflowTracker):

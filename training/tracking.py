@@ -303,7 +303,7 @@ def _system_monitor(run_id: str, tracking_uri: str):
         return None
 
 
-# ---- plots ------------------------------------------------------------------------------------------------------------
+# ---- plots -----------------------------------------------------------------------------------------------------------
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     rows = [h for h in history if h.get(key) is not None and math.isfinite(float(h[key]))]
     return [h["step"] for h in rows], [float(h[key]) for h in rows]
@@ -350,7 +350,7 @@ def plot_loss_curves(history: list[dict], path: str | Path) -> Path:
                                  ("validation PSNR-Y (dB)", ["val/psnr_y"])], path)
 
 
-# ---- sample grids -----------------------------------------------------------------------------------------------------
+# ---- sample grids ----------------------------------------------------------------------------------------------------
 GRID_META_KEY = "varsr.grid"  # PNG text chunk: the tile boxes, so tools (and tests) can cut the tiles back out
 
 
@@ -384,7 +384,7 @@ def save_grid(rows: list[list], titles: list[str], path: str | Path, row_labels:
     head_font, label_font = _font(15), _font(13)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def text_size(text: str, font) -> tuple[int, int]:
+    def text_size(text: str, font) -> tuple[float, float]:
         x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=font)
         return x1 - x0, y1 - y0
 

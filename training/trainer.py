@@ -12,27 +12,36 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from infra.core.config import config_hash, save_config, to_dict
 from infra.core.errors import UserError
+from infra.core.metrics import batch_full_reference
 from infra.core.redact import redact
+from infra.core.tracking import default_tracking_uri, portable_ref, run_name
 from training import checkpointing, deepspeed_engine
 from training.config import TrainConfig
-from data_pipeline.shards import BatchStream, DataPosition, ShardSet, peek_hr_size, resolve_shards
 from training.model_setup import build_models
+from training.run_dir import RunDir
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, _autocast, token_cache_choice, train_step
-from infra.core.tracking import default_tracking_uri, portable_ref, run_name
-from training.run_dir import RunDir
-from training.tracking import (STAGE_RUN_KIND, MlflowTracker, NullTracker, checkpoint_lineage, lineage_tags,
-                               manifest_source, plot_loss_curves, run_params, save_grid)
-from infra.core.metrics import batch_full_reference
+from training.tracking import (
+    STAGE_RUN_KIND,
+    MlflowTracker,
+    NullTracker,
+    checkpoint_lineage,
+    lineage_tags,
+    manifest_source,
+    plot_loss_curves,
+    run_params,
+    save_grid,
+)
 
 log = logging.getLogger("varsr.train")
 
@@ -174,8 +183,8 @@ class Trainer:
             if self.init_report is not None:
                 (self.out / "init_report.json").write_text(json.dumps(self.init_report, indent=2) + "\n")
                 names.append("init_report.json")
-            for n in names:
-                self.run.publish(n)
+            for name in names:
+                self.run.publish(name)
             self._start_tracking()
 
     def lineage(self) -> dict:
@@ -362,7 +371,7 @@ class Trainer:
         if self.on_checkpoint is not None:  # e.g. Ray Train's failure handling (training/launch.py), every rank
             self.on_checkpoint(step, location)
 
-    # ---- validation ----------------------------------------------------------------------------------------------------
+    # ---- validation --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, step: int) -> dict:
         """Teacher-forced val loss/acc + SR samples (PSNR/SSIM) for fixed inputs; rank 0 (all ranks under ZeRO-3)."""
@@ -455,7 +464,7 @@ class Trainer:
         labels = [f"class {s['class_id']}   seed {v.seed + i}" for i, s in enumerate(picked)]
         return [[imgs[i], hr[i]] for i in range(len(picked))], ["generated", "real, same class"], labels
 
-    # ---- end ------------------------------------------------------------------------------------------------------------
+    # ---- end ---------------------------------------------------------------------------------------------------------
     def export(self, step: int) -> Path | None:
         """Final weights in the native format (+ lineage), optionally registered; rank 0 writes."""
         import deepspeed

@@ -151,7 +151,7 @@ def add_noise(img: np.ndarray, p: dict) -> np.ndarray:
     else:
         src = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None] if p["gray"] else img
         q8 = np.clip(np.rint(src * 255.0), 0, 255).astype(np.uint8)
-        vals = int(np.count_nonzero(np.bincount(q8.ravel(), minlength=256)))
+        vals: float = int(np.count_nonzero(np.bincount(q8.ravel(), minlength=256)))
         vals = float(2 ** math.ceil(math.log2(max(vals, 1))))
         q = q8.astype(np.float32) / np.float32(255.0)
         out = rng.poisson(q * vals).astype(np.float32) / np.float32(vals)

@@ -49,8 +49,17 @@ from infra.core import storage
 from infra.core.errors import UserError
 
 from ..degrade.resize import RESIZE_BACK_MODES, random_resize_back, resize_back
-from .format import (Manifest, MemberTooLarge, ShardEntry, TokenCache, decode_png, decode_token_members,
-                     is_token_shard, read_manifest, token_shard_name)
+from .format import (
+    Manifest,
+    MemberTooLarge,
+    ShardEntry,
+    TokenCache,
+    decode_png,
+    decode_token_members,
+    is_token_shard,
+    read_manifest,
+    token_shard_name,
+)
 
 log = logging.getLogger(__name__)
 

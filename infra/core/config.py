@@ -49,7 +49,8 @@ def _deep_merge(base: dict, upd: dict) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value). ``value`` is YAML so ``[1,2]``, ``true``, ``1e-4`` work."""
+    """``a.b.c=value`` -> (["a","b","c"], yaml-parsed value). ``value`` is YAML so ``[1,2]``, ``true``, ``1e-4``
+    work."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.depth=2)")
     key, raw = item.split("=", 1)

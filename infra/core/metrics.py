@@ -1,4 +1,5 @@
-"""Full-reference image quality: PSNR and SSIM on the BT.601 Y channel (the paper's tables, docs/MODEL.md §4.4) and on RGB.
+"""Full-reference image quality: PSNR and SSIM on the BT.601 Y channel (the paper's tables, docs/MODEL.md §4.4) and on
+RGB.
 
 Y = (65.481 R + 128.553 G + 24.966 B) / 255 + 16/255 for R, G, B in [0, 1], in float64. SSIM is Wang et al.'s: an
 11-tap Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, statistics over the valid region (no padding), averaged over
@@ -95,7 +96,7 @@ def optional_metrics(names: tuple[str, ...] = ("niqe", "lpips", "dists", "musiq"
     """Metric functions available offline (pyiqa with locally cached weights), and a notice per skipped one."""
     notices: list[str] = []
     try:
-        import pyiqa  # noqa: F401
+        import pyiqa
     except ImportError:
         return {}, [f"{', '.join(names)} skipped: pyiqa is not installed (optional; needs locally cached weights)"]
     import os
@@ -174,7 +175,8 @@ def chroma_fidelity(x: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
     or identical colours), where a slope means nothing.
     """
     if x.shape != rec.shape or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected two (B, 3, H, W) batches of the same shape, got {tuple(x.shape)}, {tuple(rec.shape)}")
+        raise ValueError(f"expected two (B, 3, H, W) batches of the same shape, "
+                         f"got {tuple(x.shape)}, {tuple(rec.shape)}")
     cx, cr = mean_chroma(x), mean_chroma(rec)
     err = float((cr - cx).abs().mean())
     dx, dr = cx - cx.mean(0), cr - cr.mean(0)

@@ -129,7 +129,7 @@ def storage_errors(url: str, action: str):
         raise
     except (OSError, ValueError, RuntimeError) as e:
         raise StorageError(f"cannot {action} {url}: {_reason(e)}") from e
-    except Exception as e:  # noqa: BLE001 - botocore / aiohttp errors do not share a base class with OSError
+    except Exception as e:  # botocore / aiohttp errors do not share a base class with OSError
         if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "google", "s3fs", "gcsfs"):
             raise StorageError(f"cannot {action} {url}: {_reason(e)}") from e
         raise

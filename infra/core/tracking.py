@@ -178,9 +178,9 @@ def start_run(tracking_uri: str, name: str, *, experiment: str | None = None, pa
     """Create a named run (status RUNNING) and return it (an ``mlflow.entities.Run``).
 
     ``parent_run_id`` (default ``$VARSR_PARENT_RUN_ID``) nests it under that run. The experiment is ``experiment``,
-    else ``$MLFLOW_EXPERIMENT_NAME``, else the parent's, else ``varsr``. ``source`` is what MLflow shows as the run's source (e.g. the
-    command, ``varsr train isr``). The run is not made MLflow's active run: log with an ``MlflowClient``, or resume it
-    with ``mlflow.start_run(run_id=...)``; end it with :func:`end_run`.
+    else ``$MLFLOW_EXPERIMENT_NAME``, else the parent's, else ``varsr``. ``source`` is what MLflow shows as the run's
+    source (e.g. the command, ``varsr train isr``). The run is not made MLflow's active run: log with an
+    ``MlflowClient``, or resume it with ``mlflow.start_run(run_id=...)``; end it with :func:`end_run`.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -1,8 +1,8 @@
-"""`varsr demo` and `varsr demo pretrain` subcommands (the demo: ``demo.py``; the base-model recipe: ``pretrain.py``)."""
+"""`varsr demo` and `varsr demo pretrain` subcommands (the demo: ``demo.py``; the base-model recipe:
+``pretrain.py``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from inference.config import COLOR_FIXES
 

@@ -327,12 +327,12 @@ class Demo:
                    "--scale", "4", "--seed", str(self.cfg.seed), "--cfg", str(self.cfg.cfg),
                    "--color-fix", self.cfg.color_fix)
         sr_path = next((out_dir / "varsr").glob(lr_path.stem + "*"))
-        lr, hr, sr = Image.open(lr_path).convert("RGB"), Image.open(hr_path).convert("RGB"), Image.open(sr_path).convert("RGB")
-        bic = lr.resize(hr.size, Image.BICUBIC)
+        lr, hr, sr = (Image.open(p).convert("RGB") for p in (lr_path, hr_path, sr_path))
+        bic = lr.resize(hr.size, Image.Resampling.BICUBIC)
         bic_path = out_dir / "bicubic.png"
         bic.save(bic_path)
         cmp_path = out_dir / "comparison.png"
-        side_by_side([lr.resize(hr.size, Image.NEAREST), bic, sr.resize(hr.size), hr],
+        side_by_side([lr.resize(hr.size, Image.Resampling.NEAREST), bic, sr.resize(hr.size), hr],
                      ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
         metrics = upscale_figures(sr.resize(hr.size), bic, hr)
         sr_named = out_dir / f"{hr_path.stem.replace('_hr', '')}_sr.png"  # the SR output, named for what it is
@@ -428,8 +428,8 @@ def write_holdout(d: Path, lr_side: int) -> tuple[Path, Path]:
     left = Image.fromarray(sd.stereo_motorcycle()[0])
     w, h = left.size
     lr_w, lr_h = lr_side, max(8, round(lr_side * h / w))
-    hr = left.resize((lr_w * 4, lr_h * 4), Image.LANCZOS)
-    lr = hr.resize((lr_w, lr_h), Image.BICUBIC)
+    hr = left.resize((lr_w * 4, lr_h * 4), Image.Resampling.LANCZOS)
+    lr = hr.resize((lr_w, lr_h), Image.Resampling.BICUBIC)
     hr_path, lr_path = d / "motorcycle_hr.png", d / "motorcycle_lr.png"
     hr.save(hr_path)
     lr.save(lr_path)
@@ -509,20 +509,24 @@ def format_summary(s: dict) -> str:
     for k, v in st.items():
         info = v.get("info", {})
         res = {
-            "corpus": lambda: f"{info.get('files')} files ({len(info.get('bad_files', []))} bad), holdout {info.get('holdout_lr')}",
-            "data": lambda: f"{info.get('inputs')} inputs -> {info.get('kept')} kept, rejected {info.get('rejected')}, "
+            "corpus": lambda info: f"{info.get('files')} files ({len(info.get('bad_files', []))} bad), "
+                                   f"holdout {info.get('holdout_lr')}",
+            "data": lambda info: f"{info.get('inputs')} inputs -> {info.get('kept')} kept, "
+                                 f"rejected {info.get('rejected')}, "
                             f"failed {info.get('failed')}; {info.get('samples')} samples in {info.get('shard_files')} "
                             f"shards at {info.get('shards')}",
-            "vqvae": lambda: ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint")),
-            "stage1": lambda: ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint")),
-            "stage2": lambda: f"{info.get('checkpoint')} -> {info.get('model_uri')}",
-            "serve": lambda: f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
+            "vqvae": lambda info: ("from the shipped base " if info.get("from_base") else "")
+                                  + str(info.get("checkpoint")),
+            "stage1": lambda info: ("from the shipped base " if info.get("from_base") else "")
+                                   + str(info.get("checkpoint")),
+            "stage2": lambda info: f"{info.get('checkpoint')} -> {info.get('model_uri')}",
+            "serve": lambda info: f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
                              f"bad request -> {info.get('bad_request_status')}",
-            "upscale": lambda: f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
+            "upscale": lambda info: f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
                                f"bicubic {info.get('psnr_y_bicubic')} dB; HF energy VARSR "
                                f"{info.get('hf_energy_varsr')}, bicubic {info.get('hf_energy_bicubic')}, "
                                f"HR {info.get('hf_energy_hr')})",
-        }.get(k, lambda: "")()
+        }.get(k, lambda info: "")(info)
         rows.append((k, str(v.get("seconds", "")), str(res)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -532,12 +536,13 @@ def format_summary(s: dict) -> str:
               f"model       : {s['model_uri']}", f"MLflow UI   : {s['mlflow_ui']}",
               f"total       : {s['total_seconds']} s", ""]
     lines.append("Each step alone:")
-    for k, v in st.items():
+    for v in st.values():
         if v.get("command"):
             lines.append(f"  {v['command']}")
     return "\n".join(lines)
 
 
 def config_from_args(args) -> DemoConfig:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name, None) is not None}
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
+          if getattr(args, f.name, None) is not None}
     return DemoConfig(**kw)

@@ -34,15 +34,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from infra.core.config import to_dict
 from infra.core.errors import UserError
 from infra.core.tracking import resolve_ref
 from infra.demo.demo import Demo, DemoConfig, check_color_fix
-from infra.demo.recipe import DEFAULT_CONFIG, ROOT, PretrainConfig, StageSection, load_pretrain_config
+from infra.demo.recipe import DEFAULT_CONFIG, ROOT, PretrainConfig, StageSection, load_pretrain_config  # noqa: F401 (re-exported: infra.demo.cli, tests)
 from model.checkpoint import validate_sampling_defaults, write_sampling_defaults
 
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
@@ -60,7 +59,7 @@ class Pretrain(Demo):
     steps = PRETRAIN_STEPS
 
     def __init__(self, pcfg: PretrainConfig, workdir: str, ship: str | None = None, fresh: bool = False,
-                 config_path: str | Path | None = None, overrides: list[str] = (),
+                 config_path: str | Path | None = None, overrides: Sequence[str] = (),
                  log: Callable[[str], None] = print):
         super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
         check_color_fix(pcfg.eval_color_fix, "eval_color_fix")  # before hours of training, not at the export
@@ -385,7 +384,7 @@ def _preset_summary(preset: str) -> str:
 
 
 def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], parent: str, config_path: Path,
-               overrides: list[str] = ()) -> str:
+               overrides: Sequence[str] = ()) -> str:
     """MODEL_CARD.md of the base: data, steps, wall times, metrics, MLflow runs, commit and the command."""
     c = st["corpus"]["info"]
     d = st["data"]["info"]

@@ -3,6 +3,7 @@ and by `varsr demo`, which finetunes on photos at the scale of the base's corpus
 both can import it."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,5 +67,5 @@ class PretrainConfig:
     require_colour: bool = True
 
 
-def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
     return load_config(PretrainConfig, path or DEFAULT_CONFIG, list(overrides))

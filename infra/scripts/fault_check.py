@@ -35,7 +35,8 @@ def run_tests(tree: Path) -> tuple[int, list[str]]:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/model/test_model_generate.py"], cwd=tree, capture_output=True, text=True,
                        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree)})
-    return r.returncode, [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+    return r.returncode, [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines()
+                          if ln.startswith("FAILED")]
 
 
 def main() -> int:
