@@ -175,8 +175,11 @@ def _write_files(res: EvalResult, out: Path, meta: dict[str, Any]) -> None:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(res.rows)
+    from infra.core.redact import redact_config
+
     (out / "summary.json").write_text(json.dumps(
-        {"summary": res.summary, "notices": res.notices, "failed": res.failed, "config": meta},
+        {"summary": res.summary, "notices": res.notices, "failed": res.failed,
+         "config": redact_config(json.loads(json.dumps(meta, default=str)))},
         indent=2, default=str) + "\n")
 
 
@@ -184,6 +187,7 @@ def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
     """The dataset input of an evaluation: a shard dataset by its manifest (sha256 digest, URL / run-relative
     source), any other pairs by the hash of their pixels."""
     from infra.core import storage
+    from infra.core.redact import redact
     from infra.core.tracking import dataset_input, portable_ref
 
     shards = source.get("shards")
@@ -191,12 +195,12 @@ def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
         manifest = storage.join(str(shards), "manifest.json")
         if storage.exists(manifest):
             sha = storage.sha256(manifest)
-            src = manifest if not storage.is_local(manifest) else portable_ref(storage.local_path(manifest), out)
+            src = redact(manifest) if not storage.is_local(manifest) else portable_ref(storage.local_path(manifest), out)
             return dataset_input(src, sha, name=os.path.basename(os.path.normpath(str(shards).rstrip("/"))),
                                  context="evaluation", profile={"manifest_sha256": sha, "pairs": n,
                                                                 "pixels_sha256": content_sha})
     where = source.get("hr_dir") or shards or "pairs"
-    src = where if "://" in str(where) else portable_ref(str(where), out)
+    src = redact(str(where)) if "://" in str(where) else portable_ref(str(where), out)
     return dataset_input(src, content_sha, name=os.path.basename(os.path.normpath(str(where))) or "pairs",
                          context="evaluation", profile={"pixels_sha256": content_sha, "pairs": n,
                                                         **({"lr_dir": portable_ref(source["lr_dir"], out)}
@@ -216,14 +220,17 @@ def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from infra.core.redact import redact
     from infra.core.tracking import portable_ref, resolve_tracking_uri, run_name, start_run
 
     uri = resolve_tracking_uri(opts.tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     where = source.get("shards") or source.get("hr_dir")
-    data_label = os.path.basename(os.path.normpath(str(where))) if where else None
+    data_label = os.path.basename(os.path.normpath(str(redact(where)))) if where else None
     model = model_ref if (model_ref is None or "://" in model_ref or model_ref.startswith("models:/")) \
         else portable_ref(model_ref, out)
+    if model:
+        model = redact(model)  # a URL may carry credentials or a signature (docs/SECURITY.md, "Secrets in URIs")
     tags = {"varsr.stage": "eval", **({"varsr.model_uri": model} if model else {})}
     run = start_run(uri, opts.run_name or run_name("eval", _model_label(model_ref), data_label),
                     experiment=opts.experiment, parent_run_id=opts.parent_run_id, tags=tags, source="varsr eval")
@@ -233,7 +240,7 @@ def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | 
                   "model_uri": model, "pairs": len({r["image"] for r in res.rows}), "failed": len(res.failed),
                   **{f"data.{k}": (v if "://" in str(v) else portable_ref(str(v), out)) for k, v in source.items()},
                   **{f"pipeline.{k}": v for k, v in pipeline.items()}}
-        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        client.log_batch(run_id, params=[Param(k, redact(str(v))[:500]) for k, v in params.items()])
         client.log_inputs(run_id, datasets=[_data_input(source, content_sha, out, len(res.rows))])
         if model_ref and model_ref.startswith("models:/"):
             try:

@@ -219,3 +219,31 @@ def test_recipe_startup_error_does_not_print_a_query_password(tmp_path):
     assert "cannot connect to the backend store postgresql+psycopg://127.0.0.1:1/mlflow?user=mlflow&password=***" \
         in p.stderr, p.stderr
     assert PW not in p.stderr + p.stdout
+
+
+def test_an_evaluation_run_records_no_credential_of_its_model_or_data_urls(tmp_path):
+    """`varsr eval`'s MLflow run (params, tags, dataset source) and its summary.json name a model or data URL
+    without the credentials or signature it carries (issue 28, finding 15: every URI printed, written or logged)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from inference.evaluate import EvalResult, TrackingOptions, _log_mlflow, _write_files
+
+    secret = "Zq7evalSecret"
+    model = f"https://user:{secret}@models.example/varsr"
+    data = {"hr_dir": f"s3://bucket/test/HR?X-Amz-Signature={secret}", "lr_dir": f"s3://u:{secret}@bucket/test/LR"}
+    res = EvalResult(rows=[{"image": "a", "method": "varsr", "psnr_y": 20.0}], summary={"varsr": {"psnr_y": 20.0}})
+    out = tmp_path / "eval"
+    out.mkdir()
+    _write_files(res, out, {**data, "model": model, "baseline": "bicubic"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = _log_mlflow(res, out, {"scale": 4}, "bicubic", TrackingOptions(uri, "eval-redact"), data, model,
+                         "0" * 64, {"tile": "auto"})
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    shown = json.dumps({"params": run.data.params, "tags": run.data.tags,
+                        "inputs": [d.dataset.source for d in run.inputs.dataset_inputs]})
+    assert "models.example" in shown and "bucket/test/HR" in shown  # the URLs are still named
+    assert secret not in shown
+    summary = (out / "summary.json").read_text()
+    assert "models.example" in summary and secret not in summary
