@@ -195,7 +195,8 @@ def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
         manifest = storage.join(str(shards), "manifest.json")
         if storage.exists(manifest):
             sha = storage.sha256(manifest)
-            src = redact(manifest) if not storage.is_local(manifest) else portable_ref(storage.local_path(manifest), out)
+            local = storage.is_local(manifest)
+            src = portable_ref(storage.local_path(manifest), out) if local else redact(manifest)
             return dataset_input(src, sha, name=os.path.basename(os.path.normpath(str(shards).rstrip("/"))),
                                  context="evaluation", profile={"manifest_sha256": sha, "pairs": n,
                                                                 "pixels_sha256": content_sha})
