@@ -122,7 +122,7 @@ def test_wrong_password_fails_in_one_line_without_printing_it(s3_server, postgre
     out = res.stdout + res.stderr
     assert res.returncode == 2, out
     assert out.strip().count("\n") == 0, out
-    assert "cannot connect to the backend store postgresql+psycopg://varsr:***@" in out
+    assert "cannot connect to the backend store postgresql+psycopg://***@" in out  # user and password masked
     assert "password authentication failed" in out
     _assert_no_secret(out, wrong, "the recipe's output")
     _assert_no_secret(out, postgres_server.password, "the recipe's output")

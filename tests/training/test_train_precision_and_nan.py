@@ -1,5 +1,7 @@
-"""bf16 + ZeRO-3 through the trainer, and the NaN/inf policy: a corrupted parent checkpoint makes the loss non-finite;
-`stop` ends the run with a clear error and the offending batch saved, `skip` skips those steps and finishes."""
+"""bf16 + ZeRO-3 through the trainer, and the NaN/inf policy: weights that diverged make the loss non-finite; `stop`
+ends the run with a clear error and the offending batch saved, `skip` skips those steps and finishes. A checkpoint
+holding a NaN is refused at load (model.checkpoint.check_tensors), so the NaN is put into the weights after loading,
+as a run that diverges has them."""
 from __future__ import annotations
 
 import json
@@ -37,13 +39,33 @@ def test_bf16_zero3_trains_and_exports(shards, tmp_path, dist_port):
 
 
 @pytest.fixture
-def corrupted_parent(tmp_path):
-    """A native checkpoint whose output head holds a NaN (e.g. a parent run that diverged)."""
+def corrupted_parent(tmp_path, monkeypatch):
+    """A clean parent checkpoint whose output head gets a NaN once loaded, as weights that diverged hold one."""
+    import training.trainer as trainer_module
+
+    torch.manual_seed(0)
+    vq, var = build(VARSRConfig.preset("tiny"))
+    parent = save_pretrained(tmp_path / "parent", vq, var)
+    real = trainer_module.build_models
+
+    def diverged(cfg):
+        vqvae, varsr, report, lineage = real(cfg)
+        with torch.no_grad():
+            varsr.head.weight[0, 0] = float("nan")
+        return vqvae, varsr, report, lineage
+
+    monkeypatch.setattr(trainer_module, "build_models", diverged)
+    return parent
+
+
+def test_a_parent_checkpoint_holding_a_nan_is_refused_before_training(shards, tmp_path, dist_port):
     torch.manual_seed(0)
     vq, var = build(VARSRConfig.preset("tiny"))
     with torch.no_grad():
         var.head.weight[0, 0] = float("nan")
-    return save_pretrained(tmp_path / "parent", vq, var)
+    bad = save_pretrained(tmp_path / "nan-parent", vq, var)
+    with pytest.raises(UserError, match="varsr.head.weight is not finite"):
+        train(_cfg(tmp_path, "refused", shards, "max_steps=1", f"model.init_from={bad}"))
 
 
 def test_nan_policy_stop_saves_the_offending_batch(shards, tmp_path, dist_port, corrupted_parent):
