@@ -298,10 +298,12 @@ def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = 
     absolute paths they were copied from; its ``artifact_path`` is the model's ``models:/`` URI."""
     from model.checkpoint import read_sampling_defaults, require_native_checkpoint
 
+    from .pipeline import effective_sampling
+
     ckpt = require_native_checkpoint(ckpt_dir)
     # MLflow gives a request without params the signature's defaults: they, and the logged inference.yaml, are the
     # model's own sampling defaults (its sampling.json, model/checkpoint.py) over the config's
-    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **read_sampling_defaults(ckpt)))
+    config = dataclasses.replace(config, sampling=effective_sampling(config.sampling, read_sampling_defaults(ckpt)))
     with tempfile.TemporaryDirectory(prefix="varsr-log-") as tmp:
         cfg_path = save_config(config, Path(tmp) / CONFIG_FILENAME)
         code_paths = served_code(Path(tmp) / "code")

@@ -101,7 +101,9 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
 def sampling_tags(global_sampling, model_defaults: dict) -> dict[str, str]:
     """Model-version tags of the sampling defaults a call without params gets: ``varsr.sampling.<key>`` for each
     (the model's own over the global ones) and ``varsr.sampling.source`` (``model`` when it carries any)."""
-    eff = dataclasses.asdict(dataclasses.replace(global_sampling, **model_defaults))
+    from .pipeline import effective_sampling
+
+    eff = dataclasses.asdict(effective_sampling(global_sampling, model_defaults))
     return {**{f"varsr.sampling.{k}": str(v) for k, v in eff.items()},
             "varsr.sampling.source": "model" if model_defaults else "global"}
 
@@ -155,10 +157,8 @@ def register_training_run(output_dir: str | Path, name: str, alias: str | None =
         tags = {k: v for k, v in run.data.tags.items() if k.startswith("varsr.")}
         tags["varsr.train_run_id"] = run_id
     export = summary["export_dir"]
-    if storage.is_local(export) and storage.is_local(out):
-        export = resolve_ref(export, storage.local_path(out))
-    elif storage.is_local(export):  # a run in object storage names its export relative to itself
-        export = storage.join(out, export)
+    if storage.is_local(export):  # relative to the run's folder, local or in object storage
+        export = resolve_ref(export, out)
     if storage.is_local(export):
         ref = portable_ref(storage.local_path(export), store_dir(uri) or os.getcwd())
         return register_model(storage.local_path(export), name, alias, tracking_uri=uri, tags=tags, config=config,
