@@ -102,10 +102,18 @@ class ServingConfig:
     # when the `varsr serve` process that started this server is gone (even by SIGKILL), the server cancels its
     # requests and kills itself after this many seconds (every uvicorn process of the group watches it)
     orphan_grace_s: float = 5.0
+    # ---- operations (inference/serve_metrics.py; inference/README.md, "Metrics and health"). Requests one server
+    # process holds at once (waiting or running); more get a 503 with Retry-After, and /health/ready answers 503
+    # while the pod holds workers x this many, so a load balancer sends the next ones to another replica
+    max_queued_requests: int = 32
+    # side in pixels of the square image of the warm-up call each server process makes (sampling defaults) before
+    # /health/ready answers 200; it selects the kernels and fills the allocator on the path a request takes
+    warmup_side: int = 64
+    metrics: bool = True  # /metrics, /health/live and /health/ready on the serving port
 
     def __post_init__(self):
         for name in ("request_timeout_s", "max_request_work", "max_request_memory_mb", "max_request_bytes",
-                     "max_json_depth", "max_error_chars"):
+                     "max_json_depth", "max_error_chars", "max_queued_requests", "warmup_side"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serving.{name} must be > 0, got {getattr(self, name)}")
         if self.orphan_grace_s < 0:

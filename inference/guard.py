@@ -12,10 +12,14 @@ served endpoint"; issue 28, findings 1-4).
   context variable (``asyncio.to_thread`` copies it into the request's thread); the pipeline asks it between tiles.
 - :func:`estimate_request` gives the work (latent tiles x autoregressive steps) and an upper estimate of the memory
   of a request from its tiling plan, before any pixel is touched.
+- With the endpoint's metrics and health (inference/serve_metrics.py), the guard answers ``/metrics``,
+  ``/health/live`` and ``/health/ready``, records each /invocations request, and refuses one with 503 (and
+  ``Retry-After``) while its process already holds ``serving.max_queued_requests`` (load shedding).
 - :func:`start_orphan_watchdog`: when the ``varsr serve`` process that started the server is gone (even by
   SIGKILL), every uvicorn process cancels its requests and kills itself after ``serving.orphan_grace_s``.
 
-Nothing here imports torch; only the standard library (the served model ships this module).
+Nothing here imports torch; only the standard library (the served model ships this module; inference/
+serve_metrics.py brings prometheus_client where metrics are on).
 """
 from __future__ import annotations
 
@@ -228,11 +232,12 @@ class GuardLimits:
     max_error_chars: int
     request_timeout_s: float
     reply_grace_s: float = 2.0  # after the deadline, how long predict() has to answer before the guard does
+    max_queued_requests: int = 0  # requests this process holds at once; more get a 503 (0: no limit)
 
     @classmethod
     def from_serving(cls, sv) -> "GuardLimits":
         return cls(int(sv.max_request_bytes), int(sv.max_json_depth), int(sv.max_error_chars),
-                   float(sv.request_timeout_s))
+                   float(sv.request_timeout_s), max_queued_requests=int(getattr(sv, "max_queued_requests", 0)))
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -243,22 +248,54 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 class RequestGuard:
-    """ASGI app wrapping MLflow's scoring app (see the module docstring). Counters in ``stats``."""
+    """ASGI app wrapping MLflow's scoring app (see the module docstring). Counters in ``stats``.
 
-    def __init__(self, app, limits: GuardLimits, on_start: Callable[[], Any] | None = None):
+    With ``metrics`` and ``health`` (inference/serve_metrics.py) it also answers ``/metrics``, ``/health/live`` and
+    ``/health/ready`` itself, records every /invocations request (status code, latency, held requests, refusals)
+    and refuses a request with 503 while this process holds ``limits.max_queued_requests`` already.
+    """
+
+    def __init__(self, app, limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None,
+                 health=None):
         self.app = app
         self.limits = limits
         self._on_start = on_start
+        self.metrics = metrics
+        self.health = health
         self.stats = {"requests": 0, "too_large": 0, "bad_json": 0, "timed_out": 0, "client_gone": 0,
-                      "errors_bounded": 0}
+                      "errors_bounded": 0, "queue_full": 0}
 
-    async def _reply(self, send, status: int, code: str, message: str) -> None:
+    async def _reply(self, send, status: int, code: str, message: str,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         body = json.dumps({"error_code": code,
                            "message": clean_message(message, self.limits.max_error_chars)}).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                                *headers]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _plain(self, send, status: int, body: bytes, content_type: str) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _operations(self, path: str, send) -> bool:
+        """Answer ``/metrics`` and the health endpoints; False for any other path."""
+        from .serve_metrics import LIVE_PATH, METRICS_PATH, READY_PATH
+
+        if path == METRICS_PATH:
+            body, ctype = await asyncio.to_thread(self.metrics.exposition)
+            await self._plain(send, 200, body, ctype)
+        elif path == LIVE_PATH:
+            await self._plain(send, 200, b'{"live": true}', "application/json")
+        elif path == READY_PATH and self.health is not None:
+            ready, details = await asyncio.to_thread(self.health.readiness)
+            await self._plain(send, 200 if ready else 503, json.dumps(details).encode(), "application/json")
+        else:
+            return False
+        return True
 
     async def __call__(self, scope, receive, send):
         if self._on_start is not None:
@@ -269,27 +306,64 @@ class RequestGuard:
                 log.exception("request guard: start-up step failed")
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
-        lim = self.limits
-        is_invocation = scope.get("path", "").rstrip("/") == INVOCATIONS
-        if not is_invocation:
+        path = scope.get("path", "").rstrip("/")
+        if self.metrics is not None and scope.get("method", "GET") == "GET" and await self._operations(path, send):
+            return None
+        if path != INVOCATIONS:
             return await self.app(scope, receive, self._bounding_send(send, None))
+        if self.metrics is None:
+            return await self._invocation(scope, receive, send)
+        arrived = time.monotonic()
+        held_before = self.metrics.request_started()
+        seen: dict[str, int] = {}
+
+        async def observed(msg):
+            if msg["type"] == "http.response.start":
+                seen.setdefault("status", int(msg["status"]))
+            return await send(msg)
+
+        try:
+            cap = self.limits.max_queued_requests
+            if cap > 0 and held_before >= cap:
+                self.stats["queue_full"] += 1
+                self.metrics.refused("queue_full")
+                await self._reply(observed, 503, "TEMPORARILY_UNAVAILABLE",
+                                  f"this server holds {held_before} requests, its limit "
+                                  f"(serving.max_queued_requests={cap}); retry shortly or on another replica",
+                                  headers=((b"retry-after", b"1"),))
+                return None
+            await self._invocation(scope, receive, observed)
+        except Exception:
+            seen.setdefault("status", 500)  # uvicorn answers 500 for an exception out of the app
+            raise
+        finally:
+            self.metrics.request_finished(seen.get("status", 499), time.monotonic() - arrived)
+
+    def _refused(self, reason: str) -> None:
+        self.stats[reason] += 1
+        if self.metrics is not None:
+            self.metrics.refused(reason)
+
+    async def _invocation(self, scope, receive, send):
+        """One /invocations request through the limits (see the module docstring)."""
+        lim = self.limits
         self.stats["requests"] += 1
         too_large = (f"the request body is larger than serving.max_request_bytes={lim.max_request_bytes} bytes; "
                      f"send fewer or smaller images per request, or upscale large sets with `varsr upscale`")
         cl = _header(scope, b"content-length")
         if cl is not None and cl.strip().isdigit() and int(cl) > lim.max_request_bytes:
-            self.stats["too_large"] += 1
+            self._refused("too_large")
             return await self._reply(send, 413, "REQUEST_LIMIT_EXCEEDED", too_large)
         chunks, size = [], 0
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                self.stats["client_gone"] += 1
+                self._refused("client_gone")
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > lim.max_request_bytes:
-                self.stats["too_large"] += 1
+                self._refused("too_large")
                 return await self._reply(send, 413, "REQUEST_LIMIT_EXCEEDED", too_large)
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -300,7 +374,7 @@ class RequestGuard:
         if ctype == b"application/json":
             problem = await asyncio.to_thread(json_problem, body, lim.max_json_depth)
             if problem is not None:
-                self.stats["bad_json"] += 1
+                self._refused("bad_json")
                 return await self._reply(send, 400, "BAD_REQUEST", problem)
 
         control = RequestControl(lim.request_timeout_s)
@@ -324,7 +398,7 @@ class RequestGuard:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
                     if not started["done"]:  # uvicorn also says "disconnect" once the reply is complete
-                        self.stats["client_gone"] += 1
+                        self._refused("client_gone")
                         control.cancel("the client went away")
                     gone.set()
                     return
@@ -336,7 +410,7 @@ class RequestGuard:
             await asyncio.wait_for(self.app(scope, replay, inner_send),
                                    timeout=lim.request_timeout_s + lim.reply_grace_s)
         except (asyncio.TimeoutError, TimeoutError):
-            self.stats["timed_out"] += 1
+            self._refused("timed_out")
             control.cancel(f"the request took longer than serving.request_timeout_s={lim.request_timeout_s:g} s")
             if not started["v"] and not gone.is_set():
                 await self._reply(send, 504, "DEADLINE_EXCEEDED",
@@ -388,7 +462,8 @@ class RequestGuard:
         return bounded
 
 
-def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | None = None) -> bool:
+def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None,
+                          health=None) -> bool:
     """Make the scoring app uvicorn serves run behind :class:`RequestGuard`; False when not inside a scoring server.
 
     MLflow's ``scoring_server/app.py`` loads the model (this runs from ``load_context``) and then builds its FastAPI
@@ -397,7 +472,8 @@ def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | Non
     ``fastapi.FastAPI`` for that one app: its middleware stack, built by Starlette on the first call (the lifespan
     startup, before the server listens), is wrapped in the guard, the outermost layer, in front of MLflow's timeout
     middleware and parser. The subclass puts the original class back once the app exists. ``on_start()``, if given,
-    runs once inside the server's event loop, on the guard's first call (the lifespan startup).
+    runs once inside the server's event loop, on the guard's first call (the lifespan startup). ``metrics`` and
+    ``health`` (inference/serve_metrics.py) add ``/metrics`` and the health endpoints (see :class:`RequestGuard`).
     """
     module = sys.modules.get(SCORING_APP_MODULE)
     if module is None:
@@ -409,7 +485,7 @@ def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | Non
         if not isinstance(existing.middleware_stack, RequestGuard):
             if existing.middleware_stack is None:
                 existing.middleware_stack = existing.build_middleware_stack()
-            existing.middleware_stack = RequestGuard(existing.middleware_stack, limits, on_start)
+            existing.middleware_stack = RequestGuard(existing.middleware_stack, limits, on_start, metrics, health)
         return True
     original = fastapi.FastAPI
     if getattr(original, "_varsr_guard_limits", None) is not None:
@@ -425,7 +501,8 @@ def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | Non
             fastapi.FastAPI = original  # one app only: the scoring server's
 
         def build_middleware_stack(self):
-            guard = RequestGuard(super().build_middleware_stack(), self._varsr_guard_limits, on_start)
+            guard = RequestGuard(super().build_middleware_stack(), self._varsr_guard_limits, on_start, metrics,
+                                 health)
             log.info("request guard: body <= %d bytes, JSON depth <= %d, %g s per request, errors <= %d chars",
                      limits.max_request_bytes, limits.max_json_depth, limits.request_timeout_s,
                      limits.max_error_chars)

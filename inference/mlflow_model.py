@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,8 @@ SERVED_ENTRY = "inference.mlflow_model"  # the served model ships this module an
 SERVING_OVERRIDES_ENV = "VARSR_SERVING_OVERRIDES"  # JSON list of key=value set by `varsr serve --set`
 SERVE_TIME_SECTIONS = ("serving", "runtime")  # what `varsr serve --set` may change; limits stay as registered
 PIP_REQUIREMENTS = ["mlflow==3.17.2", "torch==2.13.0", "pillow==13.0.0", "numpy==2.4.6", "pandas==3.1.1",
-                    "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4"]
+                    "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4", "prometheus-client==0.26.0",
+                    "psutil==7.2.2"]
 
 
 def bad_request(msg: str) -> MlflowException:
@@ -137,18 +140,57 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         self._guard_endpoint()
 
     def _guard_endpoint(self) -> None:
-        """Inside a scoring server: put the request guard in front of MLflow's parser and watch ``varsr serve``
-        (inference/guard.py; inference/README.md, "Limits of the served endpoint")."""
-        from .guard import GuardLimits, install_request_guard, start_orphan_watchdog
+        """Inside a scoring server: put the request guard in front of MLflow's parser, with the endpoint's metrics
+        and health, start the warm-up call, and watch ``varsr serve`` (inference/guard.py, inference/serve_metrics.py;
+        inference/README.md, "Limits of the served endpoint" and "Metrics and health")."""
+        from .guard import SCORING_APP_MODULE, GuardLimits, install_request_guard, start_orphan_watchdog
+        from .serve_metrics import Health, get_metrics
 
         sv = self.config.serving
+        in_server = SCORING_APP_MODULE in sys.modules
+        self.metrics = get_metrics() if sv.metrics and in_server else None
+        self.health = Health(self.metrics, int(sv.max_queued_requests)) if self.metrics is not None else None
         # uvicorn 0.55 with one worker imports the app (and loads this model) before its event loop runs: the
-        # request threads are then widened by the guard, from inside the loop, on its first call
-        on_start = None if getattr(self, "_threads_widened", True) else (
-            lambda: widen_request_threads(int(sv.request_threads)))
-        if install_request_guard(GuardLimits.from_serving(sv), on_start=on_start):
-            log.info("scoring server: request guard installed")
+        # request threads are then widened by the guard, from inside the loop, on its first call (the lifespan
+        # startup), which also starts the warm-up call, so /health/live answers while it runs
+        widen = not getattr(self, "_threads_widened", True)
+
+        def on_start():
+            if widen:
+                widen_request_threads(int(sv.request_threads))
+            if self.health is not None:
+                threading.Thread(target=self._warm_up, name="varsr-warmup", daemon=True).start()
+
+        if install_request_guard(GuardLimits.from_serving(sv), on_start=on_start, metrics=self.metrics,
+                                 health=self.health):
+            log.info("scoring server: request guard installed%s", "" if self.metrics is None else
+                     " with /metrics, /health/live and /health/ready")
+            if self.metrics is not None:
+                self.metrics.start_memory_refresh()
+        else:
+            self.metrics = self.health = None
         start_orphan_watchdog(float(sv.orphan_grace_s))
+
+    def _warm_up(self) -> None:
+        """One call on a ``serving.warmup_side`` square image with the sampling defaults, through the path a request
+        takes (batcher, generate, decode, colour fix); /health/ready waits for it (inference/serve_metrics.py)."""
+        import numpy as np
+        from PIL import Image
+
+        side = int(self.config.serving.warmup_side)
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        t0 = time.monotonic()
+        try:
+            self._run([img], self._params({"seed": 0}), None, record=False)
+        except Exception as e:  # the pod stays unready and says why
+            log.exception("warm-up call failed; this server will not report ready")
+            if self.health is not None:
+                self.health.warmup_failed(f"{type(e).__name__}: {str(e)[:300]}")
+            return
+        dt = time.monotonic() - t0
+        log.info("warm-up call done in %.2f s (%dx%d px): ready", dt, side, side)
+        if self.health is not None:
+            self.health.warmed_up(dt)
 
     def _make_batcher(self):
         """The request batcher of ``config.serving``; None when batching is off (max_batch_images <= 1)."""
@@ -166,10 +208,16 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if gb <= 0:
             gb = self.config.tiling.batch_size if self.pipeline.device.type == "cuda" else 1
 
-        def run(key, requests, deliver):  # requests: (images, RequestControl or None) each
-            controls = [c for _, c in requests]
+        def run(key, requests, deliver):  # requests: (images, RequestControl or None, started or None) each
+            controls = [c for _, c, _ in requests]
+            for _, _, started in requests:
+                if started is not None:
+                    started()  # no longer waiting (varsr_requests_waiting)
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None and any(st is not None for _, _, st in requests):  # not the warm-up call
+                metrics.batch(len(requests), sum(len(imgs) for imgs, _, _ in requests))
             self.pipeline.upscale_requests(  # each request is answered through on_done; a cancelled one is not
-                [imgs for imgs, _ in requests], UpscaleParams(*key), generate_batch=gb, fixed_batch_shape=fixed,
+                [imgs for imgs, _, _ in requests], UpscaleParams(*key), generate_batch=gb, fixed_batch_shape=fixed,
                 on_done=deliver, cancelled=lambda r: controls[r] is not None and controls[r].cancelled())
 
         on_batch = None
@@ -190,6 +238,13 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         return RequestBatcher(run, max_batch=int(sv.max_batch_images), wait_s=max(0.0, sv.batch_wait_ms) / 1000.0,
                               workers=int(sv.concurrent_batches), on_batch=on_batch)
 
+    def _refuse(self, reason: str, msg: str) -> MlflowException:
+        """A 400 for ``msg``, counted in ``varsr_refusals_total{reason=...}`` when metrics are on."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.refused(reason)
+        return bad_request(msg)
+
     def _params(self, params: dict[str, Any] | None):
         from .pipeline import UpscaleParamError
 
@@ -203,42 +258,52 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
                 color_fix=p.get("color_fix", "default"),
                 tile=None if tile is None or int(tile) < 0 else int(tile))
         except (UpscaleParamError, TypeError, ValueError) as e:
-            raise bad_request(f"invalid params: {e}") from None
+            raise self._refuse("bad_params", f"invalid params: {e}") from None
 
-    def _check_budget(self, images, p) -> None:
+    def _check_budget(self, images, p):
         """Refuse (400) a request whose plan is past the endpoint's work, memory or tile-overlap budget, before any
-        generation (inference/guard.py: estimate_request)."""
+        generation (inference/guard.py: estimate_request); returns the estimate."""
         from .guard import estimate_request
 
         sv = self.config.serving
         max_overlap = self.pipeline.latent_side // 2 if sv.max_tile_overlap < 0 else int(sv.max_tile_overlap)
         if p.overlap is not None and p.overlap > max_overlap:
-            raise bad_request(f"invalid params: tile overlap must be in [0, {max_overlap}] latent cells on this "
-                              f"endpoint (serving.max_tile_overlap), got {p.overlap}")
+            raise self._refuse("tile_overlap", f"invalid params: tile overlap must be in [0, {max_overlap}] latent "
+                                               f"cells on this endpoint (serving.max_tile_overlap), got {p.overlap}")
         est = estimate_request(self.pipeline, [(im.width, im.height) for im in images], p)
         elsewhere = ("run it with `varsr upscale` (or as a batch job) instead, or send fewer or smaller images or a "
                      "smaller scale")
         if est.work > sv.max_request_work:
-            raise bad_request(f"request too large for this endpoint: {est.tiles} tiles x {est.steps} steps = "
-                              f"{est.work} tile-steps, over the budget serving.max_request_work={sv.max_request_work};"
-                              f" {elsewhere}")
+            raise self._refuse("work", f"request too large for this endpoint: {est.tiles} tiles x {est.steps} steps = "
+                                       f"{est.work} tile-steps, over the budget serving.max_request_work="
+                                       f"{sv.max_request_work}; {elsewhere}")
         mb = est.memory_bytes / 2**20
         if mb > sv.max_request_memory_mb:
-            raise bad_request(f"request too large for this endpoint: it needs about {mb:.0f} MB, over the budget "
-                              f"serving.max_request_memory_mb={sv.max_request_memory_mb}; {elsewhere}")
+            raise self._refuse("memory", f"request too large for this endpoint: it needs about {mb:.0f} MB, over the "
+                                         f"budget serving.max_request_memory_mb={sv.max_request_memory_mb}; "
+                                         f"{elsewhere}")
+        return est
 
-    def _run(self, images, p, control):
-        """Upscale ``images`` (batched or alone), stopping between tiles once ``control`` is cancelled."""
+    def _run(self, images, p, control, record: bool = True):
+        """Upscale ``images`` (batched or alone), stopping between tiles once ``control`` is cancelled. ``record``:
+        count the request in the batch and waiting metrics (not the warm-up call)."""
         from .batching import JobCancelled
         from .guard import RequestCancelled
 
+        metrics = getattr(self, "metrics", None) if record else None
+        started = None
         try:
             if getattr(self, "batcher", None) is None:
+                if metrics is not None:
+                    metrics.batch(1, len(images))
                 return self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p,
                                              seed=p.seed, color_fix=p.color_fix,
                                              tile="auto" if p.overlap is None else p.overlap,
                                              check=None if control is None else control.check)
-            fut = self.batcher.submit_async(dataclasses.astuple(p), (images, control), size=len(images),
+            if metrics is not None:
+                started = _Once(lambda: metrics.waiting_changed(-1))
+                metrics.waiting_changed(1)
+            fut = self.batcher.submit_async(dataclasses.astuple(p), (images, control, started), size=len(images),
                                             cancelled=None if control is None else control.cancelled)
             if control is None:
                 return fut.result()
@@ -249,13 +314,19 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
                     control.check()
         except (RequestCancelled, JobCancelled) as e:
             reason = control.reason if control is not None and control.reason else str(e)
+            if metrics is not None and "request_timeout_s" in reason:  # a client that left is counted by the guard
+                metrics.refused("timed_out")
             raise MlflowException(f"request stopped: {reason}; upscale large images with `varsr upscale` or a "
                                   f"batch job", error_code=DEADLINE_EXCEEDED) from None
+        finally:
+            if started is not None:
+                started()  # a request cancelled in the queue never reached a batch
 
     def predict(self, context, model_input, params=None):
         from .guard import current_control
 
         control = current_control()
+        t0 = control.arrived if control is not None else time.monotonic()
         lim = self.config.limits
         if not isinstance(model_input, pd.DataFrame):
             raise bad_request(f"expected a table with a string column 'image', got {type(model_input).__name__}")
@@ -264,7 +335,8 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if len(model_input) == 0:
             raise bad_request("no images in the request")
         if len(model_input) > lim.max_batch_images:
-            raise bad_request(f"too many images in one request: {len(model_input)} > limit {lim.max_batch_images}")
+            raise self._refuse("too_many_images",
+                               f"too many images in one request: {len(model_input)} > limit {lim.max_batch_images}")
         p = self._params(params)
         images = []
         for i, value in enumerate(model_input["image"].tolist()):
@@ -272,9 +344,9 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
                 img = decode_base64_image(value, max_pixels=lim.max_input_pixels, max_bytes=lim.max_payload_bytes)
                 self.pipeline.target_size(img.width, img.height, p.scale)
             except ImageInputError as e:
-                raise bad_request(f"row {i}: {e}") from None
+                raise self._refuse("bad_image", f"row {i}: {e}") from None
             images.append(img)
-        self._check_budget(images, p)
+        est = self._check_budget(images, p)
         try:
             out = self._run(images, p, control)
         except MlflowException:
@@ -282,8 +354,26 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         except Exception as e:  # never leak a stack trace to the client; log it server-side
             log.exception("upscale failed")
             raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None
-        return pd.DataFrame({"image": [encode_png_base64(o) for o in out],
-                             "width": [o.width for o in out], "height": [o.height for o in out]})
+        answer = pd.DataFrame({"image": [encode_png_base64(o) for o in out],
+                               "width": [o.width for o in out], "height": [o.height for o in out]})
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.answered(len(out), est.tiles, time.monotonic() - t0)
+        return answer
+
+
+class _Once:
+    """Call ``fn`` the first time this is called, never again (thread-safe)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = "model",

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Render the cluster recipes with the platform image filled in.
 
-The KubeRay manifests (infra/kuberay/*.yaml) and the Ray cluster launcher config (infra/ray/cluster.yaml) name the
-image only as ``${VARSR_IMAGE}``. Its value comes from ONE place: the environment variable ``VARSR_IMAGE`` when set,
-else ``infra/docker/image.env`` (the file the build/push commands read too). This script writes ready-to-apply copies:
+The KubeRay manifests (infra/kuberay/*.yaml), the model endpoint's (infra/k8s/*.yaml) and the Ray cluster launcher
+config (infra/ray/cluster.yaml) name the image only as ``${VARSR_IMAGE}``. Its value comes from ONE place: the
+environment variable ``VARSR_IMAGE`` when set, else ``infra/docker/image.env`` (the file the build/push commands read
+too). This script writes ready-to-apply copies:
 
-    python3 infra/scripts/render_manifests.py                 # -> build/cluster/{kuberay,ray}/...
+    python3 infra/scripts/render_manifests.py                 # -> build/cluster/{kuberay,ray,k8s}/...
     kubectl apply -f build/cluster/kuberay/raycluster.yaml
     ray up build/cluster/ray/cluster.yaml
 
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ENV = ROOT / "infra/docker/image.env"
 TOKEN = "${VARSR_IMAGE}"
-TEMPLATES = {"kuberay": ROOT / "infra/kuberay", "ray": ROOT / "infra/ray"}
+TEMPLATES = {"kuberay": ROOT / "infra/kuberay", "ray": ROOT / "infra/ray", "k8s": ROOT / "infra/k8s"}
 # registry/name[:tag][@sha256:digest], lower-case path components as OCI references require
 IMAGE_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+"
                       r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
