@@ -187,6 +187,10 @@ def cmd_serve(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, evaluate_pairs, format_table
 
+    if args.suite:
+        return cmd_eval_suite(args)
+    if bool(args.checkpoint) == bool(args.model_uri):
+        raise UserError("give one of --checkpoint DIR or --model-uri URI (both only with --suite)")
     if args.shards:
         if args.hr or args.lr:
             raise UserError("give either --shards or --hr/--lr, not both")
@@ -204,7 +208,9 @@ def cmd_eval(args) -> int:
                 tracking_uri=args.tracking_uri, model_ref=args.model_uri or str(args.checkpoint))
     try:
         if args.shards:
-            res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards}, **opts)
+            manifest = args.shard_manifest(args.shards) if getattr(args, "shard_manifest", None) else None
+            res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards, "manifest": manifest},
+                                 **opts)
         else:
             res = evaluate(pipe, args.hr, args.lr, args.output, **opts)
     except FileNotFoundError as e:
@@ -218,9 +224,110 @@ def cmd_eval(args) -> int:
     return 0 if res.summary else 2
 
 
-def register(subparsers, shard_pairs=None) -> None:
-    """Add upscale / register / serve / eval. ``shard_pairs(spec) -> [(key, load -> (hr, lr))]`` enables
-    ``varsr eval --shards`` (the CLI passes the data pipeline's shard reader; inference does not import it)."""
+def _method_label(source: str) -> str:
+    return source.removeprefix("models:/") if source.startswith("models:/") else Path(source).name
+
+
+def cmd_eval_suite(args) -> int:
+    """``varsr eval --suite``: the table of every method on every set of a suite (inference/eval_suite.py)."""
+    from .eval_suite import Method, load_suite, run_suite
+
+    if args.hr or args.lr or args.shards:
+        raise UserError("--suite reads its test sets from the suite; leave out --hr/--lr/--shards")
+    overrides = list(args.suite_overrides)
+    if args.metrics:
+        names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        overrides += [f"metrics={json.dumps(names)}", f"required_metrics={json.dumps(names)}"]
+    if args.weights_dir:
+        overrides.append(f"weights_dir={json.dumps(str(args.weights_dir))}")
+    if args.workers:
+        overrides.append(f"workers={args.workers}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_suite(args.suite, overrides)
+    kw = _sampling_kwargs(args)
+    kw.pop("scale")
+    kw.pop("seed")
+    if args.checkpoint and not args.checkpoint.is_dir():
+        raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
+    rows = [(None, s) for s in (args.model_uri, str(args.checkpoint) if args.checkpoint else None) if s]
+    for item in args.compare:  # [LABEL=]SOURCE
+        label, sep, src = item.partition("=")
+        rows.append((label, src) if sep and not label.startswith("models:") else (None, item))
+    methods = [Method(label or _method_label(src), src, args.tracking_uri, dict(kw), args.config, list(args.overrides))
+               for label, src in rows]
+    if args.baseline == "bicubic":
+        methods.append(Method("bicubic"))
+    res = run_suite(cfg, methods, args.output, log_to_mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
+    for n in res.notices:
+        print(f"notice: {n}", file=sys.stderr)
+    print((res.out_dir / "table.md").read_text(), end="")
+    print(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
+    return 0
+
+
+def cmd_eval_prepare(args) -> int:
+    """``varsr eval-prepare KIND``: a test set folder with its manifest (inference/eval_sets.py)."""
+    from . import eval_sets
+
+    if args.kind == "paired":
+        es = eval_sets.prepare_paired(args.hr, args.lr, args.output, args.scale, args.lr_size, args.name,
+                                      args.overwrite)
+    elif args.kind == "synthetic":
+        if args.degrader is None:
+            raise UserError("synthetic sets need the data pipeline's degradation presets (run through `varsr`)")
+        es = eval_sets.prepare_synthetic(args.hr, args.output, args.n, args.preset, args.degrader, args.seed,
+                                         args.hr_size, args.scale, args.name, args.overwrite)
+    elif args.kind == "bundled":
+        es = eval_sets.prepare_bundled(args.output, args.hr_size, args.scale, args.name or "bundled", args.overwrite)
+    else:  # verify
+        es = eval_sets.load_set(args.output)
+        if es.manifest["protocol"].get("kind") == "synthetic" and args.replayer is not None:
+            same = eval_sets.replay_check(es, args.replayer)
+            if same != len(es.pairs):
+                raise UserError(f"{args.output}: {len(es.pairs) - same} LR(s) differ from their recorded degradation")
+    print(json.dumps({"set": es.name, "path": str(es.root), "pairs": len(es.pairs), "protocol": es.manifest["protocol"],
+                      "manifest_sha256": es.sha256}))
+    return 0
+
+
+def _register_eval_prepare(subparsers, degrader, replayer) -> None:
+    p = subparsers.add_parser("eval-prepare", help="make a test set (HR/, LR/, manifest.json) for varsr eval --suite")
+    p.add_argument("kind", choices=("paired", "synthetic", "bundled", "verify"),
+                   help="paired: centre crops of an HR/LR folder pair; synthetic: N seeded crops of an HR folder "
+                        "degraded by --preset; bundled: the small real set; verify: check a set's files (and replay "
+                        "a synthetic set's degradations)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the set's folder")
+    p.add_argument("--hr", type=Path, help="HR folder (paired, synthetic)")
+    p.add_argument("--lr", type=Path, help="LR folder with the HR's file stems (paired)")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--lr-size", type=int, default=128, help="LR crop side (paired; the HR crop is scale x)")
+    p.add_argument("--hr-size", type=int, default=None, help="HR crop side (synthetic: 512, bundled: 256)")
+    p.add_argument("--n", type=int, default=3000, help="pairs to make (synthetic; DIV2K-val: 3000)")
+    p.add_argument("--preset", default="realesrgan-x4plus", help="degradation preset (configs/data/): "
+                   "realesrgan-x4plus or varsr-mild")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="set name (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in --output")
+    p.set_defaults(func=_prepare_dispatch, degrader=degrader, replayer=replayer)
+
+
+def _prepare_dispatch(args) -> int:
+    if args.hr_size is None:
+        args.hr_size = 512 if args.kind == "synthetic" else 256
+    if args.kind in ("paired", "synthetic") and args.hr is None:
+        raise UserError(f"eval-prepare {args.kind} needs --hr DIR")
+    if args.kind == "paired" and args.lr is None:
+        raise UserError("eval-prepare paired needs --lr DIR")
+    return cmd_eval_prepare(args)
+
+
+def register(subparsers, shard_pairs=None, degrader=None, replayer=None, shard_manifest=None) -> None:
+    """Add upscale / register / serve / eval / eval-prepare. ``shard_pairs(spec) -> [(key, load -> (hr, lr))]``
+    enables ``varsr eval --shards`` (the CLI passes the data pipeline's shard reader; inference does not import it),
+    ``shard_manifest(spec) -> URL | None`` names the dataset's manifest (the shard format's ``manifest_ref``);
+    ``degrader(hr, preset, seed) -> (lr, params)`` and ``replayer(hr, params) -> lr`` the data pipeline's degradation
+    presets for ``varsr eval-prepare synthetic`` / ``verify``."""
     p = subparsers.add_parser("upscale", help="super-resolve image files or folders")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders (recursive)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (or a file for one input)")
@@ -241,11 +348,21 @@ def register(subparsers, shard_pairs=None) -> None:
                         "own), e.g. --sampling cfg=0.75 --sampling color_fix=wavelet (repeatable)")
     p.set_defaults(func=cmd_register)
 
-    p = subparsers.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)")
+    p = subparsers.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)",
+                              description="Serve a registered model: POST /invocations; GET /metrics (Prometheus), "
+                                          "/health/live (the process answers), /health/ready (model loaded, warm-up "
+                                          "call done in every worker, queue under its limit) on the same port.")
     p.add_argument("model_uri", metavar="MODEL_URI", help="e.g. models:/varsr@champion")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each loads the model)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="uvicorn worker processes (each loads the model). Default: chosen for this machine: on a "
+                        "CPU, one per core the process may use (affinity, cgroup quota), at most 8 and as many as 80%% "
+                        "of the memory (cgroup limit or RAM) holds at 0.5 GiB (measured) + the weights + "
+                        "serving.max_request_memory_mb each, with cores/workers torch threads each "
+                        "(runtime.cpu_threads, unless --set gives it): a CPU pipeline call uses one core well and "
+                        "several poorly (2 cores: 1 process x1.38 at 8 clients, 2 processes x2.06); on a GPU, 1 "
+                        "(it owns the device and batches for it). The choice is logged at start")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="serving.* / runtime.* over the registered model's inference config, e.g. "
@@ -254,7 +371,8 @@ def register(subparsers, shard_pairs=None) -> None:
                    help="seconds the server gets to finish its requests after SIGTERM/SIGINT before SIGKILL")
     p.set_defaults(func=cmd_serve)
 
-    p = subparsers.add_parser("eval", help="PSNR/SSIM (Y and RGB) on a paired HR/LR folder, logged to MLflow")
+    p = subparsers.add_parser("eval", help="score a model on paired HR/LR images (or a suite of test sets: one "
+                                           "Table-1-style table), logged to MLflow")
     p.add_argument("--hr", type=Path, help="folder of HR images")
     p.add_argument("--lr", type=Path, help="folder of LR images with the same file names")
     if shard_pairs is not None:
@@ -262,6 +380,23 @@ def register(subparsers, shard_pairs=None) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("varsr-eval"))
     p.add_argument("--baseline", choices=("bicubic",), default=None)
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run")
-    _add_model_args(p)
+    p.add_argument("--suite", help="a suite (configs/eval/NAME.yaml or a YAML file): every test set, every metric, one "
+                                   "table (docs/EVALUATION.md)")
+    p.add_argument("--suite-set", dest="suite_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite key, e.g. --suite-set worst=8 (repeatable)")
+    p.add_argument("--compare", action="append", default=[], metavar="[LABEL=]SOURCE",
+                   help="another model row for --suite: a checkpoint folder or models:/ URI (repeatable)")
+    p.add_argument("--metrics", help="comma-separated metrics for --suite; each named one must be available")
+    p.add_argument("--weights-dir", type=Path, help="learned metrics' weights (default $VARSR_EVAL_WEIGHTS or "
+                                                     "~/.cache/varsr/eval-weights)")
+    p.add_argument("--workers", type=int, default=None, help="Ray tasks for --suite (many pairs)")
+    p.add_argument("--checkpoint", type=Path, help="native checkpoint folder (see model/checkpoint.py)")
+    p.add_argument("--model-uri", help="MLflow model URI, e.g. models:/varsr@champion (with --suite, also "
+                                       "--checkpoint: two rows)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    add_config_args(p, "inference YAML (default configs/inference/default.yaml)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
     _add_sampling_args(p)
-    p.set_defaults(func=cmd_eval, shards=None, shard_pairs=shard_pairs)
+    p.set_defaults(func=cmd_eval, shards=None, shard_pairs=shard_pairs, shard_manifest=shard_manifest)
+    _register_eval_prepare(subparsers, degrader, replayer)

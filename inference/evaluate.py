@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
-from infra.core.metrics import full_reference, optional_metrics
-
+from .eval_metrics import load_metrics, score_image
 from .images import ImageInputError, open_image_path
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         raise ValueError(f"unknown baseline {baseline!r}; only 'bicubic' is supported")
     (out / "sr").mkdir(parents=True, exist_ok=True)
     (out / "crops").mkdir(parents=True, exist_ok=True)
-    extra, notices = optional_metrics()
+    metrics, notices = load_metrics(FR_METRICS)  # the suite's scorer (inference/eval_metrics.py)
     res = EvalResult(notices=list(notices), out_dir=out)
     kw = dict(upscale_kwargs or {})
     content = hashlib.sha256()  # what the pairs hold, whatever their files were called or encoded as
@@ -148,9 +148,9 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         bic = lr.resize(hr.size, Image.Resampling.BICUBIC)
         methods = {"varsr": sr, **({"bicubic": bic} if baseline == "bicubic" else {})}
         for method, img in methods.items():
-            row: dict[str, Any] = {"image": stem, "method": method, "scale": scale, **full_reference(img, hr)}
-            for name, fn in extra.items():
-                row[name] = fn(img, hr)
+            row: dict[str, Any] = {"image": stem, "method": method, "scale": scale,
+                                   **score_image(np.asarray(img.convert("RGB")), np.asarray(hr.convert("RGB")),
+                                                 metrics)}
             res.rows.append(row)
         if len([r for r in res.rows if r["method"] == "varsr"]) <= max_crops:
             _crop_triptych(bic, sr, hr).save(out / "crops" / f"{stem}.png")
@@ -190,9 +190,8 @@ def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
     from infra.core.redact import redact
     from infra.core.tracking import dataset_input, portable_ref
 
-    shards = source.get("shards")
-    if shards and not any(c in str(shards) for c in ",{*?[") and not str(shards).endswith(".tar"):
-        manifest = storage.join(str(shards), "manifest.json")
+    shards, manifest = source.get("shards"), source.get("manifest")  # manifest: the shard format's manifest_ref
+    if shards and manifest:
         if storage.exists(manifest):
             sha = storage.sha256(manifest)
             local = storage.is_local(manifest)

@@ -10,7 +10,6 @@ this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -18,8 +17,10 @@ import data_pipeline.cli as data_cli
 import inference.cli as inference_cli
 import model.cli as model_cli
 import training.cli as training_cli
+from data_pipeline.shards import manifest_ref
 from infra.core import redact
 from infra.core.errors import UserError
+from infra.core.log import say, setup_logging
 from infra.demo.cli import register_cli as register_demo_cli
 
 QUIET_ENV = {
@@ -40,8 +41,7 @@ def register_trained_model(cfg) -> None:
 
     mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias,
                                tracking_uri=cfg.tracking.tracking_uri, sampling=cfg.register.sampling.values())
-    print(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} "
-          f"from run {mv.run_id}", file=sys.stderr, flush=True)
+    say(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} from run {mv.run_id}")
 
 
 def shard_pairs(shards: str):
@@ -52,6 +52,22 @@ def shard_pairs(shards: str):
 
     return [(key, lambda h=hr, lo=lr: (open_image_bytes(h), open_image_bytes(lo)))
             for key, hr, lr in eval_pairs(shards)]
+
+
+def degrade_preset(hr, preset: str, seed: int):
+    """``varsr eval-prepare synthetic``: one LR from the data pipeline's degradation preset (configs/data/<preset>),
+    with the parameters that replay it."""
+    from data_pipeline.config import load_build_config
+    from data_pipeline.degrade import degrade
+
+    return degrade(hr, load_build_config(preset).degradation, seed)
+
+
+def replay_degradation(hr, params: dict):
+    """``varsr eval-prepare verify``: the LR that recorded degradation parameters make from an HR."""
+    from data_pipeline.degrade import apply_degradation
+
+    return apply_degradation(hr, params)
 
 
 def open_tokenizer(checkpoint: str):
@@ -71,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_demo_cli(sub)
     data_cli.register(sub, open_tokenizer=open_tokenizer)
     training_cli.register(sub, on_trained=register_trained_model)
-    inference_cli.register(sub, shard_pairs=shard_pairs)
+    inference_cli.register(sub, shard_pairs=shard_pairs, degrader=degrade_preset, replayer=replay_degradation,
+                           shard_manifest=manifest_ref)
     model_cli.register(sub)
     return parser
 
@@ -82,23 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     redact.install()  # no credential of a URI in what this process logs, warns or prints as a traceback
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        print("varsr: interrupted", file=sys.stderr)
+        say("varsr: interrupted")
         return 130
     except UserError as e:  # bad input or config: one clear line, no traceback (-v shows it)
         if args.verbose:
             raise
-        print(f"varsr: error: {redact.redact(str(e))}", file=sys.stderr)
+        say(f"varsr: error: {redact.redact(str(e))}")
         return 2
     return int(rc or 0)
 

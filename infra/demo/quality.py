@@ -10,7 +10,9 @@ For a held-out photo (HR) and its x4 bicubic LR:
   input's codes would reach.
 * ``token_accuracy`` — per scale, how often the transformer's codes equal the HR's: teacher-forced (the training
   objective's accuracy) and sampled (what inference draws), beside how often the bicubic LR's own codes do.
-* ``sr_figures`` — PSNR-Y / SSIM-Y / high-frequency energy of an SR result beside bicubic's.
+* ``sr_figures`` — PSNR-Y / SSIM-Y / high-frequency energy of an SR result beside bicubic's, scored by the same
+  functions as ``varsr eval --suite`` (inference/eval_metrics.py).
+* ``bundled_table`` — ``varsr eval --suite bundled`` for a checkpoint against bicubic: the model card's held-out table.
 * ``evaluate_checkpoint`` — all of the above for a checkpoint on a list of held-out photos (the recipe's export
   scores its base with it).
 * ``one_pass_stitched`` — every model window super-resolved alone and stitched without blending, against which the
@@ -144,13 +146,29 @@ def token_accuracy(varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: flo
     return {"teacher_forced": agree(tf), "sampled": agree(info.tokens), "lr_codes": agree(lr_codes)}
 
 
-def sr_figures(sr: Image.Image, hr: Image.Image) -> dict[str, float]:
-    """PSNR-Y, SSIM-Y and the high-frequency energy (and its gap to the HR's, in dB) of one result."""
-    from infra.core.metrics import full_reference, hf_energy, hf_gap_db
+def sr_figures(sr: Image.Image, hr: Image.Image, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """PSNR-Y, SSIM-Y (scored as ``varsr eval --suite`` scores: inference/eval_metrics.py) and the high-frequency
+    energy (and its gap to the HR's, in dB) of one result; ``extra``: more suite metrics by name (e.g. niqe)."""
+    from inference.eval_metrics import load_metrics, score_image
+    from infra.core.metrics import hf_energy, hf_gap_db
 
     sr = sr.convert("RGB").resize(hr.size, Image.Resampling.BICUBIC) if sr.size != hr.size else sr.convert("RGB")
-    m = full_reference(sr, hr)
-    return {"psnr_y": m["psnr_y"], "ssim_y": m["ssim_y"], "hf_energy": hf_energy(sr), "hf_gap_db": hf_gap_db(sr, hr)}
+    metrics, _ = load_metrics(["psnr_y", "ssim_y", *extra], required=extra)
+    m = score_image(np.asarray(sr), np.asarray(hr.convert("RGB")), metrics)
+    return {**m, "hf_energy": hf_energy(sr), "hf_gap_db": hf_gap_db(sr, hr)}
+
+
+def bundled_table(ckpt: str | Path, out_dir: str | Path, cfg: float | None = None, color_fix: str | None = None,
+                  seed: int = 0, tracking_uri: str | None = None, log_to_mlflow: bool = False):
+    """The model against bicubic on the small real set, by ``varsr eval --suite bundled`` (inference/eval_suite.py):
+    the held-out table of the model card and the README. Returns the suite's result (``.table``, and
+    ``out_dir/table.md``)."""
+    from inference.eval_suite import Method, load_suite, run_suite
+
+    kw = {k: v for k, v in {"cfg": cfg, "color_fix": color_fix}.items() if v is not None}
+    methods = [Method(Path(str(ckpt)).name, str(ckpt), upscale_kwargs=kw), Method("bicubic")]
+    return run_suite(load_suite("bundled", [f"seed={seed}"]), methods, out_dir, log_to_mlflow=log_to_mlflow,
+                     tracking_uri=tracking_uri)
 
 
 def bicubic(p: HeldOut) -> Image.Image:

@@ -16,5 +16,6 @@ fi
 rm -f "$log"
 python -m pip check >/dev/null || { python -m pip check; exit 1; }
 python -c "import model, data_pipeline, training, inference, infra"
+bash infra/scripts/fetch_niqe_params.sh  # NIQE pristine-model parameters (docs/EVALUATION.md), no run-time download
 # byte-compile once: heavy imports (deepspeed, ray.data, mlflow) start ~2x faster (measured on these machines)
 python -m compileall -q -j 2 .venv/lib/python*/site-packages >/dev/null 2>&1 || true

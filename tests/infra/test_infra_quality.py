@@ -154,3 +154,16 @@ def test_the_demo_quality_bar_needs_psnr_near_bicubic_and_hf_energy_nearer_the_h
     blurry = hr.filter(ImageFilter.GaussianBlur(4))  # no HF: further from the HR's HF energy than bicubic
     m = upscale_figures(blurry, bic, hr)
     assert m["quality_bar_met"] == 0.0 and "NOT met" in format_figures(m)
+
+
+def test_sr_figures_score_as_the_eval_suite_does():
+    """The demo's held-out figures and `varsr eval --suite` share one scorer (inference/eval_metrics.py)."""
+    from inference.eval_metrics import load_metrics, score_image
+    from infra.core.metrics import niqe
+
+    hr = _photo(128, 128, 5)
+    p = make_pair(hr, "x", 128, 128)
+    figs = sr_figures(bicubic(p), p.hr, extra=("niqe", "brisque"))
+    suite = score_image(np.asarray(bicubic(p)), np.asarray(p.hr), load_metrics(["psnr_y", "ssim_y", "brisque"])[0])
+    assert figs["psnr_y"] == suite["psnr_y"] and figs["ssim_y"] == suite["ssim_y"]
+    assert figs["niqe"] == niqe(np.asarray(bicubic(p))) and figs["brisque"] == suite["brisque"]
