@@ -8,8 +8,13 @@
 3. ``recovery``: seconds from killing a worker node of a multi-node Ray cluster (``ray.cluster_utils.Cluster``,
    head with 0 CPUs, two 1-CPU workers) in the middle of a 2-worker Ray Train run until training has resumed from its
    last checkpoint, and the extra wall time of the whole run against an uninterrupted one.
+4. ``checkpoint_stall``: seconds each checkpoint holds the step loop (``training.checkpointing.STALLS``: from the
+   call to ``save`` until it returns), a checkpoint every step of a tiny run, for a local output folder (the local
+   save alone), an ``s3://`` output uploading in the loop (before) and with ``checkpoint_async`` (after: the upload
+   runs in the background, the commit of the previous checkpoint happens at the next save).
 
     python benchmarks/cluster_bench.py [--images 96] [--rounds 3] [--train-steps 12] [--skip-recovery]
+    python benchmarks/cluster_bench.py --only-checkpoint-stall [--rounds 2] [--train-steps 6]
 """
 from __future__ import annotations
 
@@ -154,9 +159,50 @@ def bench_train(tmp: Path, steps: int, rounds: int) -> dict:
             "runs_tokens_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()}, "target_ratio": 0.95}
 
 
+def bench_checkpoint_stall(tmp: Path, steps: int, rounds: int) -> dict:
+    """Median seconds a checkpoint holds the step loop: local output, s3 output uploading in the loop, s3 output
+    uploading in the background (interleaved arms, in this process)."""
+    import ray
+
+    import data_pipeline as dp
+    from infra.core.config import load_config
+    from infra.core.net import free_port
+    from training import checkpointing
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    src = corpus(tmp / "ccorpus", 16)
+    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=8", "select.cluster.k=2",
+                                      f"score.weights_dir={tmp / 'no-iqa'}", "select.dedup.near=false"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    dp.build(str(src), str(tmp / "cshards"), cfg, print_summary=False)
+    ray.shutdown()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    arms = {"local": (str(tmp / "ckpt-local"), False), "s3_sync": ("s3://bench/ckpt-sync", False),
+            "s3_async": ("s3://bench/ckpt-async", True)}
+    stalls: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(rounds):
+        for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            out, asynchronous = arms[name]
+            checkpointing.STALLS.clear()
+            train(load_config(TrainConfig, None, [
+                "stage=isr", f"data.shards={tmp / 'cshards'}", f"output_dir={out}-{r}", f"max_steps={steps}",
+                "data.batch_size=4", "data.workers=0", "tracking.enabled=false", "validation.num_images=1",
+                "validation.batches=1", "seed=0", "checkpoint_every=1", "keep_checkpoints=2",
+                f"checkpoint_async={str(asynchronous).lower()}"]))
+            checkpointing.flush()  # the run's last checkpoint is committed before the next arm
+            stalls[name] += checkpointing.STALLS[:-1]  # the in-loop checkpoints (the final one ends the run)
+    med = {k: statistics.median(v) for k, v in stalls.items()}
+    return {"steps": steps, "rounds": rounds, "checkpoints_per_arm": {k: len(v) for k, v in stalls.items()},
+            "median_stall_s": {k: round(v, 3) for k, v in med.items()},
+            "max_stall_s": {k: round(max(v), 3) for k, v in stalls.items()},
+            "async_over_local": round(med["s3_async"] / med["local"], 2),
+            "sync_over_local": round(med["s3_sync"] / med["local"], 2)}
+
+
 def bench_recovery(tmp: Path, steps: int) -> dict:
     """Kill a worker node during a 2-worker Ray Train run; seconds until training resumed, and extra wall time."""
-    import ray
     from ray.cluster_utils import Cluster
 
     from infra.core import storage
@@ -206,11 +252,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=12)
     ap.add_argument("--skip-recovery", action="store_true")
+    ap.add_argument("--only-checkpoint-stall", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="varsr-cluster-bench-") as d:
         tmp = Path(d)
         moto, _ = start_moto(tmp)
         try:
+            if args.only_checkpoint_stall:  # start_moto made the bucket
+                print(json.dumps({"benchmark": "checkpoint stall of the step loop, loopback S3 (moto)",
+                                  "config": {"train": "tiny preset, batch 4, fp32, ZeRO-0, a checkpoint every step",
+                                             "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0]}},
+                                  "checkpoint_stall": bench_checkpoint_stall(tmp, args.train_steps, args.rounds)}))
+                return
             out = {"benchmark": "object storage (loopback S3) vs local, and node-failure recovery",
                    "config": {"images": args.images, "rounds": args.rounds, "train_steps": args.train_steps,
                               "data": "256-px crops, varsr-mild, 8 samples/shard, 2 local Ray CPUs",

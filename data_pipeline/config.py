@@ -163,7 +163,9 @@ class ShardConfig:
     resize_short_factor_neg: float = 1.0     # negatives: short side -> crop
     crop: Literal["center", "random"] = "center"
     flip_prob: float = 0.5
-    lr_variants: int = 1                     # LR variants (independent degradations) per HR
+    # LR variants (independent degradations) per HR; 0 = HR-only shards (no LR stored: the training reader degrades
+    # each HR afresh every epoch, data.degrade in the training config; docs/USAGE.md)
+    lr_variants: int = 1
     hr_png_compression: int = 1              # 0..9 (zlib level); deterministic
     lr_png_compression: int = 3
     png_strategy: Literal["default", "filtered", "huffman_only", "rle", "fixed"] = "rle"   # zlib strategy

@@ -77,6 +77,18 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
     t0 = tick("encode", t0)
     scores = json.loads(row.get("scores_json") or "{}")
     out = []
+    if sc.lr_variants == 0:  # HR-only: the training reader degrades on the fly (data_pipeline/degrade/online.py)
+        key = sample_key(row["sha256"], 0)
+        meta = SampleMeta(
+            key=key, source_uri=row["uri"], sha256=row["sha256"],
+            original_size=[int(row["width"]), int(row["height"])], label=label,
+            class_id=int(row["class_id"]), scores=scores, crop=crop_info,
+            hr_size=[sc.crop_size, sc.crop_size], lr_size=[0, 0], scale=dc.scale,
+            variant=0, degradation={"preset": dc.preset, "params": None, "hr_only": True},
+            source_meta=json.loads(row.get("meta") or "{}"),
+            pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(),
+        )
+        return [(key, {"hr.png": hr_png, "json": meta.to_bytes()})]
     for v in range(sc.lr_variants):
         lr, params = degrade(hr, dc, derive_seed(cfg.seed, row["sha256"], f"degrade:{v}"), variant=v)
         t0 = tick("degrade", t0)
@@ -121,7 +133,8 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             t0, c0 = time.perf_counter(), time.process_time()
             for key, members in res:
                 for ext in SAMPLE_MEMBERS:
-                    writer.add(f"{key}.{ext}", members[ext])
+                    if ext in members:  # HR-only samples have no lr.png
+                        writer.add(f"{key}.{ext}", members[ext])
                 n += 1
                 labels[int(row["label"])] += 1
                 classes[int(row["class_id"])] += 1

@@ -8,6 +8,10 @@ token indices, the continuous residual left before the last scale (the refiner's
 tokenizer's sha256. The manifest is rewritten last with ``tokens`` filled in: the commit point. Training uses the
 cache when that hash equals its own frozen tokenizer's.
 
+The cache holds what depends on the HR crop alone (its tokens and the refiner's residual), never the LR: with
+on-the-fly degradation (``data.degrade``, ``data_pipeline/degrade/online.py``) the LR is drawn anew every epoch in the
+loader while the cached HR tokens still apply unchanged.
+
 * One Ray task per shard, batched (``batch_size`` HR crops per call), on a GPU when the cluster has them and on CPUs
   otherwise. A task lost with its node is retried; its writes are atomic and deterministic (same source, tokenizer
   and kernels give byte-identical tars), so a retried run equals an uninterrupted one.
@@ -55,7 +59,7 @@ from .shards import (
 )
 from .shards.format import manifest_url
 
-log = logging.getLogger("data_pipeline")
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):

@@ -17,19 +17,26 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
-import random
-import re
 import shutil
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import DataPosition
 from infra.core.errors import UserError
+from training import reshard
+from training.checkpoint_io import (  # noqa: F401 - re-exported: checkpointing.safe_load etc.
+    _SafeReads,
+    check_checkpoint_files,
+    deepspeed_safe_globals,
+    rng_state,
+    safe_load,
+    set_rng_state,
+)
 from training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -45,35 +52,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def rng_state(generator: torch.Generator | None) -> dict:
-    np_state = np.random.get_state()
-    st: dict = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    if generator is not None:
-        st["generator"] = generator.get_state()
-    return st
-
-
-def set_rng_state(st: dict, generator: torch.Generator | None) -> None:
-    random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
-    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype(np.uint32), st["numpy_pos"],
-                         st["numpy_gauss"][0], st["numpy_gauss"][1]))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
-    if generator is not None and "generator" in st:
-        generator.set_state(st["generator"])
-
-
 CKPTS = "checkpoints"
 
 
@@ -85,12 +63,99 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _Background:
+    """A thread that runs ``fn`` and keeps its error (reported by every rank at the next :func:`flush`, never lost)."""
+
+    def __init__(self, name: str, fn):
+        self.fn = fn
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=False)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.fn()
+        except Exception as e:  # noqa: BLE001 - any failure of an upload or commit is reported, see flush
+            self.error = f"{type(e).__name__}: {e}"
+
+    def join(self) -> str | None:
+        self.thread.join()
+        return self.error
+
+
+class _Upload(_Background):
+    """One rank's background upload of the files it wrote for one checkpoint (an object-store output with
+    ``checkpoint_async``); rank 0 commits it (trainer state + ``COMPLETE``) once every rank's upload is done."""
+
+    def __init__(self, run: RunDir, step: int, files: list[Path], state: dict | None, keep: int,
+                 launch: str | None):
+        self.run, self.step, self.state, self.keep, self.launch = run, step, state, keep, launch
+        self.files = files
+        super().__init__(f"checkpoint-upload-{step}", self._publish)
+
+    def _publish(self) -> None:
+        for f in self.files:
+            self.run.publish(f)
+
+    def commit(self) -> None:
+        rel = f"{CKPTS}/{_tag(self.step)}"
+        (self.run / rel / "trainer_state.json").write_text(json.dumps(self.state, indent=2) + "\n")
+        self.run.publish(f"{rel}/trainer_state.json")
+        _commit(self.run, self.step, self.keep, self.launch)
+        log.info("checkpoint saved: %s", self.run.url_of(rel))
+
+
+_PENDING: _Upload | None = None  # this process's checkpoint whose upload runs in the background
+_COMMITTING: tuple[_Upload, _Background] | None = None  # rank 0: a checkpoint and the thread committing it
+STALLS: list[float] = []  # seconds each save() held the step loop (benchmarks/cluster_bench.py reads them)
+
+
+def flush(wait: bool = True) -> None:
+    """Collective: finish this process's background checkpoint upload, if any, and commit it: once every rank's
+    files are uploaded, rank 0 writes the trainer state and the ``COMPLETE`` marker (still the commit point) — in
+    the background too unless ``wait``. Called by :func:`save` (``wait=False``) and, waiting, by the launchers
+    before the process group goes (``deepspeed_engine.shutdown``, ``launch._ray_worker``). A failed upload or commit
+    on any rank raises on every rank; the checkpoint is then not committed."""
+    global _PENDING, _COMMITTING
+    p, _PENDING = _PENDING, None
+    c, _COMMITTING = _COMMITTING, None
+    if p is None and c is None:
+        return
+    mine = [f"checkpoint step {c[0].step} (commit): {err}"] if c is not None and (err := c[1].join()) else []
+    if p is not None and (err := p.join()):
+        mine.append(f"checkpoint step {p.step} (upload): {err}")
+    errors: list[list[str] | None] = [None] * _world()
+    if dist.is_initialized():
+        dist.all_gather_object(errors, mine)
+    else:
+        errors[0] = mine
+    bad = [f"rank {r}, {e}" for r, errs in enumerate(errors) for e in errs or []]
+    if bad:
+        run = p.run if p is not None else c[0].run if c is not None else None
+        raise UserError(f"uploading a checkpoint to {run.url if run else 'the output'} failed ({bad[0]}); it was not "
+                        f"committed, the previous complete checkpoint stays the resume point")
+    if p is not None and p.state is not None:  # rank 0
+        if wait:
+            p.commit()
+        else:
+            _COMMITTING = (p, _Background(f"checkpoint-commit-{p.step}", p.commit))
+    if wait:
+        _barrier()
+
+
 def save(engine, run: RunDir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int,
-         launch: str | None = None) -> str:
+         launch: str | None = None, asynchronous: bool = False) -> str:
     """Collective: every rank calls it. Returns the checkpoint's location (path or URL).
 
     ``launch`` (a Ray Train launch's id, ``training/launch.py``) goes into the ``COMPLETE`` marker, so workers that
-    Ray restarts after a failure find the checkpoints of their own launch (``find_resume``)."""
+    Ray restarts after a failure find the checkpoints of their own launch (``find_resume``).
+
+    ``asynchronous`` with an object-store output: the step loop waits only for the local save; each rank uploads its
+    files in a background thread and the checkpoint is committed (``COMPLETE``) by the next ``save`` or :func:`flush`
+    once every rank's upload has finished. Until then ``--resume auto`` takes the previous complete checkpoint."""
+    global _PENDING
+    t0 = time.perf_counter()
+    flush(wait=False)
     tag = _tag(step)
     rel = f"{CKPTS}/{tag}"
     d = run / rel
@@ -104,18 +169,24 @@ def save(engine, run: RunDir, step: int, position: DataPosition, generator, fing
         dist.all_gather_object(positions, asdict(position))
     else:
         positions[0] = asdict(position)
+    state = {"step": step, "world_size": _world(), "positions": dict(enumerate(positions)), **fingerprint}
+    if run.remote and asynchronous:
+        files = [f.relative_to(run.local) for f in sorted(d.rglob("*")) if f.is_file()]
+        _PENDING = _Upload(run, step, files, state if rank == 0 else None, keep, launch)
+        STALLS.append(time.perf_counter() - t0)
+        return run.url_of(rel)
     if run.remote:  # every rank publishes what it wrote (its own optimiser shard, its RNG state)
         for f in sorted(d.rglob("*")):
             if f.is_file():
                 run.publish(f.relative_to(run.local))
     _barrier()
     if rank == 0:
-        state = {"step": step, "world_size": _world(), "positions": dict(enumerate(positions)), **fingerprint}
         (d / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         run.publish(f"{rel}/trainer_state.json")
         _commit(run, step, keep, launch)
         log.info("checkpoint saved: %s", run.url_of(rel))
     _barrier()
+    STALLS.append(time.perf_counter() - t0)
     return run.url_of(rel)
 
 
@@ -213,85 +284,29 @@ def load_module_state(ckpt: Path, fingerprint: dict) -> dict:
     return st
 
 
-def deepspeed_safe_globals() -> list:
-    """The non-tensor types DeepSpeed writes into the checkpoints this platform makes (ZeRO 0-3, fp32 / bf16 / fp16):
-    the loss scalers, the ZeRO stage enum and the fragment addresses of ZeRO's flat partitions. Allowing them lets
-    ``torch.load(weights_only=True)`` rebuild them from their field values; none runs code when unpickled."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _refusal(path, why: str) -> UserError:
-    return UserError(f"checkpoint file {path} holds {why}, not only tensors and DeepSpeed's training state; refusing "
-                     f"to load it (unpickling it could run code): resume only from checkpoints this platform wrote")
-
-
-def safe_load(path, map_location=None):
-    """``torch.load(path, weights_only=True)`` with :func:`deepspeed_safe_globals` allowed; UserError naming the file
-    when it holds anything else (e.g. a planted object whose ``__reduce__`` would run code)."""
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
-        raise _refusal(path, m.group(1).rstrip(".,") if m else "objects outside the allow-list") from None
-
-
-def check_checkpoint_files(ckpt: Path) -> None:
-    """Refuse a checkpoint folder any of whose ``.pt`` files names a type outside the allow-list, before anything
-    is loaded (every rank checks the whole folder, so all ranks refuse alike instead of one failing inside a
-    collective). Zip-format files are read statically (``torch.serialization.get_unsafe_globals_in_checkpoint``: no
-    tensor is loaded); legacy-format files are loaded with :func:`safe_load`."""
-    for f in sorted(ckpt.rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        except ValueError:  # not a zip checkpoint (legacy torch.save format): a full weights_only load checks it
-            safe_load(f, map_location="cpu")
-            continue
-        except Exception as e:  # noqa: BLE001 - unreadable / corrupt: not a checkpoint this platform wrote
-            raise UserError(f"checkpoint file {f} is not readable as a torch checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if unsafe:
-            raise _refusal(f, f"the global(s) {', '.join(unsafe[:3])}")
-
-
-class _SafeReads:
-    """For the duration of a ``with``: every file DeepSpeed's checkpoint engine reads goes through :func:`safe_load`
-    (DeepSpeed's ``TorchCheckpointEngine.load`` passes ``weights_only=False``)."""
-
-    def __init__(self, engine):
-        self.ce = engine.checkpoint_engine
-
-    def __enter__(self):
-        self.ce.load = lambda path, map_location=None: safe_load(path, map_location)
-        return self
-
-    def __exit__(self, *exc):
-        del self.ce.load  # the instance attribute shadowed the class's method
-
-
 def _bring(run: RunDir, step: int) -> Path:
     rel = f"{CKPTS}/{_tag(step)}"
     return run.fetch_tree(rel) if run.remote else run / rel
 
 
-def load(engine, ckpt: Path, generator, fingerprint: dict) -> tuple[int, DataPosition]:
-    """Restore engine + RNG + data position; UserError if the checkpoint is from another config."""
+def load(engine, ckpt: Path, generator, fingerprint: dict, split: str = "global_batch",
+         workers: int = 0) -> tuple[int, DataPosition]:
+    """Restore engine + RNG + data position; UserError if the checkpoint is from another config.
+
+    A checkpoint of another number of ranks resumes through :func:`training.reshard.load_resized` (DeepSpeed's
+    universal checkpoint for ZeRO's partitioned optimiser state); ``split`` and ``workers`` (the run's ``data.split``
+    and ``data.workers``) say how its data position is regrouped (``regroup_position``)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     diff = _fingerprint_mismatch(state, fingerprint)
     if diff:
         raise UserError(f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir or the "
                         f"matching config")
-    if state["world_size"] != _world():
-        raise UserError(f"checkpoint {ckpt} was written by {state['world_size']} rank(s), this run has {_world()}")
     if engine.load_universal_checkpoint():  # DeepSpeed reads universal checkpoints with weights_only=False loads
         raise UserError("resuming from a DeepSpeed universal checkpoint (checkpoint.load_universal) is not supported: "
                         "its loader unpickles without an allow-list")
     check_checkpoint_files(ckpt)
+    if state["world_size"] != _world():
+        return reshard.load_resized(engine, ckpt, state, generator, split, workers)
     with _SafeReads(engine):
         path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)

@@ -211,9 +211,13 @@ def initialize(cfg: TrainConfig, model: torch.nn.Module, schedule: Schedule):
 
 
 def shutdown() -> None:
-    """Barrier + destroy the process group (avoids rare gloo aborts at interpreter exit)."""
+    """Commit a checkpoint still uploading in the background (``checkpointing.flush``), then barrier + destroy the
+    process group (avoids rare gloo aborts at interpreter exit)."""
     import torch.distributed as dist
 
+    from training import checkpointing
+
     if dist.is_available() and dist.is_initialized():
+        checkpointing.flush()
         dist.barrier()
         dist.destroy_process_group()

@@ -92,6 +92,9 @@ def _ray_worker(config: dict) -> None:
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     train(cfg, resume, shutdown=False, on_checkpoint=report, launch=config["launch"])  # Ray owns the process group
+    from training import checkpointing
+
+    checkpointing.flush()  # a checkpoint still uploading (checkpoint_async) is committed before the worker ends
 
 
 def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):

@@ -39,6 +39,7 @@ import os
 import random
 import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -48,6 +49,7 @@ from PIL import Image
 from infra.core import storage
 from infra.core.errors import UserError
 
+from ..degrade.online import DrawLog, OnlineDegradation
 from ..degrade.resize import RESIZE_BACK_MODES, random_resize_back, resize_back
 from .format import (
     Manifest,
@@ -287,10 +289,14 @@ def decode_hr(raw: dict, size: int) -> torch.Tensor:
 
 
 def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
-                  rng: random.Random | None = None, tokens: TokenCache | None = None) -> dict:
+                  rng: random.Random | None = None, tokens: TokenCache | None = None,
+                  online: OnlineDegradation | None = None, seed: int = 0, epoch: int = 0) -> dict:
     """Raw members -> {hr, lr (re-upsampled), lr_mode, label, class_id, key} (+ tokens, resid from the token cache
     ``tokens``); raises on bad data (undecodable PNG, wrong size, missing member, token members of another
-    tokenizer) so the stream can skip and count it."""
+    tokenizer) so the stream can skip and count it. ``online``: the LR is drawn from the HR for (``seed``,
+    ``epoch``, key) instead of read (the drawn parameters go into ``degradation``)."""
+    if want_lr and online is not None:
+        return _degrade_online(raw, size, lr_mode, tokens, online, seed, epoch)
     hr = decode_hr(raw, size)
     meta = json.loads(raw["json"])
     out = {"hr": hr, "label": int(meta["label"]), "class_id": int(meta["class_id"]),
@@ -308,6 +314,23 @@ def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicub
         else:
             out["lr"] = upsample_lr(lr, (size, size), lr_mode)
             out["lr_mode"] = lr_mode
+    return out
+
+
+def _degrade_online(raw: dict, size: int, lr_mode: str, tokens: TokenCache | None, online: OnlineDegradation,
+                    seed: int, epoch: int) -> dict:
+    hr8 = decode_png(raw["hr.png"], max_pixels=size * size)
+    if hr8.shape[0] != size or hr8.shape[1] != size:
+        raise ValueError(f"HR is {hr8.shape[1]}x{hr8.shape[0]}, expected {size}x{size}")
+    out = decode_sample({k: v for k, v in raw.items() if k != "lr.png"}, size, False, tokens=tokens)
+    lr, params = online.draw(hr8, seed, epoch, out["key"])
+    if lr_mode == "random":
+        out["lr"], drawn = random_resize_back(lr, (size, size), online.resize_back_rng(seed, epoch, out["key"]),
+                                              params["resize_back"]["modes"])
+        out["lr_mode"] = drawn["mode"]
+    else:
+        out["lr"], out["lr_mode"] = upsample_lr(lr, (size, size), lr_mode), lr_mode
+    out["degradation"] = params
     return out
 
 
@@ -335,13 +358,18 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, *, size: int, want_lr: bool, seed: int, epoch: int, rank: int, world: int,
                  split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic",
-                 tokens: TokenCache | None = None, expected: dict[str, ShardEntry] | None = None):
+                 tokens: TokenCache | None = None, expected: dict[str, ShardEntry] | None = None,
+                 skip: list[int] | None = None, online: OnlineDegradation | None = None):
         if lr_mode not in LR_MODES:
             raise UserError(f"lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
         self.urls, self.size, self.want_lr, self.lr_mode = list(urls), size, want_lr, lr_mode
         self.tokens, self.expected = tokens, dict(expected or {})
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.split, self.buffer = split, shuffle_buffer
+        # samples to drop from the start of each DataLoader worker's stream (a resume on another number of ranks,
+        # :func:`regroup_position`): they were consumed before the checkpoint
+        self.skip = list(skip or [])
+        self.online = online  # degrade each HR on the fly (data_pipeline/degrade/online.py) instead of reading its LR
 
     def shards_for(self, worker: int, nworkers: int) -> list[str]:
         """This (rank, worker)'s shards of the epoch: seeded shuffle, then split by rank (split=node) and worker."""
@@ -355,8 +383,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         return urls[worker::nworkers]
 
     def __iter__(self):
+        """This worker's samples, each tagged with ``worker`` (which DataLoader worker's stream it comes from), less
+        the first ``skip[worker]`` of them."""
         info = torch.utils.data.get_worker_info()
         worker, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        for i, s in enumerate(self._decoded(worker, nworkers)):
+            if i >= skip:
+                s["worker"] = worker
+                yield s
+
+    def _decoded(self, worker: int, nworkers: int):
         rank_tag = self.rank if self.split == "node" else 0
         rng = random.Random(f"{self.seed}/{self.epoch}/{rank_tag}/{worker}/buffer")
         lr_rng = random.Random(f"{self.seed}/{self.epoch}/{rank_tag}/{worker}/lr_mode")
@@ -378,7 +415,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 bad += 1
                 continue
             try:
-                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens)
+                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens, self.online,
+                                  self.seed, self.epoch)
             except MemberTooLarge as e:  # refused from its header, nothing decoded: worth a line, then skip and count
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), raw.get("__url__"), e)
                 bad += 1
@@ -409,10 +447,13 @@ def collate(samples: list[dict]) -> dict:
         "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
         "bad": sum(s.get("bad", 0) for s in samples),
+        "worker": int(samples[0].get("worker", 0)),  # a DataLoader batch comes from one worker's stream
     }
     if "lr" in samples[0]:
         out["lr"] = torch.stack([s["lr"] for s in samples])
         out["lr_mode"] = [s["lr_mode"] for s in samples]
+    if "degradation" in samples[0]:
+        out["degradation"] = [s["degradation"] for s in samples]
     if "tokens" in samples[0]:
         out["tokens"] = torch.stack([s["tokens"] for s in samples])
         out["resid"] = torch.stack([s["resid"] for s in samples])
@@ -422,10 +463,57 @@ def collate(samples: list[dict]) -> dict:
 # ---- endless, resumable batches -----------------------------------------------------------------------------------
 @dataclass
 class DataPosition:
+    """Where a rank's :class:`BatchStream` stands; saved with every training checkpoint.
+
+    ``batches_in_epoch`` counts the batches since the epoch's stream was (re)built; ``epoch_skip`` is what that stream
+    left out of each DataLoader worker's samples (empty: nothing, the normal case; set after a resume on another
+    number of ranks, :func:`regroup_position`); ``worker_samples`` counts the samples of the epoch consumed from each
+    worker's stream by all ranks together (split=global_batch) or by this rank (split=node), skipped ones included.
+    """
+
     epoch: int = 0
     batches_in_epoch: int = 0
     samples_consumed: int = 0  # per rank, over the whole run
     bad_samples: int = 0
+    epoch_skip: list[int] = field(default_factory=list)
+    worker_samples: list[int] = field(default_factory=list)
+
+
+def regroup_position(positions: list[DataPosition], world: int, rank: int, split: str,
+                     workers: int) -> tuple[DataPosition, str]:
+    """The position of ``rank`` of ``world`` ranks that resume from the per-rank ``positions`` a checkpoint of
+    another number of ranks saved, and one line saying what the regrouping guarantees (docs/ELASTIC.md).
+
+    * ``split=global_batch``: every rank reads the whole epoch stream and keeps its slice of each global batch, so the
+      epoch's sample order does not depend on the world size: the new stream leaves out exactly the samples consumed
+      from each worker's stream and forms batches of the new global size from the rest. No sample of the epoch is seen
+      twice or skipped, bar the tail of each worker's stream that fills no whole batch (as in every epoch).
+    * ``split=node``: each rank read its own shards, and that split changes with the world size; the run goes on at
+      the start of the next epoch, so no sample is seen twice in an epoch, and the interrupted epoch's unread samples
+      (their number is in the line) are not seen in it.
+    """
+    nw = max(1, workers)
+    first = positions[0]
+    consumed = sum(p.samples_consumed for p in positions)
+    if split == "global_batch":
+        if not first.worker_samples:
+            raise UserError("this checkpoint predates per-worker data positions: resume it on the number of ranks "
+                            f"that wrote it ({len(positions)})")
+        if len(first.worker_samples) != nw:
+            raise UserError(f"the checkpoint's data stream had {len(first.worker_samples)} DataLoader worker "
+                            f"stream(s), this run has {nw}: set data.workers={len(first.worker_samples)} "
+                            f"(0 for one stream) to resume on another number of ranks")
+        pos = DataPosition(epoch=first.epoch, batches_in_epoch=0, samples_consumed=consumed // world,
+                           bad_samples=first.bad_samples, epoch_skip=list(first.worker_samples),
+                           worker_samples=list(first.worker_samples))
+        return pos, (f"data position carried over exactly: epoch {first.epoch}, {sum(first.worker_samples)} "
+                     f"sample(s) of it consumed, batches re-formed for {world} rank(s)")
+    seen = sum(sum(p.worker_samples) for p in positions)
+    pos = DataPosition(epoch=first.epoch + 1, batches_in_epoch=0, samples_consumed=consumed // world,
+                       bad_samples=sum(p.bad_samples for p in positions) // world)
+    return pos, (f"data.split=node: the shard split changes with the number of ranks, so the run goes on at the "
+                 f"start of epoch {first.epoch + 1} ({seen} sample(s) of epoch {first.epoch} were read before the "
+                 f"checkpoint; its other samples are not seen in it; data.split=global_batch resumes exactly)")
 
 
 class BatchStream:
@@ -437,8 +525,18 @@ class BatchStream:
 
     def __init__(self, shards: ShardSet, *, size: int, want_lr: bool, batch_size: int, workers: int, seed: int,
                  rank: int, world: int, split: str = "node", shuffle_buffer: int = 64,
-                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic", tokens: bool = False):
+                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic", tokens: bool = False,
+                 degrade: str = "", record_draws: tuple[str | os.PathLike, int] | None = None):
         self.shards, self.size, self.want_lr = shards, size, want_lr
+        # ``degrade``: a degradation preset -> every epoch draws each sample's LR afresh (data_pipeline/degrade/
+        # online.py); "" -> the LR stored in the shards. ``record_draws``: (JSONL path, every N-th batch) -> the
+        # parameters drawn for a sample of the batches are appended there (:class:`DrawLog`, replayable)
+        self.online = OnlineDegradation.from_preset(degrade) if degrade and want_lr else None
+        self.draw_log = DrawLog(Path(record_draws[0]), record_draws[1]) if record_draws and self.online else None
+        m = shards.manifest
+        if want_lr and self.online is None and m is not None and m.lr_variants == 0:
+            raise UserError(f"shards {shards.location!r} are HR-only (built with shard.lr_variants=0) and this run "
+                            f"reads stored LR: set data.degrade to a degradation preset (e.g. varsr-mild)")
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world, self.split, self.buffer = rank, world, split, shuffle_buffer
         self.lr_mode = lr_mode
@@ -446,16 +544,22 @@ class BatchStream:
         self.urls = shards.token_urls() if tokens else shards.urls
         self.pos = position or DataPosition()
 
-    def epoch_stream(self, epoch: int) -> ShardStream:
+    def epoch_stream(self, epoch: int, skip: list[int] | None = None) -> ShardStream:
         return ShardStream(self.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
                            rank=self.rank, world=self.world, split=self.split, shuffle_buffer=self.buffer,
                            lr_mode=self.lr_mode, tokens=self.tokens,
-                           expected={u: self.shards.expected[u] for u in self.urls if u in self.shards.expected})
+                           expected={u: self.shards.expected[u] for u in self.urls if u in self.shards.expected},
+                           skip=skip, online=self.online)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[dict]:
-        global_bs = self.batch_size * (self.world if self.split == "global_batch" else 1)
+    @property
+    def global_batch(self) -> int:
+        """Samples one DataLoader batch takes from the epoch stream (all ranks' slices with split=global_batch)."""
+        return self.batch_size * (self.world if self.split == "global_batch" else 1)
+
+    def _epoch_batches(self, epoch: int, skip: list[int] | None = None) -> Iterator[dict]:
+        global_bs = self.global_batch
         loader = torch.utils.data.DataLoader(
-            self.epoch_stream(epoch), batch_size=global_bs, num_workers=self.workers, collate_fn=collate,
+            self.epoch_stream(epoch, skip), batch_size=global_bs, num_workers=self.workers, collate_fn=collate,
             drop_last=True, persistent_workers=False, prefetch_factor=4 if self.workers else None,
             # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
@@ -473,23 +577,33 @@ class BatchStream:
             raise type(e)(one) from None
 
     def __iter__(self) -> Iterator[dict]:
+        nw = max(1, self.workers)
         while True:
             skip = self.pos.batches_in_epoch
+            recount = len(self.pos.worker_samples) != nw  # a position saved before per-worker counts existed
+            if recount:
+                self.pos.worker_samples = list(self.pos.epoch_skip) or [0] * nw
             got_any = False
-            for i, b in enumerate(self._epoch_batches(self.pos.epoch)):
+            for i, b in enumerate(self._epoch_batches(self.pos.epoch, self.pos.epoch_skip)):
                 got_any = True
                 if i < skip:
+                    if recount:
+                        self.pos.worker_samples[b["worker"]] += self.global_batch
                     continue
                 self.pos.batches_in_epoch += 1
                 self.pos.samples_consumed += len(b["key"])
                 self.pos.bad_samples += int(b["bad"])
+                self.pos.worker_samples[b["worker"]] += self.global_batch
+                if self.draw_log is not None:
+                    self.draw_log(b, self.pos.epoch)
                 yield b
-            if not got_any:
+            if not got_any and not any(self.pos.epoch_skip):
                 raise UserError(
                     f"shards {self.shards.location!r} yielded no complete batch of {self.batch_size} "
                     f"at {self.size}px for rank {self.rank} (too few valid samples?)")
             self.pos.epoch += 1
             self.pos.batches_in_epoch = 0
+            self.pos.epoch_skip, self.pos.worker_samples = [], [0] * nw
 
 
 def _worker_message(text: str) -> str | None:
