@@ -264,7 +264,7 @@ class TrainBench:
     def run(self, compile_model: bool) -> dict:
         from training import deepspeed_engine
         from training.schedule import Schedule
-        from training.steps import train_step
+        from training.steps import StepSetup, train_step
 
         device, batch, mcfg = self.device, self.batch, self.mcfg
         torch.manual_seed(0)
@@ -276,8 +276,7 @@ class TrainBench:
         batches = itertools.repeat(self.sample)
 
         def step(i):
-            return train_step(engine, vqvae, batches, stage="isr", step=i, device=device, precision="bf16",
-                              generator=None, nan_policy="skip", grad_accum=1)
+            return train_step(engine, vqvae, batches, StepSetup("isr", device, "bf16", nan_policy="skip"), step=i)
 
         t = time.perf_counter()
         for i in range(self.warmup):

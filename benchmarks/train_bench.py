@@ -22,7 +22,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _write_shards(d: Path, size: int, n_shards: int = 4) -> Path:
-    import numpy as np
     import skimage.data as sd
     from PIL import Image
 
@@ -63,13 +62,12 @@ def main() -> None:
     ap.add_argument("--zero", default="0,1,2")
     args = ap.parse_args()
 
-    import torch
 
     from infra.core.config import load_config, to_dict
     from model import VARSRConfig
     from training.config import TrainConfig
     from training.deepspeed_engine import ensure_dist_env
-    from training.steps import train_step
+    from training.steps import StepSetup, train_step
     from training.trainer import Trainer, peak_flops, step_flops
 
     ensure_dist_env()
@@ -92,8 +90,8 @@ def main() -> None:
         wall = 0.0
         for i in range(args.steps + args.warmup):
             t0 = time.perf_counter()
-            r = train_step(tr.engine, tr.vqvae, batches, stage="isr", step=i, device=tr.device,
-                           precision=cfg.precision, generator=tr.generator, nan_policy="stop", grad_accum=1)
+            r = train_step(tr.engine, tr.vqvae, batches, StepSetup("isr", tr.device, cfg.precision), step=i,
+                           generator=tr.generator)
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 wall += dt

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from infra.core.config import add_config_args, to_dict
 from infra.core.errors import UserError
@@ -130,7 +129,6 @@ def register(subparsers, open_tokenizer=None) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if getattr(args, "input", None) and isinstance(args.input, list) and len(args.input) == 1:
         args.input = args.input[0]
     try:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from infra.core import storage
 from infra.core.config import build as build_typed
 from infra.core.config import to_dict
+from infra.core.log import summary as show
 
 from .config import PIPELINE_VERSION, BuildConfig, load_build_config, save_config
 from .materialise import STAGES, write_shard
@@ -53,7 +54,7 @@ from .shards import (
 from .shards import write_manifest as publish_manifest
 from .sources import list_sources
 
-log = logging.getLogger("data_pipeline")
+log = logging.getLogger(__name__)
 META_KEY = b"varsr"
 
 
@@ -223,8 +224,10 @@ def samples_per_shard(cfg: BuildConfig) -> int:
     """Shard size from the count target and the byte target (estimated bytes per sample, so the plan is fixed
     before any pixel is encoded and shards can be written in parallel)."""
     c, s = cfg.shard.crop_size, cfg.degradation.scale
-    est = cfg.shard.lr_variants * (c * c * 3 * 0.6 + (c // s) ** 2 * 3 * 0.8 + 3000)
-    return max(1, min(cfg.shard.max_samples_per_shard // cfg.shard.lr_variants or 1,
+    variants = max(1, cfg.shard.lr_variants)  # HR-only shards (lr_variants=0): one sample per HR, no LR bytes
+    lr_bytes = (c // s) ** 2 * 3 * 0.8 if cfg.shard.lr_variants else 0.0
+    est = variants * (c * c * 3 * 0.6 + lr_bytes + 3000)
+    return max(1, min(cfg.shard.max_samples_per_shard // variants or 1,
                       int(cfg.shard.max_shard_bytes // est)))
 
 
@@ -407,7 +410,7 @@ def build(input, output: str, config=None, ray_address: str | None = None, overr
     }
     storage.write_text(storage.join(out, "build_summary.json"), json.dumps(summary, indent=1, sort_keys=True))
     if print_summary:
-        print(summary_table(summary))
+        show(summary_table(summary))
     return summary
 
 

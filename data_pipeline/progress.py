@@ -5,7 +5,7 @@ import logging
 import sys
 import time
 
-log = logging.getLogger("data_pipeline")
+log = logging.getLogger(__name__)
 
 
 class Progress:

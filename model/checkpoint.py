@@ -160,6 +160,18 @@ def is_native_checkpoint(directory) -> bool:
     return (d / WEIGHTS).is_file() and (d / CONFIG).is_file()
 
 
+def copy_checkpoint(src, dst) -> Path:
+    """The checkpoint of folder ``src`` (weights + config.json, not its ``sampling.json``) copied into ``dst``
+    (created): weights first, config.json last, the file that makes a folder a checkpoint."""
+    import shutil
+
+    s, d = require_native_checkpoint(src), Path(dst)
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, CONFIG):
+        shutil.copy2(s / name, d / name)
+    return d
+
+
 def require_native_checkpoint(directory) -> Path:
     """``directory`` as a Path, or a UserError saying it is not a native checkpoint."""
     d = Path(directory)
@@ -224,18 +236,31 @@ def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_config(directory) -> tuple[VARSRConfig, dict]:
-    """(config, the whole config.json) of a native checkpoint folder, with clear errors."""
-    d = Path(directory)
+def _read_config_json(d: Path):
     cj = d / CONFIG
     if not d.is_dir():
         raise UserError(f"checkpoint folder {d} does not exist")
     if not cj.is_file():
         raise UserError(f"{d} is not a native VARSR checkpoint: {CONFIG} is missing")
     try:
-        meta = json.loads(cj.read_text())
+        return json.loads(cj.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cj} is not valid JSON ({e})") from None
+
+
+def read_metadata(directory) -> dict:
+    """The metadata a checkpoint folder's config.json carries (``lineage``, stage 0's ``colour_check``, ...), read
+    without checking the model config: for callers that follow lineage, not load weights (:func:`read_config`
+    checks it all)."""
+    meta = _read_config_json(Path(directory))
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_config(directory) -> tuple[VARSRConfig, dict]:
+    """(config, the whole config.json) of a native checkpoint folder, with clear errors."""
+    d = Path(directory)
+    cj = d / CONFIG
+    meta = _read_config_json(d)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{cj}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
                         f"expected {FORMAT!r}")

@@ -5,6 +5,7 @@ import json
 from collections import OrderedDict
 
 from infra.core.errors import UserError
+from infra.core.log import summary
 
 
 def param_counts(vqvae, varsr) -> "OrderedDict[str, int]":
@@ -61,7 +62,8 @@ def _import(args) -> int:
     vqvae, varsr = import_official(args.var, args.vae, config=cfg, out_dir=args.output)
     d = args.output
     n = sum(p.numel() for p in varsr.parameters())
-    print(f"imported {args.var} + {args.vae} -> {d} (config '{varsr.cfg.name}', {n / 1e6:.1f} M transformer params)")
+    summary(f"imported {args.var} + {args.vae} -> {d} (config '{varsr.cfg.name}', {n / 1e6:.1f} M transformer "
+            f"params)")
     return 0
 
 

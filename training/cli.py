@@ -33,7 +33,8 @@ def _run_stage(args) -> int:
 
 
 def _run_vqvae(args) -> int:
-    from training.stage0_vqvae import load_vqvae_config, train_vqvae
+    from training.config import load_vqvae_config
+    from training.stage0_vqvae import train_vqvae
 
     train_vqvae(load_vqvae_config(args.config, args.overrides), resume=args.resume)
     return 0

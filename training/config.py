@@ -49,6 +49,12 @@ class DataSection:
     # unseen LR (docs/EXPERIMENTS.md). Augmented HR crops have no cached tokens: on = tokenise on the fly.
     augment: bool = False
     augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled (flips/turns: all)
+    # a degradation preset (configs/data/<name>.yaml, e.g. varsr-mild): the loader workers draw every HR's LR afresh
+    # each epoch, seeded by (seed, epoch, sample key) (data_pipeline/degrade/online.py); "" = the LR stored in the
+    # shards (HR-only shards, built with shard.lr_variants=0, need a preset)
+    degrade: str = ""
+    # rank 0 records the drawn parameters of every N-th batch (MLflow artifact degradations/; replayable); 0 = never
+    degrade_log_every: int = 50
 
 
 @dataclass
@@ -147,6 +153,9 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs for the length of the run (schedule length = total_steps)
     total_steps: int | None = None  # schedule horizon; None -> max_steps or epochs·iters_per_epoch
     checkpoint_every: int = 0  # steps; a final checkpoint is always written
+    # object-store output: upload each checkpoint in the background (the step loop waits for the local save only);
+    # COMPLETE is written once every rank's upload is done, at the next checkpoint or at the end (docs/ELASTIC.md)
+    checkpoint_async: bool = False
     keep_checkpoints: int = 2
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -237,3 +246,103 @@ def number_errors(cfg: Any, ranges: dict[str, tuple[Any, str]]) -> list[str]:
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
     """defaults <- YAML <- overrides, validated."""
     return load_config(TrainConfig, path, list(overrides)).validate()
+
+
+@dataclass
+class VQVAETrainConfig:
+    """Stage 0 (the tokenizer, training/stage0_vqvae.py): what `varsr train vqvae` reads (YAML + key=value overrides).
+    Checked by :meth:`validate` before any work, like :class:`TrainConfig`."""
+
+    output_dir: str = "runs/vqvae"
+    model: ModelSection = field(default_factory=ModelSection)  # preset + overrides give the VQVAE geometry
+    data: DataSection = field(default_factory=DataSection)
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    max_steps: int = 400
+    warmup_steps: int = 20
+    # after warm-up: ``constant`` (the first recipe), or ``cosine`` from lr down to lr * min_lr_ratio at max_steps.
+    # A constant lr leaves the reconstruction loss bouncing on a plateau; the decay settles it (docs/EXPERIMENTS.md).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.05
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    vq_weight: float = 1.0
+    # MSE of the reconstruction's ``lowpass_factor``-px block means: the image's local colour and brightness, the
+    # part a per-pixel loss weighs least while texture errors dominate it (docs/EXPERIMENTS.md); 0 = off
+    lowpass_weight: float = 0.0
+    lowpass_factor: int = 8
+    # per-crop random RGB channel order, left-right flip and quarter turn (training/augment.py): a tokenizer trained on
+    # a few dozen photos otherwise learns their palette and decodes an unlike photo in it (docs/EXPERIMENTS.md).
+    # Off by default (VAR's recipe).
+    augment: bool = False
+    augment_colour_p: float = 1.0  # share of augmented crops whose channel order is shuffled
+    # Decoder finetune (docs/EXPERIMENTS.md): start from the tokenizer of ``init_from`` (a native checkpoint folder,
+    # full or tokenizer-only); with ``train_parts: decoder`` only post_quant_conv and the decoder learn, on the
+    # token-only latent f_hat, so the codes stay bit-identical and a transformer trained on them keeps working.
+    init_from: str | None = None
+    train_parts: Literal["all", "decoder"] = "all"
+    # decoder finetune only: the share of crops decoded from the encoder latent f = f_hat + (R - e_last) (tokens plus
+    # the exact last-scale residual, what a perfect refiner adds) instead of the token-only f_hat. A decoder trained
+    # on f_hat alone decodes f worse than f_hat, so the refiner's residual cannot help it (docs/EXPERIMENTS.md); 0 = off
+    residual_mix: float = 0.0
+    # L1 of the high-pass (image minus its Gaussian blur of ``hf_sigma`` px) of reconstruction vs target: rewards
+    # edges where the target has them (training/patch_gan.py); 0 = off
+    hf_weight: float = 0.0
+    hf_sigma: float = 1.0
+    # hinge-loss patch critic (training/patch_gan.py): texture where the codes do not say what it is; 0 = off. The
+    # critic trains from step 1, the decoder gets its loss after ``gan_start`` steps.
+    gan_weight: float = 0.0
+    gan_start: int = 0
+    disc_width: int = 32
+    disc_lr: float | None = None  # None: lr
+    grad_clip: float = 1.0
+    restart_dead_codes_every: int = 20  # 0 = off; re-seed unused codes from encoder outputs (avoids codebook collapse)
+    seed: int = 0
+    log_every: int = 20
+    device: str = "auto"
+    grid_images: int = 4  # distinct held-out samples in the reconstruction grid
+    colour_check_images: int = 32  # distinct held-out crops on which the end-of-run colour check is measured
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 1
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def validate(self) -> "VQVAETrainConfig":
+        """Every setting that would fail mid-run or train on garbage, refused at once in one line (UserError)."""
+        errs = number_errors(self, VQVAE_RANGES)
+        if self.max_steps < 1:
+            errs.append("max_steps must be >= 1")
+        if self.lowpass_weight < 0 or self.lowpass_factor < 1:
+            errs.append(f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {self.lowpass_weight}, "
+                        f"{self.lowpass_factor}")
+        if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.min_lr_ratio <= 1:
+            errs.append(f"lr_schedule must be constant or cosine and min_lr_ratio in [0, 1], got "
+                        f"{self.lr_schedule!r}, {self.min_lr_ratio}")
+        if not 0 <= self.augment_colour_p <= 1:
+            errs.append(f"augment_colour_p must be in [0, 1], got {self.augment_colour_p}")
+        if self.train_parts not in ("all", "decoder"):
+            errs.append(f"train_parts must be all or decoder, got {self.train_parts!r}")
+        if self.train_parts == "decoder" and not self.init_from:
+            errs.append("train_parts=decoder finetunes an existing tokenizer: set init_from to its checkpoint folder")
+        if not 0.0 <= self.residual_mix <= 1.0 or (self.residual_mix and self.train_parts != "decoder"):
+            errs.append(f"residual_mix is a share in [0, 1] and only applies to train_parts=decoder, got "
+                        f"{self.residual_mix} with train_parts={self.train_parts}")
+        if self.hf_weight < 0 or self.gan_weight < 0 or self.hf_sigma <= 0:
+            errs.append(f"hf_weight and gan_weight must be >= 0 and hf_sigma > 0, got {self.hf_weight}, "
+                        f"{self.gan_weight}, {self.hf_sigma}")
+        if errs:
+            raise ConfigError("invalid VQVAE config: " + "; ".join(errs))
+        return self
+
+
+# stage 0's optimiser numbers that must be finite and in range (:func:`number_errors`)
+VQVAE_RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "> 0"), "disc_lr": (lambda v: v > 0, "> 0"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0"),
+}
+
+
+def load_vqvae_config(source: str | Path | None = None, overrides: Iterable[str] = ()) -> VQVAETrainConfig:
+    """defaults <- YAML <- ``key=value`` overrides (checked by ``validate()`` when training starts)."""
+    return load_config(VQVAETrainConfig, source, list(overrides))

@@ -9,13 +9,14 @@ all ranks before any backward, so ranks never diverge or deadlock.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from training.timing import StepTimer, TimedTokenizer
 
 
 def token_cache_choice(enabled: bool, shards, vqvae, augment: bool = False) -> tuple[bool, str]:
@@ -49,27 +50,6 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, batch: dict, values: dict):
         super().__init__(f"non-finite loss at step {step}: {values}")
         self.step, self.batch, self.values = step, batch, values
-
-
-class TimedTokenizer:
-    """Proxy for the frozen VQVAE that adds the time spent tokenising to ``self.seconds``."""
-
-    def __init__(self, vqvae, sync: Callable[[], None]):
-        self._vq, self._sync, self.seconds = vqvae, sync, 0.0
-
-    def _timed(self, fn):
-        def wrapper(*a, **kw):
-            self._sync()
-            t = time.perf_counter()
-            out = fn(*a, **kw)
-            self._sync()
-            self.seconds += time.perf_counter() - t
-            return out
-        return wrapper
-
-    def __getattr__(self, name):
-        attr = getattr(self._vq, name)
-        return self._timed(attr) if name in ("img_to_idxBl", "idxBl_to_var_input") else attr
 
 
 @dataclass
@@ -106,82 +86,115 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def train_step(engine, vqvae, batches: Iterator[dict], *, stage: str, step: int, device: torch.device,
-               precision: str, generator: torch.Generator | None, nan_policy: str, grad_accum: int,
-               augment_seed: int | None = None, augment_colour_p: float = 1.0, rank: int = 0) -> StepResult:
-    """Pull ``grad_accum`` micro-batches, forward/backward each, and take one optimiser step. ``augment_seed``: when
-    set, each micro-batch's crops are augmented (training/augment.py) with draws fixed by (seed, step, micro-batch,
-    rank), so a resumed run trains on what an uninterrupted one would."""
-    from model import compute_loss
+@dataclass(frozen=True)
+class StepSetup:
+    """What every optimiser step of a run shares, fixed at setup: the stage, where and in which precision it runs,
+    what a non-finite loss does, how many micro-batches make a step, and the augmentation (``augment_seed`` None =
+    off; draws fixed by (seed, step, micro-batch, rank), so a resumed run trains on what an uninterrupted one would)."""
+
+    stage: str
+    device: torch.device
+    precision: str = "fp32"
+    nan_policy: str = "stop"
+    grad_accum: int = 1
+    augment_seed: int | None = None
+    augment_colour_p: float = 1.0
+    rank: int = 0
+
+    @classmethod
+    def of(cls, cfg, device: torch.device, rank: int) -> StepSetup:
+        """The setup a :class:`~training.config.TrainConfig` asks for, on this rank."""
+        return cls(stage=cfg.stage, device=device, precision=cfg.precision, nan_policy=cfg.nan_policy,
+                   grad_accum=cfg.optim.grad_accum, augment_seed=cfg.seed if cfg.data.augment else None,
+                   augment_colour_p=cfg.data.augment_colour_p, rank=rank)
+
+
+class _Sums:
+    """The running sums of one step's finite micro-batches."""
+
+    def __init__(self) -> None:
+        self.values = dict(loss=0.0, ce=0.0, diff=0.0, acc=0.0)
+        self.acc_ps: list[float] | None = None
+        self.ce_ps: list[float] | None = None
+        self.tokens = self.samples = 0
+
+    def add(self, values: dict, out, samples: int) -> None:
+        for k in self.values:
+            self.values[k] += values[k] if k != "acc" else out.acc
+        self.acc_ps = _add(self.acc_ps, out.acc_per_scale)
+        self.ce_ps = _add(self.ce_ps, out.ce_per_scale)
+        self.tokens += out.tokens
+        self.samples += samples
+
+
+def _add(total: list[float] | None, values: list[float]) -> list[float]:
+    return list(values) if total is None else [a + b for a, b in zip(total, values)]
+
+
+def _inputs(batch: dict, run: StepSetup, step: int, micro: int):
+    """(hr, lr or None, label, cached tokens or None) of one micro-batch on the device, augmented when on."""
     from model.sampling import stream_generator
     from training.augment import augment_crops
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    tok = TimedTokenizer(vqvae, sync)
-    t = dict(data=0.0, tokenise=0.0, forward=0.0, backward=0.0, optimizer=0.0)
-    sums = dict(loss=0.0, ce=0.0, diff=0.0, acc=0.0)
-    acc_ps = ce_ps = None
-    tokens = samples = skipped = bad = 0
+    dev = run.device
+    hr = batch["hr"].to(dev, non_blocking=True)
+    lr = batch["lr"].to(dev, non_blocking=True) if run.stage == "isr" else None
+    label = (batch["label"] if run.stage == "isr" else batch["class_id"]).to(dev)
+    cached = ((batch["tokens"].to(dev, non_blocking=True), batch["resid"].to(dev, non_blocking=True))
+              if "tokens" in batch else None)
+    if run.augment_seed is not None:
+        gen = stream_generator(run.augment_seed, step * run.grad_accum + micro, run.rank)
+        hr, lr = (augment_crops([hr, lr], gen, run.augment_colour_p) if lr is not None
+                  else (augment_crops([hr], gen, run.augment_colour_p)[0], None))
+        cached = None  # the cache holds the tokens of the un-augmented crop
+    return hr, lr, label, cached
+
+
+def train_step(engine, vqvae, batches: Iterator[dict], run: StepSetup, step: int,
+               generator: torch.Generator | None = None) -> StepResult:
+    """Pull ``run.grad_accum`` micro-batches, forward/backward each, and take one optimiser step (the phases' wall
+    time is measured around them by training/timing.py)."""
+    from model import compute_loss
+
+    timer = StepTimer.on(run.device)
+    tok = TimedTokenizer(vqvae, timer)
+    sums, skipped, bad = _Sums(), 0, 0
     own_norm = None  # ZeRO-0 computes the clipped-over norm here; ZeRO>=1 reports it from the engine
-    for micro in range(grad_accum):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t["data"] += time.perf_counter() - t0
+    for micro in range(run.grad_accum):
+        with timer("data", sync=False):
+            batch = next(batches)
         bad += int(batch.get("bad", 0))
-        hr = batch["hr"].to(device, non_blocking=True)
-        lr = batch["lr"].to(device, non_blocking=True) if stage == "isr" else None
-        label = (batch["label"] if stage == "isr" else batch["class_id"]).to(device)
-        cached = ((batch["tokens"].to(device, non_blocking=True), batch["resid"].to(device, non_blocking=True))
-                  if "tokens" in batch else None)
-        if augment_seed is not None:
-            gen = stream_generator(augment_seed, step * grad_accum + micro, rank)
-            hr, lr = (augment_crops([hr, lr], gen, augment_colour_p) if lr is not None
-                      else (augment_crops([hr], gen, augment_colour_p)[0], None))
-            cached = None  # the cache holds the tokens of the un-augmented crop
-        sync()
-        t1, tok0 = time.perf_counter(), tok.seconds
-        with _autocast(device, precision):
+        hr, lr, label, cached = _inputs(batch, run, step, micro)
+        with timer("forward"), _autocast(run.device, run.precision):
             out = compute_loss(tok, engine.module, hr, lr, label, generator=generator, tokens=cached)
-        sync()
-        t["tokenise"] += tok.seconds - tok0
-        t["forward"] += time.perf_counter() - t1 - (tok.seconds - tok0)
         values = dict(loss=out.loss.item(), ce=out.ce.item(), diff=out.diff.item())
-        finite = all(math.isfinite(v) for v in values.values())
-        t2 = time.perf_counter()
-        if not _all_ok(finite, device):
-            if nan_policy == "stop":
-                raise NonFiniteLoss(step, batch, values)
-            skipped += 1
-            if grad_accum == 1:  # the whole step is skipped on every rank: no backward, no optimiser update
-                break
-            # keep the accumulation boundary in lock-step: a zero-gradient micro-batch instead of this one
-            zero = sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
-            engine.backward(zero)
-        else:
-            engine.backward(out.loss)
-            for k in sums:
-                sums[k] += values[k] if k != "acc" else out.acc
-            acc_ps = out.acc_per_scale if acc_ps is None else [a + b for a, b in zip(acc_ps, out.acc_per_scale)]
-            ce_ps = out.ce_per_scale if ce_ps is None else [a + b for a, b in zip(ce_ps, out.ce_per_scale)]
-            tokens += out.tokens
-            samples += hr.shape[0]
-        sync()
-        t3 = time.perf_counter()
-        t["backward"] += t3 - t2
-        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-            own_norm = torch.stack(grads).norm().item() if grads else 0.0
-        engine.step()
-        sync()
-        t["optimizer"] += time.perf_counter() - t3
-    n = max(1, grad_accum - skipped)
-    gn = (own_norm if own_norm is not None else engine.get_global_grad_norm()) if skipped < grad_accum else None
+        finite = _all_ok(all(math.isfinite(v) for v in values.values()), run.device)
+        with timer("backward"):
+            if not finite:
+                if run.nan_policy == "stop":
+                    raise NonFiniteLoss(step, batch, values)
+                skipped += 1
+                if run.grad_accum == 1:  # the whole step is skipped on every rank: no backward, no optimiser update
+                    break
+                # keep the accumulation boundary in lock-step: a zero-gradient micro-batch instead of this one
+                engine.backward(sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0)
+            else:
+                engine.backward(out.loss)
+                sums.add(values, out, hr.shape[0])
+        with timer("optimizer"):
+            if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                own_norm = torch.stack(grads).norm().item() if grads else 0.0
+            engine.step()
+    n = max(1, run.grad_accum - skipped)
+    gn = (own_norm if own_norm is not None else engine.get_global_grad_norm()) if skipped < run.grad_accum else None
     if isinstance(gn, torch.Tensor):
         gn = gn.item()
     scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None) or 1.0
+    v = sums.values
     return StepResult(
-        loss=sums["loss"] / n, ce=sums["ce"] / n, diff=sums["diff"] / n, acc=sums["acc"] / n,
-        acc_per_scale=[a / n for a in (acc_ps or [])], ce_per_scale=[c / n for c in (ce_ps or [])],
-        tokens=tokens, samples=samples, grad_norm=None if gn is None else float(gn),
-        lr=engine.get_lr()[0], loss_scale=float(scale), skipped=skipped, bad_samples=bad, timings=t,
+        loss=v["loss"] / n, ce=v["ce"] / n, diff=v["diff"] / n, acc=v["acc"] / n,
+        acc_per_scale=[a / n for a in (sums.acc_ps or [])], ce_per_scale=[c / n for c in (sums.ce_ps or [])],
+        tokens=sums.tokens, samples=sums.samples, grad_norm=None if gn is None else float(gn),
+        lr=engine.get_lr()[0], loss_scale=float(scale), skipped=skipped, bad_samples=bad, timings=timer.seconds,
     )

@@ -369,6 +369,16 @@ def manifest_url(dataset: str) -> str:
     return storage.join(dataset, MANIFEST)
 
 
+def manifest_ref(spec: str) -> str | None:
+    """Where the manifest of a shard spec is (reader.resolve_shards' forms): ``{dataset}/manifest.json`` for a dataset
+    folder or URL prefix; None for the forms that name tars rather than a dataset — a glob, a brace pattern, a comma
+    list, one ``.tar`` — which have no manifest. Whether the file exists is the caller's question."""
+    s = str(spec).strip()
+    if not s or any(c in s for c in ",{*?[") or s.endswith(".tar"):
+        return None
+    return manifest_url(s)
+
+
 def read_manifest(dataset: str) -> tuple[Manifest, str]:
     """(manifest, sha256 of its bytes) of a built dataset folder / prefix; UserError when it is missing or invalid."""
     url = manifest_url(dataset)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from infra.core.errors import UserError
+from infra.core.log import summary
 from infra.core.net import free_port
 from infra.core.tracking import resolve_ref
 from infra.demo.recipe import ROOT, load_pretrain_config
@@ -94,7 +95,7 @@ def check_color_fix(value: str, key: str) -> None:
 class Demo:
     steps: tuple[str, ...] = STEPS
 
-    def __init__(self, cfg: DemoConfig, log: Callable[[str], None] = print):
+    def __init__(self, cfg: DemoConfig, log: Callable[[str], None] = summary):
         check_color_fix(cfg.color_fix, "color_fix")
         self.cfg = cfg
         self.w = Path(cfg.workdir).resolve()
@@ -210,24 +211,23 @@ class Demo:
         self.varsr("data", "data", "build", "--input", "corpus", "--output", "shards",
                    "--config", str(DEMO_CONFIGS / "data.yaml"), "--set", f"shard.crop_size={crop}",
                    "--set", f"shard.resize_short_factor={side / crop:g}")
-        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
-        c = manifest["counts"]
         from mlflow.tracking import MlflowClient
 
+        from data_pipeline.shards import read_manifest
+
+        manifest, _ = read_manifest(str(self.w / "shards"))
+        c = manifest.counts
         client = MlflowClient(tracking_uri=self.tracking_uri)  # the data behind every stage, on the parent run
         for k in ("inputs", "kept", "rejected", "failed", "samples"):
-            client.log_metric(self.parent_run_id(), f"data/{k}", float(c[k]))
-        return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"], rejected=c["rejected_by_reason"],
-                    failed=c["failed_by_reason"], samples=c["samples"], shard_files=len(manifest["shards"]),
+            client.log_metric(self.parent_run_id(), f"data/{k}", float(getattr(c, k)))
+        return dict(shards=str(self.w / "shards"), inputs=c.inputs, kept=c.kept, rejected=c.rejected_by_reason,
+                    failed=c.failed_by_reason, samples=c.samples, shard_files=len(manifest.shards),
                     photo_short_side=side)
 
     def _check_base(self) -> Path:
-        base = self.cfg.base_dir()
-        if not ((base / "model.safetensors").is_file() and (base / "config.json").is_file()):
-            raise UserError(f"the shipped base model is missing at {base} (model.safetensors + config.json); "
-                            "make it with `varsr demo pretrain --ship model/pretrained/small4-base` or run the demo "
-                            "with --from-scratch")
-        return base
+        from infra.demo.base import check_base
+
+        return check_base(self.cfg.base_dir())
 
     def step_vqvae(self) -> dict:
         if not self.cfg.from_scratch:
@@ -345,8 +345,16 @@ class Demo:
                         metrics=metrics, artifacts={"upscale": [cmp_path, bic_path, sr_named]},
                         data=(lr_path, "evaluation"))
         self.log(format_figures(metrics))
+        # the small real set, scored by the one evaluation command (docs/EVALUATION.md): the same table as the README's
+        suite_dir = out_dir / "eval-bundled"
+        self.varsr("eval", "eval", "--suite", "bundled", "--model-uri", self.model_uri, "--baseline", "bicubic",
+                   "-o", str(suite_dir), "--seed", str(self.cfg.seed), "--cfg", str(self.cfg.cfg),
+                   "--color-fix", self.cfg.color_fix)
+        table = (suite_dir / "table.md").read_text()
+        self.log("    the small real set (varsr eval --suite bundled):\n" + "\n".join("    " + ln
+                                                                                  for ln in table.splitlines()))
         return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path), cfg=self.cfg.cfg,
-                    color_fix=self.cfg.color_fix,
+                    color_fix=self.cfg.color_fix, suite_table=str(suite_dir / "table.md"),
                     **{k: round(float(v), 3) for k, v in metrics.items()})
 
     def _log_child(self, kind: str, details: list, *, tags: dict, params: dict, metrics: dict,
@@ -438,13 +446,12 @@ def write_holdout(d: Path, lr_side: int) -> tuple[Path, Path]:
 
 def upscale_figures(sr, bic, hr) -> dict[str, float]:
     """PSNR-Y / SSIM-Y (BT.601, the paper's tables) and high-frequency energy of VARSR and bicubic against the HR."""
-    from infra.core.metrics import full_reference, hf_energy, hf_gap_db
+    from infra.core.metrics import hf_energy
+    from infra.demo.quality import sr_figures
 
     out = {}
     for name, img in (("varsr", sr), ("bicubic", bic)):
-        m = full_reference(img, hr)
-        out.update({f"psnr_y_{name}": m["psnr_y"], f"ssim_y_{name}": m["ssim_y"], f"hf_energy_{name}": hf_energy(img),
-                    f"hf_gap_db_{name}": hf_gap_db(img, hr)})
+        out.update({f"{k}_{name}": v for k, v in sr_figures(img, hr).items()})
     out["hf_energy_hr"] = hf_energy(hr)
     # the demo's quality bar (issue: within 3 dB PSNR-Y of bicubic, and high-frequency energy closer to the HR's)
     out["psnr_y_gap_to_bicubic_db"] = out["psnr_y_varsr"] - out["psnr_y_bicubic"]

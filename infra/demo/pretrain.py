@@ -32,17 +32,29 @@ checkpoint (``--resume auto``).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable, Sequence
 
+from data_pipeline.shards import read_manifest
 from infra.core.config import to_dict
 from infra.core.errors import UserError
+from infra.core.log import summary
 from infra.core.tracking import resolve_ref
 from infra.demo.demo import Demo, DemoConfig, check_color_fix
 from infra.demo.recipe import DEFAULT_CONFIG, ROOT, PretrainConfig, StageSection, load_pretrain_config  # noqa: F401 (re-exported: infra.demo.cli, tests)
-from model.checkpoint import validate_sampling_defaults, write_sampling_defaults
+from model.checkpoint import (
+    WEIGHTS,
+    copy_checkpoint,
+    read_config,
+    read_metadata,
+    validate_sampling_defaults,
+    write_sampling_defaults,
+)
+
+log = logging.getLogger(__name__)
 
 PRETRAIN_STEPS = ("corpus", "data", "vqvae", "tokens", "stage1", "stage2", "decoder", "export")
 EXPERIMENT = "varsr-pretrain"
@@ -60,7 +72,7 @@ class Pretrain(Demo):
 
     def __init__(self, pcfg: PretrainConfig, workdir: str, ship: str | None = None, fresh: bool = False,
                  config_path: str | Path | None = None, overrides: Sequence[str] = (),
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = summary):
         super().__init__(DemoConfig(workdir=workdir, fresh=fresh, batch_size=pcfg.batch_size), log=log)
         check_color_fix(pcfg.eval_color_fix, "eval_color_fix")  # before hours of training, not at the export
         validate_sampling_defaults(to_dict(pcfg.sampling), "sampling")
@@ -135,18 +147,16 @@ class Pretrain(Demo):
 
     def step_data(self) -> dict:
         self.varsr("data", *cmd_data_build("corpus/tiles", "shards", _repo_path(self.p.data_config)))
-        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
-        c = manifest["counts"]
-        return dict(shards=str(self.w / "shards"), inputs=c["inputs"], kept=c["kept"],
-                    rejected=c["rejected_by_reason"], failed=c["failed_by_reason"], samples=c["samples"],
-                    shard_files=len(manifest["shards"]), manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
+        manifest, sha = read_manifest(str(self.w / "shards"))
+        c = manifest.counts
+        return dict(shards=str(self.w / "shards"), inputs=c.inputs, kept=c.kept, rejected=c.rejected_by_reason,
+                    failed=c.failed_by_reason, samples=c.samples, shard_files=len(manifest.shards),
+                    manifest_sha256=sha)
 
     def _continued(self) -> Path | None:
         """The base this run continues (``continue_from``), checked to be a full native checkpoint."""
         if not self.p.continue_from:
             return None
-        from model.checkpoint import read_config
-
         base = _repo_path(self.p.continue_from)
         if read_config(base)[1].get("contents") == "tokenizer":
             raise UserError(f"continue_from={base} is a tokenizer-only checkpoint: a base to continue needs stages 1-2")
@@ -157,11 +167,11 @@ class Pretrain(Demo):
         shipped its weights."""
         base = self._continued()
         self.commands[step] = []
-        lineage = json.loads((base / "config.json").read_text()).get("lineage", {})
+        lineage = read_metadata(base).get("lineage", {})
         # a base that is itself a continuation records no stage-0 run: its tokenizer was last trained by its stage 0b
         run = (lineage.get("varsr.tokenizer.run_id") or lineage.get("varsr.decoder.run_id") if step == "vqvae"
                else lineage.get("varsr.parent.run_id"))
-        return dict(checkpoint=str(base), from_base=True, base_commit=shipping_commit(base / "model.safetensors"),
+        return dict(checkpoint=str(base), from_base=True, base_commit=shipping_commit(base / WEIGHTS),
                     mlflow_run_id=run)
 
     def step_vqvae(self) -> dict:
@@ -172,7 +182,7 @@ class Pretrain(Demo):
                                                   [f"max_steps={p.vqvae.steps}", f"lr={p.vqvae.lr}",
                                                    f"data.batch_size={p.vqvae.batch_size or p.batch_size}",
                                                    f"model.preset={p.preset}"]))
-        meta = json.loads((self.w / "runs" / "vqvae" / "final" / "config.json").read_text())
+        meta = read_metadata(self.w / "runs" / "vqvae" / "final")
         # stage 0's end-of-run colour check (training/stage0_vqvae.py); None for a tokenizer exported before it existed
         colour = meta.get("colour_check")
         if colour and colour["verdict"] == "lost" and p.require_colour:
@@ -186,10 +196,14 @@ class Pretrain(Demo):
     def step_tokens(self) -> dict:
         base = self._continued()
         self.varsr("tokens", *cmd_tokenize("shards", str(base) if base else "runs/vqvae/final"))
-        manifest = json.loads((self.w / "shards" / "manifest.json").read_text())
-        tok = manifest.get("tokens") or {}
-        return dict(tokenizer_sha256=tok.get("tokenizer_sha256"), patch_nums=tok.get("patch_nums"),
-                    manifest_sha256=_sha256(self.w / "shards" / "manifest.json"))
+        try:  # what the state file records of the cache; stages 1-2 check it themselves (training/steps.py)
+            manifest, sha = read_manifest(str(self.w / "shards"))
+        except UserError as e:
+            log.warning("token step: the shards' manifest says nothing usable about its token cache (%s)", e)
+            return dict(tokenizer_sha256=None, patch_nums=None, manifest_sha256=None)
+        tok = manifest.tokens
+        return dict(tokenizer_sha256=tok.tokenizer_sha256 if tok else None, patch_nums=tok.patch_nums if tok else None,
+                    manifest_sha256=sha)
 
     def _stage(self, step: str, yaml_name: str, s: StageSection) -> dict:
         p = self.p
@@ -224,7 +238,7 @@ class Pretrain(Demo):
                                                      f"data.batch_size={p.decoder.batch_size or p.batch_size}",
                                                      f"model.preset={p.preset}", "init_from=runs/stage2/final"]))
         out = self.w / "runs" / "vqvae_decoder" / "final"
-        meta = json.loads((out / "config.json").read_text())
+        meta = read_metadata(out)
         return dict(checkpoint=str(out), mlflow_run_id=meta.get("lineage", {}).get("mlflow_run_id"))
 
     def step_export(self) -> dict:
@@ -232,7 +246,7 @@ class Pretrain(Demo):
         model card."""
         import mlflow
 
-        from infra.demo.quality import evaluate_checkpoint
+        from infra.demo.quality import bundled_table, evaluate_checkpoint
         from model.checkpoint import with_decoder
 
         st = self.state()
@@ -246,13 +260,15 @@ class Pretrain(Demo):
             with_decoder(src, decoder, base, extra={"varsr.decoder.checkpoint": "runs/vqvae_decoder/final",
                                                     "varsr.decoder.run_id": st["decoder"]["info"]["mlflow_run_id"]})
         else:
-            for name in ("model.safetensors", "config.json"):
-                shutil.copy2(src / name, base / name)
+            copy_checkpoint(src, base)
         write_sampling_defaults(base, to_dict(self.p.sampling))  # the base's own defaults (model/checkpoint.py)
         self.log("    scoring the base model on held-out photos (tokenizer ceiling, SR vs bicubic) ...")
         figures = evaluate_checkpoint(base, _photos(st["corpus"]["info"]["eval_images"]), self.p.eval_images,
                                       self.p.eval_hr_side, self.p.eval_cfg,
                                       self.p.eval_color_fix)  # infra/demo/quality.py
+        self.log("    scoring the base model on the small real set (varsr eval --suite bundled) ...")
+        suite = bundled_table(base, self.w / "eval-bundled", cfg=self.p.eval_cfg, color_fix=self.p.eval_color_fix)
+        figures["suite_table"] = (Path(suite.out_dir) / "table.md").read_text()
         (base / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
         parent = self.parent_run_id()
         kids = self.adopt_children()
@@ -358,12 +374,6 @@ def git_commit() -> str:
 def _pkg(info) -> dict:
     return {"name": info.name, "version": info.version, "licenses": info.licenses, "sha256": info.sha256,
             "images": [Path(x).name for x in info.images]}
-
-
-def _sha256(p: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def _tile(preset: str) -> int:
@@ -478,6 +488,10 @@ def model_card(p: PretrainConfig, st: dict, figures: dict, record: list[dict], p
               f"{m['ceiling_ssim_y_tokens']:.3f} | | |",
               f"| tokenizer ceiling: tokens + exact residual | {m['ceiling_psnr_y_tokens_residual']:.2f} | "
               f"{m['ceiling_ssim_y_tokens_residual']:.3f} | | |", "",
+              *(["## The small real set", "",
+                 "Five held-out 256-px crops of scikit-image's photos, LR = bicubic /4, scored by "
+                 "`varsr eval --suite bundled` (docs/EVALUATION.md) against bicubic:", "",
+                 figures["suite_table"].strip(), ""] if figures.get("suite_table") else []),
               "## MLflow", "",
               f"Parent run `{parent}` (experiment `{EXPERIMENT}`), children:", ""]
     for r in record:
