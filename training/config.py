@@ -4,6 +4,7 @@ One :class:`TrainConfig` toggles everything a run needs — stage, model preset,
 ZeRO stage, activation checkpointing, checkpointing, validation, tracking, launcher — in the torchtitan style:
 ``load_train_config("configs/train/stage2_isr_tiny.yaml", ["optim.lr=1e-4", "zero_stage=2"])``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -104,13 +105,45 @@ class TrackingSection:
 
 @dataclass
 class RaySection:
-    """Ray Train TorchTrainer settings (used with ``--ray-address``)."""
+    """Ray Train TorchTrainer settings (used with ``--ray-address``).
 
-    num_workers: int = 1
+    ``num_workers`` is a number of workers, or a ``[min, max]`` range for elastic training (docs/ELASTIC.md): Ray
+    Train v2 starts as many workers as the cluster has room for (up to max), goes on with fewer when a node is lost
+    (at least min) and grows again when nodes come back; each resize restarts the workers from the last complete
+    checkpoint, which resumes on the new number of ranks (training/reshard.py)."""
+
+    num_workers: int | list[int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 3  # Ray Train restarts the workers from the last complete checkpoint up to this many times
+    resize_check_s: float = 60.0  # with a range: how often a healthy run checks whether it can grow (Ray's default)
+
+    @property
+    def elastic(self) -> bool:
+        """A ``[min, max]`` range was given (a one-element or equal range is still elastic: Ray's policy decides)."""
+        return isinstance(self.num_workers, (list, tuple))
+
+    @property
+    def workers_range(self) -> tuple[int, int]:
+        """(min, max) workers; (n, n) for a plain number."""
+        n = self.num_workers
+        return (int(n[0]), int(n[-1])) if isinstance(n, (list, tuple)) else (int(n), int(n))
+
+    def errors(self) -> list[str]:
+        """One message per setting Ray Train could not honour (checked before any worker starts)."""
+        n, errs = self.num_workers, []
+        if isinstance(n, (list, tuple)):
+            ints = all(isinstance(x, int) and not isinstance(x, bool) for x in n)
+            if len(n) != 2 or not ints:
+                errs.append(f"ray.num_workers must be a number or a [min, max] range of two integers, got {list(n)}")
+            elif n[0] < 1:
+                errs.append(f"ray.num_workers range {list(n)}: min must be >= 1 (a run needs one worker)")
+            elif n[0] > n[1]:
+                errs.append(f"ray.num_workers range {list(n)}: min {n[0]} is above max {n[1]}")
+        elif n < 1:
+            errs.append(f"ray.num_workers must be >= 1, got {n}")
+        return errs  # ray.resize_check_s: RANGES
 
 
 @dataclass
@@ -184,6 +217,17 @@ class TrainConfig:
             errs.append("optim.plateau must be in [0, 1)")
         if not 0 <= self.data.augment_colour_p <= 1:
             errs.append(f"data.augment_colour_p must be in [0, 1], got {self.data.augment_colour_p}")
+        errs += self.ray.errors()
+        if self.ray.elastic and self.zero_stage == 3:  # a resize would be refused at the resume (training/reshard.py)
+            errs.append(
+                "ray.num_workers range needs zero_stage 0-2: a ZeRO-3 checkpoint resumes only on the number of "
+                "ranks that wrote it; use a fixed ray.num_workers or zero_stage 2"
+            )
+        elif self.ray.elastic and self.zero_stage == 0 and self.precision != "fp32":
+            errs.append(
+                f"ray.num_workers range with zero_stage 0 needs precision fp32 ({self.precision} at ZeRO 0 "
+                f"resumes only on the number of ranks that wrote it); use zero_stage 1-2 or a fixed number"
+            )
         if self.register.sampling.values():
             from model.checkpoint import validate_sampling_defaults
 
@@ -202,7 +246,7 @@ class TrainConfig:
         if self.stage == "c2i" and not p.startswith("c2i-"):
             return f"c2i-{p}"
         if self.stage == "isr" and p.startswith("c2i-"):
-            return p[len("c2i-"):]
+            return p[len("c2i-") :]
         return p
 
 
@@ -221,6 +265,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "validation.cfg": (lambda v: v >= 0, ">= 0"),
     "validation.top_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "validation.top_k": (lambda v: v >= 0, ">= 0"),
+    "ray.resize_check_s": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -313,11 +358,14 @@ class VQVAETrainConfig:
         if self.max_steps < 1:
             errs.append("max_steps must be >= 1")
         if self.lowpass_weight < 0 or self.lowpass_factor < 1:
-            errs.append(f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {self.lowpass_weight}, "
-                        f"{self.lowpass_factor}")
+            errs.append(
+                f"lowpass_weight must be >= 0 and lowpass_factor >= 1, got {self.lowpass_weight}, {self.lowpass_factor}"
+            )
         if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.min_lr_ratio <= 1:
-            errs.append(f"lr_schedule must be constant or cosine and min_lr_ratio in [0, 1], got "
-                        f"{self.lr_schedule!r}, {self.min_lr_ratio}")
+            errs.append(
+                f"lr_schedule must be constant or cosine and min_lr_ratio in [0, 1], got "
+                f"{self.lr_schedule!r}, {self.min_lr_ratio}"
+            )
         if not 0 <= self.augment_colour_p <= 1:
             errs.append(f"augment_colour_p must be in [0, 1], got {self.augment_colour_p}")
         if self.train_parts not in ("all", "decoder"):
@@ -325,11 +373,15 @@ class VQVAETrainConfig:
         if self.train_parts == "decoder" and not self.init_from:
             errs.append("train_parts=decoder finetunes an existing tokenizer: set init_from to its checkpoint folder")
         if not 0.0 <= self.residual_mix <= 1.0 or (self.residual_mix and self.train_parts != "decoder"):
-            errs.append(f"residual_mix is a share in [0, 1] and only applies to train_parts=decoder, got "
-                        f"{self.residual_mix} with train_parts={self.train_parts}")
+            errs.append(
+                f"residual_mix is a share in [0, 1] and only applies to train_parts=decoder, got "
+                f"{self.residual_mix} with train_parts={self.train_parts}"
+            )
         if self.hf_weight < 0 or self.gan_weight < 0 or self.hf_sigma <= 0:
-            errs.append(f"hf_weight and gan_weight must be >= 0 and hf_sigma > 0, got {self.hf_weight}, "
-                        f"{self.gan_weight}, {self.hf_sigma}")
+            errs.append(
+                f"hf_weight and gan_weight must be >= 0 and hf_sigma > 0, got {self.hf_weight}, "
+                f"{self.gan_weight}, {self.hf_sigma}"
+            )
         if errs:
             raise ConfigError("invalid VQVAE config: " + "; ".join(errs))
         return self
@@ -337,9 +389,11 @@ class VQVAETrainConfig:
 
 # stage 0's optimiser numbers that must be finite and in range (:func:`number_errors`)
 VQVAE_RANGES: dict[str, tuple[Any, str]] = {
-    "lr": (lambda v: v > 0, "> 0"), "disc_lr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "disc_lr": (lambda v: v > 0, "> 0"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"), "grad_clip": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
 }
 
 

@@ -5,9 +5,11 @@ The multi-process launchers first write the resolved config to ``{output_dir}/co
 file, so every rank trains exactly the same config. The file shows a tracking URI without its credentials
 (infra/core/redact.py); torchrun workers get the full URI in ``$MLFLOW_TRACKING_URI`` beside it.
 """
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -20,7 +22,7 @@ from infra.core.errors import UserError
 from infra.core.redact import install as redact_output
 from infra.core.redact import redact, restore
 from infra.core.tracking import default_tracking_uri
-from training.config import TrainConfig
+from training.config import RaySection, TrainConfig
 
 
 def run_local(cfg: TrainConfig, resume: str | None = None):
@@ -45,8 +47,16 @@ def run_torchrun(cfg: TrainConfig, nproc: int, resume: str | None = None, port: 
         port = int(os.environ["MASTER_PORT"])
         for k, v in env_backup.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    cmd = [exe, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
-           "-m", "training.launch", "--config", str(resolved)]
+    cmd = [
+        exe,
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "training.launch",
+        "--config",
+        str(resolved),
+    ]
     if resume:
         cmd += ["--resume", resume]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
@@ -68,7 +78,9 @@ def _ray_worker(config: dict) -> None:
     restarted worker resumes from the latest complete checkpoint of its own launch: every checkpoint's marker
     records the launch id the driver drew (``checkpointing.find_resume``). Each checkpoint is also reported to Ray
     Train as a small pointer (``ray.train.get_checkpoint()``), but a node can die after the upload and before the
-    controller registers the report, so the pointer alone is not relied on.
+    controller registers the report, so the pointer alone is not relied on. With an elastic ``ray.num_workers``
+    range Ray also restarts every worker to shrink or grow the group; the checkpoint then resumes on the new number
+    of ranks (``checkpointing.load`` -> training/reshard.py; docs/ELASTIC.md).
     """
     import json
     import tempfile
@@ -97,15 +109,56 @@ def _ray_worker(config: dict) -> None:
     checkpointing.flush()  # a checkpoint still uploading (checkpoint_async) is committed before the worker ends
 
 
-def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
-    """Ray Train ``TorchTrainer`` with ``cfg.ray.num_workers`` workers (GPUs per worker from config); Ray's run
-    state goes to ``{output_dir}/ray_results`` (a local path or the same object store)."""
+def scaling_config(r: RaySection):
+    """Ray Train's ``ScalingConfig`` for ``cfg.ray``: a fixed number of workers, or for a ``[min, max]`` range an
+    elastic one (``num_workers=(min, max)``), which only Ray Train v2 honours: with v1 selected
+    (``RAY_TRAIN_V2_ENABLED=0``) or a Ray without elastic training, a range is refused in one line rather than
+    trained at a size nobody asked for. docs/ELASTIC.md, "Elastic Ray Train"."""
+    from ray.train import ScalingConfig
+
+    errs = r.errors()
+    if errs:
+        raise UserError("; ".join(errs))
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    kw: dict = dict(use_gpu=r.use_gpu, resources_per_worker=resources)
+    if not r.elastic:
+        return ScalingConfig(num_workers=r.workers_range[0], **kw)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    lo, hi = r.workers_range
+    no_elastic = UserError(
+        f"ray.num_workers range [{lo}, {hi}]: the installed Ray {ray.__version__} has no elastic "
+        f"Ray Train; give ray.num_workers a single number"
+    )
+    try:
+        from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+        from ray.train.v2.api.config import ScalingConfig as V2ScalingConfig  # what ray.train exports with v2 on
+    except ImportError:
+        raise no_elastic from None
+    if not is_v2_enabled():
+        raise UserError(
+            f"ray.num_workers range [{lo}, {hi}] needs Ray Train v2 (elastic training), but this "
+            f"environment selects v1 ({V2_ENABLED_ENV_VAR}={os.environ.get(V2_ENABLED_ENV_VAR)}); "
+            f"unset it or give ray.num_workers a single number"
+        )
+    if "elastic_resize_monitor_interval_s" not in {f.name for f in dataclasses.fields(V2ScalingConfig)}:
+        raise no_elastic
+    return V2ScalingConfig(num_workers=(lo, hi), elastic_resize_monitor_interval_s=r.resize_check_s, **kw)
+
+
+def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
+    """Ray Train ``TorchTrainer`` with ``cfg.ray.num_workers`` workers, a number or an elastic ``[min, max]`` range
+    (:func:`scaling_config`; GPUs per worker from config); Ray's run state goes to ``{output_dir}/ray_results`` (a
+    local path or the same object store)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from infra.core import storage
 
+    scaling = scaling_config(cfg.ray)  # a range Ray cannot honour is refused before connecting
     if not ray.is_initialized():
         if address == "local":  # a local runtime, bound to loopback
             ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
@@ -113,9 +166,6 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
             ray.init(address=address, log_to_driver=True)
     cfg = _absolute_paths(cfg)
     r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        resources["GPU"] = r.gpus_per_worker
     results = storage.join(cfg.output_dir, "ray_results")
     fs_kw = {}
     if not storage.is_local(results):
@@ -123,11 +173,15 @@ def run_ray(cfg: TrainConfig, address: str, resume: str | None = None):
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"train_config": to_dict(cfg), "resume": resume, "launch": uuid.uuid4().hex},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        run_config=RunConfig(name="varsr-train", storage_path=results, **fs_kw,
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             worker_runtime_env={"env_vars": storage.forwarded_env()}),
+        run_config=RunConfig(
+            name="varsr-train",
+            storage_path=results,
+            **fs_kw,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            worker_runtime_env={"env_vars": storage.forwarded_env()},
+        ),
     )
     return trainer.fit()
 
@@ -143,8 +197,13 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return storage.absolute(p) if p and not any(c in p for c in "*?{,") else p
 
     d["output_dir"] = local_abs(d["output_dir"])
-    for sec, key in (("data", "shards"), ("data", "val_shards"), ("model", "init_from"), ("model", "official_vae"),
-                     ("model", "vqvae_checkpoint")):
+    for sec, key in (
+        ("data", "shards"),
+        ("data", "val_shards"),
+        ("model", "init_from"),
+        ("model", "official_vae"),
+        ("model", "vqvae_checkpoint"),
+    ):
         d[sec][key] = local_abs(d[sec][key])
     t = d["tracking"]  # the tracking defaults of this environment, resolved for workers started elsewhere
     t["tracking_uri"] = t["tracking_uri"] or default_tracking_uri()
