@@ -13,6 +13,7 @@ earlier one in interleaved rounds (torch-semantics resize vs cv2.resize on the f
 the tensor JPEG vs libjpeg at 512^2, 333^2, 128^2; the reader's resize-back 128 -> 512 vs PIL bicubic; one whole
 `degrade()` of a 512^2 crop per backend combination), with `ratio_over_earlier` of the medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,12 @@ def _op_timings(reps: int) -> dict:
     from data_pipeline.degrade.resize import opencv_resize, torch_resize
 
     cv2.setNumThreads(1)
-    hr = np.ascontiguousarray(skimage.data.astronaut())                          # 512 x 512
+    hr = np.ascontiguousarray(skimage.data.astronaut())  # 512 x 512
     x = hr.astype(np.float32) / np.float32(255.0)
     lr = np.ascontiguousarray(hr[::4, ::4])
     cases: dict[str, object] = {}
     for mode in ("area", "bilinear", "bicubic"):
-        for s in (0.3, 0.65, 1.25):                                              # first-order resize of 512^2
+        for s in (0.3, 0.65, 1.25):  # first-order resize of 512^2
             size = (int(512 * s), int(512 * s))
             cases[f"resize_{mode}_x{s}/torch"] = lambda m=mode, s=s: torch_resize(x, m, scale_factor=s)
             cases[f"resize_{mode}_x{s}/opencv"] = lambda m=mode, z=size: opencv_resize(x, m, z)
@@ -61,13 +62,16 @@ def _op_timings(reps: int) -> dict:
     for mode in ("area", "bilinear", "bicubic"):
         cases[f"resize_back_128_to_512/torch_{mode}"] = lambda m=mode: resize_back(lr, (512, 512), m)
     cases["resize_back_128_to_512/pil_bicubic"] = lambda: np.asarray(
-        Image.fromarray(lr).resize((512, 512), Image.Resampling.BICUBIC))
-    cfgs = {f"{r}+{j}": DegradationConfig(resize_backend=r, jpeg_backend=j)
-            for r, j in (("torch", "diffjpeg"), ("opencv", "libjpeg"), ("torch", "libjpeg"), ("opencv", "diffjpeg"))}
+        Image.fromarray(lr).resize((512, 512), Image.Resampling.BICUBIC)
+    )
+    cfgs = {
+        f"{r}+{j}": DegradationConfig(resize_backend=r, jpeg_backend=j)
+        for r, j in (("torch", "diffjpeg"), ("opencv", "libjpeg"), ("torch", "libjpeg"), ("opencv", "diffjpeg"))
+    }
     for name, cfg in cfgs.items():
         cases[f"degrade_512/{name}"] = lambda c=cfg: [degrade(hr, c, seed) for seed in range(8)]
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for f in cases.values():                                                     # warm-up: imports, caches
+    for f in cases.values():  # warm-up: imports, caches
         f()
     for _ in range(reps):
         for k, f in cases.items():
@@ -79,7 +83,7 @@ def _op_timings(reps: int) -> dict:
         op, variant = k.split("/")
         out.setdefault(op, {})[variant] = {"median_ms": round(statistics.median(v), 3), "min_ms": round(min(v), 3)}
     earlier = ("opencv", "libjpeg", "pil_bicubic", "opencv+libjpeg")
-    for op, d in out.items():
+    for d in out.values():
         med = {k: v["median_ms"] for k, v in d.items()}
         old = next((med[k] for k in earlier if k in med), None)
         ratios = {k: round(v / old, 2) for k, v in med.items() if k not in earlier and old}
@@ -100,6 +104,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import logging
+
     logging.basicConfig(level=logging.WARNING)
     import pandas as pd
     import ray
@@ -120,22 +125,38 @@ def main() -> None:
             p = probe(data)
             w, h = p.info["width"], p.info["height"]
             if min(w, h) >= args.crop and "duplicate" not in v["kind"]:
-                sources.append({"uri": str(tmp / "corpus" / name), "sha256": hashlib.sha256(data).hexdigest(),
-                                "width": w, "height": h})
-        rows = [{**sources[i % len(sources)], "label": 0, "class_id": 0, "scores_json": "{}", "meta": "{}"}
-                for i in range(args.images)]
+                sources.append(
+                    {
+                        "uri": str(tmp / "corpus" / name),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "width": w,
+                        "height": h,
+                    }
+                )
+        rows = [
+            {**sources[i % len(sources)], "label": 0, "class_id": 0, "scores_json": "{}", "meta": "{}"}
+            for i in range(args.images)
+        ]
         # distinct row URIs are not needed; the shard plan permutes rows, every row is one full sample of work
         sel_path = tmp / "selection.parquet"
         pd.DataFrame(rows).to_parquet(sel_path)
         cores = [int(c) for c in args.cores.split(",")]
-        ray.init(address="local", num_cpus=max(cores), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 * 1024 ** 2)
+        ray.init(
+            address="local",
+            num_cpus=max(cores),
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=200 * 1024**2,
+        )
         results = {}
-        base = [f"shard.crop_size={args.crop}", f"shard.max_samples_per_shard={args.per_shard}",
-                f"shard.hr_png_compression={args.png_level}"]
+        base = [
+            f"shard.crop_size={args.crop}",
+            f"shard.max_samples_per_shard={args.per_shard}",
+            f"shard.hr_png_compression={args.png_level}",
+        ]
         warm = load_build_config(args.preset, base + [f"shard.num_workers={max(cores)}"])
         pd.DataFrame(rows[: 2 * max(cores)]).to_parquet(tmp / "warm.parquet")
-        shard(str(tmp / "warm.parquet"), str(tmp / "warm"), warm)   # start Ray workers, import modules
+        shard(str(tmp / "warm.parquet"), str(tmp / "warm"), warm)  # start Ray workers, import modules
         for n in cores:
             cfg = load_build_config(args.preset, base + [f"shard.num_workers={n}"])
             out = tmp / f"out{n}"
@@ -144,7 +165,9 @@ def main() -> None:
             wall = time.perf_counter() - t0
             imgs = r["images_written"]
             results[n] = {
-                "images": imgs, "wall_s": round(wall, 3), "samples_per_s": round(imgs / wall, 2),
+                "images": imgs,
+                "wall_s": round(wall, 3),
+                "samples_per_s": round(imgs / wall, 2),
                 "samples_per_s_per_core": round(imgs / wall / n, 2),
                 "stage_wall_ms_per_sample": {k: round(1000 * v / imgs, 2) for k, v in r["stage_seconds"].items()},
                 "stage_cpu_ms_per_sample": {k: round(1000 * v / imgs, 2) for k, v in r["stage_cpu_seconds"].items()},
@@ -153,18 +176,30 @@ def main() -> None:
                 "samples_per_cpu_s": round(imgs / r["cpu_seconds"], 2),
                 "load_avg_1min_after": round(os.getloadavg()[0], 2),
                 "worker_busy_fraction": round(sum(b - a for _, a, b in r["task_spans"]) / (n * wall), 3),
-                "shards": r["shards"], "bytes": sum(s["bytes"] for s in r["manifest"]["shards"]),
+                "shards": r["shards"],
+                "bytes": sum(s["bytes"] for s in r["manifest"]["shards"]),
             }
         ray.shutdown()
         ops = _op_timings(args.op_reps) if args.op_reps > 0 else None
-        out = {"benchmark": "data_pipeline materialise (decode -> crop -> degrade -> encode -> write) via Ray",
-               "config": {"images": args.images, "crop": args.crop, "scale": 4, "preset": args.preset,
-                          "hr_png_level": args.png_level, "samples_per_shard": args.per_shard,
-                          "source_images": [Path(s["uri"]).name for s in sources]},
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_avg_1min_before": load_before,
-                           "note": "shared 2-core dev machine; other jobs may run concurrently"},
-               "results": {f"{n}_core{'s' if n > 1 else ''}": v for n, v in results.items()}}
+        out = {
+            "benchmark": "data_pipeline materialise (decode -> crop -> degrade -> encode -> write) via Ray",
+            "config": {
+                "images": args.images,
+                "crop": args.crop,
+                "scale": 4,
+                "preset": args.preset,
+                "hr_png_level": args.png_level,
+                "samples_per_shard": args.per_shard,
+                "source_images": [Path(s["uri"]).name for s in sources],
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_avg_1min_before": load_before,
+                "note": "shared 2-core dev machine; other jobs may run concurrently",
+            },
+            "results": {f"{n}_core{'s' if n > 1 else ''}": v for n, v in results.items()},
+        }
         if ops is not None:
             out["operators_cpu_ms_per_call"] = ops
         if 1 in results and 2 in results:

@@ -18,6 +18,7 @@ Figures per variant: median / mean PSNR (dB) of the 8-bit LR against the HR's ex
 median sharpness (variance of the 3x3 Laplacian of the grey LR) and noise (Immerkaer sigma of the grey LR) and
 blockiness, as the pipeline's scorers compute them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))   # PYTHONPATH (e.g. an older checkout) wins
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH (e.g. an older checkout) wins
 
 VARIANTS = {
     "reference_ops": ["degradation.resize_backend=torch", "degradation.jpeg_backend=diffjpeg"],
@@ -45,12 +46,15 @@ def photos() -> dict[str, np.ndarray]:
     import skimage.data as sd
     from sklearn.datasets import load_sample_images
 
-    out = {n: getattr(sd, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "retina",
-                                          "immunohistochemistry", "hubble_deep_field")}
+    out = {
+        n: getattr(sd, n)()
+        for n in ("astronaut", "coffee", "chelsea", "rocket", "retina", "immunohistochemistry", "hubble_deep_field")
+    }
     for name, im in zip(("china", "flower"), load_sample_images().images):
         out[name] = im
     try:
         import matplotlib.cbook as cbook
+
         with cbook.get_sample_data("grace_hopper.jpg") as f:
             out["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
     except Exception:  # noqa: BLE001 - matplotlib is optional
@@ -67,13 +71,13 @@ def crops(imgs: dict[str, np.ndarray], crop: int = 512, short: int = 640) -> lis
         big = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.LANCZOS))
         for f in (0.0, 0.5, 1.0):
             y, x = int(f * (nh - crop)), int(f * (nw - crop))
-            res.append((f"{name}@{x},{y}", np.ascontiguousarray(big[y:y + crop, x:x + crop])))
+            res.append((f"{name}@{x},{y}", np.ascontiguousarray(big[y : y + crop, x : x + crop])))
     return res
 
 
 def psnr(lr: np.ndarray, ref: np.ndarray) -> float:
     mse = float(np.mean((lr.astype(np.float64) - ref) ** 2))
-    return 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+    return 10 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")
 
 
 def main() -> None:
@@ -101,7 +105,7 @@ def main() -> None:
     for _, hr in cs:
         clean = hr.astype(np.float64).reshape(128, 4, 128, 4, 3).mean(axis=(1, 3))
         for seed in range(args.seeds):
-            for name, cfg in cfgs.items():              # interleaved: every variant sees the same load
+            for name, cfg in cfgs.items():  # interleaved: every variant sees the same load
                 t0 = time.process_time()
                 lr, _ = degrade(hr, cfg, seed)
                 seconds[name] += time.process_time() - t0
@@ -112,27 +116,42 @@ def main() -> None:
                 st["noise"].append(noise_sigma(g))
                 st["blockiness"].append(blockiness(g))
     n = len(cs) * args.seeds
-    out: dict = {"benchmark": "varsr degradation LR statistics on real photos",
-                 "config": {"preset": args.preset, "crops": len(cs), "seeds_per_crop": args.seeds, "draws": n,
-                            "crop": 512, "lr": 128, "short_side_before_crop": 640,
-                            "clean_reference": "exact 4x4 box average of the HR (float)",
-                            "photos": sorted({c[0].split("@")[0] for c in cs}),
-                            "variants": {k: v for k, v in variants.items()}},
-                 "machine": {"python": platform.python_version(),
-                             "note": "shared 2-core dev machine; CPU time per degradation, not wall"},
-                 "results": {}}
+    out: dict = {
+        "benchmark": "varsr degradation LR statistics on real photos",
+        "config": {
+            "preset": args.preset,
+            "crops": len(cs),
+            "seeds_per_crop": args.seeds,
+            "draws": n,
+            "crop": 512,
+            "lr": 128,
+            "short_side_before_crop": 640,
+            "clean_reference": "exact 4x4 box average of the HR (float)",
+            "photos": sorted({c[0].split("@")[0] for c in cs}),
+            "variants": {k: v for k, v in variants.items()},
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "note": "shared 2-core dev machine; CPU time per degradation, not wall",
+        },
+        "results": {},
+    }
     for name, st in stats.items():
         a = {k: np.asarray(v) for k, v in st.items()}
         out["results"][name] = {
-            "psnr_median_db": round(float(np.median(a["psnr"])), 3), "psnr_mean_db": round(float(a["psnr"].mean()), 3),
+            "psnr_median_db": round(float(np.median(a["psnr"])), 3),
+            "psnr_mean_db": round(float(a["psnr"].mean()), 3),
             "sharpness_median": round(float(np.median(a["sharpness"])), 2),
             "noise_median": round(float(np.median(a["noise"])), 4),
             "blockiness_median": round(float(np.median(a["blockiness"])), 4),
-            "cpu_ms_per_degradation": round(1000 * seconds[name] / n, 2)}
+            "cpu_ms_per_degradation": round(1000 * seconds[name] / n, 2),
+        }
     if "reference_ops" in stats and "opencv_libjpeg" in stats:
         new, old = (np.asarray(stats[k]["psnr"]) for k in ("reference_ops", "opencv_libjpeg"))
         out["paired_psnr_change_db"] = {
-            "median": round(float(np.median(new - old)), 3), "mean": round(float(np.mean(new - old)), 3)}
+            "median": round(float(np.median(new - old)), 3),
+            "mean": round(float(np.mean(new - old)), 3),
+        }
         for k in ("torch_resize_only", "diffjpeg_only"):
             d = np.asarray(stats[k]["psnr"]) - old
             out["paired_psnr_change_db"][f"{k}_median"] = round(float(np.median(d)), 3)

@@ -7,6 +7,7 @@ Runs the demo afresh (``--fresh``) in a subprocess: by default stage 2 finetunes
 (model/pretrained/small4-base); ``--from-scratch`` trains every stage. Peak memory is the largest resident set of any
 process the demo started (getrusage of the children: the data job, each training stage, the model server, …).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def main() -> int:
         "total_wall_s": round(wall, 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
         "serve_http_latency_s": st.get("serve", {}).get("info", {}).get("latency_s"),
-        "upscale_heldout": {k: v for k, v in st.get("upscale", {}).get("info", {}).items()
-                            if k.startswith(("psnr", "ssim", "hf_"))},
+        "upscale_heldout": {
+            k: v for k, v in st.get("upscale", {}).get("info", {}).items() if k.startswith(("psnr", "ssim", "hf_"))
+        },
     }
     print(json.dumps(out))
     if tmp:

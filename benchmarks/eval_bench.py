@@ -10,6 +10,7 @@
   HR itself, so that no model runs), wall seconds in this process;
 * ``skipped``: the learned metrics whose package or weights are absent, one line each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ def main() -> None:
     s = args.side
     photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.stereo_motorcycle()[0]]
     hrs = [np.asarray(Image.fromarray(p).resize((s, s), Image.Resampling.BICUBIC)) for p in photos]
-    srs = [np.asarray(Image.fromarray(h).resize((s // 4, s // 4), Image.Resampling.BICUBIC)
-                      .resize((s, s), Image.Resampling.BICUBIC)) for h in hrs]
+    srs = [
+        np.asarray(
+            Image.fromarray(h)
+            .resize((s // 4, s // 4), Image.Resampling.BICUBIC)
+            .resize((s, s), Image.Resampling.BICUBIC)
+        )
+        for h in hrs
+    ]
     metrics, skipped = load_metrics(list(ALL), args.weights_dir)
     per_image = {}
     for m in metrics:
@@ -71,18 +78,36 @@ def main() -> None:
             score_image(bic, hr, offline)
             score_image(hr, hr, offline)
         small = time.perf_counter() - t0
-    print(json.dumps({
-        "benchmark": "eval_metrics", "side": s, "threads": 1, "repeat": args.repeat,
-        "per_image_s": per_image,
-        "pairs": args.pairs,
-        "pairs_core_hours": {k: round(v * args.pairs / 3600, 3) for k, v in per_image.items()},
-        "pairs_core_hours_all_offline": round(sum(per_image[m.info.name] for m in offline) * args.pairs / 3600, 3),
-        "small_set": {"pairs": len(es.pairs), "side": es.manifest["protocol"]["hr_size"], "methods": 2,
-                      "metrics": [m.info.name for m in offline], "seconds": round(small, 2)},
-        "skipped": skipped,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "eval_metrics",
+                "side": s,
+                "threads": 1,
+                "repeat": args.repeat,
+                "per_image_s": per_image,
+                "pairs": args.pairs,
+                "pairs_core_hours": {k: round(v * args.pairs / 3600, 3) for k, v in per_image.items()},
+                "pairs_core_hours_all_offline": round(
+                    sum(per_image[m.info.name] for m in offline) * args.pairs / 3600, 3
+                ),
+                "small_set": {
+                    "pairs": len(es.pairs),
+                    "side": es.manifest["protocol"]["hr_size"],
+                    "methods": 2,
+                    "metrics": [m.info.name for m in offline],
+                    "seconds": round(small, 2),
+                },
+                "skipped": skipped,
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

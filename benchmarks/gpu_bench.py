@@ -11,14 +11,13 @@ torch AdamW) and ``training.steps.train_step`` (frozen-VQVAE tokenisation + ``mo
 synchronise the device before every clock read. torch.compile variants are measured after the eager ones while the
 time budget (``--budget-s``) allows; a compile that fails is reported with its error and does not stop the run.
 """
+
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -35,9 +34,22 @@ from model import VARSRConfig, build  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first
 BF16_PEAK_TFLOPS = (
-    ("H200", 989.4), ("GH200", 989.4), ("H100 SXM", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
-    ("H100", 989.4), ("H800", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 6000 Ada", 364.2),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 SXM", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 6000 Ada", 364.2),
 )
 SDPA_KERNELS = {  # profiler op names -> backend
     "flash": ("_scaled_dot_product_flash_attention", "_flash_attention_forward", "flash_attention_for_cpu"),
@@ -99,9 +111,13 @@ def device_info(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
         props = torch.cuda.get_device_properties(device)
         peak = next((v for k, v in BF16_PEAK_TFLOPS if k in name), None)
-        info.update(name=name, capability=list(torch.cuda.get_device_capability(device)),
-                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    bf16_peak_tflops_datasheet=peak)
+        info.update(
+            name=name,
+            capability=list(torch.cuda.get_device_capability(device)),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            bf16_peak_tflops_datasheet=peak,
+        )
     else:
         info.update(name="cpu", threads=torch.get_num_threads(), bf16_peak_tflops_datasheet=None)
     return info
@@ -145,8 +161,14 @@ def _generate_once(varsr, lr, device, seed: int) -> dict:
     sync(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        _, info = varsr.generate(lr, cfg=varsr.cfg.cfg, top_k=varsr.cfg.top_k, top_p=varsr.cfg.top_p,
-                                 generator=torch.Generator(device=device).manual_seed(seed), return_info=True)
+        _, info = varsr.generate(
+            lr,
+            cfg=varsr.cfg.cfg,
+            top_k=varsr.cfg.top_k,
+            top_p=varsr.cfg.top_p,
+            generator=torch.Generator(device=device).manual_seed(seed),
+            return_info=True,
+        )
     sync(device)
     return dict(info.timings(), total_s=time.perf_counter() - t0)
 
@@ -158,9 +180,14 @@ def _time_generate(varsr, cfg, device, batch: int, reps: int) -> dict:
     reset_peak(device)
     runs = [_generate_once(varsr, lr, device, r + 1) for r in range(reps)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    return dict(batch=batch, reps=reps, per_image_s={k: round(v / batch, 4) for k, v in med.items()},
-                per_call_s=round(med["total_s"], 4), images_per_s=round(batch / med["total_s"], 3),
-                peak_memory_mib=peak_mib(device))
+    return dict(
+        batch=batch,
+        reps=reps,
+        per_image_s={k: round(v / batch, 4) for k, v in med.items()},
+        per_call_s=round(med["total_s"], 4),
+        images_per_s=round(batch / med["total_s"], 3),
+        peak_memory_mib=peak_mib(device),
+    )
 
 
 def compile_generation(varsr) -> list[str]:
@@ -199,11 +226,12 @@ def bench_generate(preset: str, device, batches: list[int], reps: int, try_compi
                 comp[f"batch_{b}"] = _time_generate(varsr, cfg, device, b, reps)
                 e = out["eager"][f"batch_{b}"]["per_image_s"]
                 comp[f"batch_{b}"]["speedup_vs_eager"] = {
-                    k: round(e[k] / v, 3) for k, v in comp[f"batch_{b}"]["per_image_s"].items() if v > 0}
+                    k: round(e[k] / v, 3) for k, v in comp[f"batch_{b}"]["per_image_s"].items() if v > 0
+                }
             out["compiled"] = comp
         except Exception as exc:  # noqa: BLE001 - a failing compile is a result, not the end of the benchmark
             out["compiled"] = {"error": _error(exc)}
-    del varsr
+    varsr = None  # frees the model's GPU memory before the next benchmark (the closures above ran already)
     free(device)
     return out
 
@@ -236,9 +264,10 @@ def train_flops_per_sample(cfg: VARSRConfig, varsr) -> float:
             fwd += _conv_flops(conv, side * side)
         fwd += _conv_flops(enc.conv_out, side * side)
     W, Cv = cfg.refiner_width, cfg.vqvae.z_channels
-    rows = cfg.pn_last ** 2 * cfg.diffusion_batch_mul
-    per_row = 2 * (256 * W + W * W + C * W + Cv * W + cfg.refiner_depth * (3 * W * W + 2 * W * W)
-                   + 2 * W * W + W * 2 * Cv)
+    rows = cfg.pn_last**2 * cfg.diffusion_batch_mul
+    per_row = 2 * (
+        256 * W + W * W + C * W + Cv * W + cfg.refiner_depth * (3 * W * W + 2 * W * W) + 2 * W * W + W * 2 * Cv
+    )
     fwd += rows * per_row
     return 3.0 * fwd
 
@@ -254,8 +283,11 @@ class TrainBench:
         self.mcfg = VARSRConfig.preset(preset)
         S = self.mcfg.image_size
         g = torch.Generator().manual_seed(0)
-        self.sample = dict(hr=torch.rand(batch, 3, S, S, generator=g), lr=torch.rand(batch, 3, S, S, generator=g),
-                           label=torch.randint(0, self.mcfg.num_classes, (batch,), generator=g))
+        self.sample = dict(
+            hr=torch.rand(batch, 3, S, S, generator=g),
+            lr=torch.rand(batch, 3, S, S, generator=g),
+            label=torch.randint(0, self.mcfg.num_classes, (batch,), generator=g),
+        )
         self.tcfg = TrainConfig(stage="isr", precision="bf16", zero_stage=2, device=device.type)
         self.tcfg.model.preset = preset
         self.tcfg.data.batch_size = batch
@@ -296,19 +328,34 @@ class TrainBench:
         model_tflops = flops * batch / step_s / 1e12
         peak_mem = peak_mib(device)
         backends = sdpa_backends(lambda: step(self.warmup + self.steps), device)
-        out = dict(step_s=round(step_s, 4), step_parts_s=parts, warmup_s=round(first, 2),
-                   target_tokens_per_s=round(batch * mcfg.L / step_s, 1),
-                   sequence_tokens_per_s=round(batch * mcfg.seq_len / step_s, 1),
-                   model_tflops_per_step=_sig(flops * batch / 1e12), achieved_tflops=_sig(model_tflops),
-                   mfu=_sig(model_tflops / self.peak_tflops), loss=round(res[-1].loss, 4),
-                   peak_memory_mib=peak_mem, sdpa_backends=backends)
-        del engine, varsr, vqvae, batches
+        out = dict(
+            step_s=round(step_s, 4),
+            step_parts_s=parts,
+            warmup_s=round(first, 2),
+            target_tokens_per_s=round(batch * mcfg.L / step_s, 1),
+            sequence_tokens_per_s=round(batch * mcfg.seq_len / step_s, 1),
+            model_tflops_per_step=_sig(flops * batch / 1e12),
+            achieved_tflops=_sig(model_tflops),
+            mfu=_sig(model_tflops / self.peak_tflops),
+            loss=round(res[-1].loss, 4),
+            peak_memory_mib=peak_mem,
+            sdpa_backends=backends,
+        )
+        engine = varsr = vqvae = batches = None  # frees GPU memory; step() is not called after this
         free(device)
         return out
 
 
-def bench_train(presets: list[str], device, batch: int, steps: int, warmup: int, try_compile: bool, budget: Budget,
-                peak_tflops: float) -> dict:
+def bench_train(
+    presets: list[str],
+    device,
+    batch: int,
+    steps: int,
+    warmup: int,
+    try_compile: bool,
+    budget: Budget,
+    peak_tflops: float,
+) -> dict:
     """Eager steps of every preset first, then the compiled variants while the time budget allows."""
     benches, out = {}, {}
     for p in presets:
@@ -354,8 +401,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-batch", type=int, default=None, help="micro-batch (default 8 GPU, 2 CPU)")
     ap.add_argument("--train-steps", type=int, default=None, help="timed steps (default 5 GPU, 1 CPU)")
     ap.add_argument("--train-warmup", type=int, default=2)
-    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                    help="measure torch.compile variants (auto: on CUDA; on CPU inductor needs minutes per graph)")
+    ap.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="measure torch.compile variants (auto: on CUDA; on CPU inductor needs minutes per graph)",
+    )
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip compile variants beyond this wall time")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
@@ -390,18 +441,25 @@ def run(args) -> tuple[dict, int]:
     budget = Budget(args.budget_s)
     try_compile = args.compile == "on" or (args.compile == "auto" and gpu)
     tiny = args.preset.endswith("tiny")
-    train_presets = (args.train_presets.split(",") if args.train_presets
-                     else ([args.preset] if tiny else ["d16", "d24"]))
+    train_presets = args.train_presets.split(",") if args.train_presets else ([args.preset] if tiny else ["d16", "d24"])
     info = device_info(device)
     measured = measured_matmul_tflops(device)
     peak = info.get("bf16_peak_tflops_datasheet") or measured
     result: dict = {
-        "benchmark": "gpu_bench", "device_info": info, "measured_bf16_matmul_tflops": _sig(measured),
+        "benchmark": "gpu_bench",
+        "device_info": info,
+        "measured_bf16_matmul_tflops": _sig(measured),
         "mfu_denominator_tflops": _sig(peak),
-        "mfu_denominator": "datasheet dense bf16 peak" if info.get("bf16_peak_tflops_datasheet") else
-                           "measured bf16 GEMM throughput (no datasheet peak for this device)",
-        "config": dict(preset=args.preset, gen_batches=args.gen_batches, train_presets=train_presets,
-                       compile=try_compile, budget_s=args.budget_s),
+        "mfu_denominator": "datasheet dense bf16 peak"
+        if info.get("bf16_peak_tflops_datasheet")
+        else "measured bf16 GEMM throughput (no datasheet peak for this device)",
+        "config": dict(
+            preset=args.preset,
+            gen_batches=args.gen_batches,
+            train_presets=train_presets,
+            compile=try_compile,
+            budget_s=args.budget_s,
+        ),
     }
     if not args.skip_generate:
         batches = [int(b) for b in args.gen_batches.split(",")]
@@ -414,8 +472,7 @@ def run(args) -> tuple[dict, int]:
         deepspeed_engine.init_distributed(device)
         batch = args.train_batch or (8 if gpu else 2)
         steps = args.train_steps or (5 if gpu else 1)
-        result["train"] = bench_train(train_presets, device, batch, steps, args.train_warmup, try_compile, budget,
-                                      peak)
+        result["train"] = bench_train(train_presets, device, batch, steps, args.train_warmup, try_compile, budget, peak)
     result["wall_s"] = round(budget.elapsed(), 1)
     return result, 0
 

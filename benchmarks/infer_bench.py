@@ -18,6 +18,7 @@ Each client sends its requests back to back (closed loop), cycling through 16 di
     .venv/bin/python benchmarks/infer_bench.py                       # tiny preset on CPU
     .venv/bin/python benchmarks/infer_bench.py --preset d24 --device cuda --dtype bfloat16 --no-server
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,12 @@ def bench_pipeline(pipe, batch_sizes: list[int], iters: int, lr_side: int) -> di
             dt = time.perf_counter() - t0
             total_t += dt
             per_image.append(dt / b)
-        out[f"batch_{b}"] = {"latency_per_image_s_p50": round(pct(per_image, 50), 5),
-                             "latency_per_image_s_p90": round(pct(per_image, 90), 5),
-                             "images_per_s": round(b * iters / total_t, 3), "iters": iters}
+        out[f"batch_{b}"] = {
+            "latency_per_image_s_p50": round(pct(per_image, 50), 5),
+            "latency_per_image_s_p90": round(pct(per_image, 90), 5),
+            "images_per_s": round(b * iters / total_t, 3),
+            "iters": iters,
+        }
     return out
 
 
@@ -119,9 +123,15 @@ def load_clients(url: str, bodies: list[str], clients: int, per_client: int) -> 
 
 
 def summarize(lat: list[float], wall: float, ok: int, clients: int, cpu_s: float) -> dict:
-    return {"clients": clients, "requests": len(lat), "ok": ok, "requests_per_s": round(len(lat) / wall, 3),
-            "latency_s_p50": round(pct(lat, 50), 4), "latency_s_p90": round(pct(lat, 90), 4),
-            "server_cpu_ms_per_request": round(1000 * cpu_s / max(1, len(lat)), 2)}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "ok": ok,
+        "requests_per_s": round(len(lat) / wall, 3),
+        "latency_s_p50": round(pct(lat, 50), 4),
+        "latency_s_p90": round(pct(lat, 90), 4),
+        "server_cpu_ms_per_request": round(1000 * cpu_s / max(1, len(lat)), 2),
+    }
 
 
 def server_pids(port: int) -> list[int]:
@@ -145,7 +155,7 @@ def server_pids(port: int) -> list[int]:
                 st = (d / "stat").read_text()
             except OSError:
                 continue
-            if int(st[st.rindex(")") + 2:].split()[1]) == main:  # ppid
+            if int(st[st.rindex(")") + 2 :].split()[1]) == main:  # ppid
                 pids.append(int(d.name))
     return pids
 
@@ -158,14 +168,24 @@ def cpu_seconds(pids: list[int]) -> float:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
-def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, rounds: int, lr_side: int,
-                 seed: int, register_set: list[str], variants: dict[str, list[str]],
-                 workers: dict[str, int] | None = None) -> dict:
+def bench_server(
+    vqvae,
+    varsr,
+    work: Path,
+    clients: list[int],
+    per_client: int,
+    rounds: int,
+    lr_side: int,
+    seed: int,
+    register_set: list[str],
+    variants: dict[str, list[str]],
+    workers: dict[str, int] | None = None,
+) -> dict:
     """One registered model, one `varsr serve` per variant (``--set`` overrides; ``workers``: uvicorn processes per
     variant, default 1), all up at once; every round runs each client count against each variant, rotating which
     goes first, so all see the same machine load. The first variant is the reference of the ratios."""
@@ -177,8 +197,13 @@ def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, 
 
     ckpt = save_pretrained(work / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    register_model(ckpt, "varsr-bench", tracking_uri=uri, validate_example=False,
-                   config=load_inference_config(overrides=register_set))
+    register_model(
+        ckpt,
+        "varsr-bench",
+        tracking_uri=uri,
+        validate_example=False,
+        config=load_inference_config(overrides=register_set),
+    )
     bodies = [request_body(img, seed) for img in lr_images(16, lr_side)]
     names = list(variants)
     lat = {(n, c): [] for n in names for c in clients}
@@ -191,17 +216,25 @@ def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, 
         for n in names:
             t0 = time.perf_counter()
             port = free_port()
-            urls[n] = stack.enter_context(background_server(
-                "models:/varsr-bench@champion", port, tracking_uri=uri, cwd=ROOT, overrides=variants[n],
-                log_path=work / f"server-{n}.log", tmp_dir=work / f"server-tmp-{n}",
-                workers=(workers or {}).get(n, 1)))
+            urls[n] = stack.enter_context(
+                background_server(
+                    "models:/varsr-bench@champion",
+                    port,
+                    tracking_uri=uri,
+                    cwd=ROOT,
+                    overrides=variants[n],
+                    log_path=work / f"server-{n}.log",
+                    tmp_dir=work / f"server-tmp-{n}",
+                    workers=(workers or {}).get(n, 1),
+                )
+            )
             startup[n] = round(time.perf_counter() - t0, 2)
             pids[n] = server_pids(port)
         for n in names:  # warm-up: first requests pay lazy initialisation
             load_clients(urls[n], bodies, max(clients), 1)
         for r in range(rounds):
             for c in clients:
-                for n in names[r % len(names):] + names[:r % len(names)]:
+                for n in names[r % len(names) :] + names[: r % len(names)]:
                     c0 = cpu_seconds(pids[n])
                     la, w, k = load_clients(urls[n], bodies, c, per_client)
                     cpu[(n, c)] += cpu_seconds(pids[n]) - c0
@@ -222,12 +255,16 @@ def bench_server(vqvae, varsr, work: Path, clients: list[int], per_client: int, 
             ratios[f"requests_per_s_clients_{c}"] = round(m["requests_per_s"] / b["requests_per_s"], 3)
             ratios[f"latency_p90_clients_{c}"] = round(m["latency_s_p90"] / b["latency_s_p90"], 3)
         ratios[f"p90_{top}_over_its_single_request"] = round(
-            out[n][top]["latency_s_p90"] / out[n]["single_request_latency_s_p50"], 3)
+            out[n][top]["latency_s_p90"] / out[n]["single_request_latency_s_p50"], 3
+        )
         ratios[f"p90_{top}_over_{base}_single_request"] = round(
-            out[n][top]["latency_s_p90"] / out[base]["single_request_latency_s_p50"], 3)
+            out[n][top]["latency_s_p90"] / out[base]["single_request_latency_s_p50"], 3
+        )
         out["ratios"][f"{n}/{base}"] = ratios
-        out["targets"][n] = {f"requests_per_s_{top}_at_least_2x_{base}": ratios[f"requests_per_s_{top}"] >= 2.0,
-                             f"p90_{top}_within_2x_single_request": ratios[f"p90_{top}_over_its_single_request"] <= 2.0}
+        out["targets"][n] = {
+            f"requests_per_s_{top}_at_least_2x_{base}": ratios[f"requests_per_s_{top}"] >= 2.0,
+            f"p90_{top}_within_2x_single_request": ratios[f"p90_{top}_over_its_single_request"] <= 2.0,
+        }
     return out
 
 
@@ -243,19 +280,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=4, help="requests per client per round (<= 32)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all client counts (<= 10)")
     ap.add_argument("--seed", type=int, default=0, help="request seed (-1: random; requests batch by params)")
-    ap.add_argument("--server-threads", type=int, default=None,
-                    help="torch threads of the served model (runtime.cpu_threads; default: torch's)")
-    ap.add_argument("--tile-batch", type=int, default=8,
-                    help="tiling.batch_size of the served model: the generate() shape of a batch")
-    ap.add_argument("--batched-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="serving.* overrides of the batched server (default: the config's serving section)")
-    ap.add_argument("--generate-batch-variant", action=argparse.BooleanOptionalAction, default=True,
-                    help="also serve a variant whose generate() calls batch --tile-batch crops across requests "
-                         "(what the auto setting does on a GPU)")
-    ap.add_argument("--workers-variant", type=int, default=2,
-                    help="also serve the batched variant with N uvicorn processes of one torch thread (<= 1: no)")
-    ap.add_argument("--no-baseline", action="store_true",
-                    help="serve only the batched variant (no one-request-per-call server to compare with)")
+    ap.add_argument(
+        "--server-threads",
+        type=int,
+        default=None,
+        help="torch threads of the served model (runtime.cpu_threads; default: torch's)",
+    )
+    ap.add_argument(
+        "--tile-batch",
+        type=int,
+        default=8,
+        help="tiling.batch_size of the served model: the generate() shape of a batch",
+    )
+    ap.add_argument(
+        "--batched-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serving.* overrides of the batched server (default: the config's serving section)",
+    )
+    ap.add_argument(
+        "--generate-batch-variant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve a variant whose generate() calls batch --tile-batch crops across requests "
+        "(what the auto setting does on a GPU)",
+    )
+    ap.add_argument(
+        "--workers-variant",
+        type=int,
+        default=2,
+        help="also serve the batched variant with N uvicorn processes of one torch thread (<= 1: no)",
+    )
+    ap.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="serve only the batched variant (no one-request-per-call server to compare with)",
+    )
     ap.add_argument("--no-server", action="store_true", help="skip the served-endpoint part")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = ap.parse_args(argv)
@@ -274,13 +335,22 @@ def main(argv: list[str] | None = None) -> int:
     lr_side = pipe.image_size // args.scale
     result = {
         "benchmark": "varsr-inference",
-        "config": {"preset": args.preset, **pipe.describe(), "lr_side": lr_side, "scale": args.scale,
-                   "batch_sizes": [int(b) for b in args.batch_sizes.split(",")], "iters": args.iters,
-                   "cfg": pipe.config.sampling.cfg, "top_k": pipe.config.sampling.top_k,
-                   "color_fix": pipe.config.sampling.color_fix, "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                   "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
-                   "params_m": round(sum(p.numel() for p in varsr.parameters()) / 1e6, 2)},
+        "config": {
+            "preset": args.preset,
+            **pipe.describe(),
+            "lr_side": lr_side,
+            "scale": args.scale,
+            "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+            "iters": args.iters,
+            "cfg": pipe.config.sampling.cfg,
+            "top_k": pipe.config.sampling.top_k,
+            "color_fix": pipe.config.sampling.color_fix,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else None,
+            "params_m": round(sum(p.numel() for p in varsr.parameters()) / 1e6, 2),
+        },
     }
     result["pipeline"] = bench_pipeline(pipe, result["config"]["batch_sizes"], args.iters, lr_side)
     if not args.no_server:
@@ -289,12 +359,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.server_threads:
             register_set.append(f"runtime.cpu_threads={args.server_threads}")
         # today's behaviour: one request per pipeline call (the model lock serialises them), MLflow's thread pool
-        variants = {} if args.no_baseline else {"one_per_call": ["serving.max_batch_images=1",
-                                                                 "serving.request_threads=0"]}
+        variants = (
+            {} if args.no_baseline else {"one_per_call": ["serving.max_batch_images=1", "serving.request_threads=0"]}
+        )
         variants["batched"] = list(args.batched_set)
         if args.generate_batch_variant:  # the same batching with generate() batched across requests
             variants[f"batched_generate_{args.tile_batch}"] = list(args.batched_set) + [
-                f"serving.generate_batch={args.tile_batch}"]
+                f"serving.generate_batch={args.tile_batch}"
+            ]
         workers = {}
         if args.workers_variant > 1:  # N server processes, one torch thread each, request batching as configured
             name = f"batched_{args.workers_variant}_processes"
@@ -305,13 +377,30 @@ def main(argv: list[str] | None = None) -> int:
         from infra.core.config import to_dict
 
         result["config"]["endpoint"] = {
-            "clients": clients, "requests_per_client": per_client, "rounds": rounds, "seed": args.seed,
-            "registered_set": register_set, "variants": variants, "server_processes": workers,
-            "serving_defaults": to_dict(load_inference_config().serving)}
+            "clients": clients,
+            "requests_per_client": per_client,
+            "rounds": rounds,
+            "seed": args.seed,
+            "registered_set": register_set,
+            "variants": variants,
+            "server_processes": workers,
+            "serving_defaults": to_dict(load_inference_config().serving),
+        }
         work = Path(tempfile.mkdtemp(prefix="varsr-bench-"))
         try:
-            result["endpoint"] = bench_server(vqvae.cpu(), varsr.cpu(), work, clients, per_client, rounds, lr_side,
-                                              args.seed, register_set, variants, workers)
+            result["endpoint"] = bench_server(
+                vqvae.cpu(),
+                varsr.cpu(),
+                work,
+                clients,
+                per_client,
+                rounds,
+                lr_side,
+                args.seed,
+                register_set,
+                variants,
+                workers,
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

@@ -16,6 +16,7 @@ alternate base/new (and new in the default inference dtype, when that is not fp3
 JSON reports per-phase medians, the ratio of the medians and the median of the per-repetition ratios. Wall times on
 a shared machine include waiting for other processes, so process CPU seconds are reported beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ from pathlib import Path
 # 2-thread runs ~2.7x slower than 1-thread ones here. Passive waiting must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,8 +52,9 @@ PHASES = ("ar_s", "refiner_s", "decode_s", "total_s", "cpu_s", "ar_cpu_s", "refi
 
 
 def research_config() -> VARSRConfig:
-    return VARSRConfig.preset("d24").replace(name="research-d4-w256", depth=4, embed_dim=256, num_heads=4,
-                                             refiner_width=1024, refiner_depth=6)
+    return VARSRConfig.preset("d24").replace(
+        name="research-d4-w256", depth=4, embed_dim=256, num_heads=4, refiner_width=1024, refiner_depth=6
+    )
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 3) -> float:
@@ -124,8 +126,9 @@ def _baseline_streams(seed: int, batch: int, device) -> tuple[torch.Generator, l
     """The baseline seeds every image's generator with one seed drawn from generator(seed); the same streams as
     explicit per-image generators for today's generate()."""
     base_gen = torch.Generator(device=device).manual_seed(seed)
-    drawn = int(torch.randint(0, 2**62, (1,), generator=torch.Generator(device=device).manual_seed(seed),
-                              device=device).item())
+    drawn = int(
+        torch.randint(0, 2**62, (1,), generator=torch.Generator(device=device).manual_seed(seed), device=device).item()
+    )
     return base_gen, [torch.Generator(device=device).manual_seed(drawn) for _ in range(batch)]
 
 
@@ -145,6 +148,7 @@ class PhaseCPU:
                 return fn(*a, **kw)
             finally:
                 setattr(self, attr, getattr(self, attr) + time.process_time() - c)
+
         return timed
 
     def reset(self) -> None:
@@ -158,12 +162,19 @@ def _timed_generate(fn, device, cpu: PhaseCPU) -> tuple[torch.Tensor, dict]:
     img, phases = fn()
     _sync(device)
     total_cpu = time.process_time() - c0
-    return img, dict(phases, total_s=time.perf_counter() - t0, cpu_s=total_cpu, refiner_cpu_s=cpu.refiner,
-                     decode_cpu_s=cpu.decode, ar_cpu_s=total_cpu - cpu.refiner - cpu.decode)
+    return img, dict(
+        phases,
+        total_s=time.perf_counter() - t0,
+        cpu_s=total_cpu,
+        refiner_cpu_s=cpu.refiner,
+        decode_cpu_s=cpu.decode,
+        ar_cpu_s=total_cpu - cpu.refiner - cpu.decode,
+    )
 
 
-def bench_generate_compare(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, reps: int, ref: str,
-                           seed: int = 0) -> dict:
+def bench_generate_compare(
+    cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, reps: int, ref: str, seed: int = 0
+) -> dict:
     """Interleaved generate() of the baseline and today's code (same weights/inputs/streams), per-phase times."""
     torch.manual_seed(0)
     vqvae, varsr = build(cfg, device=device)
@@ -193,14 +204,14 @@ def bench_generate_compare(cfg: VARSRConfig, device, dtype: torch.dtype, batch: 
         if auto_dtype != dtype:
             runners[f"new_{str(auto_dtype).replace('torch.', '')}"] = lambda s: run_new(s, auto_dtype)
             cpu[list(runners)[-1]] = cpu["new"]
-        for name, fn in runners.items():  # warm-up (allocator, oneDNN primitive caches), not timed
+        for fn in runners.values():  # warm-up (allocator, oneDNN primitive caches), not timed
             fn(seed)
         times: dict[str, list[dict]] = {k: [] for k in runners}
         images: dict[str, torch.Tensor] = {}
         order = list(runners)
         for r in range(reps):
-            for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
-                img, t = _timed_generate(lambda: runners[name](seed), device, cpu[name])
+            for name in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
+                img, t = _timed_generate(lambda name=name: runners[name](seed), device, cpu[name])
                 times[name].append(t)
                 images[name] = img.float().cpu()
         diff = float((images["new"] - images["base"]).abs().max())
@@ -210,16 +221,29 @@ def bench_generate_compare(cfg: VARSRConfig, device, dtype: torch.dtype, batch: 
     for k in times:
         if k == "base":
             continue
-        ratios[k] = {p: dict(
-            ratio_of_medians=round(med["base"][p] / med[k][p], 3) if med[k][p] > 0 else None,
-            median_of_paired_ratios=round(statistics.median(
-                b[p] / n[p] for b, n in zip(times["base"], times[k]) if n[p] > 0), 3) if med[k][p] > 0 else None)
-            for p in PHASES}
-    return dict(batch=batch, reps=reps, baseline_ref=ref, dtype=str(dtype).replace("torch.", ""),
-                per_image_median_s=med, speedup_vs_base=ratios, max_abs_image_diff_new_vs_base=diff,
-                mean_abs_image_diff_vs_new_fp32=extra,
-                note="ratios = base / new (> 1: faster); *_s wall seconds from generate's own timers; *cpu_s process "
-                     "CPU seconds (all threads), the steadier figure on a shared machine")
+        ratios[k] = {
+            p: dict(
+                ratio_of_medians=round(med["base"][p] / med[k][p], 3) if med[k][p] > 0 else None,
+                median_of_paired_ratios=round(
+                    statistics.median(b[p] / n[p] for b, n in zip(times["base"], times[k]) if n[p] > 0), 3
+                )
+                if med[k][p] > 0
+                else None,
+            )
+            for p in PHASES
+        }
+    return dict(
+        batch=batch,
+        reps=reps,
+        baseline_ref=ref,
+        dtype=str(dtype).replace("torch.", ""),
+        per_image_median_s=med,
+        speedup_vs_base=ratios,
+        max_abs_image_diff_new_vs_base=diff,
+        mean_abs_image_diff_vs_new_fp32=extra,
+        note="ratios = base / new (> 1: faster); *_s wall seconds from generate's own timers; *cpu_s process "
+        "CPU seconds (all threads), the steadier figure on a shared machine",
+    )
 
 
 def bench_generate(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, calls: int) -> dict:
@@ -232,16 +256,28 @@ def bench_generate(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, cal
     lr = torch.rand(batch, 3, S, S, generator=torch.Generator().manual_seed(0)).to(device)
     out = []
     for call in range(1 + calls):
-        def fn():
+
+        def fn(call=call):
             with _autocast(device, dtype):
-                img, info = varsr.generate(lr, cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, return_info=True,
-                                           generator=torch.Generator(device=device).manual_seed(call))
+                img, info = varsr.generate(
+                    lr,
+                    cfg=cfg.cfg,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    return_info=True,
+                    generator=torch.Generator(device=device).manual_seed(call),
+                )
             return img, info.timings()
+
         _, t = _timed_generate(fn, device, cpu)
         if call:
             out.append(t)
-    return dict(batch=batch, calls=calls, dtype=str(dtype).replace("torch.", ""),
-                per_image_median_s={p: round(statistics.median(t[p] for t in out) / batch, 3) for p in PHASES})
+    return dict(
+        batch=batch,
+        calls=calls,
+        dtype=str(dtype).replace("torch.", ""),
+        per_image_median_s={p: round(statistics.median(t[p] for t in out) / batch, 3) for p in PHASES},
+    )
 
 
 # ---- training step -----------------------------------------------------------------------------------------------
@@ -267,34 +303,54 @@ def bench_train(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, steps:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     times = []
     for step in range(warmup + steps):
-        _sync(device); t0 = time.perf_counter(); c0 = time.process_time()
+        _sync(device)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
         with torch.no_grad():  # tokenise HR with the frozen VQVAE, fp32
             idx_list, R = vqvae.img_to_idxBl(hr * 2 - 1)
             x_in = vqvae.idxBl_to_var_input(idx_list)
             gt = torch.cat(idx_list, dim=1)
-        _sync(device); t1 = time.perf_counter(); c1 = time.process_time()
+        _sync(device)
+        t1 = time.perf_counter()
+        c1 = time.process_time()
         with _autocast(device, dtype):
             logits, diff = varsr(x_in, label, lr * 2 - 1, R)
             ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), gt.view(-1))
             loss = cfg.ce_weight * ce + cfg.diff_weight * diff
-        _sync(device); t2 = time.perf_counter(); c2 = time.process_time()
+        _sync(device)
+        t2 = time.perf_counter()
+        c2 = time.process_time()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(varsr.parameters(), 2.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        _sync(device); t3 = time.perf_counter(); c3 = time.process_time()
+        _sync(device)
+        t3 = time.perf_counter()
+        c3 = time.process_time()
         if step >= warmup:
             times.append((t1 - t0, t2 - t1, t3 - t2, c1 - c0, c2 - c1, c3 - c2))
     n = len(times)
     tok, fwd, bwd, ctok, cfwd, cbwd = (sum(t[i] for t in times) / n for i in range(6))
     step_s = tok + fwd + bwd
-    return dict(batch=batch, steps=n, dtype=str(dtype).replace("torch.", ""), step_s=round(step_s, 3),
-                tokenise_s=round(tok, 3), forward_s=round(fwd, 3), backward_step_s=round(bwd, 3),
-                target_tokens_per_s=round(batch * cfg.L / step_s, 1), loss=round(loss.item(), 4),
-                cpu_s=dict(tokenise=round(ctok, 3), forward=round(cfwd, 3), backward_step=round(cbwd, 3),
-                           total=round(ctok + cfwd + cbwd, 3)))
+    return dict(
+        batch=batch,
+        steps=n,
+        dtype=str(dtype).replace("torch.", ""),
+        step_s=round(step_s, 3),
+        tokenise_s=round(tok, 3),
+        forward_s=round(fwd, 3),
+        backward_step_s=round(bwd, 3),
+        target_tokens_per_s=round(batch * cfg.L / step_s, 1),
+        loss=round(loss.item(), 4),
+        cpu_s=dict(
+            tokenise=round(ctok, 3),
+            forward=round(cfwd, 3),
+            backward_step=round(cbwd, 3),
+            total=round(ctok + cfwd + cbwd, 3),
+        ),
+    )
 
 
 # ---- training step with / without the token cache (issue 12) -------------------------------------------------------
@@ -330,8 +386,10 @@ def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, ro
     t0 = time.perf_counter()
     dec = [(np.load(io.BytesIO(a)), np.load(io.BytesIO(b))) for a, b in members]
     decode_ms = (time.perf_counter() - t0) * 1000 / len(members)
-    cached = (torch.from_numpy(np.stack([a for a, _ in dec]).astype(np.int64)).to(hr.device),
-              torch.from_numpy(np.stack([b for _, b in dec])).to(hr.device))
+    cached = (
+        torch.from_numpy(np.stack([a for a, _ in dec]).astype(np.int64)).to(hr.device),
+        torch.from_numpy(np.stack([b for _, b in dec])).to(hr.device),
+    )
 
     varsr.train()
     opt = torch.optim.AdamW(varsr.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -360,7 +418,7 @@ def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, ro
     warm_loss: dict[str, float] = {}
     start = (copy.deepcopy(varsr.state_dict()), copy.deepcopy(opt.state_dict()))
     for rnd in range(1 + rounds):
-        order = arms[rnd % 3:] + arms[:rnd % 3]
+        order = arms[rnd % 3 :] + arms[: rnd % 3]
         for arm in order:
             if rnd == 0:  # warm-up: same start for every arm, losses compared
                 varsr.load_state_dict(start[0])
@@ -372,7 +430,8 @@ def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, ro
                 times[arm].append((wall, tok_s))
     med = {a: (statistics.median(w for w, _ in v), statistics.median(t for _, t in v)) for a, v in times.items()}
     return {
-        "batch": hr.shape[0], "timed_rounds": rounds,
+        "batch": hr.shape[0],
+        "timed_rounds": rounds,
         "step_s": {a: round(m[0], 3) for a, m in med.items()},
         "tokenise_s": {a: round(m[1], 3) for a, m in med.items()},  # cache: the teacher-forcing input only
         "all_step_s": {a: [round(w, 3) for w, _ in v] for a, v in times.items()},
@@ -390,8 +449,17 @@ def token_cache_train_bench(cfg: VARSRConfig, vqvae, varsr, hr, lr, label, *, ro
 def bench_token_cache(cfg: VARSRConfig, device, dtype: torch.dtype, batch: int, rounds: int) -> dict:
     """The token-cache comparison on the same random batch and model as :func:`bench_train`."""
     vqvae, varsr, hr, lr, label = model_and_batch(cfg, device, batch)
-    return token_cache_train_bench(cfg, vqvae, varsr, hr, lr, label, rounds=rounds,
-                                   autocast=lambda: _autocast(device, dtype), sync=lambda: _sync(device))
+    return token_cache_train_bench(
+        cfg,
+        vqvae,
+        varsr,
+        hr,
+        lr,
+        label,
+        rounds=rounds,
+        autocast=lambda: _autocast(device, dtype),
+        sync=lambda: _sync(device),
+    )
 
 
 def main(argv=None) -> int:
@@ -399,23 +467,37 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--research-geometry", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                    help="the precision of the before/after comparison (fp32: the issue's target)")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="the precision of the before/after comparison (fp32: the issue's target)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", "--gen-calls", type=int, default=3, help="interleaved before/after repetitions")
     ap.add_argument("--gen-batch", type=int, default=1, help="images per generate() call")
-    ap.add_argument("--baseline-ref", default=BASELINE_REF,
-                    help="git commit whose model package is the 'before' (use 'none' to time today's code alone)")
-    ap.add_argument("--lr-encoder-hidden", type=int, default=None,
-                    help="override the LR encoder's last width; the comparison defaults to C, the only width the "
-                         "baseline can build (the released code uses 1536)")
+    ap.add_argument(
+        "--baseline-ref",
+        default=BASELINE_REF,
+        help="git commit whose model package is the 'before' (use 'none' to time today's code alone)",
+    )
+    ap.add_argument(
+        "--lr-encoder-hidden",
+        type=int,
+        default=None,
+        help="override the LR encoder's last width; the comparison defaults to C, the only width the "
+        "baseline can build (the released code uses 1536)",
+    )
     ap.add_argument("--skip-train", action="store_true", help="do not time the training step")
     ap.add_argument("--batch", type=int, default=2, help="training batch")
     ap.add_argument("--steps", type=int, default=2, help="timed training steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-generate", action="store_true")
-    ap.add_argument("--token-cache", action="store_true",
-                    help="also time the training step with vs without the token cache (interleaved; --steps rounds)")
+    ap.add_argument(
+        "--token-cache",
+        action="store_true",
+        help="also time the training step with vs without the token cache (interleaved; --steps rounds)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -432,10 +514,16 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    result = {"config": cfg.to_dict(), "device": args.device, "dtype": args.dtype, "threads": args.threads,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
-              "default_inference_dtype": str(default_inference_dtype(dev)).replace("torch.", ""),
-              "load_average_1m_start": round(os.getloadavg()[0], 2)}
+    result = {
+        "config": cfg.to_dict(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__,
+        "default_inference_dtype": str(default_inference_dtype(dev)).replace("torch.", ""),
+        "load_average_1m_start": round(os.getloadavg()[0], 2),
+    }
     if not args.skip_generate:
         if compare:
             result["generate"] = bench_generate_compare(cfg, dev, dtype, args.gen_batch, args.reps, args.baseline_ref)

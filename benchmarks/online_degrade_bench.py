@@ -11,6 +11,7 @@ share of a tiny-preset training step; prints ONE JSON object.
   and the step share the cores, so the share also includes their contention.
 The GPU path (degradation inside the step) is not implemented: the CPU path is the one measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def _cpu_rate(shards, preset: str, n: int) -> dict:
         for i in range(n):
             decode_sample(raws[i % len(raws)], 64, True, "bicubic", **kw, **({"epoch": i} if kw else {}))
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-        out[name] = {"samples": n, "samples_per_cpu_s": round(n / cpu, 1), "samples_per_wall_s": round(n / wall, 1),
-                     "cpu_ms_per_sample": round(1000 * cpu / n, 2)}
+        out[name] = {
+            "samples": n,
+            "samples_per_cpu_s": round(n / cpu, 1),
+            "samples_per_wall_s": round(n / wall, 1),
+            "cpu_ms_per_sample": round(1000 * cpu / n, 2),
+        }
     return out
 
 
@@ -61,8 +66,19 @@ def _step_share(shards, preset: str, steps: int, batch: int, workers: int) -> di
     opt = torch.optim.AdamW(varsr.parameters(), lr=1e-4)
     out = {}
     for name, degrade in (("stored_lr", ""), ("online", preset)):
-        stream = BatchStream(resolve_shards(str(shards)), size=64, want_lr=True, batch_size=batch, workers=workers,
-                             seed=1, rank=0, world=1, shuffle_buffer=16, lr_mode="bicubic", degrade=degrade)
+        stream = BatchStream(
+            resolve_shards(str(shards)),
+            size=64,
+            want_lr=True,
+            batch_size=batch,
+            workers=workers,
+            seed=1,
+            rank=0,
+            world=1,
+            shuffle_buffer=16,
+            lr_mode="bicubic",
+            degrade=degrade,
+        )
         it = iter(stream)
         next(it)  # loader start-up (worker processes) is not a step's cost
         wait = step_s = 0.0
@@ -78,8 +94,13 @@ def _step_share(shards, preset: str, steps: int, batch: int, workers: int) -> di
             wait += t1 - t0
             step_s += time.perf_counter() - t1
         wall = time.perf_counter() - t_all
-        out[name] = {"steps": steps, "data_wait_s": round(wait, 3), "compute_s": round(step_s, 3),
-                     "data_share": round(wait / wall, 4), "samples_per_s": round(steps * batch / wall, 1)}
+        out[name] = {
+            "steps": steps,
+            "data_wait_s": round(wait, 3),
+            "compute_s": round(step_s, 3),
+            "data_share": round(wait / wall, 4),
+            "samples_per_s": round(steps * batch / wall, 1),
+        }
         del it
     return out
 
@@ -99,10 +120,24 @@ def main() -> None:
         shards = _write_shards(Path(d) / "shards", 64, n_shards=args.shards)  # 8 samples per shard
         cpu = _cpu_rate(shards, args.preset, args.samples)
         share = _step_share(shards, args.preset, args.steps, args.batch, args.workers)
-    print(json.dumps({"bench": "online_degrade", "preset": args.preset, "model_preset": "tiny", "image_px": 64,
-                      "batch": args.batch, "workers": args.workers, "cpus": os.cpu_count(),
-                      "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-                      "cpu_path": cpu, "step": share}, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "online_degrade",
+                "preset": args.preset,
+                "model_preset": "tiny",
+                "image_px": 64,
+                "batch": args.batch,
+                "workers": args.workers,
+                "cpus": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "python": platform.python_version(),
+                "cpu_path": cpu,
+                "step": share,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ motorcycle), each as a square HR crop and its x4 bicubic LR. Figures (means over
 * colour fix: --color-fix against the other one (AdaIN, the release's, or wavelet)
 * with --served and an MLflow model: the served model's HTTP answer against the pipeline's for the first photo
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=6, help="lomiri photos (the demo holdout photo is added)")
     ap.add_argument("--hr-side", type=int, default=256)
     ap.add_argument("--cfg", type=float, default=None, help="guidance of the headline figure (default: the demo's)")
-    ap.add_argument("--color-fix", choices=COLOR_FIXES, default=None,
-                    help="colour fix of every VARSR figure (default: the demo's)")
+    ap.add_argument(
+        "--color-fix", choices=COLOR_FIXES, default=None, help="colour fix of every VARSR figure (default: the demo's)"
+    )
     ap.add_argument("--cfgs", default="0,1,3,6")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -78,8 +80,16 @@ def main() -> int:
 
     from inference.pipeline import VARSRPipeline
     from infra.demo.demo import DemoConfig
-    from infra.demo.quality import (bicubic, load_pairs, make_pair, mean_figures, one_pass_stitched, sr_figures,
-                                    token_accuracy, tokenizer_ceiling)
+    from infra.demo.quality import (
+        bicubic,
+        load_pairs,
+        make_pair,
+        mean_figures,
+        one_pass_stitched,
+        sr_figures,
+        token_accuracy,
+        tokenizer_ceiling,
+    )
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -96,8 +106,14 @@ def main() -> int:
     kw = dict(seed=a.seed, color_fix=a.color_fix)
 
     other_fix = "wavelet" if a.color_fix != "wavelet" else "adain"
-    rows = {"bicubic": [], "ceiling": [], "tiled": [], "one_pass": [], "other_fix": [],
-            **{f"cfg{c:g}": [] for c in cfgs}}
+    rows = {
+        "bicubic": [],
+        "ceiling": [],
+        "tiled": [],
+        "one_pass": [],
+        "other_fix": [],
+        **{f"cfg{c:g}": [] for c in cfgs},
+    }
     for p in pairs:
         rows["bicubic"].append(sr_figures(bicubic(p), p.hr))
         rows["ceiling"].append(tokenizer_ceiling(pipe.vqvae, S, p.hr, p.lr))
@@ -118,10 +134,21 @@ def main() -> int:
 
     out = {
         "benchmark": "SR quality on held-out photos (lomiri wallpapers + the demo holdout photo)",
-        "config": {"model": model, "model_config": pipe.model_cfg.name, "image_size": S, "hr_side": a.hr_side,
-                   "scale": 4, "lr": "x4 bicubic of the HR crop", "cfg": a.cfg, "cfg_sweep": cfgs, "seed": a.seed,
-                   "color_fix": a.color_fix, "tile_overlap": pipe.default_overlap(),
-                   "images": [p.name for p in pairs], "threads": torch.get_num_threads()},
+        "config": {
+            "model": model,
+            "model_config": pipe.model_cfg.name,
+            "image_size": S,
+            "hr_side": a.hr_side,
+            "scale": 4,
+            "lr": "x4 bicubic of the HR crop",
+            "cfg": a.cfg,
+            "cfg_sweep": cfgs,
+            "seed": a.seed,
+            "color_fix": a.color_fix,
+            "tile_overlap": pipe.default_overlap(),
+            "images": [p.name for p in pairs],
+            "threads": torch.get_num_threads(),
+        },
         "bicubic": m["bicubic"],
         "varsr": m["tiled"],
         "psnr_y_gap_to_bicubic_db": round(m["tiled"]["psnr_y"] - m["bicubic"]["psnr_y"], 3),
@@ -130,12 +157,19 @@ def main() -> int:
         "cfg_sweep": {f"{c:g}": m[f"cfg{c:g}"] for c in cfgs},
         "tiled_vs_one_pass": {"tiled": m["tiled"], "one_pass": m["one_pass"]},
         "color_fix": {a.color_fix: m["tiled"], other_fix: m["other_fix"]},
-        "no_reference": {"hf_energy_hr": round(sum(hr_hf) / len(hr_hf), 3),
-                         "hf_energy_bicubic": m["bicubic"]["hf_energy"], "hf_energy_varsr": m["tiled"]["hf_energy"],
-                         "hf_gap_db_bicubic": m["bicubic"]["hf_gap_db"], "hf_gap_db_varsr": m["tiled"]["hf_gap_db"]},
+        "no_reference": {
+            "hf_energy_hr": round(sum(hr_hf) / len(hr_hf), 3),
+            "hf_energy_bicubic": m["bicubic"]["hf_energy"],
+            "hf_energy_varsr": m["tiled"]["hf_energy"],
+            "hf_gap_db_bicubic": m["bicubic"]["hf_gap_db"],
+            "hf_gap_db_varsr": m["tiled"]["hf_gap_db"],
+        },
         "pipeline_vs_served": served,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1min": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+        },
         "wall_s": round(time.monotonic() - t0, 1),
     }
     print(json.dumps(out))
@@ -150,8 +184,8 @@ def compare_served(a, pipe, p) -> dict:
     import requests
     from PIL import Image
 
-    from infra.core.metrics import full_reference
     from inference.serve import background_server
+    from infra.core.metrics import full_reference
     from infra.core.net import free_port
 
     if not a.model_uri:
@@ -163,10 +197,18 @@ def compare_served(a, pipe, p) -> dict:
         env["MLFLOW_TRACKING_URI"] = a.tracking_uri
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with tempfile.TemporaryDirectory(prefix="varsr-qbench-") as tmp:
-        with background_server(a.model_uri, free_port(), cwd=Path(tmp), env=env, log_path=Path(tmp) / "serve.log",
-                               tmp_dir=Path(tmp) / "srv") as url:
-            payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
-                       "params": {"scale": 4, "seed": a.seed, "cfg": a.cfg, "color_fix": a.color_fix}}
+        with background_server(
+            a.model_uri,
+            free_port(),
+            cwd=Path(tmp),
+            env=env,
+            log_path=Path(tmp) / "serve.log",
+            tmp_dir=Path(tmp) / "srv",
+        ) as url:
+            payload = {
+                "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
+                "params": {"scale": 4, "seed": a.seed, "cfg": a.cfg, "color_fix": a.color_fix},
+            }
             r = requests.post(f"{url}/invocations", json=payload, timeout=600)
     if r.status_code != 200:
         return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}

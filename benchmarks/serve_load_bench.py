@@ -14,6 +14,7 @@ server's RSS at start and its peak.
 
     .venv/bin/python benchmarks/serve_load_bench.py --duration 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ for _k, _v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_H
     os.environ.setdefault(_k, _v)
 
 # the endpoint's budgets for this run (serving.* of `varsr serve --set`); the tiny model does 3 AR steps per tile
-SERVING = ["runtime.cpu_threads=1", "serving.max_request_work=300", "serving.max_request_memory_mb=1024",
-           "serving.max_request_bytes=2000000", "serving.request_timeout_s=30"]
+SERVING = [
+    "runtime.cpu_threads=1",
+    "serving.max_request_work=300",
+    "serving.max_request_memory_mb=1024",
+    "serving.max_request_bytes=2000000",
+    "serving.request_timeout_s=30",
+]
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -64,9 +70,15 @@ def bodies() -> tuple[list[bytes], dict[str, bytes]]:
     from skimage import data
 
     src = Image.fromarray(data.chelsea())
-    small = [json.dumps({"dataframe_split": {"columns": ["image"],
-                                             "data": [[png_b64(src.rotate(20 * i).resize((16, 16)))]]},
-                         "params": {"seed": 0}}).encode() for i in range(8)]
+    small = [
+        json.dumps(
+            {
+                "dataframe_split": {"columns": ["image"], "data": [[png_b64(src.rotate(20 * i).resize((16, 16)))]]},
+                "params": {"seed": 0},
+            }
+        ).encode()
+        for i in range(8)
+    ]
 
     def split(b64: str, **params) -> bytes:
         return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64]]}, "params": params}).encode()
@@ -91,7 +103,7 @@ def group_rss_bytes(root_pid: int) -> int:
             continue
         try:
             st = (d / "stat").read_text()
-            fields = st[st.rindex(")") + 2:].split()
+            fields = st[st.rindex(")") + 2 :].split()
             children[int(fields[1])].append(int(d.name))
             rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
@@ -110,8 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-clients", type=int, default=4, help="threads sending small requests (<= 8)")
     ap.add_argument("--large-clients", type=int, default=2, help="threads sending too-large requests (<= 4)")
     ap.add_argument("--max-requests", type=int, default=5000, help="requests in all (<= 20000)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="more serving.*/runtime.* settings for the server")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more serving.*/runtime.* settings for the server",
+    )
     args = ap.parse_args(argv)
     duration = max(1.0, min(args.duration, 300.0))
     n_small, n_large = max(1, min(args.small_clients, 8)), max(0, min(args.large_clients, 4))
@@ -129,25 +147,52 @@ def main(argv: list[str] | None = None) -> int:
 
     small, large = bodies()
     work = Path(tempfile.mkdtemp(prefix="varsr-load-"))
-    result: dict = {"benchmark": "varsr-serve-load",
-                    "config": {"preset": "tiny", "duration_s": duration, "small_clients": n_small,
-                               "large_clients": n_large, "max_requests": max_requests, "serving_set": overrides,
-                               "small_request": "16x16 PNG at x4 (64x64 out), seed 0",
-                               "large_kinds": sorted(large), "large_body_bytes": {k: len(v) for k, v in large.items()},
-                               "host": "127.0.0.1", "python": platform.python_version(), "torch": torch.__version__,
-                               "cpus": os.cpu_count()}}
+    result: dict = {
+        "benchmark": "varsr-serve-load",
+        "config": {
+            "preset": "tiny",
+            "duration_s": duration,
+            "small_clients": n_small,
+            "large_clients": n_large,
+            "max_requests": max_requests,
+            "serving_set": overrides,
+            "small_request": "16x16 PNG at x4 (64x64 out), seed 0",
+            "large_kinds": sorted(large),
+            "large_body_bytes": {k: len(v) for k, v in large.items()},
+            "host": "127.0.0.1",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+        },
+    }
     try:
         torch.manual_seed(0)
         ckpt = save_pretrained(work / "ckpt", *build(VARSRConfig.preset("tiny")))
         uri = f"sqlite:///{work / 'mlflow.db'}"
-        register_model(ckpt, "varsr-load", tracking_uri=uri, validate_example=False,
-                       config=load_inference_config(overrides=["runtime.cpu_threads=1"]))
+        register_model(
+            ckpt,
+            "varsr-load",
+            tracking_uri=uri,
+            validate_example=False,
+            config=load_inference_config(overrides=["runtime.cpu_threads=1"]),
+        )
         port = free_port()
-        with background_server("models:/varsr-load@champion", port, tracking_uri=uri, cwd=ROOT, overrides=overrides,
-                               log_path=work / "server.log", tmp_dir=work / "server-tmp") as url:
-            serve_pid = next(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                             and b"infra.cli\0serve" in (d / "cmdline").read_bytes()
-                             and f"\0{port}\0".encode() in (d / "cmdline").read_bytes())
+        with background_server(
+            "models:/varsr-load@champion",
+            port,
+            tracking_uri=uri,
+            cwd=ROOT,
+            overrides=overrides,
+            log_path=work / "server.log",
+            tmp_dir=work / "server-tmp",
+        ) as url:
+            serve_pid = next(
+                int(d.name)
+                for d in Path("/proc").iterdir()
+                if d.name.isdigit()
+                and b"infra.cli\0serve" in (d / "cmdline").read_bytes()
+                and f"\0{port}\0".encode() in (d / "cmdline").read_bytes()
+            )
             headers = {"Content-Type": "application/json"}
             requests.post(f"{url}/invocations", data=small[0], headers=headers, timeout=120)  # warm-up
             rss_start = group_rss_bytes(serve_pid)
@@ -192,13 +237,21 @@ def main(argv: list[str] | None = None) -> int:
 
             threads = [threading.Thread(target=sample, daemon=True)]
             for i in range(n_small):
-                threads.append(threading.Thread(target=client, args=(
-                    itertools.cycle([("small", small[(i + k) % len(small)]) for k in range(len(small))]), True)))
+                threads.append(
+                    threading.Thread(
+                        target=client,
+                        args=(
+                            itertools.cycle([("small", small[(i + k) % len(small)]) for k in range(len(small))]),
+                            True,
+                        ),
+                    )
+                )
             kinds = sorted(large)
             for i in range(n_large):
-                order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
-                threads.append(threading.Thread(target=client, args=(
-                    itertools.cycle([(k, large[k]) for k in order]), False)))
+                order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
+                threads.append(
+                    threading.Thread(target=client, args=(itertools.cycle([(k, large[k]) for k in order]), False))
+                )
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
@@ -210,11 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         result["requests"] = sum(statuses.values())
         result["status_counts"] = dict(sorted(statuses.items()))
         result["server_errors_5xx"] = sum(v for k, v in statuses.items() if k.isdigit() and int(k) >= 500)
-        result["small"] = {"sent": sum(small_status.values()), "ok": len(small_lat),
-                           "status_counts": dict(small_status), "latency_s_p50": pct(small_lat, 50),
-                           "latency_s_p99": pct(small_lat, 99), "latency_s_max": pct(small_lat, 100)}
-        result["refused"] = {k: {"status_counts": dict(v["statuses"]), "latency_s_p99": pct(v["latency"], 99),
-                                 "max_reply_bytes": v["max_reply_bytes"]} for k, v in large_stats.items()}
+        result["small"] = {
+            "sent": sum(small_status.values()),
+            "ok": len(small_lat),
+            "status_counts": dict(small_status),
+            "latency_s_p50": pct(small_lat, 50),
+            "latency_s_p99": pct(small_lat, 99),
+            "latency_s_max": pct(small_lat, 100),
+        }
+        result["refused"] = {
+            k: {
+                "status_counts": dict(v["statuses"]),
+                "latency_s_p99": pct(v["latency"], 99),
+                "max_reply_bytes": v["max_reply_bytes"],
+            }
+            for k, v in large_stats.items()
+        }
         result["refused_total"] = sum(sum(v["statuses"].values()) for v in large_stats.values())
         result["server_rss_mb"] = {"start": round(rss_start / 2**20, 1), "peak": round(peak["rss"] / 2**20, 1)}
         if result["server_errors_5xx"]:

@@ -16,6 +16,7 @@ memory of each worker process idle (after warm-up) and after the load, from ``va
 
     .venv/bin/python benchmarks/serve_metrics_bench.py --workers 2 --clients 4 --requests 15
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,11 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def total(samples, name: str, **labels) -> float:
@@ -110,20 +114,36 @@ def main(argv: list[str] | None = None) -> int:
         vqvae, varsr = build(VARSRConfig.preset("tiny"))
         ckpt = save_pretrained(work / "ckpt", vqvae, varsr)
         uri = f"sqlite:///{work / 'mlflow.db'}"
-        register_model(ckpt, NAME, alias="champion", tracking_uri=uri,
-                       config=load_inference_config(overrides=["runtime.cpu_threads=1"]), validate_example=False)
+        register_model(
+            ckpt,
+            NAME,
+            alias="champion",
+            tracking_uri=uri,
+            config=load_inference_config(overrides=["runtime.cpu_threads=1"]),
+            validate_example=False,
+        )
 
         def body(i: int) -> str:
             img = Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8))
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            return json.dumps({"dataframe_split": {"columns": ["image"],
-                                                   "data": [[base64.b64encode(buf.getvalue()).decode()]]},
-                               "params": {"seed": 0}})
+            return json.dumps(
+                {
+                    "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
+                    "params": {"seed": 0},
+                }
+            )
 
         good = [body(i) for i in range(8)]
-        with background_server(f"models:/{NAME}@champion", free_port(), tracking_uri=uri, workers=args.workers,
-                               log_path=work / "server.log", tmp_dir=work / "tmp", ready_timeout=300) as url:
+        with background_server(
+            f"models:/{NAME}@champion",
+            free_port(),
+            tracking_uri=uri,
+            workers=args.workers,
+            log_path=work / "server.log",
+            tmp_dir=work / "tmp",
+            ready_timeout=300,
+        ) as url:
             deadline = time.monotonic() + 300
             while requests.get(f"{url}/health/ready", timeout=10).status_code != 200:
                 if time.monotonic() > deadline:
@@ -143,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     bad = args.bad_every > 0 and (i + 1) % args.bad_every == 0
                     data = '{"dataframe_split": [' if bad else good[(c + i) % len(good)]
                     t0 = time.perf_counter()
-                    r = s.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"},
-                               timeout=120)
+                    r = s.post(
+                        f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=120
+                    )
                     dt = time.perf_counter() - t0
                     with lock:
                         seen.append((r.status_code, dt))
@@ -169,42 +190,74 @@ def main(argv: list[str] | None = None) -> int:
             load_rss = by_label(after, "varsr_process_resident_memory_bytes", "pid")
 
         client_codes = Counter(str(code) for code, _ in seen)
-        d_codes = {k: v - by_label(before, "varsr_requests_total", "code").get(k, 0.0)
-                   for k, v in by_label(after, "varsr_requests_total", "code").items()}
+        d_codes = {
+            k: v - by_label(before, "varsr_requests_total", "code").get(k, 0.0)
+            for k, v in by_label(after, "varsr_requests_total", "code").items()
+        }
         server_codes = {k: int(v) for k, v in d_codes.items() if v}
         lat = [dt for _, dt in seen]
         bounds = list(LATENCY_BUCKETS) + [float("inf")]
-        cum = [total(after, "varsr_request_duration_seconds_bucket", le=_le(b))
-               - total(before, "varsr_request_duration_seconds_bucket", le=_le(b)) for b in bounds]
+        cum = [
+            total(after, "varsr_request_duration_seconds_bucket", le=_le(b))
+            - total(before, "varsr_request_duration_seconds_bucket", le=_le(b))
+            for b in bounds
+        ]
         n_server = total(after, "varsr_request_duration_seconds_count") - total(
-            before, "varsr_request_duration_seconds_count")
+            before, "varsr_request_duration_seconds_count"
+        )
         sum_server = total(after, "varsr_request_duration_seconds_sum") - total(
-            before, "varsr_request_duration_seconds_sum")
+            before, "varsr_request_duration_seconds_sum"
+        )
         quantiles = {}
         for q in (50, 90, 99):
             ci, si = bucket_index(bounds, pct(lat, q)), server_quantile_bucket(bounds, cum, q)
-            quantiles[f"p{q}"] = {"client_s": round(pct(lat, q), 4), "client_bucket_le": _le(bounds[ci]),
-                                  "server_bucket_le": _le(bounds[si]), "within_a_bucket": abs(ci - si) <= 1}
+            quantiles[f"p{q}"] = {
+                "client_s": round(pct(lat, q), 4),
+                "client_bucket_le": _le(bounds[ci]),
+                "server_bucket_le": _le(bounds[si]),
+                "within_a_bucket": abs(ci - si) <= 1,
+            }
         out = {
             "bench": "serve_metrics",
-            "config": {"workers": args.workers, "clients": args.clients, "requests_per_client": args.requests,
-                       "bad_every": args.bad_every, "model": "tiny (random weights)", "image": "16x16 PNG at x4",
-                       "host": "127.0.0.1", "cpus": os.cpu_count(), "python": platform.python_version()},
-            "clients": {"requests": len(seen), "by_status": dict(sorted(client_codes.items())),
-                        "wall_s": round(wall, 3), "mean_s": round(sum(lat) / len(lat), 4)},
-            "server": {"requests": int(n_server), "by_status": dict(sorted(server_codes.items())),
-                       "mean_s": round(sum_server / max(1.0, n_server), 4),
-                       "images": int(total(after, "varsr_images_total") - total(before, "varsr_images_total")),
-                       "tiles": int(total(after, "varsr_tiles_total") - total(before, "varsr_tiles_total")),
-                       "refusals": {k: int(v - by_label(before, "varsr_refusals_total", "reason").get(k, 0))
-                                    for k, v in by_label(after, "varsr_refusals_total", "reason").items()},
-                       "requests_in_flight_max_seen": int(in_flight_max[0])},
+            "config": {
+                "workers": args.workers,
+                "clients": args.clients,
+                "requests_per_client": args.requests,
+                "bad_every": args.bad_every,
+                "model": "tiny (random weights)",
+                "image": "16x16 PNG at x4",
+                "host": "127.0.0.1",
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "clients": {
+                "requests": len(seen),
+                "by_status": dict(sorted(client_codes.items())),
+                "wall_s": round(wall, 3),
+                "mean_s": round(sum(lat) / len(lat), 4),
+            },
+            "server": {
+                "requests": int(n_server),
+                "by_status": dict(sorted(server_codes.items())),
+                "mean_s": round(sum_server / max(1.0, n_server), 4),
+                "images": int(total(after, "varsr_images_total") - total(before, "varsr_images_total")),
+                "tiles": int(total(after, "varsr_tiles_total") - total(before, "varsr_tiles_total")),
+                "refusals": {
+                    k: int(v - by_label(before, "varsr_refusals_total", "reason").get(k, 0))
+                    for k, v in by_label(after, "varsr_refusals_total", "reason").items()
+                },
+                "requests_in_flight_max_seen": int(in_flight_max[0]),
+            },
             "latency_quantiles": quantiles,
-            "agree": {"same_count": int(n_server) == len(seen),
-                      "same_count_by_status": server_codes == dict(client_codes),
-                      "latency_within_a_bucket": all(v["within_a_bucket"] for v in quantiles.values())},
-            "memory_per_worker_mib": {"idle_after_warmup": sorted(round(v / 2**20, 1) for v in idle_rss.values()),
-                                      "after_load": sorted(round(v / 2**20, 1) for v in load_rss.values())},
+            "agree": {
+                "same_count": int(n_server) == len(seen),
+                "same_count_by_status": server_codes == dict(client_codes),
+                "latency_within_a_bucket": all(v["within_a_bucket"] for v in quantiles.values()),
+            },
+            "memory_per_worker_mib": {
+                "idle_after_warmup": sorted(round(v / 2**20, 1) for v in idle_rss.values()),
+                "after_load": sorted(round(v / 2**20, 1) for v in load_rss.values()),
+            },
         }
         print(json.dumps(out))
         return 0 if all(out["agree"].values()) else 1

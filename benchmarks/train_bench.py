@@ -5,6 +5,7 @@ MFU for ZeRO 0/1/2, printed as ONE JSON object with the config it ran.
 
 Without --shards it writes contract-format 64-px shards from bundled photos (skimage) to a temp dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,6 @@ def main() -> None:
     ap.add_argument("--zero", default="0,1,2")
     args = ap.parse_args()
 
-
     from infra.core.config import load_config, to_dict
     from model import VARSRConfig
     from training.config import TrainConfig
@@ -76,10 +76,22 @@ def main() -> None:
     shards = args.shards or str(_write_shards(tmp / "shards", size))
     results, cfg_used = {}, None
     for z in [int(x) for x in args.zero.split(",")]:
-        cfg = load_config(TrainConfig, None, [
-            "stage=isr", f"model.preset={args.preset}", f"output_dir={tmp / f'zero{z}'}", f"data.shards={shards}",
-            f"data.batch_size={args.batch}", f"data.workers={args.workers}", f"zero_stage={z}",
-            f"precision={args.precision}", f"max_steps={args.steps + args.warmup}", "tracking.enabled=false"])
+        cfg = load_config(
+            TrainConfig,
+            None,
+            [
+                "stage=isr",
+                f"model.preset={args.preset}",
+                f"output_dir={tmp / f'zero{z}'}",
+                f"data.shards={shards}",
+                f"data.batch_size={args.batch}",
+                f"data.workers={args.workers}",
+                f"zero_stage={z}",
+                f"precision={args.precision}",
+                f"max_steps={args.steps + args.warmup}",
+                "tracking.enabled=false",
+            ],
+        )
         cfg_used = to_dict(cfg)
         tr = Trainer(cfg)
         tr.setup()
@@ -90,8 +102,9 @@ def main() -> None:
         wall = 0.0
         for i in range(args.steps + args.warmup):
             t0 = time.perf_counter()
-            r = train_step(tr.engine, tr.vqvae, batches, StepSetup("isr", tr.device, cfg.precision), step=i,
-                           generator=tr.generator)
+            r = train_step(
+                tr.engine, tr.vqvae, batches, StepSetup("isr", tr.device, cfg.precision), step=i, generator=tr.generator
+            )
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 wall += dt
@@ -101,17 +114,28 @@ def main() -> None:
                     tot[k] += v
         flops = step_flops(tr.mcfg, tr.n_params, samples)
         results[f"zero{z}"] = {
-            "tokens_per_s": tokens / wall, "samples_per_s": samples / wall, "step_time_s": wall / args.steps,
+            "tokens_per_s": tokens / wall,
+            "samples_per_s": samples / wall,
+            "step_time_s": wall / args.steps,
             "breakdown_s": {k: v / args.steps for k, v in tot.items()},
             "breakdown_frac": {k: v / wall for k, v in tot.items()},
-            "data_frac": tot["data"] / wall, "mfu": flops / wall / peak_flops(tr.device),
-            "trainable_params": tr.n_params, "seq_len": tr.mcfg.seq_len,
+            "data_frac": tot["data"] / wall,
+            "mfu": flops / wall / peak_flops(tr.device),
+            "trainable_params": tr.n_params,
+            "seq_len": tr.mcfg.seq_len,
         }
         print(f"[bench] zero{z}: {samples / wall:.1f} samples/s, data {tot['data'] / wall:.1%}", file=sys.stderr)
-    out = {"preset": args.preset, "device": str(tr.device), "peak_flops_assumed": peak_flops(tr.device),
-           "steps_measured": args.steps, "warmup_steps": args.warmup, "loader_workers": args.workers,
-           "results": results, "config": cfg_used,
-           "data_under_10pct": all(v["data_frac"] < 0.10 for v in results.values())}
+    out = {
+        "preset": args.preset,
+        "device": str(tr.device),
+        "peak_flops_assumed": peak_flops(tr.device),
+        "steps_measured": args.steps,
+        "warmup_steps": args.warmup,
+        "loader_workers": args.workers,
+        "results": results,
+        "config": cfg_used,
+        "data_under_10pct": all(v["data_frac"] < 0.10 for v in results.values()),
+    }
     print(json.dumps(out, indent=1))
     from training.deepspeed_engine import shutdown
 

@@ -19,6 +19,7 @@ Python API (every location is a local path or an fsspec URL such as ``s3://bucke
 CLI: ``varsr data {score,select,shard,build,inspect,verify}`` (infra/cli.py registers them). The job functions are
 loaded on first use, so the training reader (``data_pipeline.shards``) does not import Ray or pandas.
 """
+
 from __future__ import annotations
 
 from .config import BuildConfig, load_build_config, save_config

@@ -1,6 +1,7 @@
 """`varsr data ...`: score, select, shard, build, tokenize, inspect, verify (registered into the `varsr` command by
 infra/cli.py, which also hands ``tokenize`` the function that loads a frozen tokenizer from a model checkpoint: the
 data pipeline does not import the model package)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,21 +19,25 @@ def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
 
 def _cfg(args):
     from .config import load_build_config
+
     return load_build_config(args.config, args.overrides)
 
 
 def cmd_score(args) -> dict:
     from .jobs import score
+
     return score(args.input, args.output, _cfg(args), args.ray_address)
 
 
 def cmd_select(args) -> dict:
     from .jobs import select
+
     return select(args.scores, args.output, _cfg(args))
 
 
 def cmd_shard(args) -> dict:
     from .jobs import shard
+
     r = shard(args.selection, args.output, _cfg(args), args.ray_address)
     r.pop("manifest")
     return r
@@ -40,6 +45,7 @@ def cmd_shard(args) -> dict:
 
 def cmd_build(args) -> dict:
     from .jobs import build
+
     return build(args.input, args.output, _cfg(args), args.ray_address)
 
 
@@ -55,12 +61,25 @@ def cmd_tokenize(args) -> dict:
 
 def cmd_inspect(args) -> dict:
     from .shards import read_manifest
+
     m, sha = read_manifest(args.output)
-    return {"counts": to_dict(m.counts), "shards": len(m.shards), "samples": m.num_samples, "hr_size": m.hr_size,
-            "lr_size": m.lr_size, "config_hash": m.config_hash, "manifest_sha256": sha,
-            "token_cache": None if m.tokens is None else {
-                "tokenizer_sha256": m.tokens.tokenizer_sha256, "patch_nums": m.tokens.patch_nums,
-                "shards": len(m.tokens.shards), "device": m.tokens.device}}
+    return {
+        "counts": to_dict(m.counts),
+        "shards": len(m.shards),
+        "samples": m.num_samples,
+        "hr_size": m.hr_size,
+        "lr_size": m.lr_size,
+        "config_hash": m.config_hash,
+        "manifest_sha256": sha,
+        "token_cache": None
+        if m.tokens is None
+        else {
+            "tokenizer_sha256": m.tokens.tokenizer_sha256,
+            "patch_nums": m.tokens.patch_nums,
+            "shards": len(m.tokens.shards),
+            "device": m.tokens.device,
+        },
+    }
 
 
 def cmd_verify(args) -> dict:
@@ -68,6 +87,7 @@ def cmd_verify(args) -> dict:
     from infra.core import storage
 
     from .shards import read_manifest
+
     m, _ = read_manifest(args.output)
     bad = []
     for sh in m.shards + (m.tokens.shards if m.tokens is not None else []):
@@ -78,8 +98,12 @@ def cmd_verify(args) -> dict:
             bad.append({"shard": sh.name, "problem": f"size {storage.size(url)} != {sh.bytes}"})
         elif storage.sha256(url) != sh.sha256:
             bad.append({"shard": sh.name, "problem": "sha256 mismatch"})
-    return {"shards": len(m.shards), "token_shards": len(m.tokens.shards) if m.tokens is not None else 0,
-            "ok": not bad, "problems": bad}
+    return {
+        "shards": len(m.shards),
+        "token_shards": len(m.tokens.shards) if m.tokens is not None else 0,
+        "ok": not bad,
+        "problems": bad,
+    }
 
 
 def register(subparsers, open_tokenizer=None) -> argparse.ArgumentParser:
@@ -107,14 +131,25 @@ def register(subparsers, open_tokenizer=None) -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True)
     _common(p)
     p.set_defaults(data_func=cmd_build)
-    p = sub.add_parser("tokenize", help="add the token cache to built shards: tokens + refiner residual per sample, "
-                                         "as new shard versions (Ray; GPUs when the cluster has them; resumable)")
+    p = sub.add_parser(
+        "tokenize",
+        help="add the token cache to built shards: tokens + refiner residual per sample, "
+        "as new shard versions (Ray; GPUs when the cluster has them; resumable)",
+    )
     p.add_argument("--shards", required=True, help="built dataset folder or URL prefix (with manifest.json)")
-    p.add_argument("--vqvae", required=True, metavar="CKPT",
-                   help="native checkpoint folder (full or tokenizer-only; local or URL) holding the frozen tokenizer")
+    p.add_argument(
+        "--vqvae",
+        required=True,
+        metavar="CKPT",
+        help="native checkpoint folder (full or tokenizer-only; local or URL) holding the frozen tokenizer",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="HR crops per tokenizer call (default 8)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: one GPU per task when the Ray cluster has GPUs, else CPUs")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: one GPU per task when the Ray cluster has GPUs, else CPUs",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per CPU task (default 1)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local ray.init())")
     p.set_defaults(data_func=cmd_tokenize, open_tokenizer=open_tokenizer)
@@ -135,7 +170,7 @@ def run(args) -> int:
         result = args.data_func(args)
     except UserError:
         raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:   # bad input or config: one line, no traceback
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input or config: one line, no traceback
         raise UserError(str(e)) from e
     if args.data_cmd != "build":
         print(json.dumps(result, indent=1, default=str))

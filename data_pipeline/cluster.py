@@ -1,4 +1,5 @@
 """Semantic classes for stage-1 class-to-image pretraining: k-means on embeddings, then a per-class cap."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +15,11 @@ def kmeans_classes(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
         return np.zeros(n, np.int64)
     if n > 20000:
         from sklearn.cluster import MiniBatchKMeans
+
         km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=3)
     else:
         from sklearn.cluster import KMeans
+
         km = KMeans(n_clusters=k, random_state=seed, n_init=3)
     raw = km.fit_predict(emb.astype(np.float64))
     remap: dict[int, int] = {}

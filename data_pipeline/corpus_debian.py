@@ -18,6 +18,7 @@ them a reproducible offline corpus for a CPU-sized base model. The recipe:
 Packages whose names start with one of ``HELD_OUT_PREFIXES`` (``lomiri-``, ``ukui-``) are refused for training:
 they are the independent evaluation set, fetched by the same code into a separate folder.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -62,8 +63,10 @@ def check_training_packages(specs: list[PackageSpec]) -> None:
     """Refuse held-out packages in a training list (they are the independent evaluation set)."""
     bad = [s.name for s in specs if s.name.startswith(HELD_OUT_PREFIXES)]
     if bad:
-        raise UserError(f"packages {', '.join(bad)} are held out for evaluation (prefixes "
-                        f"{', '.join(HELD_OUT_PREFIXES)}) and cannot be used for training")
+        raise UserError(
+            f"packages {', '.join(bad)} are held out for evaluation (prefixes "
+            f"{', '.join(HELD_OUT_PREFIXES)}) and cannot be used for training"
+        )
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
@@ -157,9 +160,14 @@ def extract_images(deb: Path, spec: PackageSpec, out_dir: Path) -> DebInfo:
         target = d / f"{stem}{Path(p).suffix.lower()}"
         target.write_bytes(tf.extractfile(members[p]).read())  # type: ignore[union-attr]
         written.append(str(target))
-    info = DebInfo(name=deb_field(deb, "Package"), version=deb_field(deb, "Version"), file=deb.name,
-                   sha256=hashlib.sha256(deb.read_bytes()).hexdigest(), licenses=licenses_of(tf, spec.name),
-                   images=written)
+    info = DebInfo(
+        name=deb_field(deb, "Package"),
+        version=deb_field(deb, "Version"),
+        file=deb.name,
+        sha256=hashlib.sha256(deb.read_bytes()).hexdigest(),
+        licenses=licenses_of(tf, spec.name),
+        images=written,
+    )
     return info
 
 

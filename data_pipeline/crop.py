@@ -1,13 +1,15 @@
 """HR crop (docs/MODEL.md §5.5): resize the short side to round(f * crop) with LANCZOS, centre or random crop, random
 flip."""
+
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
 
-def crop_hr(rgb: np.ndarray, crop: int, short_factor: float, mode: str, flip_prob: float,
-            rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def crop_hr(
+    rgb: np.ndarray, crop: int, short_factor: float, mode: str, flip_prob: float, rng: np.random.Generator
+) -> tuple[np.ndarray, dict]:
     """Returns the (crop, crop, 3) uint8 HR and what was done (resize size, box, flip) for the sample JSON."""
     h, w = rgb.shape[:2]
     short = max(crop, int(round(short_factor * crop)))
@@ -24,7 +26,7 @@ def crop_hr(rgb: np.ndarray, crop: int, short_factor: float, mode: str, flip_pro
         box = (x0 * sx, y0 * sy, (x0 + crop) * sx, (y0 + crop) * sy)
         hr = np.asarray(Image.fromarray(rgb).resize((crop, crop), Image.Resampling.LANCZOS, box=box))
     else:
-        hr = rgb[y0:y0 + crop, x0:x0 + crop]
+        hr = rgb[y0 : y0 + crop, x0 : x0 + crop]
     flip = bool(rng.random() < flip_prob)
     if flip:
         hr = hr[:, ::-1]

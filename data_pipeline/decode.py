@@ -6,6 +6,7 @@ transparency -> alpha), LA/RGBA/PA composited on `background`, CMYK converted, a
 Outcomes: `ok`, `rejected` (policy: empty, not an image, too big, too small) or `failed` (decoder error, e.g.
 truncated data).
 """
+
 from __future__ import annotations
 
 import io
@@ -23,10 +24,10 @@ from .config import DecodeConfig
 
 @dataclass
 class Decoded:
-    status: str                        # ok | rejected | failed
-    reason: str = ""                   # machine-readable reason for rejected/failed
-    error: str = ""                    # human-readable detail
-    image: np.ndarray | None = None    # (H, W, 3) uint8 RGB
+    status: str  # ok | rejected | failed
+    reason: str = ""  # machine-readable reason for rejected/failed
+    error: str = ""  # human-readable detail
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB
     info: dict = field(default_factory=dict)
 
 
@@ -37,7 +38,7 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
         if mode == "F":
             a = a * 255.0 if a.max(initial=0) <= 1.0 else a
         elif a.max(initial=0) > 255:
-            a = a / 257.0                      # 16-bit full range -> 8-bit
+            a = a / 257.0  # 16-bit full range -> 8-bit
         g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return np.repeat(g[:, :, None], 3, axis=2)
     if mode == "P":
@@ -51,7 +52,7 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
         rgb = a[:, :, :3] * alpha + bg * (1.0 - alpha)
         return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     if im.mode != "RGB":
-        im = im.convert("RGB")                 # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
     return np.ascontiguousarray(np.asarray(im))
 
 
@@ -73,14 +74,20 @@ def probe(data: bytes, cfg: DecodeConfig | None = None) -> Decoded:
     except Exception as e:  # noqa: BLE001 - a broken header is a failed decode
         return Decoded("failed", "decode_error", f"{type(e).__name__}: {e}")
     w, h = im.size
-    info = {"format": im.format, "mode": im.mode, "width": w, "height": h,
-            "frames": int(getattr(im, "n_frames", 1) or 1)}
+    info = {
+        "format": im.format,
+        "mode": im.mode,
+        "width": w,
+        "height": h,
+        "frames": int(getattr(im, "n_frames", 1) or 1),
+    }
     if w * h > cfg.max_pixels:
-        return Decoded("rejected", "decompression_bomb", f"{w}x{h} = {w*h} pixels > max_pixels {cfg.max_pixels}",
-                       info=info)
+        return Decoded(
+            "rejected", "decompression_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}", info=info
+        )
     if min(w, h) < cfg.min_side:
         return Decoded("rejected", "too_small", f"{w}x{h} below min_side {cfg.min_side}", info=info)
-    return Decoded("ok", info={**info, "_im": im})   # "_im": the opened (not yet decoded) image
+    return Decoded("ok", info={**info, "_im": im})  # "_im": the opened (not yet decoded) image
 
 
 def decode_image(data: bytes, cfg: DecodeConfig | None = None, draft_to: int | None = None) -> Decoded:

@@ -3,6 +3,7 @@
 Near duplicates use the pigeonhole principle: split the 64-bit hash into t+1 bands; two hashes within Hamming
 distance t agree on at least one band, so only items sharing a band value are compared (no O(n^2) scan).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,6 +9,7 @@ it and returns the stats to the driver, which writes the manifest from what the 
 its own disk). A task lost with its node is retried elsewhere; its writes are idempotent and atomic, so the result
 equals an uninterrupted run. A re-run keeps every published shard whose size and sha256 match its stats.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,6 +63,7 @@ META_KEY = b"varsr"
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Use an already initialised Ray, else connect to `address` or start a local one."""
     import ray
+
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
@@ -86,6 +88,7 @@ def _data_settings():
     reservation holds back half the CPUs until the first task has finished (measured: the second of two
     workers started ~1 s late)."""
     import ray.data
+
     ctx = ray.data.DataContext.get_current()
     keys = ("enable_progress_bars", "print_on_execution_start", "op_resource_reservation_enabled")
     saved = {k: getattr(ctx, k) for k in keys}
@@ -104,6 +107,7 @@ def _data_settings():
 
 def _cluster_cpus() -> int:
     import ray
+
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -149,14 +153,20 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
     import ray.data
 
     from .scoring import ScoreWorker, scores_fingerprint
+
     cfg = _cfg(config)
     out = _prepare_output(output)
     items = list_sources(input, cfg.source)
-    if not any(not it.status for it in items):   # nothing to read: say what was met instead of building nothing
+    if not any(not it.status for it in items):  # nothing to read: say what was met instead of building nothing
         met = Counter(it.reason for it in items)
-        raise ValueError(f"no input files found in {input!r} (extensions {cfg.source.extensions})"
-                         + (f"; met {len(items)} other entries: "
-                            + ", ".join(f"{n} {r}" for r, n in sorted(met.items())) if items else ""))
+        raise ValueError(
+            f"no input files found in {input!r} (extensions {cfg.source.extensions})"
+            + (
+                f"; met {len(items)} other entries: " + ", ".join(f"{n} {r}" for r, n in sorted(met.items()))
+                if items
+                else ""
+            )
+        )
     uris = [it.uri for it in items]
     # inputs rejected while listing carry their reason into the fingerprint: a FIFO replaced by a file is new input
     fp = scores_fingerprint([f"{it.uri}\t{it.status}:{it.reason}" if it.status else it.uri for it in items], cfg)
@@ -169,23 +179,41 @@ def score(input, output: str, config=None, ray_address: str | None = None) -> di
             log.warning("IQA scorer '%s' %s", name, st)
     ensure_ray(ray_address or cfg.ray.address, cfg.ray.num_cpus)
     import ray
+
     with _data_settings():
         n_workers = cfg.score.num_workers or _cluster_cpus()
         gpus = ray.cluster_resources().get("GPU", 0)
-        use_gpu = cfg.score.use_gpu if cfg.score.use_gpu is not None else (
-            gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
+        use_gpu = (
+            cfg.score.use_gpu
+            if cfg.score.use_gpu is not None
+            else (gpus > 0 and any(st == "ok" for st in iqa_status(cfg.score.iqa, cfg.score.weights_dir).values()))
+        )
         bs = cfg.score.batch_size
-        ds = ray.data.from_items([{"uri": it.uri, "meta": json.dumps(it.meta, sort_keys=True), "status": it.status,
-                                   "reason": it.reason, "error": it.error} for it in items],
-                                 override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)))
-        ds = ds.map_batches(ScoreWorker, fn_constructor_kwargs={"cfg_json": cfg.to_json(),
-                                                                "device": "cuda" if use_gpu else "cpu"},
-                            batch_size=bs, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, -(-len(items) // bs)),
-                                                               max_size=n_workers),
-                            num_cpus=1, num_gpus=1 if use_gpu else 0,
-                            # an actor lost with its node is restarted and its batches re-run elsewhere
-                            max_restarts=-1, max_task_retries=-1)
+        ds = ray.data.from_items(
+            [
+                {
+                    "uri": it.uri,
+                    "meta": json.dumps(it.meta, sort_keys=True),
+                    "status": it.status,
+                    "reason": it.reason,
+                    "error": it.error,
+                }
+                for it in items
+            ],
+            override_num_blocks=max(1, min(len(items) // bs + 1, 4 * n_workers * 8)),
+        )
+        ds = ds.map_batches(
+            ScoreWorker,
+            fn_constructor_kwargs={"cfg_json": cfg.to_json(), "device": "cuda" if use_gpu else "cpu"},
+            batch_size=bs,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=min(n_workers, -(-len(items) // bs)), max_size=n_workers),
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            # an actor lost with its node is restarted and its batches re-run elsewhere
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
         prog = Progress(len(items), "score")
         tmp_dir = storage.local_path(out) if storage.is_local(out) else None
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=tmp_dir)
@@ -214,9 +242,15 @@ def select(scores_path: str, output: str, config=None) -> dict:
     sel, rej = select_rows(df, cfg)
     _atomic_parquet(sel, storage.join(out, SELECTION), {"config_hash": cfg.config_hash()})
     _atomic_parquet(rej, storage.join(out, REJECTED))
-    return {"inputs": len(df), "selected": len(sel), "negatives": int(sel.label.sum()),
-            "classes": int(sel.class_id.nunique()), "rejected": int((rej.status == "rejected").sum()),
-            "failed": int((rej.status == "failed").sum()), "selection": storage.join(out, SELECTION)}
+    return {
+        "inputs": len(df),
+        "selected": len(sel),
+        "negatives": int(sel.label.sum()),
+        "classes": int(sel.class_id.nunique()),
+        "rejected": int((rej.status == "rejected").sum()),
+        "failed": int((rej.status == "failed").sum()),
+        "selection": storage.join(out, SELECTION),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- shard
@@ -227,8 +261,7 @@ def samples_per_shard(cfg: BuildConfig) -> int:
     variants = max(1, cfg.shard.lr_variants)  # HR-only shards (lr_variants=0): one sample per HR, no LR bytes
     lr_bytes = (c // s) ** 2 * 3 * 0.8 if cfg.shard.lr_variants else 0.0
     est = variants * (c * c * 3 * 0.6 + lr_bytes + 3000)
-    return max(1, min(cfg.shard.max_samples_per_shard // variants or 1,
-                      int(cfg.shard.max_shard_bytes // est)))
+    return max(1, min(cfg.shard.max_samples_per_shard // variants or 1, int(cfg.shard.max_shard_bytes // est)))
 
 
 def plan_shards(sel: pd.DataFrame, cfg: BuildConfig) -> list[list[dict]]:
@@ -237,7 +270,7 @@ def plan_shards(sel: pd.DataFrame, cfg: BuildConfig) -> list[list[dict]]:
     order = np.random.default_rng(cfg.seed).permutation(len(sel))
     rows = sel.iloc[order].to_dict(orient="records")
     k = samples_per_shard(cfg)
-    return [rows[i:i + k] for i in range(0, len(rows), k)]
+    return [rows[i : i + k] for i in range(0, len(rows), k)]
 
 
 def _jsonable(rows: list[dict]) -> str:
@@ -249,6 +282,7 @@ def _jsonable(rows: list[dict]) -> str:
         if isinstance(v, bytes):
             return None
         return v
+
     return json.dumps([{k: conv(v) for k, v in r.items() if k != "embedding"} for r in rows])
 
 
@@ -264,8 +298,10 @@ def _complete(out: str, prefix: str, index: int, cfg: BuildConfig) -> ShardStats
         return None
     st = read_stats(st_url)
     if st.config_hash != cfg.config_hash():
-        raise RuntimeError(f"{out} holds {shard_name(prefix, index)} from another config "
-                           f"({st.config_hash} != {cfg.config_hash()}); use a new output folder")
+        raise RuntimeError(
+            f"{out} holds {shard_name(prefix, index)} from another config "
+            f"({st.config_hash} != {cfg.config_hash()}); use a new output folder"
+        )
     if storage.size(tar_url) != st.bytes or storage.sha256(tar_url) != st.sha256:
         log.warning("shard: %s does not match its stats (size/sha256); writing it again", tar_url)
         return None
@@ -300,7 +336,7 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
     sel_rej = storage.join(storage.parent(storage.absolute(selection_path)), REJECTED)
     out_rej = storage.join(out, REJECTED)
     if storage.exists(sel_rej) and not storage.exists(out_rej):
-        storage.write_bytes(out_rej, storage.read_bytes(sel_rej))   # the accounting travels with the shards
+        storage.write_bytes(out_rej, storage.read_bytes(sel_rej))  # the accounting travels with the shards
     plan = plan_shards(sel, cfg)
     prefix = cfg.shard.prefix
     removed = remove_stale_temporaries(out)
@@ -338,10 +374,18 @@ def shard(selection_path: str, output: str, config=None, ray_address: str | None
         prog.close()
     secs = time.perf_counter() - t0
     manifest = write_manifest(out, cfg, [stats[i] for i in range(len(plan))])
-    return {"shards": len(plan), "written": len(todo), "skipped": done, "images_written": n_images,
-            "seconds": secs, "stage_seconds": {s: timings[s] for s in STAGES},
-            "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES}, "cpu_seconds": acc["cpu"],
-            "task_spans": spans, "manifest": to_dict(manifest)}
+    return {
+        "shards": len(plan),
+        "written": len(todo),
+        "skipped": done,
+        "images_written": n_images,
+        "seconds": secs,
+        "stage_seconds": {s: timings[s] for s in STAGES},
+        "stage_cpu_seconds": {s: timings[f"cpu_{s}"] for s in STAGES},
+        "cpu_seconds": acc["cpu"],
+        "task_spans": spans,
+        "manifest": to_dict(manifest),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ manifest
@@ -349,10 +393,16 @@ def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manif
     """The final rejected table, then manifest.json (deterministic; the commit point) from the shards' stats."""
     rej_url = storage.join(out, REJECTED)
     rej = read_table(rej_url) if storage.exists(rej_url) else None
-    rej = rej[rej.stage != "shard"] if rej is not None else pd.DataFrame(
-        columns=["uri", "stage", "status", "reason", "error"])
-    shard_fail = [{"uri": f.uri, "stage": "shard", "status": "failed", "reason": f.reason, "error": f.error}
-                  for s in stats for f in s.failed]
+    rej = (
+        rej[rej.stage != "shard"]
+        if rej is not None
+        else pd.DataFrame(columns=["uri", "stage", "status", "reason", "error"])
+    )
+    shard_fail = [
+        {"uri": f.uri, "stage": "shard", "status": "failed", "reason": f.reason, "error": f.error}
+        for s in stats
+        for f in s.failed
+    ]
     if shard_fail:
         rej = pd.concat([rej, pd.DataFrame(shard_fail)], ignore_index=True)
     rej = rej.sort_values(["uri", "stage"], kind="stable").reset_index(drop=True)
@@ -365,18 +415,28 @@ def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manif
         classes.update({int(k): v for k, v in s.classes.items()})
     kept = sum(s.images for s in stats)
     counts = Counts(
-        inputs=kept + len(rej), kept=kept, rejected=int((rej.status == "rejected").sum()),
+        inputs=kept + len(rej),
+        kept=kept,
+        rejected=int((rej.status == "rejected").sum()),
         failed=int((rej.status == "failed").sum()),
         rejected_by_reason=dict(sorted(Counter(rej[rej.status == "rejected"].reason).items())),
         failed_by_reason=dict(sorted(Counter(rej[rej.status == "failed"].reason).items())),
         samples=sum(s.samples for s in stats),
-        labels={str(k): v for k, v in sorted(labels.items())}, classes=len(classes))
+        labels={str(k): v for k, v in sorted(labels.items())},
+        classes=len(classes),
+    )
     manifest = Manifest(
-        pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(), config=cfg.content_dict(), counts=counts,
-        hr_size=cfg.shard.crop_size, lr_size=cfg.shard.crop_size // cfg.degradation.scale,
-        scale=cfg.degradation.scale, lr_variants=cfg.shard.lr_variants,
-        shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256) for s in stats])
-    if storage.exists(storage.join(out, "manifest.json")):   # a re-run over intact shards keeps their token cache
+        pipeline_version=PIPELINE_VERSION,
+        config_hash=cfg.config_hash(),
+        config=cfg.content_dict(),
+        counts=counts,
+        hr_size=cfg.shard.crop_size,
+        lr_size=cfg.shard.crop_size // cfg.degradation.scale,
+        scale=cfg.degradation.scale,
+        lr_variants=cfg.shard.lr_variants,
+        shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256) for s in stats],
+    )
+    if storage.exists(storage.join(out, "manifest.json")):  # a re-run over intact shards keeps their token cache
         previous, _ = read_manifest(out)
         if previous.tokens is not None and previous.shards == manifest.shards:
             manifest.tokens = previous.tokens
@@ -385,8 +445,14 @@ def write_manifest(out: str, cfg: BuildConfig, stats: list[ShardStats]) -> Manif
 
 
 # --------------------------------------------------------------------------------------------------------- build
-def build(input, output: str, config=None, ray_address: str | None = None, overrides: list[str] | None = None,
-          print_summary: bool = True) -> dict:
+def build(
+    input,
+    output: str,
+    config=None,
+    ray_address: str | None = None,
+    overrides: list[str] | None = None,
+    print_summary: bool = True,
+) -> dict:
     """score -> select -> shard in one go; re-running after a crash finishes the missing shards only."""
     t0 = time.perf_counter()
     cfg = load_build_config(config, overrides or ())
@@ -398,15 +464,27 @@ def build(input, output: str, config=None, ray_address: str | None = None, overr
     secs = time.perf_counter() - t0
     m = sh["manifest"]["counts"]
     summary = {
-        "output": out, "inputs": m["inputs"], "kept": m["kept"], "rejected": m["rejected"], "failed": m["failed"],
-        "rejected_by_reason": m["rejected_by_reason"], "failed_by_reason": m["failed_by_reason"],
-        "samples": m["samples"], "negatives": int(m["labels"].get("1", 0)), "classes": m["classes"],
-        "shards": len(sh["manifest"]["shards"]), "shards_written": sh["written"], "shards_skipped": sh["skipped"],
-        "bytes": sum(s["bytes"] for s in sh["manifest"]["shards"]), "seconds": round(secs, 3),
+        "output": out,
+        "inputs": m["inputs"],
+        "kept": m["kept"],
+        "rejected": m["rejected"],
+        "failed": m["failed"],
+        "rejected_by_reason": m["rejected_by_reason"],
+        "failed_by_reason": m["failed_by_reason"],
+        "samples": m["samples"],
+        "negatives": int(m["labels"].get("1", 0)),
+        "classes": m["classes"],
+        "shards": len(sh["manifest"]["shards"]),
+        "shards_written": sh["written"],
+        "shards_skipped": sh["skipped"],
+        "bytes": sum(s["bytes"] for s in sh["manifest"]["shards"]),
+        "seconds": round(secs, 3),
         "images_per_s": round(m["inputs"] / secs, 2) if secs > 0 else None,
         "shard_images_per_s": round(sh["images_written"] / sh["seconds"], 2) if sh["seconds"] > 0 else None,
-        "score_seconds": round(sc["seconds"], 3), "shard_stage_ms_per_image": {
-            k: round(1000 * v / max(sh["images_written"], 1), 2) for k, v in sh["stage_seconds"].items()},
+        "score_seconds": round(sc["seconds"], 3),
+        "shard_stage_ms_per_image": {
+            k: round(1000 * v / max(sh["images_written"], 1), 2) for k, v in sh["stage_seconds"].items()
+        },
     }
     storage.write_text(storage.join(out, "build_summary.json"), json.dumps(summary, indent=1, sort_keys=True))
     if print_summary:
@@ -418,7 +496,12 @@ def summary_table(s: dict) -> str:
     rows = [("inputs", s["inputs"]), ("kept", s["kept"])]
     rows += [(f"rejected: {k}", v) for k, v in s["rejected_by_reason"].items()]
     rows += [(f"failed: {k}", v) for k, v in s["failed_by_reason"].items()]
-    rows += [("samples (label 1)", f"{s['samples']} ({s['negatives']})"), ("classes", s["classes"]),
-             ("shards (written/skipped)", f"{s['shards']} ({s['shards_written']}/{s['shards_skipped']})"),
-             ("bytes", s["bytes"]), ("seconds", s["seconds"]), ("images/s", s["images_per_s"])]
+    rows += [
+        ("samples (label 1)", f"{s['samples']} ({s['negatives']})"),
+        ("classes", s["classes"]),
+        ("shards (written/skipped)", f"{s['shards']} ({s['shards_written']}/{s['shards_skipped']})"),
+        ("bytes", s["bytes"]),
+        ("seconds", s["seconds"]),
+        ("images/s", s["images_per_s"]),
+    ]
     return format_table(rows, f"varsr data build -> {s['output']}")

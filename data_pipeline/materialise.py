@@ -3,6 +3,7 @@
 Seeds are derived from (build seed, source sha256, purpose), so a sample's crop and degradation do not depend on
 which shard or worker handles it. Stage timings are returned separately (they are not part of the output).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,9 @@ def sample_key(sha256: str, variant: int) -> str:
     return sha256[:24] if variant == 0 else f"{sha256[:24]}_v{variant}"
 
 
-def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
-                      timings: dict | None = None) -> list[tuple[str, dict[str, bytes]]] | tuple[str, str]:
+def materialise_image(
+    row: dict, cfg: BuildConfig, data: bytes | None = None, timings: dict | None = None
+) -> list[tuple[str, dict[str, bytes]]] | tuple[str, str]:
     """All samples (one per LR variant) of one selected image, or (reason, error) when it fails now.
     `timings` accumulates wall seconds per stage under the stage name and CPU seconds under `cpu_<stage>`."""
     t = timings if timings is not None else {}
@@ -70,6 +72,7 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
     if dec.status != "ok":
         return dec.reason, dec.error
     t0 = tick("decode", t0)
+    assert dec.image is not None  # an "ok" decode carries its image
     rng = np.random.default_rng(derive_seed(cfg.seed, row["sha256"], "crop"))
     hr, crop_info = crop_hr(dec.image, sc.crop_size, short_factor, sc.crop, sc.flip_prob, rng)
     t0 = tick("crop", t0)
@@ -80,13 +83,22 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
     if sc.lr_variants == 0:  # HR-only: the training reader degrades on the fly (data_pipeline/degrade/online.py)
         key = sample_key(row["sha256"], 0)
         meta = SampleMeta(
-            key=key, source_uri=row["uri"], sha256=row["sha256"],
-            original_size=[int(row["width"]), int(row["height"])], label=label,
-            class_id=int(row["class_id"]), scores=scores, crop=crop_info,
-            hr_size=[sc.crop_size, sc.crop_size], lr_size=[0, 0], scale=dc.scale,
-            variant=0, degradation={"preset": dc.preset, "params": None, "hr_only": True},
+            key=key,
+            source_uri=row["uri"],
+            sha256=row["sha256"],
+            original_size=[int(row["width"]), int(row["height"])],
+            label=label,
+            class_id=int(row["class_id"]),
+            scores=scores,
+            crop=crop_info,
+            hr_size=[sc.crop_size, sc.crop_size],
+            lr_size=[0, 0],
+            scale=dc.scale,
+            variant=0,
+            degradation={"preset": dc.preset, "params": None, "hr_only": True},
             source_meta=json.loads(row.get("meta") or "{}"),
-            pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(),
+            pipeline_version=PIPELINE_VERSION,
+            config_hash=cfg.config_hash(),
         )
         return [(key, {"hr.png": hr_png, "json": meta.to_bytes()})]
     for v in range(sc.lr_variants):
@@ -95,13 +107,22 @@ def materialise_image(row: dict, cfg: BuildConfig, data: bytes | None = None,
         lr_png = encode_png(lr, sc.lr_png_compression, sc.png_strategy, sc.png_filter)
         key = sample_key(row["sha256"], v)
         meta = SampleMeta(
-            key=key, source_uri=row["uri"], sha256=row["sha256"],
-            original_size=[int(row["width"]), int(row["height"])], label=label,
-            class_id=int(row["class_id"]), scores=scores, crop=crop_info,
-            hr_size=[sc.crop_size, sc.crop_size], lr_size=list(lr.shape[:2][::-1]), scale=dc.scale,
-            variant=v, degradation={"preset": dc.preset, "params": params},
+            key=key,
+            source_uri=row["uri"],
+            sha256=row["sha256"],
+            original_size=[int(row["width"]), int(row["height"])],
+            label=label,
+            class_id=int(row["class_id"]),
+            scores=scores,
+            crop=crop_info,
+            hr_size=[sc.crop_size, sc.crop_size],
+            lr_size=list(lr.shape[:2][::-1]),
+            scale=dc.scale,
+            variant=v,
+            degradation={"preset": dc.preset, "params": params},
             source_meta=json.loads(row.get("meta") or "{}"),
-            pipeline_version=PIPELINE_VERSION, config_hash=cfg.config_hash(),
+            pipeline_version=PIPELINE_VERSION,
+            config_hash=cfg.config_hash(),
         )
         out.append((key, {"hr.png": hr_png, "json": meta.to_bytes(), "lr.png": lr_png}))
         t0 = tick("encode", t0)
@@ -125,8 +146,10 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             try:
                 res = materialise_image(row, cfg, timings=timings)
             except Exception as e:  # noqa: BLE001 - recorded as failed(error); the shard goes on
-                res = ("read_error" if isinstance(e, (OSError, storage.StorageError)) else "materialise_error",
-                       f"{type(e).__name__}: {e}")
+                res = (
+                    "read_error" if isinstance(e, (OSError, storage.StorageError)) else "materialise_error",
+                    f"{type(e).__name__}: {e}",
+                )
             if isinstance(res, tuple):
                 failures.append(ShardFailure(uri=row["uri"], reason=res[0], error=res[1]))
                 continue
@@ -141,18 +164,28 @@ def write_shard(index: int, rows: list[dict], cfg: BuildConfig, out_dir: str) ->
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
             timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
         t0, c0 = time.perf_counter(), time.process_time()
-        stats = ShardStats(shard=shard_name(prefix, index), index=index, samples=n,
-                           images=len(rows) - len(failures), failed=failures,
-                           labels={str(k): v for k, v in sorted(labels.items())},
-                           classes={str(k): v for k, v in sorted(classes.items())},
-                           hr_size=cfg.shard.crop_size, lr_size=cfg.shard.crop_size // cfg.degradation.scale,
-                           config_hash=cfg.config_hash())
+        stats = ShardStats(
+            shard=shard_name(prefix, index),
+            index=index,
+            samples=n,
+            images=len(rows) - len(failures),
+            failed=failures,
+            labels={str(k): v for k, v in sorted(labels.items())},
+            classes={str(k): v for k, v in sorted(classes.items())},
+            hr_size=cfg.shard.crop_size,
+            lr_size=cfg.shard.crop_size // cfg.degradation.scale,
+            config_hash=cfg.config_hash(),
+        )
         publish_shard(writer, stats, out_dir, prefix)
         timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
         timings["cpu_write"] = timings.get("cpu_write", 0.0) + time.process_time() - c0
     except BaseException:
         writer.abort()
         raise
-    return {"stats": to_dict(stats), "timings": timings, "cpu_seconds": time.process_time() - cpu0,
-            "span": [started, time.time()], "pid": os.getpid()}
-
+    return {
+        "stats": to_dict(stats),
+        "timings": timings,
+        "cpu_seconds": time.process_time() - cpu0,
+        "span": [started, time.time()],
+        "pid": os.getpid(),
+    }

@@ -1,4 +1,5 @@
 """Progress reporting: a tqdm bar on a terminal, periodic log lines otherwise; and the summary table."""
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ class Progress:
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
         else:
             log.info("%s: %d %s to do", desc, total, unit)

@@ -6,6 +6,7 @@ GIF), an exact and a near duplicate, and bad files (truncated JPEG, zero-byte, n
 tiny image). It returns {name: {"kind", "expect"}} where expect is "ok" (decodes) or "rejected:<reason>" /
 "failed:<reason>" as the decoder reports it.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def decompression_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A PNG whose header claims width x height grey pixels while the file is a few hundred bytes."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (width + 1) * 4, 9)       # a few zero rows; the rest is "missing"
+    idat = zlib.compress(b"\x00" * (width + 1) * 4, 9)  # a few zero rows; the rest is "missing"
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
@@ -63,15 +64,19 @@ def write_sample_corpus(directory: str | Path, with_bad_files: bool = True) -> d
         files[f"photos/{name}.jpg"] = (_jpeg(rgb(im)), "RGB JPEG", "ok")
     try:
         import matplotlib.cbook as cbook
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            files["photos/grace_hopper.jpg"] = (f.read(), "RGB JPEG (matplotlib)", "ok")
+
+        hopper = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+        files["photos/grace_hopper.jpg"] = (hopper.read_bytes(), "RGB JPEG (matplotlib)", "ok")
     except Exception:  # noqa: BLE001 - matplotlib is optional
         pass
     # EXIF orientation 6: pixels stored rotated 90 degrees counter-clockwise, displayed upright
     exif = Image.Exif()
     exif[0x0112] = 6
-    files["modes/chelsea_exif_rot6.jpg"] = (_jpeg(rgb(np.rot90(sd.chelsea(), 1).copy()), exif=exif.tobytes()),
-                                            "EXIF-rotated JPEG", "ok")
+    files["modes/chelsea_exif_rot6.jpg"] = (
+        _jpeg(rgb(np.rot90(sd.chelsea(), 1).copy()), exif=exif.tobytes()),
+        "EXIF-rotated JPEG",
+        "ok",
+    )
     files["modes/camera_L.png"] = (_png(rgb(sd.camera())), "mode L", "ok")
     brick = sd.brick()
     la = np.stack([brick, np.full_like(brick, 200)], axis=2)
@@ -80,11 +85,17 @@ def write_sample_corpus(directory: str | Path, with_bad_files: bool = True) -> d
     files["modes/grass_P_transparency.png"] = (_png(grass_p, transparency=0), "mode P with transparency", "ok")
     rocket = sd.rocket()
     yy, xx = np.indices(rocket.shape[:2])
-    alpha = np.where((yy - 213) ** 2 + (xx - 320) ** 2 < 200 ** 2, 255, 0).astype(np.uint8)  # opaque disc
-    files["modes/rocket_RGBA.png"] = (_png(Image.fromarray(np.dstack([rocket, alpha]), "RGBA")),
-                                      "mode RGBA (transparent outside a disc)", "ok")
-    files["modes/gravel_CMYK.jpg"] = (_jpeg(rgb(np.stack([sd.gravel()] * 3, axis=2)).convert("CMYK")),
-                                      "CMYK JPEG", "ok")
+    alpha = np.where((yy - 213) ** 2 + (xx - 320) ** 2 < 200**2, 255, 0).astype(np.uint8)  # opaque disc
+    files["modes/rocket_RGBA.png"] = (
+        _png(Image.fromarray(np.dstack([rocket, alpha]), "RGBA")),
+        "mode RGBA (transparent outside a disc)",
+        "ok",
+    )
+    files["modes/gravel_CMYK.jpg"] = (
+        _jpeg(rgb(np.stack([sd.gravel()] * 3, axis=2)).convert("CMYK")),
+        "CMYK JPEG",
+        "ok",
+    )
     moon16 = sd.moon().astype(np.uint16) * 257
     files["modes/moon_16bit.png"] = (_png(Image.fromarray(moon16)), "16-bit grey PNG (I;16)", "ok")
     cw = sd.colorwheel()
@@ -98,10 +109,16 @@ def write_sample_corpus(directory: str | Path, with_bad_files: bool = True) -> d
         full = _jpeg(rgb(sd.coffee()))
         files["bad/truncated.jpg"] = (full[: len(full) // 2], "truncated JPEG", "failed:truncated")
         files["bad/zero_bytes.png"] = (b"", "zero-byte file", "rejected:empty_file")
-        files["bad/not_an_image.jpg"] = (b"this is a text file, not an image\n" * 20, "non-image text",
-                                         "rejected:not_an_image")
-        files["bad/bomb.png"] = (decompression_bomb_png(), "decompression bomb (100000x100000 header)",
-                                 "rejected:decompression_bomb")
+        files["bad/not_an_image.jpg"] = (
+            b"this is a text file, not an image\n" * 20,
+            "non-image text",
+            "rejected:not_an_image",
+        )
+        files["bad/bomb.png"] = (
+            decompression_bomb_png(),
+            "decompression bomb (100000x100000 header)",
+            "rejected:decompression_bomb",
+        )
         files["bad/tiny.png"] = (_png(rgb(astro[:4, :4].copy())), "tiny 4x4 image", "rejected:too_small")
     out = {}
     for name, (data, kind, expect) in sorted(files.items()):

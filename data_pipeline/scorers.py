@@ -12,6 +12,7 @@ Learned IQA (MUSIQ, CLIP-IQA, MANIQA, aesthetics — the paper's filters) are pl
 weights cache (`{weights_dir}/{name}.pt`) mapping (B,3,S,S) float [0,1] to (B,) scores. Absent weights -> the
 scorer is skipped with one notice, and its column is absent from the table.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -93,15 +94,21 @@ def phash(gray: np.ndarray) -> int:
     v = 0
     for b in bits:
         v = (v << 1) | int(b)
-    return int(np.int64(np.uint64(v)))   # stored as signed int64
+    return int(np.int64(np.uint64(v)))  # stored as signed int64
 
 
 def builtin_scores(rgb: np.ndarray) -> dict[str, float | int]:
     g = _gray(rgb)
     s = sharpness(g)
-    return {"sharpness": s, "quality": float(np.log1p(s)), "noise": noise_sigma(g),
-            "colourfulness": colourfulness(rgb), "flatness": flatness(g), "blockiness": blockiness(g),
-            "phash": phash(g)}
+    return {
+        "sharpness": s,
+        "quality": float(np.log1p(s)),
+        "noise": noise_sigma(g),
+        "colourfulness": colourfulness(rgb),
+        "flatness": flatness(g),
+        "blockiness": blockiness(g),
+        "phash": phash(g),
+    }
 
 
 def builtin_embed(rgb: np.ndarray) -> np.ndarray:
@@ -115,7 +122,7 @@ def builtin_embed(rgb: np.ndarray) -> np.ndarray:
     gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
     mag = np.hypot(gx, gy)
     ori = ((np.arctan2(gy, gx) % np.pi) / np.pi * 8).astype(np.int64).clip(0, 7)
-    cell = (np.arange(64) // 16)
+    cell = np.arange(64) // 16
     idx = (cell[:, None] * 4 + cell[None, :]) * 8 + ori
     hog = np.bincount(idx.ravel(), weights=mag.ravel(), minlength=128)
     lab = cv2.resize(cv2.cvtColor(small, cv2.COLOR_RGB2LAB), (4, 4), interpolation=cv2.INTER_AREA)
@@ -127,8 +134,7 @@ def builtin_embed(rgb: np.ndarray) -> np.ndarray:
 def load_embedder(name: str) -> Callable[[list[np.ndarray]], np.ndarray]:
     """`builtin` or `module:function` taking a list of RGB uint8 images and returning (N, D) floats."""
     if name == "builtin":
-        return lambda imgs: np.stack([builtin_embed(i) for i in imgs]) if imgs else np.zeros((0, EMBED_DIM),
-                                                                                           np.float32)
+        return lambda imgs: np.stack([builtin_embed(i) for i in imgs]) if imgs else np.zeros((0, EMBED_DIM), np.float32)
     mod, _, fn = name.partition(":")
     return getattr(importlib.import_module(mod), fn)
 
@@ -144,6 +150,7 @@ class IQAPlugin:
         self.model = None
         if os.path.isfile(self.path):
             import torch
+
             self.model = torch.jit.load(self.path, map_location=device).eval()
 
     @property
@@ -151,11 +158,14 @@ class IQAPlugin:
         return self.model is not None
 
     def notice(self) -> str:
-        return (f"IQA scorer '{self.name}' skipped: no weights at {self.path} "
-                f"(export a TorchScript model mapping (B,3,{self.size},{self.size}) in [0,1] to (B,) there)")
+        return (
+            f"IQA scorer '{self.name}' skipped: no weights at {self.path} "
+            f"(export a TorchScript model mapping (B,3,{self.size},{self.size}) in [0,1] to (B,) there)"
+        )
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         import torch
+
         s = self.size
         batch = []
         for im in images:
@@ -163,8 +173,9 @@ class IQAPlugin:
             k = s / min(h, w)
             r = cv2.resize(im, (max(s, round(w * k)), max(s, round(h * k))), interpolation=cv2.INTER_AREA)
             y0, x0 = (r.shape[0] - s) // 2, (r.shape[1] - s) // 2
-            batch.append(r[y0:y0 + s, x0:x0 + s])
+            batch.append(r[y0 : y0 + s, x0 : x0 + s])
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        assert self.model is not None  # score() runs once available() has loaded it
         with torch.no_grad():
             out = self.model(x)
         return out.reshape(len(images)).float().cpu().numpy()

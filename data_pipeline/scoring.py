@@ -5,6 +5,7 @@ built-in scores, learned-IQA scores for the plug-ins whose weights are present, 
 Inputs already rejected while listing (``data_pipeline/sources.py``: FIFOs, broken symlinks, names that are not
 UTF-8, ...) get their row without being opened, so every input is counted once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +41,7 @@ class ScoreWorker:
 
     def __init__(self, cfg_json: str, device: str = "cpu"):
         import cv2
+
         cv2.setNumThreads(1)
         self.cfg = BuildConfig.from_json(cfg_json)
         sc = self.cfg.score
@@ -47,8 +49,9 @@ class ScoreWorker:
         self.iqa_names = [f"iqa_{p.name}" for p in self.plugins]
         self.embed = load_embedder(sc.embedder)
 
-    def score_one(self, uri: str, meta: str, listed: tuple[str, str, str] = ("", "", "")
-                  ) -> tuple[dict, np.ndarray | None]:
+    def score_one(
+        self, uri: str, meta: str, listed: tuple[str, str, str] = ("", "", "")
+    ) -> tuple[dict, np.ndarray | None]:
         """One input's row (and its thumbnail when it decoded). ``listed``: (status, reason, error) decided while
         listing; a non-empty status is recorded as is and the input is never opened."""
         row = empty_row(uri, meta)
@@ -59,7 +62,7 @@ class ScoreWorker:
             return row, None
         try:
             data = read_bytes(uri, self.cfg.decode.max_bytes)
-        except NotRegularFile as e:   # a FIFO, device, directory or broken symlink: rejected, never opened
+        except NotRegularFile as e:  # a FIFO, device, directory or broken symlink: rejected, never opened
             row.update(status="rejected", reason=e.reason, error=e.detail)
             return row, None
         except Exception as e:  # noqa: BLE001 - unreadable source
@@ -120,7 +123,13 @@ def scores_fingerprint(uris: list[str], cfg: BuildConfig) -> str:
     is not valid UTF-8 (surrogate escapes) is hashed with its surrogates passed through, never aborting the build."""
     h = hashlib.sha256()
     h.update("\n".join(uris).encode("utf-8", "surrogatepass"))
-    h.update(json.dumps({"decode": to_dict(cfg.decode),
-                         "score": {k: v for k, v in to_dict(cfg.score).items() if k != "num_workers"}},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "decode": to_dict(cfg.decode),
+                "score": {k: v for k, v in to_dict(cfg.score).items() if k != "num_workers"},
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:16]

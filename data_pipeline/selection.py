@@ -5,6 +5,7 @@ score cut-offs) -> exact duplicates -> near duplicates -> low-quality negatives 
 `score < min(score) + f * max(score)` or a percentile rule -> k-means semantic classes -> per-class cap.
 Rows are processed in URI order, so the result does not depend on how scoring was parallelised.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,13 @@ def select(scores: pd.DataFrame, cfg: BuildConfig) -> tuple[pd.DataFrame, pd.Dat
     neg = sc.negatives
     if neg.rule != "none" and neg.score not in sel.columns:
         raise ValueError(f"negatives.score {neg.score!r} is not a score column; have {score_columns(sel)}")
-    sel["label"] = negative_mask(sel[neg.score].to_numpy(np.float64) if neg.rule != "none" else np.zeros(len(sel)),
-                                 neg.rule, neg.f, neg.percentile, neg.max_fraction).astype(np.int64)
+    sel["label"] = negative_mask(
+        sel[neg.score].to_numpy(np.float64) if neg.rule != "none" else np.zeros(len(sel)),
+        neg.rule,
+        neg.f,
+        neg.percentile,
+        neg.max_fraction,
+    ).astype(np.int64)
     if sc.cluster.enabled and len(sel):
         emb = np.stack([np.frombuffer(b, np.float32) for b in sel.embedding])
         sel["class_id"] = kmeans_classes(emb, sc.cluster.k, sc.cluster.seed)
@@ -99,12 +105,17 @@ def select(scores: pd.DataFrame, cfg: BuildConfig) -> tuple[pd.DataFrame, pd.Dat
         sel["class_id"] = 0
     sel = sel.copy()
     cols = score_columns(sel)
-    sel["scores_json"] = [json.dumps({k: (None if v != v else round(float(v), 6)) for k, v in r.items()},
-                                     sort_keys=True) for r in sel[cols].to_dict(orient="records")]
-    rej_sel = pool.loc[reason != "", ["uri"]].assign(status="rejected", reason=reason[reason != ""], error="",
-                                                    stage="select")
+    sel["scores_json"] = [
+        json.dumps({k: (None if v != v else round(float(v), 6)) for k, v in r.items()}, sort_keys=True)
+        for r in sel[cols].to_dict(orient="records")
+    ]
+    rej_sel = pool.loc[reason != "", ["uri"]].assign(
+        status="rejected", reason=reason[reason != ""], error="", stage="select"
+    )
     rejected.append(rej_sel)
     rej = pd.concat(rejected, ignore_index=True)[["uri", "stage", "status", "reason", "error"]]
     keep_cols = ["uri", "sha256", "width", "height", "label", "class_id", "scores_json", "meta"] + cols
-    return (sel[keep_cols].sort_values("uri", kind="stable").reset_index(drop=True),
-            rej.sort_values("uri", kind="stable").reset_index(drop=True))
+    return (
+        sel[keep_cols].sort_values("uri", kind="stable").reset_index(drop=True),
+        rej.sort_values("uri", kind="stable").reset_index(drop=True),
+    )

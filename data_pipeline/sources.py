@@ -28,6 +28,7 @@ Manifest rows are not stat-ed while listing (a manifest may list millions of fil
 `read_bytes` in the scoring workers, with the same reasons. A path that does not exist at all is a read failure
 (``failed``/``read_error``); a spec that matches nothing is an error, as before.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,7 +57,7 @@ _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 class SourceItem:
     uri: str
     meta: dict[str, Any] = field(default_factory=dict)
-    status: str = ""   # "": read and decode it; "rejected" / "failed": decided while listing, never opened
+    status: str = ""  # "": read and decode it; "rejected" / "failed": decided while listing, never opened
     reason: str = ""
     error: str = ""
 
@@ -80,7 +81,7 @@ def printable(name: str) -> str:
         pass
     try:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:   # a lone surrogate that is not an escaped byte (e.g. from a JSON manifest)
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (e.g. from a JSON manifest)
         return name.encode("utf-8", "backslashreplace").decode("ascii")
 
 
@@ -89,9 +90,13 @@ def _rejected(uri: str, reason: str, error: str, status: str = "rejected") -> So
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -126,8 +131,11 @@ def _local_item(path: str, cfg: SourceConfig, walked: bool) -> SourceItem:
     folder walk or a glob (then hidden names and unlisted extensions are rejected too) rather than named."""
     shown = printable(path)
     if shown != path:
-        return _rejected(path, "name_not_utf8", f"file name is not valid UTF-8 ({shown}, undecodable bytes "
-                                                f"shown as \\xNN): rename it to include it")
+        return _rejected(
+            path,
+            "name_not_utf8",
+            f"file name is not valid UTF-8 ({shown}, undecodable bytes shown as \\xNN): rename it to include it",
+        )
     base = os.path.basename(path.rstrip("/"))
     if walked and base.startswith("."):
         return _rejected(path, "hidden", "hidden file (name starts with '.')")
@@ -138,8 +146,12 @@ def _local_item(path: str, cfg: SourceConfig, walked: bool) -> SourceItem:
     if problem is not None:
         return _rejected(path, *problem)
     if walked and not cfg.all_files and os.path.splitext(base)[1].lower() not in cfg.extensions:
-        return _rejected(path, "extension", f"extension not in source.extensions {cfg.extensions} (not read; "
-                                            f"source.all_files=true decodes every file by content)")
+        return _rejected(
+            path,
+            "extension",
+            f"extension not in source.extensions {cfg.extensions} (not read; "
+            f"source.all_files=true decodes every file by content)",
+        )
     return SourceItem(path)
 
 
@@ -167,8 +179,13 @@ def _walk(root: str, cfg: SourceConfig) -> list[SourceItem]:
             elif real_dir and entry.name.startswith("."):
                 items.append(_rejected(entry.path, "hidden", "hidden folder (name starts with '.'): not walked"))
             elif real_dir:
-                items.append(_rejected(entry.path, "name_not_utf8", "folder name is not valid UTF-8 "
-                                       f"({printable(entry.path)}): not walked; rename it"))
+                items.append(
+                    _rejected(
+                        entry.path,
+                        "name_not_utf8",
+                        f"folder name is not valid UTF-8 ({printable(entry.path)}): not walked; rename it",
+                    )
+                )
             else:
                 items.append(_local_item(entry.path, cfg, walked=True))
     return items
@@ -191,6 +208,7 @@ def _wanted(name: str, cfg: SourceConfig) -> bool:
 
 def _read_manifest(uri: str, cfg: SourceConfig) -> list[SourceItem]:
     import pandas as pd
+
     try:
         check_regular(uri)
     except NotRegularFile as e:
@@ -204,8 +222,10 @@ def _read_manifest(uri: str, cfg: SourceConfig) -> list[SourceItem]:
             df = pd.read_json(f, lines=True)
     col = cfg.manifest_column or next((c for c in _URI_COLUMNS if c in df.columns), None)
     if col is None or col not in df.columns:
-        raise ValueError(f"manifest {uri}: no path/url column (looked for {cfg.manifest_column or _URI_COLUMNS}); "
-                         f"columns are {list(df.columns)}")
+        raise ValueError(
+            f"manifest {uri}: no path/url column (looked for {cfg.manifest_column or _URI_COLUMNS}); "
+            f"columns are {list(df.columns)}"
+        )
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     items = []
     for rec in df.to_dict(orient="records"):
@@ -213,7 +233,7 @@ def _read_manifest(uri: str, cfg: SourceConfig) -> list[SourceItem]:
         if not ("://" in p or p.startswith("/")):
             p = f"{base}/{p}"  # relative paths are relative to the manifest
         meta = {k: (v.item() if hasattr(v, "item") else v) for k, v in rec.items()}
-        if printable(p) != p:   # e.g. "\udcff" in a JSON manifest: no table can store it, so it is never read
+        if printable(p) != p:  # e.g. "\udcff" in a JSON manifest: no table can store it, so it is never read
             items.append(_rejected(p, "name_not_utf8", f"path is not valid UTF-8 ({printable(p)})"))
             continue
         # the type of each row (regular file, FIFO, ...) is checked by read_bytes in the scoring workers
@@ -243,8 +263,14 @@ def _remote_items(s: str, cfg: SourceConfig) -> list[SourceItem]:
         elif kind != "file":
             items.append(_rejected(uri, "not_regular_file", f"{kind}, not a regular file: never opened"))
         elif walked and not _wanted(p, cfg):
-            items.append(_rejected(uri, "extension", f"extension not in source.extensions {cfg.extensions} "
-                                                     f"(not read; source.all_files=true decodes by content)"))
+            items.append(
+                _rejected(
+                    uri,
+                    "extension",
+                    f"extension not in source.extensions {cfg.extensions} "
+                    f"(not read; source.all_files=true decodes by content)",
+                )
+            )
         else:
             items.append(SourceItem(uri))
     return items
@@ -259,22 +285,21 @@ def list_sources(spec: str | Path | Iterable[str], cfg: SourceConfig | None = No
             items.extend(list_sources(s, cfg))
     else:
         s = str(spec)
-        local = s[len("file://"):] if s.startswith("file://") else s
+        local = s[len("file://") :] if s.startswith("file://") else s
         if s.lower().endswith(MANIFEST_SUFFIXES) and not _is_glob(s):
             items = _read_manifest(s, cfg)
         elif _has_protocol(s):
             items = _remote_items(s, cfg)
         elif _is_glob(local):
-            items = [_local_item(os.path.abspath(p), cfg, walked=True)
-                     for p in _glob.glob(local, recursive=True)]
+            items = [_local_item(os.path.abspath(p), cfg, walked=True) for p in _glob.glob(local, recursive=True)]
         elif os.path.isdir(local):
             items = _walk(os.path.abspath(local), cfg)
-        elif os.path.lexists(local):   # a file, or a FIFO / device / broken symlink named on its own
+        elif os.path.lexists(local):  # a file, or a FIFO / device / broken symlink named on its own
             items = [_local_item(os.path.abspath(local), cfg, walked=False)]
         else:
             raise FileNotFoundError(f"input {s!r} is not a folder, glob, file, manifest or fsspec URL")
     seen: dict[str, SourceItem] = {}
-    for it in items:   # one item per URI; one to read wins over a rejection of the same URI (e.g. by extension)
+    for it in items:  # one item per URI; one to read wins over a rejection of the same URI (e.g. by extension)
         if it.uri not in seen or (seen[it.uri].status and not it.status):
             seen[it.uri] = it
     return [seen[k] for k in sorted(seen)]
@@ -303,7 +328,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             return f.read() if max_bytes is None else f.read(max_bytes + 1)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     with storage.storage_errors(uri, "read"):
-        fd = os.open(storage.local_path(uri), flags)   # O_NONBLOCK: a FIFO swapped in after the stat cannot block
+        fd = os.open(storage.local_path(uri), flags)  # O_NONBLOCK: a FIFO swapped in after the stat cannot block
     try:
         mode = os.fstat(fd).st_mode
     except BaseException:

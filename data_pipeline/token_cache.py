@@ -26,6 +26,7 @@ module only needs an object with ``sha256``, ``patch_nums``, ``image_size``, ``t
 ``__call__(hr (B, 3, S, S) in [0, 1]) -> (indices (B, L), residual (B, pn_last², Cvae) float32)``, shipped to the
 tasks through Ray's object store so that no worker needs the checkpoint's location.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -115,8 +116,9 @@ def _device_label(device: str, threads: int) -> str:
     return f"cpu/{threads}t"
 
 
-def tokenize_shard(src_url: str, source: dict, out_dir: str, tokenizer: Tokenizer, device: str, threads: int,
-                   batch_size: int) -> dict:
+def tokenize_shard(
+    src_url: str, source: dict, out_dir: str, tokenizer: Tokenizer, device: str, threads: int, batch_size: int
+) -> dict:
     """One Ray task: write the token-cache version of one shard and return its :class:`TokenShardStats` (as a dict).
 
     ``source`` is the shard's manifest entry (name, samples, bytes, sha256). Samples whose HR does not decode to the
@@ -167,16 +169,25 @@ def tokenize_shard(src_url: str, source: dict, out_dir: str, tokenizer: Tokenize
             flush()
             src.drain()
         if src.bytes != source["bytes"] or src.sha.hexdigest() != source["sha256"] or samples != source["samples"]:
-            raise UserError(f"{src_url} does not match its manifest entry (size, sha256 or sample count): the "
-                            f"dataset changed or is damaged (varsr data verify)")
-        stats = TokenShardStats(shard=name, source=source["name"], source_sha256=source["sha256"],
-                                tokenizer_sha256=sha, samples=samples, tokenized=tokenized,
-                                device=_device_label(device, threads))
+            raise UserError(
+                f"{src_url} does not match its manifest entry (size, sha256 or sample count): the "
+                f"dataset changed or is damaged (varsr data verify)"
+            )
+        stats = TokenShardStats(
+            shard=name,
+            source=source["name"],
+            source_sha256=source["sha256"],
+            tokenizer_sha256=sha,
+            samples=samples,
+            tokenized=tokenized,
+            device=_device_label(device, threads),
+        )
         publish_with_stats(writer, stats, storage.join(out_dir, token_stats_name(name)))
     except (tarfile.TarError, EOFError) as e:
         writer.abort()
-        raise UserError(f"cannot read {src_url} as a tar ({type(e).__name__}: {e}): the dataset is damaged "
-                        f"(varsr data verify)") from None
+        raise UserError(
+            f"cannot read {src_url} as a tar ({type(e).__name__}: {e}): the dataset is damaged (varsr data verify)"
+        ) from None
     except BaseException:
         writer.abort()
         raise
@@ -206,8 +217,9 @@ def _cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, UserError) else e
 
 
-def _run_tasks(todo: list[ShardEntry], out: str, tokenizer: Tokenizer, opts: TokenizeOptions, device: str,
-               on_done) -> None:
+def _run_tasks(
+    todo: list[ShardEntry], out: str, tokenizer: Tokenizer, opts: TokenizeOptions, device: str, on_done
+) -> None:
     import ray
 
     resources = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": opts.threads}
@@ -220,8 +232,9 @@ def _run_tasks(todo: list[ShardEntry], out: str, tokenizer: Tokenizer, opts: Tok
     while queue or pending:
         while queue and len(pending) < width:
             e = queue.pop(0)
-            ref = task.remote(storage.join(out, e.name), to_dict(e), out, tok_ref, device, opts.threads,
-                              opts.batch_size)
+            ref = task.remote(
+                storage.join(out, e.name), to_dict(e), out, tok_ref, device, opts.threads, opts.batch_size
+            )
             pending[ref] = e
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
@@ -245,8 +258,13 @@ def _pick_device(opts: TokenizeOptions) -> str:
     return "cuda" if opts.device == "cuda" or (opts.device == "auto" and gpus >= 1) else "cpu"
 
 
-def tokenize(shards: str, tokenizer: Tokenizer, options: TokenizeOptions | None = None,
-             ray_address: str | None = None, num_cpus: int | None = None) -> dict:
+def tokenize(
+    shards: str,
+    tokenizer: Tokenizer,
+    options: TokenizeOptions | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> dict:
     """Add (or complete) the token cache of the dataset at ``shards`` (a folder or URL prefix with manifest.json)
     for ``tokenizer``; returns a summary. The manifest is rewritten last, only when every shard has its version."""
     from .jobs import ensure_ray
@@ -256,8 +274,10 @@ def tokenize(shards: str, tokenizer: Tokenizer, options: TokenizeOptions | None 
     m, m_sha = read_manifest(out)
     sha, pn = tokenizer.sha256, [int(p) for p in tokenizer.patch_nums]
     if m.hr_size != tokenizer.image_size:
-        raise UserError(f"{shards} holds {m.hr_size}px HR crops but the tokenizer takes {tokenizer.image_size}px "
-                        f"images (patch_nums {pn}): use a checkpoint of the model these shards are for")
+        raise UserError(
+            f"{shards} holds {m.hr_size}px HR crops but the tokenizer takes {tokenizer.image_size}px "
+            f"images (patch_nums {pn}): use a checkpoint of the model these shards are for"
+        )
     entries = [e for e in m.shards if e.samples > 0]
     removed = remove_stale_temporaries(out)
     if removed:
@@ -273,8 +293,13 @@ def tokenize(shards: str, tokenizer: Tokenizer, options: TokenizeOptions | None 
     t0 = time.perf_counter()
     device = None
     if todo:
-        log.info("tokenize: %d shards, %d already tokenised, %d to write (tokenizer %s)", len(entries),
-                 len(stats), len(todo), sha[:12])
+        log.info(
+            "tokenize: %d shards, %d already tokenised, %d to write (tokenizer %s)",
+            len(entries),
+            len(stats),
+            len(todo),
+            sha[:12],
+        )
         ensure_ray(ray_address, num_cpus)
         device = _pick_device(opts)
         n_done = {"shards": 0}
@@ -288,9 +313,12 @@ def tokenize(shards: str, tokenizer: Tokenizer, options: TokenizeOptions | None 
     secs = time.perf_counter() - t0
     ordered = [stats[e.name] for e in entries]
     devices = sorted({s.device for s in ordered})
-    cache = TokenCache(tokenizer_sha256=sha, patch_nums=pn, device="; ".join(devices),
-                       shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256)
-                               for s in ordered])
+    cache = TokenCache(
+        tokenizer_sha256=sha,
+        patch_nums=pn,
+        device="; ".join(devices),
+        shards=[ShardEntry(name=s.shard, samples=s.samples, bytes=s.bytes, sha256=s.sha256) for s in ordered],
+    )
     replaced = m.tokens.tokenizer_sha256 if m.tokens is not None and m.tokens.tokenizer_sha256 != sha else None
     new = dataclasses.replace(m, tokens=cache)
     if new.to_bytes() != m.to_bytes():
@@ -299,7 +327,16 @@ def tokenize(shards: str, tokenizer: Tokenizer, options: TokenizeOptions | None 
             raise UserError(f"{manifest_url(out)} changed while tokenising (another build?): run tokenize again")
         write_manifest(out, new)  # the commit point
     _, new_sha = read_manifest(out)
-    return {"shards": len(entries), "written": len(todo), "kept": len(entries) - len(todo),
-            "samples": sum(s.samples for s in ordered), "tokenized": sum(s.tokenized for s in ordered),
-            "tokenizer_sha256": sha, "patch_nums": pn, "device": cache.device, "replaced_tokenizer": replaced,
-            "seconds": round(secs, 3), "manifest_sha256": new_sha}
+    return {
+        "shards": len(entries),
+        "written": len(todo),
+        "kept": len(entries) - len(todo),
+        "samples": sum(s.samples for s in ordered),
+        "tokenized": sum(s.tokenized for s in ordered),
+        "tokenizer_sha256": sha,
+        "patch_nums": pn,
+        "device": cache.device,
+        "replaced_tokenizer": replaced,
+        "seconds": round(secs, 3),
+        "manifest_sha256": new_sha,
+    }

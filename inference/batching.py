@@ -15,6 +15,7 @@ before its batch runs is dropped from the queue, and one that the batch left una
 The module knows nothing about images or models: ``run(key, payloads, deliver)`` does the work, calling
 ``deliver(i, result)`` for payload i as soon as it is done, or returning the results in payload order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,16 @@ class RequestBatcher:
     ``on_batch(key, n_requests, n_images)`` is called before each batch runs.
     """
 
-    def __init__(self, run: RunBatch, *, max_batch: int, wait_s: float, workers: int = 1,
-                 on_batch: Callable[[Hashable, int, int], None] | None = None, name: str = "varsr-batcher"):
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch: int,
+        wait_s: float,
+        workers: int = 1,
+        on_batch: Callable[[Hashable, int, int], None] | None = None,
+        name: str = "varsr-batcher",
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if wait_s < 0:
@@ -91,8 +100,9 @@ class RequestBatcher:
         self.stats = BatchStats()
 
     # ---- client side ---------------------------------------------------------------------------------------------
-    def submit_async(self, key: Hashable, payload: Any, size: int = 1,
-                     cancelled: Callable[[], bool] | None = None) -> Future:
+    def submit_async(
+        self, key: Hashable, payload: Any, size: int = 1, cancelled: Callable[[], bool] | None = None
+    ) -> Future:
         """Queue one request's work; the future resolves to its own result (or raises its own error, or
         :class:`JobCancelled` once ``cancelled()`` is true and its work was not done)."""
         job = _Job(key, payload, max(1, int(size)), cancelled=cancelled)
@@ -214,8 +224,13 @@ class RequestBatcher:
                 return
             if not left:
                 return
-            log.warning("a batch of %d requests failed (%s: %s); running the %d unanswered alone", len(jobs),
-                        type(e).__name__, e, len(left))
+            log.warning(
+                "a batch of %d requests failed (%s: %s); running the %d unanswered alone",
+                len(jobs),
+                type(e).__name__,
+                e,
+                len(left),
+            )
             with self._cond:
                 self.stats.retried_alone += len(left)
             for job in left:

@@ -1,4 +1,5 @@
 """CLI: ``varsr upscale | register | serve | eval`` (registered into the ``varsr`` command by infra/cli.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None, help="output = scale x input size (default 4)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance (default: the model's sampling.json, else 6.0)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the model's sampling.json, else 6.0)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="(default: the model's sampling.json, else 1)")
     p.add_argument("--top-p", type=float, default=None, help="(default: the model's sampling.json, else 0.75)")
     p.add_argument("--seed", type=int, default=None, help="fix sampling (same seed -> same output)")
     p.add_argument("--tile", type=_tile_arg, default="auto", help="auto, or force latent tiling with N cells overlap")
-    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None,
-                   help="(default: the model's sampling.json, else adain)")
+    p.add_argument(
+        "--color-fix", choices=COLOR_FIXES, default=None, help="(default: the model's sampling.json, else adain)"
+    )
 
 
 def _sampling_kwargs(args) -> dict:
-    kw = {"scale": args.scale, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-          "tile": args.tile}
+    kw = {
+        "scale": args.scale,
+        "cfg": args.cfg,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "tile": args.tile,
+    }
     if args.color_fix is not None:
         kw["color_fix"] = args.color_fix
     return kw
@@ -71,8 +83,9 @@ def _load_pipeline(args):
     if args.checkpoint and not args.checkpoint.is_dir():
         raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
     try:
-        pipe = VARSRPipeline.from_pretrained(src, device=args.device, dtype=args.dtype, config=config,
-                                             tracking_uri=args.tracking_uri)
+        pipe = VARSRPipeline.from_pretrained(
+            src, device=args.device, dtype=args.dtype, config=config, tracking_uri=args.tracking_uri
+        )
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. unknown registered model / alias
@@ -93,8 +106,11 @@ def collect_inputs(paths: list[Path]) -> tuple[list[tuple[Path, Path]], list[str
         if p.is_file():
             found.append((p, Path(p.name)))
         elif p.is_dir():
-            found += [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
-                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            found += [
+                (f, f.relative_to(p))
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            ]
         else:
             missing.append(f"{p}: no such file or folder")
     return found, missing
@@ -135,8 +151,11 @@ def cmd_upscale(args) -> int:
     secs = time.perf_counter() - t0
     for f in failed:
         print(f"skipped {f}", file=sys.stderr)
-    print(f"upscaled {ok} image(s), skipped {len(failed)}, {secs:.1f} s"
-          + (f" ({secs / ok:.2f} s/image)" if ok else "") + f" -> {out}")
+    print(
+        f"upscaled {ok} image(s), skipped {len(failed)}, {secs:.1f} s"
+        + (f" ({secs / ok:.2f} s/image)" if ok else "")
+        + f" -> {out}"
+    )
     return 0 if ok and not failed else (1 if ok else 2)
 
 
@@ -162,11 +181,20 @@ def cmd_register(args) -> int:
         config = load_inference_config(args.config, args.overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    mv = register_model(args.ckpt_dir, args.name, alias=args.alias or None, tracking_uri=args.tracking_uri, tags=tags,
-                        config=config, validate_example=not args.no_validate, sampling=sampling)
+    mv = register_model(
+        args.ckpt_dir,
+        args.name,
+        alias=args.alias or None,
+        tracking_uri=args.tracking_uri,
+        tags=tags,
+        config=config,
+        validate_example=not args.no_validate,
+        sampling=sampling,
+    )
     uri = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
-    print(json.dumps({"name": mv.name, "version": int(mv.version), "alias": args.alias, "uri": uri,
-                      "run_id": mv.run_id}))
+    print(
+        json.dumps({"name": mv.name, "version": int(mv.version), "alias": args.alias, "uri": uri, "run_id": mv.run_id})
+    )
     return 0
 
 
@@ -180,8 +208,15 @@ def cmd_serve(args) -> int:
         overrides = check_serve_overrides(args.overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    return serve(args.model_uri, args.port, args.host, args.workers, args.tracking_uri, overrides=overrides,
-                 stop_timeout=args.stop_timeout)
+    return serve(
+        args.model_uri,
+        args.port,
+        args.host,
+        args.workers,
+        args.tracking_uri,
+        overrides=overrides,
+        stop_timeout=args.stop_timeout,
+    )
 
 
 def cmd_eval(args) -> int:
@@ -204,13 +239,17 @@ def cmd_eval(args) -> int:
     pipe = _load_pipeline(args)
     kw = _sampling_kwargs(args)
     kw.pop("scale")
-    opts = dict(baseline=args.baseline, upscale_kwargs=kw, log_to_mlflow=not args.no_mlflow,
-                tracking_uri=args.tracking_uri, model_ref=args.model_uri or str(args.checkpoint))
+    opts = dict(
+        baseline=args.baseline,
+        upscale_kwargs=kw,
+        log_to_mlflow=not args.no_mlflow,
+        tracking_uri=args.tracking_uri,
+        model_ref=args.model_uri or str(args.checkpoint),
+    )
     try:
         if args.shards:
             manifest = args.shard_manifest(args.shards) if getattr(args, "shard_manifest", None) else None
-            res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards, "manifest": manifest},
-                                 **opts)
+            res = evaluate_pairs(pipe, pairs, args.output, source={"shards": args.shards, "manifest": manifest}, **opts)
         else:
             res = evaluate(pipe, args.hr, args.lr, args.output, **opts)
     except FileNotFoundError as e:
@@ -254,8 +293,10 @@ def cmd_eval_suite(args) -> int:
     for item in args.compare:  # [LABEL=]SOURCE
         label, sep, src = item.partition("=")
         rows.append((label, src) if sep and not label.startswith("models:") else (None, item))
-    methods = [Method(label or _method_label(src), src, args.tracking_uri, dict(kw), args.config, list(args.overrides))
-               for label, src in rows]
+    methods = [
+        Method(label or _method_label(src), src, args.tracking_uri, dict(kw), args.config, list(args.overrides))
+        for label, src in rows
+    ]
     if args.baseline == "bicubic":
         methods.append(Method("bicubic"))
     res = run_suite(cfg, methods, args.output, log_to_mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
@@ -271,13 +312,24 @@ def cmd_eval_prepare(args) -> int:
     from . import eval_sets
 
     if args.kind == "paired":
-        es = eval_sets.prepare_paired(args.hr, args.lr, args.output, args.scale, args.lr_size, args.name,
-                                      args.overwrite)
+        es = eval_sets.prepare_paired(
+            args.hr, args.lr, args.output, args.scale, args.lr_size, args.name, args.overwrite
+        )
     elif args.kind == "synthetic":
         if args.degrader is None:
             raise UserError("synthetic sets need the data pipeline's degradation presets (run through `varsr`)")
-        es = eval_sets.prepare_synthetic(args.hr, args.output, args.n, args.preset, args.degrader, args.seed,
-                                         args.hr_size, args.scale, args.name, args.overwrite)
+        es = eval_sets.prepare_synthetic(
+            args.hr,
+            args.output,
+            args.n,
+            args.preset,
+            args.degrader,
+            args.seed,
+            args.hr_size,
+            args.scale,
+            args.name,
+            args.overwrite,
+        )
     elif args.kind == "bundled":
         es = eval_sets.prepare_bundled(args.output, args.hr_size, args.scale, args.name or "bundled", args.overwrite)
     else:  # verify
@@ -286,17 +338,29 @@ def cmd_eval_prepare(args) -> int:
             same = eval_sets.replay_check(es, args.replayer)
             if same != len(es.pairs):
                 raise UserError(f"{args.output}: {len(es.pairs) - same} LR(s) differ from their recorded degradation")
-    print(json.dumps({"set": es.name, "path": str(es.root), "pairs": len(es.pairs), "protocol": es.manifest["protocol"],
-                      "manifest_sha256": es.sha256}))
+    print(
+        json.dumps(
+            {
+                "set": es.name,
+                "path": str(es.root),
+                "pairs": len(es.pairs),
+                "protocol": es.manifest["protocol"],
+                "manifest_sha256": es.sha256,
+            }
+        )
+    )
     return 0
 
 
 def _register_eval_prepare(subparsers, degrader, replayer) -> None:
     p = subparsers.add_parser("eval-prepare", help="make a test set (HR/, LR/, manifest.json) for varsr eval --suite")
-    p.add_argument("kind", choices=("paired", "synthetic", "bundled", "verify"),
-                   help="paired: centre crops of an HR/LR folder pair; synthetic: N seeded crops of an HR folder "
-                        "degraded by --preset; bundled: the small real set; verify: check a set's files (and replay "
-                        "a synthetic set's degradations)")
+    p.add_argument(
+        "kind",
+        choices=("paired", "synthetic", "bundled", "verify"),
+        help="paired: centre crops of an HR/LR folder pair; synthetic: N seeded crops of an HR folder "
+        "degraded by --preset; bundled: the small real set; verify: check a set's files (and replay "
+        "a synthetic set's degradations)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="the set's folder")
     p.add_argument("--hr", type=Path, help="HR folder (paired, synthetic)")
     p.add_argument("--lr", type=Path, help="LR folder with the HR's file stems (paired)")
@@ -304,8 +368,11 @@ def _register_eval_prepare(subparsers, degrader, replayer) -> None:
     p.add_argument("--lr-size", type=int, default=128, help="LR crop side (paired; the HR crop is scale x)")
     p.add_argument("--hr-size", type=int, default=None, help="HR crop side (synthetic: 512, bundled: 256)")
     p.add_argument("--n", type=int, default=3000, help="pairs to make (synthetic; DIV2K-val: 3000)")
-    p.add_argument("--preset", default="realesrgan-x4plus", help="degradation preset (configs/data/): "
-                   "realesrgan-x4plus or varsr-mild")
+    p.add_argument(
+        "--preset",
+        default="realesrgan-x4plus",
+        help="degradation preset (configs/data/): realesrgan-x4plus or varsr-mild",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="set name (default: the folder's name)")
     p.add_argument("--overwrite", action="store_true", help="replace a set already in --output")
@@ -343,36 +410,61 @@ def register(subparsers, shard_pairs=None, degrader=None, replayer=None, shard_m
     add_config_args(p, "inference YAML served with the model (limits, defaults)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="run + version tag (repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip running the input example at log time")
-    p.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampling default the version carries (its checkpoint's sampling.json, over the folder's "
-                        "own), e.g. --sampling cfg=0.75 --sampling color_fix=wavelet (repeatable)")
+    p.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampling default the version carries (its checkpoint's sampling.json, over the folder's "
+        "own), e.g. --sampling cfg=0.75 --sampling color_fix=wavelet (repeatable)",
+    )
     p.set_defaults(func=cmd_register)
 
-    p = subparsers.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve)",
-                              description="Serve a registered model: POST /invocations; GET /metrics (Prometheus), "
-                                          "/health/live (the process answers), /health/ready (model loaded, warm-up "
-                                          "call done in every worker, queue under its limit) on the same port.")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a registered model over HTTP (mlflow models serve)",
+        description="Serve a registered model: POST /invocations; GET /metrics (Prometheus), "
+        "/health/live (the process answers), /health/ready (model loaded, warm-up "
+        "call done in every worker, queue under its limit) on the same port.",
+    )
     p.add_argument("model_uri", metavar="MODEL_URI", help="e.g. models:/varsr@champion")
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=None,
-                   help="uvicorn worker processes (each loads the model). Default: chosen for this machine: on a "
-                        "CPU, one per core the process may use (affinity, cgroup quota), at most 8 and as many as 80%% "
-                        "of the memory (cgroup limit or RAM) holds at 0.5 GiB (measured) + the weights + "
-                        "serving.max_request_memory_mb each, with cores/workers torch threads each "
-                        "(runtime.cpu_threads, unless --set gives it): a CPU pipeline call uses one core well and "
-                        "several poorly (2 cores: 1 process x1.38 at 8 clients, 2 processes x2.06); on a GPU, 1 "
-                        "(it owns the device and batches for it). The choice is logged at start")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="uvicorn worker processes (each loads the model). Default: chosen for this machine: on a "
+        "CPU, one per core the process may use (affinity, cgroup quota), at most 8 and as many as 80%% "
+        "of the memory (cgroup limit or RAM) holds at 0.5 GiB (measured) + the weights + "
+        "serving.max_request_memory_mb each, with cores/workers torch threads each "
+        "(runtime.cpu_threads, unless --set gives it): a CPU pipeline call uses one core well and "
+        "several poorly (2 cores: 1 process x1.38 at 8 clients, 2 processes x2.06); on a GPU, 1 "
+        "(it owns the device and batches for it). The choice is logged at start",
+    )
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="serving.* / runtime.* over the registered model's inference config, e.g. "
-                        "serving.batch_wait_ms=10 (repeatable)")
-    p.add_argument("--stop-timeout", type=float, default=30.0,
-                   help="seconds the server gets to finish its requests after SIGTERM/SIGINT before SIGKILL")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serving.* / runtime.* over the registered model's inference config, e.g. "
+        "serving.batch_wait_ms=10 (repeatable)",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the server gets to finish its requests after SIGTERM/SIGINT before SIGKILL",
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = subparsers.add_parser("eval", help="score a model on paired HR/LR images (or a suite of test sets: one "
-                                           "Table-1-style table), logged to MLflow")
+    p = subparsers.add_parser(
+        "eval",
+        help="score a model on paired HR/LR images (or a suite of test sets: one "
+        "Table-1-style table), logged to MLflow",
+    )
     p.add_argument("--hr", type=Path, help="folder of HR images")
     p.add_argument("--lr", type=Path, help="folder of LR images with the same file names")
     if shard_pairs is not None:
@@ -380,19 +472,37 @@ def register(subparsers, shard_pairs=None, degrader=None, replayer=None, shard_m
     p.add_argument("-o", "--output", type=Path, default=Path("varsr-eval"))
     p.add_argument("--baseline", choices=("bicubic",), default=None)
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run")
-    p.add_argument("--suite", help="a suite (configs/eval/NAME.yaml or a YAML file): every test set, every metric, one "
-                                   "table (docs/EVALUATION.md)")
-    p.add_argument("--suite-set", dest="suite_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a suite key, e.g. --suite-set worst=8 (repeatable)")
-    p.add_argument("--compare", action="append", default=[], metavar="[LABEL=]SOURCE",
-                   help="another model row for --suite: a checkpoint folder or models:/ URI (repeatable)")
+    p.add_argument(
+        "--suite",
+        help="a suite (configs/eval/NAME.yaml or a YAML file): every test set, every metric, one "
+        "table (docs/EVALUATION.md)",
+    )
+    p.add_argument(
+        "--suite-set",
+        dest="suite_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite key, e.g. --suite-set worst=8 (repeatable)",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="[LABEL=]SOURCE",
+        help="another model row for --suite: a checkpoint folder or models:/ URI (repeatable)",
+    )
     p.add_argument("--metrics", help="comma-separated metrics for --suite; each named one must be available")
-    p.add_argument("--weights-dir", type=Path, help="learned metrics' weights (default $VARSR_EVAL_WEIGHTS or "
-                                                     "~/.cache/varsr/eval-weights)")
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="learned metrics' weights (default $VARSR_EVAL_WEIGHTS or ~/.cache/varsr/eval-weights)",
+    )
     p.add_argument("--workers", type=int, default=None, help="Ray tasks for --suite (many pairs)")
     p.add_argument("--checkpoint", type=Path, help="native checkpoint folder (see model/checkpoint.py)")
-    p.add_argument("--model-uri", help="MLflow model URI, e.g. models:/varsr@champion (with --suite, also "
-                                       "--checkpoint: two rows)")
+    p.add_argument(
+        "--model-uri", help="MLflow model URI, e.g. models:/varsr@champion (with --suite, also --checkpoint: two rows)"
+    )
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
     add_config_args(p, "inference YAML (default configs/inference/default.yaml)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")

@@ -5,6 +5,7 @@
 * Wavelet: keep the SR image's high frequencies, take the reference's low frequencies (à-trous decomposition with a
   dilated 3x3 binomial kernel) — corrects colour casts while leaving the reference's blur behind.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Loaded from ``configs/inference/default.yaml`` (or any YAML) with ``infra.core.config.load_config``; the same object is
 logged next to the MLflow model so the served endpoint enforces exactly the limits it was registered with.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -112,8 +113,16 @@ class ServingConfig:
     metrics: bool = True  # /metrics, /health/live and /health/ready on the serving port
 
     def __post_init__(self):
-        for name in ("request_timeout_s", "max_request_work", "max_request_memory_mb", "max_request_bytes",
-                     "max_json_depth", "max_error_chars", "max_queued_requests", "warmup_side"):
+        for name in (
+            "request_timeout_s",
+            "max_request_work",
+            "max_request_memory_mb",
+            "max_request_bytes",
+            "max_json_depth",
+            "max_error_chars",
+            "max_queued_requests",
+            "warmup_side",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"serving.{name} must be > 0, got {getattr(self, name)}")
         if self.orphan_grace_s < 0:
@@ -131,8 +140,9 @@ class InferenceConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
-def load_inference_config(path: str | Path | None = None,
-                          overrides: list[str] | tuple[str, ...] = ()) -> InferenceConfig:
+def load_inference_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> InferenceConfig:
     """defaults <- ``path`` (default: configs/inference/default.yaml when present) <- ``key=value`` overrides."""
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH

@@ -11,6 +11,7 @@ NIQE, CLIP-IQA, MUSIQ, MANIQA) plus RGB PSNR/SSIM and BRISQUE (docs/EVALUATION.m
 Every metric scores uint8 RGB arrays (HxWx3): ``score(sr, hr)`` for per-image metrics (``hr`` unused by the
 no-reference ones); ``score_set(srs, hrs)`` for distribution metrics (FID).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,18 +78,18 @@ def _offline(crop_border: int) -> dict[str, tuple[MetricInfo, Scorer]]:
     c = crop_border
     core = "infra/core/metrics.py"
     return {
-        "psnr_y": (MetricInfo("psnr_y", "fr", True, False, core),
-                   lambda s, h: M.psnr(_y(s, c), _y(h, c))),
-        "ssim_y": (MetricInfo("ssim_y", "fr", True, False, core),
-                   lambda s, h: M.ssim(_y(s, c), _y(h, c))),
-        "psnr_rgb": (MetricInfo("psnr_rgb", "fr", True, False, core),
-                     lambda s, h: M.psnr(_rgb(s, c), _rgb(h, c))),
-        "ssim_rgb": (MetricInfo("ssim_rgb", "fr", True, False, core),
-                     lambda s, h: M.ssim(_rgb(s, c), _rgb(h, c))),
-        "niqe": (MetricInfo("niqe", "nr", False, False, f"{core} (BasicSR 1.4.2 pristine params)"),
-                 lambda s, h: M.niqe(s, crop_border=c)),
-        "brisque": (MetricInfo("brisque", "nr", False, False, "brisque==0.2.0 (features + shipped SVR)"),
-                    lambda s, h: M.brisque(s)),
+        "psnr_y": (MetricInfo("psnr_y", "fr", True, False, core), lambda s, h: M.psnr(_y(s, c), _y(h, c))),
+        "ssim_y": (MetricInfo("ssim_y", "fr", True, False, core), lambda s, h: M.ssim(_y(s, c), _y(h, c))),
+        "psnr_rgb": (MetricInfo("psnr_rgb", "fr", True, False, core), lambda s, h: M.psnr(_rgb(s, c), _rgb(h, c))),
+        "ssim_rgb": (MetricInfo("ssim_rgb", "fr", True, False, core), lambda s, h: M.ssim(_rgb(s, c), _rgb(h, c))),
+        "niqe": (
+            MetricInfo("niqe", "nr", False, False, f"{core} (BasicSR 1.4.2 pristine params)"),
+            lambda s, h: M.niqe(s, crop_border=c),
+        ),
+        "brisque": (
+            MetricInfo("brisque", "nr", False, False, "brisque==0.2.0 (features + shipped SVR)"),
+            lambda s, h: M.brisque(s),
+        ),
     }
 
 
@@ -119,8 +120,10 @@ def _offline_hubs(weights_dir: Path) -> Iterator[None]:
 def _need_modules(name: str, *modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise MetricUnavailable(f"{name}: needs the {', '.join(missing)} package(s), which are not installed "
-                                f"(docs/EVALUATION.md, 'Learned metrics')")
+        raise MetricUnavailable(
+            f"{name}: needs the {', '.join(missing)} package(s), which are not installed "
+            f"(docs/EVALUATION.md, 'Learned metrics')"
+        )
 
 
 def _need_file(name: str, path: Path, what: str) -> None:
@@ -136,6 +139,7 @@ def _to_tensor(a: np.ndarray):
 
 def _pairwise(module) -> Scorer:
     """A full-reference scorer from a torchmetrics module called as ``module(sr, hr)`` on [0, 1] tensors."""
+
     def run(sr: np.ndarray, hr: np.ndarray | None) -> float:
         assert hr is not None  # Metric.score checks full-reference inputs
         return float(module(_to_tensor(sr), _to_tensor(hr)))
@@ -150,8 +154,11 @@ TV_BACKBONES = {"lpips": "alexnet-owt-7be5be79.pth", "dists": "vgg16-397923af.pt
 
 def _lpips(weights_dir: Path) -> Metric:
     _need_modules("lpips", "torchvision")
-    _need_file("lpips", weights_dir / "torch_hub" / "checkpoints" / TV_BACKBONES["lpips"],
-               "torchvision's AlexNet, the backbone of torchmetrics' LPIPS")
+    _need_file(
+        "lpips",
+        weights_dir / "torch_hub" / "checkpoints" / TV_BACKBONES["lpips"],
+        "torchvision's AlexNet, the backbone of torchmetrics' LPIPS",
+    )
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     with _offline_hubs(weights_dir):
@@ -161,8 +168,11 @@ def _lpips(weights_dir: Path) -> Metric:
 
 def _dists(weights_dir: Path) -> Metric:
     _need_modules("dists", "torchvision")
-    _need_file("dists", weights_dir / "torch_hub" / "checkpoints" / TV_BACKBONES["dists"],
-               "torchvision's VGG16, the backbone of torchmetrics' DISTS")
+    _need_file(
+        "dists",
+        weights_dir / "torch_hub" / "checkpoints" / TV_BACKBONES["dists"],
+        "torchvision's VGG16, the backbone of torchmetrics' DISTS",
+    )
     from torchmetrics.image.dists import DeepImageStructureAndTextureSimilarity
 
     with _offline_hubs(weights_dir):
@@ -192,8 +202,13 @@ def _fid(weights_dir: Path) -> Metric:
 
 
 # pyiqa metric names; the MANIQA variant changes numbers (the authors' note), so it is part of the metric's name
-PYIQA = {"musiq": ("musiq", True), "maniqa": ("maniqa", True), "maniqa-koniq": ("maniqa-koniq", True),
-         "maniqa-kadid": ("maniqa-kadid", True), "clipiqa": ("clipiqa", True)}
+PYIQA = {
+    "musiq": ("musiq", True),
+    "maniqa": ("maniqa", True),
+    "maniqa-koniq": ("maniqa-koniq", True),
+    "maniqa-kadid": ("maniqa-kadid", True),
+    "clipiqa": ("clipiqa", True),
+}
 
 
 def _pyiqa(name: str, weights_dir: Path) -> Metric:
@@ -205,14 +220,18 @@ def _pyiqa(name: str, weights_dir: Path) -> Metric:
         with _offline_hubs(weights_dir):
             m = pyiqa.create_metric(pyiqa_name, device="cpu", as_loss=False)
     except Exception as e:  # noqa: BLE001 - pyiqa raises many kinds when its weights are not in the cache, offline
-        raise MetricUnavailable(f"{name}: pyiqa could not load its weights offline from {weights_dir / 'torch_hub'} "
-                                f"({type(e).__name__})") from None
-    return Metric(MetricInfo(name, "nr", higher, True, f"pyiqa {pyiqa_name}"),
-                  fn=lambda s, h: float(m(_to_tensor(s)).item()))
+        raise MetricUnavailable(
+            f"{name}: pyiqa could not load its weights offline from {weights_dir / 'torch_hub'} ({type(e).__name__})"
+        ) from None
+    return Metric(
+        MetricInfo(name, "nr", higher, True, f"pyiqa {pyiqa_name}"), fn=lambda s, h: float(m(_to_tensor(s)).item())
+    )
 
 
 LEARNED: dict[str, Callable[[Path], Metric]] = {
-    "lpips": _lpips, "dists": _dists, "fid": _fid,
+    "lpips": _lpips,
+    "dists": _dists,
+    "fid": _fid,
     **{n: functools.partial(_pyiqa, n) for n in PYIQA},
 }
 TABLE1 = ("psnr_y", "ssim_y", "lpips", "dists", "fid", "niqe", "clipiqa", "musiq", "maniqa")
@@ -231,8 +250,12 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get("VARSR_EVAL_WEIGHTS") or Path.home() / ".cache" / "varsr" / "eval-weights")
 
 
-def load_metrics(names: list[str] | tuple[str, ...], weights_dir: str | Path | None = None, crop_border: int = 0,
-                 required: tuple[str, ...] | list[str] = ()) -> tuple[list[Metric], list[str]]:
+def load_metrics(
+    names: list[str] | tuple[str, ...],
+    weights_dir: str | Path | None = None,
+    crop_border: int = 0,
+    required: tuple[str, ...] | list[str] = (),
+) -> tuple[list[Metric], list[str]]:
     """The metrics ``names`` (``all`` = every known one), loaded, and one notice per skipped one.
 
     Unknown names raise :class:`UserError`. A metric whose package or weights are absent is skipped with its one-line

@@ -13,6 +13,7 @@ that made its LR (replayable, as the shards record them). Three kinds, the resea
   training recipe uses (scikit-image's stereo motorcycle pair and its coins photo; configs/demo/*.yaml and
   data_pipeline/sample_corpus.py use none of them for training), LR = bicubic x4.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ MANIFEST = "manifest.json"
 Degrader = Callable[[np.ndarray, str, int], tuple[np.ndarray, dict]]
 Replayer = Callable[[np.ndarray, dict], np.ndarray]
 # scikit-image photos no recipe trains on: (file, HR crop boxes (x0, y0) of side `side`, as fractions of the free room)
-BUNDLED = (("motorcycle_left.png", ((0.0, 0.5), (1.0, 0.5))), ("motorcycle_right.png", ((0.0, 0.0), (1.0, 1.0))),
-           ("coins.png", ((0.5, 0.5),)))
+BUNDLED = (
+    ("motorcycle_left.png", ((0.0, 0.5), (1.0, 0.5))),
+    ("motorcycle_right.png", ((0.0, 0.0), (1.0, 1.0))),
+    ("coins.png", ((0.5, 0.5),)),
+)
 
 
 @dataclass
@@ -81,12 +85,12 @@ def _save(img: Image.Image | np.ndarray, path: Path) -> str:
     return _sha(path)
 
 
-def _write_manifest(out: Path, name: str, protocol: dict[str, Any], seed: int | None,
-                    pairs: list[dict[str, Any]]) -> EvalSet:
+def _write_manifest(
+    out: Path, name: str, protocol: dict[str, Any], seed: int | None, pairs: list[dict[str, Any]]
+) -> EvalSet:
     if not pairs:
         raise UserError(f"no pairs were made for {out}")
-    manifest = {"format": FORMAT, "name": name, "protocol": protocol, "seed": seed, "count": len(pairs),
-                "pairs": pairs}
+    manifest = {"format": FORMAT, "name": name, "protocol": protocol, "seed": seed, "count": len(pairs), "pairs": pairs}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return load_set(out)
 
@@ -119,8 +123,15 @@ def _size(path: Path) -> tuple[int, int]:
         raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
-def prepare_paired(hr_dir: Path, lr_dir: Path, out: Path, scale: int = 4, lr_size: int = 128,
-                   name: str | None = None, overwrite: bool = False) -> EvalSet:
+def prepare_paired(
+    hr_dir: Path,
+    lr_dir: Path,
+    out: Path,
+    scale: int = 4,
+    lr_size: int = 128,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> EvalSet:
     """Centre crops of an HR/LR folder pair: an ``lr_size`` LR crop about the LR's centre and the HR crop over the
     same area (``scale`` x larger). Every HR needs an LR of the same stem, exactly ``scale`` x smaller."""
     for d in (hr_dir, lr_dir):
@@ -148,17 +159,32 @@ def prepare_paired(hr_dir: Path, lr_dir: Path, out: Path, scale: int = 4, lr_siz
         s = lr_size * scale
         hr_c = hr.crop((x0 * scale, y0 * scale, x0 * scale + s, y0 * scale + s))
         stem = hp.stem
-        rows.append({"name": stem, "hr": f"HR/{stem}.png", "lr": f"LR/{stem}.png",
-                     "hr_sha256": _save(hr_c, out / "HR" / f"{stem}.png"),
-                     "lr_sha256": _save(lr_c, out / "LR" / f"{stem}.png"),
-                     "source": {"hr": hp.name, "lr": lrs[stem].name, "lr_box": [x0, y0, x0 + lr_size, y0 + lr_size]}})
+        rows.append(
+            {
+                "name": stem,
+                "hr": f"HR/{stem}.png",
+                "lr": f"LR/{stem}.png",
+                "hr_sha256": _save(hr_c, out / "HR" / f"{stem}.png"),
+                "lr_sha256": _save(lr_c, out / "LR" / f"{stem}.png"),
+                "source": {"hr": hp.name, "lr": lrs[stem].name, "lr_box": [x0, y0, x0 + lr_size, y0 + lr_size]},
+            }
+        )
     protocol = {"kind": "paired", "crop": "centre", "scale": scale, "lr_size": lr_size, "hr_size": lr_size * scale}
     return _write_manifest(out, name or out.name, protocol, None, rows)
 
 
-def prepare_synthetic(hr_dir: Path, out: Path, n: int, preset: str, degrader: Degrader, seed: int = 0,
-                      hr_size: int = 512, scale: int = 4, name: str | None = None,
-                      overwrite: bool = False) -> EvalSet:
+def prepare_synthetic(
+    hr_dir: Path,
+    out: Path,
+    n: int,
+    preset: str,
+    degrader: Degrader,
+    seed: int = 0,
+    hr_size: int = 512,
+    scale: int = 4,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> EvalSet:
     """``n`` HR crops of ``hr_size`` px (pair ``i`` from file ``i * files // n``, in name order; a position drawn from
     ``seed``), each degraded by
     ``preset`` with seed ``seed * 1_000_003 + i``; the degradation parameters are recorded per pair."""
@@ -182,20 +208,34 @@ def prepare_synthetic(hr_dir: Path, out: Path, n: int, preset: str, degrader: De
         if min(h, w) < hr_size:
             raise UserError(f"{src.name}: {w}x{h} is smaller than the {hr_size}-px crop")
         y0, x0 = int(rng.integers(0, h - hr_size + 1)), int(rng.integers(0, w - hr_size + 1))
-        hr = np.ascontiguousarray(img[y0:y0 + hr_size, x0:x0 + hr_size])
+        hr = np.ascontiguousarray(img[y0 : y0 + hr_size, x0 : x0 + hr_size])
         pair_seed = seed * 1_000_003 + i
         lr, params = degrader(hr, preset, pair_seed)
         if lr.shape[:2] != (hr_size // scale, hr_size // scale):
-            raise UserError(f"preset {preset} made a {lr.shape[1]}x{lr.shape[0]} LR from a {hr_size}-px HR; "
-                            f"expected x{scale}")
+            raise UserError(
+                f"preset {preset} made a {lr.shape[1]}x{lr.shape[0]} LR from a {hr_size}-px HR; expected x{scale}"
+            )
         stem = f"{i:05d}"
-        rows.append({"name": stem, "hr": f"HR/{stem}.png", "lr": f"LR/{stem}.png",
-                     "hr_sha256": _save(hr, out / "HR" / f"{stem}.png"),
-                     "lr_sha256": _save(lr, out / "LR" / f"{stem}.png"),
-                     "source": {"hr": src.name, "box": [x0, y0, x0 + hr_size, y0 + hr_size]},
-                     "seed": pair_seed, "degradation": json.loads(json.dumps(params, default=_json_default))})
-    protocol = {"kind": "synthetic", "preset": preset, "scale": scale, "hr_size": hr_size,
-                "lr_size": hr_size // scale, "crop": "random (seeded)"}
+        rows.append(
+            {
+                "name": stem,
+                "hr": f"HR/{stem}.png",
+                "lr": f"LR/{stem}.png",
+                "hr_sha256": _save(hr, out / "HR" / f"{stem}.png"),
+                "lr_sha256": _save(lr, out / "LR" / f"{stem}.png"),
+                "source": {"hr": src.name, "box": [x0, y0, x0 + hr_size, y0 + hr_size]},
+                "seed": pair_seed,
+                "degradation": json.loads(json.dumps(params, default=_json_default)),
+            }
+        )
+    protocol = {
+        "kind": "synthetic",
+        "preset": preset,
+        "scale": scale,
+        "hr_size": hr_size,
+        "lr_size": hr_size // scale,
+        "crop": "random (seeded)",
+    }
     return _write_manifest(out, name or out.name, protocol, seed, rows)
 
 
@@ -215,8 +255,9 @@ def bundled_photos() -> list[Path]:
     return [d / f for f, _ in BUNDLED]
 
 
-def prepare_bundled(out: Path, hr_size: int = 256, scale: int = 4, name: str = "bundled",
-                    overwrite: bool = False) -> EvalSet:
+def prepare_bundled(
+    out: Path, hr_size: int = 256, scale: int = 4, name: str = "bundled", overwrite: bool = False
+) -> EvalSet:
     """The small real set: ``hr_size`` crops of the bundled photos (two per motorcycle view, one of the coins),
     LR = PIL bicubic / ``scale`` (the demo's held-out protocol)."""
     _prepare_out(out, overwrite)
@@ -230,13 +271,21 @@ def prepare_bundled(out: Path, hr_size: int = 256, scale: int = 4, name: str = "
             hr = img.crop((x0, y0, x0 + hr_size, y0 + hr_size))
             lr = hr.resize((hr_size // scale, hr_size // scale), Image.Resampling.BICUBIC)
             stem = f"{Path(fname).stem}_{k}"
-            rows.append({"name": stem, "hr": f"HR/{stem}.png", "lr": f"LR/{stem}.png",
-                         "hr_sha256": _save(hr, out / "HR" / f"{stem}.png"),
-                         "lr_sha256": _save(lr, out / "LR" / f"{stem}.png"),
-                         "source": {"package": "scikit-image", "file": f"skimage/data/{fname}",
-                                    "box": [x0, y0, x0 + hr_size, y0 + hr_size]}})
-    protocol = {"kind": "bundled", "lr": "PIL bicubic", "scale": scale, "hr_size": hr_size,
-                "lr_size": hr_size // scale}
+            rows.append(
+                {
+                    "name": stem,
+                    "hr": f"HR/{stem}.png",
+                    "lr": f"LR/{stem}.png",
+                    "hr_sha256": _save(hr, out / "HR" / f"{stem}.png"),
+                    "lr_sha256": _save(lr, out / "LR" / f"{stem}.png"),
+                    "source": {
+                        "package": "scikit-image",
+                        "file": f"skimage/data/{fname}",
+                        "box": [x0, y0, x0 + hr_size, y0 + hr_size],
+                    },
+                }
+            )
+    protocol = {"kind": "bundled", "lr": "PIL bicubic", "scale": scale, "hr_size": hr_size, "lr_size": hr_size // scale}
     return _write_manifest(out, name, protocol, None, rows)
 
 

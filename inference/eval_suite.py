@@ -14,6 +14,7 @@ primary method's scores) and ``worst.png`` (the figures of the ``worst`` pairs b
 With ``workers > 1`` and more pairs than ``ray_min_pairs``, the pairs are scored by Ray tasks (each loads the model
 once); otherwise in this process (one CPU is enough for the bundled set).
 """
+
 from __future__ import annotations
 
 import csv
@@ -56,9 +57,22 @@ class SuiteConfig:
 
     name: str = "bundled"
     sets: list[SuiteSetConfig] = field(default_factory=lambda: [SuiteSetConfig()])
-    metrics: list[str] = field(default_factory=lambda: ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "niqe",
-                                                        "brisque", "lpips", "dists", "fid", "musiq", "maniqa",
-                                                        "clipiqa"])
+    metrics: list[str] = field(
+        default_factory=lambda: [
+            "psnr_y",
+            "ssim_y",
+            "psnr_rgb",
+            "ssim_rgb",
+            "niqe",
+            "brisque",
+            "lpips",
+            "dists",
+            "fid",
+            "musiq",
+            "maniqa",
+            "clipiqa",
+        ]
+    )
     required_metrics: list[str] = field(default_factory=list)  # absent weights for these stop the run
     weights_dir: str | None = None  # learned metrics' weights (default $VARSR_EVAL_WEIGHTS or ~/.cache/varsr/...)
     crop_border: int = 0  # the research code's Table 1 crops none
@@ -139,8 +153,14 @@ def _png(img: Image.Image) -> bytes:
     return b.getvalue()
 
 
-def score_pairs(methods: list[Method], pairs: list[tuple[str, EvalPair]], metric_names: list[str],
-                weights_dir: str | None, crop_border: int, seed: int) -> list[dict[str, Any]]:
+def score_pairs(
+    methods: list[Method],
+    pairs: list[tuple[str, EvalPair]],
+    metric_names: list[str],
+    weights_dir: str | None,
+    crop_border: int,
+    seed: int,
+) -> list[dict[str, Any]]:
     """Rows ``{set, image, method, <metric>: value, _png: SR bytes}`` for every pair and method (one worker's share).
 
     Metrics whose weights are absent were already reported by the caller; here they are simply left out."""
@@ -161,14 +181,14 @@ def score_pairs(methods: list[Method], pairs: list[tuple[str, EvalPair]], metric
                 scores = score_image(np.asarray(sr.convert("RGB")), hr_a, per_image)
             except ValueError as e:  # e.g. an image smaller than NIQE's 96-px patch
                 raise UserError(f"{set_name}/{pair.name} ({m.label}): {e}") from None
-            row: dict[str, Any] = {"set": set_name, "image": pair.name, "method": m.label, **scores,
-                                   "_png": _png(sr)}
+            row: dict[str, Any] = {"set": set_name, "image": pair.name, "method": m.label, **scores, "_png": _png(sr)}
             rows.append(row)
     return rows
 
 
-def _score_with_ray(methods: list[Method], pairs: list[tuple[str, EvalPair]], cfg: SuiteConfig,
-                    metric_names: list[str]) -> list[dict[str, Any]]:
+def _score_with_ray(
+    methods: list[Method], pairs: list[tuple[str, EvalPair]], cfg: SuiteConfig, metric_names: list[str]
+) -> list[dict[str, Any]]:
     import ray
 
     if not ray.is_initialized():
@@ -177,13 +197,14 @@ def _score_with_ray(methods: list[Method], pairs: list[tuple[str, EvalPair]], cf
         else:
             ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(score_pairs)
-    chunks = [pairs[i::cfg.workers] for i in range(cfg.workers)]
+    chunks = [pairs[i :: cfg.workers] for i in range(cfg.workers)]
     refs = [task.remote(methods, c, metric_names, cfg.weights_dir, cfg.crop_border, cfg.seed) for c in chunks if c]
     return [r for part in ray.get(refs) for r in part]
 
 
-def _figure(lr: Image.Image, hr: Image.Image, panels: Sequence[tuple[str, Image.Image]], caption: str,
-            side: int) -> Image.Image:
+def _figure(
+    lr: Image.Image, hr: Image.Image, panels: Sequence[tuple[str, Image.Image]], caption: str, side: int
+) -> Image.Image:
     """LR (nearest) | each method | HR, centre crops of ``side`` px, labelled, with a caption line."""
     w, h = hr.size
     s = min(side, w, h)
@@ -202,8 +223,9 @@ def _fmt(v: float) -> str:
     return "nan" if v != v else ("inf" if math.isinf(v) else f"{v:.4f}")
 
 
-def write_table(table: dict[str, dict[str, float]], columns: list[str], out: Path, higher: dict[str, bool],
-                title: str) -> tuple[Path, Path]:
+def write_table(
+    table: dict[str, dict[str, float]], columns: list[str], out: Path, higher: dict[str, bool], title: str
+) -> tuple[Path, Path]:
     """``table.csv`` and ``table.md`` (arrows say which way is better; the best value of a column in bold)."""
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -244,9 +266,15 @@ def _resolve_sets(cfg: SuiteConfig, out: Path) -> list[EvalSet]:
     return sets
 
 
-def run_suite(cfg: SuiteConfig, methods: list[Method], out_dir: str | Path, log_to_mlflow: bool = True,
-              tracking_uri: str | None = None, experiment: str | None = None,
-              parent_run_id: str | None = None) -> SuiteResult:
+def run_suite(
+    cfg: SuiteConfig,
+    methods: list[Method],
+    out_dir: str | Path,
+    log_to_mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    parent_run_id: str | None = None,
+) -> SuiteResult:
     """Score every set of ``cfg`` with every method; write the table, figures and (optionally) an MLflow run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,32 +303,53 @@ def run_suite(cfg: SuiteConfig, methods: list[Method], out_dir: str | Path, log_
     table = _aggregate(rows, metrics, sets, labels, out)
     set_names = [es.name for es in sets]
     columns = [f"{s}/{n}" for s in set_names for n in names]
-    write_table(table, columns, out, higher, f"suite {cfg.name}: " + ", ".join(
-        f"{es.name} ({len(es.pairs)} pairs, {es.manifest['protocol'].get('kind')})" for es in sets))
+    write_table(
+        table,
+        columns,
+        out,
+        higher,
+        f"suite {cfg.name}: "
+        + ", ".join(f"{es.name} ({len(es.pairs)} pairs, {es.manifest['protocol'].get('kind')})" for es in sets),
+    )
     _write_per_image(rows, names, out)
     _figures(rows, methods, sets, cfg, out)
     res = SuiteResult(table, rows, notices, out, metrics=names)
     from infra.core.tracking import portable_ref
 
-    meta = {"suite": asdict(cfg), "methods": [{"label": m.label, **m.upscale_kwargs,
-                                               "source": m.source if not m.source or "://" in m.source
-                                               or m.source.startswith("models:/") else portable_ref(m.source, out)}
-                                              for m in methods],
-            "sets": {es.name: {"manifest_sha256": es.sha256, "protocol": es.manifest["protocol"],
-                               "pairs": len(es.pairs)} for es in sets},
-            "metrics": {m.info.name: asdict(m.info) for m in metrics}, "notices": notices, "seconds": seconds,
-            "table": table}
+    meta = {
+        "suite": asdict(cfg),
+        "methods": [
+            {
+                "label": m.label,
+                **m.upscale_kwargs,
+                "source": m.source
+                if not m.source or "://" in m.source or m.source.startswith("models:/")
+                else portable_ref(m.source, out),
+            }
+            for m in methods
+        ],
+        "sets": {
+            es.name: {"manifest_sha256": es.sha256, "protocol": es.manifest["protocol"], "pairs": len(es.pairs)}
+            for es in sets
+        },
+        "metrics": {m.info.name: asdict(m.info) for m in metrics},
+        "notices": notices,
+        "seconds": seconds,
+        "table": table,
+    }
     from infra.core.redact import redact_config
 
-    (out / "summary.json").write_text(json.dumps(redact_config(json.loads(json.dumps(meta, default=str))),
-                                                 indent=2) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(redact_config(json.loads(json.dumps(meta, default=str))), indent=2) + "\n"
+    )
     if log_to_mlflow:
         res.run_id = _log_run(res, cfg, methods, sets, out, tracking_uri, experiment, parent_run_id)
     return res
 
 
-def _aggregate(rows: list[dict[str, Any]], metrics: list[Metric], sets: list[EvalSet], labels: list[str],
-               out: Path) -> dict[str, dict[str, float]]:
+def _aggregate(
+    rows: list[dict[str, Any]], metrics: list[Metric], sets: list[EvalSet], labels: list[str], out: Path
+) -> dict[str, dict[str, float]]:
     """Per method: the mean of each per-image metric per set, and each set metric over the set (FID)."""
     table: dict[str, dict[str, float]] = {m: {} for m in labels}
     for es in sets:
@@ -315,8 +364,10 @@ def _aggregate(rows: list[dict[str, Any]], metrics: list[Metric], sets: list[Eva
                 else:
                     if hr_arrays is None:
                         hr_arrays = [np.asarray(p.load()[0].convert("RGB")) for p in es.pairs]
-                    srs = [np.asarray(Image.open(out / "sr" / label / es.name / f"{p.name}.png").convert("RGB"))
-                           for p in es.pairs]
+                    srs = [
+                        np.asarray(Image.open(out / "sr" / label / es.name / f"{p.name}.png").convert("RGB"))
+                        for p in es.pairs
+                    ]
                     table[label][col] = m.score_set(srs, hr_arrays)
     return table
 
@@ -330,8 +381,9 @@ def _write_per_image(rows: list[dict[str, Any]], names: list[str], out: Path) ->
             w.writerow([r["set"], r["image"], r["method"], *(_fmt(r[n]) for n in per)])
 
 
-def _figures(rows: list[dict[str, Any]], methods: list[Method], sets: list[EvalSet], cfg: SuiteConfig,
-             out: Path) -> None:
+def _figures(
+    rows: list[dict[str, Any]], methods: list[Method], sets: list[EvalSet], cfg: SuiteConfig, out: Path
+) -> None:
     """A figure per pair and ``worst.png``: the ``cfg.worst`` pairs where the primary (first model, else first)
     method scores worst by ``cfg.worst_by``."""
     primary = next((m.label for m in methods if m.is_model), methods[0].label)
@@ -345,7 +397,8 @@ def _figures(rows: list[dict[str, Any]], methods: list[Method], sets: list[EvalS
             panels = [(m.label, Image.open(out / "sr" / m.label / es.name / f"{p.name}.png")) for m in methods]
             r = by_key[(es.name, p.name, primary)]
             caption = f"{es.name}/{p.name} {primary}: " + " ".join(
-                f"{k}={r[k]:.3g}" for k in ("psnr_y", "ssim_y", "niqe", "brisque", "lpips") if k in r)
+                f"{k}={r[k]:.3g}" for k in ("psnr_y", "ssim_y", "niqe", "brisque", "lpips") if k in r
+            )
             fig = _figure(lr, hr, panels, caption, cfg.figure_side)
             fig.save(out / "figures" / es.name / f"{p.name}.png")
             if cfg.worst_by in r:
@@ -390,8 +443,16 @@ def _key(k: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", k)
 
 
-def _log_run(res: SuiteResult, cfg: SuiteConfig, methods: list[Method], sets: list[EvalSet], out: Path,
-             tracking_uri: str | None, experiment: str | None, parent_run_id: str | None) -> str:
+def _log_run(
+    res: SuiteResult,
+    cfg: SuiteConfig,
+    methods: list[Method],
+    sets: list[EvalSet],
+    out: Path,
+    tracking_uri: str | None,
+    experiment: str | None,
+    parent_run_id: str | None,
+) -> str:
     from mlflow.entities import Metric as MlMetric
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -403,32 +464,67 @@ def _log_run(res: SuiteResult, cfg: SuiteConfig, methods: list[Method], sets: li
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = parent_run_id or _parent_run(methods, uri)
     model = next((m.source for m in methods if m.is_model), None)
-    label = redact(model).removeprefix("models:/") if model and model.startswith("models:/") else (
-        Path(model).name if model else "bicubic")
-    tags = {"varsr.stage": "eval-suite", "varsr.suite": cfg.name,
-            **({"varsr.model_uri": redact(model)} if model and model.startswith("models:/") else {})}
-    run = start_run(uri, run_name("eval-suite", cfg.name, label), experiment=experiment, parent_run_id=parent,
-                    tags=tags, source="varsr eval --suite")
+    label = (
+        redact(model).removeprefix("models:/")
+        if model and model.startswith("models:/")
+        else (Path(model).name if model else "bicubic")
+    )
+    tags = {
+        "varsr.stage": "eval-suite",
+        "varsr.suite": cfg.name,
+        **({"varsr.model_uri": redact(model)} if model and model.startswith("models:/") else {}),
+    }
+    run = start_run(
+        uri,
+        run_name("eval-suite", cfg.name, label),
+        experiment=experiment,
+        parent_run_id=parent,
+        tags=tags,
+        source="varsr eval --suite",
+    )
     run_id, status = run.info.run_id, "FAILED"
     try:
-        params = {"suite": cfg.name, "seed": cfg.seed, "metrics": ",".join(res.metrics),
-                  "crop_border": cfg.crop_border, "methods": ",".join(m.label for m in methods),
-                  **{f"method.{m.label}": (m.source if "://" in (m.source or "") or (m.source or "").startswith(
-                      "models:/") else portable_ref(m.source, out)) if m.source else "bicubic (PIL)"
-                     for m in methods},
-                  **{f"set.{es.name}": f"{es.manifest['protocol'].get('kind')} {len(es.pairs)} pairs"
-                     for es in sets}}
+        params = {
+            "suite": cfg.name,
+            "seed": cfg.seed,
+            "metrics": ",".join(res.metrics),
+            "crop_border": cfg.crop_border,
+            "methods": ",".join(m.label for m in methods),
+            **{
+                f"method.{m.label}": (
+                    m.source
+                    if "://" in (m.source or "") or (m.source or "").startswith("models:/")
+                    else portable_ref(m.source, out)
+                )
+                if m.source
+                else "bicubic (PIL)"
+                for m in methods
+            },
+            **{f"set.{es.name}": f"{es.manifest['protocol'].get('kind')} {len(es.pairs)} pairs" for es in sets},
+        }
         client.log_batch(run_id, params=[Param(_key(k), redact(str(v))[:500]) for k, v in params.items()])
-        client.log_inputs(run_id, datasets=[dataset_input(portable_ref(str(es.root), out), es.sha256, name=es.name,
-                                                          context="evaluation",
-                                                          profile={"manifest_sha256": es.sha256,
-                                                                   "pairs": len(es.pairs)})
-                                            for es in sets])
+        client.log_inputs(
+            run_id,
+            datasets=[
+                dataset_input(
+                    portable_ref(str(es.root), out),
+                    es.sha256,
+                    name=es.name,
+                    context="evaluation",
+                    profile={"manifest_sha256": es.sha256, "pairs": len(es.pairs)},
+                )
+                for es in sets
+            ],
+        )
         now = int(time.time() * 1000)
-        ms = [MlMetric(_key(f"{method}/{col}"), float(v), now, 0) for method, vals in res.table.items()
-              for col, v in vals.items() if v == v and not math.isinf(v)]
+        ms = [
+            MlMetric(_key(f"{method}/{col}"), float(v), now, 0)
+            for method, vals in res.table.items()
+            for col, v in vals.items()
+            if v == v and not math.isinf(v)
+        ]
         for i in range(0, len(ms), 500):
-            client.log_batch(run_id, metrics=ms[i:i + 500])
+            client.log_batch(run_id, metrics=ms[i : i + 500])
         for name in ("table.csv", "table.md", "per_image.csv", "summary.json", "worst.png"):
             if (out / name).is_file():
                 client.log_artifact(run_id, str(out / name))

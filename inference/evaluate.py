@@ -12,6 +12,7 @@ records what was evaluated on what: the model URI (and the registered model's lo
 sampling params, the data as a dataset input (a shard manifest by its sha256, else the pairs by a hash of their
 pixels), ``<method>/<metric>`` means (``varsr/psnr_y``, ``bicubic/ssim_y``, ...) and the files above.
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,8 +68,10 @@ Pair = tuple[str, Callable[[], tuple[Image.Image, Image.Image]]]  # (name, load 
 
 def folder_pairs(hr_dir: Path, lr_dir: Path) -> list[Pair]:
     """Lazy (name, loader) pairs from two folders."""
-    return [(stem, lambda hp=hp, lp=lp: (open_image_path(hp), open_image_path(lp)))
-            for stem, hp, lp in pair_folders(hr_dir, lr_dir)]
+    return [
+        (stem, lambda hp=hp, lp=lp: (open_image_path(hp), open_image_path(lp)))
+        for stem, hp, lp in pair_folders(hr_dir, lr_dir)
+    ]
 
 
 def _crop_triptych(bic: Image.Image, sr: Image.Image, hr: Image.Image, side: int = 128) -> Image.Image:
@@ -109,11 +112,22 @@ class TrackingOptions:
     parent_run_id: str | None = None  # None -> $VARSR_PARENT_RUN_ID
 
 
-def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: str | None = None,
-                   upscale_kwargs: dict[str, Any] | None = None, log_to_mlflow: bool = True,
-                   tracking_uri: str | None = None, experiment: str | None = None, max_crops: int = 4,
-                   progress: bool = True, source: dict[str, Any] | None = None, model_ref: str | None = None,
-                   run_name: str | None = None, parent_run_id: str | None = None) -> EvalResult:
+def evaluate_pairs(
+    pipeline,
+    pairs: list[Pair],
+    out_dir: str | Path,
+    baseline: str | None = None,
+    upscale_kwargs: dict[str, Any] | None = None,
+    log_to_mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    max_crops: int = 4,
+    progress: bool = True,
+    source: dict[str, Any] | None = None,
+    model_ref: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> EvalResult:
     """Run the pipeline over every pair, score it (and the baseline), write files and (optionally) an MLflow run.
 
     ``source`` says where the pairs come from (``{"shards": spec}`` or ``{"hr_dir": ..., "lr_dir": ...}``) and
@@ -148,9 +162,12 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         bic = lr.resize(hr.size, Image.Resampling.BICUBIC)
         methods = {"varsr": sr, **({"bicubic": bic} if baseline == "bicubic" else {})}
         for method, img in methods.items():
-            row: dict[str, Any] = {"image": stem, "method": method, "scale": scale,
-                                   **score_image(np.asarray(img.convert("RGB")), np.asarray(hr.convert("RGB")),
-                                                 metrics)}
+            row: dict[str, Any] = {
+                "image": stem,
+                "method": method,
+                "scale": scale,
+                **score_image(np.asarray(img.convert("RGB")), np.asarray(hr.convert("RGB")), metrics),
+            }
             res.rows.append(row)
         if len([r for r in res.rows if r["method"] == "varsr"]) <= max_crops:
             _crop_triptych(bic, sr, hr).save(out / "crops" / f"{stem}.png")
@@ -159,12 +176,23 @@ def evaluate_pairs(pipeline, pairs: list[Pair], out_dir: str | Path, baseline: s
         rows = [r for r in res.rows if r["method"] == method]
         keys = [k for k in rows[0] if k not in ("image", "method", "scale")]
         res.summary[method] = {"images": float(len(rows)), **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
-    _write_files(res, out, {**(source or {}), "model": model_ref, "baseline": baseline, **kw,
-                            "seconds": seconds, "pipeline": pipeline.describe()})
+    _write_files(
+        res,
+        out,
+        {
+            **(source or {}),
+            "model": model_ref,
+            "baseline": baseline,
+            **kw,
+            "seconds": seconds,
+            "pipeline": pipeline.describe(),
+        },
+    )
     if log_to_mlflow:
         opts = TrackingOptions(tracking_uri, experiment, run_name, parent_run_id)
-        res.run_id = _log_mlflow(res, out, kw, baseline, opts, source or {}, model_ref, content.hexdigest(),
-                                 pipeline.describe())
+        res.run_id = _log_mlflow(
+            res, out, kw, baseline, opts, source or {}, model_ref, content.hexdigest(), pipeline.describe()
+        )
     return res
 
 
@@ -177,10 +205,19 @@ def _write_files(res: EvalResult, out: Path, meta: dict[str, Any]) -> None:
             w.writerows(res.rows)
     from infra.core.redact import redact_config
 
-    (out / "summary.json").write_text(json.dumps(
-        {"summary": res.summary, "notices": res.notices, "failed": res.failed,
-         "config": redact_config(json.loads(json.dumps(meta, default=str)))},
-        indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "summary": res.summary,
+                "notices": res.notices,
+                "failed": res.failed,
+                "config": redact_config(json.loads(json.dumps(meta, default=str))),
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
 
 
 def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
@@ -196,26 +233,49 @@ def _data_input(source: dict[str, Any], content_sha: str, out: Path, n: int):
             sha = storage.sha256(manifest)
             local = storage.is_local(manifest)
             src = portable_ref(storage.local_path(manifest), out) if local else redact(manifest)
-            return dataset_input(src, sha, name=os.path.basename(os.path.normpath(str(shards).rstrip("/"))),
-                                 context="evaluation", profile={"manifest_sha256": sha, "pairs": n,
-                                                                "pixels_sha256": content_sha})
+            return dataset_input(
+                src,
+                sha,
+                name=os.path.basename(os.path.normpath(str(shards).rstrip("/"))),
+                context="evaluation",
+                profile={"manifest_sha256": sha, "pairs": n, "pixels_sha256": content_sha},
+            )
     where = source.get("hr_dir") or shards or "pairs"
     src = redact(str(where)) if "://" in str(where) else portable_ref(str(where), out)
-    return dataset_input(src, content_sha, name=os.path.basename(os.path.normpath(str(where))) or "pairs",
-                         context="evaluation", profile={"pixels_sha256": content_sha, "pairs": n,
-                                                        **({"lr_dir": portable_ref(source["lr_dir"], out)}
-                                                           if source.get("lr_dir") else {})})
+    return dataset_input(
+        src,
+        content_sha,
+        name=os.path.basename(os.path.normpath(str(where))) or "pairs",
+        context="evaluation",
+        profile={
+            "pixels_sha256": content_sha,
+            "pairs": n,
+            **({"lr_dir": portable_ref(source["lr_dir"], out)} if source.get("lr_dir") else {}),
+        },
+    )
 
 
 def _model_label(model_ref: str | None) -> str | None:
     if not model_ref:
         return None
-    return model_ref.removeprefix("models:/") if model_ref.startswith("models:/") else \
-        os.path.basename(os.path.normpath(model_ref))
+    return (
+        model_ref.removeprefix("models:/")
+        if model_ref.startswith("models:/")
+        else os.path.basename(os.path.normpath(model_ref))
+    )
 
 
-def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | None, opts: TrackingOptions,
-                source: dict[str, Any], model_ref: str | None, content_sha: str, pipeline: dict[str, Any]) -> str:
+def _log_mlflow(
+    res: EvalResult,
+    out: Path,
+    kw: dict[str, Any],
+    baseline: str | None,
+    opts: TrackingOptions,
+    source: dict[str, Any],
+    model_ref: str | None,
+    content_sha: str,
+    pipeline: dict[str, Any],
+) -> str:
     from mlflow.entities import LoggedModelInput, Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -227,19 +287,32 @@ def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     where = source.get("shards") or source.get("hr_dir")
     data_label = os.path.basename(os.path.normpath(str(redact(where)))) if where else None
-    model = model_ref if (model_ref is None or "://" in model_ref or model_ref.startswith("models:/")) \
+    model = (
+        model_ref
+        if (model_ref is None or "://" in model_ref or model_ref.startswith("models:/"))
         else portable_ref(model_ref, out)
+    )
     if model:
         model = redact(model)  # a URL may carry credentials or a signature (docs/SECURITY.md, "Secrets in URIs")
     tags = {"varsr.stage": "eval", **({"varsr.model_uri": model} if model else {})}
-    run = start_run(uri, opts.run_name or run_name("eval", _model_label(model_ref), data_label),
-                    experiment=opts.experiment, parent_run_id=opts.parent_run_id, tags=tags, source="varsr eval")
+    run = start_run(
+        uri,
+        opts.run_name or run_name("eval", _model_label(model_ref), data_label),
+        experiment=opts.experiment,
+        parent_run_id=opts.parent_run_id,
+        tags=tags,
+        source="varsr eval",
+    )
     run_id, status = run.info.run_id, "FAILED"
     try:
-        params = {**{k: v for k, v in {**kw, "baseline": baseline}.items() if v is not None},
-                  "model_uri": model, "pairs": len({r["image"] for r in res.rows}), "failed": len(res.failed),
-                  **{f"data.{k}": (v if "://" in str(v) else portable_ref(str(v), out)) for k, v in source.items()},
-                  **{f"pipeline.{k}": v for k, v in pipeline.items()}}
+        params = {
+            **{k: v for k, v in {**kw, "baseline": baseline}.items() if v is not None},
+            "model_uri": model,
+            "pairs": len({r["image"] for r in res.rows}),
+            "failed": len(res.failed),
+            **{f"data.{k}": (v if "://" in str(v) else portable_ref(str(v), out)) for k, v in source.items()},
+            **{f"pipeline.{k}": v for k, v in pipeline.items()},
+        }
         client.log_batch(run_id, params=[Param(k, redact(str(v))[:500]) for k, v in params.items()])
         client.log_inputs(run_id, datasets=[_data_input(source, content_sha, out, len(res.rows))])
         if model_ref and model_ref.startswith("models:/"):
@@ -248,7 +321,8 @@ def _log_mlflow(res: EvalResult, out: Path, kw: dict[str, Any], baseline: str | 
                 if mv is not None:
                     client.set_tag(run_id, "varsr.model_version", f"{mv.name}/{mv.version}")
                     model_id = getattr(mv, "model_id", None) or (
-                        mv.source.removeprefix("models:/") if (mv.source or "").startswith("models:/m-") else None)
+                        mv.source.removeprefix("models:/") if (mv.source or "").startswith("models:/m-") else None
+                    )
                     if model_id:
                         client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
             except MlflowException as e:

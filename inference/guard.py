@@ -21,6 +21,7 @@ served endpoint"; issue 28, findings 1-4).
 Nothing here imports torch; only the standard library (the served model ships this module; inference/
 serve_metrics.py brings prometheus_client where metrics are on).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,8 +117,16 @@ class RequestEstimate:
     memory_bytes: int
 
 
-def image_memory_bytes(target_hw: tuple[int, int], padded_hw: tuple[int, int], n_tiles: int, *, decoder_ch: int,
-                       latent_ch: int, latent_side: int, input_px: int) -> int:
+def image_memory_bytes(
+    target_hw: tuple[int, int],
+    padded_hw: tuple[int, int],
+    n_tiles: int,
+    *,
+    decoder_ch: int,
+    latent_ch: int,
+    latent_side: int,
+    input_px: int,
+) -> int:
     """Upper estimate of the memory one image takes in the pipeline (inference/pipeline.py), in bytes.
 
     Per target pixel: the float32 bicubic LR (12 B) and its uint8 resize (3 B), the decoded image and its crop, the
@@ -127,8 +136,12 @@ def image_memory_bytes(target_hw: tuple[int, int], padded_hw: tuple[int, int], n
     """
     t = target_hw[0] * target_hw[1]
     pad = padded_hw[0] * padded_hw[1]
-    return int(t * (12 + 3 + 12 + 72 + 8) + pad * (12 + 16 * decoder_ch)
-               + n_tiles * latent_ch * latent_side * latent_side * 4 + 3 * input_px)
+    return int(
+        t * (12 + 3 + 12 + 72 + 8)
+        + pad * (12 + 16 * decoder_ch)
+        + n_tiles * latent_ch * latent_side * latent_side * 4
+        + 3 * input_px
+    )
 
 
 def estimate_request(pipeline, sizes: Iterable[tuple[int, int]], params) -> RequestEstimate:
@@ -143,18 +156,32 @@ def estimate_request(pipeline, sizes: Iterable[tuple[int, int]], params) -> Requ
     for w, h in sizes:
         target_hw, padded_hw, grid = pipeline.plan_size(w, h, params)
         tiles += len(grid)
-        mem += image_memory_bytes(target_hw, padded_hw, len(grid), decoder_ch=decoder_ch,
-                                  latent_ch=int(vq.z_channels), latent_side=int(pipeline.latent_side),
-                                  input_px=w * h)
+        mem += image_memory_bytes(
+            target_hw,
+            padded_hw,
+            len(grid),
+            decoder_ch=decoder_ch,
+            latent_ch=int(vq.z_channels),
+            latent_side=int(pipeline.latent_side),
+            input_px=w * h,
+        )
     return RequestEstimate(tiles, steps, tiles * steps, mem)
 
 
 # ---- bounded error replies -----------------------------------------------------------------------------------------
 _CODE_RE = re.compile(rb'"error_code"\s*:\s*"([A-Z_]{1,64})"')
 _MSG_RE = re.compile(rb'"message"\s*:\s*"')
-_DEFAULT_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "BAD_REQUEST", 413: "REQUEST_LIMIT_EXCEEDED",
-                  415: "BAD_REQUEST", 422: "BAD_REQUEST", 429: "REQUEST_LIMIT_EXCEEDED", 503: "TEMPORARILY_UNAVAILABLE",
-                  504: "DEADLINE_EXCEEDED"}
+_DEFAULT_CODES = {
+    400: "BAD_REQUEST",
+    404: "ENDPOINT_NOT_FOUND",
+    405: "BAD_REQUEST",
+    413: "REQUEST_LIMIT_EXCEEDED",
+    415: "BAD_REQUEST",
+    422: "BAD_REQUEST",
+    429: "REQUEST_LIMIT_EXCEEDED",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 def clean_message(message: str, max_chars: int) -> str:
@@ -163,13 +190,13 @@ def clean_message(message: str, max_chars: int) -> str:
     message = str(message)
     if message.startswith("Failed to predict data"):
         cut = message.rfind("\nError: ")
-        message = message[cut + len("\nError: "):] if cut >= 0 else "the model could not process the request"
+        message = message[cut + len("\nError: ") :] if cut >= 0 else "the model could not process the request"
     cut = message.find("\nInput:")
     if cut >= 0:
         message = message[:cut]
     message = message.strip()
     if len(message) > max_chars:
-        message = message[:max(0, max_chars - len(_TRUNCATED))] + _TRUNCATED
+        message = message[: max(0, max_chars - len(_TRUNCATED))] + _TRUNCATED
     return message
 
 
@@ -187,11 +214,14 @@ def bounded_error_body(raw: bytes, complete: bool, status: int, max_chars: int) 
             pass
     if code is None:
         m = _CODE_RE.search(raw[:4096])
-        code = m.group(1).decode() if m else _DEFAULT_CODES.get(status, "INTERNAL_ERROR" if status >= 500
-                                                                 else "BAD_REQUEST")
+        code = (
+            m.group(1).decode()
+            if m
+            else _DEFAULT_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+        )
     if message is None:
         m = _MSG_RE.search(raw)
-        text = raw[m.end():] if m else raw
+        text = raw[m.end() :] if m else raw
         message = text.decode("utf-8", errors="replace")
         if m:  # a cut JSON string: undo the common escapes, drop the closing quote if it is there
             message = message.split('"}', 1)[0].replace("\\n", "\n").replace('\\"', '"')
@@ -236,8 +266,13 @@ class GuardLimits:
 
     @classmethod
     def from_serving(cls, sv) -> "GuardLimits":
-        return cls(int(sv.max_request_bytes), int(sv.max_json_depth), int(sv.max_error_chars),
-                   float(sv.request_timeout_s), max_queued_requests=int(getattr(sv, "max_queued_requests", 0)))
+        return cls(
+            int(sv.max_request_bytes),
+            int(sv.max_json_depth),
+            int(sv.max_error_chars),
+            float(sv.request_timeout_s),
+            max_queued_requests=int(getattr(sv, "max_queued_requests", 0)),
+        )
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -255,30 +290,48 @@ class RequestGuard:
     and refuses a request with 503 while this process holds ``limits.max_queued_requests`` already.
     """
 
-    def __init__(self, app, limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None,
-                 health=None):
+    def __init__(self, app, limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None, health=None):
         self.app = app
         self.limits = limits
         self._on_start = on_start
         self.metrics = metrics
         self.health = health
-        self.stats = {"requests": 0, "too_large": 0, "bad_json": 0, "timed_out": 0, "client_gone": 0,
-                      "errors_bounded": 0, "queue_full": 0}
+        self.stats = {
+            "requests": 0,
+            "too_large": 0,
+            "bad_json": 0,
+            "timed_out": 0,
+            "client_gone": 0,
+            "errors_bounded": 0,
+            "queue_full": 0,
+        }
 
-    async def _reply(self, send, status: int, code: str, message: str,
-                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        body = json.dumps({"error_code": code,
-                           "message": clean_message(message, self.limits.max_error_chars)}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
-                                *headers]})
+    async def _reply(
+        self, send, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        body = json.dumps({"error_code": code, "message": clean_message(message, self.limits.max_error_chars)}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    *headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _plain(self, send, status: int, body: bytes, content_type: str) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type.encode()),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _operations(self, path: str, send) -> bool:
@@ -327,10 +380,14 @@ class RequestGuard:
             if cap > 0 and held_before >= cap:
                 self.stats["queue_full"] += 1
                 self.metrics.refused("queue_full")
-                await self._reply(observed, 503, "TEMPORARILY_UNAVAILABLE",
-                                  f"this server holds {held_before} requests, its limit "
-                                  f"(serving.max_queued_requests={cap}); retry shortly or on another replica",
-                                  headers=((b"retry-after", b"1"),))
+                await self._reply(
+                    observed,
+                    503,
+                    "TEMPORARILY_UNAVAILABLE",
+                    f"this server holds {held_before} requests, its limit "
+                    f"(serving.max_queued_requests={cap}); retry shortly or on another replica",
+                    headers=((b"retry-after", b"1"),),
+                )
                 return None
             await self._invocation(scope, receive, observed)
         except Exception:
@@ -348,8 +405,10 @@ class RequestGuard:
         """One /invocations request through the limits (see the module docstring)."""
         lim = self.limits
         self.stats["requests"] += 1
-        too_large = (f"the request body is larger than serving.max_request_bytes={lim.max_request_bytes} bytes; "
-                     f"send fewer or smaller images per request, or upscale large sets with `varsr upscale`")
+        too_large = (
+            f"the request body is larger than serving.max_request_bytes={lim.max_request_bytes} bytes; "
+            f"send fewer or smaller images per request, or upscale large sets with `varsr upscale`"
+        )
         cl = _header(scope, b"content-length")
         if cl is not None and cl.strip().isdigit() and int(cl) > lim.max_request_bytes:
             self._refused("too_large")
@@ -407,15 +466,20 @@ class RequestGuard:
         token = _CURRENT.set(control)
         watcher = asyncio.create_task(watch_client())
         try:
-            await asyncio.wait_for(self.app(scope, replay, inner_send),
-                                   timeout=lim.request_timeout_s + lim.reply_grace_s)
+            await asyncio.wait_for(
+                self.app(scope, replay, inner_send), timeout=lim.request_timeout_s + lim.reply_grace_s
+            )
         except (asyncio.TimeoutError, TimeoutError):
             self._refused("timed_out")
             control.cancel(f"the request took longer than serving.request_timeout_s={lim.request_timeout_s:g} s")
             if not started["v"] and not gone.is_set():
-                await self._reply(send, 504, "DEADLINE_EXCEEDED",
-                                  f"the request took longer than serving.request_timeout_s={lim.request_timeout_s:g}"
-                                  f" s and was stopped; upscale large images with `varsr upscale` or a batch job")
+                await self._reply(
+                    send,
+                    504,
+                    "DEADLINE_EXCEEDED",
+                    f"the request took longer than serving.request_timeout_s={lim.request_timeout_s:g}"
+                    f" s and was stopped; upscale large images with `varsr upscale` or a batch job",
+                )
         finally:
             _CURRENT.reset(token)
             control.cancel("the request has finished")  # whatever is still running for it stops at the next tile
@@ -446,14 +510,15 @@ class RequestGuard:
                 room = cap - len(buf)
                 if len(chunk) > room:
                     state["complete"] = False
-                buf += chunk[:max(0, room)]
+                buf += chunk[: max(0, room)]
                 if msg.get("more_body", False):
                     return
                 start = state["start"]
                 out = bounded_error_body(bytes(buf), state["complete"], start["status"], lim.max_error_chars)
                 self.stats["errors_bounded"] += 1
-                headers = [(k, v) for k, v in start.get("headers", ())
-                           if k.lower() not in (b"content-length", b"content-type")]
+                headers = [
+                    (k, v) for k, v in start.get("headers", ()) if k.lower() not in (b"content-length", b"content-type")
+                ]
                 headers += [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
                 await send({"type": "http.response.start", "status": start["status"], "headers": headers})
                 return await send({"type": "http.response.body", "body": out})
@@ -462,8 +527,9 @@ class RequestGuard:
         return bounded
 
 
-def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None,
-                          health=None) -> bool:
+def install_request_guard(
+    limits: GuardLimits, on_start: Callable[[], Any] | None = None, metrics=None, health=None
+) -> bool:
     """Make the scoring app uvicorn serves run behind :class:`RequestGuard`; False when not inside a scoring server.
 
     MLflow's ``scoring_server/app.py`` loads the model (this runs from ``load_context``) and then builds its FastAPI
@@ -501,11 +567,14 @@ def install_request_guard(limits: GuardLimits, on_start: Callable[[], Any] | Non
             fastapi.FastAPI = original  # one app only: the scoring server's
 
         def build_middleware_stack(self):
-            guard = RequestGuard(super().build_middleware_stack(), self._varsr_guard_limits, on_start, metrics,
-                                 health)
-            log.info("request guard: body <= %d bytes, JSON depth <= %d, %g s per request, errors <= %d chars",
-                     limits.max_request_bytes, limits.max_json_depth, limits.request_timeout_s,
-                     limits.max_error_chars)
+            guard = RequestGuard(super().build_middleware_stack(), self._varsr_guard_limits, on_start, metrics, health)
+            log.info(
+                "request guard: body <= %d bytes, JSON depth <= %d, %g s per request, errors <= %d chars",
+                limits.max_request_bytes,
+                limits.max_json_depth,
+                limits.request_timeout_s,
+                limits.max_error_chars,
+            )
             return guard
 
     fastapi.FastAPI = GuardedFastAPI
@@ -540,8 +609,7 @@ def _wait_for_exit(pid: int, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
-def start_orphan_watchdog(grace_s: float, pid: int | None = None,
-                          on_orphan: Callable[[], None] | None = None) -> bool:
+def start_orphan_watchdog(grace_s: float, pid: int | None = None, on_orphan: Callable[[], None] | None = None) -> bool:
     """Watch ``pid`` (default: ``$VARSR_SERVE_PID``, set by ``varsr serve``); when it has exited, cancel this
     process's requests, wait ``grace_s`` seconds and SIGKILL this process. False when there is nothing to watch.
 
@@ -575,6 +643,19 @@ def timeout_env_seconds(request_timeout_s: float, margin_s: float = 5.0) -> str:
     return str(int(math.ceil(request_timeout_s + margin_s)))
 
 
-__all__ = ["RequestGuard", "GuardLimits", "RequestControl", "RequestCancelled", "RequestEstimate", "current_control",
-           "cancel_all", "estimate_request", "install_request_guard", "start_orphan_watchdog", "json_problem",
-           "bounded_error_body", "clean_message", "SERVE_PID_ENV"]
+__all__ = [
+    "RequestGuard",
+    "GuardLimits",
+    "RequestControl",
+    "RequestCancelled",
+    "RequestEstimate",
+    "current_control",
+    "cancel_all",
+    "estimate_request",
+    "install_request_guard",
+    "start_orphan_watchdog",
+    "json_problem",
+    "bounded_error_body",
+    "clean_message",
+    "SERVE_PID_ENV",
+]

@@ -3,6 +3,7 @@
 Every entry point (Python API, CLI, served endpoint) funnels its input through :func:`to_rgb_image` so that grey,
 palette, alpha, CMYK, 16-bit and EXIF-rotated inputs all become the same thing: an 8-bit RGB ``PIL.Image``.
 """
+
 from __future__ import annotations
 
 import base64

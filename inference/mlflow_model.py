@@ -12,6 +12,7 @@ Each thread checks and decodes its own request, then hands the images to a :clas
 :meth:`inference.pipeline.VARSRPipeline.upscale_requests`; each thread encodes its own results. ``serving.
 max_batch_images: 1`` runs every request alone through :meth:`~inference.pipeline.VARSRPipeline.upscale`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVED_ENTRY = "inference.mlflow_model"  # the served model ships this module and everything it can import
 SERVING_OVERRIDES_ENV = "VARSR_SERVING_OVERRIDES"  # JSON list of key=value set by `varsr serve --set`
 SERVE_TIME_SECTIONS = ("serving", "runtime")  # what `varsr serve --set` may change; limits stay as registered
-PIP_REQUIREMENTS = ["mlflow==3.17.2", "torch==2.13.0", "pillow==13.0.0", "numpy==2.4.6", "pandas==3.1.1",
-                    "safetensors==0.8.0", "pyyaml==6.0.4", "pydantic==2.14.4", "prometheus-client==0.26.0",
-                    "psutil==7.2.2"]
+PIP_REQUIREMENTS = [
+    "mlflow==3.17.2",
+    "torch==2.13.0",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "safetensors==0.8.0",
+    "pyyaml==6.0.4",
+    "pydantic==2.14.4",
+    "prometheus-client==0.26.0",
+    "psutil==7.2.2",
+]
 
 
 def bad_request(msg: str) -> MlflowException:
@@ -61,15 +71,17 @@ def bad_request(msg: str) -> MlflowException:
 def signature(config: InferenceConfig) -> ModelSignature:
     """Input ``image`` (string), output image/width/height, params with the config's defaults."""
     s = config.sampling
-    params = ParamSchema([
-        ParamSpec("scale", "double", float(s.scale)),
-        ParamSpec("cfg", "double", float(s.cfg)),
-        ParamSpec("seed", "long", -1),
-        ParamSpec("top_k", "long", int(s.top_k)),
-        ParamSpec("top_p", "double", float(s.top_p)),
-        ParamSpec("tile", "long", -1),
-        ParamSpec("color_fix", "string", str(s.color_fix)),
-    ])
+    params = ParamSchema(
+        [
+            ParamSpec("scale", "double", float(s.scale)),
+            ParamSpec("cfg", "double", float(s.cfg)),
+            ParamSpec("seed", "long", -1),
+            ParamSpec("top_k", "long", int(s.top_k)),
+            ParamSpec("top_p", "double", float(s.top_p)),
+            ParamSpec("tile", "long", -1),
+            ParamSpec("color_fix", "string", str(s.color_fix)),
+        ]
+    )
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string", "image"), ColSpec("long", "width"), ColSpec("long", "height")]),
@@ -97,8 +109,10 @@ def check_serve_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     for item in items:
         keys, _ = parse_override(item)
         if keys[0] not in SERVE_TIME_SECTIONS:
-            raise ValueError(f"--set {item}: only {', '.join(s + '.*' for s in SERVE_TIME_SECTIONS)} can be set when "
-                             f"serving (limits and defaults are the registered model's)")
+            raise ValueError(
+                f"--set {item}: only {', '.join(s + '.*' for s in SERVE_TIME_SECTIONS)} can be set when "
+                f"serving (limits and defaults are the registered model's)"
+            )
     load_inference_config(None, items)  # types and key names
     return items
 
@@ -161,10 +175,13 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             if self.health is not None:
                 threading.Thread(target=self._warm_up, name="varsr-warmup", daemon=True).start()
 
-        if install_request_guard(GuardLimits.from_serving(sv), on_start=on_start, metrics=self.metrics,
-                                 health=self.health):
-            log.info("scoring server: request guard installed%s", "" if self.metrics is None else
-                     " with /metrics, /health/live and /health/ready")
+        if install_request_guard(
+            GuardLimits.from_serving(sv), on_start=on_start, metrics=self.metrics, health=self.health
+        ):
+            log.info(
+                "scoring server: request guard installed%s",
+                "" if self.metrics is None else " with /metrics, /health/live and /health/ready",
+            )
             if self.metrics is not None:
                 self.metrics.start_memory_refresh()
         else:
@@ -217,8 +234,13 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             if metrics is not None and any(st is not None for _, _, st in requests):  # not the warm-up call
                 metrics.batch(len(requests), sum(len(imgs) for imgs, _, _ in requests))
             self.pipeline.upscale_requests(  # each request is answered through on_done; a cancelled one is not
-                [imgs for imgs, _, _ in requests], UpscaleParams(*key), generate_batch=gb, fixed_batch_shape=fixed,
-                on_done=deliver, cancelled=lambda r: controls[r] is not None and controls[r].cancelled())
+                [imgs for imgs, _, _ in requests],
+                UpscaleParams(*key),
+                generate_batch=gb,
+                fixed_batch_shape=fixed,
+                on_done=deliver,
+                cancelled=lambda r: controls[r] is not None and controls[r].cancelled(),
+            )
 
         on_batch = None
         if sv.log_batches:
@@ -230,13 +252,27 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             blog.setLevel(logging.INFO)
 
             def on_batch(key, n_requests, n_images):
-                blog.info("batch: %d requests, %d images, params %s", n_requests, n_images,
-                          dict(zip((f.name for f in dataclasses.fields(UpscaleParams)), key)))
+                blog.info(
+                    "batch: %d requests, %d images, params %s",
+                    n_requests,
+                    n_images,
+                    dict(zip((f.name for f in dataclasses.fields(UpscaleParams)), key)),
+                )
 
-        log.info("request batching: up to %d images, %.1f ms wait, %d generate() crops per call%s",
-                 sv.max_batch_images, sv.batch_wait_ms, gb, " (fixed shape)" if fixed else "")
-        return RequestBatcher(run, max_batch=int(sv.max_batch_images), wait_s=max(0.0, sv.batch_wait_ms) / 1000.0,
-                              workers=int(sv.concurrent_batches), on_batch=on_batch)
+        log.info(
+            "request batching: up to %d images, %.1f ms wait, %d generate() crops per call%s",
+            sv.max_batch_images,
+            sv.batch_wait_ms,
+            gb,
+            " (fixed shape)" if fixed else "",
+        )
+        return RequestBatcher(
+            run,
+            max_batch=int(sv.max_batch_images),
+            wait_s=max(0.0, sv.batch_wait_ms) / 1000.0,
+            workers=int(sv.concurrent_batches),
+            on_batch=on_batch,
+        )
 
     def _refuse(self, reason: str, msg: str) -> MlflowException:
         """A 400 for ``msg``, counted in ``varsr_refusals_total{reason=...}`` when metrics are on."""
@@ -253,10 +289,14 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         tile = p.get("tile", -1)
         try:
             return self.pipeline.make_params(
-                scale=p.get("scale"), cfg=p.get("cfg"), top_k=p.get("top_k"), top_p=p.get("top_p"),
+                scale=p.get("scale"),
+                cfg=p.get("cfg"),
+                top_k=p.get("top_k"),
+                top_p=p.get("top_p"),
                 seed=None if seed is None or int(seed) < 0 else int(seed),
                 color_fix=p.get("color_fix", "default"),
-                tile=None if tile is None or int(tile) < 0 else int(tile))
+                tile=None if tile is None or int(tile) < 0 else int(tile),
+            )
         except (UpscaleParamError, TypeError, ValueError) as e:
             raise self._refuse("bad_params", f"invalid params: {e}") from None
 
@@ -268,20 +308,31 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         sv = self.config.serving
         max_overlap = self.pipeline.latent_side // 2 if sv.max_tile_overlap < 0 else int(sv.max_tile_overlap)
         if p.overlap is not None and p.overlap > max_overlap:
-            raise self._refuse("tile_overlap", f"invalid params: tile overlap must be in [0, {max_overlap}] latent "
-                                               f"cells on this endpoint (serving.max_tile_overlap), got {p.overlap}")
+            raise self._refuse(
+                "tile_overlap",
+                f"invalid params: tile overlap must be in [0, {max_overlap}] latent "
+                f"cells on this endpoint (serving.max_tile_overlap), got {p.overlap}",
+            )
         est = estimate_request(self.pipeline, [(im.width, im.height) for im in images], p)
-        elsewhere = ("run it with `varsr upscale` (or as a batch job) instead, or send fewer or smaller images or a "
-                     "smaller scale")
+        elsewhere = (
+            "run it with `varsr upscale` (or as a batch job) instead, or send fewer or smaller images or a "
+            "smaller scale"
+        )
         if est.work > sv.max_request_work:
-            raise self._refuse("work", f"request too large for this endpoint: {est.tiles} tiles x {est.steps} steps = "
-                                       f"{est.work} tile-steps, over the budget serving.max_request_work="
-                                       f"{sv.max_request_work}; {elsewhere}")
+            raise self._refuse(
+                "work",
+                f"request too large for this endpoint: {est.tiles} tiles x {est.steps} steps = "
+                f"{est.work} tile-steps, over the budget serving.max_request_work="
+                f"{sv.max_request_work}; {elsewhere}",
+            )
         mb = est.memory_bytes / 2**20
         if mb > sv.max_request_memory_mb:
-            raise self._refuse("memory", f"request too large for this endpoint: it needs about {mb:.0f} MB, over the "
-                                         f"budget serving.max_request_memory_mb={sv.max_request_memory_mb}; "
-                                         f"{elsewhere}")
+            raise self._refuse(
+                "memory",
+                f"request too large for this endpoint: it needs about {mb:.0f} MB, over the "
+                f"budget serving.max_request_memory_mb={sv.max_request_memory_mb}; "
+                f"{elsewhere}",
+            )
         return est
 
     def _run(self, images, p, control, record: bool = True):
@@ -296,15 +347,26 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             if getattr(self, "batcher", None) is None:
                 if metrics is not None:
                     metrics.batch(1, len(images))
-                return self.pipeline.upscale(images, scale=p.scale, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p,
-                                             seed=p.seed, color_fix=p.color_fix,
-                                             tile="auto" if p.overlap is None else p.overlap,
-                                             check=None if control is None else control.check)
+                return self.pipeline.upscale(
+                    images,
+                    scale=p.scale,
+                    cfg=p.cfg,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    seed=p.seed,
+                    color_fix=p.color_fix,
+                    tile="auto" if p.overlap is None else p.overlap,
+                    check=None if control is None else control.check,
+                )
             if metrics is not None:
                 started = _Once(lambda: metrics.waiting_changed(-1))
                 metrics.waiting_changed(1)
-            fut = self.batcher.submit_async(dataclasses.astuple(p), (images, control, started), size=len(images),
-                                            cancelled=None if control is None else control.cancelled)
+            fut = self.batcher.submit_async(
+                dataclasses.astuple(p),
+                (images, control, started),
+                size=len(images),
+                cancelled=None if control is None else control.cancelled,
+            )
             if control is None:
                 return fut.result()
             while True:  # wait, but answer as soon as the request is cancelled or past its deadline
@@ -316,8 +378,10 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
             reason = control.reason if control is not None and control.reason else str(e)
             if metrics is not None and "request_timeout_s" in reason:  # a client that left is counted by the guard
                 metrics.refused("timed_out")
-            raise MlflowException(f"request stopped: {reason}; upscale large images with `varsr upscale` or a "
-                                  f"batch job", error_code=DEADLINE_EXCEEDED) from None
+            raise MlflowException(
+                f"request stopped: {reason}; upscale large images with `varsr upscale` or a batch job",
+                error_code=DEADLINE_EXCEEDED,
+            ) from None
         finally:
             if started is not None:
                 started()  # a request cancelled in the queue never reached a batch
@@ -335,8 +399,9 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         if len(model_input) == 0:
             raise bad_request("no images in the request")
         if len(model_input) > lim.max_batch_images:
-            raise self._refuse("too_many_images",
-                               f"too many images in one request: {len(model_input)} > limit {lim.max_batch_images}")
+            raise self._refuse(
+                "too_many_images", f"too many images in one request: {len(model_input)} > limit {lim.max_batch_images}"
+            )
         p = self._params(params)
         images = []
         for i, value in enumerate(model_input["image"].tolist()):
@@ -354,8 +419,13 @@ class VARSRPyfunc(mlflow.pyfunc.PythonModel):
         except Exception as e:  # never leak a stack trace to the client; log it server-side
             log.exception("upscale failed")
             raise MlflowException(f"upscale failed: {type(e).__name__}: {e}", error_code=INTERNAL_ERROR) from None
-        answer = pd.DataFrame({"image": [encode_png_base64(o) for o in out],
-                               "width": [o.width for o in out], "height": [o.height for o in out]})
+        answer = pd.DataFrame(
+            {
+                "image": [encode_png_base64(o) for o in out],
+                "width": [o.width for o in out],
+                "height": [o.height for o in out],
+            }
+        )
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.answered(len(out), est.tiles, time.monotonic() - t0)
@@ -376,9 +446,15 @@ class _Once:
             fn()
 
 
-def log_pyfunc_model(ckpt_dir: str | Path, config: InferenceConfig, name: str = "model",
-                     registered_model_name: str | None = None, validate_example: bool = True,
-                     model_id: str | None = None, checkpoint_ref: str | None = None):
+def log_pyfunc_model(
+    ckpt_dir: str | Path,
+    config: InferenceConfig,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    validate_example: bool = True,
+    model_id: str | None = None,
+    checkpoint_ref: str | None = None,
+):
     """Log the pyfunc model (checkpoint + inference config as artifacts, code, signature, example) in the active
     run, or into the pending logged model ``model_id`` (created by the caller for a finished run), and register it
     as ``registered_model_name``; returns MLflow's ModelInfo.

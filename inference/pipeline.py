@@ -7,6 +7,7 @@ padded target is the model resolution; otherwise overlapping tiles, batched) ret
 space with symmetric smooth weights -> decoded once -> cropped to the exact target -> uint8 -> colour fix against the
 bicubic-upsampled LR (AdaIN or wavelet) -> PIL.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         from model.precision import default_inference_dtype
 
         return default_inference_dtype(device)
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise UpscaleParamError(f"unknown dtype {dtype!r}; choose one of {sorted(names)}")
     return names[dtype]
@@ -138,9 +145,16 @@ def reflect_pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class VARSRPipeline:
     """Super-resolve images of any size with a VARSR model (see the module docstring for the steps)."""
 
-    def __init__(self, vqvae: torch.nn.Module, varsr: torch.nn.Module, config: InferenceConfig | None = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 sampling_defaults: dict | None = None, sampling_source: str = "sampling defaults"):
+    def __init__(
+        self,
+        vqvae: torch.nn.Module,
+        varsr: torch.nn.Module,
+        config: InferenceConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        sampling_defaults: dict | None = None,
+        sampling_source: str = "sampling defaults",
+    ):
         """``sampling_defaults``: the model's own defaults (its ``sampling.json``, model/checkpoint.py); they replace
         ``config.sampling``'s values key by key, and a call's own params replace both (:meth:`make_params`)."""
         self.config = config or load_inference_config()
@@ -166,9 +180,14 @@ class VARSRPipeline:
 
     # ---- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_uri: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, config: InferenceConfig | None = None,
-                        tracking_uri: str | None = None) -> "VARSRPipeline":
+    def from_pretrained(
+        cls,
+        path_or_uri: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: InferenceConfig | None = None,
+        tracking_uri: str | None = None,
+    ) -> "VARSRPipeline":
         """Load from a native checkpoint folder or an MLflow URI (``models:/NAME@ALIAS``, ``runs:/ID/model``)."""
         from model import from_pretrained
         from model.checkpoint import SAMPLING, find_checkpoint_dir, read_sampling_defaults
@@ -197,9 +216,16 @@ class VARSRPipeline:
         return cls(vqvae, varsr, config, device, dtype, defaults, f"{s} ({SAMPLING})")
 
     # ---- parameters ----------------------------------------------------------------------------------------------
-    def make_params(self, scale: float | None = None, cfg: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, seed: int | None = None, color_fix: str | None = "default",
-                    tile: int | str | None = None) -> UpscaleParams:
+    def make_params(
+        self,
+        scale: float | None = None,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        color_fix: str | None = "default",
+        tile: int | str | None = None,
+    ) -> UpscaleParams:
         """Fill defaults (the model's own, else the config's: ``self.sampling``) and check every value; raises
         UpscaleParamError naming the bad one."""
         d, lim = self.sampling, self.config.limits
@@ -231,7 +257,8 @@ class VARSRPipeline:
                 raise UpscaleParamError(f"tile must be 'auto' or an overlap in latent cells, got {tile!r}") from None
             if not 0 <= overlap < self.latent_side:
                 raise UpscaleParamError(
-                    f"tile overlap must be in [0, {self.latent_side - 1}] latent cells, got {overlap}")
+                    f"tile overlap must be in [0, {self.latent_side - 1}] latent cells, got {overlap}"
+                )
         return UpscaleParams(scale, cfg, top_k, top_p, None if seed is None else int(seed), cf, overlap)
 
     def target_size(self, width: int, height: int, scale: float) -> tuple[int, int]:
@@ -245,8 +272,9 @@ class VARSRPipeline:
         ov = self.config.tiling.overlap
         return self.latent_side // 4 if ov is None else int(ov)
 
-    def plan_size(self, width: int, height: int,
-                  p: UpscaleParams) -> tuple[tuple[int, int], tuple[int, int], list[Tile]]:
+    def plan_size(
+        self, width: int, height: int, p: UpscaleParams
+    ) -> tuple[tuple[int, int], tuple[int, int], list[Tile]]:
         """(target (h, w), padded (h, w), latent tiles) of a width x height input: the plan's geometry, computed
         without touching pixels (what the served endpoint's work and memory estimates read, inference/guard.py)."""
         tw, th = self.target_size(width, height, p.scale)
@@ -261,7 +289,7 @@ class VARSRPipeline:
         lr_up = pil_to_tensor(img.resize((tw, th), Image.Resampling.BICUBIC))
         S, d = self.image_size, self.stride
         padded = reflect_pad_to(lr_up, hp, wp)
-        crops = [padded[:, t.y * d: t.y * d + S, t.x * d: t.x * d + S] for t in tiles]
+        crops = [padded[:, t.y * d : t.y * d + S, t.x * d : t.x * d + S] for t in tiles]
         return _Plan((th, tw), (hp, wp), lr_up, tiles, crops)
 
     # ---- running -------------------------------------------------------------------------------------------------
@@ -270,9 +298,13 @@ class VARSRPipeline:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _generate_latents(self, crops: list[torch.Tensor], p: UpscaleParams,
-                          keys: list[tuple[int, int]] | None = None,
-                          check: Callable[[], None] | None = None) -> torch.Tensor:
+    def _generate_latents(
+        self,
+        crops: list[torch.Tensor],
+        p: UpscaleParams,
+        keys: list[tuple[int, int]] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
         """f_hat for every crop (N, Cvae, P, P), in batches of tiling.batch_size.
 
         ``keys`` names each crop (image index in the request, tile index in the image). With a seed, crop (i, t) samples
@@ -290,13 +322,14 @@ class VARSRPipeline:
         for i in range(0, len(crops), bs):
             if check is not None:
                 check()
-            x = torch.stack(crops[i: i + bs]).to(self.device, torch.float32)
+            x = torch.stack(crops[i : i + bs]).to(self.device, torch.float32)
             gens = None
             if p.seed is not None:
-                gens = [stream_generator(p.seed, img, tile, device=self.device) for img, tile in keys[i: i + bs]]
+                gens = [stream_generator(p.seed, img, tile, device=self.device) for img, tile in keys[i : i + bs]]
             with self._autocast():
-                f = self.varsr.generate(x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gens,
-                                        return_fhat=True)
+                f = self.varsr.generate(
+                    x, label=0, cfg=p.cfg, top_k=p.top_k, top_p=p.top_p, generator=gens, return_fhat=True
+                )
             out.append(f.float())
         return torch.cat(out)
 
@@ -325,10 +358,18 @@ class VARSRPipeline:
         return tensor_to_pil_trunc(fixed)
 
     @torch.inference_mode()
-    def upscale(self, images: ImageLike | Sequence[ImageLike], scale: float | None = None, cfg: float | None = None,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                color_fix: str | None = "default", tile: int | str | None = None,
-                check: Callable[[], None] | None = None) -> Image.Image | list[Image.Image]:
+    def upscale(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        scale: float | None = None,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        color_fix: str | None = "default",
+        tile: int | str | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> Image.Image | list[Image.Image]:
         """Super-resolve one image (returns a PIL image) or a list/batch (returns a list).
 
         ``images``: PIL image, numpy array (HxW[xC], uint8/uint16/float), tensor ((3,H,W) or (B,3,H,W) in [0, 1]),
@@ -349,25 +390,36 @@ class VARSRPipeline:
         latents = self._generate_latents(crops, p, keys, check)
         srs, k = [], 0
         for pl in plans:
-            srs.append(self._decode(pl, latents[k: k + len(pl.tiles)]))
+            srs.append(self._decode(pl, latents[k : k + len(pl.tiles)]))
             k += len(pl.tiles)
         results = [self._postprocess(sr, pl, p) for sr, pl in zip(srs, plans)]
         return results[0] if single else results
 
     def describe(self) -> dict[str, Any]:
         """What this pipeline runs (logged next to outputs and in benchmarks)."""
-        return {"model": self.model_cfg.name, "image_size": self.image_size, "latent_side": self.latent_side,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "tile_overlap": self.default_overlap(), "tile_batch_size": self.config.tiling.batch_size,
-                "sampling": dataclasses.asdict(self.sampling),
-                "sampling_source": "model" if self.sampling_defaults else "config"}
+        return {
+            "model": self.model_cfg.name,
+            "image_size": self.image_size,
+            "latent_side": self.latent_side,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "tile_overlap": self.default_overlap(),
+            "tile_batch_size": self.config.tiling.batch_size,
+            "sampling": dataclasses.asdict(self.sampling),
+            "sampling_source": "model" if self.sampling_defaults else "config",
+        }
 
     # ---- serving: the images of several requests in one pass -----------------------------------------------------
     @torch.inference_mode()
-    def upscale_requests(self, requests: Sequence[Sequence[Image.Image]], p: UpscaleParams,
-                         generate_batch: int | None = None, fixed_batch_shape: bool = False,
-                         on_done: Callable[[int, list[Image.Image]], None] | None = None,
-                         cancelled: Callable[[int], bool] | None = None) -> list[list[Image.Image]]:
+    def upscale_requests(
+        self,
+        requests: Sequence[Sequence[Image.Image]],
+        p: UpscaleParams,
+        generate_batch: int | None = None,
+        fixed_batch_shape: bool = False,
+        on_done: Callable[[int, list[Image.Image]], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[list[Image.Image]]:
         """Super-resolve the images of several requests that share the params ``p`` with shared generate() calls.
 
         Entry r of the result holds request r's images, each the one that request gets alone: crop (i, t) -- image i
@@ -414,10 +466,10 @@ class VARSRPipeline:
                 dropped.update(r for r in range(len(plans)) if r not in dropped and cancelled(r))
                 if dropped and all(r in dropped for r, end in crops_end.items() if end > s):
                     break  # nothing left that anyone waits for
-            if dropped and all(o in dropped or o < 0 for o in owner[s: s + gb]):
-                rows += [None] * len(crops[s: s + gb])  # a cancelled request's crops: not generated
+            if dropped and all(o in dropped or o < 0 for o in owner[s : s + gb]):
+                rows += [None] * len(crops[s : s + gb])  # a cancelled request's crops: not generated
             else:
-                rows += list(self._generate_latents(crops[s: s + gb], p, keys[s: s + gb]))
+                rows += list(self._generate_latents(crops[s : s + gb], p, keys[s : s + gb]))
             while img_idx < len(spans) and spans[img_idx][2] <= len(rows):
                 r, a, b = spans[img_idx]
                 if r in dropped:

@@ -6,6 +6,7 @@ the run that trained it. A checkpoint from elsewhere gets a run of its own, name
 (:func:`register_model` without ``run_id``). The store is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``
 (infra/core/tracking.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,21 @@ from infra.core.tracking import run_name as make_run_name
 log = logging.getLogger(__name__)
 
 
-def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champion", tracking_uri: str | None = None,
-                   tags: dict[str, str] | None = None, config=None, experiment: str | None = None,
-                   validate_example: bool = True, run_id: str | None = None, checkpoint_ref: str | None = None,
-                   run_name: str | None = None, parent_run_id: str | None = None, sampling: dict | None = None):
+def register_model(
+    ckpt_dir: str | Path,
+    name: str,
+    alias: str | None = "champion",
+    tracking_uri: str | None = None,
+    tags: dict[str, str] | None = None,
+    config=None,
+    experiment: str | None = None,
+    validate_example: bool = True,
+    run_id: str | None = None,
+    checkpoint_ref: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    sampling: dict | None = None,
+):
     """Log ``ckpt_dir`` as the VARSR pyfunc model, register it under ``name`` and set ``alias``.
 
     The model is logged into ``run_id`` when given (the training run that produced the checkpoint: it becomes one of
@@ -68,20 +80,32 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     own_run = run_id is None
     if own_run:
-        run = start_run(uri, run_name or make_run_name("register", name), experiment=experiment,
-                        parent_run_id=parent_run_id, tags={"varsr.stage": "register", "varsr.checkpoint": ref, **tags},
-                        source="varsr register")
+        run = start_run(
+            uri,
+            run_name or make_run_name("register", name),
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+            tags={"varsr.stage": "register", "varsr.checkpoint": ref, **tags},
+            source="varsr register",
+        )
         run_id = run.info.run_id
     status = "FAILED"
     try:
         with tracking_uri_scope(uri):
             exp_id = client.get_run(run_id).info.experiment_id
-            pending = client.create_logged_model(exp_id, name="model", source_run_id=run_id, model_type="varsr-pyfunc",
-                                                 tags={"varsr.checkpoint": ref})
+            pending = client.create_logged_model(
+                exp_id, name="model", source_run_id=run_id, model_type="varsr-pyfunc", tags={"varsr.checkpoint": ref}
+            )
             with tempfile.TemporaryDirectory(prefix="varsr-register-") as tmp:
                 src = _with_sampling(ckpt, Path(tmp) / ckpt.name, defaults) if given else ckpt
-                info = log_pyfunc_model(src, cfg, registered_model_name=name, validate_example=validate_example,
-                                        model_id=pending.model_id, checkpoint_ref=ref)
+                info = log_pyfunc_model(
+                    src,
+                    cfg,
+                    registered_model_name=name,
+                    validate_example=validate_example,
+                    model_id=pending.model_id,
+                    checkpoint_ref=ref,
+                )
             client.log_outputs(run_id, [LoggedModelOutput(info.model_id, 0)])  # the run page lists its models
         version = str(info.registered_model_version)
         for k, v in tags.items():
@@ -93,8 +117,14 @@ def register_model(ckpt_dir: str | Path, name: str, alias: str | None = "champio
     finally:
         if own_run:
             client.set_terminated(run_id, status)
-    log.info("registered %s version %s%s (run %s) in %s", name, mv.version, f" @{alias}" if alias else "",
-             run_id, redact(uri))
+    log.info(
+        "registered %s version %s%s (run %s) in %s",
+        name,
+        mv.version,
+        f" @{alias}" if alias else "",
+        run_id,
+        redact(uri),
+    )
     return mv
 
 
@@ -104,8 +134,10 @@ def sampling_tags(global_sampling, model_defaults: dict) -> dict[str, str]:
     from .pipeline import effective_sampling
 
     eff = dataclasses.asdict(effective_sampling(global_sampling, model_defaults))
-    return {**{f"varsr.sampling.{k}": str(v) for k, v in eff.items()},
-            "varsr.sampling.source": "model" if model_defaults else "global"}
+    return {
+        **{f"varsr.sampling.{k}": str(v) for k, v in eff.items()},
+        "varsr.sampling.source": "model" if model_defaults else "global",
+    }
 
 
 def _with_sampling(ckpt: Path, dest: Path, defaults: dict) -> Path:
@@ -125,8 +157,14 @@ def _with_sampling(ckpt: Path, dest: Path, defaults: dict) -> Path:
     return dest
 
 
-def register_training_run(output_dir: str | Path, name: str, alias: str | None = "champion", config=None,
-                          tracking_uri: str | None = None, sampling: dict | None = None):
+def register_training_run(
+    output_dir: str | Path,
+    name: str,
+    alias: str | None = "champion",
+    config=None,
+    tracking_uri: str | None = None,
+    sampling: dict | None = None,
+):
     """Register the final weights of a finished training run (its ``summary.json`` names the export, the MLflow run
     and the tracking store): the model is logged into that training run, and the run's lineage tags (``varsr.*``)
     are copied onto the model version. ``sampling``: sampling defaults set at registration (:func:`register_model`;
@@ -161,9 +199,27 @@ def register_training_run(output_dir: str | Path, name: str, alias: str | None =
         export = resolve_ref(export, out)
     if storage.is_local(export):
         ref = portable_ref(storage.local_path(export), store_dir(uri) or os.getcwd())
-        return register_model(storage.local_path(export), name, alias, tracking_uri=uri, tags=tags, config=config,
-                              run_id=run_id, checkpoint_ref=ref, sampling=sampling)
+        return register_model(
+            storage.local_path(export),
+            name,
+            alias,
+            tracking_uri=uri,
+            tags=tags,
+            config=config,
+            run_id=run_id,
+            checkpoint_ref=ref,
+            sampling=sampling,
+        )
     with tempfile.TemporaryDirectory(prefix="varsr-export-") as tmp:  # the export lives in object storage
         storage.get_tree(export, tmp)
-        return register_model(tmp, name, alias, tracking_uri=uri, tags=tags, config=config, run_id=run_id,
-                              checkpoint_ref=export, sampling=sampling)
+        return register_model(
+            tmp,
+            name,
+            alias,
+            tracking_uri=uri,
+            tags=tags,
+            config=config,
+            run_id=run_id,
+            checkpoint_ref=export,
+            sampling=sampling,
+        )

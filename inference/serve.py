@@ -31,6 +31,7 @@ process may use (its affinity and cgroup quota), at most :data:`MAX_AUTO_WORKERS
 (``runtime.cpu_threads``, unless ``--set`` gives it); on a GPU, one process (it owns the device; batching fills it).
 Measured (docs/BENCHMARKS.md): on 2 cores, 1 process gives x1.38 at 8 clients where 2 processes give x2.06.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,9 +70,14 @@ def venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1,
-                  tracking_uri: str | None = None, overrides: list[str] | tuple[str, ...] = ()
-                  ) -> tuple[list[str], dict[str, str]]:
+def serve_command(
+    model_uri: str,
+    port: int,
+    host: str = "127.0.0.1",
+    workers: int = 1,
+    tracking_uri: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[list[str], dict[str, str]]:
     """(argv, env) running ``mlflow models serve --env-manager local`` for ``model_uri``.
 
     ``overrides``: ``serving.*`` / ``runtime.*`` ``key=value`` items applied on top of the registered model's
@@ -82,8 +88,20 @@ def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: i
     bin_dir = venv_bin()
     mlflow_exe = bin_dir / "mlflow"
     argv = [str(mlflow_exe)] if mlflow_exe.is_file() else [sys.executable, "-m", "mlflow"]
-    argv += ["models", "serve", "-m", model_uri, "--env-manager", "local", "-h", host, "-p", str(port),
-             "-w", str(workers)]
+    argv += [
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+    ]
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(tracking_uri)
@@ -140,8 +158,14 @@ def _reap_group(pgid: int) -> list[tuple[int, int]]:
         out.append((res.si_pid, code))
 
 
-def run_server_group(argv: list[str], env: dict[str, str], stop_timeout: float = 30.0, poll_s: float = 0.1,
-                     tick: Callable[[], Any] | None = None, tick_s: float = 2.0) -> int:
+def run_server_group(
+    argv: list[str],
+    env: dict[str, str],
+    stop_timeout: float = 30.0,
+    poll_s: float = 0.1,
+    tick: Callable[[], Any] | None = None,
+    tick_s: float = 2.0,
+) -> int:
     """Run ``argv`` as the leader of a new process group and supervise the group until none of it is left.
 
     A stop signal (SIGTERM, SIGINT, SIGHUP) sends SIGTERM to the group; SIGKILL follows after ``stop_timeout``
@@ -219,18 +243,21 @@ def served_config(model_uri: str, tracking_uri: str | None = None, overrides: li
     try:
         with tracking_uri_scope(resolve_tracking_uri(tracking_uri)):
             logged = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri.rstrip('/')}/{ARTIFACT_CONFIG_PATH}", dst_path=str(tmp))
+                artifact_uri=f"{model_uri.rstrip('/')}/{ARTIFACT_CONFIG_PATH}", dst_path=str(tmp)
+            )
         return load_inference_config(logged, list(overrides))
     except Exception as e:  # noqa: BLE001 - mlflow itself reports a model it cannot find; here only the timeout
-        log.warning("varsr serve: could not read the model's inference config (%s: %s); using the defaults",
-                    type(e).__name__, str(e)[:200])
+        log.warning(
+            "varsr serve: could not read the model's inference config (%s: %s); using the defaults",
+            type(e).__name__,
+            str(e)[:200],
+        )
         return load_inference_config(None, list(overrides))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def served_serving_config(model_uri: str, tracking_uri: str | None = None,
-                          overrides: list[str] | tuple[str, ...] = ()):
+def served_serving_config(model_uri: str, tracking_uri: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """The ``serving`` section of :func:`served_config`."""
     return served_config(model_uri, tracking_uri, overrides).serving
 
@@ -246,8 +273,9 @@ def model_labels(model_uri: str, tracking_uri: str | None = None):
             from mlflow.tracking import MlflowClient
 
             uri = resolve_tracking_uri(tracking_uri)
-            version = str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, alias)
-                          .version)
+            version = str(
+                MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, alias).version
+            )
         except Exception as e:  # noqa: BLE001 - the server reports a model it cannot find; labels are best effort
             log.warning("varsr serve: could not resolve %s@%s to a version (%s)", name, alias, type(e).__name__)
     return ModelLabels(name, version, alias)
@@ -273,8 +301,9 @@ def weights_bytes(model_uri: str, tracking_uri: str | None = None) -> int:
                         total += int(f.file_size or 0)
         return total
     except Exception as e:  # noqa: BLE001 - only the worker count's memory cap depends on it
-        log.warning("varsr serve: could not list the model's artifacts (%s); counting its weights as 0",
-                    type(e).__name__)
+        log.warning(
+            "varsr serve: could not list the model's artifacts (%s); counting its weights as 0", type(e).__name__
+        )
         return 0
 
 
@@ -352,8 +381,9 @@ def worker_memory_bytes(weights: int, max_request_memory_mb: float) -> int:
     return int(WORKER_BASE_BYTES + weights + max_request_memory_mb * 2**20)
 
 
-def choose_layout(cpus: int, memory_bytes: int, per_worker_bytes: int, gpus: int = 0,
-                  max_workers: int = MAX_AUTO_WORKERS) -> ServeLayout:
+def choose_layout(
+    cpus: int, memory_bytes: int, per_worker_bytes: int, gpus: int = 0, max_workers: int = MAX_AUTO_WORKERS
+) -> ServeLayout:
     """Worker processes and threads for a machine (see the module docstring for the reasons).
 
     CPU: a worker per core, because a pipeline call on the CPU uses one core well and several poorly (on 2 cores, 2
@@ -368,19 +398,28 @@ def choose_layout(cpus: int, memory_bytes: int, per_worker_bytes: int, gpus: int
     workers = max(1, min(cpus, int(max_workers), by_memory))
     threads = max(1, cpus // workers)
     if by_memory < min(cpus, int(max_workers)):
-        why = (f"as many as fit in {MEMORY_SHARE:.0%} of {memory_bytes / 2**30:.1f} GiB at "
-               f"{per_worker_bytes / 2**30:.2f} GiB each")
+        why = (
+            f"as many as fit in {MEMORY_SHARE:.0%} of {memory_bytes / 2**30:.1f} GiB at "
+            f"{per_worker_bytes / 2**30:.2f} GiB each"
+        )
     elif int(max_workers) < cpus:
         why = f"at most {max_workers}"
     else:
         why = "one per CPU core"
-    return ServeLayout(workers, threads, f"{cpus} CPU core(s): {workers} worker(s) ({why}), {threads} torch "
-                                         f"thread(s) each")
+    return ServeLayout(
+        workers, threads, f"{cpus} CPU core(s): {workers} worker(s) ({why}), {threads} torch thread(s) each"
+    )
 
 
-def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int | None = None,
-          tracking_uri: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-          stop_timeout: float = 30.0) -> int:
+def serve(
+    model_uri: str,
+    port: int,
+    host: str = "127.0.0.1",
+    workers: int | None = None,
+    tracking_uri: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    stop_timeout: float = 30.0,
+) -> int:
     """Run the server in the foreground until it exits or a stop signal arrives (see the module docstring).
     ``workers=None``: :func:`choose_layout` for this machine."""
     from .guard import SERVE_PID_ENV, timeout_env_seconds
@@ -394,14 +433,19 @@ def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int | Non
         layout = choose_layout(machine_cpus(), machine_memory_bytes(), per_worker, gpu_count(config.runtime.device))
         workers = layout.workers
         log.info("varsr serve: %s", layout.reason)
-        if layout.threads is not None and not any(o.split("=", 1)[0].strip() == "runtime.cpu_threads"
-                                                  for o in overrides):
+        if layout.threads is not None and not any(
+            o.split("=", 1)[0].strip() == "runtime.cpu_threads" for o in overrides
+        ):
             overrides.append(f"runtime.cpu_threads={layout.threads}")
     argv, env = serve_command(model_uri, port, host, workers, tracking_uri, overrides)
     env[TIMEOUT_ENV] = timeout_env_seconds(sv.request_timeout_s)
     env[SERVE_PID_ENV] = str(os.getpid())  # every server process watches this one (inference/guard.py)
-    log.info("varsr serve: %g s per request (serving.request_timeout_s; %s=%s)", sv.request_timeout_s, TIMEOUT_ENV,
-             env[TIMEOUT_ENV])
+    log.info(
+        "varsr serve: %g s per request (serving.request_timeout_s; %s=%s)",
+        sv.request_timeout_s,
+        TIMEOUT_ENV,
+        env[TIMEOUT_ENV],
+    )
     tmp = Path(tempfile.mkdtemp(prefix="varsr-serve-"))
     env["TMPDIR"] = str(tmp)  # mlflow's copy of the model lands here, and goes with it
     prom_dir = tmp / "prometheus"
@@ -416,10 +460,20 @@ def serve(model_uri: str, port: int, host: str = "127.0.0.1", workers: int | Non
 
 
 @contextlib.contextmanager
-def background_server(model_uri: str, port: int, *, tracking_uri: str | None = None, log_path: str | Path,
-                      cwd: str | Path | None = None, env: dict[str, str] | None = None, ready_timeout: float = 180.0,
-                      tmp_dir: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                      stop_timeout: float = 30.0, workers: int | None = 1):
+def background_server(
+    model_uri: str,
+    port: int,
+    *,
+    tracking_uri: str | None = None,
+    log_path: str | Path,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 180.0,
+    tmp_dir: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    stop_timeout: float = 30.0,
+    workers: int | None = 1,
+):
     """Run ``varsr serve`` in the background, wait until ``/ping`` answers, yield the base URL, then stop it.
 
     Stopping sends SIGTERM to ``varsr serve``, which stops its whole server group (see the module docstring).
@@ -435,8 +489,19 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
     if tmp_dir is not None:
         Path(tmp_dir).mkdir(parents=True, exist_ok=True)
         penv["TMPDIR"] = str(tmp_dir)
-    argv = [sys.executable, "-m", "infra.cli", "serve", model_uri, "--port", str(port), "--host", "127.0.0.1",
-            "--stop-timeout", str(stop_timeout)]
+    argv = [
+        sys.executable,
+        "-m",
+        "infra.cli",
+        "serve",
+        model_uri,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--stop-timeout",
+        str(stop_timeout),
+    ]
     if workers is not None:
         argv += ["--workers", str(workers)]
     if tracking_uri:
@@ -445,8 +510,7 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
         argv += ["--set", item]
     log_path = Path(log_path)
     log_file = open(log_path, "wb")
-    proc = subprocess.Popen(argv, cwd=cwd, env=penv, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=cwd, env=penv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_timeout
@@ -459,8 +523,9 @@ def background_server(model_uri: str, port: int, *, tracking_uri: str | None = N
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"model server not ready within {ready_timeout:.0f} s:\n"
-                                   f"{log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"model server not ready within {ready_timeout:.0f} s:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield url
     finally:

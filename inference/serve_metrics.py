@@ -18,6 +18,7 @@ temporary directory, created empty at start and deleted at stop), and every work
 dead worker's files through :func:`sweep_dead_processes`, which ``varsr serve`` runs while it supervises the group.
 Without that folder (a plain ``mlflow models serve``, or ``mlflow.pyfunc.load_model``) the values are this process's.
 """
+
 from __future__ import annotations
 
 import glob
@@ -53,8 +54,11 @@ class ModelLabels:
 
     @classmethod
     def from_env(cls) -> "ModelLabels":
-        return cls(os.environ.get(MODEL_NAME_ENV, ""), os.environ.get(MODEL_VERSION_ENV, ""),
-                   os.environ.get(MODEL_ALIAS_ENV, ""))
+        return cls(
+            os.environ.get(MODEL_NAME_ENV, ""),
+            os.environ.get(MODEL_VERSION_ENV, ""),
+            os.environ.get(MODEL_ALIAS_ENV, ""),
+        )
 
     def env(self) -> dict[str, str]:
         return {MODEL_NAME_ENV: self.name, MODEL_VERSION_ENV: self.version, MODEL_ALIAS_ENV: self.alias}
@@ -99,29 +103,67 @@ class ServeMetrics:
         self.labels = labels or ModelLabels.from_env()
         self.registry = CollectorRegistry(auto_describe=True)
         r, ml = self.registry, MODEL_LABELS
-        self.requests = Counter("varsr_requests", "/invocations requests answered, by HTTP status code (499: the "
-                                "client went away before the answer)", ml + ("code",), registry=r)
-        self.latency = Histogram("varsr_request_duration_seconds", "/invocations latency, arrival to answer",
-                                 ml, buckets=LATENCY_BUCKETS, registry=r)
-        self.image_latency = Histogram("varsr_image_duration_seconds", "latency of an answered request divided by "
-                                       "its images, observed once per image", ml, buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_images = Histogram("varsr_batch_images", "images per pipeline call (request batching)", ml,
-                                      buckets=BATCH_BUCKETS, registry=r)
-        self.batch_requests = Histogram("varsr_batch_requests", "requests per pipeline call", ml,
-                                        buckets=BATCH_BUCKETS, registry=r)
-        self.waiting = Gauge("varsr_requests_waiting", "requests waiting for their batch to start", ml,
-                             multiprocess_mode="livesum", registry=r)
-        self.in_flight = Gauge("varsr_requests_in_flight", "/invocations requests held (arrived, not answered)", ml,
-                               multiprocess_mode="livesum", registry=r)
+        self.requests = Counter(
+            "varsr_requests",
+            "/invocations requests answered, by HTTP status code (499: the client went away before the answer)",
+            ml + ("code",),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "varsr_request_duration_seconds",
+            "/invocations latency, arrival to answer",
+            ml,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.image_latency = Histogram(
+            "varsr_image_duration_seconds",
+            "latency of an answered request divided by its images, observed once per image",
+            ml,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "varsr_batch_images", "images per pipeline call (request batching)", ml, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "varsr_batch_requests", "requests per pipeline call", ml, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.waiting = Gauge(
+            "varsr_requests_waiting",
+            "requests waiting for their batch to start",
+            ml,
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "varsr_requests_in_flight",
+            "/invocations requests held (arrived, not answered)",
+            ml,
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.images = Counter("varsr_images", "images upscaled and answered", ml, registry=r)
-        self.tiles = Counter("varsr_tiles", "latent tiles of the answered requests (rate: tiles per second)", ml,
-                             registry=r)
-        self.refusals = Counter("varsr_refusals", "requests refused before or during their work, by reason", ml
-                                + ("reason",), registry=r)
-        self.memory = Gauge("varsr_process_resident_memory_bytes", "resident memory of each server process", ml,
-                            multiprocess_mode="liveall", registry=r)
-        self.workers_ready = Gauge("varsr_workers_ready", "server processes that loaded the model and ran the "
-                                   "warm-up call", ml, multiprocess_mode="livesum", registry=r)
+        self.tiles = Counter(
+            "varsr_tiles", "latent tiles of the answered requests (rate: tiles per second)", ml, registry=r
+        )
+        self.refusals = Counter(
+            "varsr_refusals", "requests refused before or during their work, by reason", ml + ("reason",), registry=r
+        )
+        self.memory = Gauge(
+            "varsr_process_resident_memory_bytes",
+            "resident memory of each server process",
+            ml,
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.workers_ready = Gauge(
+            "varsr_workers_ready",
+            "server processes that loaded the model and ran the warm-up call",
+            ml,
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self._lv = self.labels.values()
         self._held = 0  # requests held by this process (the admission limit is per process)
         self._lock = threading.Lock()
@@ -257,8 +299,12 @@ class Health:
         state = self.metrics.pod_state()
         limit = self.workers * self.max_queued_requests
         ready_workers = int(state["workers_ready"]) if multiproc_dir() else int(self.warm)
-        details: dict[str, Any] = {"workers": self.workers, "workers_ready": ready_workers,
-                                   "requests_held": int(state["in_flight"]), "queue_limit": limit}
+        details: dict[str, Any] = {
+            "workers": self.workers,
+            "workers_ready": ready_workers,
+            "requests_held": int(state["in_flight"]),
+            "queue_limit": limit,
+        }
         if self.warm_error is not None:
             details["reason"] = f"the warm-up call failed: {self.warm_error}"
         elif not self.warm:
@@ -266,8 +312,10 @@ class Health:
         elif ready_workers < self.workers:
             details["reason"] = f"{ready_workers} of {self.workers} worker processes are warm"
         elif state["in_flight"] >= limit:
-            details["reason"] = (f"the queue is full: {int(state['in_flight'])} requests held, limit {limit} "
-                                 f"(workers x serving.max_queued_requests)")
+            details["reason"] = (
+                f"the queue is full: {int(state['in_flight'])} requests held, limit {limit} "
+                f"(workers x serving.max_queued_requests)"
+            )
         ready = "reason" not in details
         details["ready"] = ready
         return ready, details
@@ -295,5 +343,17 @@ def sweep_dead_processes(path: str | Path) -> list[int]:
     return sorted(dead)
 
 
-__all__ = ["ServeMetrics", "Health", "ModelLabels", "get_metrics", "parse_model_uri", "sweep_dead_processes",
-           "MULTIPROC_ENV", "WORKERS_ENV", "METRICS_PATH", "LIVE_PATH", "READY_PATH", "LATENCY_BUCKETS"]
+__all__ = [
+    "ServeMetrics",
+    "Health",
+    "ModelLabels",
+    "get_metrics",
+    "parse_model_uri",
+    "sweep_dead_processes",
+    "MULTIPROC_ENV",
+    "WORKERS_ENV",
+    "METRICS_PATH",
+    "LIVE_PATH",
+    "READY_PATH",
+    "LATENCY_BUCKETS",
+]

@@ -5,6 +5,7 @@ A target of h x w latent cells is covered by tiles of ``tile`` x ``tile`` cells 
 centred at (tile-1)/2 in both axes (upstream centres y at tile/2: not copied), summed, and divided by the summed
 weights, so identical overlapping latents are reproduced exactly and no tile edge shows as a seam.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ registered from there (inference's registry); ``varsr eval --shards`` reads pair
 reader; ``varsr data tokenize`` runs the model package's frozen tokenizer in the data pipeline's job. Nothing imports
 this module; ``pyproject.toml`` points the ``varsr`` script at :func:`main`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def register_trained_model(cfg) -> None:
         return
     from inference.registry import register_training_run
 
-    mv = register_training_run(cfg.output_dir, cfg.register.name, cfg.register.alias,
-                               tracking_uri=cfg.tracking.tracking_uri, sampling=cfg.register.sampling.values())
+    mv = register_training_run(
+        cfg.output_dir,
+        cfg.register.name,
+        cfg.register.alias,
+        tracking_uri=cfg.tracking.tracking_uri,
+        sampling=cfg.register.sampling.values(),
+    )
     say(f"[train] registered {cfg.register.name}@{cfg.register.alias} version {mv.version} from run {mv.run_id}")
 
 
@@ -50,8 +56,9 @@ def shard_pairs(shards: str):
     from data_pipeline.shards import eval_pairs
     from inference.images import open_image_bytes
 
-    return [(key, lambda h=hr, lo=lr: (open_image_bytes(h), open_image_bytes(lo)))
-            for key, hr, lr in eval_pairs(shards)]
+    return [
+        (key, lambda h=hr, lo=lr: (open_image_bytes(h), open_image_bytes(lo))) for key, hr, lr in eval_pairs(shards)
+    ]
 
 
 def degrade_preset(hr, preset: str, seed: int):
@@ -87,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_demo_cli(sub)
     data_cli.register(sub, open_tokenizer=open_tokenizer)
     training_cli.register(sub, on_trained=register_trained_model)
-    inference_cli.register(sub, shard_pairs=shard_pairs, degrader=degrade_preset, replayer=replay_degradation,
-                           shard_manifest=manifest_ref)
+    inference_cli.register(
+        sub, shard_pairs=shard_pairs, degrader=degrade_preset, replayer=replay_degradation, shard_manifest=manifest_ref
+    )
     model_cli.register(sub)
     return parser
 

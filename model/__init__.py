@@ -5,6 +5,7 @@ losses and checkpoint I/O (native safetensors and the official-checkpoint import
     vqvae, varsr = build(VARSRConfig.preset("tiny"))
     images = varsr.generate(lr_images, generator=image_generators(seed=0, count=len(lr_images)))
 """
+
 from .build import build
 from .checkpoint import from_pretrained, save_pretrained
 from .config import VARSRConfig
@@ -17,7 +18,20 @@ from .varsr import VARSR, GenerationInfo
 from .vqvae import VQVAE
 
 __all__ = [
-    "VARSRConfig", "VQVAE", "VARSR", "DiffLoss", "build", "save_pretrained", "from_pretrained", "import_official",
-    "load_stage_weights", "compute_loss", "LossOutput", "sample_top_k_top_p", "GenerationInfo", "image_generators",
-    "stream_generator", "default_inference_dtype",
+    "VARSRConfig",
+    "VQVAE",
+    "VARSR",
+    "DiffLoss",
+    "build",
+    "save_pretrained",
+    "from_pretrained",
+    "import_official",
+    "load_stage_weights",
+    "compute_loss",
+    "LossOutput",
+    "sample_top_k_top_p",
+    "GenerationInfo",
+    "image_generators",
+    "stream_generator",
+    "default_inference_dtype",
 ]

@@ -5,6 +5,7 @@ inference.
 The cache is an object created by each ``generate`` call and handed down through the blocks (``KVCache``), never
 module state, so several threads may sample from one model at the same time.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,10 @@ class KVCache:
             self.k[layer] = k.new_empty(B, H, self.total_len, c)
             self.v[layer] = v.new_empty(B, H, self.total_len, c)
         kc, vc = self.k[layer], self.v[layer]
-        kc[:, :, start:start + n].copy_(k)
-        vc[:, :, start:start + n].copy_(v)
+        kc[:, :, start : start + n].copy_(k)
+        vc[:, :, start : start + n].copy_(v)
         self.length[layer] = start + n
-        return kc[:, :, :start + n], vc[:, :, :start + n]
+        return kc[:, :, : start + n], vc[:, :, : start + n]
 
     def slot(self, layer: int) -> "KVSlot":
         return KVSlot(self, layer)
@@ -103,8 +104,9 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, kv: KVSlot | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, kv: KVSlot | None = None
+    ) -> torch.Tensor:
         """x (B, N, C); rope = (cos, sin) rows for these N positions.
 
         mask: bool (N, N_keys), or query segments from ``level_segments`` (training), or None (KV-cached inference).
@@ -124,9 +126,15 @@ class SelfAttention(nn.Module):
             k, v = kv.append(k, v)
         drop = self.attn_drop if self.training else 0.0
         if isinstance(mask, list):
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m,
-                                                            dropout_p=drop, scale=1.0)
-                             for qs, qe, ke, m in mask], dim=2)
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m, dropout_p=drop, scale=1.0
+                    )
+                    for qs, qe, ke, m in mask
+                ],
+                dim=2,
+            )
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=1.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

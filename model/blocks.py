@@ -1,6 +1,7 @@
 """Transformer blocks (docs/MODEL.md §2.7–2.8): AdaLN self-attention block conditioned on the class embedding, and the
 AdaLN layer before the output head. Chunk orders are the official ones (block: γ1, γ2, s1, s2, b1, b2; head: s, b).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,16 @@ class FFN(nn.Module):
 class AdaLNSelfAttn(nn.Module):
     """x += γ1·Attn(LN(x)(1+s1)+b1); x += γ2·FFN(LN(x)(1+s2)+b2), with (γ, s, b) = Linear(SiLU(cond))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, norm_eps: float,
-                 drop: float = 0.0, attn_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_eps: float,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ):
         super().__init__()
         self.dim = dim
         self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)

@@ -1,4 +1,5 @@
 """Factory: the frozen VQVAE and the VARSR transformer (which holds the VQVAE by reference) for a config."""
+
 from __future__ import annotations
 
 import torch

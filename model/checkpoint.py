@@ -19,6 +19,7 @@ defaults of the inference config (docs/MODEL.md §6, "Platform"). This module re
 (``read_sampling_defaults`` / ``write_sampling_defaults`` / ``validate_sampling_defaults``); which defaults win over
 which is the inference pipeline's business (inference/pipeline.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,12 @@ SAMPLING = "sampling.json"  # optional: the model's own sampling defaults
 # (this layer does not import inference: tests/inference/test_infer_sampling_defaults.py keeps the two in step)
 SAMPLING_FIELDS: dict[str, type] = {"scale": float, "cfg": float, "top_k": int, "top_p": float, "color_fix": str}
 SAMPLING_COLOR_FIXES = ("adain", "wavelet", "none")  # inference/colorfix.py
-_SAMPLING_RANGES = {"scale": (lambda v: v > 0, "> 0"), "cfg": (lambda v: v >= 0, ">= 0"),
-                    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-                    "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)")}
+_SAMPLING_RANGES = {
+    "scale": (lambda v: v > 0, "> 0"),
+    "cfg": (lambda v: v >= 0, ">= 0"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+}
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], source) -> None:
@@ -53,8 +57,10 @@ def check_tensors(tensors: dict[str, torch.Tensor], source) -> None:
     image much later."""
     for k, v in tensors.items():
         if not v.is_floating_point():
-            raise UserError(f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; "
-                            f"model weights must be floating point")
+            raise UserError(
+                f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; "
+                f"model weights must be floating point"
+            )
         if v.numel() and not bool(torch.isfinite(v).all()):
             n = int((~torch.isfinite(v)).sum())
             raise UserError(f"{source}: tensor {k} is not finite ({n} of {v.numel()} values are NaN or inf)")
@@ -64,8 +70,11 @@ def key_report(expected: dict[str, tuple], got: dict[str, tuple]) -> tuple[list[
     """(missing, unexpected, mis-shaped 'key: got X, expected Y') between two {key: shape} maps."""
     missing = sorted(k for k in expected if k not in got)
     unexpected = sorted(k for k in got if k not in expected)
-    bad = sorted(f"{k}: got {tuple(got[k])}, expected {tuple(expected[k])}"
-                 for k in expected if k in got and tuple(got[k]) != tuple(expected[k]))
+    bad = sorted(
+        f"{k}: got {tuple(got[k])}, expected {tuple(expected[k])}"
+        for k in expected
+        if k in got and tuple(got[k]) != tuple(expected[k])
+    )
     return missing, unexpected, bad
 
 
@@ -122,8 +131,9 @@ def save_pretrained(directory, vqvae, varsr, extra: dict | None = None, sampling
 
 def save_tokenizer(directory, vqvae, config: VARSRConfig, extra: dict | None = None) -> Path:
     """Write a tokenizer-only checkpoint (``vqvae.*`` tensors; ``contents: tokenizer``) for stages 1 and 2."""
-    return _write(directory, _prefixed("vqvae", vqvae), {"config": config.to_dict(), "contents": "tokenizer",
-                                                         **(extra or {})})
+    return _write(
+        directory, _prefixed("vqvae", vqvae), {"config": config.to_dict(), "contents": "tokenizer", **(extra or {})}
+    )
 
 
 # the tokenizer tensors that only shape what is drawn from the codes, not the codes themselves
@@ -143,13 +153,21 @@ def with_decoder(full_dir, tokenizer_dir, out_dir, extra: dict | None = None) ->
         raise UserError(f"{full_dir} is a tokenizer-only checkpoint: with_decoder needs a full model")
     if set(full_vq) != set(tok_vq):
         raise UserError(f"{tokenizer_dir} has other tokenizer keys than {full_dir}: not the same VQVAE config")
-    changed = sorted(k for k in full_vq if not k.startswith(DECODER_PREFIXES)
-                     and not (full_vq[k].shape == tok_vq[k].shape and torch.equal(full_vq[k], tok_vq[k])))
+    changed = sorted(
+        k
+        for k in full_vq
+        if not k.startswith(DECODER_PREFIXES)
+        and not (full_vq[k].shape == tok_vq[k].shape and torch.equal(full_vq[k], tok_vq[k]))
+    )
     if changed:
-        raise UserError(f"{tokenizer_dir} does not encode like {full_dir} (changed: {', '.join(changed[:4])}"
-                        f"{' ...' if len(changed) > 4 else ''}): only decoder.* and post_quant_conv.* may differ")
-    tensors = {**{f"vqvae.{k}": (tok_vq[k] if k.startswith(DECODER_PREFIXES) else v) for k, v in full_vq.items()},
-               **{f"varsr.{k}": v for k, v in full_var.items()}}
+        raise UserError(
+            f"{tokenizer_dir} does not encode like {full_dir} (changed: {', '.join(changed[:4])}"
+            f"{' ...' if len(changed) > 4 else ''}): only decoder.* and post_quant_conv.* may differ"
+        )
+    tensors = {
+        **{f"vqvae.{k}": (tok_vq[k] if k.startswith(DECODER_PREFIXES) else v) for k, v in full_vq.items()},
+        **{f"varsr.{k}": v for k, v in full_var.items()},
+    }
     meta = {k: v for k, v in meta.items() if k not in ("format", "version")}
     meta["lineage"] = {**meta.get("lineage", {}), **(extra or {})}
     return _write(out_dir, tensors, meta, read_sampling_defaults(full_dir))  # same model, same defaults
@@ -208,17 +226,22 @@ def load_tokenizer(vqvae: torch.nn.Module, directory, state: dict[str, torch.Ten
         # settings the tensors' shapes do not reveal but the computation depends on: a tokenizer trained with
         # 32 GroupNorm groups loads without complaint into a 1-group model and then decodes something else
         theirs = read_config(directory)[0].vqvae
-        diff = [f"{k} {getattr(theirs, k)} (model: {getattr(ours, k)})" for k in ("norm_groups", "quant_resi")
-                if getattr(theirs, k) != getattr(ours, k)]
+        diff = [
+            f"{k} {getattr(theirs, k)} (model: {getattr(ours, k)})"
+            for k in ("norm_groups", "quant_resi")
+            if getattr(theirs, k) != getattr(ours, k)
+        ]
         if diff:
-            raise UserError(f"tokenizer {directory} was trained with {', '.join(diff)}: build the model with its "
-                            f"config (model.overrides or the checkpoint's config.json)")
+            raise UserError(
+                f"tokenizer {directory} was trained with {', '.join(diff)}: build the model with its "
+                f"config (model.overrides or the checkpoint's config.json)"
+            )
     strict_load(vqvae, vq_sd, f"tokenizer {directory} does not fit this model's VQVAE config")
     vqvae.freeze()
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _load_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -262,8 +285,9 @@ def read_config(directory) -> tuple[VARSRConfig, dict]:
     cj = d / CONFIG
     meta = _read_config_json(d)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{cj}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                        f"expected {FORMAT!r}")
+        raise UserError(
+            f"{cj}: format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}"
+        )
     if meta.get("version") != VERSION:
         raise UserError(f"{cj}: unsupported version {meta.get('version')!r} (this code reads version {VERSION})")
     try:
@@ -286,17 +310,23 @@ def validate_sampling_defaults(values, source) -> dict:
         kind = SAMPLING_FIELDS.get(k)
         if kind is None:
             raise UserError(f"{source}: unknown sampling default {k!r} (known: {', '.join(SAMPLING_FIELDS)})")
-        ok_type = (isinstance(v, str) if kind is str else
-                   isinstance(v, int) and not isinstance(v, bool) if kind is int else
-                   isinstance(v, (int, float)) and not isinstance(v, bool))
+        ok_type = (
+            isinstance(v, str)
+            if kind is str
+            else isinstance(v, int) and not isinstance(v, bool)
+            if kind is int
+            else isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
         if not ok_type:
-            raise UserError(f"{source}: sampling default {k} must be {'a string' if kind is str else kind.__name__}, "
-                            f"got {v!r}")
+            raise UserError(
+                f"{source}: sampling default {k} must be {'a string' if kind is str else kind.__name__}, got {v!r}"
+            )
         if kind is not str and not math.isfinite(v):
             raise UserError(f"{source}: sampling default {k} must be a finite number, got {v!r}")
         if k == "color_fix" and v not in SAMPLING_COLOR_FIXES:
-            raise UserError(f"{source}: sampling default color_fix must be one of {', '.join(SAMPLING_COLOR_FIXES)}, "
-                            f"got {v!r}")
+            raise UserError(
+                f"{source}: sampling default color_fix must be one of {', '.join(SAMPLING_COLOR_FIXES)}, got {v!r}"
+            )
         if k in _SAMPLING_RANGES and not _SAMPLING_RANGES[k][0](v):
             raise UserError(f"{source}: sampling default {k} must be {_SAMPLING_RANGES[k][1]}, got {v!r}")
         out[k] = kind(v)
@@ -413,7 +443,7 @@ def open_tokenizer(checkpoint: str) -> FrozenTokenizer:
         require_native_checkpoint(d)
         try:
             with safe_open(str(d / WEIGHTS), framework="pt") as f:
-                state = {k[len("vqvae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vqvae.")}
+                state = {k[len("vqvae.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("vqvae.")}
         except Exception as e:  # noqa: BLE001 - an unreadable file is one clear line
             raise UserError(f"{d / WEIGHTS} is not a readable safetensors file ({e})") from None
         check_tensors({f"vqvae.{k}": v for k, v in state.items()}, f"{src.rstrip('/')}/{WEIGHTS}")

@@ -1,4 +1,5 @@
 """``varsr model info`` (config, geometry, parameter counts per module) and ``varsr import-checkpoint``."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,25 @@ def param_counts(vqvae, varsr) -> "OrderedDict[str, int]":
 
 
 def geometry(cfg) -> dict:
-    return dict(variant=cfg.variant, image_size=cfg.image_size, patch_nums=list(cfg.patch_nums), K=cfg.num_scales,
-                L=cfg.L, prefix_len=cfg.prefix_len, first_l=cfg.first_l, seq_len=cfg.seq_len, C=cfg.C, heads=cfg.heads,
-                head_dim=cfg.head_dim, depth=cfg.depth, vocab=cfg.vqvae.vocab_size, Cvae=cfg.vqvae.z_channels,
-                rope_grid=cfg.rope_grid_side, class_rows=cfg.class_rows, drop_path_max=cfg.dpr)
+    return dict(
+        variant=cfg.variant,
+        image_size=cfg.image_size,
+        patch_nums=list(cfg.patch_nums),
+        K=cfg.num_scales,
+        L=cfg.L,
+        prefix_len=cfg.prefix_len,
+        first_l=cfg.first_l,
+        seq_len=cfg.seq_len,
+        C=cfg.C,
+        heads=cfg.heads,
+        head_dim=cfg.head_dim,
+        depth=cfg.depth,
+        vocab=cfg.vqvae.vocab_size,
+        Cvae=cfg.vqvae.z_channels,
+        rope_grid=cfg.rope_grid_side,
+        class_rows=cfg.class_rows,
+        drop_path_max=cfg.dpr,
+    )
 
 
 def _info(args) -> int:
@@ -42,9 +58,12 @@ def _info(args) -> int:
             raise UserError(str(e.args[0])) from None
     vqvae, varsr = build(cfg, device="meta")  # shapes only: instant even for d30
     counts = param_counts(vqvae, varsr)
-    out = dict(config=cfg.to_dict(), geometry=geometry(cfg),
-               parameters={k: v for k, v in counts.items()},
-               parameters_M={k: round(v / 1e6, 3) for k, v in counts.items()})
+    out = dict(
+        config=cfg.to_dict(),
+        geometry=geometry(cfg),
+        parameters={k: v for k, v in counts.items()},
+        parameters_M={k: round(v / 1e6, 3) for k, v in counts.items()},
+    )
     print(json.dumps(out, indent=2))
     return 0
 
@@ -62,8 +81,7 @@ def _import(args) -> int:
     vqvae, varsr = import_official(args.var, args.vae, config=cfg, out_dir=args.output)
     d = args.output
     n = sum(p.numel() for p in varsr.parameters())
-    summary(f"imported {args.var} + {args.vae} -> {d} (config '{varsr.cfg.name}', {n / 1e6:.1f} M transformer "
-            f"params)")
+    summary(f"imported {args.var} + {args.vae} -> {d} (config '{varsr.cfg.name}', {n / 1e6:.1f} M transformer params)")
     return 0
 
 
@@ -77,8 +95,9 @@ def register(subparsers) -> None:
     info.set_defaults(func=_info)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    imp = subparsers.add_parser("import-checkpoint",
-                                help="convert official VARSR/VAR .pth files to a native checkpoint")
+    imp = subparsers.add_parser(
+        "import-checkpoint", help="convert official VARSR/VAR .pth files to a native checkpoint"
+    )
     imp.add_argument("--var", required=True, help="VARSR.pth / VARSR_C2I.pth / var_d*.pth")
     imp.add_argument("--vae", required=True, help="VQVAE.pth / vae_ch160v4096z32.pth")
     imp.add_argument("-o", "--output", required=True, help="output folder")

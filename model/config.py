@@ -4,6 +4,7 @@ One typed object holds every architectural number of docs/MODEL.md §8 ("Configu
 released VARSR model (docs/MODEL.md §0.1: d24, patch_nums 1…32 at 512 px, VQVAE ch160 v4096 z32). Everything geometric
 is *derived* from it (image size, prefix length, RoPE grid, sequence length), never hard-coded to 512 / 1024 / 32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -250,8 +251,11 @@ class VARSRConfig:
 
 
 # the key set of a serialised config from before lr_encoder_hidden was added (later fields have neutral defaults)
-_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {"lr_encoder_hidden", "lr_encoder_init",
-                                                                            "ce_weighting"}
+_LEGACY_FIELDS = frozenset(f.name for f in dataclasses.fields(VARSRConfig)) - {
+    "lr_encoder_hidden",
+    "lr_encoder_init",
+    "ce_weighting",
+}
 
 _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
@@ -261,8 +265,9 @@ _TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), nu
 # Its tokenizer keeps colour only with one GroupNorm group and a fan-in conv init (docs/EXPERIMENTS.md): at ch 32 the
 # released 32 groups hold one channel each, so every norm removes each channel's per-image mean (the image's colour),
 # and under PyTorch's default init the ~16-conv trunk attenuates the image before training starts.
-_SMALL_VAE = dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=1,
-                  init="fan_in")
+_SMALL_VAE = dict(
+    vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=1, init="fan_in"
+)
 _SMALL = dict(
     patch_nums=(1, 2, 3, 4, 6, 8, 12, 16),
     vqvae=_SMALL_VAE,
@@ -323,10 +328,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         cfg=4.0,
         top_k=20,
     ),
-    "c2i-small": dict(_SMALL, variant="c2i", num_classes=8,
-                      cond_drop_rate=0.1, cfg=4.0, top_k=20),
-    "c2i-small4": dict(_SMALL4, variant="c2i", num_classes=8,
-                       cond_drop_rate=0.1, cfg=4.0, top_k=20),
+    "c2i-small": dict(_SMALL, variant="c2i", num_classes=8, cond_drop_rate=0.1, cfg=4.0, top_k=20),
+    "c2i-small4": dict(_SMALL4, variant="c2i", num_classes=8, cond_drop_rate=0.1, cfg=4.0, top_k=20),
     "c2i-d24": dict(
         variant="c2i",
         patch_nums=C2I_12_SCALE_PATCH_NUMS,

@@ -4,6 +4,7 @@ conventions).
 All tables are float64 NumPy arrays (the upstream precision); values are gathered per timestep as float32 tensors on
 the caller's device, so the network may run under autocast while the schedule arithmetic never does.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,13 @@ import torch
 
 def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
     """IDDPM cosine schedule: abar(s) = cos²(((s + 0.008)/1.008)·π/2), β_i = min(1 - abar((i+1)/T)/abar(i/T), 0.999)."""
+
     def abar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return np.array([min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)],
-                    dtype=np.float64)
+    return np.array(
+        [min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max_beta) for i in range(num_steps)], dtype=np.float64
+    )
 
 
 def linear_betas(num_steps: int) -> np.ndarray:
@@ -106,8 +109,9 @@ class GaussianSchedule:
         frac = (v + 1) / 2
         return frac * self.at("log_betas", t) + (1 - frac) * self.at("posterior_log_variance_clipped", t)
 
-    def p_mean_log_variance(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor,
-                            clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def p_mean_log_variance(
+        self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor, clip_x0: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(x_{t-1} | x_t) from the ε prediction and the variance interpolation v."""
         x0 = self.predict_x0(xt, t, eps)
         if clip_x0:

@@ -5,6 +5,7 @@ tokenises (the HR crop, fp32, one sample at a time), used on the fly by :func:`c
 cache (``varsr data tokenize`` through :class:`model.checkpoint.FrozenTokenizer`), so cached tokens and residuals are
 the values :func:`compute_loss` would compute itself.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def tokenize_hr(vqvae, hr: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tens
     """
     with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):
         x = hr.float() * 2 - 1
-        parts = [vqvae.img_to_idxBl(x[i:i + 1]) for i in range(x.shape[0])]
+        parts = [vqvae.img_to_idxBl(x[i : i + 1]) for i in range(x.shape[0])]
     idx_list = [torch.cat([p[0][k] for p in parts]) for k in range(len(parts[0][0]))]
     return idx_list, torch.cat([p[1] for p in parts])
 
@@ -56,7 +57,7 @@ def _check_tokens(tokens, B: int, cfg) -> tuple[list[torch.Tensor], torch.Tensor
     if not (isinstance(tokens, (tuple, list)) and len(tokens) == 2):
         raise ValueError("tokens must be (indices (B, L), residual (B, pn_last², Cvae)) from the token cache")
     idx, R = tokens
-    L, N, Cv = cfg.L, cfg.pn_last ** 2, cfg.vqvae.z_channels
+    L, N, Cv = cfg.L, cfg.pn_last**2, cfg.vqvae.z_channels
     if idx.ndim != 2 or tuple(idx.shape) != (B, L):
         raise ValueError(f"cached indices must be ({B}, {L}), got {tuple(idx.shape)}")
     if R.dtype != torch.float32 or tuple(R.shape) != (B, N, Cv):
@@ -65,9 +66,15 @@ def _check_tokens(tokens, B: int, cfg) -> tuple[list[torch.Tensor], torch.Tensor
     return list(idx.split([p * p for p in cfg.patch_nums], dim=1)), R
 
 
-def compute_loss(vqvae, varsr: VARSR, hr: torch.Tensor, lr: torch.Tensor | None, label: torch.Tensor,
-                 generator: torch.Generator | None = None,
-                 tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
+def compute_loss(
+    vqvae,
+    varsr: VARSR,
+    hr: torch.Tensor,
+    lr: torch.Tensor | None,
+    label: torch.Tensor,
+    generator: torch.Generator | None = None,
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> LossOutput:
     """One teacher-forced step's loss.
 
     hr, lr: (B, 3, S, S) in [0, 1] (lr None for c2i); label (B,) long. The frozen VQVAE tokenises HR
@@ -102,8 +109,9 @@ def compute_loss(vqvae, varsr: VARSR, hr: torch.Tensor, lr: torch.Tensor | None,
     logits, diff = varsr(x_in, label, None if lr is None else lr.float() * 2 - 1, R, generator=generator)
 
     V = logits.shape[-1]
-    ce_tok = F.cross_entropy(logits.reshape(-1, V), gt.reshape(-1), reduction="none",
-                             label_smoothing=cfg.label_smooth).view(B, -1)
+    ce_tok = F.cross_entropy(
+        logits.reshape(-1, V), gt.reshape(-1), reduction="none", label_smoothing=cfg.label_smooth
+    ).view(B, -1)
     sl = varsr.scale_slices()
     if cfg.ce_weighting == "scale":
         ce = torch.stack([ce_tok[:, s].mean() for s in sl]).mean()
@@ -114,5 +122,6 @@ def compute_loss(vqvae, varsr: VARSR, hr: torch.Tensor, lr: torch.Tensor | None,
         hit = (logits.argmax(-1) == gt).float()
         acc_ps = [hit[:, s].mean().item() for s in sl]
         ce_ps = [ce_tok[:, s].mean().item() for s in sl]
-    return LossOutput(loss=loss, ce=ce, diff=diff, acc=hit.mean().item(), acc_per_scale=acc_ps,
-                      ce_per_scale=ce_ps, tokens=gt.numel())
+    return LossOutput(
+        loss=loss, ce=ce, diff=diff, acc=hit.mean().item(), acc_per_scale=acc_ps, ce_per_scale=ce_ps, tokens=gt.numel()
+    )

@@ -1,6 +1,7 @@
 """LR prefix encoder ``con_embedding`` (docs/MODEL.md §2.2): a ControlNet-style conv stack turning the LR image
 (resized to the model resolution, in [−1, 1]) into one prefix token per stride-16 cell, in raster order.
 """
+
 from __future__ import annotations
 
 import torch

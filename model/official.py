@@ -9,6 +9,7 @@ tries to run code is refused; a file that is no checkpoint at all, or a corrupt 
 parameter names equal the official keys; the regenerable buffers (``lvl_1L``,
 ``attn_bias_for_masking``, ``zero_k_bias``) are checked against the config and dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def safe_torch_load(path) -> object:
     if not head:
         raise UserError(f"{p} is empty: not a PyTorch checkpoint")
     if head != ZIP_MAGIC and not (head[0] == 0x80 and len(head) > 1 and head[1] in PICKLE_PROTOCOLS):
-        raise UserError(f"{p} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
-                        f"it starts with {head!r})")
+        raise UserError(
+            f"{p} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it starts with {head!r})"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -57,15 +59,20 @@ def safe_torch_load(path) -> object:
         text = str(e)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if found:
-            raise UserError(f"refusing to load {p}: it pickles {found.group(1)}, a Python object other than tensors "
-                            f"and plain containers (loading it could run arbitrary code)") from None
+            raise UserError(
+                f"refusing to load {p}: it pickles {found.group(1)}, a Python object other than tensors "
+                f"and plain containers (loading it could run arbitrary code)"
+            ) from None
         why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        raise UserError(f"{p} is corrupt or not written by torch.save: the safe loader cannot parse it "
-                        f"({(why.group(1) if why else text).strip().splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{p} is corrupt or not written by torch.save: the safe loader cannot parse it "
+            f"({(why.group(1) if why else text).strip().splitlines()[0][:200]})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - a truncated zip, a broken pickle memo (KeyError), EOF ...: one line
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence says it
-        raise UserError(f"{p} is corrupt: not a readable PyTorch checkpoint ({type(e).__name__}"
-                        f"{': ' + first if first else ''})") from None
+        raise UserError(
+            f"{p} is corrupt: not a readable PyTorch checkpoint ({type(e).__name__}{': ' + first if first else ''})"
+        ) from None
 
 
 def extract_state_dict(obj, path, inner: str) -> dict[str, torch.Tensor]:
@@ -81,8 +88,9 @@ def extract_state_dict(obj, path, inner: str) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in obj.items()}
     not_tensors = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
     if not_tensors or not sd:
-        raise UserError(f"{path}: not a state dict "
-                        f"(entries that are not tensors: {not_tensors[:5] or 'file is empty'})")
+        raise UserError(
+            f"{path}: not a state dict (entries that are not tensors: {not_tensors[:5] or 'file is empty'})"
+        )
     return sd
 
 
@@ -104,9 +112,15 @@ def infer_config(var_sd: dict, vae_sd: dict, name: str = "imported") -> VARSRCon
         levels = _indices(vae_sd, r"encoder\.down\.(\d+)\.")
         nrb = len(_indices(vae_sd, r"encoder\.down\.0\.block\.(\d+)\."))
         mult = [vae_sd[f"encoder.down.{i}.block.{nrb - 1}.conv2.weight"].shape[0] // ch for i in levels]
-        vq = dict(vocab_size=emb.shape[0], z_channels=emb.shape[1], ch=ch, ch_mult=mult, num_res_blocks=nrb,
-                  share_quant_resi=len(_indices(vae_sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")),
-                  quant_conv_ks=vae_sd["quant_conv.weight"].shape[-1])
+        vq = dict(
+            vocab_size=emb.shape[0],
+            z_channels=emb.shape[1],
+            ch=ch,
+            ch_mult=mult,
+            num_res_blocks=nrb,
+            share_quant_resi=len(_indices(vae_sd, r"quantize\.quant_resi\.qresi_ls\.(\d+)\.")),
+            quant_conv_ks=vae_sd["quant_conv.weight"].shape[-1],
+        )
         C, Cvae = var_sd["word_embed.weight"].shape
         depth = len(_indices(var_sd, r"blocks\.(\d+)\."))
         heads = var_sd["blocks.0.attn.scale_mul_1H11"].shape[1]
@@ -114,21 +128,31 @@ def infer_config(var_sd: dict, vae_sd: dict, name: str = "imported") -> VARSRCon
         K = var_sd["lvl_embed.weight"].shape[0]
         rows = var_sd["class_emb.weight"].shape[0]
         isr = any(k.startswith("con_embedding.") for k in var_sd)
-        d = dict(name=name, variant="isr" if isr else "c2i", vqvae=vq, depth=depth, embed_dim=C, num_heads=heads,
-                 mlp_ratio=mlp_ratio, num_classes=rows if isr else rows - 1)
+        d = dict(
+            name=name,
+            variant="isr" if isr else "c2i",
+            vqvae=vq,
+            depth=depth,
+            embed_dim=C,
+            num_heads=heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=rows if isr else rows - 1,
+        )
         if "diffloss.net.input_proj.weight" in var_sd:
             d["refiner_width"] = var_sd["diffloss.net.input_proj.weight"].shape[0]
             d["refiner_depth"] = len(_indices(var_sd, r"diffloss\.net\.res_blocks\.(\d+)\."))
         if isr:
             n_blocks = len(_indices(var_sd, r"con_embedding\.blocks\.(\d+)\."))
             d["lr_encoder_channels"] = [var_sd["con_embedding.conv_in.weight"].shape[0]] + [
-                var_sd[f"con_embedding.blocks.{2 * i + 1}.weight"].shape[0] for i in range(n_blocks // 2 - 1)]
+                var_sd[f"con_embedding.blocks.{2 * i + 1}.weight"].shape[0] for i in range(n_blocks // 2 - 1)
+            ]
             d["lr_encoder_hidden"] = var_sd["con_embedding.conv_out.weight"].shape[1]  # 1536 in research files
         else:
             d.update(cfg=4.0, top_k=20)
     except KeyError as e:
-        raise UserError(f"cannot infer the model config from the checkpoint: key {e} is missing "
-                        f"(pass a config/--preset explicitly)") from None
+        raise UserError(
+            f"cannot infer the model config from the checkpoint: key {e} is missing (pass a config/--preset explicitly)"
+        ) from None
     if Cvae != vq["z_channels"]:
         raise UserError(f"transformer expects Cvae={Cvae} but the VQVAE has z_channels={vq['z_channels']}")
     d["patch_nums"] = _patch_nums(var_sd, K, isr)
@@ -143,7 +167,7 @@ def _patch_nums(var_sd: dict, K: int, isr: bool) -> list[int]:
     if lvl is not None and lvl.numel():
         counts = torch.bincount(lvl.reshape(-1).long()).tolist()
         if len(counts) == K:
-            pns = [round(c ** 0.5) for c in counts]
+            pns = [round(c**0.5) for c in counts]
             if isr:
                 counts[0] -= pns[-1] ** 2
                 pns[0] = round(max(counts[0], 0) ** 0.5)
@@ -151,18 +175,30 @@ def _patch_nums(var_sd: dict, K: int, isr: bool) -> list[int]:
                 return pns
     by_k = {len(RELEASED_PATCH_NUMS): RELEASED_PATCH_NUMS, len(C2I_12_SCALE_PATCH_NUMS): C2I_12_SCALE_PATCH_NUMS}
     if K not in by_k:
-        raise UserError(f"lvl_embed has {K} rows: not one of the released scale schedules (10 or 12 scales) and the "
-                        f"file has no lvl_1L buffer to read the schedule from; pass a config/--preset with the right "
-                        f"patch_nums")
+        raise UserError(
+            f"lvl_embed has {K} rows: not one of the released scale schedules (10 or 12 scales) and the "
+            f"file has no lvl_1L buffer to read the schedule from; pass a config/--preset with the right "
+            f"patch_nums"
+        )
     return list(by_k[K])
 
 
 # what the tensor shapes fix: a preset that agrees on all of them is the file's preset (its other settings, such as
 # the VQVAE's GroupNorm groups, cannot be read from shapes and come from the preset)
-_SHAPE_FIELDS = ("variant", "patch_nums", "depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes",
-                 "refiner_width", "refiner_depth", "lr_encoder_channels", "lr_encoder_hidden")
-_VQ_SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "share_quant_resi",
-                    "quant_conv_ks")
+_SHAPE_FIELDS = (
+    "variant",
+    "patch_nums",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "mlp_ratio",
+    "num_classes",
+    "refiner_width",
+    "refiner_depth",
+    "lr_encoder_channels",
+    "lr_encoder_hidden",
+)
+_VQ_SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "share_quant_resi", "quant_conv_ks")
 
 
 def _known_preset(inferred: dict) -> VARSRConfig | None:
@@ -178,7 +214,8 @@ def _known_preset(inferred: dict) -> VARSRConfig | None:
         cfg = VARSRConfig.preset(name)
         full = cfg.to_dict()
         if all(same(full.get(k), inferred[k]) for k in _SHAPE_FIELDS if k in inferred) and all(
-                same(full["vqvae"].get(k), inferred["vqvae"][k]) for k in _VQ_SHAPE_FIELDS):
+            same(full["vqvae"].get(k), inferred["vqvae"][k]) for k in _VQ_SHAPE_FIELDS
+        ):
             hits.append(cfg)
     return hits[0] if len(hits) == 1 else None
 
@@ -217,8 +254,10 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
     is_var = "pos_1LC" in var_sd
     if config is None:
         if is_var:
-            raise UserError(f"{var_path} is a VAR (not VARSR) transformer: pass a config/--preset for the VARSR model "
-                            f"it should initialise")
+            raise UserError(
+                f"{var_path} is a VAR (not VARSR) transformer: pass a config/--preset for the VARSR model "
+                f"it should initialise"
+            )
         config = infer_config(var_sd, vae_sd, name=f"imported-{Path(var_path).stem}")
     vqvae, varsr = build(config)
     check_tensors(vae_sd, vae_path)  # NaN / integer weights: refused before anything is written
@@ -237,16 +276,24 @@ def import_official(var_path, vae_path, config: VARSRConfig | None = None, out_d
     if is_var:
         report = load_stage_weights(varsr, var_sd)
         extra["stage_init_report"] = report
-        log.info("VAR file loaded as stage-2 init: %d loaded, %d dropped, %d new",
-                 len(report["loaded"]), len(report["dropped"]), len(report["new"]))
+        log.info(
+            "VAR file loaded as stage-2 init: %d loaded, %d dropped, %d new",
+            len(report["loaded"]),
+            len(report["dropped"]),
+            len(report["new"]),
+        )
     else:
         bad_buf = _check_buffers(varsr, var_sd, var_path)
         weights = {k: v for k, v in var_sd.items() if not _is_buffer(k)}
-        m, u, b = key_report({k: tuple(v.shape) for k, v in varsr.state_dict().items()},
-                             {k: tuple(v.shape) for k, v in weights.items()})
+        m, u, b = key_report(
+            {k: tuple(v.shape) for k, v in varsr.state_dict().items()}, {k: tuple(v.shape) for k, v in weights.items()}
+        )
         if m or u or b or bad_buf:
-            raise UserError(format_key_report(f"{var_path} does not fit the VARSR model of config '{config.name}'",
-                                              m, u, b + bad_buf))
+            raise UserError(
+                format_key_report(
+                    f"{var_path} does not fit the VARSR model of config '{config.name}'", m, u, b + bad_buf
+                )
+            )
         varsr.load_state_dict(weights, strict=True)
     vqvae.freeze()
     if out_dir is not None:

@@ -4,6 +4,7 @@ bf16 autocast halves the work of every matmul and conv on such hardware (Ampere-
 AVX-512 BF16) and costs little accuracy (a bf16 decode stays above 45 dB PSNR of the fp32 decode, see
 tests/model/test_model_precision.py). Elsewhere bf16 is emulated and slower than fp32, so fp32 stays the default.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ pn_k x pn_k, snapped to its nearest codebook vectors, upsampled back (bicubic), 
 VARSR's change to VAR: no phi (and no resampling) at the last scale, and the residual left *before* the last scale is
 returned as the refiner's continuous target R.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,15 @@ class PhiPartiallyShared(nn.Module):
 class MultiScaleQuantizer(nn.Module):
     """Codebook `embedding` (V, Cvae), phi convs `quant_resi`, usage statistics buffer `ema_vocab_hit_SV` (K, V)."""
 
-    def __init__(self, vocab_size: int, Cvae: int, patch_nums: tuple[int, ...], beta: float, quant_resi: float,
-                 share_quant_resi: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        Cvae: int,
+        patch_nums: tuple[int, ...],
+        beta: float,
+        quant_resi: float,
+        share_quant_resi: int,
+    ):
         super().__init__()
         if not patch_nums:
             raise ValueError("patch_nums must name at least one scale")
@@ -144,8 +152,9 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat.new_zeros(B, 0, self.Cvae)
         return torch.cat(nexts, dim=1)
 
-    def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
-                                      h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_next_autoregressive_input(
+        self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add scale si's codes to f_hat in place; return (f_hat, next-scale input map), or (f_hat, f_hat) at the
         end."""
         K = len(self.patch_nums)
@@ -180,8 +189,9 @@ class MultiScaleQuantizer(nn.Module):
         f_st = (f_hat.detach() - f_nograd) + f  # value of f_hat, gradient of f (straight-through)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         margin = world * (f.numel() / C) / self.V * 0.08
-        usage = [(self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100
-                 for si in range(len(self.patch_nums))]
+        usage = [
+            (self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100 for si in range(len(self.patch_nums))
+        ]
         return f_st, loss, usage
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ continuous residual the discrete codes miss. Training: ε-MSE + VB (learned-rang
 schedule. Inference: 10-step respaced ancestral sampling with guidance on ε, result rescaled to latent units.
 Held as attribute `diffloss` of the transformer, its keys are `diffloss.net.*` as in the released checkpoint
 (docs/MODEL.md §6.1)."""
+
 from __future__ import annotations
 
 import math
@@ -122,13 +123,16 @@ class DiffLoss(nn.Module):
         self.scale = float(cfg.refiner_scale)
         self.batch_mul = int(cfg.diffusion_batch_mul)
         if self.scale <= 0 or self.batch_mul < 1:
-            raise ValueError(f"refiner_scale must be > 0 and diffusion_batch_mul >= 1 "
-                             f"(got {cfg.refiner_scale}, {cfg.diffusion_batch_mul})")
+            raise ValueError(
+                f"refiner_scale must be > 0 and diffusion_batch_mul >= 1 "
+                f"(got {cfg.refiner_scale}, {cfg.diffusion_batch_mul})"
+            )
         self.net = SimpleMLPAdaLN(self.in_channels, cfg.refiner_width, 2 * self.in_channels, cfg.C, cfg.refiner_depth)
         betas = make_betas(cfg.refiner_schedule, cfg.refiner_train_steps)
         self.train_schedule = GaussianSchedule(betas)
         self.sample_schedule = GaussianSchedule.respaced(
-            betas, space_timesteps(cfg.refiner_train_steps, cfg.refiner_sample_steps))
+            betas, space_timesteps(cfg.refiner_train_steps, cfg.refiner_sample_steps)
+        )
         self.init_weights_dit()
 
     def init_weights_dit(self) -> None:
@@ -161,14 +165,22 @@ class DiffLoss(nn.Module):
         vb = torch.where(t == 0, nll.mean(dim=1), kl.mean(dim=1)) / math.log(2.0)
         return (mse + vb).mean()
 
-    def forward(self, z: torch.Tensor, residual: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, residual: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return self.loss(z, residual, generator)
 
     # ---- inference (docs/MODEL.md §3.4) ------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, z_pos: torch.Tensor, z_neg: torch.Tensor | None, cfg: float, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def sample(
+        self,
+        z_pos: torch.Tensor,
+        z_neg: torch.Tensor | None,
+        cfg: float,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         """Respaced ancestral sampling; returns (N, Cvae) in latent units (× refiner_scale).
 
         With z_neg, the net sees [x; x] with conditions [z_pos; z_neg] and ε = (1 + cfg)·ε_pos - cfg·ε_neg; the

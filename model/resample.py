@@ -3,6 +3,7 @@
 Kept as PyTorch ops on purpose: the released tokens depend on PyTorch's exact "area" (adaptive average pooling,
 overlapping windows for non-divisors) and "bicubic" (A = -0.75, align_corners=False, border replicate) numerics.
 """
+
 from __future__ import annotations
 
 import torch

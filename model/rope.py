@@ -5,6 +5,7 @@ released model): token (i, j) of an n×n map sits at ((i/n)·grid, (j/n)·grid),
 the LR prefix token (i, j) and the final-scale token (i, j) share a position, and coarse scales align with fine ones.
 Head-dim channel pairs (2m, 2m+1) are rotated: pairs 0…c/4−1 by the row coordinate, the next c/4 by the column.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def rope_angles(sides, grid: int, head_dim: int, theta: float = 10000.0) -> torc
     return torch.cat([pos[:, :1] * freqs[None], pos[:, 1:] * freqs[None]], dim=1)
 
 
-def rope_table(sides, grid: int, head_dim: int, theta: float = 10000.0,
-               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_table(
+    sides, grid: int, head_dim: int, theta: float = 10000.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (N, c/2) float32, for ``apply_rope``."""
     ang = rope_angles(sides, grid, head_dim, theta)
     return ang.cos().to(device), ang.sin().to(device)

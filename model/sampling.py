@@ -1,4 +1,5 @@
 """Token sampling (top-k then top-p filtering, then one multinomial draw per token) and the per-image random streams."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,9 @@ def resolve_generators(generator: GeneratorArg, batch: int, device) -> list[torc
         return image_generators(base, batch, device=device)
     gens = list(generator)
     if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
-        raise ValueError(f"generator must be one torch.Generator or a list of {batch} (one per image), "
-                         f"got {len(gens)} entries")
+        raise ValueError(
+            f"generator must be one torch.Generator or a list of {batch} (one per image), got {len(gens)} entries"
+        )
     dev = torch.device(device)
     for g in gens:
         if g.device.type != dev.type:
@@ -63,8 +65,12 @@ def resolve_generators(generator: GeneratorArg, batch: int, device) -> list[torc
     return gens
 
 
-def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                       generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+def sample_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
     """logits (B, l, V) → sampled indices (B, l) long.
 
     top_k > 0 keeps logits ≥ the k-th largest; top_p > 0 removes the tokens whose ascending cumulative probability is

@@ -3,6 +3,7 @@
 Module names (conv_in, down.{i}.block.{j}, down.{i}.attn.{j}, down.{i}.downsample.conv, mid.block_1/attn_1/block_2,
 up.{i}..., norm_out, conv_out) match the released `vae_ch160v4096z32.pth` keys (docs/MODEL.md §6.2).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -139,13 +140,16 @@ class Upsample(nn.Module):
         k, bias = self._phase_params()
         out = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, bias)  # (B, 4·Co, H+1, W+1)
         Co = out.shape[1] // 4
-        fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous() else torch.contiguous_format
+        fmt = (
+            torch.channels_last
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
         y = torch.empty(B, Co, 2 * H, 2 * W, dtype=stream(out).dtype, device=out.device, memory_format=fmt)
         for a in (0, 1):
             for b in (0, 1):
                 p = 2 * a + b
-                y[:, :, a::2, b::2] = out[:, p * Co:(p + 1) * Co, a:a + H, b:b + W]
+                y[:, :, a::2, b::2] = out[:, p * Co : (p + 1) * Co, a : a + H, b : b + W]
         return y
 
 
@@ -174,8 +178,15 @@ def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, z_channels, H/2^(n-1), W/2^(n-1)); attention only at the last level."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0,
-                 norm_groups: int = 32):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ):
         super().__init__()
         n = len(ch_mult)
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
@@ -211,8 +222,15 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent -> image; `up` is stored highest-resolution first (index 0) but executed from the last index down."""
 
-    def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, dropout: float = 0.0,
-                 norm_groups: int = 32):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]

@@ -10,6 +10,7 @@ scale's quantisation error.
 One class serves both variants: ``isr`` (VAR_RoPE, the SR model) and ``c2i`` (ImgVAR_RoPE, class-to-image stage 1:
 no prefix, class_emb has an extra null row for CFG, label dropout in training, docs/MODEL.md §2.12).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ class VARSR(nn.Module):
         self.num_classes = cfg.num_classes
 
         # conditioning: LR prefix (isr), class token / AdaLN condition, level-0 position, level embedding
-        self.con_embedding = (LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden)
-                              if cfg.variant == "isr" else None)
+        self.con_embedding = (
+            LREncoder(tuple(cfg.lr_encoder_channels), C, cfg.lr_encoder_hidden) if cfg.variant == "isr" else None
+        )
         self.word_embed = nn.Linear(self.Cvae, C)
         self.class_emb = nn.Embedding(cfg.class_rows, C)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
@@ -123,7 +125,7 @@ class VARSR(nn.Module):
             blk.attn.proj.weight.div_(math.sqrt(2 * depth))
             blk.ffn.fc2.weight.div_(math.sqrt(2 * depth))
             w = blk.ada_lin[-1].weight
-            w[2 * C:].mul_(cfg.init_adaln)
+            w[2 * C :].mul_(cfg.init_adaln)
             w[: 2 * C].mul_(cfg.init_adaln_gamma)
             blk.ada_lin[-1].bias.zero_()
         for p in (self.pos_start, self.class_emb.weight, self.lvl_embed.weight):
@@ -143,8 +145,9 @@ class VARSR(nn.Module):
     def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("rope", str(device))
         if key not in self._cache:
-            self._cache[key] = rope_table(self.rope_sides(), self.cfg.rope_grid_side, self.cfg.head_dim,
-                                          self.cfg.rope_theta, device)
+            self._cache[key] = rope_table(
+                self.rope_sides(), self.cfg.rope_grid_side, self.cfg.head_dim, self.cfg.rope_theta, device
+            )
         return self._cache[key]
 
     def level_ids(self, device) -> torch.Tensor:
@@ -165,8 +168,9 @@ class VARSR(nn.Module):
 
         key = ("segments", str(device))
         if key not in self._cache:
-            self._cache[key] = [(a, b, c, None if m is None else m.to(device))
-                                for a, b, c, m in level_segments(self._level_ids)]
+            self._cache[key] = [
+                (a, b, c, None if m is None else m.to(device)) for a, b, c, m in level_segments(self._level_ids)
+            ]
         return self._cache[key]
 
     def scale_slices(self) -> list[slice]:
@@ -218,8 +222,14 @@ class VARSR(nn.Module):
         return x
 
     # ---- training forward (docs/MODEL.md §2.10) ----------------------------------------------------------------------
-    def forward(self, x_BLCv: torch.Tensor, label_B: torch.Tensor, lr: torch.Tensor | None,
-                residual: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(
+        self,
+        x_BLCv: torch.Tensor,
+        label_B: torch.Tensor,
+        lr: torch.Tensor | None,
+        residual: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ):
         """Teacher-forced forward.
 
         x_BLCv: teacher-forcing inputs (B, L−1, Cvae) from ``vqvae.idxBl_to_var_input``; label_B (B,) long;
@@ -230,16 +240,18 @@ class VARSR(nn.Module):
         """
         B, n_last = x_BLCv.shape[0], self.patch_nums[-1] ** 2
         if tuple(x_BLCv.shape[1:]) != (self.cfg.L - 1, self.Cvae):
-            raise ValueError(f"teacher-forcing inputs must be (B, {self.cfg.L - 1}, {self.Cvae}), "
-                             f"got {tuple(x_BLCv.shape)}")
+            raise ValueError(
+                f"teacher-forcing inputs must be (B, {self.cfg.L - 1}, {self.Cvae}), got {tuple(x_BLCv.shape)}"
+            )
         if tuple(residual.shape) != (B, n_last, self.Cvae):
             raise ValueError(f"residual must be {(B, n_last, self.Cvae)}, got {tuple(residual.shape)}")
         if tuple(label_B.shape) != (B,):
             raise ValueError(f"labels must be ({B},), got {tuple(label_B.shape)}")
         if self.cfg.variant == "c2i" and self.training and self.cfg.cond_drop_rate > 0:
             drop = torch.rand(B, generator=generator, device=label_B.device if generator is None else generator.device)
-            label_B = torch.where(drop.to(label_B.device) < self.cfg.cond_drop_rate,
-                                  torch.full_like(label_B, self.num_classes), label_B)
+            label_B = torch.where(
+                drop.to(label_B.device) < self.cfg.cond_drop_rate, torch.full_like(label_B, self.num_classes), label_B
+            )
         cond_BD = self.class_emb(label_B)
         sos = cond_BD[:, None]
         if self.prefix_len:
@@ -255,15 +267,16 @@ class VARSR(nn.Module):
             x, cond_BD = x.to(dt), cond_BD.to(dt)
         x = self.run_blocks(x, cond_BD, self.rope(dev), self.attn_segments(dev))
 
-        logits = self.logits(x[:, self.prefix_len:], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
+        logits = self.logits(x[:, self.prefix_len :], cond_BD)  # (B, L, V): position prefix_len+i predicts token i
         h_last = x[:, -n_last:]
         # refiner condition uses the model's own argmax codes of the last scale (docs/MODEL.md §2.10 step 5)
         with torch.no_grad():
             idx_last = logits[:, -n_last:].argmax(dim=-1)
             e = self.vqvae.embed_idx(idx_last).float()
         z = self.refiner_condition(h_last, e)
-        diff = self.diffloss.loss(z.reshape(-1, self.C), (residual.float() - e).reshape(-1, self.Cvae),
-                                  generator=generator)
+        diff = self.diffloss.loss(
+            z.reshape(-1, self.C), (residual.float() - e).reshape(-1, self.Cvae), generator=generator
+        )
         return logits, diff
 
     # ---- sampling (docs/MODEL.md §4.2) -------------------------------------------------------------------------------
@@ -290,11 +303,14 @@ class VARSR(nn.Module):
                 raise ValueError(f"class_labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
             return None, labels
         if not isinstance(lr_images, torch.Tensor):
-            raise ValueError(f"lr_images must be a float tensor (B, 3, {S}, {S}) in [0, 1], "
-                             f"got {type(lr_images).__name__}")
+            raise ValueError(
+                f"lr_images must be a float tensor (B, 3, {S}, {S}) in [0, 1], got {type(lr_images).__name__}"
+            )
         if lr_images.ndim != 4 or lr_images.shape[1] != 3 or tuple(lr_images.shape[2:]) != (S, S):
-            raise ValueError(f"lr_images must have shape (B, 3, {S}, {S}) (resize the LR to the model resolution "
-                             f"first, docs/MODEL.md §4.1), got {tuple(lr_images.shape)}")
+            raise ValueError(
+                f"lr_images must have shape (B, 3, {S}, {S}) (resize the LR to the model resolution "
+                f"first, docs/MODEL.md §4.1), got {tuple(lr_images.shape)}"
+            )
         if lr_images.shape[0] == 0:
             raise ValueError("lr_images is an empty batch")
         if not lr_images.is_floating_point():
@@ -315,9 +331,19 @@ class VARSR(nn.Module):
         return lr_images, labels.clone()
 
     @torch.inference_mode()
-    def generate(self, lr_images: torch.Tensor | None, label=0, cfg: float = 6.0, top_k: int = 1, top_p: float = 0.75,
-                 generator: GeneratorArg = None, refiner_noise: torch.Tensor | None = None,
-                 return_fhat: bool = False, class_labels=None, return_info: bool = False):
+    def generate(
+        self,
+        lr_images: torch.Tensor | None,
+        label=0,
+        cfg: float = 6.0,
+        top_k: int = 1,
+        top_p: float = 0.75,
+        generator: GeneratorArg = None,
+        refiner_noise: torch.Tensor | None = None,
+        return_fhat: bool = False,
+        class_labels=None,
+        return_info: bool = False,
+    ):
         """Super-resolve LR images (B, 3, S, S) in [0, 1] (already resized to the model resolution) → (B, 3, S, S) in
         [0, 1].
 
@@ -340,8 +366,9 @@ class VARSR(nn.Module):
         dev = self.word_embed.weight.device
         B, n_last = labels.numel(), self.patch_nums[-1] ** 2
         if refiner_noise is not None and tuple(refiner_noise.shape) != (B, n_last, self.Cvae):
-            raise ValueError(f"refiner_noise must have shape {(B, n_last, self.Cvae)}, "
-                             f"got {tuple(refiner_noise.shape)}")
+            raise ValueError(
+                f"refiner_noise must have shape {(B, n_last, self.Cvae)}, got {tuple(refiner_noise.shape)}"
+            )
         gens = resolve_generators(generator, B, dev)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
@@ -380,7 +407,7 @@ class VARSR(nn.Module):
         cursor, h, tokens = 0, None, []
         for si, pn in enumerate(self.patch_nums):
             n = x.shape[1]
-            h = self.run_blocks(x, cond_BD, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None, cache)
+            h = self.run_blocks(x, cond_BD, (cos[cursor : cursor + n], sin[cursor : cursor + n]), None, cache)
             cursor += n
             logits = self.logits(h[:, -1:] if si == 0 else h, cond_BD)  # si = 0: the class token only
             t = self._guidance(si, cfg)

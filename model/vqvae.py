@@ -6,6 +6,7 @@
 
 Key names equal the released `vae_ch160v4096z32.pth` (docs/MODEL.md §6.2), so it loads with strict=True.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ class VQVAE(nn.Module):
         self.downsample = v.downsample
         self.encoder = Encoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout, v.norm_groups)
         self.decoder = Decoder(v.ch, tuple(v.ch_mult), v.num_res_blocks, v.z_channels, v.dropout, v.norm_groups)
-        self.quantize = MultiScaleQuantizer(v.vocab_size, v.z_channels, self.patch_nums, v.beta, v.quant_resi,
-                                            v.share_quant_resi)
+        self.quantize = MultiScaleQuantizer(
+            v.vocab_size, v.z_channels, self.patch_nums, v.beta, v.quant_resi, v.share_quant_resi
+        )
         ks = v.quant_conv_ks
         self.quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(v.z_channels, v.z_channels, ks, stride=1, padding=ks // 2)
@@ -93,8 +95,9 @@ class VQVAE(nn.Module):
         """K GT index maps -> teacher-forcing inputs (B, L - 1, Cvae) (docs/MODEL.md §1.5)."""
         return self.quantize.idxBl_to_var_input(idx_list)
 
-    def get_next_autoregressive_input(self, si: int, f_hat: torch.Tensor,
-                                      h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_next_autoregressive_input(
+        self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """AR accumulation of scale si's codes into f_hat (in place) and the next scale's input map (docs/MODEL.md
         §1.6)."""
         return self.quantize.get_next_autoregressive_input(si, f_hat, h_BChw)

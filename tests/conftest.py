@@ -1,4 +1,5 @@
 """Shared pytest setup: quiet offline environment, CPU-only, one local Ray runtime per session."""
+
 from __future__ import annotations
 
 import os
@@ -62,3 +63,34 @@ def ray_local():
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+# ---- the fast loop: `pytest -m "not slow"` (docs/DEVELOPING.md) ----------------------------------------------------
+# Fixtures that start real heavy components: a Ray runtime or cluster, the loopback S3, PostgreSQL and MLflow servers,
+# shards built by a Ray job (a one-rank DeepSpeed engine on gloo is not heavy by itself). A test that uses one,
+# directly or through another fixture, is an integration test and is marked `slow`. A test module lists its own heavy
+# fixtures (a served or registered model, a trained checkpoint) in a module-level HEAVY_FIXTURES; a self-contained
+# slow test carries @pytest.mark.slow itself; every test of the separate suites (cluster, readme, benchmark_only, gpu)
+# is `slow` too. Every test still runs in .ci/run.
+HEAVY_FIXTURES = frozenset(
+    {
+        "ray_local",
+        "ray_cluster",
+        "shards",
+        "s3_server",
+        "s3_server_strict",
+        "s3_env",
+        "s3_bucket",
+        "postgres_server",
+        "mlflow_server",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = getattr(item, "module", None)
+        heavy = HEAVY_FIXTURES | frozenset(getattr(module, "HEAVY_FIXTURES", ()))
+        suites = {"cluster", "readme", "benchmark_only", "gpu"} & {m.name for m in item.iter_markers()}
+        if suites or heavy & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -13,6 +13,7 @@
 Nothing here skips: a missing binary fails the fixture with the install step to run. Every server's output goes to a
 log file (``.log_path``), which the tests read to check that no secret was printed.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 # the Host header that configs/train/d24_isr_cluster.yaml's tracking URI sends; the session's MLflow server allows it
 MLFLOW_ALLOWED_HOST = "mlflow.internal:5000"
-_AWS_CONFLICTING = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
-                    "MLFLOW_S3_ENDPOINT_URL")
+_AWS_CONFLICTING = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -47,16 +53,19 @@ def _tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, what: str,
-               headers: dict | None = None) -> None:
+def _wait_http(
+    url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, what: str, headers: dict | None = None
+) -> None:
     """Poll `url` until it answers 200; fail with the log tail if the process exits or time runs out."""
     import requests
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{what} exited with code {proc.returncode} before it was ready; log {log_path}:\n"
-                        f"{_tail(log_path)}", pytrace=False)
+            pytest.fail(
+                f"{what} exited with code {proc.returncode} before it was ready; log {log_path}:\n{_tail(log_path)}",
+                pytrace=False,
+            )
         try:
             if requests.get(url, timeout=2, headers=headers).status_code == 200:
                 return
@@ -113,15 +122,23 @@ class S3Server:
     @property
     def storage_options(self) -> dict:
         """fsspec/s3fs keyword arguments for this endpoint (when not going through the environment)."""
-        return {"key": self.access_key_id, "secret": self.secret_access_key,
-                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region}}
+        return {
+            "key": self.access_key_id,
+            "secret": self.secret_access_key,
+            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region},
+        }
 
     def client(self):
         """A boto3 S3 client for this endpoint (independent of the process environment)."""
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key, region_name=self.region)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        )
 
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique name when `name` is None) and return its name."""
@@ -142,8 +159,13 @@ def _start_moto(log_dir: Path, name: str, extra_env: dict[str, str] | None = Non
     log_path = log_dir / f"{name}.log"
     env = {**os.environ, **(extra_env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     server = S3Server(endpoint_url=f"http://{LOOPBACK}:{port}", log_path=log_path)
     return proc, server
 
@@ -169,8 +191,13 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server_strict(tmp_path_factory):
     """A second moto S3 server with IAM checks on and no users: every request is refused (InvalidAccessKeyId)."""
-    yield from _moto_session(tmp_path_factory, "moto_strict", "moto-s3-strict", "strict moto S3 server",
-                             {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield from _moto_session(
+        tmp_path_factory,
+        "moto_strict",
+        "moto-s3-strict",
+        "strict moto S3 server",
+        {"INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+    )
 
 
 def _clear_s3fs_cache() -> None:
@@ -202,8 +229,10 @@ def s3_bucket(s3_env) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- PostgreSQL
-PG_INSTALL_HINT = ("install Debian's PostgreSQL server: `apt-get install -y postgresql` "
-                   "(infra/scripts/test.sh runs infra/scripts/ensure_postgres.sh, which does this)")
+PG_INSTALL_HINT = (
+    "install Debian's PostgreSQL server: `apt-get install -y postgresql` "
+    "(infra/scripts/test.sh runs infra/scripts/ensure_postgres.sh, which does this)"
+)
 
 
 def pg_bindir() -> Path:
@@ -211,8 +240,10 @@ def pg_bindir() -> Path:
     found = shutil.which("pg_ctl")
     if found and shutil.which("initdb"):
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if versions:
         return versions[-1].parent
     raise FileNotFoundError(f"PostgreSQL server binaries (initdb, pg_ctl) not found: {PG_INSTALL_HINT}")
@@ -233,18 +264,31 @@ class PostgresServer:
 
     def url(self, dbname: str | None = None, driver: str = "postgresql+psycopg") -> str:
         """SQLAlchemy/libpq URL with user and password percent-encoded (the password holds '@', ':' and '/')."""
-        return (f"{driver}://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-                f"@{self.host}:{self.port}/{dbname or self.dbname}")
+        return (
+            f"{driver}://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
+            f"@{self.host}:{self.port}/{dbname or self.dbname}"
+        )
 
     def connect(self, dbname: str | None = None, superuser: bool = False):
         """psycopg connection: as the login role over TCP (password auth), or as the superuser over the socket."""
         import psycopg
 
         if superuser:
-            return psycopg.connect(host=str(self.socket_dir), port=self.port, user=self.superuser,
-                                   dbname=dbname or "postgres", autocommit=True)
-        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                               dbname=dbname or self.dbname, autocommit=True)
+            return psycopg.connect(
+                host=str(self.socket_dir),
+                port=self.port,
+                user=self.superuser,
+                dbname=dbname or "postgres",
+                autocommit=True,
+            )
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=dbname or self.dbname,
+            autocommit=True,
+        )
 
     def create_database(self, name: str | None = None) -> str:
         """A new database owned by the login role (a unique name when `name` is None)."""
@@ -265,8 +309,9 @@ def _pg_user_kwargs() -> dict:
     try:
         pw = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.fail(f"running as root but there is no `postgres` user to run the server as: {PG_INSTALL_HINT}",
-                    pytrace=False)
+        pytest.fail(
+            f"running as root but there is no `postgres` user to run the server as: {PG_INSTALL_HINT}", pytrace=False
+        )
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
 
@@ -284,34 +329,58 @@ def postgres_server():
     if as_user:
         os.chown(base, as_user["user"], as_user["group"])
     data, log_path, port = base / "data", base / "postgres.log", free_port()
-    password = "@".join(f"pw{secrets.token_hex(5)}" for _ in range(2)) + f":pw{secrets.token_hex(5)}/pw{secrets.token_hex(5)}"
+    password = (
+        "@".join(f"pw{secrets.token_hex(5)}" for _ in range(2)) + f":pw{secrets.token_hex(5)}/pw{secrets.token_hex(5)}"
+    )
 
     def run(*cmd: str) -> None:
         res = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, cwd=base, **as_user)
         if res.returncode:
             pytest.fail(f"{' '.join(cmd[:1])} failed ({res.returncode}): {res.stdout}{res.stderr}", pytrace=False)
 
-    run("initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
-        "-E", "UTF8", "--no-locale", "--no-sync")
-    opts = (f"-h {LOOPBACK} -p {port} -k {base} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            f"-c max_connections=60")
+    run(
+        "initdb",
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "-E",
+        "UTF8",
+        "--no-locale",
+        "--no-sync",
+    )
+    opts = (
+        f"-h {LOOPBACK} -p {port} -k {base} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        f"-c max_connections=60"
+    )
     run("pg_ctl", "-D", str(data), "-l", str(log_path), "-w", "-t", "60", "-o", opts, "start")
-    server = PostgresServer(host=LOOPBACK, port=port, user="varsr", password=password, dbname="varsr",
-                            socket_dir=base, log_path=log_path)
+    server = PostgresServer(
+        host=LOOPBACK, port=port, user="varsr", password=password, dbname="varsr", socket_dir=base, log_path=log_path
+    )
     try:
         from psycopg import sql
 
         with server.connect(superuser=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(server.user),
-                                                                          sql.Literal(password)))
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(server.dbname),
-                                                                      sql.Identifier(server.user)))
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(server.user), sql.Literal(password))
+            )
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(server.dbname), sql.Identifier(server.user)
+                )
+            )
         _timed("PostgreSQL", t0)
         yield server
     finally:
         t1 = time.monotonic()
-        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, cwd=base, **as_user)
+        subprocess.run(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            cwd=base,
+            **as_user,
+        )
         shutil.rmtree(base, ignore_errors=True)
         print(f"[services] PostgreSQL stopped in {time.monotonic() - t1:.1f} s", file=sys.stderr)
 
@@ -324,9 +393,9 @@ class MLflowServer:
     uri: str
     port: int
     log_path: Path
-    artifacts_destination: str      # s3://bucket/prefix on the moto server
+    artifacts_destination: str  # s3://bucket/prefix on the moto server
     bucket: str
-    database: str                   # PostgreSQL database holding the tracking and registry tables
+    database: str  # PostgreSQL database holding the tracking and registry tables
     allowed_host: str = MLFLOW_ALLOWED_HOST
 
     @property
@@ -343,23 +412,25 @@ def mlflow_recipe_env(s3: S3Server, pg: PostgresServer, database: str, port: int
     artifacts in `bucket` on the S3 endpoint, loopback binding, one worker, `mlflow.internal:5000` allowed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(s3.env)
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHON": sys.executable,
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_DB_HOST": pg.host,
-        "MLFLOW_DB_PORT": str(pg.port),
-        "MLFLOW_DB_NAME": database,
-        "MLFLOW_DB_USER": pg.user,
-        "MLFLOW_DB_PASSWORD": pg.password,
-        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
-        "MLFLOW_HOST": LOOPBACK,
-        "MLFLOW_PORT": str(port),
-        "MLFLOW_WORKERS": "1",
-        "MLFLOW_SERVER_ALLOWED_HOSTS": MLFLOW_ALLOWED_HOST,
-        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "http://mlflow.internal:5000",
-        "MLFLOW_STARTUP_WAIT_S": "5",
-    })
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHON": sys.executable,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_DB_HOST": pg.host,
+            "MLFLOW_DB_PORT": str(pg.port),
+            "MLFLOW_DB_NAME": database,
+            "MLFLOW_DB_USER": pg.user,
+            "MLFLOW_DB_PASSWORD": pg.password,
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
+            "MLFLOW_HOST": LOOPBACK,
+            "MLFLOW_PORT": str(port),
+            "MLFLOW_WORKERS": "1",
+            "MLFLOW_SERVER_ALLOWED_HOSTS": MLFLOW_ALLOWED_HOST,
+            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "http://mlflow.internal:5000",
+            "MLFLOW_STARTUP_WAIT_S": "5",
+        }
+    )
     return env
 
 
@@ -369,21 +440,37 @@ def mlflow_server(s3_server, postgres_server, tmp_path_factory):
     bucket the recipe creates, Host `mlflow.internal:5000` allowed. Yields an `MLflowServer` (`.uri`)."""
     t0 = time.monotonic()
     database = postgres_server.create_database("mlflow")
-    bucket = f"mlflow-artifacts-{secrets.token_hex(3)}"   # does not exist yet: the recipe must create it
+    bucket = f"mlflow-artifacts-{secrets.token_hex(3)}"  # does not exist yet: the recipe must create it
     port = free_port()
     log_dir = tmp_path_factory.mktemp("mlflow_server")
     log_path = log_dir / "server.log"
     env = mlflow_recipe_env(s3_server, postgres_server, database, port, bucket)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["bash", str(ROOT / "infra/mlflow/start_server.sh")], cwd=log_dir, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = MLflowServer(uri=f"http://{LOOPBACK}:{port}", port=port, log_path=log_path,
-                          artifacts_destination=env["MLFLOW_ARTIFACTS_DESTINATION"], bucket=bucket,
-                          database=database)
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / "infra/mlflow/start_server.sh")],
+            cwd=log_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = MLflowServer(
+        uri=f"http://{LOOPBACK}:{port}",
+        port=port,
+        log_path=log_path,
+        artifacts_destination=env["MLFLOW_ARTIFACTS_DESTINATION"],
+        bucket=bucket,
+        database=database,
+    )
     try:
         # /health is exempt from the Host check; the experiments API is not, so this also proves loopback is allowed
-        _wait_http(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1", proc, log_path, 240,
-                   "MLflow tracking server (infra/mlflow/start_server.sh)")
+        _wait_http(
+            f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1",
+            proc,
+            log_path,
+            240,
+            "MLflow tracking server (infra/mlflow/start_server.sh)",
+        )
         _timed("MLflow tracking server (PostgreSQL + S3)", t0)
         yield server
     finally:

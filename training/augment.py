@@ -8,6 +8,7 @@ codes, and an SR model must take them from its LR. One draw per crop, applied al
 Draws come from ``model.sampling.stream_generator(seed, step[, rank])``, so a resumed run sees the batches an
 uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ no option for anything else, so every ``.pt`` file of a checkpoint is first chec
 :func:`deepspeed_safe_globals`), and DeepSpeed's reads are routed through the same ``weights_only=True`` loader
 (:class:`_SafeReads`). A file holding anything else is refused with one line naming it (docs/SECURITY.md).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -41,8 +42,15 @@ def rng_state(generator: torch.Generator | None) -> dict:
 
 def set_rng_state(st: dict, generator: torch.Generator | None) -> None:
     random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
-    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype(np.uint32), st["numpy_pos"],
-                         st["numpy_gauss"][0], st["numpy_gauss"][1]))
+    np.random.set_state(
+        (
+            "MT19937",
+            st["numpy_keys"].numpy().astype(np.uint32),
+            st["numpy_pos"],
+            st["numpy_gauss"][0],
+            st["numpy_gauss"][1],
+        )
+    )
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
@@ -62,8 +70,10 @@ def deepspeed_safe_globals() -> list:
 
 
 def _refusal(path, why: str) -> UserError:
-    return UserError(f"checkpoint file {path} holds {why}, not only tensors and DeepSpeed's training state; refusing "
-                     f"to load it (unpickling it could run code): resume only from checkpoints this platform wrote")
+    return UserError(
+        f"checkpoint file {path} holds {why}, not only tensors and DeepSpeed's training state; refusing "
+        f"to load it (unpickling it could run code): resume only from checkpoints this platform wrote"
+    )
 
 
 def safe_load(path, map_location=None):
@@ -90,8 +100,10 @@ def check_checkpoint_files(ckpt: Path) -> None:
             safe_load(f, map_location="cpu")
             continue
         except Exception as e:  # noqa: BLE001 - unreadable / corrupt: not a checkpoint this platform wrote
-            raise UserError(f"checkpoint file {f} is not readable as a torch checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise UserError(
+                f"checkpoint file {f} is not readable as a torch checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         if unsafe:
             raise _refusal(f, f"the global(s) {', '.join(unsafe[:3])}")
 

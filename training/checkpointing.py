@@ -13,6 +13,7 @@ no option for anything else, so :func:`load` first checks every ``.pt`` file of 
 routes DeepSpeed's reads through the same ``weights_only=True`` loader. A file holding anything else is refused with one
 line naming it (docs/SECURITY.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,7 @@ class _Upload(_Background):
     """One rank's background upload of the files it wrote for one checkpoint (an object-store output with
     ``checkpoint_async``); rank 0 commits it (trainer state + ``COMPLETE``) once every rank's upload is done."""
 
-    def __init__(self, run: RunDir, step: int, files: list[Path], state: dict | None, keep: int,
-                 launch: str | None):
+    def __init__(self, run: RunDir, step: int, files: list[Path], state: dict | None, keep: int, launch: str | None):
         self.run, self.step, self.state, self.keep, self.launch = run, step, state, keep, launch
         self.files = files
         super().__init__(f"checkpoint-upload-{step}", self._publish)
@@ -132,8 +132,10 @@ def flush(wait: bool = True) -> None:
     bad = [f"rank {r}, {e}" for r, errs in enumerate(errors) for e in errs or []]
     if bad:
         run = p.run if p is not None else c[0].run if c is not None else None
-        raise UserError(f"uploading a checkpoint to {run.url if run else 'the output'} failed ({bad[0]}); it was not "
-                        f"committed, the previous complete checkpoint stays the resume point")
+        raise UserError(
+            f"uploading a checkpoint to {run.url if run else 'the output'} failed ({bad[0]}); it was not "
+            f"committed, the previous complete checkpoint stays the resume point"
+        )
     if p is not None and p.state is not None:  # rank 0
         if wait:
             p.commit()
@@ -143,8 +145,17 @@ def flush(wait: bool = True) -> None:
         _barrier()
 
 
-def save(engine, run: RunDir, step: int, position: DataPosition, generator, fingerprint: dict, keep: int,
-         launch: str | None = None, asynchronous: bool = False) -> str:
+def save(
+    engine,
+    run: RunDir,
+    step: int,
+    position: DataPosition,
+    generator,
+    fingerprint: dict,
+    keep: int,
+    launch: str | None = None,
+    asynchronous: bool = False,
+) -> str:
     """Collective: every rank calls it. Returns the checkpoint's location (path or URL).
 
     ``launch`` (a Ray Train launch's id, ``training/launch.py``) goes into the ``COMPLETE`` marker, so workers that
@@ -289,8 +300,9 @@ def _bring(run: RunDir, step: int) -> Path:
     return run.fetch_tree(rel) if run.remote else run / rel
 
 
-def load(engine, ckpt: Path, generator, fingerprint: dict, split: str = "global_batch",
-         workers: int = 0) -> tuple[int, DataPosition]:
+def load(
+    engine, ckpt: Path, generator, fingerprint: dict, split: str = "global_batch", workers: int = 0
+) -> tuple[int, DataPosition]:
     """Restore engine + RNG + data position; UserError if the checkpoint is from another config.
 
     A checkpoint of another number of ranks resumes through :func:`training.reshard.load_resized` (DeepSpeed's
@@ -299,17 +311,21 @@ def load(engine, ckpt: Path, generator, fingerprint: dict, split: str = "global_
     state = json.loads((ckpt / "trainer_state.json").read_text())
     diff = _fingerprint_mismatch(state, fingerprint)
     if diff:
-        raise UserError(f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir or the "
-                        f"matching config")
+        raise UserError(
+            f"checkpoint {ckpt} was written by another config ({diff}); use a fresh output_dir or the matching config"
+        )
     if engine.load_universal_checkpoint():  # DeepSpeed reads universal checkpoints with weights_only=False loads
-        raise UserError("resuming from a DeepSpeed universal checkpoint (checkpoint.load_universal) is not supported: "
-                        "its loader unpickles without an allow-list")
+        raise UserError(
+            "resuming from a DeepSpeed universal checkpoint (checkpoint.load_universal) is not supported: "
+            "its loader unpickles without an allow-list"
+        )
     check_checkpoint_files(ckpt)
     if state["world_size"] != _world():
         return reshard.load_resized(engine, ckpt, state, generator, split, workers)
     with _SafeReads(engine):
-        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        path, client = engine.load_checkpoint(
+            str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {ckpt}")
     st = safe_load(ckpt / f"rng_rank{_rank()}.pt")

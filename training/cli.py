@@ -4,6 +4,7 @@ Registered into the ``varsr`` command by infra/cli.py, which may pass ``on_train
 training has finished (the CLI uses it to log and register the model from the training run; training itself never
 imports the serving code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,11 @@ def register(subparsers, on_trained: OnTrained | None = None) -> None:
         s.add_argument("--nproc", type=int, default=1, help="local processes (re-execs via torchrun)")
         s.add_argument("--ray-address", default=None, help="Ray cluster address ('local' = start one here)")
         s.set_defaults(func=_run_stage, stage=stage, on_trained=on_trained)
-    s = sub.add_parser("vqvae", help="stage 0: train a small multi-scale VQVAE tokenizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser(
+        "vqvae",
+        help="stage 0: train a small multi-scale VQVAE tokenizer",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_config_args(s, "tokenizer YAML (e.g. configs/demo/vqvae.yaml)")
     s.add_argument("--resume", default=None, help="'auto' = latest complete checkpoint in output_dir, or a path")
     s.set_defaults(func=_run_vqvae)

@@ -4,6 +4,7 @@ A torch AdamW is passed to ``initialize`` (no config ``optimizer`` section: that
 ``LambdaLR`` carrying the warm-up + ``lin0`` schedule; DeepSpeed steps both at gradient-accumulation boundaries and
 saves/restores both in its checkpoints. gloo on CPU, nccl on GPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,14 +84,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     elif cfg.precision == "fp16":
         # the paper's loss scaling (docs/MODEL.md §5.4): initial scale 2^11, growth interval 1000
         derived["fp16"] = {"enabled": True, "initial_scale_power": 11, "loss_scale_window": 1000, "min_loss_scale": 1}
-    owned = {"zero_optimization.stage": cfg.zero_stage, "gradient_clipping": cfg.optim.grad_clip,
-             "bf16.enabled": cfg.precision == "bf16", "fp16.enabled": cfg.precision == "fp16"}
+    owned = {
+        "zero_optimization.stage": cfg.zero_stage,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16.enabled": cfg.precision == "bf16",
+        "fp16.enabled": cfg.precision == "fp16",
+    }
     for key, mine in owned.items():
         theirs = _get(user, key)
         if theirs is not None and theirs != mine:
             where = cfg.deepspeed if isinstance(cfg.deepspeed, str) else "deepspeed"
-            raise UserError(f"{where} sets {key}={theirs!r} but this run has {key}={mine!r} (from zero_stage / "
-                            f"precision / optim.grad_clip); change one so they agree")
+            raise UserError(
+                f"{where} sets {key}={theirs!r} but this run has {key}={mine!r} (from zero_stage / "
+                f"precision / optim.grad_clip); change one so they agree"
+            )
     return _merge(_merge(defaults, {k: v for k, v in user.items() if k not in BATCH_KEYS}), derived)
 
 
@@ -100,8 +107,9 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
             raise UserError("device=cuda but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.precision == "fp16":
-        raise UserError("precision=fp16 needs a CUDA device (fp16 autocast + loss scaling); on CPU use "
-                        "precision=bf16 or fp32")
+        raise UserError(
+            "precision=fp16 needs a CUDA device (fp16 autocast + loss scaling); on CPU use precision=bf16 or fp32"
+        )
     return torch.device("cpu")
 
 
@@ -155,14 +163,21 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, poll_s: float
                 if age > max_age_s:
                     lock.unlink()
                     removed.append(str(lock))
-                    print(f"[train] removed a stale torch-extension build lock {lock} ({age:.0f} s old, left by a "
-                          f"killed build); the op is rebuilt", file=sys.stderr, flush=True)
+                    print(
+                        f"[train] removed a stale torch-extension build lock {lock} ({age:.0f} s old, left by a "
+                        f"killed build); the op is rebuilt",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 else:
                     young = True
                     if not said:
-                        print(f"[train] waiting for a torch-extension build to release {lock} (another process is "
-                              f"compiling the op; a lock older than {max_age_s:.0f} s is removed)", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"[train] waiting for a torch-extension build to release {lock} (another process is "
+                            f"compiling the op; a lock older than {max_age_s:.0f} s is removed)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         said = True
             except FileNotFoundError:  # the build finished, or another process cleared it, meanwhile
                 continue
@@ -199,13 +214,20 @@ def initialize(cfg: TrainConfig, model: torch.nn.Module, schedule: Schedule):
 
     groups = param_groups(model, cfg.optim.weight_decay)
     opt = torch.optim.AdamW(
-        torch_groups(groups), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        torch_groups(groups),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),  # validate() checks there are two
+        eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ds_cfg = deepspeed_config(cfg, dist.get_world_size())
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, dist_init_required=False,
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=ds_cfg,
+        dist_init_required=False,
     )
     return engine, optimizer, lr_scheduler, ds_cfg
 

@@ -3,6 +3,7 @@ step (:func:`plot_curves`, :func:`plot_loss_curves`) and labelled sample grids (
 :func:`grid_tiles`), the LR | SR | HR rows of stage 2's validation, generated | real of stage 1's, HR |
 reconstruction | tokens only of stage 0's (docs/CONTRACTS.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [h["step"] for h in rows], [float(h[key]) for h in rows]
 
 
-def plot_curves(history: list[dict], panels: list[tuple[str, list[str]]], path: str | Path,
-                log_panels: tuple[str, ...] = ()) -> Path:
+def plot_curves(
+    history: list[dict], panels: list[tuple[str, list[str]]], path: str | Path, log_panels: tuple[str, ...] = ()
+) -> Path:
     """One panel per ``(title, [metric keys])`` against step (keys missing from the history are left out; a key seen
     only at some steps, such as ``val/...``, is drawn with markers). The figure is saved with its titles and labels
     inside the image."""
@@ -28,8 +30,9 @@ def plot_curves(history: list[dict], panels: list[tuple[str, list[str]]], path: 
 
     panels = [(t, [k for k in keys if _series(history, k)[0]]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.8), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.8), squeeze=False, layout="constrained"
+    )
     n_steps = len(history)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
@@ -51,10 +54,16 @@ def plot_curves(history: list[dict], panels: list[tuple[str, list[str]]], path: 
 
 def plot_loss_curves(history: list[dict], path: str | Path) -> Path:
     """Stage 1/2: losses (train and validation), refiner loss, learning rate, validation PSNR-Y against step."""
-    return plot_curves(history, [("loss", ["loss/total", "loss/ce", "val/loss"]),
-                                 ("refiner loss", ["loss/refiner"]),
-                                 ("learning rate", ["lr"]),
-                                 ("validation PSNR-Y (dB)", ["val/psnr_y"])], path)
+    return plot_curves(
+        history,
+        [
+            ("loss", ["loss/total", "loss/ce", "val/loss"]),
+            ("refiner loss", ["loss/refiner"]),
+            ("learning rate", ["lr"]),
+            ("validation PSNR-Y (dB)", ["val/psnr_y"]),
+        ],
+        path,
+    )
 
 
 # ---- sample grids ----------------------------------------------------------------------------------------------------
@@ -70,8 +79,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def save_grid(rows: list[list], titles: list[str], path: str | Path, row_labels: list[str] | None = None,
-              min_tile: int = 128) -> Path:
+def save_grid(
+    rows: list[list], titles: list[str], path: str | Path, row_labels: list[str] | None = None, min_tile: int = 128
+) -> Path:
     """rows: per sample ``[img (3,H,W) in [0,1], ...]`` -> one PNG with a column per title (e.g. LR | SR | HR).
 
     Tiles smaller than ``min_tile`` pixels are enlarged by an integer factor with nearest-neighbour (pixels stay
@@ -83,8 +93,10 @@ def save_grid(rows: list[list], titles: list[str], path: str | Path, row_labels:
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
-    tiles = [[(np.clip(t.detach().float().cpu().permute(1, 2, 0).numpy(), 0, 1) * 255).round().astype(np.uint8)
-              for t in row] for row in rows]
+    tiles = [
+        [(np.clip(t.detach().float().cpu().permute(1, 2, 0).numpy(), 0, 1) * 255).round().astype(np.uint8) for t in row]
+        for row in rows
+    ]
     h, w = tiles[0][0].shape[:2]
     k = max(1, math.ceil(min_tile / max(1, min(h, w))))
     th, tw = h * k, w * k

@@ -6,6 +6,7 @@
 and the report (loaded / resized / dropped / new tensors) is returned for logging. The tokenizer comes from
 ``vqvae_checkpoint`` if given, else from the init checkpoint; it must be the one the parent was trained with.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,10 @@ def build_models(cfg: TrainConfig):
             if not cfg.model.vqvae_checkpoint:
                 load_tokenizer(vqvae, src, vq_sd)
             lineage = meta.get("lineage", {}) if isinstance(meta.get("lineage"), dict) else {}
-            parent = {"checkpoint": origin if "://" in origin else str(Path(src).resolve()),
-                      "run_id": lineage.get("mlflow_run_id")}
+            parent = {
+                "checkpoint": origin if "://" in origin else str(Path(src).resolve()),
+                "run_id": lineage.get("mlflow_run_id"),
+            }
         elif Path(src).is_file():
             if not cfg.model.official_vae:
                 raise UserError(f"init_from {src} is an official file: also set model.official_vae to its VQVAE .pth")
@@ -87,9 +90,14 @@ def build_models(cfg: TrainConfig):
         report = load_stage_weights(varsr, var_sd)
         if not report.get("loaded"):
             raise UserError(f"init_from {src}: no tensor fits this model (config mismatch?)")
-        log.info("init from %s: loaded %d, resized %d, dropped %d, new %d tensors", src,
-                 len(report["loaded"]), len(report.get("resized", [])), len(report.get("dropped", [])),
-                 len(report.get("new", [])))
+        log.info(
+            "init from %s: loaded %d, resized %d, dropped %d, new %d tensors",
+            src,
+            len(report["loaded"]),
+            len(report.get("resized", [])),
+            len(report.get("dropped", [])),
+            len(report.get("new", [])),
+        )
     if cfg.model.vqvae_checkpoint:
         load_tokenizer(vqvae, local_checkpoint(cfg.model.vqvae_checkpoint))
     return vqvae, varsr, report, parent

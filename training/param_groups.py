@@ -4,13 +4,27 @@
 fragments — so the whole refiner (``diffloss``), ``pos_start``, ``lvl_embed``, ``scale_mul``, gammas/betas and
 every 1-D tensor go to "ND", while class_emb, word_embed and the LR-encoder convs are decayed.
 """
+
 from __future__ import annotations
 
 import torch
 
 NO_DECAY_FRAGMENTS = (
-    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
-    "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul", "diffloss",
+    "cls_token",
+    "start_token",
+    "task_token",
+    "cfg_uncond",
+    "pos_embed",
+    "pos_1LC",
+    "pos_start",
+    "start_pos",
+    "lvl_embed",
+    "gamma",
+    "beta",
+    "ada_gss",
+    "moe_bias",
+    "scale_mul",
+    "diffloss",
 )
 
 

@@ -12,6 +12,7 @@ blurred image, with less high-frequency energy than even a bicubic upsampling. T
 
 Both are training-only parts: nothing here is stored in a model checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,14 +55,21 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         w = int(width)
         self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GroupNorm(8, 2 * w), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.GroupNorm(8, 4 * w), nn.LeakyReLU(0.2),
-            nn.Conv2d(4 * w, 1, 3, 1, 0))
+            nn.Conv2d(3, w, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1),
+            nn.GroupNorm(8, 2 * w),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1),
+            nn.GroupNorm(8, 4 * w),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * w, 1, 3, 1, 0),
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -20,6 +20,7 @@ passed :func:`training.checkpoint_io.check_checkpoint_files` (allow-list, no ten
 converted files pass it again, and every ``torch.load`` of the modules involved is routed through
 :func:`training.checkpoint_io.safe_load` (``weights_only=True`` with the same allow-list) while they run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,14 @@ log = logging.getLogger(__name__)
 UNIVERSAL = "universal"  # the converted copy's folder (and DeepSpeed tag) inside the checkpoint's folder
 DONE = "CONVERTED"  # written last into it: a complete conversion
 # the DeepSpeed modules whose torch.load calls run during a conversion and a universal load
-_DS_MODULES = ("deepspeed.checkpoint.ds_to_universal", "deepspeed.checkpoint.deepspeed_checkpoint",
-               "deepspeed.checkpoint.zero_checkpoint", "deepspeed.checkpoint.universal_checkpoint",
-               "deepspeed.runtime.base_optimizer", "deepspeed.runtime.zero.stage3")
+_DS_MODULES = (
+    "deepspeed.checkpoint.ds_to_universal",
+    "deepspeed.checkpoint.deepspeed_checkpoint",
+    "deepspeed.checkpoint.zero_checkpoint",
+    "deepspeed.checkpoint.universal_checkpoint",
+    "deepspeed.runtime.base_optimizer",
+    "deepspeed.runtime.zero.stage3",
+)
 
 
 class _SafeTorch:
@@ -102,8 +108,15 @@ def convert(ckpt: Path) -> Path:
         return out
     if out.exists():
         shutil.rmtree(out)
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     chatter = io.StringIO()
     try:
         with safe_deepspeed_reads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -113,10 +126,12 @@ def convert(ckpt: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - DeepSpeed's converter asserts / raises on what it cannot re-partition
         shutil.rmtree(out, ignore_errors=True)
         stage = _zero_stage(ckpt)
-        raise UserError(f"checkpoint {ckpt} (ZeRO stage {stage}) cannot be re-partitioned for another number of "
-                        f"ranks: DeepSpeed's universal conversion failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); resume it on the number of ranks that wrote "
-                        f"it") from None
+        raise UserError(
+            f"checkpoint {ckpt} (ZeRO stage {stage}) cannot be re-partitioned for another number of "
+            f"ranks: DeepSpeed's universal conversion failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); resume it on the number of ranks that wrote "
+            f"it"
+        ) from None
     log.debug("ds_to_universal: %s", chatter.getvalue()[-2000:])
     (ckpt / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; tags are always given here
     check_checkpoint_files(out)
@@ -144,8 +159,7 @@ def _restore_rng(ckpt: Path, state: dict, generator, rank: int, step: int) -> No
         generator.manual_seed(s)
 
 
-def load_resized(engine, ckpt: Path, state: dict, generator, split: str,
-                 workers: int) -> tuple[int, DataPosition]:
+def load_resized(engine, ckpt: Path, state: dict, generator, split: str, workers: int) -> tuple[int, DataPosition]:
     """Collective: restore a checkpoint written by ``state["world_size"]`` ranks on this run's ranks. Returns the
     step and this rank's data position."""
     written, world = int(state["world_size"]), dist.get_world_size() if dist.is_initialized() else 1
@@ -153,15 +167,19 @@ def load_resized(engine, ckpt: Path, state: dict, generator, split: str,
     positions = [DataPosition(**state["positions"][str(r)]) for r in range(written)]
     position, note = regroup_position(positions, world, rank, split, workers)  # bad input: refused before any load
     if engine.zero_optimization_partition_weights():
-        raise UserError(f"checkpoint {ckpt} was written by {written} rank(s) with ZeRO stage 3 and this run has "
-                        f"{world}: DeepSpeed's universal loader restores ZeRO-3 partitions but leaves the parameters "
-                        f"ZeRO-3 keeps whole empty, so a ZeRO-3 checkpoint resumes only on {written} rank(s); resume "
-                        f"it there, or train with zero_stage 0-2 to resume on any number of ranks")
+        raise UserError(
+            f"checkpoint {ckpt} was written by {written} rank(s) with ZeRO stage 3 and this run has "
+            f"{world}: DeepSpeed's universal loader restores ZeRO-3 partitions but leaves the parameters "
+            f"ZeRO-3 keeps whole empty, so a ZeRO-3 checkpoint resumes only on {written} rank(s); resume "
+            f"it there, or train with zero_stage 0-2 to resume on any number of ranks"
+        )
     if engine.zero_optimization_stage() == 0 and (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        raise UserError(f"checkpoint {ckpt} was written by {written} rank(s) with ZeRO stage 0 in 16-bit precision "
-                        f"(DeepSpeed's BF16/FP16 optimiser) and this run has {world}: that combination is not "
-                        f"re-partitioned here; resume it on {written} rank(s), or train with zero_stage 1-2 to resume "
-                        f"on any number of ranks")
+        raise UserError(
+            f"checkpoint {ckpt} was written by {written} rank(s) with ZeRO stage 0 in 16-bit precision "
+            f"(DeepSpeed's BF16/FP16 optimiser) and this run has {world}: that combination is not "
+            f"re-partitioned here; resume it on {written} rank(s), or train with zero_stage 1-2 to resume "
+            f"on any number of ranks"
+        )
     if partitioned(ckpt):
         error: UserError | None = None
         if rank == 0:
@@ -178,19 +196,22 @@ def load_resized(engine, ckpt: Path, state: dict, generator, split: str,
         engine._config.load_universal_checkpoint = True  # DeepSpeed's switch (config checkpoint.load_universal)
         try:
             with _SafeReads(engine), safe_deepspeed_reads():
-                path, client = engine.load_checkpoint(str(ckpt), tag=univ.name, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                path, client = engine.load_checkpoint(
+                    str(ckpt), tag=univ.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
         finally:
             engine._config.load_universal_checkpoint = False
     else:
         with _SafeReads(engine):
-            path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            path, client = engine.load_checkpoint(
+                str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {ckpt}")
     step = int(client["step"])
     _restore_rng(ckpt, state, generator, rank, step)
     if rank == 0:
-        log.warning("checkpoint %s was written by %d rank(s); resumed on %d at step %d (%s)", ckpt, written, world,
-                    step, note)
+        log.warning(
+            "checkpoint %s was written by %d rank(s); resumed on %d at step %d (%s)", ckpt, written, world, step, note
+        )
     return step, position

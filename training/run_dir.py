@@ -5,6 +5,7 @@ its node (``$VARSR_SCRATCH`` or the system temp folder). With a URL, files are p
 rank its own checkpoint shards, rank 0 everything else — and always through the storage layer's atomic writes, so a
 reader of the URL never sees a partial file. Nothing here assumes a disk shared between nodes.
 """
+
 from __future__ import annotations
 
 import hashlib

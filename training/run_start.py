@@ -2,6 +2,7 @@
 its lineage tags, the MLflow run with the resolved config as params, the shard manifests as dataset inputs and the
 checkpoints it starts from as model inputs (training/tracking.py says what a run holds; docs/CONTRACTS.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,20 +44,41 @@ def tracking_uri(t: TrackingSection) -> str:
 
 def run_lineage(stage: str, preset: str, config: Any, shards: ShardSet, run_url: str, t: TrackingSection) -> dict:
     """The lineage tags every stage sets (training/tracking.py: LINEAGE_KEYS) for a run writing to ``run_url``."""
-    return lineage_tags(stage=stage, preset=preset, config=config, data_location=shards.location,
-                        manifest_sha256=shards.manifest_sha256, run_base=run_url, output_url=run_url,
-                        tracking_uri=tracking_uri(t))
+    return lineage_tags(
+        stage=stage,
+        preset=preset,
+        config=config,
+        data_location=shards.location,
+        manifest_sha256=shards.manifest_sha256,
+        run_base=run_url,
+        output_url=run_url,
+        tracking_uri=tracking_uri(t),
+    )
 
 
 def shard_profile(shards: ShardSet) -> dict:
     """What the dataset input of a run says about its shards beyond source and digest."""
-    return {"manifest_sha256": shards.manifest_sha256, "samples": shards.num_samples, "shards": len(shards.urls),
-            "hr_size": shards.hr_size}
+    return {
+        "manifest_sha256": shards.manifest_sha256,
+        "samples": shards.num_samples,
+        "shards": len(shards.urls),
+        "hr_size": shards.hr_size,
+    }
 
 
-def start_tracking(t: TrackingSection, *, stage: str, preset: str, seed: int, config: dict, tags: dict,
-                   run_url: str, datasets: Iterable[tuple[ShardSet | None, str]] = (),
-                   model_inputs: Iterable[str | None] = (), prefix: str = "[train]") -> NullTracker | MlflowTracker:
+def start_tracking(
+    t: TrackingSection,
+    *,
+    stage: str,
+    preset: str,
+    seed: int,
+    config: dict,
+    tags: dict,
+    run_url: str,
+    datasets: Iterable[tuple[ShardSet | None, str]] = (),
+    model_inputs: Iterable[str | None] = (),
+    prefix: str = "[train]",
+) -> NullTracker | MlflowTracker:
     """The run of one stage (a :class:`NullTracker` when ``tracking.enabled`` is off): named ``<stage kind> <preset>
     seed<N> <time>`` unless ``tracking.run_name`` says otherwise, nested under ``tracking.parent_run_id``, with
     ``config`` as params (local paths relative to ``run_url``), ``tags``, each ``(shards, context)`` of ``datasets``
@@ -66,17 +88,29 @@ def start_tracking(t: TrackingSection, *, stage: str, preset: str, seed: int, co
         return NullTracker()
     uri = tracking_uri(t)
     name = t.run_name or run_name(STAGE_RUN_KIND[stage], preset, f"seed{seed}")
-    tracker = MlflowTracker(uri, name, experiment=t.experiment, parent_run_id=t.parent_run_id,
-                            params=run_params(config, run_url), config=config, tags=tags,
-                            source=f"varsr train {stage}", system_metrics=t.system_metrics)
+    tracker = MlflowTracker(
+        uri,
+        name,
+        experiment=t.experiment,
+        parent_run_id=t.parent_run_id,
+        params=run_params(config, run_url),
+        config=config,
+        tags=tags,
+        source=f"varsr train {stage}",
+        system_metrics=t.system_metrics,
+    )
     for shards, context in datasets:
         if shards is None or not shards.manifest_sha256:
             continue
         src = manifest_source(shards.location, run_url)
         if src is not None:
-            tracker.log_dataset(src, shards.manifest_sha256, context=context,
-                                name=os.path.basename(os.path.normpath(shards.location.rstrip("/"))),
-                                profile=shard_profile(shards))
+            tracker.log_dataset(
+                src,
+                shards.manifest_sha256,
+                context=context,
+                name=os.path.basename(os.path.normpath(shards.location.rstrip("/"))),
+                profile=shard_profile(shards),
+            )
     for ref in model_inputs:
         tracker.log_model_input(checkpoint_lineage(ref).get("mlflow_model_id"))
     say(f"{prefix} MLflow run {tracker.run_id} ({name}) at {redact(uri)}")

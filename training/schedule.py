@@ -3,6 +3,7 @@
 ``lr(it) = peak · multiplier(it)``; ``it`` counts optimiser steps from 0. Pure functions, so the schedule is the
 same whether driven by a torch ``LambdaLR`` inside DeepSpeed or evaluated for a plot.
 """
+
 from __future__ import annotations
 
 import math

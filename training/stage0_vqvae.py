@@ -29,6 +29,7 @@ Its config is :class:`training.config.VQVAETrainConfig`, checked by its ``valida
 
     varsr train vqvae --config configs/demo/vqvae.yaml [--set max_steps=400 --set data.batch_size=8 ...] [--resume auto]
 """
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,12 @@ from training.validation import distinct_samples
 log = logging.getLogger(__name__)
 
 # the panels of stage 0's loss-curve figure (training/figures.py)
-CURVES = [("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq", "loss/lowpass", "loss/highpass"]),
-          ("adversarial losses", ["loss/generator", "loss/critic"]),
-          ("reconstruction PSNR (dB)", ["recon/psnr"]),
-          ("codebook usage (%)", ["codebook/usage_pct"])]
+CURVES = [
+    ("tokenizer losses", ["loss/total", "loss/l1", "loss/mse", "loss/vq", "loss/lowpass", "loss/highpass"]),
+    ("adversarial losses", ["loss/generator", "loss/critic"]),
+    ("reconstruction PSNR (dB)", ["recon/psnr"]),
+    ("codebook usage (%)", ["codebook/usage_pct"]),
+]
 
 
 def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
@@ -82,17 +85,36 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     fingerprint = _fingerprint(cfg, mcfg)
     ckpt = checkpointing.find_resume(run, resume)
     history, position = parts.resume(ckpt, cfg, fingerprint) if ckpt is not None else ([], DataPosition())
-    batches = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size,
-                          workers=cfg.data.workers, seed=cfg.seed, rank=0, world=1,
-                          shuffle_buffer=cfg.data.shuffle_buffer, position=position)
+    batches = BatchStream(
+        shards,
+        size=mcfg.image_size,
+        want_lr=False,
+        batch_size=cfg.data.batch_size,
+        workers=cfg.data.workers,
+        seed=cfg.seed,
+        rank=0,
+        world=1,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        position=position,
+    )
 
     def checkpoint(step: int, hist: list[dict]) -> None:
-        checkpointing.save_module_state(run, step, {**parts.state(batches.pos, hist), "fingerprint": fingerprint},
-                                        cfg.keep_checkpoints)
+        checkpointing.save_module_state(
+            run, step, {**parts.state(batches.pos, hist), "fingerprint": fingerprint}, cfg.keep_checkpoints
+        )
+
     (out / "resolved_config.json").write_text(json.dumps(redact_config(to_dict(cfg)), indent=2))  # no secret
-    tracker = start_tracking(cfg.tracking, stage="vqvae", preset=mcfg.name, seed=cfg.seed, config=to_dict(cfg),
-                             tags=run_lineage("vqvae", mcfg.name, cfg, shards, str(out), cfg.tracking),
-                             run_url=str(out), datasets=[(shards, "training")], prefix="[vqvae]")
+    tracker = start_tracking(
+        cfg.tracking,
+        stage="vqvae",
+        preset=mcfg.name,
+        seed=cfg.seed,
+        config=to_dict(cfg),
+        tags=run_lineage("vqvae", mcfg.name, cfg, shards, str(out), cfg.tracking),
+        run_url=str(out),
+        datasets=[(shards, "training")],
+        prefix="[vqvae]",
+    )
     status = "FAILED"
     try:
         history = _train_loop(cfg, parts, iter(batches), dev, tracker, history, checkpoint)
@@ -101,11 +123,19 @@ def train_vqvae(cfg: VQVAETrainConfig, resume: str | None = None) -> dict:
     finally:
         tracker.end(status)
     first, last = history[0], history[-1]
-    summary(f"[vqvae] done: {cfg.max_steps} steps, loss {first['loss/total']:.4f} -> {last['loss/total']:.4f}, "
-            f"rec-PSNR {first['recon/psnr']:.2f} -> {last['recon/psnr']:.2f} dB; tokenizer -> {export}")
-    return dict(losses=[h["loss/total"] for h in history], psnr=[h["recon/psnr"] for h in history],
-                export_dir=str(export), run_id=tracker.run_id, model_id=model_id,
-                resumed_from=str(ckpt) if ckpt else None, colour=colour)
+    summary(
+        f"[vqvae] done: {cfg.max_steps} steps, loss {first['loss/total']:.4f} -> {last['loss/total']:.4f}, "
+        f"rec-PSNR {first['recon/psnr']:.2f} -> {last['recon/psnr']:.2f} dB; tokenizer -> {export}"
+    )
+    return dict(
+        losses=[h["loss/total"] for h in history],
+        psnr=[h["recon/psnr"] for h in history],
+        export_dir=str(export),
+        run_id=tracker.run_id,
+        model_id=model_id,
+        resumed_from=str(ckpt) if ckpt else None,
+        colour=colour,
+    )
 
 
 @dataclass
@@ -145,10 +175,15 @@ class Tokenizer:
     def state(self, position: DataPosition, history: list[dict]) -> dict:
         """What a checkpoint holds besides the RNG states (training/checkpointing.py: save_module_state)."""
         c = self.critic
-        return {"model": self.vqvae.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "record_hit": self.vqvae.quantize.record_hit,
-                "position": asdict(position), "history": history,
-                **({"critic": c[0].state_dict(), "critic_optimizer": c[1].state_dict()} if c else {})}
+        return {
+            "model": self.vqvae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "record_hit": self.vqvae.quantize.record_hit,
+            "position": asdict(position),
+            "history": history,
+            **({"critic": c[0].state_dict(), "critic_optimizer": c[1].state_dict()} if c else {}),
+        }
 
     def resume(self, ckpt: Path, cfg: VQVAETrainConfig, fingerprint: dict) -> tuple[list[dict], DataPosition]:
         """Load checkpoint ``ckpt`` (after the model is built: its RNG states replace the init's draws); the run's
@@ -169,8 +204,9 @@ class Tokenizer:
         return st["history"], position
 
 
-def _finish(cfg: VQVAETrainConfig, vqvae, mcfg, shards: ShardSet, dev: torch.device, out: Path, tracker,
-            history: list[dict]) -> tuple[dict, Path, str | None]:
+def _finish(
+    cfg: VQVAETrainConfig, vqvae, mcfg, shards: ShardSet, dev: torch.device, out: Path, tracker, history: list[dict]
+) -> tuple[dict, Path, str | None]:
     """The end of the run: the reconstruction grid and colour check on held-out crops, the loss curves, and the
     export; (colour check as stored in the export, export folder, logged model id)."""
     vqvae.eval()
@@ -179,8 +215,11 @@ def _finish(cfg: VQVAETrainConfig, vqvae, mcfg, shards: ShardSet, dev: torch.dev
     tracker.log_metrics({f"eval/{k}": v for k, v in colour.items() if k != "images"}, step=len(history))
     _report_colour(colour)
     # NaN (no slope to measure) is stored as null: config.json stays standard JSON
-    colour = {**{k: (None if v != v else v) for k, v in colour.items()}, "min_chroma_gain": MIN_CHROMA_GAIN,
-              "verdict": colour_verdict(colour)}
+    colour = {
+        **{k: (None if v != v else v) for k, v in colour.items()},
+        "min_chroma_gain": MIN_CHROMA_GAIN,
+        "verdict": colour_verdict(colour),
+    }
     curve = plot_curves(history, CURVES, out / "plots" / "loss_curve.png", log_panels=("tokenizer losses",))
     tracker.log_artifact(grid, "samples")
     tracker.log_artifact(curve, "plots")
@@ -204,25 +243,38 @@ def colour_verdict(colour: dict) -> str:
 
 def _report_colour(colour: dict) -> None:
     """The end-of-run colour check: one summary line, and a warning line when the tokens lost colour."""
-    summary(f"[vqvae] colour on {colour['images']} held-out crops: chroma gain {colour['chroma_gain_tokens']:.2f} "
-            f"tokens only / {colour['chroma_gain']:.2f} reconstruction (1 = kept, 0 = lost), mean chroma error "
-            f"{colour['chroma_err_tokens']:.3f}")
+    summary(
+        f"[vqvae] colour on {colour['images']} held-out crops: chroma gain {colour['chroma_gain_tokens']:.2f} "
+        f"tokens only / {colour['chroma_gain']:.2f} reconstruction (1 = kept, 0 = lost), mean chroma error "
+        f"{colour['chroma_err_tokens']:.3f}"
+    )
     if colour_verdict(colour) == "lost":
-        summary(f"[vqvae] WARNING: the tokenizer does not reproduce colour (chroma gain "
-                f"{colour['chroma_gain_tokens']:.2f} < {MIN_CHROMA_GAIN}); a model trained on its tokens decodes "
-                f"near-grey images (docs/EXPERIMENTS.md)")
+        summary(
+            f"[vqvae] WARNING: the tokenizer does not reproduce colour (chroma gain "
+            f"{colour['chroma_gain_tokens']:.2f} < {MIN_CHROMA_GAIN}); a model trained on its tokens decodes "
+            f"near-grey images (docs/EXPERIMENTS.md)"
+        )
 
 
 def _fingerprint(cfg: VQVAETrainConfig, mcfg) -> dict:
     """What a resumed run must share with the checkpoint it continues (not max_steps: a run can be extended)."""
-    return {"geometry": json.dumps(mcfg.to_dict(), sort_keys=True), "seed": cfg.seed, "lr": cfg.lr,
-            "batch_size": cfg.data.batch_size, "shards": cfg.data.shards, "warmup_steps": cfg.warmup_steps,
-            "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor],
-            **({"augment": [True, cfg.augment_colour_p]} if cfg.augment else {}),
-            **({"lr_schedule": [cfg.lr_schedule, cfg.min_lr_ratio]} if cfg.lr_schedule != "constant" else {}),
-            **({"finetune": [cfg.init_from, cfg.train_parts]} if cfg.init_from else {}),
-            **({"sharpness": [cfg.hf_weight, cfg.hf_sigma, cfg.gan_weight, cfg.gan_start, cfg.disc_width,
-                              cfg.disc_lr]} if cfg.hf_weight or cfg.gan_weight else {})}
+    return {
+        "geometry": json.dumps(mcfg.to_dict(), sort_keys=True),
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "batch_size": cfg.data.batch_size,
+        "shards": cfg.data.shards,
+        "warmup_steps": cfg.warmup_steps,
+        "losses": [cfg.l1_weight, cfg.mse_weight, cfg.vq_weight, cfg.lowpass_weight, cfg.lowpass_factor],
+        **({"augment": [True, cfg.augment_colour_p]} if cfg.augment else {}),
+        **({"lr_schedule": [cfg.lr_schedule, cfg.min_lr_ratio]} if cfg.lr_schedule != "constant" else {}),
+        **({"finetune": [cfg.init_from, cfg.train_parts]} if cfg.init_from else {}),
+        **(
+            {"sharpness": [cfg.hf_weight, cfg.hf_sigma, cfg.gan_weight, cfg.gan_start, cfg.disc_width, cfg.disc_lr]}
+            if cfg.hf_weight or cfg.gan_weight
+            else {}
+        ),
+    }
 
 
 def _load_init(vqvae, init_from: str) -> None:
@@ -238,8 +290,9 @@ def _load_init(vqvae, init_from: str) -> None:
 EXTRA_LOSSES = ("loss/highpass", "loss/generator", "loss/critic")  # the optional terms, in the order they are added
 
 
-def _train_loop(cfg: VQVAETrainConfig, parts: Tokenizer, stream, dev: torch.device, tracker, history: list[dict],
-                checkpoint) -> list[dict]:
+def _train_loop(
+    cfg: VQVAETrainConfig, parts: Tokenizer, stream, dev: torch.device, tracker, history: list[dict], checkpoint
+) -> list[dict]:
     """The optimisation steps after those in ``history`` (a resumed run's); returns the per-step metrics of the whole
     run (also logged). ``checkpoint(step, history)`` every ``checkpoint_every`` steps and after the last."""
     history, start, clock = list(history), len(history), Stopwatch().start()
@@ -252,11 +305,13 @@ def _train_loop(cfg: VQVAETrainConfig, parts: Tokenizer, stream, dev: torch.devi
         tracker.log_metrics(m, step=step)
         if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
             el = clock.elapsed
-            say(f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss/total']:.4f} l1 {m['loss/l1']:.4f} "
+            say(
+                f"[vqvae] step {step}/{cfg.max_steps} loss {m['loss/total']:.4f} l1 {m['loss/l1']:.4f} "
                 f"vq {m['loss/vq']:.4f} rec-PSNR {m['recon/psnr']:.2f} dB "
                 + (f"usage {m['codebook/usage_pct']:.1f}% " if "codebook/usage_pct" in m else "")
                 + "".join(f"{k.split('/')[1]} {m[k]:.4f} " for k in EXTRA_LOSSES if k in m)
-                + f"({el:.0f} s, ETA {el / (step - start) * (cfg.max_steps - step):.0f} s)")
+                + f"({el:.0f} s, ETA {el / (step - start) * (cfg.max_steps - step):.0f} s)"
+            )
         if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             checkpoint(step, history)
     if not history:
@@ -303,28 +358,48 @@ def _step(cfg: VQVAETrainConfig, parts: Tokenizer, x: torch.Tensor, step: int, d
         d_loss.backward()
         disc_opt.step()
         extra["loss/critic"] = d_loss
-    if (cfg.restart_dead_codes_every and not decoder_only and step % cfg.restart_dead_codes_every == 0
-            and step < cfg.max_steps):
+    if (
+        cfg.restart_dead_codes_every
+        and not decoder_only
+        and step % cfg.restart_dead_codes_every == 0
+        and step < cfg.max_steps
+    ):
         restarted = restart_dead_codes(vqvae, x)
         if restarted:
             log.info("step %d: re-seeded %d unused codes", step, restarted)
-    return {"loss/total": loss.item(), "loss/l1": l1.item(), "loss/mse": mse.item(), "loss/vq": vq_loss.item(),
-            **({"loss/lowpass": lowpass.item()} if lowpass is not None else {}),
-            **{k: float(v.detach()) for k, v in extra.items()},
-            "optim/grad_norm": float(gn), "recon/psnr": float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12))),
-            "recon/chroma_err": chroma_fidelity(x, rec.detach())["chroma_err"],
-            **({"codebook/usage_pct": float(sum(usage) / len(usage))} if usage else {}),
-            "lr": parts.sched.get_last_lr()[0]}
+    return {
+        "loss/total": loss.item(),
+        "loss/l1": l1.item(),
+        "loss/mse": mse.item(),
+        "loss/vq": vq_loss.item(),
+        **({"loss/lowpass": lowpass.item()} if lowpass is not None else {}),
+        **{k: float(v.detach()) for k, v in extra.items()},
+        "optim/grad_norm": float(gn),
+        "recon/psnr": float(10 * torch.log10(4.0 / mse.detach().clamp_min(1e-12))),
+        "recon/chroma_err": chroma_fidelity(x, rec.detach())["chroma_err"],
+        **({"codebook/usage_pct": float(sum(usage) / len(usage))} if usage else {}),
+        "lr": parts.sched.get_last_lr()[0],
+    }
 
 
 @torch.no_grad()
-def _reconstruction_grid(vqvae, mcfg, shards: ShardSet, cfg: VQVAETrainConfig, dev: torch.device,
-                         path: Path) -> tuple[Path, dict]:
+def _reconstruction_grid(
+    vqvae, mcfg, shards: ShardSet, cfg: VQVAETrainConfig, dev: torch.device, path: Path
+) -> tuple[Path, dict]:
     """HR | reconstruction | tokens only (the K-scale codes alone, the path the transformer sees) for
     ``grid_images`` distinct samples (training/validation.py: distinct_samples), and the colour check
     (:func:`infra.core.metrics.chroma_fidelity` of both decodes) on ``colour_check_images`` distinct crops."""
-    stream = BatchStream(shards, size=mcfg.image_size, want_lr=False, batch_size=cfg.data.batch_size, workers=0,
-                         seed=cfg.seed, rank=0, world=1, shuffle_buffer=0)
+    stream = BatchStream(
+        shards,
+        size=mcfg.image_size,
+        want_lr=False,
+        batch_size=cfg.data.batch_size,
+        workers=0,
+        seed=cfg.seed,
+        rank=0,
+        world=1,
+        shuffle_buffer=0,
+    )
     picked = distinct_samples(stream, max(1, cfg.grid_images, cfg.colour_check_images))
     x = torch.stack([p["hr"] for p in picked]).to(dev)
     rec = (vqvae(x * 2 - 1)[0].clamp(-1, 1) + 1) / 2
@@ -334,13 +409,22 @@ def _reconstruction_grid(vqvae, mcfg, shards: ShardSet, cfg: VQVAETrainConfig, d
         h = vqvae.embed_idx(idx[si]).transpose(1, 2).reshape(x.shape[0], -1, pn, pn)
         f_hat, _ = vqvae.get_next_autoregressive_input(si, f_hat, h)
     tok = (vqvae.fhat_to_img(f_hat).clamp(-1, 1) + 1) / 2
-    colour = {"images": len(picked), **chroma_fidelity(x, rec),
-              **{f"{k}_tokens": v for k, v in chroma_fidelity(x, tok).items()}}
+    colour = {
+        "images": len(picked),
+        **chroma_fidelity(x, rec),
+        **{f"{k}_tokens": v for k, v in chroma_fidelity(x, tok).items()},
+    }
     g = max(1, cfg.grid_images)
-    labels = [f"{key[-28:]}   rec PSNR {10 * math.log10(1.0 / max(float(((r - a) ** 2).mean()), 1e-12)):.2f} dB"
-              for (a, key), r in zip(((x[i], picked[i]["key"]) for i in range(min(g, len(picked)))), rec)]
-    grid = save_grid([[a, b, c] for a, b, c in list(zip(x, rec, tok))[:g]], ["HR", "reconstruction", "tokens only"],
-                     path, row_labels=labels)
+    labels = [
+        f"{key[-28:]}   rec PSNR {10 * math.log10(1.0 / max(float(((r - a) ** 2).mean()), 1e-12)):.2f} dB"
+        for (a, key), r in zip(((x[i], picked[i]["key"]) for i in range(min(g, len(picked)))), rec)
+    ]
+    grid = save_grid(
+        [[a, b, c] for a, b, c in list(zip(x, rec, tok))[:g]],
+        ["HR", "reconstruction", "tokens only"],
+        path,
+        row_labels=labels,
+    )
     return grid, colour
 
 
@@ -375,19 +459,31 @@ def _export(vqvae, mcfg, cfg: VQVAETrainConfig, shards: ShardSet, out: Path, tra
     """The tokenizer-only checkpoint in ``final/`` (lineage and the colour check inside its config.json, where
     `varsr demo pretrain` reads it), logged as the run's model; (folder, model id)."""
     from model.checkpoint import save_tokenizer
+
     model = None
     if isinstance(tracker, MlflowTracker):
-        model = tracker.create_model(STAGE_RUN_KIND["vqvae"], model_type="varsr-vqvae-checkpoint",
-                                     tags={"varsr.stage": "vqvae", "varsr.model_preset": mcfg.name})
-    lineage = {"mlflow_run_id": tracker.run_id, "mlflow_model_id": model.model_id if model else None,
-               "varsr.data.manifest_sha256": shards.manifest_sha256, "step": step,
-               **({"varsr.tokenizer.init_from": cfg.init_from, "varsr.tokenizer.train_parts": cfg.train_parts}
-                  if cfg.init_from else {})}
+        model = tracker.create_model(
+            STAGE_RUN_KIND["vqvae"],
+            model_type="varsr-vqvae-checkpoint",
+            tags={"varsr.stage": "vqvae", "varsr.model_preset": mcfg.name},
+        )
+    lineage = {
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_model_id": model.model_id if model else None,
+        "varsr.data.manifest_sha256": shards.manifest_sha256,
+        "step": step,
+        **(
+            {"varsr.tokenizer.init_from": cfg.init_from, "varsr.tokenizer.train_parts": cfg.train_parts}
+            if cfg.init_from
+            else {}
+        ),
+    }
     export = save_tokenizer(out / "final", vqvae.cpu(), mcfg, extra={"lineage": lineage, "colour_check": colour})
     tracker.set_tags({"varsr.export_dir": "final"})
     if model is not None:
-        tracker.log_checkpoint_model(model.name, export, model_id=model.model_id,
-                                     weights=cfg.tracking.log_checkpoint, step=step)
+        tracker.log_checkpoint_model(
+            model.name, export, model_id=model.model_id, weights=cfg.tracking.log_checkpoint, step=step
+        )
     return export, model.model_id if model else None
 
 

@@ -6,6 +6,7 @@ token cache (:func:`token_cache_choice` decides once per run), ``compute_loss`` 
 ``grad_clip`` and steps AdamW + the LR schedule at the accumulation boundary). A non-finite loss is agreed on by
 all ranks before any backward, so ranks never diverge or deadlock.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,18 +30,21 @@ def token_cache_choice(enabled: bool, shards, vqvae, augment: bool = False) -> t
 
     tc = shards.token_cache
     if augment:
-        return False, ("data.augment=true: augmented HR crops have no cached tokens, tokenising HR on the fly"
-                       + ("" if tc is None else f" (ignoring the token cache of {shards.location})"))
+        return False, (
+            "data.augment=true: augmented HR crops have no cached tokens, tokenising HR on the fly"
+            + ("" if tc is None else f" (ignoring the token cache of {shards.location})")
+        )
     if not enabled:
         return False, "token cache off (data.token_cache=false): tokenising HR on the fly"
     if tc is None:
-        return False, (f"no token cache in {shards.location} (varsr data tokenize adds one): tokenising HR on the "
-                       f"fly")
+        return False, (f"no token cache in {shards.location} (varsr data tokenize adds one): tokenising HR on the fly")
     own = tokenizer_sha256(vqvae)
     if tc.tokenizer_sha256 != own or [int(p) for p in tc.patch_nums] != [int(p) for p in vqvae.patch_nums]:
-        return False, (f"token cache of {shards.location} was made by tokenizer {tc.tokenizer_sha256[:12]} for scales "
-                       f"{list(tc.patch_nums)}, but this run's frozen tokenizer is {own[:12]} for scales "
-                       f"{list(vqvae.patch_nums)}: ignoring it, tokenising HR on the fly")
+        return False, (
+            f"token cache of {shards.location} was made by tokenizer {tc.tokenizer_sha256[:12]} for scales "
+            f"{list(tc.patch_nums)}, but this run's frozen tokenizer is {own[:12]} for scales "
+            f"{list(vqvae.patch_nums)}: ignoring it, tokenising HR on the fly"
+        )
     return True, f"using the token cache of {shards.location} (tokenizer {own[:12]}, made on {tc.device or '?'})"
 
 
@@ -104,9 +108,16 @@ class StepSetup:
     @classmethod
     def of(cls, cfg, device: torch.device, rank: int) -> StepSetup:
         """The setup a :class:`~training.config.TrainConfig` asks for, on this rank."""
-        return cls(stage=cfg.stage, device=device, precision=cfg.precision, nan_policy=cfg.nan_policy,
-                   grad_accum=cfg.optim.grad_accum, augment_seed=cfg.seed if cfg.data.augment else None,
-                   augment_colour_p=cfg.data.augment_colour_p, rank=rank)
+        return cls(
+            stage=cfg.stage,
+            device=device,
+            precision=cfg.precision,
+            nan_policy=cfg.nan_policy,
+            grad_accum=cfg.optim.grad_accum,
+            augment_seed=cfg.seed if cfg.data.augment else None,
+            augment_colour_p=cfg.data.augment_colour_p,
+            rank=rank,
+        )
 
 
 class _Sums:
@@ -140,18 +151,25 @@ def _inputs(batch: dict, run: StepSetup, step: int, micro: int):
     hr = batch["hr"].to(dev, non_blocking=True)
     lr = batch["lr"].to(dev, non_blocking=True) if run.stage == "isr" else None
     label = (batch["label"] if run.stage == "isr" else batch["class_id"]).to(dev)
-    cached = ((batch["tokens"].to(dev, non_blocking=True), batch["resid"].to(dev, non_blocking=True))
-              if "tokens" in batch else None)
+    cached = (
+        (batch["tokens"].to(dev, non_blocking=True), batch["resid"].to(dev, non_blocking=True))
+        if "tokens" in batch
+        else None
+    )
     if run.augment_seed is not None:
         gen = stream_generator(run.augment_seed, step * run.grad_accum + micro, run.rank)
-        hr, lr = (augment_crops([hr, lr], gen, run.augment_colour_p) if lr is not None
-                  else (augment_crops([hr], gen, run.augment_colour_p)[0], None))
+        hr, lr = (
+            augment_crops([hr, lr], gen, run.augment_colour_p)
+            if lr is not None
+            else (augment_crops([hr], gen, run.augment_colour_p)[0], None)
+        )
         cached = None  # the cache holds the tokens of the un-augmented crop
     return hr, lr, label, cached
 
 
-def train_step(engine, vqvae, batches: Iterator[dict], run: StepSetup, step: int,
-               generator: torch.Generator | None = None) -> StepResult:
+def train_step(
+    engine, vqvae, batches: Iterator[dict], run: StepSetup, step: int, generator: torch.Generator | None = None
+) -> StepResult:
     """Pull ``run.grad_accum`` micro-batches, forward/backward each, and take one optimiser step (the phases' wall
     time is measured around them by training/timing.py)."""
     from model import compute_loss
@@ -193,8 +211,18 @@ def train_step(engine, vqvae, batches: Iterator[dict], run: StepSetup, step: int
     scale = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None) or 1.0
     v = sums.values
     return StepResult(
-        loss=v["loss"] / n, ce=v["ce"] / n, diff=v["diff"] / n, acc=v["acc"] / n,
-        acc_per_scale=[a / n for a in (sums.acc_ps or [])], ce_per_scale=[c / n for c in (sums.ce_ps or [])],
-        tokens=sums.tokens, samples=sums.samples, grad_norm=None if gn is None else float(gn),
-        lr=engine.get_lr()[0], loss_scale=float(scale), skipped=skipped, bad_samples=bad, timings=timer.seconds,
+        loss=v["loss"] / n,
+        ce=v["ce"] / n,
+        diff=v["diff"] / n,
+        acc=v["acc"] / n,
+        acc_per_scale=[a / n for a in (sums.acc_ps or [])],
+        ce_per_scale=[c / n for c in (sums.ce_ps or [])],
+        tokens=sums.tokens,
+        samples=sums.samples,
+        grad_norm=None if gn is None else float(gn),
+        lr=engine.get_lr()[0],
+        loss_scale=float(scale),
+        skipped=skipped,
+        bad_samples=bad,
+        timings=timer.seconds,
     )

@@ -7,6 +7,7 @@ also as ``forward``. On CUDA each timed block synchronises the device before and
 for host-only work such as pulling the next batch), so asynchronous kernels are charged to the phase that launched
 them.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,6 +80,7 @@ class TimedTokenizer:
         def timed(*a, **kw):
             with self.timer("tokenise"):
                 return attr(*a, **kw)
+
         return timed
 
 

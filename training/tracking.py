@@ -14,6 +14,7 @@ one is given (``tracking.parent_run_id`` or ``$VARSR_PARENT_RUN_ID``), in the pi
 * its export as a logged model (:meth:`MlflowTracker.log_checkpoint_model`) unless the CLI logs the served model
   into the run at registration.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,34 @@ from training.figures import grid_tiles  # noqa: F401 - re-exported: tools and t
 log = logging.getLogger(__name__)
 
 STAGE_RUN_KIND = {"vqvae": "stage0-vqvae", "c2i": "stage1-c2i", "isr": "stage2-isr"}
-LINEAGE_KEYS = ("varsr.stage", "varsr.model_preset", "varsr.config_hash", "varsr.git_commit",
-                "varsr.data.location", "varsr.data.manifest_sha256", "varsr.output_dir")
+LINEAGE_KEYS = (
+    "varsr.stage",
+    "varsr.model_preset",
+    "varsr.config_hash",
+    "varsr.git_commit",
+    "varsr.data.location",
+    "varsr.data.manifest_sha256",
+    "varsr.output_dir",
+)
 PATH_PARAMS_SKIPPED = ("tracking.tracking_uri",)  # the store the run lives in: not a property of the run
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "training", "model"],
-                               cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "training", "model"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         sha = out.stdout.strip() or "unknown"
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -55,8 +73,12 @@ def system_info() -> dict[str, Any]:
     import torch
 
     info = {
-        "host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
     }
     try:
         import deepspeed
@@ -115,8 +137,17 @@ def output_ref(output_url: str, tracking_uri: str) -> str:
     return portable_ref(output_url, d if d is not None else os.getcwd())
 
 
-def lineage_tags(*, stage: str, preset: str, config: Any, data_location: str, manifest_sha256: str | None,
-                 run_base: str, output_url: str, tracking_uri: str) -> dict[str, str]:
+def lineage_tags(
+    *,
+    stage: str,
+    preset: str,
+    config: Any,
+    data_location: str,
+    manifest_sha256: str | None,
+    run_base: str,
+    output_url: str,
+    tracking_uri: str,
+) -> dict[str, str]:
     """The lineage tags every stage sets (:data:`LINEAGE_KEYS`), plus MLflow's own git-commit key."""
     commit = git_commit()
     tags = {
@@ -169,8 +200,12 @@ class NullTracker:
     def log_artifact(self, path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_dataset(self, source: str, digest: str, **kw) -> None: ...
-    def log_model_input(self, model_id: str | None) -> bool: return False
-    def log_checkpoint_model(self, name: str, folder, **kw) -> str | None: return None
+    def log_model_input(self, model_id: str | None) -> bool:
+        return False
+
+    def log_checkpoint_model(self, name: str, folder, **kw) -> str | None:
+        return None
+
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -184,9 +219,19 @@ class MlflowTracker(NullTracker):
     tracking URI, a signed data URL) reaches the store.
     """
 
-    def __init__(self, tracking_uri: str, name: str, *, experiment: str | None = None,
-                 parent_run_id: str | None = None, params: dict[str, str] | None = None, config: dict | None = None,
-                 tags: dict | None = None, source: str | None = None, system_metrics: bool = True):
+    def __init__(
+        self,
+        tracking_uri: str,
+        name: str,
+        *,
+        experiment: str | None = None,
+        parent_run_id: str | None = None,
+        params: dict[str, str] | None = None,
+        config: dict | None = None,
+        tags: dict | None = None,
+        source: str | None = None,
+        system_metrics: bool = True,
+    ):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -194,12 +239,18 @@ class MlflowTracker(NullTracker):
 
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        run = start_run(tracking_uri, name, experiment=experiment, parent_run_id=parent_run_id,
-                        tags={k: redact(str(v)) for k, v in (tags or {}).items()}, source=source)
+        run = start_run(
+            tracking_uri,
+            name,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+            tags={k: redact(str(v)) for k, v in (tags or {}).items()},
+            source=source,
+        )
         self.run_id, self.experiment_id, self.name = run.info.run_id, run.info.experiment_id, name
         items = [Param(k, redact(v)) for k, v in (params or {}).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
         if config is not None:
             self.client.log_dict(self.run_id, redact_config(config), "config/resolved_config.json")
         sysinfo = system_info()
@@ -215,7 +266,7 @@ class MlflowTracker(NullTracker):
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
@@ -225,13 +276,21 @@ class MlflowTracker(NullTracker):
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))[:8000]) for k, v in tags.items()])
 
-    def log_dataset(self, source: str, digest: str, *, name: str | None = None, context: str = "training",
-                    profile: dict | None = None) -> None:
+    def log_dataset(
+        self,
+        source: str,
+        digest: str,
+        *,
+        name: str | None = None,
+        context: str = "training",
+        profile: dict | None = None,
+    ) -> None:
         """A dataset input of the run (e.g. the shard manifest: source = its URL, digest = its sha256)."""
         from infra.core.tracking import dataset_input
 
-        self.client.log_inputs(self.run_id, datasets=[dataset_input(redact(source), digest, name=name,
-                                                                    context=context, profile=profile)])
+        self.client.log_inputs(
+            self.run_id, datasets=[dataset_input(redact(source), digest, name=name, context=context, profile=profile)]
+        )
 
     def log_model_input(self, model_id: str | None) -> bool:
         """Record a logged model (e.g. the stage-1 export) as an input of this run; False if it is not in this
@@ -251,13 +310,26 @@ class MlflowTracker(NullTracker):
 
     def create_model(self, name: str, *, model_type: str, tags: dict | None = None, params: dict | None = None):
         """A pending logged model of this run (its id can go into the export before the files are uploaded)."""
-        return self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
-                                               tags={k: redact(str(v)) for k, v in (tags or {}).items()},
-                                               params={k: redact(str(v)) for k, v in (params or {}).items()},
-                                               model_type=model_type)
+        return self.client.create_logged_model(
+            self.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            tags={k: redact(str(v)) for k, v in (tags or {}).items()},
+            params={k: redact(str(v)) for k, v in (params or {}).items()},
+            model_type=model_type,
+        )
 
-    def log_checkpoint_model(self, name: str, folder, *, model_id: str | None = None, model_type: str = "varsr",
-                             tags: dict | None = None, weights: bool = True, step: int = 0) -> str:
+    def log_checkpoint_model(
+        self,
+        name: str,
+        folder,
+        *,
+        model_id: str | None = None,
+        model_type: str = "varsr",
+        tags: dict | None = None,
+        weights: bool = True,
+        step: int = 0,
+    ) -> str:
         """Upload a native checkpoint folder as a logged model of this run (shown on the run page, usable as a
         model input by later stages); ``weights=False`` uploads only the small files (config, lineage) and records
         where the weights are in the ``varsr.weights`` tag. Returns the model id."""
@@ -284,7 +356,7 @@ class MlflowTracker(NullTracker):
         if self.monitor is not None:
             m, self.monitor = self.monitor, None
             m.finish()  # the sampler drops what it gathered since its last publish: publish one last sample, so a
-            try:        # run shorter than the sampling interval still records its CPU and memory
+            try:  # run shorter than the sampling interval still records its CPU and memory
                 m.collect_metrics()
                 m.publish_metrics(m.aggregate_metrics())
                 m.mlflow_logger.flush()

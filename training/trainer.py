@@ -3,6 +3,7 @@
 Every rank runs :func:`train`; rank 0 alone logs to MLflow and writes plots, the export and the summary. The same
 function serves the one-process default, torchrun workers and Ray Train workers.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,15 @@ from training.validation import evaluate
 log = logging.getLogger(__name__)
 
 # what history.jsonl keeps of every step's metrics (the loss-curve plot and benchmarks read it)
-HISTORY_KEYS = ("loss/total", "loss/ce", "loss/refiner", "acc/total", "lr", "throughput/tokens_per_s",
-                "throughput/step_time_s")
+HISTORY_KEYS = (
+    "loss/total",
+    "loss/ce",
+    "loss/refiner",
+    "acc/total",
+    "lr",
+    "throughput/tokens_per_s",
+    "throughput/step_time_s",
+)
 
 
 @dataclass
@@ -92,13 +100,17 @@ class Trainer:
     def _check_shards(self, shards: ShardSet, image_size: int) -> None:
         crop = self.cfg.data.crop_size or image_size
         if crop != image_size:
-            raise UserError(f"data.crop_size {crop} does not fit the model: preset {self.cfg.model_preset!r} "
-                            f"trains on {image_size}px images")
+            raise UserError(
+                f"data.crop_size {crop} does not fit the model: preset {self.cfg.model_preset!r} "
+                f"trains on {image_size}px images"
+            )
         seen = shards.hr_size or peek_hr_size(shards.urls[0])
         if seen is not None and seen != image_size:
-            raise UserError(f"shards {shards.location!r} hold {seen}px HR crops but model preset "
-                            f"{self.cfg.model_preset!r} needs {image_size}px (rebuild the shards at {image_size}px "
-                            f"or pick another preset)")
+            raise UserError(
+                f"shards {shards.location!r} hold {seen}px HR crops but model preset "
+                f"{self.cfg.model_preset!r} needs {image_size}px (rebuild the shards at {image_size}px "
+                f"or pick another preset)"
+            )
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -126,25 +138,42 @@ class Trainer:
         ckpt = checkpointing.find_resume(self.run, self.resume, self.launch)
         self.resumed_from = None
         if ckpt is not None:
-            self.start_step, position = checkpointing.load(self.engine, ckpt, self.generator, self.fingerprint,
-                                                           cfg.data.split, cfg.data.workers)
+            self.start_step, position = checkpointing.load(
+                self.engine, ckpt, self.generator, self.fingerprint, cfg.data.split, cfg.data.workers
+            )
             self._load_history()
-            self.resumed_from = str(self.run.url_of(ckpt.relative_to(self.run.local))
-                                    if self.run.remote and ckpt.is_relative_to(self.run.local) else ckpt)
+            self.resumed_from = str(
+                self.run.url_of(ckpt.relative_to(self.run.local))
+                if self.run.remote and ckpt.is_relative_to(self.run.local)
+                else ckpt
+            )
             if self.is_main:
-                say(f"[train] resumed from {redact(self.resumed_from)} at step {self.start_step} "
-                     f"(epoch {position.epoch}, {position.samples_consumed} samples consumed on rank 0)")
+                say(
+                    f"[train] resumed from {redact(self.resumed_from)} at step {self.start_step} "
+                    f"(epoch {position.epoch}, {position.samples_consumed} samples consumed on rank 0)"
+                )
         if ckpt is None and self.is_main and (self.out / "history.jsonl").exists():
             (self.out / "history.jsonl").unlink()  # a fresh start (or a restart before any checkpoint) begins anew
         self.token_cache, why = token_cache_choice(cfg.data.token_cache, self.shards, self.vqvae, cfg.data.augment)
         if self.is_main:
             say(f"[train] {why}")
         self.stream = BatchStream(
-            self.shards, size=self.mcfg.image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
-            workers=cfg.data.workers, seed=cfg.seed, rank=self.rank, world=self.world, split=cfg.data.split,
-            shuffle_buffer=cfg.data.shuffle_buffer, position=position, lr_mode=cfg.data.lr_upsample,
-            tokens=self.token_cache, degrade=cfg.data.degrade,
-            record_draws=(self.out / "degradations.jsonl", cfg.data.degrade_log_every) if self.is_main else None)
+            self.shards,
+            size=self.mcfg.image_size,
+            want_lr=cfg.stage == "isr",
+            batch_size=cfg.data.batch_size,
+            workers=cfg.data.workers,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            split=cfg.data.split,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            position=position,
+            lr_mode=cfg.data.lr_upsample,
+            tokens=self.token_cache,
+            degrade=cfg.data.degrade,
+            record_draws=(self.out / "degradations.jsonl", cfg.data.degrade_log_every) if self.is_main else None,
+        )
         if self.is_main:
             save_config(cfg, self.out / "config.yaml")
             (self.out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
@@ -184,15 +213,27 @@ class Trainer:
             return
         self.tracking_uri = tracking_uri(t)
         params_cfg = to_dict(cfg)
-        params_cfg["resolved"] = {"world_size": self.world, "iters_per_epoch": self.iters_per_epoch,
-                                  "total_steps": self.total_steps, "warmup_steps": self.schedule.warmup_steps,
-                                  "trainable_params": self.n_params, "image_size": self.mcfg.image_size,
-                                  "global_batch": self.ds_config["train_batch_size"]}
+        params_cfg["resolved"] = {
+            "world_size": self.world,
+            "iters_per_epoch": self.iters_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.schedule.warmup_steps,
+            "trainable_params": self.n_params,
+            "image_size": self.mcfg.image_size,
+            "global_batch": self.ds_config["train_batch_size"],
+        }
         val = resolve_shards(cfg.data.val_shards) if cfg.data.val_shards else None
-        self.tracker = start_tracking(t, stage=cfg.stage, preset=cfg.model_preset.removeprefix("c2i-"), seed=cfg.seed,
-                                      config=params_cfg, tags=self.lineage(), run_url=self.run.url,
-                                      datasets=[(self.shards, "training"), (val, "validation")],
-                                      model_inputs=[cfg.model.vqvae_checkpoint, cfg.model.init_from])
+        self.tracker = start_tracking(
+            t,
+            stage=cfg.stage,
+            preset=cfg.model_preset.removeprefix("c2i-"),
+            seed=cfg.seed,
+            config=params_cfg,
+            tags=self.lineage(),
+            run_url=self.run.url,
+            datasets=[(self.shards, "training"), (val, "validation")],
+            model_inputs=[cfg.model.vqvae_checkpoint, cfg.model.init_from],
+        )
         self.tracker.log_artifact(self.out / "deepspeed_config.json", "config")
         self.tracker.log_artifact(self.out / "model_config.json", "config")
         if self.init_report is not None:
@@ -214,8 +255,10 @@ class Trainer:
         if self.cfg.stage == "c2i":
             m = int(batch["class_id"].max())
             if m >= self.mcfg.num_classes:
-                raise UserError(f"shard class id {m} >= model num_classes {self.mcfg.num_classes}: set "
-                                f"model.overrides.num_classes to at least {m + 1}")
+                raise UserError(
+                    f"shard class id {m} >= model num_classes {self.mcfg.num_classes}: set "
+                    f"model.overrides.num_classes to at least {m + 1}"
+                )
 
     def _labelled(self, batches):
         for b in batches:
@@ -227,12 +270,21 @@ class Trainer:
         samples = r.samples * self.world
         tokens = r.tokens * self.world
         flops = step_flops(self.mcfg, self.n_params, samples)
-        m = {"loss/total": r.loss, "loss/ce": r.ce, "loss/refiner": r.diff, "acc/total": r.acc, "lr": r.lr,
-             "optim/loss_scale": r.loss_scale,
-             "throughput/tokens_per_s": tokens / dt, "throughput/samples_per_s": samples / dt,
-             "throughput/mfu": flops / dt / (peak_flops(self.device) * self.world), "throughput/step_time_s": dt,
-             "data/skipped_microbatches": r.skipped, "data/bad_samples_total": self.stream.pos.bad_samples,
-             "data/epoch": self.stream.pos.epoch}
+        m = {
+            "loss/total": r.loss,
+            "loss/ce": r.ce,
+            "loss/refiner": r.diff,
+            "acc/total": r.acc,
+            "lr": r.lr,
+            "optim/loss_scale": r.loss_scale,
+            "throughput/tokens_per_s": tokens / dt,
+            "throughput/samples_per_s": samples / dt,
+            "throughput/mfu": flops / dt / (peak_flops(self.device) * self.world),
+            "throughput/step_time_s": dt,
+            "data/skipped_microbatches": r.skipped,
+            "data/bad_samples_total": self.stream.pos.bad_samples,
+            "data/epoch": self.stream.pos.epoch,
+        }
         if r.grad_norm is not None:
             m["optim/grad_norm"] = r.grad_norm
         for i, (a, c) in enumerate(zip(r.acc_per_scale, r.ce_per_scale)):
@@ -247,8 +299,9 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         batch = {k: v for k, v in e.batch.items() if isinstance(v, torch.Tensor)}
         torch.save(batch, d / f"batch_rank{self.rank}.pt")
-        (d / f"info_rank{self.rank}.json").write_text(json.dumps(
-            {"step": e.step, "values": e.values, "keys": e.batch.get("key", [])}, indent=2) + "\n")
+        (d / f"info_rank{self.rank}.json").write_text(
+            json.dumps({"step": e.step, "values": e.values, "keys": e.batch.get("key", [])}, indent=2) + "\n"
+        )
         self.run.publish_tree(d.name)
         return d
 
@@ -262,9 +315,11 @@ class Trainer:
         losses, skipped_total = [], 0
         clock = Stopwatch().start()
         if self.is_main:
-            say(f"[train] stage {cfg.stage} preset {cfg.model_preset}: {self.n_params / 1e6:.2f} M trainable "
+            say(
+                f"[train] stage {cfg.stage} preset {cfg.model_preset}: {self.n_params / 1e6:.2f} M trainable "
                 f"params, world {self.world}, ZeRO-{cfg.zero_stage} {cfg.precision}, steps {step}->"
-                f"{self.run_steps} of {self.total_steps} (warm-up {self.schedule.warmup_steps})")
+                f"{self.run_steps} of {self.total_steps} (warm-up {self.schedule.warmup_steps})"
+            )
         status = "FAILED"
         try:
             while step < self.run_steps:
@@ -287,10 +342,17 @@ class Trainer:
         finally:
             if self.is_main:
                 self._finish(step, losses, clock.elapsed, status)
-        return TrainResult(steps=step, first_loss=losses[0] if losses else None,
-                           last_loss=losses[-1] if losses else None, losses=losses, run_id=self.tracker.run_id,
-                           export_dir=str(export) if export else None, init_report=self.init_report,
-                           bad_samples=self.stream.pos.bad_samples, skipped_steps=skipped_total)
+        return TrainResult(
+            steps=step,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            losses=losses,
+            run_id=self.tracker.run_id,
+            export_dir=str(export) if export else None,
+            init_report=self.init_report,
+            bad_samples=self.stream.pos.bad_samples,
+            skipped_steps=skipped_total,
+        )
 
     def _step(self, batches, run: StepSetup, step: int):
         """One optimiser step (training/steps.py); a non-finite loss under ``nan_policy=stop`` saves its batch."""
@@ -298,8 +360,9 @@ class Trainer:
             return train_step(self.engine, self.vqvae, batches, run, step, self.generator)
         except NonFiniteLoss as e:
             d = self._save_nonfinite(e)
-            raise UserError(f"{e}; offending batch saved to {d} (set nan_policy=skip to skip such steps, "
-                            f"or lower optim.lr)") from None
+            raise UserError(
+                f"{e}; offending batch saved to {d} (set nan_policy=skip to skip such steps, or lower optim.lr)"
+            ) from None
 
     def _record(self, step: int, r, m: dict) -> None:
         """A step's row in the history (and history.jsonl); every ``log_every`` steps its metrics and one line."""
@@ -310,15 +373,25 @@ class Trainer:
             f.write(json.dumps(self.history[-1]) + "\n")
         if step % self.cfg.log_every == 0 or step == self.run_steps:
             self.tracker.log_metrics(m, step=step)
-            say(f"[train] step {step}/{self.run_steps} loss {r.loss:.4f} ce {r.ce:.4f} refiner {r.diff:.4f} "
+            say(
+                f"[train] step {step}/{self.run_steps} loss {r.loss:.4f} ce {r.ce:.4f} refiner {r.diff:.4f} "
                 f"acc {r.acc:.3f} lr {r.lr:.2e} gnorm {m.get('optim/grad_norm', 0):.3f} "
-                f"{m['throughput/samples_per_s']:.1f} samples/s")
+                f"{m['throughput/samples_per_s']:.1f} samples/s"
+            )
 
     def _checkpoint(self, step: int) -> None:
         """A complete checkpoint (every rank), then the run history with it, so a resumed run sees both."""
-        location = checkpointing.save(self.engine, self.run, step, self.stream.pos, self.generator,
-                                      self.fingerprint, self.cfg.keep_checkpoints, self.launch,
-                                      asynchronous=self.cfg.checkpoint_async)
+        location = checkpointing.save(
+            self.engine,
+            self.run,
+            step,
+            self.stream.pos,
+            self.generator,
+            self.fingerprint,
+            self.cfg.keep_checkpoints,
+            self.launch,
+            asynchronous=self.cfg.checkpoint_async,
+        )
         if self.is_main:
             self.run.publish("history.jsonl")
         if self.on_checkpoint is not None:  # e.g. Ray Train's failure handling (training/launch.py), every rank
@@ -331,8 +404,9 @@ class Trainer:
         if not self.is_main and self.cfg.zero_stage < 3:
             return {}
         self.model.eval()
-        metrics, (rows, titles, labels) = evaluate(self.cfg, self.model, self.vqvae, self.shards,
-                                                   self.mcfg.image_size, self.device, self._check_labels)
+        metrics, (rows, titles, labels) = evaluate(
+            self.cfg, self.model, self.vqvae, self.shards, self.mcfg.image_size, self.device, self._check_labels
+        )
         self.model.train()
         if self.is_main:
             grid = save_grid(rows, titles, self.out / "samples" / f"samples_step{step:08d}.png", row_labels=labels)
@@ -366,11 +440,17 @@ class Trainer:
                 self.model.float()
                 # the export becomes a logged model of this run, unless the CLI logs the served model at registration
                 if not self.cfg.register.name and isinstance(self.tracker, MlflowTracker):
-                    model = self.tracker.create_model(STAGE_RUN_KIND[self.cfg.stage],
-                                                      model_type=f"varsr-{self.cfg.stage}-checkpoint",
-                                                      tags=self.lineage())
-                lineage = {**self.lineage(), "mlflow_run_id": self.tracker.run_id, "step": step,
-                           "mlflow_model_id": model.model_id if model else None}
+                    model = self.tracker.create_model(
+                        STAGE_RUN_KIND[self.cfg.stage],
+                        model_type=f"varsr-{self.cfg.stage}-checkpoint",
+                        tags=self.lineage(),
+                    )
+                lineage = {
+                    **self.lineage(),
+                    "mlflow_run_id": self.tracker.run_id,
+                    "step": step,
+                    "mlflow_model_id": model.model_id if model else None,
+                }
                 save_pretrained(d, self.vqvae, self.model, extra={"lineage": lineage})
                 save_config(self.cfg, d / "train_config.yaml")
         finally:
@@ -384,8 +464,9 @@ class Trainer:
         export_ref = "final" if not self.run.remote else self.run.url_of("final")  # relative to the output folder
         self.tracker.set_tags({"varsr.export_dir": export_ref})
         if model is not None:
-            self.tracker.log_checkpoint_model(model.name, d, model_id=model.model_id,
-                                              weights=self.cfg.tracking.log_checkpoint, step=step)
+            self.tracker.log_checkpoint_model(
+                model.name, d, model_id=model.model_id, weights=self.cfg.tracking.log_checkpoint, step=step
+            )
         say(f"[train] exported final weights to {redact(self.run.url_of('final'))}")
         return d
 
@@ -410,13 +491,19 @@ class Trainer:
             png = plot_loss_curves(self.history, self.out / "plots" / "loss_curve.png")
             self.tracker.log_artifact(png, "plots")
         summary = {
-            "status": status, "stage": self.cfg.stage, "steps": step, "wall_s": round(wall, 1),
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "status": status,
+            "stage": self.cfg.stage,
+            "steps": step,
+            "wall_s": round(wall, 1),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
             "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
-            "mlflow_run_id": self.tracker.run_id, **_store_ref(getattr(self, "tracking_uri", None), self.run.url),
+            "mlflow_run_id": self.tracker.run_id,
+            **_store_ref(getattr(self, "tracking_uri", None), self.run.url),
             "output_dir": redact(self.run.url) if self.run.remote else ".",
             "export_dir": (self.run.url_of("final") if self.run.remote else "final") if status == "FINISHED" else None,
-            "world_size": self.world, "rank_param_checksums": getattr(self, "rank_checksums", []),
+            "world_size": self.world,
+            "rank_param_checksums": getattr(self, "rank_checksums", []),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for rel in ("history.jsonl", "samples", "plots", "summary.json"):  # summary last: the run is done
@@ -431,8 +518,9 @@ class Trainer:
         say("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
 
 
-def train(cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None,
-          launch: str | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: str | None = None, shutdown: bool = False, on_checkpoint=None, launch: str | None = None
+) -> TrainResult:
     """Run (or resume) a training job on this rank (``launch``: the Ray Train launch this rank belongs to, see
     ``checkpointing.find_resume``).
 

@@ -7,6 +7,7 @@
   PSNR/SSIM of the SR (``val/psnr_y`` ...) for stage 2, generated | real of the same class for stage 1. Stage 0 picks
   the crops of its reconstruction grid and colour check with the same picker (training/stage0_vqvae.py).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -20,8 +21,9 @@ from training.config import TrainConfig, ValidationSection
 from training.steps import _autocast
 
 
-def distinct_samples(stream: BatchStream, n: int, prefer_classes: bool = False,
-                     check: Callable[[dict], None] | None = None) -> list[dict]:
+def distinct_samples(
+    stream: BatchStream, n: int, prefer_classes: bool = False, check: Callable[[dict], None] | None = None
+) -> list[dict]:
     """Up to ``n`` held-out samples (``{hr, lr or None, class_id, key}``) with pairwise different HR images (shards
     hold several LR variants of one HR crop; a grid of one photo four times shows nothing), read from at most one
     epoch of ``stream``. ``prefer_classes``: first one sample per class, then the rest; ``check``: called on every
@@ -35,8 +37,14 @@ def distinct_samples(stream: BatchStream, n: int, prefer_classes: bool = False,
             if digest in seen:
                 continue
             seen.add(digest)
-            found.append({"hr": b["hr"][i], "lr": b["lr"][i] if "lr" in b else None,
-                          "class_id": int(b["class_id"][i]), "key": str(b["key"][i])})
+            found.append(
+                {
+                    "hr": b["hr"][i],
+                    "lr": b["lr"][i] if "lr" in b else None,
+                    "class_id": int(b["class_id"][i]),
+                    "key": str(b["key"][i]),
+                }
+            )
         enough = len({s["class_id"] for s in found}) >= n if prefer_classes else len(found) >= n
         if enough or stream.pos.epoch > 0 or len(found) >= 16 * n:
             break
@@ -50,8 +58,15 @@ def distinct_samples(stream: BatchStream, n: int, prefer_classes: bool = False,
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, model, vqvae, shards: ShardSet, image_size: int, device: torch.device,
-             check: Callable[[dict], None]) -> tuple[dict, tuple[list, list[str], list[str]]]:
+def evaluate(
+    cfg: TrainConfig,
+    model,
+    vqvae,
+    shards: ShardSet,
+    image_size: int,
+    device: torch.device,
+    check: Callable[[dict], None],
+) -> tuple[dict, tuple[list, list[str], list[str]]]:
     """(``val/...`` metrics, the sample grid's (rows, column titles, row labels)) of ``model`` on the validation
     shards (``data.val_shards``, else ``shards``); ``check``: the label check of the training stream."""
     from model import compute_loss
@@ -61,9 +76,19 @@ def evaluate(cfg: TrainConfig, model, vqvae, shards: ShardSet, image_size: int, 
     # HR-only validation shards get the training preset's LR, drawn for (validation seed, epoch 0, key): the same LR
     # at every validation, so the curve compares like with like; shards with stored LR keep their stored LR
     hr_only = val.manifest is not None and val.manifest.lr_variants == 0
-    stream = BatchStream(val, size=image_size, want_lr=cfg.stage == "isr", batch_size=cfg.data.batch_size,
-                         workers=0, seed=v.seed, rank=0, world=1, split="global_batch", shuffle_buffer=0,
-                         degrade=cfg.data.degrade if hr_only else "")
+    stream = BatchStream(
+        val,
+        size=image_size,
+        want_lr=cfg.stage == "isr",
+        batch_size=cfg.data.batch_size,
+        workers=0,
+        seed=v.seed,
+        rank=0,
+        world=1,
+        split="global_batch",
+        shuffle_buffer=0,
+        degrade=cfg.data.degrade if hr_only else "",
+    )
     gen = torch.Generator(device=device).manual_seed(v.seed)
     losses, accs = [], []
     it = iter(stream)
@@ -90,11 +115,14 @@ def _sr_rows(model, picked: list[dict], v: ValidationSection, precision: str, de
     lr = torch.stack([s["lr"] for s in picked])
     gen = torch.Generator(device=device).manual_seed(v.seed)
     with _autocast(device, precision):
-        sr = model.generate(lr.to(device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p,
-                            generator=gen).float().cpu()
+        sr = (
+            model.generate(lr.to(device), label=0, cfg=v.cfg, top_k=v.top_k, top_p=v.top_p, generator=gen).float().cpu()
+        )
     metrics.update({f"val/{k}": val for k, val in batch_full_reference(sr, hr).items()})
-    labels = [f"{s['key'][-28:]}   SR PSNR-Y {batch_full_reference(sr[i:i + 1], hr[i:i + 1])['psnr_y']:.2f} dB"
-              for i, s in enumerate(picked)]
+    labels = [
+        f"{s['key'][-28:]}   SR PSNR-Y {batch_full_reference(sr[i : i + 1], hr[i : i + 1])['psnr_y']:.2f} dB"
+        for i, s in enumerate(picked)
+    ]
     return [[lr[i], sr[i], hr[i]] for i in range(len(picked))], ["LR input", "SR", "HR"], labels
 
 
@@ -105,7 +133,17 @@ def _generated_rows(model, picked: list[dict], v: ValidationSection, precision: 
     for i, s in enumerate(picked):
         gen = torch.Generator(device=device).manual_seed(v.seed + i)
         with _autocast(device, precision):
-            imgs.append(model.generate(None, class_labels=torch.tensor([s["class_id"]], device=device), cfg=v.cfg,
-                                       top_k=v.top_k, top_p=v.top_p, generator=gen).float().cpu()[0])
+            imgs.append(
+                model.generate(
+                    None,
+                    class_labels=torch.tensor([s["class_id"]], device=device),
+                    cfg=v.cfg,
+                    top_k=v.top_k,
+                    top_p=v.top_p,
+                    generator=gen,
+                )
+                .float()
+                .cpu()[0]
+            )
     labels = [f"class {s['class_id']}   seed {v.seed + i}" for i, s in enumerate(picked)]
     return [[imgs[i], s["hr"]] for i, s in enumerate(picked)], ["generated", "real, same class"], labels

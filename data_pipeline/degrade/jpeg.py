@@ -27,25 +27,34 @@ a coefficient whose quotient lies within float error of a rounding boundary may 
 `lib_jpeg(img, quality)` is a real libjpeg encode + decode (OpenCV) of the 8-bit-rounded image at an integer
 quality: genuine JPEG artefacts (integer tables, libjpeg's own colour conversion and chroma filtering).
 """
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
 # JPEG Annex K.1 / K.2, rows = vertical frequency, as printed in the standard
-STD_LUMINANCE = np.array([
-    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
-    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=np.float32)
+STD_LUMINANCE = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.float32,
+)
 STD_CHROMINANCE = np.full((8, 8), 99, dtype=np.float32)
 STD_CHROMINANCE[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
 
-_RGB2YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
-                    dtype=np.float32)
+_RGB2YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32)
 _YCC2RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=np.float32)
 _OFFSET = np.array([0.0, 128.0, 128.0], dtype=np.float32)
-_RGB2YCC_AFFINE = np.hstack([_RGB2YCC, _OFFSET[:, None]])                       # ycc = M rgb + offset
-_YCC2RGB_AFFINE = np.hstack([_YCC2RGB, -(_YCC2RGB @ _OFFSET)[:, None]])         # rgb = M' (ycc - offset)
+_RGB2YCC_AFFINE = np.hstack([_RGB2YCC, _OFFSET[:, None]])  # ycc = M rgb + offset
+_YCC2RGB_AFFINE = np.hstack([_YCC2RGB, -(_YCC2RGB @ _OFFSET)[:, None]])  # rgb = M' (ycc - offset)
 
 
 def _dct_matrix() -> np.ndarray:
@@ -71,14 +80,14 @@ def _block_dct_quantise_roundtrip(plane: np.ndarray, table: np.ndarray) -> np.nd
     Block-wise C B C^T as stacks of small matrix products (C on every 8-row slab, C^T on every run of 8 columns),
     which BLAS runs single-threaded: one large product would start BLAS threads that cost more than they save."""
     h, w = plane.shape
-    x = np.matmul(_C, (plane - np.float32(128.0)).reshape(h // 8, 8, w))       # (a, u, W): rows transformed
-    coef = np.matmul(x.reshape(h, w // 8, 8), _C.T).reshape(h // 8, 8, w // 8, 8)   # (a, u, b, v)
+    x = np.matmul(_C, (plane - np.float32(128.0)).reshape(h // 8, 8, w))  # (a, u, W): rows transformed
+    coef = np.matmul(x.reshape(h, w // 8, 8), _C.T).reshape(h // 8, 8, w // 8, 8)  # (a, u, b, v)
     t = table[None, :, None, :]
     coef /= t
-    np.rint(coef, out=coef)                                                      # ties to even, like torch.round
+    np.rint(coef, out=coef)  # ties to even, like torch.round
     coef *= t
-    x = np.matmul(coef.reshape(h, w // 8, 8), _C)                                # columns back
-    return np.matmul(_C.T, x.reshape(h // 8, 8, w)).reshape(h, w) + np.float32(128.0)   # rows back
+    x = np.matmul(coef.reshape(h, w // 8, 8), _C)  # columns back
+    return np.matmul(_C.T, x.reshape(h // 8, 8, w)).reshape(h, w) + np.float32(128.0)  # rows back
 
 
 def diff_jpeg(img: np.ndarray, quality: float) -> np.ndarray:
@@ -89,16 +98,16 @@ def diff_jpeg(img: np.ndarray, quality: float) -> np.ndarray:
     if ph or pw:
         x = np.pad(x, ((0, ph), (0, pw), (0, 0)))
     f = quality_factor(quality)
-    ytab, ctab = STD_LUMINANCE.T * f, STD_CHROMINANCE.T * f                      # transposed, as the reference
+    ytab, ctab = STD_LUMINANCE.T * f, STD_CHROMINANCE.T * f  # transposed, as the reference
     ycc = cv2.transform(x, _RGB2YCC_AFFINE)
     out = np.empty_like(ycc)
     out[..., 0] = _block_dct_quantise_roundtrip(np.ascontiguousarray(ycc[..., 0]), ytab)
-    chroma = (ycc[0::2, 0::2, 1:] + ycc[1::2, 0::2, 1:] + ycc[0::2, 1::2, 1:] + ycc[1::2, 1::2, 1:]) * np.float32(.25)
+    chroma = (ycc[0::2, 0::2, 1:] + ycc[1::2, 0::2, 1:] + ycc[0::2, 1::2, 1:] + ycc[1::2, 1::2, 1:]) * np.float32(0.25)
     for c in (0, 1):
         rec = _block_dct_quantise_roundtrip(np.ascontiguousarray(chroma[..., c]), ctab)
         for dy in (0, 1):
             for dx in (0, 1):
-                out[dy::2, dx::2, 1 + c] = rec                                     # 2x2 replication
+                out[dy::2, dx::2, 1 + c] = rec  # 2x2 replication
     rgb = cv2.transform(out[:h, :w], _YCC2RGB_AFFINE)
     return np.clip(rgb, 0.0, 255.0) / np.float32(255.0)
 
@@ -109,4 +118,7 @@ def lib_jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / np.float32(255)
+    dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if dec is None:
+        raise RuntimeError("JPEG decoding failed")
+    return cv2.cvtColor(dec, cv2.COLOR_BGR2RGB).astype(np.float32) / np.float32(255)

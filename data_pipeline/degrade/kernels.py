@@ -6,6 +6,7 @@ q(x) = x^T Sigma^-1 x:
 circular sinc (ideal 2-D low-pass with cut-off omega_c): omega_c J1(omega_c r) / (2 pi r), centre omega_c^2/(4 pi).
 Every kernel is normalised to sum 1.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,13 +15,13 @@ from scipy.special import j1
 
 def _grid(k: int) -> tuple[np.ndarray, np.ndarray]:
     ax = np.arange(-(k // 2), k // 2 + 1, dtype=np.float64)
-    return np.meshgrid(ax, ax)          # xx varies along columns, yy along rows
+    return np.meshgrid(ax, ax)  # xx varies along columns, yy along rows
 
 
 def quadratic_form(k: int, sigma_x: float, sigma_y: float, rotation: float) -> np.ndarray:
     c, s = np.cos(rotation), np.sin(rotation)
     r = np.array([[c, -s], [s, c]])
-    cov = r @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ r.T
+    cov = r @ np.diag([sigma_x**2, sigma_y**2]) @ r.T
     inv = np.linalg.inv(cov)
     xx, yy = _grid(k)
     return inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
@@ -47,7 +48,7 @@ def sinc_kernel(k: int, omega_c: float) -> np.ndarray:
     r = np.hypot(xx, yy)
     with np.errstate(divide="ignore", invalid="ignore"):
         ker = omega_c * j1(omega_c * r) / (2 * np.pi * r)
-    ker[k // 2, k // 2] = omega_c ** 2 / (4 * np.pi)
+    ker[k // 2, k // 2] = omega_c**2 / (4 * np.pi)
     return ker / ker.sum()
 
 

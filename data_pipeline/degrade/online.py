@@ -13,6 +13,7 @@ the shards at build time.
 HR-only shards (built with ``shard.lr_variants=0``) hold no LR; shards with stored LR can be degraded on the fly too
 (their stored LR is then not read).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,5 +84,10 @@ class DrawLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             for key, mode, params in zip(batch["key"], batch["lr_mode"], batch["degradation"]):
-                f.write(json.dumps({"batch": self.batches, "epoch": epoch, "key": key, "lr_mode": mode,
-                                    "params": params}, sort_keys=True) + "\n")
+                f.write(
+                    json.dumps(
+                        {"batch": self.batches, "epoch": epoch, "key": key, "lr_mode": mode, "params": params},
+                        sort_keys=True,
+                    )
+                    + "\n"
+                )

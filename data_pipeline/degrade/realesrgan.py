@@ -24,6 +24,7 @@ OpenCV is called directly rather than through albumentations: albumentations' op
 wrappers, but its JPEG op encodes RGB arrays as if they were BGR (wrong chroma weights), and its transforms draw
 from their own random state, which cannot be recorded in, or replayed from, the sample JSON.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,14 +85,16 @@ def _sample_noise(rng, gauss_p, sigma_range, poisson_range, gray_p) -> dict:
     else:
         d = {"type": "poisson", "scale": _u(rng, poisson_range)}
     d["gray"] = bool(rng.random() < gray_p)
-    d["seed"] = int(rng.integers(0, 2 ** 63 - 1))
+    d["seed"] = int(rng.integers(0, 2**63 - 1))
     return d
 
 
 def _check(cfg: DegradationConfig) -> None:
     if cfg.resize_backend not in RESIZE_BACKENDS or cfg.jpeg_backend not in JPEG_BACKENDS:
-        raise ValueError(f"degradation backends must be resize_backend in {RESIZE_BACKENDS} and jpeg_backend in "
-                         f"{JPEG_BACKENDS}, got {cfg.resize_backend!r}, {cfg.jpeg_backend!r}")
+        raise ValueError(
+            f"degradation backends must be resize_backend in {RESIZE_BACKENDS} and jpeg_backend in "
+            f"{JPEG_BACKENDS}, got {cfg.resize_backend!r}, {cfg.jpeg_backend!r}"
+        )
     for name in ("resize_modes", "resize_back_modes"):
         modes = list(getattr(cfg, name))
         if not modes or any(m not in MODES for m in modes):
@@ -112,23 +115,34 @@ def sample_degradation(rng: np.random.Generator, cfg: DegradationConfig, hr_shap
         fs = int(rng.choice(cfg.final_sinc_sizes))
         final_sinc = {"type": "sinc", "size": fs, "omega_c": _u(rng, cfg.final_sinc_omega)}
     else:
-        final_sinc = None                       # identity (pulse) kernel
+        final_sinc = None  # identity (pulse) kernel
     r1 = {**_sample_resize(rng, cfg.resize_prob, cfg.resize_range), "mode": pick()}
     n1 = _sample_noise(rng, cfg.gaussian_noise_prob, cfg.noise_range, cfg.poisson_scale_range, cfg.gray_noise_prob)
     j1 = quality(_u(rng, cfg.jpeg_range))
     second_blur = bool(rng.random() < cfg.second_blur_prob)
     r2 = {**_sample_resize(rng, cfg.resize_prob2, cfg.resize_range2), "mode": pick()}
     r2["size"] = [int(h / cfg.scale * r2["scale"]), int(w / cfg.scale * r2["scale"])]
-    n2 = _sample_noise(rng, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2,
-                       cfg.gray_noise_prob2)
+    n2 = _sample_noise(rng, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2, cfg.gray_noise_prob2)
     order = "resize_sinc_jpeg" if rng.random() < cfg.final_order_resize_first_prob else "jpeg_resize_sinc"
     r3 = {"mode": pick(), "size": [h // cfg.scale, w // cfg.scale]}
     j2 = quality(_u(rng, cfg.jpeg_range2))
-    return {"kernel1": k1, "resize1": r1, "noise1": n1, "jpeg1": {"quality": j1},
-            "second_blur": second_blur, "kernel2": k2, "resize2": r2, "noise2": n2,
-            "final_order": order, "resize3": r3, "final_sinc": final_sinc, "jpeg2": {"quality": j2},
-            "scale": cfg.scale, "backends": {"resize": cfg.resize_backend, "jpeg": cfg.jpeg_backend},
-            "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]}}
+    return {
+        "kernel1": k1,
+        "resize1": r1,
+        "noise1": n1,
+        "jpeg1": {"quality": j1},
+        "second_blur": second_blur,
+        "kernel2": k2,
+        "resize2": r2,
+        "noise2": n2,
+        "final_order": order,
+        "resize3": r3,
+        "final_sinc": final_sinc,
+        "jpeg2": {"quality": j2},
+        "scale": cfg.scale,
+        "backends": {"resize": cfg.resize_backend, "jpeg": cfg.jpeg_backend},
+        "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- operators
@@ -226,8 +240,12 @@ def degrade(hr: np.ndarray, cfg: DegradationConfig, seed: int, variant: int = 0)
     """Sample parameters with a PCG64 stream seeded by `seed`, apply them; returns (LR uint8, params incl. seed).
     Variants below ``cfg.clean_variants`` get the plain bicubic LR (params ``{"kind": "bicubic", "scale"}``)."""
     if variant < cfg.clean_variants:
-        return bicubic_lr(hr, cfg.scale), {"kind": "bicubic", "scale": int(cfg.scale), "seed": int(seed),
-                                           "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]}}
+        return bicubic_lr(hr, cfg.scale), {
+            "kind": "bicubic",
+            "scale": int(cfg.scale),
+            "seed": int(seed),
+            "resize_back": {"modes": [str(m) for m in cfg.resize_back_modes]},
+        }
     rng = np.random.default_rng(seed)
     params = sample_degradation(rng, cfg, hr.shape[:2])
     params["seed"] = int(seed)

@@ -25,6 +25,7 @@ adaptive pooling for non-integer factors.
 resizes the LR back to the HR size with an interpolation mode drawn uniformly per sample from area / bilinear /
 bicubic (`F.interpolate(lr, size=hr_size, mode=mode)`), then quantises to 8 bits.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,9 @@ import numpy as np
 import scipy.sparse as sp
 
 MODES = ("area", "bilinear", "bicubic")
-RESIZE_BACK_MODES = MODES                 # the reference draws uniformly from these when resizing the LR back
+RESIZE_BACK_MODES = MODES  # the reference draws uniformly from these when resizing the LR back
 _CV2 = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
-_A = -0.75                                # PyTorch's bicubic coefficient
+_A = -0.75  # PyTorch's bicubic coefficient
 
 
 def output_size(in_size: int, scale_factor: float) -> int:
@@ -50,10 +51,13 @@ def output_size(in_size: int, scale_factor: float) -> int:
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
     """Keys' cubic convolution weights of the taps at offsets -1, 0, 1, 2 for fractional positions t."""
     a = np.float32(_A)
-    def near(x):        # |x| <= 1
+
+    def near(x):  # |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
-    def far(x):         # 1 < |x| < 2
+
+    def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
     return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
 
 
@@ -64,7 +68,7 @@ def _taps(in_size: int, out_size: int, mode: str, scale_factor: float | None) ->
     if mode == "area":
         i = np.arange(out_size, dtype=np.int64)
         start = (i * in_size) // out_size
-        end = -((-(i + 1) * in_size) // out_size)                    # ceil
+        end = -((-(i + 1) * in_size) // out_size)  # ceil
         k = int((end - start).max())
         idx = np.minimum(start[:, None] + np.arange(k)[None, :], in_size - 1)
         w = ((start[:, None] + np.arange(k)[None, :]) < end[:, None]).astype(np.float32)
@@ -107,8 +111,9 @@ def _resize_rows(x: np.ndarray, m: sp.csr_matrix) -> np.ndarray:
     return np.asarray(m @ x.reshape(x.shape[0], -1), dtype=np.float32).reshape((m.shape[0],) + x.shape[1:])
 
 
-def torch_resize(img: np.ndarray, mode: str, size: Sequence[int] | None = None,
-                 scale_factor: float | None = None) -> np.ndarray:
+def torch_resize(
+    img: np.ndarray, mode: str, size: Sequence[int] | None = None, scale_factor: float | None = None
+) -> np.ndarray:
     """PyTorch `F.interpolate(x, size=size | scale_factor=s, mode=mode)` (align_corners=False, no antialias) of an
     (H, W[, C]) float32 array. Exactly one of `size` (H, W) and `scale_factor` (both axes) is given."""
     if mode not in MODES:
@@ -118,7 +123,7 @@ def torch_resize(img: np.ndarray, mode: str, size: Sequence[int] | None = None,
     h, w = img.shape[:2]
     if size is not None:
         oh, ow, sf = max(1, int(size[0])), max(1, int(size[1])), None
-    else:
+    elif scale_factor is not None:
         sf = float(scale_factor)
         oh, ow = output_size(h, sf), output_size(w, sf)
     # an axis whose size does not change is the identity when mapped with in/out (size given, or s == 1, or
@@ -142,8 +147,9 @@ def opencv_resize(img: np.ndarray, mode: str, size: Sequence[int]) -> np.ndarray
 
 
 # --------------------------------------------------------------------------------------- resize-back (reader)
-def pick_resize_back_mode(rng: random.Random | np.random.Generator | int,
-                          modes: Sequence[str] = RESIZE_BACK_MODES) -> str:
+def pick_resize_back_mode(
+    rng: random.Random | np.random.Generator | int, modes: Sequence[str] = RESIZE_BACK_MODES
+) -> str:
     """One mode drawn uniformly from `modes` (the reference: uniform over area / bilinear / bicubic per sample).
     `rng`: a `random.Random`, a NumPy Generator, or an int seed (a fresh PCG64 stream)."""
     if not modes:
@@ -169,8 +175,12 @@ def resize_back(lr: np.ndarray, size_hw: Sequence[int], mode: str):
     return torch.from_numpy(np.ascontiguousarray(y.transpose(2, 0, 1), dtype=np.float32))
 
 
-def random_resize_back(lr: np.ndarray, size_hw: Sequence[int], rng: random.Random | np.random.Generator | int,
-                       modes: Sequence[str] = RESIZE_BACK_MODES):
+def random_resize_back(
+    lr: np.ndarray,
+    size_hw: Sequence[int],
+    rng: random.Random | np.random.Generator | int,
+    modes: Sequence[str] = RESIZE_BACK_MODES,
+):
     """The reference's training-time resize-back of one sample: draw a mode (`pick_resize_back_mode`), resize the
     uint8 LR to `size_hw` (`resize_back`). Returns (tensor (3, H, W) float32 in [0, 1], {"mode": mode}); the
     dict is the parameter to record with the sample."""

@@ -29,6 +29,7 @@ degradation recorded, see ``data_pipeline.degrade.resize``), with the mode used 
 ``class_id``, ``key``; from a token cache also ``tokens`` (L,) long (every scale's indices, coarse to fine) and
 ``resid`` (pn_last², Cvae) float32 (the refiner's target).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -74,8 +75,10 @@ class ShardIntegrityError(UserError):
 
 def _integrity_error(url: str, what: str, location: str | None = None) -> ShardIntegrityError:
     where = storage.parent(url) if location is None else location
-    return ShardIntegrityError(f"shard {url}: {what}; the dataset changed or is damaged since its manifest was "
-                               f"written (check it with: varsr data verify {where})")
+    return ShardIntegrityError(
+        f"shard {url}: {what}; the dataset changed or is damaged since its manifest was "
+        f"written (check it with: varsr data verify {where})"
+    )
 
 
 def check_sizes(urls: list[str], expected: dict[str, ShardEntry], location: str) -> None:
@@ -126,14 +129,17 @@ class ShardSet:
         names = [token_shard_name(storage.basename(u), tc.tokenizer_sha256) for u in self.urls]
         absent = [n for n in names if n not in listed]
         if absent:
-            raise UserError(f"the token cache of {self.location} does not list {absent[0]} "
-                            f"({len(absent)} shard(s) uncovered): run varsr data tokenize again")
+            raise UserError(
+                f"the token cache of {self.location} does not list {absent[0]} "
+                f"({len(absent)} shard(s) uncovered): run varsr data tokenize again"
+            )
         urls = [storage.join(storage.parent(u), n) for u, n in zip(self.urls, names)]
         if check:
             missing = [u for u in urls if not storage.exists(u)]
             if missing:
-                raise UserError(f"the token cache of {self.location} lists {len(missing)} missing shard(s), "
-                                f"e.g. {missing[0]}")
+                raise UserError(
+                    f"the token cache of {self.location} lists {len(missing)} missing shard(s), e.g. {missing[0]}"
+                )
             check_sizes(urls, self.expected, self.location)
         return urls
 
@@ -259,7 +265,10 @@ def iter_tar_stream(f, url: str) -> Iterator[dict]:
                 cur = None
             if cur is None:
                 cur = {"__key__": key, "__url__": url}
-            cur[ext] = tar.extractfile(m).read()
+            f = tar.extractfile(m)
+            if f is None:  # not a regular file's data (isfile() was checked above)
+                continue
+            cur[ext] = f.read()
         if cur is not None:
             yield cur
 
@@ -288,9 +297,17 @@ def decode_hr(raw: dict, size: int) -> torch.Tensor:
     return _to_tensor(hr)
 
 
-def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicubic",
-                  rng: random.Random | None = None, tokens: TokenCache | None = None,
-                  online: OnlineDegradation | None = None, seed: int = 0, epoch: int = 0) -> dict:
+def decode_sample(
+    raw: dict,
+    size: int,
+    want_lr: bool,
+    lr_mode: str = "pil_bicubic",
+    rng: random.Random | None = None,
+    tokens: TokenCache | None = None,
+    online: OnlineDegradation | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+) -> dict:
     """Raw members -> {hr, lr (re-upsampled), lr_mode, label, class_id, key} (+ tokens, resid from the token cache
     ``tokens``); raises on bad data (undecodable PNG, wrong size, missing member, token members of another
     tokenizer) so the stream can skip and count it. ``online``: the LR is drawn from the HR for (``seed``,
@@ -299,16 +316,14 @@ def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicub
         return _degrade_online(raw, size, lr_mode, tokens, online, seed, epoch)
     hr = decode_hr(raw, size)
     meta = json.loads(raw["json"])
-    out = {"hr": hr, "label": int(meta["label"]), "class_id": int(meta["class_id"]),
-           "key": raw["__key__"]}
+    out = {"hr": hr, "label": int(meta["label"]), "class_id": int(meta["class_id"]), "key": raw["__key__"]}
     if tokens is not None:
         idx, resid = decode_token_members(raw, tokens.tokenizer_sha256, tokens.patch_nums)
         out["tokens"], out["resid"] = torch.from_numpy(idx), torch.from_numpy(resid)
     if want_lr:
         lr = decode_png(raw["lr.png"], max_pixels=size * size)  # the LR is smaller than its HR
         if lr_mode == "random":
-            modes = (meta.get("degradation", {}).get("params", {}).get("resize_back", {})
-                     .get("modes", RESIZE_BACK_MODES))
+            modes = meta.get("degradation", {}).get("params", {}).get("resize_back", {}).get("modes", RESIZE_BACK_MODES)
             out["lr"], drawn = random_resize_back(lr, (size, size), rng or random.Random(0), modes)
             out["lr_mode"] = drawn["mode"]
         else:
@@ -317,16 +332,18 @@ def decode_sample(raw: dict, size: int, want_lr: bool, lr_mode: str = "pil_bicub
     return out
 
 
-def _degrade_online(raw: dict, size: int, lr_mode: str, tokens: TokenCache | None, online: OnlineDegradation,
-                    seed: int, epoch: int) -> dict:
+def _degrade_online(
+    raw: dict, size: int, lr_mode: str, tokens: TokenCache | None, online: OnlineDegradation, seed: int, epoch: int
+) -> dict:
     hr8 = decode_png(raw["hr.png"], max_pixels=size * size)
     if hr8.shape[0] != size or hr8.shape[1] != size:
         raise ValueError(f"HR is {hr8.shape[1]}x{hr8.shape[0]}, expected {size}x{size}")
     out = decode_sample({k: v for k, v in raw.items() if k != "lr.png"}, size, False, tokens=tokens)
     lr, params = online.draw(hr8, seed, epoch, out["key"])
     if lr_mode == "random":
-        out["lr"], drawn = random_resize_back(lr, (size, size), online.resize_back_rng(seed, epoch, out["key"]),
-                                              params["resize_back"]["modes"])
+        out["lr"], drawn = random_resize_back(
+            lr, (size, size), online.resize_back_rng(seed, epoch, out["key"]), params["resize_back"]["modes"]
+        )
         out["lr_mode"] = drawn["mode"]
     else:
         out["lr"], out["lr_mode"] = upsample_lr(lr, (size, size), lr_mode), lr_mode
@@ -356,10 +373,24 @@ class ShardStream(torch.utils.data.IterableDataset):
     (:func:`iter_verified_tar`).
     """
 
-    def __init__(self, urls, *, size: int, want_lr: bool, seed: int, epoch: int, rank: int, world: int,
-                 split: str = "node", shuffle_buffer: int = 64, lr_mode: str = "pil_bicubic",
-                 tokens: TokenCache | None = None, expected: dict[str, ShardEntry] | None = None,
-                 skip: list[int] | None = None, online: OnlineDegradation | None = None):
+    def __init__(
+        self,
+        urls,
+        *,
+        size: int,
+        want_lr: bool,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world: int,
+        split: str = "node",
+        shuffle_buffer: int = 64,
+        lr_mode: str = "pil_bicubic",
+        tokens: TokenCache | None = None,
+        expected: dict[str, ShardEntry] | None = None,
+        skip: list[int] | None = None,
+        online: OnlineDegradation | None = None,
+    ):
         if lr_mode not in LR_MODES:
             raise UserError(f"lr_mode must be one of {', '.join(LR_MODES)}, got {lr_mode!r}")
         self.urls, self.size, self.want_lr, self.lr_mode = list(urls), size, want_lr, lr_mode
@@ -377,9 +408,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(urls)
         if self.split == "node" and self.world > 1:
             if len(urls) < self.world:
-                raise UserError(f"{len(urls)} shard(s) cannot feed {self.world} ranks with split=node: write more, "
-                                f"smaller shards (shard.max_samples_per_shard) or use data.split=global_batch")
-            urls = urls[self.rank::self.world]
+                raise UserError(
+                    f"{len(urls)} shard(s) cannot feed {self.world} ranks with split=node: write more, "
+                    f"smaller shards (shard.max_samples_per_shard) or use data.split=global_batch"
+                )
+            urls = urls[self.rank :: self.world]
         return urls[worker::nworkers]
 
     def __iter__(self):
@@ -415,8 +448,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 bad += 1
                 continue
             try:
-                s = decode_sample(raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens, self.online,
-                                  self.seed, self.epoch)
+                s = decode_sample(
+                    raw, self.size, self.want_lr, self.lr_mode, lr_rng, self.tokens, self.online, self.seed, self.epoch
+                )
             except MemberTooLarge as e:  # refused from its header, nothing decoded: worth a line, then skip and count
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), raw.get("__url__"), e)
                 bad += 1
@@ -479,8 +513,9 @@ class DataPosition:
     worker_samples: list[int] = field(default_factory=list)
 
 
-def regroup_position(positions: list[DataPosition], world: int, rank: int, split: str,
-                     workers: int) -> tuple[DataPosition, str]:
+def regroup_position(
+    positions: list[DataPosition], world: int, rank: int, split: str, workers: int
+) -> tuple[DataPosition, str]:
     """The position of ``rank`` of ``world`` ranks that resume from the per-rank ``positions`` a checkpoint of
     another number of ranks saved, and one line saying what the regrouping guarantees (docs/ELASTIC.md).
 
@@ -497,23 +532,40 @@ def regroup_position(positions: list[DataPosition], world: int, rank: int, split
     consumed = sum(p.samples_consumed for p in positions)
     if split == "global_batch":
         if not first.worker_samples:
-            raise UserError("this checkpoint predates per-worker data positions: resume it on the number of ranks "
-                            f"that wrote it ({len(positions)})")
+            raise UserError(
+                "this checkpoint predates per-worker data positions: resume it on the number of ranks "
+                f"that wrote it ({len(positions)})"
+            )
         if len(first.worker_samples) != nw:
-            raise UserError(f"the checkpoint's data stream had {len(first.worker_samples)} DataLoader worker "
-                            f"stream(s), this run has {nw}: set data.workers={len(first.worker_samples)} "
-                            f"(0 for one stream) to resume on another number of ranks")
-        pos = DataPosition(epoch=first.epoch, batches_in_epoch=0, samples_consumed=consumed // world,
-                           bad_samples=first.bad_samples, epoch_skip=list(first.worker_samples),
-                           worker_samples=list(first.worker_samples))
-        return pos, (f"data position carried over exactly: epoch {first.epoch}, {sum(first.worker_samples)} "
-                     f"sample(s) of it consumed, batches re-formed for {world} rank(s)")
+            raise UserError(
+                f"the checkpoint's data stream had {len(first.worker_samples)} DataLoader worker "
+                f"stream(s), this run has {nw}: set data.workers={len(first.worker_samples)} "
+                f"(0 for one stream) to resume on another number of ranks"
+            )
+        pos = DataPosition(
+            epoch=first.epoch,
+            batches_in_epoch=0,
+            samples_consumed=consumed // world,
+            bad_samples=first.bad_samples,
+            epoch_skip=list(first.worker_samples),
+            worker_samples=list(first.worker_samples),
+        )
+        return pos, (
+            f"data position carried over exactly: epoch {first.epoch}, {sum(first.worker_samples)} "
+            f"sample(s) of it consumed, batches re-formed for {world} rank(s)"
+        )
     seen = sum(sum(p.worker_samples) for p in positions)
-    pos = DataPosition(epoch=first.epoch + 1, batches_in_epoch=0, samples_consumed=consumed // world,
-                       bad_samples=sum(p.bad_samples for p in positions) // world)
-    return pos, (f"data.split=node: the shard split changes with the number of ranks, so the run goes on at the "
-                 f"start of epoch {first.epoch + 1} ({seen} sample(s) of epoch {first.epoch} were read before the "
-                 f"checkpoint; its other samples are not seen in it; data.split=global_batch resumes exactly)")
+    pos = DataPosition(
+        epoch=first.epoch + 1,
+        batches_in_epoch=0,
+        samples_consumed=consumed // world,
+        bad_samples=sum(p.bad_samples for p in positions) // world,
+    )
+    return pos, (
+        f"data.split=node: the shard split changes with the number of ranks, so the run goes on at the "
+        f"start of epoch {first.epoch + 1} ({seen} sample(s) of epoch {first.epoch} were read before the "
+        f"checkpoint; its other samples are not seen in it; data.split=global_batch resumes exactly)"
+    )
 
 
 class BatchStream:
@@ -523,10 +575,25 @@ class BatchStream:
     cached ``tokens`` (B, L) and ``resid`` (B, pn_last², Cvae) added.
     """
 
-    def __init__(self, shards: ShardSet, *, size: int, want_lr: bool, batch_size: int, workers: int, seed: int,
-                 rank: int, world: int, split: str = "node", shuffle_buffer: int = 64,
-                 position: DataPosition | None = None, lr_mode: str = "pil_bicubic", tokens: bool = False,
-                 degrade: str = "", record_draws: tuple[str | os.PathLike, int] | None = None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        size: int,
+        want_lr: bool,
+        batch_size: int,
+        workers: int,
+        seed: int,
+        rank: int,
+        world: int,
+        split: str = "node",
+        shuffle_buffer: int = 64,
+        position: DataPosition | None = None,
+        lr_mode: str = "pil_bicubic",
+        tokens: bool = False,
+        degrade: str = "",
+        record_draws: tuple[str | os.PathLike, int] | None = None,
+    ):
         self.shards, self.size, self.want_lr = shards, size, want_lr
         # ``degrade``: a degradation preset -> every epoch draws each sample's LR afresh (data_pipeline/degrade/
         # online.py); "" -> the LR stored in the shards. ``record_draws``: (JSONL path, every N-th batch) -> the
@@ -535,8 +602,10 @@ class BatchStream:
         self.draw_log = DrawLog(Path(record_draws[0]), record_draws[1]) if record_draws and self.online else None
         m = shards.manifest
         if want_lr and self.online is None and m is not None and m.lr_variants == 0:
-            raise UserError(f"shards {shards.location!r} are HR-only (built with shard.lr_variants=0) and this run "
-                            f"reads stored LR: set data.degrade to a degradation preset (e.g. varsr-mild)")
+            raise UserError(
+                f"shards {shards.location!r} are HR-only (built with shard.lr_variants=0) and this run "
+                f"reads stored LR: set data.degrade to a degradation preset (e.g. varsr-mild)"
+            )
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world, self.split, self.buffer = rank, world, split, shuffle_buffer
         self.lr_mode = lr_mode
@@ -545,11 +614,22 @@ class BatchStream:
         self.pos = position or DataPosition()
 
     def epoch_stream(self, epoch: int, skip: list[int] | None = None) -> ShardStream:
-        return ShardStream(self.urls, size=self.size, want_lr=self.want_lr, seed=self.seed, epoch=epoch,
-                           rank=self.rank, world=self.world, split=self.split, shuffle_buffer=self.buffer,
-                           lr_mode=self.lr_mode, tokens=self.tokens,
-                           expected={u: self.shards.expected[u] for u in self.urls if u in self.shards.expected},
-                           skip=skip, online=self.online)
+        return ShardStream(
+            self.urls,
+            size=self.size,
+            want_lr=self.want_lr,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world,
+            split=self.split,
+            shuffle_buffer=self.buffer,
+            lr_mode=self.lr_mode,
+            tokens=self.tokens,
+            expected={u: self.shards.expected[u] for u in self.urls if u in self.shards.expected},
+            skip=skip,
+            online=self.online,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -559,8 +639,13 @@ class BatchStream:
     def _epoch_batches(self, epoch: int, skip: list[int] | None = None) -> Iterator[dict]:
         global_bs = self.global_batch
         loader = torch.utils.data.DataLoader(
-            self.epoch_stream(epoch, skip), batch_size=global_bs, num_workers=self.workers, collate_fn=collate,
-            drop_last=True, persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            self.epoch_stream(epoch, skip),
+            batch_size=global_bs,
+            num_workers=self.workers,
+            collate_fn=collate,
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if self.workers else None,
             # its own generator: creating the iterator must not draw from the global torch RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
         )
@@ -600,7 +685,8 @@ class BatchStream:
             if not got_any and not any(self.pos.epoch_skip):
                 raise UserError(
                     f"shards {self.shards.location!r} yielded no complete batch of {self.batch_size} "
-                    f"at {self.size}px for rank {self.rank} (too few valid samples?)")
+                    f"at {self.size}px for rank {self.rank} (too few valid samples?)"
+                )
             self.pos.epoch += 1
             self.pos.batches_in_epoch = 0
             self.pos.epoch_skip, self.pos.worker_samples = [], [0] * nw
@@ -621,9 +707,12 @@ def eval_pairs(spec: str | list[str]) -> list[tuple[str, bytes, bytes]]:
     """(key, HR PNG bytes, LR PNG bytes) for every sample that has both images, in shard order (decoding is the
     evaluator's business: it applies its own input limits)."""
     shards = resolve_shards(spec)
-    pairs = [(raw["__key__"].replace("/", "_"), raw["hr.png"], raw["lr.png"])
-             for url in shards.urls for raw in iter_verified_tar(url, shards.expected.get(url), shards.location)
-             if "hr.png" in raw and "lr.png" in raw]
+    pairs = [
+        (raw["__key__"].replace("/", "_"), raw["hr.png"], raw["lr.png"])
+        for url in shards.urls
+        for raw in iter_verified_tar(url, shards.expected.get(url), shards.location)
+        if "hr.png" in raw and "lr.png" in raw
+    ]
     if not pairs:
         raise UserError(f"no samples with both .hr.png and .lr.png in {spec}")
     return pairs

@@ -6,6 +6,7 @@ hashed, then published with one rename (file system) or one whole upload (object
 partial shard under its final name. A shard task publishes its stats first and its tar second, and returns the
 stats to the driver, which writes the manifest last (the commit point, see ``format.py``).
 """
+
 from __future__ import annotations
 
 import hashlib

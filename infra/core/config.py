@@ -6,6 +6,7 @@ validate the types (pydantic ``TypeAdapter`` over the dataclass), refuse unknown
 loudly, naming the valid keys), hash them, and write the resolved config beside an output. Every command takes the
 same two options, added by :func:`add_config_args`: ``--config FILE_OR_PRESET`` and ``--set KEY=VALUE`` (repeatable).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -128,8 +129,9 @@ def resolve_config_file(source: str | Path, preset_dir: str | Path | None = None
         if cand.is_file():
             return cand
         names = sorted(q.stem for q in Path(preset_dir).glob("*.yaml"))
-        raise ConfigError(f"config {str(source)!r} is neither a file nor a preset in {preset_dir} "
-                          f"(presets: {', '.join(names)})")
+        raise ConfigError(
+            f"config {str(source)!r} is neither a file nor a preset in {preset_dir} (presets: {', '.join(names)})"
+        )
     raise ConfigError(f"config file {p} does not exist")
 
 
@@ -169,8 +171,15 @@ def load_config(
 def add_config_args(parser, config_help: str = "YAML config file") -> None:
     """The two config options every ``varsr`` command shares: ``--config`` and repeatable ``--set KEY=VALUE``."""
     parser.add_argument("--config", "-c", default=None, metavar="FILE", help=config_help)
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set optim.lr=1e-4 (repeatable; values are YAML)")
+    parser.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optim.lr=1e-4 (repeatable; values are YAML)",
+    )
 
 
 def dump_config(obj: Any, as_json: bool = False) -> str:

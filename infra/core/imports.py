@@ -4,6 +4,7 @@ Two users: the layering test (``tests/infra/test_layering.py``), which checks th
 MLflow model logger, which ships exactly the modules the served model can import (the closure of
 ``inference.mlflow_model``) instead of whole packages.
 """
+
 from __future__ import annotations
 
 import ast

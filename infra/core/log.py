@@ -10,6 +10,7 @@
   ``varsr.terminal``, so the redaction of infra/core/redact.py applies to them as to every record.
 * Progress bars: tqdm (data_pipeline/progress.py), periodic log lines when stderr is not a terminal.
 """
+
 from __future__ import annotations
 
 import logging

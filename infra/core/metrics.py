@@ -10,6 +10,7 @@ BasicSR 1.4.2's source distribution, fetched and checked by sha256 at set-up) an
 the ``brisque`` package's SVR model and feature code). Both take an HxWx3 RGB uint8 array and return a float, lower =
 better. Learned metrics (LPIPS, DISTS, MUSIQ, ...) are plug-ins of ``inference/eval_metrics.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,9 @@ def full_reference(sr: Image.Image | np.ndarray, hr: Image.Image | np.ndarray) -
 def batch_full_reference(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
     """Mean :func:`full_reference` over a batch of (B, 3, H, W) images in [0, 1], each first rounded to 8 bits as a
     saved image would be, so training validation and ``varsr eval`` report the same quantities."""
+
     def to_u8(t: torch.Tensor) -> np.ndarray:
-        return (t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        return t.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
     rows = [full_reference(to_u8(s), to_u8(h)) for s, h in zip(sr, hr)]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
@@ -152,8 +154,9 @@ def chroma_fidelity(x: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
     or identical colours), where a slope means nothing.
     """
     if x.shape != rec.shape or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected two (B, 3, H, W) batches of the same shape, "
-                         f"got {tuple(x.shape)}, {tuple(rec.shape)}")
+        raise ValueError(
+            f"expected two (B, 3, H, W) batches of the same shape, got {tuple(x.shape)}, {tuple(rec.shape)}"
+        )
     cx, cr = mean_chroma(x), mean_chroma(rec)
     err = float((cr - cx).abs().mean())
     dx, dr = cx - cx.mean(0), cr - cr.mean(0)
@@ -200,22 +203,28 @@ def load_niqe_params(path: str | Path | None = None) -> tuple[np.ndarray, np.nda
     key = str(p)
     if key not in _NIQE_CACHE:
         if not p.is_file():
-            raise MetricUnavailable(f"niqe: pristine-model parameters {p} are missing; run infra/scripts/setup.sh "
-                                    f"(it fetches basicsr==1.4.2's sdist and extracts {NIQE_PARAMS_FILE})")
+            raise MetricUnavailable(
+                f"niqe: pristine-model parameters {p} are missing; run infra/scripts/setup.sh "
+                f"(it fetches basicsr==1.4.2's sdist and extracts {NIQE_PARAMS_FILE})"
+            )
         raw = p.read_bytes()
         if hashlib.sha256(raw).hexdigest() != NIQE_PARAMS_SHA256:
             raise MetricUnavailable(f"niqe: {p} is not BasicSR 1.4.2's {NIQE_PARAMS_FILE} (sha256 differs)")
         with np.load(p, allow_pickle=False) as d:
-            _NIQE_CACHE[key] = (d["mu_pris_param"].reshape(-1).astype(np.float64),
-                                d["cov_pris_param"].astype(np.float64), d["gaussian_window"].astype(np.float64))
+            _NIQE_CACHE[key] = (
+                d["mu_pris_param"].reshape(-1).astype(np.float64),
+                d["cov_pris_param"].astype(np.float64),
+                d["gaussian_window"].astype(np.float64),
+            )
     return _NIQE_CACHE[key]
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
     """Keys' cubic convolution kernel with a = -0.5 (MATLAB's ``imresize`` 'bicubic')."""
     ax = np.abs(x)
-    return np.where(ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1,
-                    np.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0))
+    return np.where(
+        ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1, np.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0)
+    )
 
 
 def _imresize_matrix(n_in: int, scale: float) -> np.ndarray:
@@ -301,8 +310,9 @@ def niqe_y(y: np.ndarray, params: tuple[np.ndarray, np.ndarray, np.ndarray] | No
     for scale in (1, 2):
         m = _mscn(img, window)
         s = NIQE_BLOCK // scale
-        per_scale.append([_niqe_block_features(m[i * s:(i + 1) * s, j * s:(j + 1) * s])
-                          for i in range(nh) for j in range(nw)])
+        per_scale.append(
+            [_niqe_block_features(m[i * s : (i + 1) * s, j * s : (j + 1) * s]) for i in range(nh) for j in range(nw)]
+        )
         if scale == 1:
             img = imresize_half(img / 255.0) * 255.0
     feats = np.concatenate([np.asarray(f) for f in per_scale], axis=1)  # (blocks, 36)
@@ -343,8 +353,9 @@ def brisque_model():
                 from brisque.brisque import BRISQUE
                 from brisque.models import MODEL_PATH
         except ImportError as e:
-            raise MetricUnavailable(f"brisque: the brisque package is not installed ({e}); run infra/scripts/setup.sh"
-                                    ) from None
+            raise MetricUnavailable(
+                f"brisque: the brisque package is not installed ({e}); run infra/scripts/setup.sh"
+            ) from None
         for name, want in BRISQUE_MODEL_SHA256.items():
             with open(os.path.join(MODEL_PATH, name), "rb") as f:
                 got = hashlib.sha256(f.read()).hexdigest()

@@ -1,4 +1,5 @@
 """Loopback networking helpers shared by the launchers, the demo, benchmarks and tests."""
+
 from __future__ import annotations
 
 import socket

@@ -22,6 +22,7 @@ environment or a mounted file, never in a config value (docs/SECURITY.md).
 Standard library only, importing nothing of the project when loaded (:func:`restore` alone reaches for the
 platform's ``UserError``): ``infra/mlflow/serve.py`` loads this file by its path beside it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,16 +39,29 @@ MASK = "***"
 # (password, MLFLOW_TRACKING_PASSWORD, sslpassword, access_token, X-Amz-Security-Token, client_secret,
 # X-Amz-Signature, X-Amz-Credential, aws_secret_access_key, api_key, private_key, ...). A name that merely contains
 # one (token_cache, max_tokens) does not.
-_SECRET_SUFFIXES = ("password", "passwd", "secret", "token", "signature", "credential", "credentials", "apikey",
-                    "privatekey", "secretkey", "secretaccesskey")
+_SECRET_SUFFIXES = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "signature",
+    "credential",
+    "credentials",
+    "apikey",
+    "privatekey",
+    "secretkey",
+    "secretaccesskey",
+)
 # short names that are secrets as URI query parameters only (?key=..., ?sig=... of an Azure SAS, ?code=... of OAuth);
 # in free text they are too common (a shard key=..., exit code=2) to mask
 _QUERY_NAMES = frozenset({"pwd", "pass", "key", "sig", "sas", "auth", "authorization", "code"})
 
 _SCHEME_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
 # key=value in free text (DSN keywords, env assignments, a query string outside a URI); the value may be quoted
-_KEY_VALUE = re.compile(r"(?<![\w.\-])([A-Za-z_][\w.\-]*)(\s*=\s*)"
-                        r"('(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&;,'\"]+)")
+_KEY_VALUE = re.compile(
+    r"(?<![\w.\-])([A-Za-z_][\w.\-]*)(\s*=\s*)"
+    r"('(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&;,'\"]+)"
+)
 
 
 def secret_key(name: str, query: bool = False) -> bool:
@@ -122,8 +136,9 @@ def restore(shown: str | None, *candidates: str | None) -> str | None:
             return c
     from .errors import UserError
 
-    raise UserError(f"{shown} was recorded without its credentials: give the full URI (--tracking-uri, or "
-                    f"$MLFLOW_TRACKING_URI)")
+    raise UserError(
+        f"{shown} was recorded without its credentials: give the full URI (--tracking-uri, or $MLFLOW_TRACKING_URI)"
+    )
 
 
 _installed = False

@@ -14,6 +14,7 @@ Object-store failures — a missing bucket, refused credentials, an endpoint tha
 :class:`StorageError` (a one-line ``UserError`` naming the URL) after a bounded number of quick retries, never in a
 traceback or an endless retry loop.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,7 @@ def local_path(url: str | os.PathLike) -> str:
         from .tracking import resolve_ref
 
         return resolve_ref(s, os.getcwd())
-    return s[len("file://"):] if s.startswith("file://") else s
+    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def protocol(url: str | os.PathLike) -> str:
@@ -84,8 +85,13 @@ def storage_options(url: str) -> dict:
     """fsspec options per protocol: bounded, fast-failing retries for S3 (an endpoint that is down must fail in
     seconds, not retry for minutes)."""
     if protocol(url) in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
-                                  "retries": {"max_attempts": 3, "mode": "standard"}}}
+        return {
+            "config_kwargs": {
+                "connect_timeout": 5,
+                "read_timeout": 60,
+                "retries": {"max_attempts": 3, "mode": "standard"},
+            }
+        }
     return {}
 
 
@@ -96,8 +102,10 @@ def filesystem(url: str):
     try:
         return fsspec.core.url_to_fs(url, **storage_options(url))
     except ImportError as e:
-        raise StorageError(f"{url}: no fsspec driver for {protocol(url)}:// ({e}); install the 'cluster' extra "
-                           f"(pip install 'varsr-platform[cluster]')") from None
+        raise StorageError(
+            f"{url}: no fsspec driver for {protocol(url)}:// ({e}); install the 'cluster' extra "
+            f"(pip install 'varsr-platform[cluster]')"
+        ) from None
     except ValueError as e:
         raise StorageError(f"{url}: {e}") from None
 
@@ -112,8 +120,12 @@ def _reason(e: BaseException) -> str:
         return "not found (missing bucket, folder or object)"
     if isinstance(e, PermissionError) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return f"access refused ({code or name}): check the credentials"
-    if "EndpointConnectionError" in name or "ConnectTimeout" in name or "ConnectionError" in name \
-            or isinstance(e, (ConnectionError, TimeoutError)):
+    if (
+        "EndpointConnectionError" in name
+        or "ConnectTimeout" in name
+        or "ConnectionError" in name
+        or isinstance(e, (ConnectionError, TimeoutError))
+    ):
         return f"cannot reach the storage endpoint ({name}): check AWS_ENDPOINT_URL / the network"
     if code == "NoSuchBucket":
         return "the bucket does not exist"
@@ -337,9 +349,19 @@ def get_tree(url: str, local_dir: str | os.PathLike) -> None:
 
 
 # Settings a process on another node needs to reach the same storage (and tracking) as the one that launched it.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
-                 "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "VARSR_SCRATCH")
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "VARSR_SCRATCH",
+)
 
 
 def forwarded_env() -> dict[str, str]:

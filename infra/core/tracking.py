@@ -14,6 +14,7 @@
 * **References** to local files in tags, params and dataset sources are written relative to the run's folder
   (:func:`portable_ref`); URLs are kept as given.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -59,7 +60,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, absolute (None for other stores)."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    rest = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    rest = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(rest) if rest.startswith("/") else (Path.cwd() / rest).resolve()
 
 
@@ -105,8 +106,9 @@ def ensure_experiment(tracking_uri: str, name: str | None = None) -> str:
         d.mkdir(parents=True, exist_ok=True)
         tags = {ARTIFACT_LOCATION_TAG: f"{DEFAULT_ARTIFACTS}/{_folder_name(name)}"}
     try:
-        return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name),
-                                        tags=tags)
+        return client.create_experiment(
+            name, artifact_location=default_artifact_location(tracking_uri, name), tags=tags
+        )
     except MlflowException:  # created meanwhile by a concurrent process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -123,17 +125,20 @@ def relocate_local_store(tracking_uri: str) -> int:
     store folder (experiments, runs, logged models, model versions, traces) is rewritten to the same place under the
     new one. MLflow keeps locations absolute, which is why the store needs this after a move.
     """
-    d = store_dir(tracking_uri)
-    if d is None or not (d / sqlite_path(tracking_uri).name).is_file():
+    d, sp = store_dir(tracking_uri), sqlite_path(tracking_uri)
+    if d is None or sp is None or not (d / sp.name).is_file():
         return 0
-    db = d / sqlite_path(tracking_uri).name
+    db = d / sp.name
     con = sqlite3.connect(db, timeout=60)
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not {"experiments", "experiment_tags"} <= tables:
             return 0
-        rows = con.execute("SELECT e.artifact_location, t.value FROM experiments e JOIN experiment_tags t "
-                           "ON e.experiment_id = t.experiment_id WHERE t.key = ?", (ARTIFACT_LOCATION_TAG,)).fetchall()
+        rows = con.execute(
+            "SELECT e.artifact_location, t.value FROM experiments e JOIN experiment_tags t "
+            "ON e.experiment_id = t.experiment_id WHERE t.key = ?",
+            (ARTIFACT_LOCATION_TAG,),
+        ).fetchall()
         old_roots = set()
         for location, rel in rows:
             expected = (d / rel).as_uri()
@@ -141,20 +146,26 @@ def relocate_local_store(tracking_uri: str) -> int:
                 old_roots.add(location[: -len(rel) - 1])  # the old store folder as a file URI
         if not old_roots:
             return 0
-        columns = [("experiments", "artifact_location"), ("runs", "artifact_uri"),
-                   ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
-                   ("model_versions", "source"), ("trace_tags", "value")]
+        columns = [
+            ("experiments", "artifact_location"),
+            ("runs", "artifact_uri"),
+            ("logged_models", "artifact_location"),
+            ("model_versions", "storage_location"),
+            ("model_versions", "source"),
+            ("trace_tags", "value"),
+        ]
         new_uri, changed = d.as_uri(), 0
         with con:
             for old_uri in sorted(old_roots, key=len, reverse=True):
-                old_path = old_uri[len("file://"):]
+                old_path = old_uri[len("file://") :]
                 for prefix, new in ((old_uri + "/", new_uri + "/"), (old_path + "/", str(d) + "/")):
                     for table, col in columns:
                         if table not in tables:
                             continue
                         cur = con.execute(
                             f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE substr({col}, 1, ?) = ?",
-                            (new, len(prefix) + 1, len(prefix), prefix))
+                            (new, len(prefix) + 1, len(prefix), prefix),
+                        )
                         changed += cur.rowcount
         if changed and "mlflow" in sys.modules:  # artifact repositories this process cached for the old places
             from mlflow.tracking._tracking_service import utils as trk_utils
@@ -173,8 +184,15 @@ def run_name(kind: str, *details: Any, when: datetime | None = None) -> str:
     return " ".join([kind, *(str(d) for d in details if d not in (None, "")), stamp])
 
 
-def start_run(tracking_uri: str, name: str, *, experiment: str | None = None, parent_run_id: str | None = None,
-              tags: dict[str, Any] | None = None, source: str | None = None):
+def start_run(
+    tracking_uri: str,
+    name: str,
+    *,
+    experiment: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    source: str | None = None,
+):
     """Create a named run (status RUNNING) and return it (an ``mlflow.entities.Run``).
 
     ``parent_run_id`` (default ``$VARSR_PARENT_RUN_ID``) nests it under that run. The experiment is ``experiment``,
@@ -232,7 +250,7 @@ SHIPPED_DIRS = ("model", "configs", "data_pipeline", "training", "inference", "i
 
 
 def _local(s: str) -> str:
-    return s[len("file://"):] if s.startswith("file://") else s
+    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def _is_url(s: str) -> bool:
@@ -290,7 +308,7 @@ def resolve_ref(ref: str | os.PathLike, base: str | os.PathLike) -> str:
     if _is_url(s):
         return s
     if s.startswith(REPO_REF):
-        return os.path.normpath(os.path.join(os.fspath(REPO_ROOT), *s[len(REPO_REF):].split("/")))
+        return os.path.normpath(os.path.join(os.fspath(REPO_ROOT), *s[len(REPO_REF) :].split("/")))
     path = _local(s)
     if os.path.isabs(path):
         return os.path.normpath(path)
@@ -301,8 +319,15 @@ def resolve_ref(ref: str | os.PathLike, base: str | os.PathLike) -> str:
     return os.path.normpath(os.path.join(os.path.abspath(_local(b)), path))
 
 
-def dataset_input(source: str, digest: str, *, name: str | None = None, context: str | None = None,
-                  profile: dict | None = None, tags: dict[str, str] | None = None):
+def dataset_input(
+    source: str,
+    digest: str,
+    *,
+    name: str | None = None,
+    context: str | None = None,
+    profile: dict | None = None,
+    tags: dict[str, str] | None = None,
+):
     """A dataset described by its metadata only (a shard manifest, a folder of image pairs), as the
     ``mlflow.entities.DatasetInput`` that ``MlflowClient.log_inputs`` takes: ``source`` is where it lives (a URL, or a
     path relative to the run's folder), ``digest`` its content hash (a sha256 is cut to MLflow's 36 characters; keep
@@ -317,8 +342,13 @@ def dataset_input(source: str, digest: str, *, name: str | None = None, context:
         warnings.simplefilter("ignore", UserWarning)
         src = resolve_dataset_source(source)
     name = name or os.path.basename(os.path.normpath(source.rstrip("/"))) or source
-    entity = Dataset(name=name, digest=digest[:MAX_DIGEST], source_type=src._get_source_type(),
-                     source=src.to_json(), profile=json.dumps(profile) if profile is not None else None)
+    entity = Dataset(
+        name=name,
+        digest=digest[:MAX_DIGEST],
+        source_type=src._get_source_type(),
+        source=src.to_json(),
+        profile=json.dumps(profile) if profile is not None else None,
+    )
     input_tags = [InputTag(key=k, value=str(v)) for k, v in (tags or {}).items()]
     if context:
         input_tags.append(InputTag(key=MLFLOW_DATASET_CONTEXT, value=context))

@@ -18,6 +18,7 @@ also holds the logged and registered model), the serving check and the held-out 
 move it anywhere and ``varsr demo --workdir NEW`` (or :func:`infra.core.tracking.relocate_local_store`) re-points the
 store before anything reads it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from infra.core.errors import UserError
 from infra.core.log import summary
@@ -124,10 +125,17 @@ class Demo:
         if st.get("mlflow", {}).get("parent_run_id"):
             return st["mlflow"]["parent_run_id"]
         preset = self.preset() if not self.cfg.from_scratch else f"{FROM_SCRATCH_PRESET}-from-scratch"
-        run = start_run(self.tracking_uri, run_name("demo", preset, f"seed{self.cfg.seed}"), experiment=EXPERIMENT,
-                        tags={"varsr.stage": "demo", "varsr.model_uri": self.model_uri,
-                              "varsr.demo.from_scratch": str(self.cfg.from_scratch)},
-                        source="varsr demo")
+        run = start_run(
+            self.tracking_uri,
+            run_name("demo", preset, f"seed{self.cfg.seed}"),
+            experiment=EXPERIMENT,
+            tags={
+                "varsr.stage": "demo",
+                "varsr.model_uri": self.model_uri,
+                "varsr.demo.from_scratch": str(self.cfg.from_scratch),
+            },
+            source="varsr demo",
+        )
         st["mlflow"] = {"parent_run_id": run.info.run_id, "experiment": EXPERIMENT}
         self._save_state(st)
         return run.info.run_id
@@ -135,8 +143,14 @@ class Demo:
     def child_run(self, kind: str, *details, tags: dict | None = None) -> str:
         from infra.core.tracking import run_name, start_run
 
-        return start_run(self.tracking_uri, run_name(kind, *details), experiment=EXPERIMENT,
-                         parent_run_id=self.parent_run_id(), tags=tags, source=f"varsr demo {kind}").info.run_id
+        return start_run(
+            self.tracking_uri,
+            run_name(kind, *details),
+            experiment=EXPERIMENT,
+            parent_run_id=self.parent_run_id(),
+            tags=tags,
+            source=f"varsr demo {kind}",
+        ).info.run_id
 
     def env(self) -> dict:
         from infra.core.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV
@@ -145,8 +159,12 @@ class Demo:
         env.update({PARENT_RUN_ENV: self.parent_run_id(), EXPERIMENT_ENV: EXPERIMENT})  # every varsr run nests here
         env.update(
             MLFLOW_TRACKING_URI=self.tracking_uri,
-            RAY_USAGE_STATS_ENABLED="0", NO_ALBUMENTATIONS_UPDATE="1", MLFLOW_DISABLE_TELEMETRY="true",
-            DO_NOT_TRACK="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+            RAY_USAGE_STATS_ENABLED="0",
+            NO_ALBUMENTATIONS_UPDATE="1",
+            MLFLOW_DISABLE_TELEMETRY="true",
+            DO_NOT_TRACK="true",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
         )
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
@@ -160,8 +178,15 @@ class Demo:
         logf = self.w / "logs" / f"{step}.log"
         self.log(f"    $ {' '.join(cmd)}")
         with open(logf, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=self.w, env=self.env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli", *args],
+                cwd=self.w,
+                env=self.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 fh.write(line)
@@ -179,8 +204,9 @@ class Demo:
         self.commands["corpus"] = ["varsr", "demo", "corpus", "--workdir", str(self.w)]
         hr, lr = write_holdout(self.w / "holdout", self.cfg.holdout_lr_side)
         bad = sorted(k for k, v in files.items() if not v["expect"].startswith("ok"))
-        return dict(corpus=str(self.w / "corpus"), files=len(files), bad_files=bad, holdout_hr=str(hr),
-                    holdout_lr=str(lr))
+        return dict(
+            corpus=str(self.w / "corpus"), files=len(files), bad_files=bad, holdout_hr=str(hr), holdout_lr=str(lr)
+        )
 
     def preset(self) -> str:
         """The model preset the demo trains: the shipped base's (its config.json), or the from-scratch configs'."""
@@ -208,9 +234,21 @@ class Demo:
     def step_data(self) -> dict:
         crop = self.tile_size()  # shards of the model's tile size
         side = self.photo_short_side()
-        self.varsr("data", "data", "build", "--input", "corpus", "--output", "shards",
-                   "--config", str(DEMO_CONFIGS / "data.yaml"), "--set", f"shard.crop_size={crop}",
-                   "--set", f"shard.resize_short_factor={side / crop:g}")
+        self.varsr(
+            "data",
+            "data",
+            "build",
+            "--input",
+            "corpus",
+            "--output",
+            "shards",
+            "--config",
+            str(DEMO_CONFIGS / "data.yaml"),
+            "--set",
+            f"shard.crop_size={crop}",
+            "--set",
+            f"shard.resize_short_factor={side / crop:g}",
+        )
         from mlflow.tracking import MlflowClient
 
         from data_pipeline.shards import read_manifest
@@ -220,9 +258,16 @@ class Demo:
         client = MlflowClient(tracking_uri=self.tracking_uri)  # the data behind every stage, on the parent run
         for k in ("inputs", "kept", "rejected", "failed", "samples"):
             client.log_metric(self.parent_run_id(), f"data/{k}", float(getattr(c, k)))
-        return dict(shards=str(self.w / "shards"), inputs=c.inputs, kept=c.kept, rejected=c.rejected_by_reason,
-                    failed=c.failed_by_reason, samples=c.samples, shard_files=len(manifest.shards),
-                    photo_short_side=side)
+        return dict(
+            shards=str(self.w / "shards"),
+            inputs=c.inputs,
+            kept=c.kept,
+            rejected=c.rejected_by_reason,
+            failed=c.failed_by_reason,
+            samples=c.samples,
+            shard_files=len(manifest.shards),
+            photo_short_side=side,
+        )
 
     def _check_base(self) -> Path:
         from infra.demo.base import check_base
@@ -234,9 +279,19 @@ class Demo:
             base = self._check_base()
             self.commands["vqvae"] = []
             return dict(checkpoint=str(base), from_base=True, note="tokenizer of the shipped base")
-        self.varsr("vqvae", "train", "vqvae", "--config", str(DEMO_CONFIGS / "vqvae.yaml"),
-                   "--set", f"max_steps={self.cfg.vqvae_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
-                   "--resume", "auto")
+        self.varsr(
+            "vqvae",
+            "train",
+            "vqvae",
+            "--config",
+            str(DEMO_CONFIGS / "vqvae.yaml"),
+            "--set",
+            f"max_steps={self.cfg.vqvae_steps}",
+            "--set",
+            f"data.batch_size={self.cfg.batch_size}",
+            "--resume",
+            "auto",
+        )
         return dict(checkpoint=str(self.w / "runs" / "vqvae" / "final"))
 
     def step_stage1(self) -> dict:
@@ -244,9 +299,21 @@ class Demo:
             base = self._check_base()
             self.commands["stage1"] = []
             return dict(checkpoint=str(base), from_base=True, note="stage 1 + 2 pretrained in the shipped base")
-        self.varsr("stage1", "train", "c2i", "--config", str(DEMO_CONFIGS / "stage1.yaml"),
-                   "--set", f"max_steps={self.cfg.stage1_steps}", "--set", f"data.batch_size={self.cfg.batch_size}",
-                   "--set", f"seed={self.cfg.seed}", "--resume", "auto")
+        self.varsr(
+            "stage1",
+            "train",
+            "c2i",
+            "--config",
+            str(DEMO_CONFIGS / "stage1.yaml"),
+            "--set",
+            f"max_steps={self.cfg.stage1_steps}",
+            "--set",
+            f"data.batch_size={self.cfg.batch_size}",
+            "--set",
+            f"seed={self.cfg.seed}",
+            "--resume",
+            "auto",
+        )
         return dict(checkpoint=str(self.w / "runs" / "stage1" / "final"))
 
     def step_stage2(self) -> dict:
@@ -257,16 +324,36 @@ class Demo:
         else:
             init = [f"model.init_from={self._check_base()}"]
             lr = c.stage2_lr or 2e-4
-        sets = [*init, f"model.preset={self.preset()}", f"max_steps={c.stage2_steps}", f"optim.lr={lr}",
-                f"data.batch_size={c.batch_size}", f"seed={c.seed}", f"register.name={c.register_name}",
-                f"register.alias={c.alias}",
-                # the registered version carries the demo's sampling settings as its own defaults (sampling.json):
-                # `varsr upscale` and the endpoint use them when a call gives no params
-                f"register.sampling.cfg={c.cfg}", f"register.sampling.color_fix={c.color_fix}"]
-        self.varsr("stage2", "train", "isr", "--config", str(DEMO_CONFIGS / "stage2.yaml"),
-                   *[a for kv in sets for a in ("--set", kv)], "--resume", "auto")
-        return dict(checkpoint=str(self.w / "runs" / "stage2" / "final"), model_uri=self.model_uri,
-                    init=init[0].split("=", 1)[1], lr=lr)
+        sets = [
+            *init,
+            f"model.preset={self.preset()}",
+            f"max_steps={c.stage2_steps}",
+            f"optim.lr={lr}",
+            f"data.batch_size={c.batch_size}",
+            f"seed={c.seed}",
+            f"register.name={c.register_name}",
+            f"register.alias={c.alias}",
+            # the registered version carries the demo's sampling settings as its own defaults (sampling.json):
+            # `varsr upscale` and the endpoint use them when a call gives no params
+            f"register.sampling.cfg={c.cfg}",
+            f"register.sampling.color_fix={c.color_fix}",
+        ]
+        self.varsr(
+            "stage2",
+            "train",
+            "isr",
+            "--config",
+            str(DEMO_CONFIGS / "stage2.yaml"),
+            *[a for kv in sets for a in ("--set", kv)],
+            "--resume",
+            "auto",
+        )
+        return dict(
+            checkpoint=str(self.w / "runs" / "stage2" / "final"),
+            model_uri=self.model_uri,
+            init=init[0].split("=", 1)[1],
+            lr=lr,
+        )
 
     def step_serve(self) -> dict:
         """Serve the registered model on loopback and send one real HTTP request with the held-out LR."""
@@ -279,23 +366,34 @@ class Demo:
         self.commands["serve"] = ["varsr", "serve", self.model_uri, "--port", str(port), "--host", "127.0.0.1"]
         self.log(f"    $ {' '.join(self.commands['serve'])}   (background)")
         try:
-            server = background_server(self.model_uri, port, cwd=self.w, env=self.env(),
-                                       log_path=self.w / "logs" / "serve.log", tmp_dir=self.w / "tmp-serve")
+            server = background_server(
+                self.model_uri,
+                port,
+                cwd=self.w,
+                env=self.env(),
+                log_path=self.w / "logs" / "serve.log",
+                tmp_dir=self.w / "tmp-serve",
+            )
             with server as url:
                 lr_path = Path(self.state()["corpus"]["info"]["holdout_lr"])
-                payload = {"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(lr_path.read_bytes()).decode()]]},
-                           "params": {"scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg,
-                                          "color_fix": self.cfg.color_fix}}
+                payload: dict[str, Any] = {
+                    "dataframe_split": {
+                        "columns": ["image"],
+                        "data": [[base64.b64encode(lr_path.read_bytes()).decode()]],
+                    },
+                    "params": {"scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg, "color_fix": self.cfg.color_fix},
+                }
                 t = time.monotonic()
                 r = requests.post(f"{url}/invocations", json=payload, timeout=600)
                 latency = time.monotonic() - t
                 if r.status_code != 200:
                     raise UserError(f"the served model answered HTTP {r.status_code}: {r.text[:300]}")
                 # and a bad request is refused with a reason, not a stack trace
-                bad = requests.post(f"{url}/invocations",
-                                    json={"dataframe_split": {"columns": ["image"], "data": [["not base64!"]]}},
-                                    timeout=60)
+                bad = requests.post(
+                    f"{url}/invocations",
+                    json={"dataframe_split": {"columns": ["image"], "data": [["not base64!"]]}},
+                    timeout=60,
+                )
         except RuntimeError as e:
             raise UserError(f"serving step failed: {e}") from None
         pred = r.json()["predictions"][0]
@@ -307,14 +405,33 @@ class Demo:
         expect = (lr.width * 4, lr.height * 4)
         if img.size != expect:
             raise UserError(f"HTTP answer has size {img.size}, expected {expect}")
-        self._log_child("serve", [self.model_uri], tags={"varsr.model_uri": self.model_uri},
-                        params={"endpoint": "/invocations", "scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg,
-                                "color_fix": self.cfg.color_fix},
-                        metrics={"http/status": r.status_code, "http/latency_s": latency,
-                                 "http/bad_request_status": bad.status_code},
-                        artifacts={"serve": [out]})
-        return dict(url=url, status=r.status_code, latency_s=round(latency, 2), response_image=str(out),
-                    size=list(img.size), bad_request_status=bad.status_code, bad_request_message=_message(bad)[:200])
+        self._log_child(
+            "serve",
+            [self.model_uri],
+            tags={"varsr.model_uri": self.model_uri},
+            params={
+                "endpoint": "/invocations",
+                "scale": 4,
+                "seed": self.cfg.seed,
+                "cfg": self.cfg.cfg,
+                "color_fix": self.cfg.color_fix,
+            },
+            metrics={
+                "http/status": r.status_code,
+                "http/latency_s": latency,
+                "http/bad_request_status": bad.status_code,
+            },
+            artifacts={"serve": [out]},
+        )
+        return dict(
+            url=url,
+            status=r.status_code,
+            latency_s=round(latency, 2),
+            response_image=str(out),
+            size=list(img.size),
+            bad_request_status=bad.status_code,
+            bad_request_message=_message(bad)[:200],
+        )
 
     def step_upscale(self) -> dict:
         """Upscale the held-out photo through the CLI; write bicubic + side-by-side comparison; figures vs HR."""
@@ -323,42 +440,99 @@ class Demo:
         info = self.state()["corpus"]["info"]
         lr_path, hr_path = Path(info["holdout_lr"]), Path(info["holdout_hr"])
         out_dir = self.w / "outputs"
-        self.varsr("upscale", "upscale", str(lr_path), "-o", str(out_dir / "varsr"), "--model-uri", self.model_uri,
-                   "--scale", "4", "--seed", str(self.cfg.seed), "--cfg", str(self.cfg.cfg),
-                   "--color-fix", self.cfg.color_fix)
+        self.varsr(
+            "upscale",
+            "upscale",
+            str(lr_path),
+            "-o",
+            str(out_dir / "varsr"),
+            "--model-uri",
+            self.model_uri,
+            "--scale",
+            "4",
+            "--seed",
+            str(self.cfg.seed),
+            "--cfg",
+            str(self.cfg.cfg),
+            "--color-fix",
+            self.cfg.color_fix,
+        )
         sr_path = next((out_dir / "varsr").glob(lr_path.stem + "*"))
         lr, hr, sr = (Image.open(p).convert("RGB") for p in (lr_path, hr_path, sr_path))
         bic = lr.resize(hr.size, Image.Resampling.BICUBIC)
         bic_path = out_dir / "bicubic.png"
         bic.save(bic_path)
         cmp_path = out_dir / "comparison.png"
-        side_by_side([lr.resize(hr.size, Image.Resampling.NEAREST), bic, sr.resize(hr.size), hr],
-                     ["LR (nearest)", "bicubic", "VARSR", "HR"]).save(cmp_path)
+        side_by_side(
+            [lr.resize(hr.size, Image.Resampling.NEAREST), bic, sr.resize(hr.size), hr],
+            ["LR (nearest)", "bicubic", "VARSR", "HR"],
+        ).save(cmp_path)
         metrics = upscale_figures(sr.resize(hr.size), bic, hr)
         sr_named = out_dir / f"{hr_path.stem.replace('_hr', '')}_sr.png"  # the SR output, named for what it is
         shutil.copyfile(sr_path, sr_named)
-        self._log_child("upscale", [self.model_uri, hr_path.stem.replace("_hr", "")],
-                        tags={"varsr.model_uri": self.model_uri},
-                        params={"scale": 4, "seed": self.cfg.seed, "cfg": self.cfg.cfg,
-                                "color_fix": self.cfg.color_fix, "lr_size": f"{lr.width}x{lr.height}",
-                                "hr_size": f"{hr.width}x{hr.height}"},
-                        metrics=metrics, artifacts={"upscale": [cmp_path, bic_path, sr_named]},
-                        data=(lr_path, "evaluation"))
+        self._log_child(
+            "upscale",
+            [self.model_uri, hr_path.stem.replace("_hr", "")],
+            tags={"varsr.model_uri": self.model_uri},
+            params={
+                "scale": 4,
+                "seed": self.cfg.seed,
+                "cfg": self.cfg.cfg,
+                "color_fix": self.cfg.color_fix,
+                "lr_size": f"{lr.width}x{lr.height}",
+                "hr_size": f"{hr.width}x{hr.height}",
+            },
+            metrics=metrics,
+            artifacts={"upscale": [cmp_path, bic_path, sr_named]},
+            data=(lr_path, "evaluation"),
+        )
         self.log(format_figures(metrics))
         # the small real set, scored by the one evaluation command (docs/EVALUATION.md): the same table as the README's
         suite_dir = out_dir / "eval-bundled"
-        self.varsr("eval", "eval", "--suite", "bundled", "--model-uri", self.model_uri, "--baseline", "bicubic",
-                   "-o", str(suite_dir), "--seed", str(self.cfg.seed), "--cfg", str(self.cfg.cfg),
-                   "--color-fix", self.cfg.color_fix)
+        self.varsr(
+            "eval",
+            "eval",
+            "--suite",
+            "bundled",
+            "--model-uri",
+            self.model_uri,
+            "--baseline",
+            "bicubic",
+            "-o",
+            str(suite_dir),
+            "--seed",
+            str(self.cfg.seed),
+            "--cfg",
+            str(self.cfg.cfg),
+            "--color-fix",
+            self.cfg.color_fix,
+        )
         table = (suite_dir / "table.md").read_text()
-        self.log("    the small real set (varsr eval --suite bundled):\n" + "\n".join("    " + ln
-                                                                                  for ln in table.splitlines()))
-        return dict(sr=str(sr_path), bicubic=str(bic_path), comparison=str(cmp_path), cfg=self.cfg.cfg,
-                    color_fix=self.cfg.color_fix, suite_table=str(suite_dir / "table.md"),
-                    **{k: round(float(v), 3) for k, v in metrics.items()})
+        self.log(
+            "    the small real set (varsr eval --suite bundled):\n"
+            + "\n".join("    " + ln for ln in table.splitlines())
+        )
+        return dict(
+            sr=str(sr_path),
+            bicubic=str(bic_path),
+            comparison=str(cmp_path),
+            cfg=self.cfg.cfg,
+            color_fix=self.cfg.color_fix,
+            suite_table=str(suite_dir / "table.md"),
+            **{k: round(float(v), 3) for k, v in metrics.items()},
+        )
 
-    def _log_child(self, kind: str, details: list, *, tags: dict, params: dict, metrics: dict,
-                   artifacts: dict[str, list[Path]], data: tuple[Path, str] | None = None) -> str:
+    def _log_child(
+        self,
+        kind: str,
+        details: list,
+        *,
+        tags: dict,
+        params: dict,
+        metrics: dict,
+        artifacts: dict[str, list[Path]],
+        data: tuple[Path, str] | None = None,
+    ) -> str:
         """A finished child run of the demo's parent: params, metrics, artifacts and (optionally) its input image."""
         import hashlib
 
@@ -370,8 +544,11 @@ class Demo:
         rid = self.child_run(kind, *details, tags=tags)
         client = MlflowClient(tracking_uri=self.tracking_uri)
         ts = int(time.time() * 1000)
-        client.log_batch(rid, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-                         params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
         for folder, files in artifacts.items():
             for f in files:
                 client.log_artifact(rid, str(f), artifact_path=folder)
@@ -405,8 +582,12 @@ class Demo:
                 t = time.monotonic()
                 info = getattr(self, f"step_{name}")()
                 st = self.state()
-                st[name] = dict(done=True, seconds=round(time.monotonic() - t, 1), info=info,
-                                command=" ".join(self.commands.get(name, [])))
+                st[name] = dict(
+                    done=True,
+                    seconds=round(time.monotonic() - t, 1),
+                    info=info,
+                    command=" ".join(self.commands.get(name, [])),
+                )
                 self._save_state(st)
                 self.log(f"[{i}/{len(todo)}] {name}: ok in {st[name]['seconds']} s")
         except BaseException:
@@ -420,10 +601,14 @@ class Demo:
         return summary
 
     def summary(self, st: dict) -> dict:
-        return dict(workdir=str(self.w), tracking_uri=self.tracking_uri, model_uri=self.model_uri,
-                    mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
-                    total_seconds=round(sum(st[k].get("seconds", 0) for k in self.steps if k in st), 1),
-                    steps={k: st[k] for k in self.steps if k in st})
+        return dict(
+            workdir=str(self.w),
+            tracking_uri=self.tracking_uri,
+            model_uri=self.model_uri,
+            mlflow_ui=f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
+            total_seconds=round(sum(st[k].get("seconds", 0) for k in self.steps if k in st), 1),
+            steps={k: st[k] for k in self.steps if k in st},
+        )
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -455,8 +640,9 @@ def upscale_figures(sr, bic, hr) -> dict[str, float]:
     out["hf_energy_hr"] = hf_energy(hr)
     # the demo's quality bar (issue: within 3 dB PSNR-Y of bicubic, and high-frequency energy closer to the HR's)
     out["psnr_y_gap_to_bicubic_db"] = out["psnr_y_varsr"] - out["psnr_y_bicubic"]
-    out["quality_bar_met"] = float(out["psnr_y_gap_to_bicubic_db"] >= -3.0
-                                   and abs(out["hf_gap_db_varsr"]) < abs(out["hf_gap_db_bicubic"]))
+    out["quality_bar_met"] = float(
+        out["psnr_y_gap_to_bicubic_db"] >= -3.0 and abs(out["hf_gap_db_varsr"]) < abs(out["hf_gap_db_bicubic"])
+    )
     return out
 
 
@@ -464,15 +650,24 @@ def format_figures(m: dict) -> str:
     """The held-out figures as a small table (VARSR beside bicubic)."""
     rows = [("", "PSNR-Y dB", "SSIM-Y", "HF energy", "HF gap dB")]
     for name in ("varsr", "bicubic"):
-        rows.append((name, f"{m[f'psnr_y_{name}']:.2f}", f"{m[f'ssim_y_{name}']:.3f}",
-                     f"{m[f'hf_energy_{name}']:.1f}", f"{m[f'hf_gap_db_{name}']:.2f}"))
+        rows.append(
+            (
+                name,
+                f"{m[f'psnr_y_{name}']:.2f}",
+                f"{m[f'ssim_y_{name}']:.3f}",
+                f"{m[f'hf_energy_{name}']:.1f}",
+                f"{m[f'hf_gap_db_{name}']:.2f}",
+            )
+        )
     rows.append(("HR", "", "", f"{m['hf_energy_hr']:.1f}", "0"))
     table = "\n".join("    " + "  ".join(f"{c:>10}" for c in r) for r in rows)
     if "quality_bar_met" not in m:
         return table
     verdict = "met" if m["quality_bar_met"] else "NOT met"
-    return (table + f"\n    quality bar (PSNR-Y within 3 dB of bicubic, HF energy closer to the HR's): {verdict} "
-            f"(PSNR-Y {m['psnr_y_gap_to_bicubic_db']:+.2f} dB vs bicubic)")
+    return (
+        table + f"\n    quality bar (PSNR-Y within 3 dB of bicubic, HF energy closer to the HR's): {verdict} "
+        f"(PSNR-Y {m['psnr_y_gap_to_bicubic_db']:+.2f} dB vs bicubic)"
+    )
 
 
 def side_by_side(images, titles):
@@ -516,32 +711,47 @@ def format_summary(s: dict) -> str:
     for k, v in st.items():
         info = v.get("info", {})
         res = {
-            "corpus": lambda info: f"{info.get('files')} files ({len(info.get('bad_files', []))} bad), "
-                                   f"holdout {info.get('holdout_lr')}",
-            "data": lambda info: f"{info.get('inputs')} inputs -> {info.get('kept')} kept, "
-                                 f"rejected {info.get('rejected')}, "
-                            f"failed {info.get('failed')}; {info.get('samples')} samples in {info.get('shard_files')} "
-                            f"shards at {info.get('shards')}",
-            "vqvae": lambda info: ("from the shipped base " if info.get("from_base") else "")
-                                  + str(info.get("checkpoint")),
-            "stage1": lambda info: ("from the shipped base " if info.get("from_base") else "")
-                                   + str(info.get("checkpoint")),
+            "corpus": lambda info: (
+                f"{info.get('files')} files ({len(info.get('bad_files', []))} bad), holdout {info.get('holdout_lr')}"
+            ),
+            "data": lambda info: (
+                f"{info.get('inputs')} inputs -> {info.get('kept')} kept, "
+                f"rejected {info.get('rejected')}, "
+                f"failed {info.get('failed')}; {info.get('samples')} samples in {info.get('shard_files')} "
+                f"shards at {info.get('shards')}"
+            ),
+            "vqvae": lambda info: (
+                ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint"))
+            ),
+            "stage1": lambda info: (
+                ("from the shipped base " if info.get("from_base") else "") + str(info.get("checkpoint"))
+            ),
             "stage2": lambda info: f"{info.get('checkpoint')} -> {info.get('model_uri')}",
-            "serve": lambda info: f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
-                             f"bad request -> {info.get('bad_request_status')}",
-            "upscale": lambda info: f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
-                               f"bicubic {info.get('psnr_y_bicubic')} dB; HF energy VARSR "
-                               f"{info.get('hf_energy_varsr')}, bicubic {info.get('hf_energy_bicubic')}, "
-                               f"HR {info.get('hf_energy_hr')})",
+            "serve": lambda info: (
+                f"HTTP {info.get('status')} {info.get('size')} in {info.get('latency_s')} s; "
+                f"bad request -> {info.get('bad_request_status')}"
+            ),
+            "upscale": lambda info: (
+                f"{info.get('comparison')} (PSNR-Y VARSR {info.get('psnr_y_varsr')} dB, "
+                f"bicubic {info.get('psnr_y_bicubic')} dB; HF energy VARSR "
+                f"{info.get('hf_energy_varsr')}, bicubic {info.get('hf_energy_bicubic')}, "
+                f"HR {info.get('hf_energy_hr')})"
+            ),
         }.get(k, lambda info: "")(info)
         rows.append((k, str(v.get("seconds", "")), str(res)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = ["", "VARSR demo summary", "=" * 18]
     lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
-    lines += ["", f"work folder : {s['workdir']}", f"MLflow      : {s['tracking_uri']}",
-              f"model       : {s['model_uri']}", f"MLflow UI   : {s['mlflow_ui']}",
-              f"total       : {s['total_seconds']} s", ""]
+    lines += [
+        "",
+        f"work folder : {s['workdir']}",
+        f"MLflow      : {s['tracking_uri']}",
+        f"model       : {s['model_uri']}",
+        f"MLflow UI   : {s['mlflow_ui']}",
+        f"total       : {s['total_seconds']} s",
+        "",
+    ]
     lines.append("Each step alone:")
     for v in st.values():
         if v.get("command"):
@@ -550,6 +760,7 @@ def format_summary(s: dict) -> str:
 
 
 def config_from_args(args) -> DemoConfig:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
-          if getattr(args, f.name, None) is not None}
+    kw = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if getattr(args, f.name, None) is not None
+    }
     return DemoConfig(**kw)

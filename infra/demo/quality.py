@@ -18,6 +18,7 @@ For a held-out photo (HR) and its x4 bicubic LR:
 * ``one_pass_stitched`` — every model window super-resolved alone and stitched without blending, against which the
   pipeline's overlapping, latent-blended tiling is compared on the same image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def _tiles(img: Image.Image, S: int) -> tuple[torch.Tensor, Image.Image]:
         raise ValueError(f"HR {img.size} is smaller than one model tile ({S} px)")
     ref = img.crop((0, 0, W, H))
     x = _to_tensor(ref)
-    return torch.stack([x[:, j:j + S, i:i + S] for j in range(0, H, S) for i in range(0, W, S)]), ref
+    return torch.stack([x[:, j : j + S, i : i + S] for j in range(0, H, S) for i in range(0, W, S)]), ref
 
 
 def _untile(tiles: torch.Tensor, ref: Image.Image) -> Image.Image:
@@ -84,7 +85,7 @@ def _untile(tiles: torch.Tensor, ref: Image.Image) -> Image.Image:
     k = 0
     for j in range(0, ref.height, S):
         for i in range(0, ref.width, S):
-            canvas[:, j:j + S, i:i + S] = tiles[k]
+            canvas[:, j : j + S, i : i + S] = tiles[k]
             k += 1
     return _to_pil(canvas)
 
@@ -119,8 +120,9 @@ def tokenizer_ceiling(vqvae, image_size: int, hr: Image.Image, lr: Image.Image |
 
 
 @torch.no_grad()
-def token_accuracy(varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: float = 1.0,
-                   seed: int = 0) -> dict[str, list[float]]:
+def token_accuracy(
+    varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: float = 1.0, seed: int = 0
+) -> dict[str, list[float]]:
     """Per scale, the share of codes equal to the HR's codes, over the whole tiles of ``pairs``:
 
     - ``teacher_forced``: argmax of the training forward (HR codes as the previous scales' inputs, the bicubic LR as
@@ -137,8 +139,9 @@ def token_accuracy(varsr, vqvae, image_size: int, pairs: list[HeldOut], cfg: flo
     labels = torch.zeros(hr.shape[0], dtype=torch.long)
     logits, _ = varsr(vqvae.idxBl_to_var_input(gt), labels, up * 2 - 1, R)
     tf = [logits[:, s].argmax(-1) for s in varsr.scale_slices()]
-    _, info = varsr.generate(up, label=0, cfg=cfg, generator=image_generators(seed, hr.shape[0]),
-                             return_fhat=True, return_info=True)
+    _, info = varsr.generate(
+        up, label=0, cfg=cfg, generator=image_generators(seed, hr.shape[0]), return_fhat=True, return_info=True
+    )
 
     def agree(codes):
         return [round(float((c == g).float().mean()), 4) for c, g in zip(codes, gt)]
@@ -158,8 +161,15 @@ def sr_figures(sr: Image.Image, hr: Image.Image, extra: tuple[str, ...] = ()) ->
     return {**m, "hf_energy": hf_energy(sr), "hf_gap_db": hf_gap_db(sr, hr)}
 
 
-def bundled_table(ckpt: str | Path, out_dir: str | Path, cfg: float | None = None, color_fix: str | None = None,
-                  seed: int = 0, tracking_uri: str | None = None, log_to_mlflow: bool = False):
+def bundled_table(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    cfg: float | None = None,
+    color_fix: str | None = None,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    log_to_mlflow: bool = False,
+):
     """The model against bicubic on the small real set, by ``varsr eval --suite bundled`` (inference/eval_suite.py):
     the held-out table of the model card and the README. Returns the suite's result (``.table``, and
     ``out_dir/table.md``)."""
@@ -167,8 +177,13 @@ def bundled_table(ckpt: str | Path, out_dir: str | Path, cfg: float | None = Non
 
     kw = {k: v for k, v in {"cfg": cfg, "color_fix": color_fix}.items() if v is not None}
     methods = [Method(Path(str(ckpt)).name, str(ckpt), upscale_kwargs=kw), Method("bicubic")]
-    return run_suite(load_suite("bundled", [f"seed={seed}"]), methods, out_dir, log_to_mlflow=log_to_mlflow,
-                     tracking_uri=tracking_uri)
+    return run_suite(
+        load_suite("bundled", [f"seed={seed}"]),
+        methods,
+        out_dir,
+        log_to_mlflow=log_to_mlflow,
+        tracking_uri=tracking_uri,
+    )
 
 
 def bicubic(p: HeldOut) -> Image.Image:
@@ -191,8 +206,9 @@ def mean_figures(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float,
-                        color_fix: str = "adain") -> dict:
+def evaluate_checkpoint(
+    ckpt: Path, files: list[str], n: int, hr_side: int, cfg: float, color_fix: str = "adain"
+) -> dict:
     """Tokenizer ceiling and SR vs bicubic on ``n`` held-out photos (square ``hr_side`` crops), seed 0, with the given
     colour fix against the bicubic LR (adain: the release's; inference/colorfix.py)."""
     from inference.pipeline import VARSRPipeline
@@ -209,5 +225,8 @@ def evaluate_checkpoint(ckpt: Path, files: list[str], n: int, hr_side: int, cfg:
         r.update({f"varsr_{k}": v for k, v in sr_figures(sr, p.hr).items()})
         rows.append(r)
     mean = mean_figures([{k: v for k, v in r.items() if k != "image"} for r in rows])
-    return {"images": rows, "mean": mean, "config": {"hr_side": hr_side, "cfg": cfg, "color_fix": color_fix, "seed": 0,
-                                                      "n": len(rows)}}
+    return {
+        "images": rows,
+        "mean": mean,
+        "config": {"hr_side": hr_side, "cfg": cfg, "color_fix": color_fix, "seed": 0, "n": len(rows)},
+    }

@@ -1,6 +1,7 @@
 """The base-model recipe's typed config (configs/demo/pretrain.yaml): read by `varsr demo pretrain` (pretrain.py)
 and by `varsr demo`, which finetunes on photos at the scale of the base's corpus (demo.py). It imports neither, so
 both can import it."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -21,6 +21,7 @@ Stand-alone on purpose (standard library, plus psycopg/boto3 when used): it runs
 MLflow, and imports nothing from the project's packages; it loads ``infra/core/redact.py`` (standard library only) by
 its path beside this file.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,9 +53,9 @@ class SetupError(Exception):
 
 @dataclass(frozen=True)
 class Backend:
-    uri: str               # what MLflow gets (contains the secret)
-    shown: str             # what may be printed (credentials masked)
-    secrets: tuple[str, ...] = ()   # strings that must never be printed (raw and encoded password)
+    uri: str  # what MLflow gets (contains the secret)
+    shown: str  # what may be printed (credentials masked)
+    secrets: tuple[str, ...] = ()  # strings that must never be printed (raw and encoded password)
 
 
 def mask_credentials(uri: str) -> str:
@@ -68,15 +69,17 @@ def _psycopg_scheme(uri: str) -> str:
     """postgresql:// and postgres:// would make SQLAlchemy look for psycopg2; the project ships psycopg 3."""
     for prefix in ("postgresql://", "postgres://"):
         if uri.startswith(prefix):
-            return "postgresql+psycopg://" + uri[len(prefix):]
+            return "postgresql+psycopg://" + uri[len(prefix) :]
     return uri
 
 
 def backend_from_env(env: dict[str, str], cwd: str) -> Backend:
     host, raw = env.get("MLFLOW_DB_HOST", ""), env.get("MLFLOW_BACKEND_STORE_URI", "")
     if host and raw:
-        raise SetupError("set either MLFLOW_DB_HOST (with MLFLOW_DB_USER/MLFLOW_DB_PASSWORD/MLFLOW_DB_NAME) or "
-                         "MLFLOW_BACKEND_STORE_URI, not both")
+        raise SetupError(
+            "set either MLFLOW_DB_HOST (with MLFLOW_DB_USER/MLFLOW_DB_PASSWORD/MLFLOW_DB_NAME) or "
+            "MLFLOW_BACKEND_STORE_URI, not both"
+        )
     if host:
         password = env.get("MLFLOW_DB_PASSWORD", "")
         if not password and env.get("MLFLOW_DB_PASSWORD_FILE"):
@@ -93,8 +96,11 @@ def backend_from_env(env: dict[str, str], cwd: str) -> Backend:
         netloc_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         tail = f"@{netloc_host}:{port}/{quote(name, safe='')}"
         uri = f"postgresql+psycopg://{quote(user, safe='')}:{quote(password, safe='')}{tail}"
-        return Backend(uri, f"postgresql+psycopg://{quote(user, safe='')}:***{tail}",
-                       (password, quote(password, safe=""), quote(password)))
+        return Backend(
+            uri,
+            f"postgresql+psycopg://{quote(user, safe='')}:***{tail}",
+            (password, quote(password, safe=""), quote(password)),
+        )
     if raw:
         uri = _psycopg_scheme(raw)
         creds = raw.partition("://")[2].rpartition("@")[0]
@@ -130,8 +136,9 @@ def check_backend(backend: Backend, wait_s: float) -> None:
             return
         except psycopg.Error as e:
             if time.monotonic() >= deadline:
-                raise SetupError(f"cannot connect to the backend store {backend.shown}: "
-                                 f"{scrub(str(e), backend.secrets)}") from None
+                raise SetupError(
+                    f"cannot connect to the backend store {backend.shown}: {scrub(str(e), backend.secrets)}"
+                ) from None
             time.sleep(1.0)
 
 
@@ -150,8 +157,9 @@ def ensure_bucket(destination: str, env: dict[str, str], wait_s: float) -> str:
     bucket = urlsplit(destination).netloc
     endpoint = s3_endpoint(env)
     where = f"s3://{bucket} at {endpoint or 'the AWS default endpoint'}"
-    client = boto3.client("s3", endpoint_url=endpoint,
-                          config=Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2}))
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, config=Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 2})
+    )
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -170,8 +178,9 @@ def ensure_bucket(destination: str, env: dict[str, str], wait_s: float) -> str:
                     return "created"
                 raise
         except NoCredentialsError:
-            raise SetupError(f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                             "(or a role)") from None
+            raise SetupError(
+                f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a role)"
+            ) from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "") or "error"
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -197,10 +206,21 @@ def allowed_hosts(env: dict[str, str]) -> str | None:
 
 
 def build_command(env: dict[str, str], destination: str) -> list[str]:
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--artifacts-destination", destination, "--serve-artifacts",
-           "--host", env.get("MLFLOW_HOST", "127.0.0.1"), "--port", env.get("MLFLOW_PORT", "5000"),
-           "--workers", env.get("MLFLOW_WORKERS", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--artifacts-destination",
+        destination,
+        "--serve-artifacts",
+        "--host",
+        env.get("MLFLOW_HOST", "127.0.0.1"),
+        "--port",
+        env.get("MLFLOW_PORT", "5000"),
+        "--workers",
+        env.get("MLFLOW_WORKERS", "2"),
+    ]
     hosts = allowed_hosts(env)
     if hosts:
         cmd += ["--allowed-hosts", hosts]
@@ -214,7 +234,7 @@ def main() -> int:
     # an empty endpoint variable (docker compose's `${AWS_ENDPOINT_URL:-}`) means "the AWS default", not "no URL"
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL"):
         if not os.environ.get(k, "x").strip():
-            del os.environ[k]           # boto3 reads the process environment
+            del os.environ[k]  # boto3 reads the process environment
     env = dict(os.environ)
     cwd = os.getcwd()
     wait_s = float(env.get("MLFLOW_STARTUP_WAIT_S", "30"))
@@ -226,18 +246,21 @@ def main() -> int:
         if destination.startswith("s3://"):
             bucket_state = f" (bucket {ensure_bucket(destination, env, wait_s)})"
             if s3_endpoint(env):
-                env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint(env)   # the variable MLflow's S3 store reads
+                env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint(env)  # the variable MLflow's S3 store reads
     except SetupError as e:
         print(f"error: mlflow server: {redact(str(e))}", file=sys.stderr, flush=True)
         return 2
     cmd = build_command(env, destination)
     hosts = allowed_hosts(env) or "MLflow defaults (localhost, private addresses)"
-    print(f"mlflow server: backend={backend.shown} artifacts={redact(destination)}{bucket_state} "
-          f"on {env.get('MLFLOW_HOST', '127.0.0.1')}:{env.get('MLFLOW_PORT', '5000')} allowed-hosts={hosts}",
-          file=sys.stderr, flush=True)
+    print(
+        f"mlflow server: backend={backend.shown} artifacts={redact(destination)}{bucket_state} "
+        f"on {env.get('MLFLOW_HOST', '127.0.0.1')}:{env.get('MLFLOW_PORT', '5000')} allowed-hosts={hosts}",
+        file=sys.stderr,
+        flush=True,
+    )
     for k in ("MLFLOW_DB_PASSWORD", "MLFLOW_DB_PASSWORD_FILE"):
-        env.pop(k, None)          # the server needs only the URI
-    env["MLFLOW_BACKEND_STORE_URI"] = backend.uri   # read by `mlflow server` (click envvar): never on the argv
+        env.pop(k, None)  # the server needs only the URI
+    env["MLFLOW_BACKEND_STORE_URI"] = backend.uri  # read by `mlflow server` (click envvar): never on the argv
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
 

@@ -7,6 +7,7 @@ negative branch built with label 0, and a refiner that ignores the negative bran
 
     .venv/bin/python infra/scripts/fault_check.py
 """
+
 from __future__ import annotations
 
 import json
@@ -21,22 +22,30 @@ TARGET = "model/varsr.py"
 FAULTS = {
     "level embedding of the wrong scale": ("self.lvl_embed.weight[si + 1]", "self.lvl_embed.weight[si]"),
     "pos_start dropped": ("x = sos + self.pos_start + self.lvl_embed.weight[0]", "x = sos + self.lvl_embed.weight[0]"),
-    "ISR guidance on the quadratic schedule": ("        return cfg * si / (K - 1)\n",
-                                               "        return cfg * (si / (K - 1)) ** 2\n"),
+    "ISR guidance on the quadratic schedule": (
+        "        return cfg * si / (K - 1)\n",
+        "        return cfg * (si / (K - 1)) ** 2\n",
+    ),
     "negative branch with label 0": (
         'neg = torch.full_like(labels, self.num_classes - 1 if self.cfg.variant == "isr" else self.num_classes)',
-        "neg = torch.zeros_like(labels)"),
+        "neg = torch.zeros_like(labels)",
+    ),
     "unguided refiner": ("self.diffloss.sample(z[b], z[B + b], cfg,", "self.diffloss.sample(z[b], None, cfg,"),
 }
 SKIP = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "varsr-demo", "outputs", "mlruns")
 
 
 def run_tests(tree: Path) -> tuple[int, list[str]]:
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/model/test_model_generate.py"], cwd=tree, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree)})
-    return r.returncode, [ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines()
-                          if ln.startswith("FAILED")]
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/model/test_model_generate.py"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree)},
+    )
+    return r.returncode, [
+        ln.split(" ", 1)[1].split(" - ")[0] for ln in r.stdout.splitlines() if ln.startswith("FAILED")
+    ]
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ Only the exact token ``${VARSR_IMAGE}`` is replaced (shell variables such as ``$
 commands are left for the nodes). Templates named ``*.example.yaml`` (secrets with placeholders) are not rendered:
 fill them in yourself. Standard library only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ IMAGE_ENV = ROOT / "infra/docker/image.env"
 TOKEN = "${VARSR_IMAGE}"
 TEMPLATES = {"kuberay": ROOT / "infra/kuberay", "ray": ROOT / "infra/ray", "k8s": ROOT / "infra/k8s"}
 # registry/name[:tag][@sha256:digest], lower-case path components as OCI references require
-IMAGE_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+"
-                      r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+IMAGE_RE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+)
 
 
 def image_from_env_file(path: Path = IMAGE_ENV) -> str:

@@ -9,6 +9,7 @@ through Playwright (``pip install playwright``; no browser download: it uses tha
 its logged and registered model, a validation sample grid in the artifact viewer, and the registered version. Prints
 one JSON object naming the files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--force-device-scale-factor=1"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
 
 
 def reduced_demo(workdir: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run([sys.executable, "-m", "infra.cli", "demo", "--workdir", str(workdir), "--stage2-steps", "4",
-                    "--batch-size", "2"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--stage2-steps",
+            "4",
+            "--batch-size",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def start_ui(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -46,9 +72,13 @@ def start_ui(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
     relocate_local_store(uri)
     port = free_port()
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    proc = subprocess.Popen([exe, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -155,9 +185,17 @@ def main() -> None:
         finally:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
-        print(json.dumps({"screenshots": files, "ui": f"mlflow ui on {store}",
-                          "browser": "chromium (headless, via Playwright)", "experiment": exp.experiment_id,
-                          "training_run": train_run.info.run_id}))
+        print(
+            json.dumps(
+                {
+                    "screenshots": files,
+                    "ui": f"mlflow ui on {store}",
+                    "browser": "chromium (headless, via Playwright)",
+                    "experiment": exp.experiment_id,
+                    "training_run": train_run.info.run_id,
+                }
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,6 +8,7 @@ backend and S3 artifacts (infra/mlflow/start_server.sh). The commands are docs/C
   -> registered @champion on the tracking server, from the stage-2 training run itself
   -> served from models:/ over HTTP, answering one request
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,11 +26,30 @@ from tests.cluster.conftest import run_varsr, varsr_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
-SMALL_DATA = ("--set", "shard.max_samples_per_shard=4", "--set", "select.cluster.k=4",
-              "--set", "score.weights_dir=/nonexistent-iqa-cache")
-SMALL_TRAIN = ("--set", "max_steps=4", "--set", "checkpoint_every=2", "--set", "data.workers=0",
-               "--set", "validation.num_images=2", "--set", "validation.batches=1", "--set", "ray.cpus_per_worker=1",
-               "--set", "model.overrides.num_classes=4")
+SMALL_DATA = (
+    "--set",
+    "shard.max_samples_per_shard=4",
+    "--set",
+    "select.cluster.k=4",
+    "--set",
+    "score.weights_dir=/nonexistent-iqa-cache",
+)
+SMALL_TRAIN = (
+    "--set",
+    "max_steps=4",
+    "--set",
+    "checkpoint_every=2",
+    "--set",
+    "data.workers=0",
+    "--set",
+    "validation.num_images=2",
+    "--set",
+    "validation.batches=1",
+    "--set",
+    "ray.cpus_per_worker=1",
+    "--set",
+    "model.overrides.num_classes=4",
+)
 
 
 def _upload_corpus(bucket: str, tmp_path) -> int:
@@ -43,7 +63,8 @@ def _upload_corpus(bucket: str, tmp_path) -> int:
 
 
 def test_data_train_register_serve_through_s3_a_ray_cluster_and_a_tracking_server(
-        ray_cluster, s3_server, mlflow_server, tmp_path):
+    ray_cluster, s3_server, mlflow_server, tmp_path
+):
     bucket = s3_server.create_bucket()
     env = varsr_env(s3_server, mlflow_server)
     values = dict(BUCKET=bucket, RAY=ray_cluster.address, MLFLOW=mlflow_server.uri)
@@ -66,7 +87,7 @@ def test_data_train_register_serve_through_s3_a_ray_cluster_and_a_tracking_serve
         summary = json.loads(storage.read_text(f"s3://{bucket}/runs/{stage}/summary.json"))
         assert summary["status"] == "FINISHED" and summary["world_size"] == 2 and summary["steps"] == 4
         a, b = summary["rank_param_checksums"]
-        assert abs(a - b) <= 1e-9 * max(1.0, abs(a))                 # both workers hold the same model
+        assert abs(a - b) <= 1e-9 * max(1.0, abs(a))  # both workers hold the same model
         assert storage.exists(f"s3://{bucket}/runs/{stage}/final/model.safetensors")
         assert storage.exists(f"s3://{bucket}/runs/{stage}/checkpoints/step_00000004/COMPLETE")
     isr_log = (tmp_path / "isr.log").read_text()
@@ -81,7 +102,7 @@ def test_data_train_register_serve_through_s3_a_ray_cluster_and_a_tracking_serve
     assert mv.run_id == stage2["mlflow_run_id"]
     assert mv.tags["varsr.data.manifest_sha256"] != "none"
     artifact_keys = s3_server.list_keys(mlflow_server.bucket)
-    assert any(k.endswith("model.safetensors") for k in artifact_keys)   # the model's files live in S3
+    assert any(k.endswith("model.safetensors") for k in artifact_keys)  # the model's files live in S3
 
     # served from models:/ through the tracking server, one real request
     from inference.serve import background_server
@@ -92,10 +113,18 @@ def test_data_train_register_serve_through_s3_a_ray_cluster_and_a_tracking_serve
     img = Image.fromarray(__import__("skimage.data", fromlist=["x"]).chelsea()).resize((20, 16))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
-               "params": {"scale": 4, "seed": 0}}
-    with background_server("models:/varsr@champion", port, tracking_uri=mlflow_server.uri, env=env,
-                           log_path=tmp_path / "serve.log", tmp_dir=tmp_path / "serve-tmp") as url:
+    payload = {
+        "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]},
+        "params": {"scale": 4, "seed": 0},
+    }
+    with background_server(
+        "models:/varsr@champion",
+        port,
+        tracking_uri=mlflow_server.uri,
+        env=env,
+        log_path=tmp_path / "serve.log",
+        tmp_dir=tmp_path / "serve-tmp",
+    ) as url:
         r = requests.post(f"{url}/invocations", json=payload, timeout=300)
     assert r.status_code == 200, r.text[:500]
     out = Image.open(io.BytesIO(base64.b64decode(r.json()["predictions"][0]["image"])))

@@ -5,6 +5,7 @@
 * a Ray Train worker killed (with its node) in the middle of ``varsr train`` is restarted by Ray Train's failure
   handling from the last complete checkpoint in s3://, and the run ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,42 @@ from tests.cluster.conftest import run_varsr, start_varsr, varsr_env, wait_for
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 # one image per shard, at 256 px with two LR variants: enough shard tasks, each long enough to be caught in flight
-MANY_SHARDS = ("--set", "shard.max_samples_per_shard=1", "--set", "shard.crop_size=256", "--set", "shard.lr_variants=2",
-               "--set", "select.cluster.k=4", "--set", "score.weights_dir=/nonexistent-iqa-cache")
-TRAIN = ("--set", "max_steps=24", "--set", "checkpoint_every=4", "--set", "data.workers=0", "--set",
-         "validation.num_images=1", "--set", "validation.batches=1", "--set", "ray.cpus_per_worker=1",
-         "--set", "model.overrides.num_classes=4", "--set", "tracking.enabled=false", "--set", "ray.max_failures=2",
-         "--set", "optim.warmup_epochs=0", "--set", "model.overrides.drop_path_rate=0.0")
+MANY_SHARDS = (
+    "--set",
+    "shard.max_samples_per_shard=1",
+    "--set",
+    "shard.crop_size=256",
+    "--set",
+    "shard.lr_variants=2",
+    "--set",
+    "select.cluster.k=4",
+    "--set",
+    "score.weights_dir=/nonexistent-iqa-cache",
+)
+TRAIN = (
+    "--set",
+    "max_steps=24",
+    "--set",
+    "checkpoint_every=4",
+    "--set",
+    "data.workers=0",
+    "--set",
+    "validation.num_images=1",
+    "--set",
+    "validation.batches=1",
+    "--set",
+    "ray.cpus_per_worker=1",
+    "--set",
+    "model.overrides.num_classes=4",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "ray.max_failures=2",
+    "--set",
+    "optim.warmup_epochs=0",
+    "--set",
+    "model.overrides.drop_path_rate=0.0",
+)
 
 
 def _upload_corpus(bucket: str, tmp_path) -> None:
@@ -38,9 +69,11 @@ def _upload_corpus(bucket: str, tmp_path) -> None:
 
 def _objects(s3_server, bucket: str, prefix: str) -> dict[str, bytes]:
     c = s3_server.client()
-    return {k[len(prefix):]: c.get_object(Bucket=bucket, Key=k)["Body"].read()
-            for k in s3_server.list_keys(bucket, prefix)
-            if k.endswith((".tar", ".stats.json", "manifest.json", "rejected.parquet"))}
+    return {
+        k[len(prefix) :]: c.get_object(Bucket=bucket, Key=k)["Body"].read()
+        for k in s3_server.list_keys(bucket, prefix)
+        if k.endswith((".tar", ".stats.json", "manifest.json", "rejected.parquet"))
+    }
 
 
 def test_a_worker_node_killed_mid_build_costs_only_its_in_flight_shards(ray_cluster, s3_server, tmp_path):
@@ -63,8 +96,8 @@ def test_a_worker_node_killed_mid_build_costs_only_its_in_flight_shards(ray_clus
         wait_for(lambda: published() >= 1, 600, "the first published shard", proc, log)
         assert published() < n_shards, "the build finished before a node could be killed"
         victim = ray_cluster.workers[0]
-        ray_cluster.kill_worker(victim)                 # its raylet and every task on it die now
-        ray_cluster.add_worker()                        # the cluster heals, as an autoscaler would
+        ray_cluster.kill_worker(victim)  # its raylet and every task on it die now
+        ray_cluster.add_worker()  # the cluster heals, as an autoscaler would
         assert proc.wait(timeout=900) == 0, log.read_text()[-5000:]
     finally:
         if proc.poll() is None:
@@ -87,9 +120,23 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_c
     _upload_corpus(bucket, tmp_path)
     env = varsr_env(s3_server)
     values = dict(BUCKET=bucket, RAY=ray_cluster.address, MLFLOW="unused")
-    run_varsr(commands.argv(commands.DATA_BUILD, ("--set", "shard.max_samples_per_shard=4", "--set",
-                                                  "select.cluster.k=4", "--set", "score.weights_dir=/none"),
-                            **values), env, tmp_path, tmp_path / "data.log")
+    run_varsr(
+        commands.argv(
+            commands.DATA_BUILD,
+            (
+                "--set",
+                "shard.max_samples_per_shard=4",
+                "--set",
+                "select.cluster.k=4",
+                "--set",
+                "score.weights_dir=/none",
+            ),
+            **values,
+        ),
+        env,
+        tmp_path,
+        tmp_path / "data.log",
+    )
 
     def train_args(run: str) -> list[str]:
         a = commands.argv(commands.TRAIN_C2I, TRAIN, **values)
@@ -102,12 +149,15 @@ def test_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_c
     proc = start_varsr(train_args("killed"), env, tmp_path, log)
     try:
         # the first complete checkpoint, once reported to Ray Train (the pointer its failure handling restores)
-        reported = lambda: any(k.endswith("varsr_checkpoint.json")  # noqa: E731
-                               for k in s3_server.list_keys(bucket, "runs/killed/ray_results/"))
+        def reported() -> bool:
+            return any(
+                k.endswith("varsr_checkpoint.json") for k in s3_server.list_keys(bucket, "runs/killed/ray_results/")
+            )
+
         wait_for(reported, 900, "the first checkpoint reported to Ray Train", proc, log)
         # the node running the rank-1 training worker: its scratch folder holds that rank's work folder
         victim = next(n for n, d in ray_cluster.scratch_of.items() if any(d.glob("varsr-run-*-rank1")))
-        ray_cluster.kill_worker(victim)                  # one of the two training workers dies with its node
+        ray_cluster.kill_worker(victim)  # one of the two training workers dies with its node
         ray_cluster.add_worker()
         assert proc.wait(timeout=1200) == 0, log.read_text()[-6000:]
     finally:

@@ -1,4 +1,5 @@
 """The Debian wallpaper corpus recipe on a small locally built .deb (dpkg-deb --build), no network."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.corpus_debian import (PackageSpec, check_training_packages, fetch_and_extract, select_members,
-                                         tile_images, wallpaper_key)
+from data_pipeline.corpus_debian import (
+    PackageSpec,
+    check_training_packages,
+    fetch_and_extract,
+    select_members,
+    tile_images,
+    wallpaper_key,
+)
 from infra.core.errors import UserError
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
@@ -55,11 +62,11 @@ def build_deb(tmp: Path, name: str = "test-wallpapers", version: str = "1.2-3") 
     (root / "DEBIAN").mkdir()
     (root / "DEBIAN/control").write_text(
         f"Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Test <t@example.org>\n"
-        "Description: test wallpapers\n")
+        "Description: test wallpapers\n"
+    )
     deb = tmp / "debs" / f"{name}_{version}_all.deb"
     deb.parent.mkdir()
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True, capture_output=True)
     return deb
 
 
@@ -79,10 +86,13 @@ def test_extracts_largest_of_each_wallpaper_with_version_and_licences(tmp_path):
 
 
 def test_select_members_groups_kde_resolutions_and_respects_excludes():
-    members = [("./usr/share/wallpapers/A/contents/images/640x480.jpg", 900_000),
-               ("./usr/share/wallpapers/A/contents/images/5120x2880.jpg", 100),
-               ("./usr/share/wallpapers/A/contents/screenshot.jpg", 5),
-               ("./usr/share/backgrounds/x/B.png", 10), ("./usr/share/backgrounds/x/C.png", 10)]
+    members = [
+        ("./usr/share/wallpapers/A/contents/images/640x480.jpg", 900_000),
+        ("./usr/share/wallpapers/A/contents/images/5120x2880.jpg", 100),
+        ("./usr/share/wallpapers/A/contents/screenshot.jpg", 5),
+        ("./usr/share/backgrounds/x/B.png", 10),
+        ("./usr/share/backgrounds/x/C.png", 10),
+    ]
     got = select_members(members, PackageSpec("p", include=["usr/share/*"], exclude=["*/C.png"]))
     assert got == ["usr/share/backgrounds/x/B.png", "usr/share/wallpapers/A/contents/images/5120x2880.jpg"]
     assert wallpaper_key("usr/share/wallpapers/A/contents/images_dark/1x1.png") == "usr/share/wallpapers/A:dark"

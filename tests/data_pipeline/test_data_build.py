@@ -1,11 +1,10 @@
 """End-to-end build on a real corpus with a real Ray runtime: accounting, contract, determinism, reader, CLI."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,12 +16,26 @@ import torch
 import data_pipeline as dp
 from data_pipeline.degrade import apply_degradation
 from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import (BatchStream, ShardStream, collate, decode_png, iter_tar, read_manifest,
-                                  resolve_shards)
+from data_pipeline.shards import BatchStream, ShardStream, collate, decode_png, iter_tar, read_manifest, resolve_shards
 from infra.core.errors import UserError
 
-CONTRACT_FIELDS = {"key", "source_uri", "sha256", "original_size", "label", "class_id", "scores", "crop",
-                   "hr_size", "lr_size", "scale", "variant", "degradation", "pipeline_version", "config_hash"}
+CONTRACT_FIELDS = {
+    "key",
+    "source_uri",
+    "sha256",
+    "original_size",
+    "label",
+    "class_id",
+    "scores",
+    "crop",
+    "hr_size",
+    "lr_size",
+    "scale",
+    "variant",
+    "degradation",
+    "pipeline_version",
+    "config_hash",
+}
 
 
 class MeanBrightness(torch.nn.Module):
@@ -33,8 +46,16 @@ class MeanBrightness(torch.nn.Module):
 
 
 def _config(weights_dir: Path):
-    return dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                 f"score.weights_dir={weights_dir}", "score.batch_size=4"])
+    return dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=64",
+            "shard.max_samples_per_shard=4",
+            "select.cluster.k=4",
+            f"score.weights_dir={weights_dir}",
+            "score.batch_size=4",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +97,7 @@ def test_counts_add_up_and_every_bad_file_has_its_reason(built):
     assert sum(c["labels"].values()) == c["samples"] and c["labels"].get("1", 0) >= 1
     assert 1 <= c["classes"] <= 4
     sel = pd.read_parquet(out / "selection.parquet")
-    assert len(sel) == c["kept"] and "iqa_musiq" in sel.columns                # plug-in with weights ran
+    assert len(sel) == c["kept"] and "iqa_musiq" in sel.columns  # plug-in with weights ran
     assert not any(col in sel.columns for col in ("iqa_clipiqa", "iqa_maniqa", "iqa_aesthetic"))  # skipped
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == len(info) and set(scores.status) == {"ok", "rejected", "failed"}
@@ -125,8 +146,9 @@ def test_reader_yields_every_sample_once_across_2_nodes_x_2_workers(built):
     all_keys = sorted(k for _, k, *_ in _samples(out))
     seen = []
     for rank in range(2):
-        loader = torch.utils.data.DataLoader(_stream(out, rank=rank, world=2), batch_size=2, num_workers=2,
-                                             collate_fn=collate)
+        loader = torch.utils.data.DataLoader(
+            _stream(out, rank=rank, world=2), batch_size=2, num_workers=2, collate_fn=collate
+        )
         for batch in loader:
             assert batch["hr"].shape[1:] == (3, 64, 64) and batch["lr"].shape == batch["hr"].shape
             assert batch["hr"].dtype == torch.float32 and 0 <= batch["lr"].min() and batch["lr"].max() <= 1
@@ -145,16 +167,17 @@ def test_reader_options_and_clear_errors(built, tmp_path):
         s = next(iter(_stream(out, lr_mode=mode, shuffle_buffer=0)))
         assert s["lr"].shape == (3, 64, 64) and s["lr_mode"] in (mode, "area", "bilinear", "bicubic")
     modes = {s["lr_mode"] for s in _stream(out, lr_mode="random", shuffle_buffer=0)}
-    assert modes == {"area", "bilinear", "bicubic"}                  # one interpolation drawn per sample
+    assert modes == {"area", "bilinear", "bicubic"}  # one interpolation drawn per sample
     with pytest.raises(UserError, match="cannot feed"):
         next(iter(_stream(out, world=len(shards.urls) + 1)))
     wrong_size = BatchStream(shards, size=32, want_lr=True, batch_size=2, workers=0, seed=0, rank=0, world=1)
-    with pytest.raises(UserError, match="no complete batch"):       # every sample is counted bad, none fit
+    with pytest.raises(UserError, match="no complete batch"):  # every sample is counted bad, none fit
         next(iter(wrong_size))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither manifest.json nor .tar"):
         resolve_shards(str(tmp_path / "empty"))
     import shutil
+
     shutil.copytree(out, tmp_path / "broken")
     os.unlink(tmp_path / "broken" / manifest.shards[0].name)
     with pytest.raises(UserError, match="missing shard"):
@@ -164,6 +187,7 @@ def test_reader_options_and_clear_errors(built, tmp_path):
 def test_reader_streams_from_an_fsspec_url(built):
     """The same reader over fsspec's in-memory file system: shards are streamed through the storage layer."""
     import fsspec
+
     out = built[0] / "out"
     fs = fsspec.filesystem("memory")
     for p in out.iterdir():
@@ -172,21 +196,25 @@ def test_reader_streams_from_an_fsspec_url(built):
     local = sorted(k for url in resolve_shards(str(out)).urls for k in (s["__key__"] for s in iter_tar(url)))
     remote = resolve_shards("memory://ds")
     assert remote.manifest_sha256 == resolve_shards(str(out)).manifest_sha256
-    assert sorted(s["key"] for s in ShardStream(remote.urls, size=64, want_lr=True, seed=0, epoch=0, rank=0,
-                                                   world=1)) == local
+    assert (
+        sorted(s["key"] for s in ShardStream(remote.urls, size=64, want_lr=True, seed=0, epoch=0, rank=0, world=1))
+        == local
+    )
 
 
 def test_source_changed_or_missing_at_shard_time_is_recorded(built, tmp_path):
     import shutil
+
     from data_pipeline.materialise import write_shard
+
     root, _, cfg, _ = built
     sel = pd.read_parquet(root / "out" / "selection.parquet").head(3).to_dict(orient="records")
     for i, row in enumerate(sel):
         copy = tmp_path / f"src{i}{Path(row['uri']).suffix}"
         shutil.copy(row["uri"], copy)
         row["uri"] = str(copy)
-    Path(sel[0]["uri"]).write_bytes(Path(sel[0]["uri"]).read_bytes() + b"x")   # content changed
-    Path(sel[1]["uri"]).unlink()                                                # gone
+    Path(sel[0]["uri"]).write_bytes(Path(sel[0]["uri"]).read_bytes() + b"x")  # content changed
+    Path(sel[1]["uri"]).unlink()  # gone
     r = write_shard(0, sel, cfg, str(tmp_path))
     reasons = {f["uri"]: f["reason"] for f in r["stats"]["failed"]}
     assert reasons == {sel[0]["uri"]: "source_changed", sel[1]["uri"]: "read_error"}
@@ -195,10 +223,11 @@ def test_source_changed_or_missing_at_shard_time_is_recorded(built, tmp_path):
 
 def test_reader_epochs_reshuffle_and_stream_pickles(built):
     import pickle
+
     out = built[0] / "out"
     keys = lambda e: [s["key"] for s in pickle.loads(pickle.dumps(_stream(out, epoch=e, shuffle_buffer=16)))]  # noqa: E731
     e0 = keys(0)
-    assert keys(0) == e0                                             # same epoch, same order (spawn-safe copy)
+    assert keys(0) == e0  # same epoch, same order (spawn-safe copy)
     e1 = keys(1)
     assert e1 != e0 and sorted(e1) == sorted(e0)
 

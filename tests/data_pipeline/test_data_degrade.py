@@ -1,4 +1,6 @@
-"""Real-ESRGAN degradation (docs/MODEL.md §5.7): kernels, parameter ranges, sizes, determinism, the varsr-mild preset."""
+"""Real-ESRGAN degradation (docs/MODEL.md §5.7): kernels, parameter ranges, sizes, determinism, the varsr-mild
+preset."""
+
 from __future__ import annotations
 
 import math
@@ -22,12 +24,11 @@ def hr128():
 
 def test_varsr_mild_preset_matches_spec_table():
     d = load_build_config("varsr-mild").degradation
-    assert d == BuildConfig().degradation          # the defaults are the paper's
+    assert d == BuildConfig().degradation  # the defaults are the paper's
     assert d.scale == 4
     for k, sig in ((d.kernel1, (0.2, 3.0)), (d.kernel2, (0.2, 1.5))):
         assert k.sizes == [7, 9, 11, 13, 15, 17, 19, 21]
-        assert k.kernel_list == ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
-                                 "plateau_aniso"]
+        assert k.kernel_list == ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
         assert k.kernel_prob == [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]
         assert k.sinc_prob == 0.1 and k.sigma_x == sig and k.sigma_y == sig
         assert k.rotation == pytest.approx((-PI, PI)) and k.betag_range == (0.5, 4.0) and k.betap_range == (1, 2)
@@ -54,8 +55,9 @@ def test_realesrgan_preset_is_stronger():
     assert strong.resize_backend == "torch" and strong.jpeg_backend == "libjpeg"
 
 
-@pytest.mark.parametrize("kind", ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
-                                  "plateau_aniso"])
+@pytest.mark.parametrize(
+    "kind", ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+)
 def test_mixed_kernels_sum_to_one_and_peak_at_centre(kind):
     for k in (7, 13, 21):
         ker = mixed_kernel(kind, k, 1.7, 0.6, 0.5, beta=1.5)
@@ -63,9 +65,9 @@ def test_mixed_kernels_sum_to_one_and_peak_at_centre(kind):
         assert ker[k // 2, k // 2] == ker.max()
         assert pad_to(ker).shape == (21, 21) and pad_to(ker).sum() == pytest.approx(1.0)
     iso = mixed_kernel("iso", 9, 1.2, 3.0, 1.0)
-    np.testing.assert_allclose(iso, iso.T)                       # iso ignores sigma_y and rotation
+    np.testing.assert_allclose(iso, iso.T)  # iso ignores sigma_y and rotation
     an = mixed_kernel("aniso", 15, 3.0, 0.5, 0.0)
-    assert an[7, :].sum() > an[:, 7].sum()                       # wide along x
+    assert an[7, :].sum() > an[:, 7].sum()  # wide along x
 
 
 def test_sinc_kernel_sums_to_one_and_low_passes():
@@ -106,8 +108,10 @@ def test_parameters_lie_in_configured_ranges():
         assert cfg.resize_range2[0] <= r2["scale"] <= cfg.resize_range2[1]
         assert r2["size"] == [int(128 * r2["scale"])] * 2 and p["resize3"]["size"] == [128, 128]
         seen_modes.update([r1["mode"], r2["mode"], p["resize3"]["mode"]])
-        for n, sr, pr in (("noise1", cfg.noise_range, cfg.poisson_scale_range),
-                          ("noise2", cfg.noise_range2, cfg.poisson_scale_range2)):
+        for n, sr, pr in (
+            ("noise1", cfg.noise_range, cfg.poisson_scale_range),
+            ("noise2", cfg.noise_range2, cfg.poisson_scale_range2),
+        ):
             nz = p[n]
             if nz["type"] == "gaussian":
                 assert sr[0] <= nz["sigma"] <= sr[1]
@@ -132,7 +136,7 @@ def test_degrade_sizes_values_and_determinism(hr128):
         assert params["seed"] == seed
         lr2, _ = degrade(hr128, cfg, seed)
         np.testing.assert_array_equal(lr, lr2)
-        np.testing.assert_array_equal(apply_degradation(hr128, params), lr)   # params reproduce the LR
+        np.testing.assert_array_equal(apply_degradation(hr128, params), lr)  # params reproduce the LR
         # the LR is a degraded version of the HR: close to its 4x area downscale on average
         ref = hr128.reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
         assert np.abs(lr.astype(float) - ref).mean() < 40
@@ -157,14 +161,21 @@ def test_full_sample_at_512(tmp_path):
     from PIL import Image
 
     from data_pipeline.materialise import materialise_image
-    from data_pipeline.shards import upsample_lr
-    from data_pipeline.shards import decode_png
+    from data_pipeline.shards import decode_png, upsample_lr
 
     p = tmp_path / "retina.jpg"
     Image.fromarray(skimage.data.retina()).save(p, quality=90)
     data = p.read_bytes()
-    row = {"uri": str(p), "sha256": hashlib.sha256(data).hexdigest(), "width": 1411, "height": 1411, "label": 0,
-           "class_id": 7, "scores_json": "{}", "meta": "{}"}
+    row = {
+        "uri": str(p),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": 1411,
+        "height": 1411,
+        "label": 0,
+        "class_id": 7,
+        "scores_json": "{}",
+        "meta": "{}",
+    }
     cfg = BuildConfig()
     [(key, members)] = materialise_image(row, cfg)
     hr, lr, meta = decode_png(members["hr.png"]), decode_png(members["lr.png"]), json.loads(members["json"])

@@ -1,6 +1,7 @@
 """On-the-fly degradation in the training reader (data_pipeline/degrade/online.py): HR-only shards from the real
 build, a fresh draw per epoch for the same sample, a bit-for-bit replay of the recorded parameters through the
 existing replay code, a bit-for-bit resume, and one-line refusals."""
+
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,9 @@ from data_pipeline.shards import BatchStream, decode_png, iter_tar, resolve_shar
 from data_pipeline.shards.reader import upsample_lr
 from infra.core.errors import UserError
 
+# the fast loop leaves out every test that uses these: HR-only shards built by a Ray job (tests/conftest.py)
+HEAVY_FIXTURES = {"hr_only"}
+
 SIZE = 64
 
 
@@ -32,12 +36,20 @@ def hr_only(tmp_path_factory):
     write_sample_corpus(root / "corpus", with_bad_files=False)
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False
+        )
     try:
-        cfg = dp.load_build_config(None, [f"shard.crop_size={SIZE}", "shard.max_samples_per_shard=4",
-                                          "select.cluster.k=4", f"score.weights_dir={root / 'no-iqa'}",
-                                          "shard.lr_variants=0"])
+        cfg = dp.load_build_config(
+            None,
+            [
+                f"shard.crop_size={SIZE}",
+                "shard.max_samples_per_shard=4",
+                "select.cluster.k=4",
+                f"score.weights_dir={root / 'no-iqa'}",
+                "shard.lr_variants=0",
+            ],
+        )
         dp.build(str(root / "corpus"), str(root / "shards"), cfg, print_summary=False)
     finally:
         if started:
@@ -46,9 +58,22 @@ def hr_only(tmp_path_factory):
 
 
 def _stream(shards, degrade="varsr-mild", workers=0, position=None, lr_mode="random", record_draws=None):
-    return BatchStream(resolve_shards(str(shards)), size=SIZE, want_lr=True, batch_size=2, workers=workers, seed=7,
-                       rank=0, world=1, split="node", shuffle_buffer=4, position=position, lr_mode=lr_mode,
-                       degrade=degrade, record_draws=record_draws)
+    return BatchStream(
+        resolve_shards(str(shards)),
+        size=SIZE,
+        want_lr=True,
+        batch_size=2,
+        workers=workers,
+        seed=7,
+        rank=0,
+        world=1,
+        split="node",
+        shuffle_buffer=4,
+        position=position,
+        lr_mode=lr_mode,
+        degrade=degrade,
+        record_draws=record_draws,
+    )
 
 
 def _by_key(stream, epochs: int) -> list[dict[str, tuple[torch.Tensor, dict, str]]]:
@@ -122,8 +147,9 @@ def test_draw_log_records_every_nth_batch_and_replays(hr_only, tmp_path):
     hr = {raw["__key__"]: decode_png(raw["hr.png"]) for u in resolve_shards(str(hr_only)).urls for raw in iter_tar(u)}
     lr_of = {k: batches[i]["lr"][j] for i in (0, 2) for j, k in enumerate(batches[i]["key"])}
     for r in rows:
-        assert torch.equal(upsample_lr(apply_degradation(hr[r["key"]], r["params"]), (SIZE, SIZE), r["lr_mode"]),
-                           lr_of[r["key"]])
+        assert torch.equal(
+            upsample_lr(apply_degradation(hr[r["key"]], r["params"]), (SIZE, SIZE), r["lr_mode"]), lr_of[r["key"]]
+        )
 
 
 def test_refusals_are_one_line(hr_only):
@@ -138,5 +164,6 @@ def test_refusals_are_one_line(hr_only):
 def test_online_seed_depends_on_run_seed_epoch_and_key():
     seeds = {online_seed(s, e, k) for s in (1, 2) for e in (0, 1) for k in ("a", "b")}
     assert len(seeds) == 8 and all(0 <= x < 2**63 for x in seeds)
-    assert np.random.default_rng(online_seed(1, 0, "a")).random() == np.random.default_rng(
-        online_seed(1, 0, "a")).random()
+    assert (
+        np.random.default_rng(online_seed(1, 0, "a")).random() == np.random.default_rng(online_seed(1, 0, "a")).random()
+    )

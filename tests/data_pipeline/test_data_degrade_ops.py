@@ -1,6 +1,7 @@
 """The degradation's operators against independent computations: the torch-semantics resize against PyTorch's own
 F.interpolate, the tensor JPEG against a float64 re-derivation of the JPEG steps written out here, the reader's
 resize-back; and the pipeline with every backend: recorded parameters replay the LR, legacy parameters replay."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.config import DegradationConfig
-from data_pipeline.degrade import (apply_degradation, degrade, pick_resize_back_mode, random_resize_back,
-                                   resize_back, sample_degradation, torch_resize)
+from data_pipeline.degrade import (
+    apply_degradation,
+    degrade,
+    pick_resize_back_mode,
+    random_resize_back,
+    resize_back,
+    sample_degradation,
+    torch_resize,
+)
 from data_pipeline.degrade.jpeg import diff_jpeg, lib_jpeg, quality_factor
 from data_pipeline.degrade.resize import opencv_resize
 
@@ -51,7 +59,7 @@ def test_resize_to_size_equals_torch(photo, mode):
         out = torch_resize(photo, mode, size=size)
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=0, atol=5e-5)
-    grey = photo[..., 1].copy()                           # 2-D arrays work too
+    grey = photo[..., 1].copy()  # 2-D arrays work too
     ref = _torch(grey[..., None], mode, size=(64, 70))[..., 0]
     np.testing.assert_allclose(torch_resize(grey, mode, size=(64, 70)), ref, rtol=0, atol=5e-5)
 
@@ -73,10 +81,19 @@ def test_scale_factor_mapping_is_not_size_mapping(photo):
 
 
 # ---------------------------------------------------------------------------------------------------- JPEG
-_Y = np.array([[16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
-               [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77],
-               [24, 35, 55, 64, 81, 104, 113, 92], [49, 64, 78, 87, 103, 121, 120, 101],
-               [72, 92, 95, 98, 112, 100, 103, 99]], dtype=np.float64)
+_Y = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.float64,
+)
 _CH = np.full((8, 8), 99.0)
 _CH[:4, :4] = [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]]
 
@@ -88,7 +105,7 @@ def _jpeg_float64(img: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
     hp, wp = h + (-h % 16), w + (-w % 16)
     x = np.zeros((hp, wp, 3))
-    x[:h, :w] = img.astype(np.float64) * 255.0                      # zero (black) padding to multiples of 16
+    x[:h, :w] = img.astype(np.float64) * 255.0  # zero (black) padding to multiples of 16
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     y = 0.299 * r + 0.587 * g + 0.114 * b
     cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0
@@ -99,19 +116,20 @@ def _jpeg_float64(img: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
 
     def code(plane, table):
         out, tie = np.zeros_like(plane), np.zeros(plane.shape, bool)
-        qt = table.T * factor                                       # the reference's transposed indexing
+        qt = table.T * factor  # the reference's transposed indexing
         for by in range(0, plane.shape[0], 8):
             for bx in range(0, plane.shape[1], 8):
-                blk = plane[by:by + 8, bx:bx + 8] - 128.0
+                blk = plane[by : by + 8, bx : bx + 8] - 128.0
                 # F(u, v) = 1/4 a(u) a(v) sum_ij f(i, j) cos((2i+1) u pi/16) cos((2j+1) v pi/16)
                 coef = 0.25 * np.outer(alpha, alpha) * np.einsum("ij,ui,vj->uv", blk, cos, cos)
                 quot = coef / qt
                 # float32 DCTs of 8-bit-range blocks carry well under 1e-4 absolute error per coefficient
-                tie[by:by + 8, bx:bx + 8] = (np.abs(quot - np.floor(quot) - 0.5) < 2e-4 / qt).any()
+                tie[by : by + 8, bx : bx + 8] = (np.abs(quot - np.floor(quot) - 0.5) < 2e-4 / qt).any()
                 deq = np.round(quot) * qt
                 # f(i, j) = 1/4 sum_uv a(u) a(v) F(u, v) cos((2i+1) u pi/16) cos((2j+1) v pi/16)
-                out[by:by + 8, bx:bx + 8] = 0.25 * np.einsum("uv,ui,vj->ij", np.outer(alpha, alpha) * deq,
-                                                             cos, cos) + 128.0
+                out[by : by + 8, bx : bx + 8] = (
+                    0.25 * np.einsum("uv,ui,vj->ij", np.outer(alpha, alpha) * deq, cos, cos) + 128.0
+                )
         return out, tie
 
     def sub(p):
@@ -124,8 +142,9 @@ def _jpeg_float64(img: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
     cb2, tcb = code(sub(cb), _CH)
     cr2, tcr = code(sub(cr), _CH)
     cb2, cr2 = up(cb2), up(cr2)
-    rgb = np.stack([y2 + 1.402 * (cr2 - 128), y2 - 0.344136 * (cb2 - 128) - 0.714136 * (cr2 - 128),
-                    y2 + 1.772 * (cb2 - 128)], -1)
+    rgb = np.stack(
+        [y2 + 1.402 * (cr2 - 128), y2 - 0.344136 * (cb2 - 128) - 0.714136 * (cr2 - 128), y2 + 1.772 * (cb2 - 128)], -1
+    )
     tie = ty | up(tcb) | up(tcr)
     return (np.clip(rgb, 0, 255) / 255.0)[:h, :w], tie[:h, :w]
 
@@ -133,25 +152,25 @@ def _jpeg_float64(img: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("q", [31.7, 60.0, 72.25, 88.8, 97.3])
 def test_diff_jpeg_equals_float64_derivation(q):
     rng = np.random.default_rng(3)
-    smooth = cv2.GaussianBlur(rng.random((45, 70, 3)).astype(np.float32), (0, 0), 1.2)   # not multiples of 16
+    smooth = cv2.GaussianBlur(rng.random((45, 70, 3)).astype(np.float32), (0, 0), 1.2)  # not multiples of 16
     photo = skimage.data.chelsea()[100:164, 200:280].astype(np.float32) / 255.0
     for img in (smooth, photo):
         ref, tie = _jpeg_float64(img, q)
         out = diff_jpeg(img, q)
         assert out.shape == img.shape and out.dtype == np.float32
-        assert tie.mean() < 0.15                                    # the comparison covers most of the image
+        assert tie.mean() < 0.15  # the comparison covers most of the image
         np.testing.assert_allclose(out[~tie], ref[~tie], rtol=0, atol=2e-6)
-        assert np.abs(out - ref).max() < 0.02                       # near ties: one quantisation step at most
+        assert np.abs(out - ref).max() < 0.02  # near ties: one quantisation step at most
 
 
 def test_diff_jpeg_behaves_like_jpeg():
     img = skimage.data.astronaut()[100:164, 180:260].astype(np.float32) / 255.0
     errs = [float(np.abs(diff_jpeg(img, q) - img).mean()) for q in (40.0, 60.0, 80.0, 95.0, 99.9)]
     assert errs == sorted(errs, reverse=True) and errs[0] > 2 * errs[-1]
-    grey = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)       # no chroma: 4:2:0 loses nothing
+    grey = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)  # no chroma: 4:2:0 loses nothing
     assert float(np.abs(diff_jpeg(grey, 99.9) - grey).max()) < 0.5 / 255
     assert float(np.abs(diff_jpeg(grey, 50.0) - grey).mean()) > 1 / 255
-    assert not np.array_equal(diff_jpeg(img, 80.0), diff_jpeg(img, 80.4))    # the quality is a float
+    assert not np.array_equal(diff_jpeg(img, 80.0), diff_jpeg(img, 80.4))  # the quality is a float
     assert quality_factor(80.0) == np.float32(0.4) and quality_factor(25.0) == np.float32(2.0)
     # a close relative of libjpeg at the same quality, not the same operator
     lj = lib_jpeg(img, 80)
@@ -164,7 +183,7 @@ def test_diff_jpeg_behaves_like_jpeg():
 
 # ------------------------------------------------------------------------------------------------ resize-back
 def test_resize_back_is_interpolate_then_8bit():
-    lr = skimage.data.coffee()[:64, :96].copy()                                    # uint8 (64, 96, 3)
+    lr = skimage.data.coffee()[:64, :96].copy()  # uint8 (64, 96, 3)
     x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255.0
     for mode in ("area", "bilinear", "bicubic"):
         out = resize_back(lr, (256, 384), mode)
@@ -188,14 +207,16 @@ def test_random_resize_back_draws_modes_uniformly_and_records_them():
     for _ in range(600):
         t, p = random_resize_back(lr, (128, 128), rng)
         counts[p["mode"]] += 1
-        if counts[p["mode"]] <= 2:                                # the recorded mode replays the tensor
+        if counts[p["mode"]] <= 2:  # the recorded mode replays the tensor
             assert torch.equal(t, resize_back(lr, (128, 128), p["mode"]))
     assert all(150 < c < 250 for c in counts.values()), counts
     gen = [pick_resize_back_mode(np.random.default_rng(11)) for _ in range(3)]
-    assert len(set(gen)) == 1                                     # same seed, same draw
+    assert len(set(gen)) == 1  # same seed, same draw
     assert pick_resize_back_mode(9, ["bilinear"]) == "bilinear"
     assert {pick_resize_back_mode(np.random.default_rng(s), ("area", "bicubic")) for s in range(40)} == {
-        "area", "bicubic"}
+        "area",
+        "bicubic",
+    }
     with pytest.raises(ValueError, match="unknown resize-back mode"):
         pick_resize_back_mode(0, ["nearest"])
 
@@ -215,7 +236,7 @@ def test_recorded_parameters_replay_the_lr_with_every_backend(resize_backend, jp
         assert params["resize_back"] == {"modes": ["area", "bilinear", "bicubic"]}
         q = params["jpeg1"]["quality"], params["jpeg2"]["quality"]
         assert all(isinstance(v, int if jpeg_backend == "libjpeg" else float) for v in q)
-        replayed = apply_degradation(hr, json.loads(json.dumps(params)))            # through the sample JSON
+        replayed = apply_degradation(hr, json.loads(json.dumps(params)))  # through the sample JSON
         np.testing.assert_array_equal(replayed, lr)
 
 
@@ -228,12 +249,21 @@ def test_backends_change_only_the_operators():
         lr, p = degrade(hr, cfg, 21)
         out[(rb, jb)] = (lr, p)
     ref = out[("torch", "diffjpeg")][1]
-    for (rb, jb), (lr, p) in out.items():
-        for k in ("kernel1", "kernel2", "resize1", "resize2", "resize3", "noise1", "noise2", "final_sinc",
-                  "final_order", "second_blur"):
+    for (_, jb), (_, p) in out.items():
+        for k in (
+            "kernel1",
+            "kernel2",
+            "resize1",
+            "resize2",
+            "resize3",
+            "noise1",
+            "noise2",
+            "final_sinc",
+            "final_order",
+            "second_blur",
+        ):
             assert p[k] == ref[k]
-        assert p["jpeg1"]["quality"] == (round(ref["jpeg1"]["quality"]) if jb == "libjpeg"
-                                         else ref["jpeg1"]["quality"])
+        assert p["jpeg1"]["quality"] == (round(ref["jpeg1"]["quality"]) if jb == "libjpeg" else ref["jpeg1"]["quality"])
     lrs = [v[0] for v in out.values()]
     assert all(not np.array_equal(lrs[i], lrs[j]) for i in range(4) for j in range(i + 1, 4))
 
@@ -252,6 +282,7 @@ def test_pipeline_resize_dispatch_by_scale_factor_or_size():
     """The first-order resize goes by scale factor (torch backend: F.interpolate(scale_factor=s)); the opencv
     backend resizes to floor(size * s) with its own mapping; the later resizes go to a size in both."""
     from data_pipeline.degrade.realesrgan import _resize
+
     img = np.ascontiguousarray(skimage.data.astronaut()[:160, :160]).astype(np.float32) / 255.0
     for mode in ("area", "bilinear", "bicubic"):
         a = _resize(img, "torch", mode, scale=0.4137)

@@ -1,5 +1,6 @@
 """Resume after a real process kill: SIGKILL the build once its first shard is complete, re-run, and compare
 with an uninterrupted run byte for byte."""
+
 from __future__ import annotations
 
 import os
@@ -23,30 +24,62 @@ N_IMAGES = 24
 def _corpus(d: Path) -> None:
     """24 distinct real-photo crops (160 px) from bundled images."""
     d.mkdir(parents=True)
-    photos = [skimage.data.retina(), skimage.data.hubble_deep_field(), skimage.data.astronaut(),
-              skimage.data.coffee(), skimage.data.rocket(), skimage.data.immunohistochemistry()]
+    photos = [
+        skimage.data.retina(),
+        skimage.data.hubble_deep_field(),
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.rocket(),
+        skimage.data.immunohistochemistry(),
+    ]
     i = 0
     for p in photos:
         h, w = p.shape[:2]
         for y, x in ((0, 0), (h - 160, w - 160), (h // 2 - 80, w // 2 - 80), (0, w - 160)):
-            Image.fromarray(np.ascontiguousarray(p[y:y + 160, x:x + 160])).save(d / f"img{i:02d}.png",
-                                                                                 compress_level=1)
+            Image.fromarray(np.ascontiguousarray(p[y : y + 160, x : x + 160])).save(
+                d / f"img{i:02d}.png", compress_level=1
+            )
             i += 1
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, ray_local):
     _corpus(tmp_path / "corpus")
-    cfg = dp.load_build_config(None, ["shard.crop_size=128", "shard.max_samples_per_shard=1", "shard.lr_variants=2",
-                                "select.dedup.near=false", "select.cluster.k=3", "score.batch_size=4"])
+    cfg = dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=128",
+            "shard.max_samples_per_shard=1",
+            "shard.lr_variants=2",
+            "select.dedup.near=false",
+            "select.cluster.k=3",
+            "score.batch_size=4",
+        ],
+    )
     save_config(cfg, tmp_path / "cfg.yaml")
     out = tmp_path / "killed"
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": str(Path(dp.__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "data", "build", "-i",
-                             str(tmp_path / "corpus"), "-o", str(out), "-c", str(tmp_path / "cfg.yaml"),
-                             "--ray-address", address],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "data",
+            "build",
+            "-i",
+            str(tmp_path / "corpus"),
+            "-o",
+            str(out),
+            "-c",
+            str(tmp_path / "cfg.yaml"),
+            "--ray-address",
+            address,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = out / "shard-000000.tar"
     deadline = time.monotonic() + 240
     while not first.exists():

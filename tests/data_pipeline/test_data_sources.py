@@ -1,4 +1,5 @@
 """Sources, safe decoding of every bad-file kind, scorers, dedup, negatives, classes (no Ray)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ def corpus(tmp_path_factory):
 def test_every_file_decodes_or_has_its_reason(corpus):
     d, info = corpus
     kinds = {v["expect"] for v in info.values()}
-    assert {"rejected:empty_file", "rejected:not_an_image", "rejected:decompression_bomb", "rejected:too_small",
-            "failed:truncated"} <= kinds
+    assert {
+        "rejected:empty_file",
+        "rejected:not_an_image",
+        "rejected:decompression_bomb",
+        "rejected:too_small",
+        "failed:truncated",
+    } <= kinds
     for name, v in info.items():
         r = decode_image((d / name).read_bytes())
         got = "ok" if r.status == "ok" else f"{r.status}:{r.reason}"
@@ -44,13 +50,13 @@ def test_modes_are_converted_correctly(corpus):
     img = lambda n: decode_image((d / n).read_bytes()).image  # noqa: E731
     chelsea = skimage.data.chelsea()
     rot = img("modes/chelsea_exif_rot6.jpg")
-    assert rot.shape == chelsea.shape                                   # EXIF orientation applied
+    assert rot.shape == chelsea.shape  # EXIF orientation applied
     assert np.abs(rot.astype(int) - chelsea).mean() < 6
-    moon = img("modes/moon_16bit.png")                                  # 16-bit -> 8-bit, not clipped
+    moon = img("modes/moon_16bit.png")  # 16-bit -> 8-bit, not clipped
     assert np.abs(moon[..., 0].astype(int) - skimage.data.moon()).max() <= 1
-    rgba = img("modes/rocket_RGBA.png")                                 # alpha over white background
+    rgba = img("modes/rocket_RGBA.png")  # alpha over white background
     yy, xx = np.indices(rgba.shape[:2])
-    outside = (yy - 213) ** 2 + (xx - 320) ** 2 >= 200 ** 2
+    outside = (yy - 213) ** 2 + (xx - 320) ** 2 >= 200**2
     assert (rgba[outside] == 255).all()
     np.testing.assert_array_equal(rgba[213, 320], skimage.data.rocket()[213, 320])
     grass = img("modes/grass_P_transparency.png")
@@ -65,8 +71,9 @@ def test_sources_folder_glob_manifest_and_fsspec(corpus, tmp_path):
     d, info = corpus
     items = list_sources(d)
     assert len(items) == len(info) and [i.uri for i in items] == sorted(i.uri for i in items)
-    assert len(list_sources(str(d / "photos" / "*.jpg"))) == sum(n.startswith("photos/") and n.endswith(".jpg")
-                                                                 for n in info)
+    assert len(list_sources(str(d / "photos" / "*.jpg"))) == sum(
+        n.startswith("photos/") and n.endswith(".jpg") for n in info
+    )
     assert len(list_sources(f"file://{d}/modes")) == sum(n.startswith("modes/") for n in info)
     rows = [{"path": f"photos/{n}", "caption": f"c{i}"} for i, n in enumerate(["coffee.jpg", "rocket.jpg"])]
     (d / "m.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
@@ -77,6 +84,7 @@ def test_sources_folder_glob_manifest_and_fsspec(corpus, tmp_path):
         assert [i.uri.rsplit("/", 1)[1] for i in its] == ["coffee.jpg", "rocket.jpg"]
         assert its[0].meta == {"caption": "c0"}
     import fsspec
+
     fs = fsspec.filesystem("memory")
     fs.pipe("/corpus/a.png", (d / "photos/astronaut.png").read_bytes())
     fs.pipe("/corpus/sub/b.jpg", (d / "photos/coffee.jpg").read_bytes())
@@ -89,6 +97,7 @@ def test_sources_folder_glob_manifest_and_fsspec(corpus, tmp_path):
 def test_scorers_respond_to_blur_noise_and_jpeg():
     img = skimage.data.astronaut()
     import cv2
+
     base = builtin_scores(img)
     blurred = builtin_scores(cv2.GaussianBlur(img, (0, 0), 3))
     assert blurred["sharpness"] < 0.2 * base["sharpness"] and blurred["quality"] < base["quality"]
@@ -108,6 +117,7 @@ def test_dedup_exact_and_near():
     assert exact_duplicates(["a", "b", "a", "c", "b"]).tolist() == [False, False, True, False, True]
     img = skimage.data.astronaut()
     import cv2
+
     g = lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32)  # noqa: E731
     _, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 70])
     h1, h2 = phash(g(img)), phash(g(cv2.imdecode(enc, cv2.IMREAD_COLOR)))
@@ -115,10 +125,10 @@ def test_dedup_exact_and_near():
     assert hamming(h1, h2) <= 4 < hamming(h1, h3)
     assert near_duplicates([h1, h3, h2], 4).tolist() == [False, False, True]
     rng = np.random.default_rng(0)
-    hashes = [int(np.int64(np.uint64(x))) for x in rng.integers(0, 2 ** 63, 300, dtype=np.uint64)]
+    hashes = [int(np.int64(np.uint64(x))) for x in rng.integers(0, 2**63, 300, dtype=np.uint64)]
     flip = lambda h, bits: h ^ sum(1 << b for b in bits)  # noqa: E731
-    hashes.append(flip(hashes[5], [0, 17, 40, 63]))       # distance 4 from #5
-    hashes.append(flip(hashes[6], [1, 2, 3, 4, 5]))       # distance 5 from #6
+    hashes.append(flip(hashes[5], [0, 17, 40, 63]))  # distance 4 from #5
+    hashes.append(flip(hashes[6], [1, 2, 3, 4, 5]))  # distance 5 from #6
     m = near_duplicates(hashes, 4)
     brute = [any(hamming(hashes[i], hashes[j]) <= 4 for j in range(i) if not m[j]) for i in range(len(hashes))]
     assert m.tolist() == brute and m[300] and not m[301]
@@ -139,7 +149,7 @@ def test_kmeans_classes_and_cap():
     emb = np.concatenate([c + rng.normal(size=(20, 8)) for c in centres])
     ids = kmeans_classes(emb, 3, seed=0)
     assert ids[0] == 0 and sorted(set(ids.tolist())) == [0, 1, 2]
-    assert all(len(set(ids[i * 20:(i + 1) * 20].tolist())) == 1 for i in range(3))
+    assert all(len(set(ids[i * 20 : (i + 1) * 20].tolist())) == 1 for i in range(3))
     assert kmeans_classes(emb[:2], 10, 0).tolist() == [0, 1]
     over = cap_per_class(np.array([0, 0, 0, 1]), np.array([1.0, 3.0, 2.0, 0.0]), 2)
     assert over.tolist() == [True, False, False, False]

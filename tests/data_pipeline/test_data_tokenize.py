@@ -2,6 +2,7 @@
 cached tokens and residuals equal tokenising on the fly bit for bit, token shards follow the contract (every
 original member, in order, plus the cache members), the reader returns the cache fields in the same batches, the job
 resumes, and the CLI runs it and reports clear errors."""
+
 from __future__ import annotations
 
 import io
@@ -17,9 +18,19 @@ import torch
 
 import data_pipeline as dp
 from data_pipeline.sample_corpus import write_sample_corpus
-from data_pipeline.shards import (TOKEN_MEMBERS, BatchStream, ShardStream, TarWriter, decode_hr, iter_tar,
-                                  read_manifest, read_token_stats, resolve_shards, token_shard_name,
-                                  token_stats_name)
+from data_pipeline.shards import (
+    TOKEN_MEMBERS,
+    BatchStream,
+    ShardStream,
+    TarWriter,
+    decode_hr,
+    iter_tar,
+    read_manifest,
+    read_token_stats,
+    resolve_shards,
+    token_shard_name,
+    token_stats_name,
+)
 from data_pipeline.token_cache import TokenizeOptions, tokenize, tokenize_shard
 from infra.cli import main as varsr_main
 from infra.core.errors import UserError
@@ -42,8 +53,16 @@ def dataset(tmp_path_factory, ray_local):
     """Built 64-px shards (pristine copy kept aside) and a tiny tokenizer checkpoint."""
     root = tmp_path_factory.mktemp("tokenize")
     write_sample_corpus(root / "corpus", with_bad_files=False)
-    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                      f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=2"])
+    cfg = dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=64",
+            "shard.max_samples_per_shard=4",
+            "select.cluster.k=4",
+            f"score.weights_dir={root / 'no-iqa'}",
+            "shard.lr_variants=2",
+        ],
+    )
     dp.build(str(root / "corpus"), str(root / "pristine"), cfg, print_summary=False)
     return root, root / "pristine", _tokenizer_ckpt(root / "tok0", seed=0)
 
@@ -139,8 +158,9 @@ def test_token_shards_follow_the_contract_and_leave_the_originals_alone(dataset,
             expect += [n for n, _ in orig if n.split(".", 1)[0] == k] + [f"{k}.{x}" for x in TOKEN_MEMBERS]
         assert [n for n, _ in new] == expect
     # a folder listed without its manifest still means the originals only
-    assert sorted(resolve_shards(",".join(str(out / e.name) for e in m.shards)).urls) == \
-        sorted(u for u in resolve_shards(str(out)).urls)
+    assert sorted(resolve_shards(",".join(str(out / e.name) for e in m.shards)).urls) == sorted(
+        u for u in resolve_shards(str(out)).urls
+    )
     assert rc_of(["data", "verify", str(out)]) == 0
 
 
@@ -223,9 +243,11 @@ def test_cli_tokenize_inspect_and_clear_errors(dataset, tmp_path, capsys):
     assert info["token_cache"]["shards"] == r["shards"]
     # errors are one line, exit 2: no manifest, a tokenizer for another image size, a folder that is no checkpoint
     big = _tokenizer_ckpt(tmp_path / "tok128", seed=0, patch_nums=(1, 2, 4, 8))
-    for argv, msg in (([str(tmp_path / "nothing"), str(ckpt)], "has no manifest.json"),
-                      ([str(out), str(big)], "holds 64px HR crops but the tokenizer takes 128px"),
-                      ([str(out), str(tmp_path)], "is not a native VARSR checkpoint")):
+    for argv, msg in (
+        ([str(tmp_path / "nothing"), str(ckpt)], "has no manifest.json"),
+        ([str(out), str(big)], "holds 64px HR crops but the tokenizer takes 128px"),
+        ([str(out), str(tmp_path)], "is not a native VARSR checkpoint"),
+    ):
         assert varsr_main(["data", "tokenize", "--shards", argv[0], "--vqvae", argv[1]]) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
@@ -238,8 +260,16 @@ def test_rebuilding_intact_shards_keeps_their_token_cache(dataset, tokenised, tm
     out = tmp_path / "again"
     shutil.copytree(tokenised[0], out)
     before, _ = read_manifest(str(out))
-    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                      f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=2"])
+    cfg = dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=64",
+            "shard.max_samples_per_shard=4",
+            "select.cluster.k=4",
+            f"score.weights_dir={root / 'no-iqa'}",
+            "shard.lr_variants=2",
+        ],
+    )
     r = dp.shard(str(out / "selection.parquet"), str(out), cfg)
     assert r["written"] == 0 and r["skipped"] == r["shards"]
     after, _ = read_manifest(str(out))

@@ -1,6 +1,7 @@
 """A worker node that dies while `varsr data tokenize` runs costs only its in-flight shards: Ray retries them on
 another node and the result equals an uninterrupted run byte for byte. A multi-node Ray cluster on this machine
 (Ray's own test cluster: a head with 0 CPUs and worker nodes), a node killed without warning."""
+
 from __future__ import annotations
 
 import shutil
@@ -59,8 +60,16 @@ def cluster():
 def test_a_node_killed_mid_job_costs_only_its_shards(tmp_path, cluster):
     c, node = cluster
     write_sample_corpus(tmp_path / "corpus", with_bad_files=False)
-    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=2", "select.cluster.k=4",
-                                      f"score.weights_dir={tmp_path / 'no-iqa'}", "shard.lr_variants=1"])
+    cfg = dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=64",
+            "shard.max_samples_per_shard=2",
+            "select.cluster.k=4",
+            f"score.weights_dir={tmp_path / 'no-iqa'}",
+            "shard.lr_variants=1",
+        ],
+    )
     dp.build(str(tmp_path / "corpus"), str(tmp_path / "pristine"), cfg, print_summary=False)
     torch.manual_seed(0)
     mcfg = VARSRConfig.preset("tiny")
@@ -71,8 +80,9 @@ def test_a_node_killed_mid_job_costs_only_its_shards(tmp_path, cluster):
     tokenize(str(ref), tok, TokenizeOptions(batch_size=2))
 
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(
-        tokenize(str(hit), SlowTokenizer(tok, 1.0), TokenizeOptions(batch_size=1))))
+    job = threading.Thread(
+        target=lambda: result.update(tokenize(str(hit), SlowTokenizer(tok, 1.0), TokenizeOptions(batch_size=1)))
+    )
     job.start()
     deadline = time.monotonic() + 120
     while not list(hit.glob(".tmp-*.tar")):  # a task has opened its token shard: it is in flight on that node

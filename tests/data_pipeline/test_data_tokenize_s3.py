@@ -1,6 +1,7 @@
 """`varsr data tokenize` on an object store: the same dataset tokenised under s3:// (moto's S3 server on loopback)
 and in a local folder gives byte-identical token shards and manifests, training's reader streams the cache from
 s3://, and a re-run there keeps every shard."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,8 +32,16 @@ def fresh_ray(s3_env):
 
 def test_tokenize_under_s3_equals_local(tmp_path, s3_env, s3_bucket, fresh_ray):
     write_sample_corpus(tmp_path / "corpus", with_bad_files=False)
-    cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                      f"score.weights_dir={tmp_path / 'no-iqa'}", "shard.lr_variants=1"])
+    cfg = dp.load_build_config(
+        None,
+        [
+            "shard.crop_size=64",
+            "shard.max_samples_per_shard=4",
+            "select.cluster.k=4",
+            f"score.weights_dir={tmp_path / 'no-iqa'}",
+            "shard.lr_variants=1",
+        ],
+    )
     local = tmp_path / "local"
     dp.build(str(tmp_path / "corpus"), str(local), cfg, print_summary=False)
     remote = f"s3://{s3_bucket}/datasets/tiny"

@@ -9,6 +9,7 @@
 
 The datasets are written with the shard contract's own writer (``TarWriter`` + ``write_manifest``), no Ray needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.shards import (BatchStream, Counts, Manifest, ShardEntry, TarWriter, encode_png, read_manifest,
-                                  resolve_shards, shard_name, write_manifest)
+from data_pipeline.shards import (
+    BatchStream,
+    Counts,
+    Manifest,
+    ShardEntry,
+    TarWriter,
+    encode_png,
+    read_manifest,
+    resolve_shards,
+    shard_name,
+    write_manifest,
+)
 from data_pipeline.shards.format import MemberTooLarge, decode_png
 from data_pipeline.shards.reader import ShardIntegrityError
 from infra.core.errors import UserError
@@ -44,8 +55,11 @@ def _dataset(root: Path, samples=(3, 9), members: dict | None = None) -> Path:
         w = TarWriter(str(root / name))
         for j in range(n):
             hr = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-            m = {"hr.png": encode_png(hr, 1), "json": json.dumps({"label": 0, "class_id": j % 2}).encode(),
-                 "lr.png": encode_png(np.ascontiguousarray(hr[::SCALE, ::SCALE]), 1)}
+            m = {
+                "hr.png": encode_png(hr, 1),
+                "json": json.dumps({"label": 0, "class_id": j % 2}).encode(),
+                "lr.png": encode_png(np.ascontiguousarray(hr[::SCALE, ::SCALE]), 1),
+            }
             m.update((members or {}).get((i, j), {}))
             for ext in ("hr.png", "json", "lr.png"):
                 w.add(f"s{i}_{j:03d}.{ext}", m[ext])
@@ -53,11 +67,30 @@ def _dataset(root: Path, samples=(3, 9), members: dict | None = None) -> Path:
         w.publish()
         entries.append(ShardEntry(name=name, samples=n, bytes=size, sha256=sha))
     total = sum(samples)
-    write_manifest(str(root), Manifest(
-        pipeline_version="test", config_hash="test", config={},
-        counts=Counts(inputs=total, kept=total, rejected=0, failed=0, rejected_by_reason={}, failed_by_reason={},
-                      samples=total, labels={"0": total}, classes=2),
-        hr_size=SIZE, lr_size=SIZE // SCALE, scale=SCALE, lr_variants=1, shards=entries))
+    write_manifest(
+        str(root),
+        Manifest(
+            pipeline_version="test",
+            config_hash="test",
+            config={},
+            counts=Counts(
+                inputs=total,
+                kept=total,
+                rejected=0,
+                failed=0,
+                rejected_by_reason={},
+                failed_by_reason={},
+                samples=total,
+                labels={"0": total},
+                classes=2,
+            ),
+            hr_size=SIZE,
+            lr_size=SIZE // SCALE,
+            scale=SCALE,
+            lr_variants=1,
+            shards=entries,
+        ),
+    )
     return root
 
 
@@ -69,8 +102,17 @@ def _edit_manifest(root: Path, edit) -> None:
 
 def _read_all(root: Path, workers: int = 0) -> tuple[int, int]:
     """(samples, bad samples) of one epoch of the dataset through the training reader (batches of one)."""
-    stream = BatchStream(resolve_shards(str(root)), size=SIZE, want_lr=True, batch_size=1, workers=workers, seed=0,
-                         rank=0, world=1, shuffle_buffer=1)
+    stream = BatchStream(
+        resolve_shards(str(root)),
+        size=SIZE,
+        want_lr=True,
+        batch_size=1,
+        workers=workers,
+        seed=0,
+        rank=0,
+        world=1,
+        shuffle_buffer=1,
+    )
     n = bad = 0
     for b in stream._epoch_batches(0):
         n += len(b["key"])
@@ -95,6 +137,7 @@ def test_a_zeroed_sha256_is_refused_as_the_shard_streams(tmp_path, workers):
     assert "\n" not in msg and "shard-000001.tar" in msg and "sha256" in msg and "varsr data verify" in msg, msg
 
 
+@pytest.mark.slow
 def test_a_shard_swapped_for_another_is_refused_at_start(tmp_path):
     root = _dataset(tmp_path / "ds")
     shutil.copyfile(root / "shard-000001.tar", root / "shard-000000.tar")  # another shard's bytes, another size
@@ -102,6 +145,7 @@ def test_a_shard_swapped_for_another_is_refused_at_start(tmp_path):
         resolve_shards(str(root))
 
 
+@pytest.mark.slow
 def test_a_same_size_swap_is_refused_as_the_shard_streams(tmp_path):
     """Two shards of equal size (tar records pad them alike) swapped: the size check cannot see it, the hash does."""
     root = _dataset(tmp_path / "ds", samples=(3, 3))
@@ -113,6 +157,7 @@ def test_a_same_size_swap_is_refused_as_the_shard_streams(tmp_path):
         _read_all(root)
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_inside_a_member_is_refused(tmp_path):
     root = _dataset(tmp_path / "ds")
     data = bytearray((root / "shard-000000.tar").read_bytes())
@@ -133,9 +178,18 @@ def test_evaluation_pairs_are_verified_too(tmp_path):
 
 
 # ---- finding 8: names stay inside the dataset --------------------------------------------------------------------
-HOSTILE_NAMES = ["../outside/secret.tar", "/etc/hostname", "s3://bucket/other/shard-000000.tar",
-                 "file:///etc/passwd.tar", "~/shard.tar", "sub/../../secret.tar", "C:\\shard.tar", "manifest.json",
-                 "shard-000000.tar\n", ""]
+HOSTILE_NAMES = [
+    "../outside/secret.tar",
+    "/etc/hostname",
+    "s3://bucket/other/shard-000000.tar",
+    "file:///etc/passwd.tar",
+    "~/shard.tar",
+    "sub/../../secret.tar",
+    "C:\\shard.tar",
+    "manifest.json",
+    "shard-000000.tar\n",
+    "",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
@@ -151,9 +205,17 @@ def test_a_manifest_name_outside_the_dataset_is_refused(tmp_path, name):
 
 def test_a_token_cache_name_outside_the_dataset_is_refused(tmp_path):
     root = _dataset(tmp_path / "ds")
-    _edit_manifest(root, lambda m: m.update(tokens={"tokenizer_sha256": "a" * 64, "patch_nums": [1], "device": "",
-                                                    "shards": [{"name": "/etc/hostname", "samples": 3, "bytes": 1,
-                                                                "sha256": "0" * 64}]}))
+    _edit_manifest(
+        root,
+        lambda m: m.update(
+            tokens={
+                "tokenizer_sha256": "a" * 64,
+                "patch_nums": [1],
+                "device": "",
+                "shards": [{"name": "/etc/hostname", "samples": 3, "bytes": 1, "sha256": "0" * 64}],
+            }
+        ),
+    )
     with pytest.raises(UserError, match="not a plain relative name"):
         read_manifest(str(root))
 
@@ -166,6 +228,7 @@ def test_plain_relative_names_still_read(tmp_path):
     assert _read_all(root) == (12, 0)
 
 
+@pytest.mark.slow
 def test_varsr_data_verify_refuses_a_name_outside_the_dataset(tmp_path):
     root = _dataset(tmp_path / "ds")
     _edit_manifest(root, lambda m: m["shards"][0].update(name="../outside/secret.tar"))
@@ -178,6 +241,7 @@ def test_varsr_data_verify_refuses_a_name_outside_the_dataset(tmp_path):
 # ---- finding 9: pixel limit before decoding ------------------------------------------------------------------------
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR declares ``width`` x ``height`` RGB, followed by a few rows of zlib data (truncated)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

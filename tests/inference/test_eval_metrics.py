@@ -10,6 +10,7 @@
   ones that were not required are skipped with one line; LPIPS runs from a local weights folder where torchvision
   exists (random-initialised backbone saved in the hub layout).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,9 +28,14 @@ from inference.eval_metrics import load_metrics, score_image
 from infra.core import metrics as M
 from infra.core.errors import UserError
 
-BASICSR_FILES = ("metrics/niqe.py", "metrics/niqe_pris_params.npz", "metrics/metric_util.py",
-                 "utils/color_util.py", "utils/matlab_functions.py",
-                 "utils/registry.py")
+BASICSR_FILES = (
+    "metrics/niqe.py",
+    "metrics/niqe_pris_params.npz",
+    "metrics/metric_util.py",
+    "utils/color_util.py",
+    "utils/matlab_functions.py",
+    "utils/registry.py",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,11 @@ def basicsr_niqe(tmp_path_factory):
 
 
 def _photos() -> dict[str, np.ndarray]:
-    return {"coffee": skdata.coffee()[:288, :384], "chelsea": skdata.chelsea()[:192, :384],
-            "motorcycle": skdata.stereo_motorcycle()[0][100:388, 200:488]}
+    return {
+        "coffee": skdata.coffee()[:288, :384],
+        "chelsea": skdata.chelsea()[:192, :384],
+        "motorcycle": skdata.stereo_motorcycle()[0][100:388, 200:488],
+    }
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -72,8 +81,9 @@ def test_niqe_matches_basicsr_reference(basicsr_niqe):
         y = np.round(M.rgb_to_y(M.as_float_rgb(rgb)) * 255.0)
         same_precision = basicsr_niqe.niqe(y, mu[None], cov, win)
         assert ours == pytest.approx(same_precision, rel=1e-5), name  # its imresize weights are float32
-        end_to_end = basicsr_niqe.calculate_niqe(rgb[..., ::-1].astype(np.float64), 0, input_order="HWC",
-                                                 convert_to="y")
+        end_to_end = basicsr_niqe.calculate_niqe(
+            rgb[..., ::-1].astype(np.float64), 0, input_order="HWC", convert_to="y"
+        )
         assert ours == pytest.approx(float(end_to_end), rel=0.02), name
         assert 1.0 < ours < 20.0
 
@@ -130,7 +140,8 @@ def test_psnr_ssim_y_match_independent_numpy_and_skimage():
     assert got["ssim_rgb"] == pytest.approx(structural_similarity(hr / 255, sr / 255, channel_axis=2, **kw), abs=2e-3)
     cropped, _ = load_metrics(["psnr_y"], crop_border=4)
     assert score_image(sr, hr, cropped)["psnr_y"] == pytest.approx(
-        10 * np.log10(1.0 / np.mean((yh[4:-4, 4:-4] - ys[4:-4, 4:-4]) ** 2)), abs=1e-9)
+        10 * np.log10(1.0 / np.mean((yh[4:-4, 4:-4] - ys[4:-4, 4:-4]) ** 2)), abs=1e-9
+    )
 
 
 def test_brisque_ranks_distortions_and_uses_the_pinned_model():

@@ -6,6 +6,7 @@
   bit-exactly from its HR and the recorded parameters (`eval-prepare verify`);
 * bundled: the small real set comes from package photos that no training recipe names.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,20 @@ def test_synthetic_set_is_seeded_recorded_and_replayable(tmp_path, preset, capsy
     hr_dir.mkdir()
     Image.fromarray(skdata.coffee()).save(hr_dir / "coffee.png")
     Image.fromarray(skdata.chelsea()).save(hr_dir / "chelsea.png")
-    args = ["eval-prepare", "synthetic", "--hr", str(hr_dir), "--n", "3", "--preset", preset, "--hr-size", "96",
-            "--seed", "7"]
+    args = [
+        "eval-prepare",
+        "synthetic",
+        "--hr",
+        str(hr_dir),
+        "--n",
+        "3",
+        "--preset",
+        preset,
+        "--hr-size",
+        "96",
+        "--seed",
+        "7",
+    ]
     assert main([*args, "-o", str(tmp_path / "s1")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["pairs"] == 3 and printed["protocol"]["preset"] == preset

@@ -8,6 +8,7 @@
 * the same table from Ray tasks as from one process;
 * bad input (an explicitly requested metric without weights, an unknown metric, no method) is one line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,8 +42,11 @@ def test_set(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pairs")
     (d / "HR").mkdir()
     (d / "LR").mkdir()
-    for name, arr in {"coffee": skdata.coffee(), "chelsea": skdata.chelsea(), "moto": skdata.stereo_motorcycle()[0]
-                      }.items():
+    for name, arr in {
+        "coffee": skdata.coffee(),
+        "chelsea": skdata.chelsea(),
+        "moto": skdata.stereo_motorcycle()[0],
+    }.items():
         hr = Image.fromarray(arr).resize((160, 128), Image.BICUBIC)
         hr.save(d / "HR" / f"{name}.png")
         hr.resize((40, 32), Image.BICUBIC).save(d / "LR" / f"{name}.png")
@@ -72,11 +76,17 @@ def test_protocol_resize_before_inference_and_colour_fix(ckpt):
 
 
 def _cfg(test_set: Path, **kw) -> SuiteConfig:
-    return SuiteConfig(name="mini", sets=[SuiteSetConfig("mini", str(test_set))],
-                       metrics=["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "niqe", "brisque", "lpips"],
-                       worst=2, figure_side=64, **kw)
+    return SuiteConfig(
+        name="mini",
+        sets=[SuiteSetConfig("mini", str(test_set))],
+        metrics=["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "niqe", "brisque", "lpips"],
+        worst=2,
+        figure_side=64,
+        **kw,
+    )
 
 
+@pytest.mark.slow
 def test_suite_table_figures_and_nested_mlflow_run(ckpt, test_set, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -85,12 +95,37 @@ def test_suite_table_figures_and_nested_mlflow_run(ckpt, test_set, tmp_path, cap
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mv = register_model(ckpt, "tiny-eval", alias="champion", tracking_uri=uri, validate_example=False)
     suite = tmp_path / "mini.yaml"
-    suite.write_text(json.dumps({"name": "mini", "sets": [{"name": "mini", "path": str(test_set)}],
-                                 "metrics": ["psnr_y", "ssim_y", "niqe", "brisque", "lpips", "musiq"], "worst": 2,
-                                 "figure_side": 64}))
+    suite.write_text(
+        json.dumps(
+            {
+                "name": "mini",
+                "sets": [{"name": "mini", "path": str(test_set)}],
+                "metrics": ["psnr_y", "ssim_y", "niqe", "brisque", "lpips", "musiq"],
+                "worst": 2,
+                "figure_side": 64,
+            }
+        )
+    )
     out = tmp_path / "out"
-    rc = main(["eval", "--suite", str(suite), "--model-uri", "models:/tiny-eval@champion", "--checkpoint", str(ckpt),
-               "--baseline", "bicubic", "--tracking-uri", uri, "-o", str(out), "--seed", "0"])
+    rc = main(
+        [
+            "eval",
+            "--suite",
+            str(suite),
+            "--model-uri",
+            "models:/tiny-eval@champion",
+            "--checkpoint",
+            str(ckpt),
+            "--baseline",
+            "bicubic",
+            "--tracking-uri",
+            uri,
+            "-o",
+            str(out),
+            "--seed",
+            "0",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert cap.err.count("notice: skipped") == 2 and "lpips: " in cap.err and "musiq: " in cap.err
@@ -131,8 +166,14 @@ def test_suite_on_ray_gives_the_same_table(ckpt, test_set, tmp_path, ray_local):
     methods = [Method("tiny", str(ckpt), upscale_kwargs={"color_fix": "wavelet"}), Method("bicubic")]
     one = run_suite(_cfg(test_set), methods, tmp_path / "one", log_to_mlflow=False)
     many = run_suite(_cfg(test_set, workers=2, ray_min_pairs=1), methods, tmp_path / "many", log_to_mlflow=False)
-    assert one.table == many.table and set(one.metrics) == {"psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "niqe",
-                                                            "brisque"}
+    assert one.table == many.table and set(one.metrics) == {
+        "psnr_y",
+        "ssim_y",
+        "psnr_rgb",
+        "ssim_rgb",
+        "niqe",
+        "brisque",
+    }
     assert (tmp_path / "one" / "table.csv").read_text() == (tmp_path / "many" / "table.csv").read_text()
 
 

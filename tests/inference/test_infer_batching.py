@@ -1,6 +1,7 @@
 """Request batching (inference/batching.py) and the batched pipeline call it drives: batches form from concurrent
 requests with the same key, each request gets exactly its own results, a failing request does not take its
 batch-mates down, and a request's images are byte-identical alone and batched (fixed seeds, real tiny model)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -150,25 +151,34 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def pipeline_batcher(pipe, fixed: bool, max_batch: int, wait_s: float, generate_batch: int | None = None
-                     ) -> RequestBatcher:
+def pipeline_batcher(
+    pipe, fixed: bool, max_batch: int, wait_s: float, generate_batch: int | None = None
+) -> RequestBatcher:
     from inference.pipeline import UpscaleParams
 
     def run(key, reqs, deliver):
-        return pipe.upscale_requests(reqs, UpscaleParams(*key), generate_batch=generate_batch, fixed_batch_shape=fixed,
-                                     on_done=deliver)
+        return pipe.upscale_requests(
+            reqs, UpscaleParams(*key), generate_batch=generate_batch, fixed_batch_shape=fixed, on_done=deliver
+        )
 
     return RequestBatcher(run, max_batch=max_batch, wait_s=wait_s)
 
 
 @pytest.mark.parametrize("generate_batch", [4, 1], ids=["generate_4_crops", "generate_1_crop"])
+@pytest.mark.slow
 def test_a_request_gives_byte_identical_images_alone_and_batched(pipe, generate_batch):
     """Requests of 1, 2 and 3 images (one of them tiled) with their own seeds and params: run one at a time, then
     all at once through the batcher (same-params requests share generate() calls), then in reverse order."""
     ims = photos()
-    requests = [([ims[0]], dict(seed=3)), ([ims[1], ims[2]], dict(seed=3)), ([ims[6]], dict(seed=3)),
-                ([ims[3]], dict(seed=8)), ([ims[4], ims[5], ims[0]], dict(seed=3)), ([ims[2]], dict(seed=3, scale=2)),
-                ([ims[1]], dict(seed=8, color_fix="wavelet"))]
+    requests = [
+        ([ims[0]], dict(seed=3)),
+        ([ims[1], ims[2]], dict(seed=3)),
+        ([ims[6]], dict(seed=3)),
+        ([ims[3]], dict(seed=8)),
+        ([ims[4], ims[5], ims[0]], dict(seed=3)),
+        ([ims[2]], dict(seed=3, scale=2)),
+        ([ims[1]], dict(seed=8, color_fix="wavelet")),
+    ]
     params = [pipe.make_params(**kw) for _, kw in requests]
     jobs = [(dataclasses.astuple(p), imgs, len(imgs)) for (imgs, _), p in zip(requests, params)]
 
@@ -191,8 +201,9 @@ def test_a_request_gives_byte_identical_images_alone_and_batched(pipe, generate_
     # the sizes are the requests' own
     for (imgs, kw), res in zip(requests, alone):
         scale = kw.get("scale", 4)
-        assert [Image.open(io.BytesIO(r)).size for r in res] == [(round(i.width * scale), round(i.height * scale))
-                                                                 for i in imgs]
+        assert [Image.open(io.BytesIO(r)).size for r in res] == [
+            (round(i.width * scale), round(i.height * scale)) for i in imgs
+        ]
 
 
 def test_upscale_requests_hands_each_request_over_once_all_its_images_are_ready(pipe):
@@ -209,8 +220,12 @@ def test_upscale_requests_hands_each_request_over_once_all_its_images_are_ready(
 
     pipe._generate_latents = counting
     try:
-        out = pipe.upscale_requests([[ims[0]], [ims[1], ims[2]], [ims[3]]], p, generate_batch=1,
-                                    on_done=lambda r, imgs: events.append(("done", r, [png(x) for x in imgs])))
+        out = pipe.upscale_requests(
+            [[ims[0]], [ims[1], ims[2]], [ims[3]]],
+            p,
+            generate_batch=1,
+            on_done=lambda r, imgs: events.append(("done", r, [png(x) for x in imgs])),
+        )
     finally:
         del pipe._generate_latents
     reqs = [[ims[0]], [ims[1], ims[2]], [ims[3]]]

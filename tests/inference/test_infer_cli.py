@@ -1,4 +1,5 @@
 """`varsr upscale` and `varsr eval` on real files (tiny model checkpoint, local SQLite MLflow store)."""
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,9 @@ def test_upscale_files_and_folders_skips_and_reports_unreadable(ckpt, tmp_path, 
     single = tmp_path / "one.jpg"
     Image.fromarray(skdata.chelsea()).resize((8, 8)).save(single)
     out = tmp_path / "out"
-    rc = main(["upscale", str(src), str(single), "-o", str(out), "--checkpoint", str(ckpt), "--seed", "0",
-               "--scale", "2"])
+    rc = main(
+        ["upscale", str(src), str(single), "-o", str(out), "--checkpoint", str(ckpt), "--seed", "0", "--scale", "2"]
+    )
     captured = capsys.readouterr()
     assert rc == 1  # some images were skipped
     assert Image.open(out / "grey.png").size == (32, 24)
@@ -66,8 +68,25 @@ def test_eval_reproduces_independent_psnr_ssim_and_logs_to_mlflow(ckpt, tmp_path
         hr.save(hr_dir / f"{name}.png")
         hr.resize((16, 12), Image.BICUBIC).save(lr_dir / f"{name}.png")
     out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = main(["eval", "--hr", str(hr_dir), "--lr", str(lr_dir), "--checkpoint", str(ckpt), "--baseline", "bicubic",
-               "-o", str(out), "--seed", "0", "--tracking-uri", uri])
+    rc = main(
+        [
+            "eval",
+            "--hr",
+            str(hr_dir),
+            "--lr",
+            str(lr_dir),
+            "--checkpoint",
+            str(ckpt),
+            "--baseline",
+            "bicubic",
+            "-o",
+            str(out),
+            "--seed",
+            "0",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and "varsr" in printed and "bicubic" in printed and "psnr_y" in printed
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -83,7 +102,8 @@ def test_eval_reproduces_independent_psnr_ssim_and_logs_to_mlflow(ckpt, tmp_path
         assert float(row["ssim_y"]) == pytest.approx(structural_similarity(_y(hr), _y(img), **kw), abs=1e-6)
         assert float(row["psnr_rgb"]) == pytest.approx(peak_signal_noise_ratio(hr, img, data_range=255), abs=1e-6)
         assert float(row["ssim_rgb"]) == pytest.approx(
-            structural_similarity(hr / 255.0, img / 255.0, channel_axis=2, **kw), abs=1e-6)
+            structural_similarity(hr / 255.0, img / 255.0, channel_axis=2, **kw), abs=1e-6
+        )
     summary = json.loads((out / "summary.json").read_text())["summary"]
     mean_bic = np.mean([float(r["psnr_y"]) for r in rows if r["method"] == "bicubic"])
     assert summary["bicubic"]["psnr_y"] == pytest.approx(mean_bic, abs=1e-9)
@@ -100,10 +120,26 @@ def test_eval_reproduces_independent_psnr_ssim_and_logs_to_mlflow(ckpt, tmp_path
     assert len(client.list_artifacts(run.info.run_id, "crops")) == 3
 
 
+@pytest.mark.slow
 def test_register_command_logs_registers_and_sets_the_alias(ckpt, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = main(["register", str(ckpt), "--name", "cli-model", "--alias", "staging-candidate", "--tracking-uri", uri,
-               "--tag", "source=test", "--set", "limits.max_scale=4", "--no-validate"])
+    rc = main(
+        [
+            "register",
+            str(ckpt),
+            "--name",
+            "cli-model",
+            "--alias",
+            "staging-candidate",
+            "--tracking-uri",
+            uri,
+            "--tag",
+            "source=test",
+            "--set",
+            "limits.max_scale=4",
+            "--no-validate",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["uri"] == "models:/cli-model@staging-candidate" and out["version"] == 1
@@ -128,6 +164,7 @@ def test_eval_on_paired_shards(ckpt, tmp_path, capsys):
 
     shard = tmp_path / "eval-000000.tar"
     with tarfile.open(shard, "w") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -3,6 +3,7 @@ endpoint"), against a real `varsr serve` of a tiny model registered in a real SQ
 budgets checked from the tiling plan before any generation, work cancelled at its deadline or when its client goes
 away, `kill -9` on `varsr serve` with a long request in flight, and error replies that stay small and never repeat
 the request."""
+
 from __future__ import annotations
 
 import base64
@@ -30,13 +31,20 @@ from infra.core.net import free_port
 from model import VARSRConfig, build, save_pretrained
 from tests.inference.test_infer_serve_stop import descendants, listening, process_table
 
+# the fast loop leaves out every test that uses these (tests/conftest.py): a model registered in MLflow and served
+# by `varsr serve` processes
+HEAVY_FIXTURES = {"registry"}
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["runtime.cpu_threads=1", "serving.concurrent_batches=1", "serving.log_batches=true"]
 # A: the work budget (100 tiles of the tiny model, 3 AR steps each), small body and error limits
 LIMITS = BASE + ["serving.max_request_work=300", "serving.max_request_bytes=2000000", "serving.max_error_chars=300"]
 # B: plenty of work allowed, a short deadline and a memory budget
-DEADLINE = BASE + ["serving.max_request_work=10000000", "serving.request_timeout_s=4",
-                   "serving.max_request_memory_mb=4096"]
+DEADLINE = BASE + [
+    "serving.max_request_work=10000000",
+    "serving.request_timeout_s=4",
+    "serving.max_request_memory_mb=4096",
+]
 
 
 def png_b64(img: Image.Image) -> str:
@@ -59,8 +67,7 @@ def split(*images: str) -> dict:
 
 def invoke(url: str, payload=None, raw: bytes | str | None = None, timeout: float = 120):
     body = raw if raw is not None else json.dumps(payload)
-    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
-                         timeout=timeout)
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +77,44 @@ def registry(tmp_path_factory):
     vqvae, varsr = build(VARSRConfig.preset("tiny"))
     ckpt = save_pretrained(root / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    register_model(ckpt, "varsr-limits", alias="champion", tracking_uri=uri, validate_example=False,
-                   config=load_inference_config(overrides=BASE))
+    register_model(
+        ckpt,
+        "varsr-limits",
+        alias="champion",
+        tracking_uri=uri,
+        validate_example=False,
+        config=load_inference_config(overrides=BASE),
+    )
     return {"root": root, "uri": uri, "model": "models:/varsr-limits@champion"}
 
 
 @pytest.fixture(scope="module")
 def limited(registry):
     root = registry["root"]
-    with background_server(registry["model"], free_port(), tracking_uri=registry["uri"], overrides=LIMITS,
-                           log_path=root / "limited.log", tmp_dir=root / "limited-tmp", ready_timeout=180) as url:
+    with background_server(
+        registry["model"],
+        free_port(),
+        tracking_uri=registry["uri"],
+        overrides=LIMITS,
+        log_path=root / "limited.log",
+        tmp_dir=root / "limited-tmp",
+        ready_timeout=180,
+    ) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def deadline_server(registry):
     root = registry["root"]
-    with background_server(registry["model"], free_port(), tracking_uri=registry["uri"], overrides=DEADLINE,
-                           log_path=root / "deadline.log", tmp_dir=root / "deadline-tmp", ready_timeout=180) as url:
+    with background_server(
+        registry["model"],
+        free_port(),
+        tracking_uri=registry["uri"],
+        overrides=DEADLINE,
+        log_path=root / "deadline.log",
+        tmp_dir=root / "deadline-tmp",
+        ready_timeout=180,
+    ) as url:
         yield url, root / "deadline.log"
 
 
@@ -101,12 +128,18 @@ def test_json_problems_are_named_without_quoting_the_body():
 
 
 def test_error_bodies_are_bounded_and_drop_the_echoed_input():
-    echoed = json.dumps({"error_code": "INVALID_PARAMETER_VALUE",
-                         "message": "Failed to predict data '   image\n0  iVBORw0KGgoAAAANSUhEUgAAAAgAAAAI...'. \n"
-                                    "Error: invalid params: scale must be in [1.0, 8.0], got 100.0"}).encode()
+    echoed = json.dumps(
+        {
+            "error_code": "INVALID_PARAMETER_VALUE",
+            "message": "Failed to predict data '   image\n0  iVBORw0KGgoAAAANSUhEUgAAAAgAAAAI...'. \n"
+            "Error: invalid params: scale must be in [1.0, 8.0], got 100.0",
+        }
+    ).encode()
     out = json.loads(bounded_error_body(echoed, True, 400, 300))
-    assert out == {"error_code": "INVALID_PARAMETER_VALUE",
-                   "message": "invalid params: scale must be in [1.0, 8.0], got 100.0"}
+    assert out == {
+        "error_code": "INVALID_PARAMETER_VALUE",
+        "message": "invalid params: scale must be in [1.0, 8.0], got 100.0",
+    }
     cut = b'{"error_code": "BAD_REQUEST", "message": "Ensure that input is a valid JSON. Input: ' + b"A" * 5000
     out = json.loads(bounded_error_body(cut, False, 400, 300))
     assert out["error_code"] == "BAD_REQUEST" and len(out["message"]) <= 300
@@ -201,18 +234,38 @@ def test_a_body_over_the_limit_is_refused_unread(limited):
     assert r.status_code == 200
 
 
-# ---- finding 3: kill -9 on `varsr serve` with a request in flight ------------------------------------------------------
+# ---- finding 3: kill -9 on `varsr serve` with a request in flight ----------------------------------------------------
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_kill_9_on_varsr_serve_with_a_long_request_in_flight_leaves_no_process(registry, tmp_path, workers):
     """uvicorn answers the parent-death SIGTERM by waiting for its requests in flight (here minutes of work) and its
     --workers processes have no parent-death signal: every process of the group must still go, and the port too."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path),
-           "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TMPDIR": str(tmp_path),
+        "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     log_path = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "infra.cli", "serve", registry["model"], "--port", str(port), "--tracking-uri",
-            registry["uri"], "--workers", str(workers), "--set", "serving.request_timeout_s=600",
-            "--set", "serving.max_request_work=10000000", "--set", "serving.orphan_grace_s=1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "infra.cli",
+        "serve",
+        registry["model"],
+        "--port",
+        str(port),
+        "--tracking-uri",
+        registry["uri"],
+        "--workers",
+        str(workers),
+        "--set",
+        "serving.request_timeout_s=600",
+        "--set",
+        "serving.max_request_work=10000000",
+        "--set",
+        "serving.orphan_grace_s=1",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

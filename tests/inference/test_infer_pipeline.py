@@ -1,4 +1,5 @@
 """VARSRPipeline on the tiny model (random weights, CPU): sizes, tiling, seams, determinism, batching, input modes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +79,7 @@ def test_tiled_decode_reproduces_one_global_latent(pipe):
     d, t = pipe.stride, pipe.latent_side
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(pipe.model_cfg.vqvae.z_channels, hp // d, wp // d, generator=g)
-    crops = torch.stack([latent[:, tl.y: tl.y + t, tl.x: tl.x + t] for tl in plan.tiles])
+    crops = torch.stack([latent[:, tl.y : tl.y + t, tl.x : tl.x + t] for tl in plan.tiles])
     with torch.inference_mode():
         tiled = pipe._decode(plan, crops)
         direct = ((pipe.vqvae.fhat_to_img(latent[None]).float() + 1) / 2).clamp(0, 1)[0, :, :112, :160]
@@ -108,7 +109,7 @@ def test_no_seams_at_tile_edges(pipe):
         hard = torch.zeros(3, *plan.padded_hw)  # the same tiles decoded separately and pasted: visible seams
         for lat, tl in zip(latents, plan.tiles):
             tile_img = ((pipe.vqvae.fhat_to_img(lat[None]).float() + 1) / 2).clamp(0, 1)[0]
-            hard[:, tl.y * d: (tl.y + t) * d, tl.x * d: (tl.x + t) * d] = tile_img
+            hard[:, tl.y * d : (tl.y + t) * d, tl.x * d : (tl.x + t) * d] = tile_img
         hard = hard[:, :192, :192].mean(0).numpy() * 255
     blend_ratio, hard_ratio = _seam_ratio(blended, plan, d, t), _seam_ratio(hard, plan, d, t)
     assert blend_ratio < 1.3, blend_ratio
@@ -123,9 +124,15 @@ def test_public_upscale_with_forced_tiling_on_a_small_target_equals_untiled(pipe
 def test_inputs_of_every_kind_and_mode(pipe):
     rgba = photo(16, 16).convert("RGBA")
     rgba.putalpha(128)
-    inputs = [photo(16, 16).convert("L"), rgba, photo(16, 16).convert("P"), photo(16, 16).convert("CMYK"),
-              (np.asarray(photo(16, 16).convert("L"), np.uint16) * 257), np.asarray(photo(16, 16)),
-              torch.rand(3, 16, 16)]
+    inputs = [
+        photo(16, 16).convert("L"),
+        rgba,
+        photo(16, 16).convert("P"),
+        photo(16, 16).convert("CMYK"),
+        (np.asarray(photo(16, 16).convert("L"), np.uint16) * 257),
+        np.asarray(photo(16, 16)),
+        torch.rand(3, 16, 16),
+    ]
     outs = pipe.upscale(inputs, seed=0)
     assert [o.size for o in outs] == [(64, 64)] * len(inputs)
     grey = np.asarray(outs[0])
@@ -145,12 +152,25 @@ def test_colour_fix_options(pipe):
 
 def test_bad_parameters_and_limits_are_rejected(pipe):
     img = photo(16, 16)
-    for kw in ({"scale": 0.5}, {"scale": 100}, {"top_p": 2.0}, {"top_k": -1}, {"cfg": float("nan")},
-               {"color_fix": "sepia"}, {"tile": 99}, {"tile": "big"}, {"seed": -3}):
+    for kw in (
+        {"scale": 0.5},
+        {"scale": 100},
+        {"top_p": 2.0},
+        {"top_k": -1},
+        {"cfg": float("nan")},
+        {"color_fix": "sepia"},
+        {"tile": 99},
+        {"tile": "big"},
+        {"seed": -3},
+    ):
         with pytest.raises(UpscaleParamError):
             pipe.upscale(img, **kw)
-    small = VARSRPipeline(pipe.vqvae, pipe.varsr, config=load_inference_config(
-        overrides=["limits.max_output_pixels=4096", "limits.max_input_pixels=1000"]), device="cpu")
+    small = VARSRPipeline(
+        pipe.vqvae,
+        pipe.varsr,
+        config=load_inference_config(overrides=["limits.max_output_pixels=4096", "limits.max_input_pixels=1000"]),
+        device="cpu",
+    )
     with pytest.raises(ImageInputError, match="output image is too large"):
         small.upscale(photo(20, 20))
     with pytest.raises(ImageInputError, match="input image is too large"):

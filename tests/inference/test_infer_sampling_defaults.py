@@ -2,6 +2,7 @@
 used by the pipeline, `varsr upscale`, the logged pyfunc model and a registered version whenever a call does not give
 the param; a call's own params still win; a model without the file keeps the global defaults (the released d24's
 cfg 6.0 + AdaIN). Real MLflow (a SQLite store), the tiny model with random weights, on CPU."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,10 @@ from inference.images import decode_base64_image, encode_png_base64
 from inference.pipeline import VARSRPipeline
 from infra.core.errors import UserError
 from model import VARSRConfig, build, save_pretrained
-from model.checkpoint import SAMPLING, SAMPLING_COLOR_FIXES, SAMPLING_FIELDS, write_sampling_defaults
+from model.checkpoint import SAMPLING, SAMPLING_COLOR_FIXES, SAMPLING_FIELDS
+
+# the fast loop leaves out every test that uses these: models registered in MLflow (tests/conftest.py)
+HEAVY_FIXTURES = {"plain"}
 
 # far from the global defaults (cfg 6.0, adain), so that a call that ignores them gives another image
 OWN = {"cfg": 0.0, "color_fix": "wavelet"}
@@ -87,8 +91,26 @@ def test_cli_upscale_uses_the_models_defaults_and_flags_override(plain, tuned, t
     _photo().save(tmp_path / "in.png")
 
     def run(ckpt, name, *extra):
-        assert main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / f"{name}.png"), "--checkpoint",
-                     str(ckpt), "--seed", "0", "--dtype", "float32", "--device", "cpu", *extra]) == 0
+        assert (
+            main(
+                [
+                    "upscale",
+                    str(tmp_path / "in.png"),
+                    "-o",
+                    str(tmp_path / f"{name}.png"),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--seed",
+                    "0",
+                    "--dtype",
+                    "float32",
+                    "--device",
+                    "cpu",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return _arr(Image.open(tmp_path / f"{name}.png"))
 
     implicit = run(tuned, "implicit")
@@ -96,8 +118,9 @@ def test_cli_upscale_uses_the_models_defaults_and_flags_override(plain, tuned, t
     assert not np.array_equal(implicit, run(plain, "global"))
     assert np.array_equal(run(tuned, "flags", "--cfg", "6", "--color-fix", "adain"), run(plain, "global2"))
     # --set sampling.* is as explicit as a flag
-    assert np.array_equal(run(tuned, "set", "--set", "sampling.cfg=6", "--set", "sampling.color_fix=adain"),
-                          run(plain, "global3"))
+    assert np.array_equal(
+        run(tuned, "set", "--set", "sampling.cfg=6", "--set", "sampling.color_fix=adain"), run(plain, "global3")
+    )
     capsys.readouterr()
 
 
@@ -139,8 +162,9 @@ def test_a_registered_version_carries_its_defaults_in_the_model_and_its_tags(pla
         assert np.array_equal(implicit, _predict(m_glob, {"seed": 0, **OWN}))
         assert not np.array_equal(implicit, _predict(m_glob, {"seed": 0}))
         # a request's own params win
-        assert np.array_equal(_predict(m_own, {"seed": 0, "cfg": 6.0, "color_fix": "adain"}),
-                              _predict(m_glob, {"seed": 0}))
+        assert np.array_equal(
+            _predict(m_own, {"seed": 0, "cfg": 6.0, "color_fix": "adain"}), _predict(m_glob, {"seed": 0})
+        )
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -151,7 +175,6 @@ def test_register_refuses_bad_defaults_by_name(plain, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for item, words in [("cfg=.nan", "cfg"), ("temperature=1", "temperature"), ("color_fix=sepia", "color_fix")]:
-        rc = main(["register", str(plain), "--name", "bad", "--tracking-uri", uri, "--no-validate",
-                   "--sampling", item])
+        rc = main(["register", str(plain), "--name", "bad", "--tracking-uri", uri, "--no-validate", "--sampling", item])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and words in err and len(err.splitlines()) == 1, err

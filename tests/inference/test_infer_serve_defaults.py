@@ -1,6 +1,7 @@
 """`varsr serve`'s machine-aware defaults (inference/serve.py: choose_layout and what feeds it) and the health /
 metrics parts that need no server: the guard answering /health/* and /metrics in-process (a real ASGI call), the
 model labels, and the sweep of dead workers' live gauges in prometheus_client's multiprocess folder."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,13 +36,16 @@ def test_two_cores_get_two_single_threaded_workers():
     assert "one per CPU core" in layout.reason
 
 
-@pytest.mark.parametrize("cpus, mem_gib, per_worker_gib, gpus, expected", [
-    (1, 64, 1, 0, (1, 1)),
-    (16, 256, 1, 0, (MAX_AUTO_WORKERS, 2)),          # capped: each worker holds its own model
-    (64, 16, 4.5, 0, (2, 32)),                         # 80 % of 16 GiB holds 2 workers of 4.5 GiB
-    (8, 2, 9, 0, (1, 8)),                              # not even one fits: still one
-    (32, 512, 9, 1, (1, None)),                        # a GPU: one process owns it
-])
+@pytest.mark.parametrize(
+    "cpus, mem_gib, per_worker_gib, gpus, expected",
+    [
+        (1, 64, 1, 0, (1, 1)),
+        (16, 256, 1, 0, (MAX_AUTO_WORKERS, 2)),  # capped: each worker holds its own model
+        (64, 16, 4.5, 0, (2, 32)),  # 80 % of 16 GiB holds 2 workers of 4.5 GiB
+        (8, 2, 9, 0, (1, 8)),  # not even one fits: still one
+        (32, 512, 9, 1, (1, None)),  # a GPU: one process owns it
+    ],
+)
 def test_layout_choices(cpus, mem_gib, per_worker_gib, gpus, expected):
     layout = choose_layout(cpus, int(mem_gib * GiB), int(per_worker_gib * GiB), gpus)
     assert (layout.workers, layout.threads) == expected, layout.reason
@@ -68,26 +72,45 @@ def test_machine_readings_follow_affinity_and_the_environment():
     assert out.stdout.strip() == "1"
     assert gpu_count("cpu") == 0
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", "from inference.serve import gpu_count; print(gpu_count())"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "from inference.serve import gpu_count; print(gpu_count())"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "0"
 
 
+@pytest.mark.slow
 def test_help_says_what_it_picks_and_why():
-    out = subprocess.run([sys.executable, "-m", "infra.cli", "serve", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     flat = " ".join(out.split())
-    for phrase in ("one per core", "cgroup", "torch threads", "x1.38", "x2.06", "on a GPU, 1", "/metrics",
-                   "/health/ready"):
+    for phrase in (
+        "one per core",
+        "cgroup",
+        "torch threads",
+        "x1.38",
+        "x2.06",
+        "on a GPU, 1",
+        "/metrics",
+        "/health/ready",
+    ):
         assert phrase in flat, phrase
 
 
-@pytest.mark.parametrize("uri, expected", [
-    ("models:/varsr@champion", ("varsr", "", "champion")),
-    ("models:/varsr/3", ("varsr", "3", "")),
-    ("models:/varsr/latest", ("varsr", "", "latest")),
-    ("runs:/abc/model", ("", "", "")),
-])
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("models:/varsr@champion", ("varsr", "", "champion")),
+        ("models:/varsr/3", ("varsr", "3", "")),
+        ("models:/varsr/latest", ("varsr", "", "latest")),
+        ("runs:/abc/model", ("", "", "")),
+    ],
+)
 def test_model_labels_from_the_uri(uri, expected):
     assert parse_model_uri(uri) == expected
 
@@ -117,8 +140,9 @@ def test_readiness_is_503_until_warm_up_then_200_and_liveness_always(monkeypatch
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics = ServeMetrics(ModelLabels("varsr", "7", "champion"))
     health = Health(metrics, max_queued_requests=2, workers=1)
-    guard = RequestGuard(_inner_app, GuardLimits(1000, 8, 200, 5.0, max_queued_requests=2), metrics=metrics,
-                         health=health)
+    guard = RequestGuard(
+        _inner_app, GuardLimits(1000, 8, 200, 5.0, max_queued_requests=2), metrics=metrics, health=health
+    )
     status, _, body = asyncio.run(_call(guard, "/health/ready"))
     assert status == 503 and json.loads(body)["reason"].startswith("warming up")
     assert asyncio.run(_call(guard, "/health/live"))[0] == 200
@@ -127,7 +151,7 @@ def test_readiness_is_503_until_warm_up_then_200_and_liveness_always(monkeypatch
     assert status == 200 and json.loads(body)["ready"] is True
     health.warmup_failed("boom")
     assert asyncio.run(_call(guard, "/health/ready"))[0] == 503
-    assert asyncio.run(_call(guard, "/ping"))[2] == b"inner"                    # other paths go to MLflow's app
+    assert asyncio.run(_call(guard, "/ping"))[2] == b"inner"  # other paths go to MLflow's app
     status, headers, body = asyncio.run(_call(guard, "/metrics"))
     assert status == 200 and headers[b"content-type"].startswith(b"text/plain")
     assert b'varsr_workers_ready{alias="champion",model="varsr",version="7"} 1.0' in body
@@ -147,8 +171,10 @@ def test_queue_at_its_limit_makes_the_pod_unready():
 
 
 def test_sweep_drops_the_live_gauges_of_dead_workers(tmp_path):
-    code = ("from inference.serve_metrics import ServeMetrics; m = ServeMetrics(); m.set_ready(); "
-            "m.request_started(); m.refused('work')")
+    code = (
+        "from inference.serve_metrics import ServeMetrics; m = ServeMetrics(); m.set_ready(); "
+        "m.request_started(); m.refused('work')"
+    )
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -157,5 +183,5 @@ def test_sweep_drops_the_live_gauges_of_dead_workers(tmp_path):
     dead = sweep_dead_processes(tmp_path)
     assert len(dead) == 1
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert not any(f.startswith("gauge_live") for f in left)          # live gauges of the dead process are gone
-    assert any(f.startswith("counter_") for f in left)                 # its counted requests stay counted
+    assert not any(f.startswith("gauge_live") for f in left)  # live gauges of the dead process are gone
+    assert any(f.startswith("counter_") for f in left)  # its counted requests stay counted

@@ -1,6 +1,7 @@
 """The endpoint's /metrics and health over real HTTP: a tiny model registered in a real SQLite registry, served by
 `varsr serve` (`mlflow models serve`, uvicorn) with 2 worker processes and with 1, real requests, then /metrics parsed
 with prometheus_client's own parser (inference/serve_metrics.py; inference/README.md, "Metrics and health")."""
+
 from __future__ import annotations
 
 import base64
@@ -23,9 +24,19 @@ from inference.serve import background_server
 from infra.core.net import free_port
 from model import VARSRConfig, build, save_pretrained
 
+# the fast loop leaves out every test that uses these (tests/conftest.py): a model registered in MLflow and served
+# by `varsr serve` processes
+HEAVY_FIXTURES = {"registry"}
+
 NAME = "varsr-metrics"
-LIMITS = ["limits.max_payload_bytes=2000000", "limits.max_input_pixels=262144", "limits.max_output_pixels=4194304",
-          "limits.max_batch_images=4", "runtime.cpu_threads=1", "serving.batch_wait_ms=50"]
+LIMITS = [
+    "limits.max_payload_bytes=2000000",
+    "limits.max_input_pixels=262144",
+    "limits.max_output_pixels=4194304",
+    "limits.max_batch_images=4",
+    "runtime.cpu_threads=1",
+    "serving.batch_wait_ms=50",
+]
 
 
 def png_b64(side: int, seed: int = 0) -> str:
@@ -36,13 +47,13 @@ def png_b64(side: int, seed: int = 0) -> str:
 
 
 def body(*images: str, **params) -> str:
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[im] for im in images]},
-                       "params": {"seed": 0, **params}})
+    return json.dumps(
+        {"dataframe_split": {"columns": ["image"], "data": [[im] for im in images]}, "params": {"seed": 0, **params}}
+    )
 
 
 def post(url: str, data: str, timeout: float = 120) -> requests.Response:
-    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"},
-                         timeout=timeout)
+    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=timeout)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -79,8 +90,15 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_workers(registry):
     root = registry["root"]
-    with background_server(f"models:/{NAME}@champion", free_port(), tracking_uri=registry["uri"], workers=2,
-                           log_path=root / "server2.log", tmp_dir=root / "tmp2", ready_timeout=240) as url:
+    with background_server(
+        f"models:/{NAME}@champion",
+        free_port(),
+        tracking_uri=registry["uri"],
+        workers=2,
+        log_path=root / "server2.log",
+        tmp_dir=root / "tmp2",
+        ready_timeout=240,
+    ) as url:
         wait_ready(url)
         yield url
 
@@ -104,9 +122,9 @@ def test_two_workers_count_exactly_what_the_clients_saw(two_workers, registry):
     with ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(lambda d: post(url, d).status_code, good))
     assert codes == [200] * 7
-    assert post(url, '{"dataframe_split": [').status_code == 400                        # bad JSON (guard)
-    assert post(url, body(*[png_b64(8, i) for i in range(5)])).status_code == 400        # 5 rows > limit 4
-    assert post(url, body(png_b64(16), scale=1.0e9)).status_code == 400                  # bad params
+    assert post(url, '{"dataframe_split": [').status_code == 400  # bad JSON (guard)
+    assert post(url, body(*[png_b64(8, i) for i in range(5)])).status_code == 400  # 5 rows > limit 4
+    assert post(url, body(png_b64(16), scale=1.0e9)).status_code == 400  # bad params
     images = 6 + 2
 
     # every scrape, whichever worker answers it, sees the requests of both workers
@@ -121,7 +139,7 @@ def test_two_workers_count_exactly_what_the_clients_saw(two_workers, registry):
         assert value(m, "varsr_refusals_total", reason="bad_params") == 1
         assert value(m, "varsr_images_total") == images
         assert value(m, "varsr_image_duration_seconds_count") == images
-        assert value(m, "varsr_batch_images_sum") == images                   # the warm-up calls are not counted
+        assert value(m, "varsr_batch_images_sum") == images  # the warm-up calls are not counted
         assert value(m, "varsr_batch_requests_sum") == 7
         assert value(m, "varsr_tiles_total") >= images
         assert value(m, "varsr_requests_in_flight") == 0 and value(m, "varsr_requests_waiting") == 0
@@ -130,7 +148,7 @@ def test_two_workers_count_exactly_what_the_clients_saw(two_workers, registry):
         assert value(m, "varsr_request_duration_seconds_bucket", le="+Inf") == 10
         assert 0 < value(m, "varsr_request_duration_seconds_sum")
         mem = label_sets(m, "varsr_process_resident_memory_bytes")
-        assert len({ls["pid"] for ls in mem}) == 2                               # one series per worker process
+        assert len({ls["pid"] for ls in mem}) == 2  # one series per worker process
         assert all(value(m, "varsr_process_resident_memory_bytes", pid=ls["pid"]) > 50 * 2**20 for ls in mem)
         for ls in label_sets(m, "varsr_requests_total"):
             assert {k: ls[k] for k in ("model", "version", "alias")} == model
@@ -150,14 +168,23 @@ def test_readiness_waits_for_the_warm_up_and_fails_while_the_queue_is_full(regis
     is 503 'queue is full', a second request is refused with 503 + Retry-After, and both recover after it."""
     root = registry["root"]
     sets = ["serving.warmup_side=256", "serving.max_queued_requests=1"]
-    with background_server(f"models:/{NAME}@champion", free_port(), tracking_uri=registry["uri"], workers=1,
-                           overrides=sets, log_path=root / "server1.log", tmp_dir=root / "tmp1",
-                           ready_timeout=240) as url:
+    with background_server(
+        f"models:/{NAME}@champion",
+        free_port(),
+        tracking_uri=registry["uri"],
+        workers=1,
+        overrides=sets,
+        log_path=root / "server1.log",
+        tmp_dir=root / "tmp1",
+        ready_timeout=240,
+    ) as url:
         assert requests.get(f"{url}/health/live", timeout=10).status_code == 200
         seen = wait_ready(url)
         assert seen[0][0] == 503 and seen[0][1]["reason"].startswith("warming up"), seen[0]
-        assert seen[-1] == (200, {"workers": 1, "workers_ready": 1, "requests_held": 0, "queue_limit": 1,
-                                  "ready": True})
+        assert seen[-1] == (
+            200,
+            {"workers": 1, "workers_ready": 1, "requests_held": 0, "queue_limit": 1, "ready": True},
+        )
 
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault("r", post(url, body(png_b64(256), scale=4.0))))
@@ -197,10 +224,17 @@ def test_without_workers_varsr_serve_runs_the_layout_chosen_for_this_machine(reg
     root, uri = registry["root"], f"models:/{NAME}@champion"
     cfg = served_config(uri, registry["uri"])
     per_worker = worker_memory_bytes(weights_bytes(uri, registry["uri"]), cfg.serving.max_request_memory_mb)
-    assert per_worker > worker_memory_bytes(0, cfg.serving.max_request_memory_mb)     # the checkpoint was listed
+    assert per_worker > worker_memory_bytes(0, cfg.serving.max_request_memory_mb)  # the checkpoint was listed
     expected = choose_layout(machine_cpus(), machine_memory_bytes(), per_worker, gpu_count(cfg.runtime.device))
-    with background_server(uri, free_port(), tracking_uri=registry["uri"], workers=None, log_path=root / "auto.log",
-                           tmp_dir=root / "tmp-auto", ready_timeout=240) as url:
+    with background_server(
+        uri,
+        free_port(),
+        tracking_uri=registry["uri"],
+        workers=None,
+        log_path=root / "auto.log",
+        tmp_dir=root / "tmp-auto",
+        ready_timeout=240,
+    ) as url:
         ready = wait_ready(url)[-1][1]
         pids = {ls["pid"] for ls in label_sets(scrape(url), "varsr_process_resident_memory_bytes")}
     assert ready["workers"] == ready["workers_ready"] == expected.workers

@@ -1,6 +1,7 @@
 """`varsr serve` under real signals: SIGTERM and SIGINT stop the whole server (the `mlflow models serve` child and its
 uvicorn process), with exit status 0, the port free again and the model's temporary copy removed; SIGKILL to
 `varsr serve` still takes the server down (parent-death signal)."""
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,10 @@ from inference.registry import register_model
 from infra.core.net import free_port
 from model import VARSRConfig, build, save_pretrained
 
+# the fast loop leaves out every test that uses these (tests/conftest.py): a model registered in MLflow and served
+# by `varsr serve` processes
+HEAVY_FIXTURES = {"registered"}
+
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "varsr-stop"
 
@@ -33,10 +38,27 @@ def registered(tmp_path_factory):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(root / "tracking.log", "wb")
-    tracking = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                                 f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    tracking = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -53,8 +75,13 @@ def registered(tmp_path_factory):
         torch.manual_seed(0)
         vqvae, varsr = build(VARSRConfig.preset("tiny"))
         ckpt = save_pretrained(root / "ckpt", vqvae, varsr)
-        register_model(ckpt, NAME, tracking_uri=uri, validate_example=False,
-                       config=load_inference_config(overrides=["runtime.cpu_threads=1"]))
+        register_model(
+            ckpt,
+            NAME,
+            tracking_uri=uri,
+            validate_example=False,
+            config=load_inference_config(overrides=["runtime.cpu_threads=1"]),
+        )
         yield uri
     finally:
         os.killpg(tracking.pid, signal.SIGTERM)
@@ -81,7 +108,7 @@ def process_table() -> dict[int, dict]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
         out[int(d.name)] = {"state": fields[0], "ppid": int(fields[1]), "pgid": int(fields[2]), "cmd": cmd}
     return out
 
@@ -127,9 +154,24 @@ def start_serving(uri: str, port: int, tmpdir: Path, log_path: Path) -> subproce
     """`varsr serve` as a user starts it (its own session so the test can find it), answering /ping."""
     env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(ROOT)}
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve", f"models:/{NAME}@champion", "--port",
-                             str(port), "--tracking-uri", uri], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "serve",
+            f"models:/{NAME}@champion",
+            "--port",
+            str(port),
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     deadline = time.monotonic() + 180
     while True:
@@ -156,9 +198,13 @@ def server_processes(proc: subprocess.Popen) -> tuple[dict[int, dict], set[int]]
 
 def left_behind(tree: dict[int, dict], groups: set[int], zombies_count: bool = True) -> dict[int, dict]:
     now = process_table()
-    return {p: i for p, i in now.items()
-            if (p in tree or i["pgid"] in groups) and (zombies_count or i["state"] != "Z")
-            and i["cmd"] == tree.get(p, i)["cmd"]}
+    return {
+        p: i
+        for p, i in now.items()
+        if (p in tree or i["pgid"] in groups)
+        and (zombies_count or i["state"] != "Z")
+        and i["cmd"] == tree.get(p, i)["cmd"]
+    }
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -1,5 +1,6 @@
 """The MLflow model end to end: a tiny model registered in a real SQLite registry, served by `varsr serve`
 (`mlflow models serve`) on a free loopback port, and real HTTP requests — good and bad."""
+
 from __future__ import annotations
 
 import base64
@@ -18,21 +19,35 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from infra.core.net import free_port
 from inference.config import load_inference_config
 from inference.pipeline import VARSRPipeline
-from inference.serve import background_server
-from infra.core.tracking import default_tracking_uri
 from inference.registry import register_model
+from inference.serve import background_server
+from infra.core.net import free_port
+from infra.core.tracking import default_tracking_uri
 from model import VARSRConfig, build, save_pretrained
 
+# the fast loop leaves out every test that uses these (tests/conftest.py): a model registered in MLflow and served
+# by `mlflow models serve`
+HEAVY_FIXTURES = {"registry"}
+
 NAME = "varsr-tiny"
-LIMITS = ["limits.max_payload_bytes=200000", "limits.max_input_pixels=65536", "limits.max_output_pixels=262144",
-          "limits.max_batch_images=4", "runtime.cpu_threads=1"]
+LIMITS = [
+    "limits.max_payload_bytes=200000",
+    "limits.max_input_pixels=65536",
+    "limits.max_output_pixels=262144",
+    "limits.max_batch_images=4",
+    "runtime.cpu_threads=1",
+]
 # batching: a wide window so that requests sent together reliably meet, generate() calls of exactly 4 crops from
 # several requests (not the CPU default of 1), one log line per batch (the tests read it to know batches formed)
-SERVING = ["serving.max_batch_images=8", "serving.batch_wait_ms=300", "serving.log_batches=true",
-           "serving.generate_batch=4", "tiling.batch_size=4"]
+SERVING = [
+    "serving.max_batch_images=8",
+    "serving.batch_wait_ms=300",
+    "serving.log_batches=true",
+    "serving.generate_batch=4",
+    "tiling.batch_size=4",
+]
 
 
 def photo_b64(w: int, h: int, mode: str = "RGB", fmt: str = "PNG") -> str:
@@ -49,23 +64,34 @@ def registry(tmp_path_factory):
     vqvae, varsr = build(VARSRConfig.preset("tiny"))
     ckpt = save_pretrained(root / "ckpt", vqvae, varsr)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mv = register_model(ckpt, NAME, alias="champion", tracking_uri=uri, tags={"lineage.run": "test-run"},
-                        config=load_inference_config(overrides=LIMITS + SERVING))
+    mv = register_model(
+        ckpt,
+        NAME,
+        alias="champion",
+        tracking_uri=uri,
+        tags={"lineage.run": "test-run"},
+        config=load_inference_config(overrides=LIMITS + SERVING),
+    )
     return {"root": root, "uri": uri, "version": mv, "ckpt": ckpt}
 
 
 @pytest.fixture(scope="module")
 def server(registry):
     root = registry["root"]
-    with background_server(f"models:/{NAME}@champion", free_port(), tracking_uri=registry["uri"],
-                           log_path=root / "server.log", tmp_dir=root / "server-tmp", ready_timeout=120) as url:
+    with background_server(
+        f"models:/{NAME}@champion",
+        free_port(),
+        tracking_uri=registry["uri"],
+        log_path=root / "server.log",
+        tmp_dir=root / "server-tmp",
+        ready_timeout=120,
+    ) as url:
         yield url
 
 
 def invoke(url: str, payload=None, raw: str | None = None, timeout: float = 60):
     body = raw if raw is not None else json.dumps(payload)
-    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"},
-                         timeout=timeout)
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=timeout)
 
 
 def split(*images: str) -> dict:
@@ -89,7 +115,14 @@ def test_registry_has_the_version_alias_tags_signature_and_example(registry, mon
     info = Model.load(f"models:/{NAME}@champion")
     assert info.signature.inputs.input_names() == ["image"]
     assert {p.name: p.default for p in info.signature.params.params} == {
-        "scale": 4.0, "cfg": 6.0, "seed": -1, "top_k": 1, "top_p": 0.75, "tile": -1, "color_fix": "adain"}
+        "scale": 4.0,
+        "cfg": 6.0,
+        "seed": -1,
+        "top_k": 1,
+        "top_p": 0.75,
+        "tile": -1,
+        "color_fix": "adain",
+    }
     assert info.saved_input_example_info is not None
     assert (registry["root"] / "mlartifacts").is_dir()  # artifacts beside the SQLite store
     assert default_tracking_uri() == registry["uri"]  # $MLFLOW_TRACKING_URI wins
@@ -102,18 +135,22 @@ def test_the_served_model_ships_only_the_code_it_runs(registry, tmp_path):
     model and the bottom layer, never the CLI, the demo, training or the data pipeline."""
     import mlflow
 
-    from infra.core.tracking import tracking_uri_scope
     from inference.mlflow_model import served_modules
+    from infra.core.tracking import tracking_uri_scope
 
     with tracking_uri_scope(registry["uri"]):
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path)))
     shipped = sorted(str(p.relative_to(local / "code")) for p in (local / "code").rglob("*.py"))
-    expected = sorted(m.replace(".", "/") + ("/__init__.py" if (Path(m.replace(".", "/")) / "__init__.py").is_file()
-                                             else ".py") for m in served_modules())
+    expected = sorted(
+        m.replace(".", "/") + ("/__init__.py" if (Path(m.replace(".", "/")) / "__init__.py").is_file() else ".py")
+        for m in served_modules()
+    )
     assert shipped == expected
     assert "inference/mlflow_model.py" in shipped and "model/varsr.py" in shipped
-    assert not any(p.startswith(("training/", "data_pipeline/")) or p == "infra/cli.py"
-                   or p.startswith("infra/demo") for p in shipped)
+    assert not any(
+        p.startswith(("training/", "data_pipeline/")) or p == "infra/cli.py" or p.startswith("infra/demo")
+        for p in shipped
+    )
 
 
 def test_good_images_round_trip_with_the_expected_size(server):
@@ -124,8 +161,13 @@ def test_good_images_round_trip_with_the_expected_size(server):
     for p in preds:
         img = decode(p["image"])
         assert img.format == "PNG" and img.size == (p["width"], p["height"]) and img.mode == "RGB"
-    r = invoke(server, {"dataframe_records": [{"image": photo_b64(24, 20, "RGBA")}],
-                        "params": {"scale": 2, "seed": 1, "color_fix": "wavelet", "tile": 1}})
+    r = invoke(
+        server,
+        {
+            "dataframe_records": [{"image": photo_b64(24, 20, "RGBA")}],
+            "params": {"scale": 2, "seed": 1, "color_fix": "wavelet", "tile": 1},
+        },
+    )
     assert r.status_code == 200, r.text
     assert (r.json()["predictions"][0]["width"], r.json()["predictions"][0]["height"]) == (48, 40)
 
@@ -144,8 +186,9 @@ def test_served_result_equals_the_pipeline_loaded_from_the_registry(server, regi
     from infra.core.tracking import tracking_uri_scope
 
     with tracking_uri_scope(registry["uri"]):
-        model_dir = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion",
-                                                        dst_path=str(registry["root"] / "dl"))
+        model_dir = mlflow.artifacts.download_artifacts(
+            f"models:/{NAME}@champion", dst_path=str(registry["root"] / "dl")
+        )
     from_folder = VARSRPipeline.from_pretrained(model_dir, device="cpu")  # a downloaded MLflow model folder
     assert from_folder.config.limits.max_batch_images == 4
     img = Image.open(io.BytesIO(base64.b64decode(b64)))
@@ -184,10 +227,15 @@ def test_requests_sent_together_are_batched_and_byte_identical_to_one_at_a_time(
     """Seven requests (same and different seeds, one with two images, one at another scale) one at a time, then all
     at once: the server batches the ones with equal params, and every PNG is byte for byte the one it sent alone."""
     ims = [photo_b64(12 + 2 * i, 16 - i) for i in range(5)]
-    payloads = [{**split(ims[0]), "params": {"seed": 1}}, {**split(ims[1]), "params": {"seed": 1}},
-                {**split(ims[2], ims[3]), "params": {"seed": 1}}, {**split(ims[4]), "params": {"seed": 1}},
-                {**split(ims[0]), "params": {"seed": 2}}, {**split(ims[1]), "params": {"seed": 1, "scale": 2}},
-                {**split(ims[2]), "params": {"seed": 1}}]
+    payloads = [
+        {**split(ims[0]), "params": {"seed": 1}},
+        {**split(ims[1]), "params": {"seed": 1}},
+        {**split(ims[2], ims[3]), "params": {"seed": 1}},
+        {**split(ims[4]), "params": {"seed": 1}},
+        {**split(ims[0]), "params": {"seed": 2}},
+        {**split(ims[1]), "params": {"seed": 1, "scale": 2}},
+        {**split(ims[2]), "params": {"seed": 1}},
+    ]
     alone = []
     for payload in payloads:
         r = invoke(server, payload)
@@ -209,8 +257,7 @@ def test_requests_sent_together_are_batched_and_byte_identical_to_one_at_a_time(
 def test_a_bad_request_in_a_burst_gets_its_400_and_the_others_their_own_images(server):
     good = [{**split(photo_b64(14, 14)), "params": {"seed": 3}}, {**split(photo_b64(10, 12)), "params": {"seed": 3}}]
     refs = [invoke(server, g).json()["predictions"][0]["image"] for g in good]
-    bad = [split("@@not*base64@@"), {**split(photo_b64(8, 8)), "params": {"scale": 100}},
-           split(photo_b64(300, 300))]
+    bad = [split("@@not*base64@@"), {**split(photo_b64(8, 8)), "params": {"scale": 100}}, split(photo_b64(300, 300))]
     rs = send_together(server, [good[0], bad[0], good[1], bad[1], bad[2]])
     assert [r.status_code for r in rs] == [200, 400, 200, 400, 400], [r.text[:200] for r in rs]
     assert rs[0].json()["predictions"][0]["image"] == refs[0] and rs[2].json()["predictions"][0]["image"] == refs[1]

@@ -2,6 +2,7 @@
 under a parent, artifacts under the store whatever the current folder, no absolute local path in tags / params /
 MLmodel, evaluation runs that say which model ran on which data, and a store that keeps working after its folder moves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,13 +61,15 @@ def _pairs(tmp_path) -> tuple[Path, Path]:
     return hr_dir, lr_dir
 
 
+@pytest.mark.slow
 def test_register_run_is_named_nested_and_records_no_local_path(ckpt, store):
-    from infra.core.tracking import end_run, start_run
     from inference.registry import register_model
+    from infra.core.tracking import end_run, start_run
 
     parent = start_run(store["uri"], "release tiny").info.run_id
-    mv = register_model(ckpt, "reg-x", tracking_uri=store["uri"], validate_example=False, parent_run_id=parent,
-                        tags={"source": "test"})
+    mv = register_model(
+        ckpt, "reg-x", tracking_uri=store["uri"], validate_example=False, parent_run_id=parent, tags={"source": "test"}
+    )
     end_run(store["uri"], parent)
     client = _client(store["uri"])
     run = client.get_run(mv.run_id)
@@ -85,11 +88,12 @@ def test_register_run_is_named_nested_and_records_no_local_path(ckpt, store):
         assert str(ckpt.parent) not in text and "/tmp/" not in text, text[:300]
 
 
+@pytest.mark.slow
 def test_a_moved_store_finds_its_artifacts_and_the_model_schema(ckpt, store, tmp_path):
     import mlflow
 
-    from infra.core.tracking import relocate_local_store, resolve_tracking_uri, tracking_uri_scope
     from inference.registry import register_model
+    from infra.core.tracking import relocate_local_store, resolve_tracking_uri, tracking_uri_scope
 
     register_model(ckpt, "moved", tracking_uri=store["uri"], validate_example=False)
     assert relocate_local_store(store["uri"]) == 0  # nothing moved yet
@@ -113,21 +117,42 @@ def test_a_moved_store_finds_its_artifacts_and_the_model_schema(ckpt, store, tmp
     assert relocate_local_store(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}") == 0
 
 
+@pytest.mark.slow
 def test_eval_run_records_the_model_its_params_and_the_data(ckpt, store, tmp_path, monkeypatch, capsys):
-    from infra.core.tracking import start_run
     from inference.registry import register_model
+    from infra.core.tracking import start_run
 
     mv = register_model(ckpt, "evalme", tracking_uri=store["uri"], validate_example=False)
     parent = start_run(store["uri"], "pipeline tiny").info.run_id
     monkeypatch.setenv("VARSR_PARENT_RUN_ID", parent)  # how a multi-stage launch nests the runs of its commands
     hr_dir, lr_dir = _pairs(tmp_path)
     out = tmp_path / "eval-out"
-    rc = main(["eval", "--hr", str(hr_dir), "--lr", str(lr_dir), "--model-uri", "models:/evalme@champion",
-               "--baseline", "bicubic", "-o", str(out), "--seed", "0", "--tracking-uri", store["uri"]])
+    rc = main(
+        [
+            "eval",
+            "--hr",
+            str(hr_dir),
+            "--lr",
+            str(lr_dir),
+            "--model-uri",
+            "models:/evalme@champion",
+            "--baseline",
+            "bicubic",
+            "-o",
+            str(out),
+            "--seed",
+            "0",
+            "--tracking-uri",
+            store["uri"],
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     client = _client(store["uri"])
-    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("varsr").experiment_id])
-              if r.data.tags.get("varsr.stage") == "eval"]
+    (run,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("varsr").experiment_id])
+        if r.data.tags.get("varsr.stage") == "eval"
+    ]
     run = client.get_run(run.info.run_id)  # search results leave model inputs out
     assert re.fullmatch(rf"eval evalme@champion HR {STAMP}", run.info.run_name)
     assert run.data.tags["mlflow.parentRunId"] == parent
@@ -140,8 +165,11 @@ def test_eval_run_records_the_model_its_params_and_the_data(ckpt, store, tmp_pat
     # the data: a dataset input whose digest is the hash of the pairs' pixels
     h = hashlib.sha256()
     for stem in ("astronaut", "coffee"):
-        h.update(stem.encode() + Image.open(hr_dir / f"{stem}.png").convert("RGB").tobytes()
-                 + Image.open(lr_dir / f"{stem}.png").convert("RGB").tobytes())
+        h.update(
+            stem.encode()
+            + Image.open(hr_dir / f"{stem}.png").convert("RGB").tobytes()
+            + Image.open(lr_dir / f"{stem}.png").convert("RGB").tobytes()
+        )
     (ds,) = run.inputs.dataset_inputs
     assert ds.dataset.digest == h.hexdigest()[:36] and json.loads(ds.dataset.source)["uri"] == "../data/HR"
     assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "evaluation"
@@ -162,8 +190,8 @@ def test_on_a_tracking_server_the_server_places_artifacts(ckpt, mlflow_server, t
 
     import mlflow
 
-    from infra.core.tracking import ensure_experiment, start_run, tracking_uri_scope
     from inference.registry import register_model
+    from infra.core.tracking import ensure_experiment, start_run, tracking_uri_scope
 
     monkeypatch.delenv("VARSR_PARENT_RUN_ID", raising=False)
     uri = mlflow_server.uri
@@ -187,8 +215,26 @@ def test_on_a_tracking_server_the_server_places_artifacts(ckpt, mlflow_server, t
     assert not any(os.path.isabs(u) or u.startswith("file:") for u in sources), sources
     hr_dir, lr_dir = _pairs(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert main(["eval", "--hr", str(hr_dir), "--lr", str(lr_dir), "--model-uri", f"models:/{name}@champion",
-                 "-o", str(tmp_path / "ev"), "--seed", "0", "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--hr",
+                str(hr_dir),
+                "--lr",
+                str(lr_dir),
+                "--model-uri",
+                f"models:/{name}@champion",
+                "-o",
+                str(tmp_path / "ev"),
+                "--seed",
+                "0",
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     (run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("varsr.stage") == "eval"]
     run = client.get_run(run.info.run_id)
     assert len(run.inputs.dataset_inputs[0].dataset.digest) == 36 and run.inputs.model_inputs

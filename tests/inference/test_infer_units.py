@@ -1,4 +1,5 @@
 """Unit tests of the inference building blocks: colour fix, latent tiling, image decoding, metrics."""
+
 from __future__ import annotations
 
 import base64
@@ -13,8 +14,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from inference.colorfix import adain_color_fix, channel_mean_std, wavelet_color_fix, wavelet_decompose
 from inference.images import ImageInputError, decode_base64_image, encode_png_base64, load_image, open_image_bytes
-from infra.core.metrics import full_reference, rgb_to_y
 from inference.tiling import Tile, blend_tiles, tile_grid, tile_starts, window_1d
+from infra.core.metrics import full_reference, rgb_to_y
 
 
 # ---- colour fix -------------------------------------------------------------------------------------------------
@@ -24,7 +25,8 @@ def test_adain_matches_reference_mean_and_unbiased_std():
     source = 0.4 + 0.08 * torch.randn(2, 3, 24, 24, generator=g) + torch.tensor([0.0, 0.1, -0.1]).view(1, 3, 1, 1)
     out = adain_color_fix(target, source, clamp=False)
     torch.testing.assert_close(out.mean(dim=(2, 3)), source.mean(dim=(2, 3)), atol=1e-6, rtol=0)
-    # std = sqrt(unbiased var + 1e-5) for both images (docs/MODEL.md §4.4): the output's raw std is the reference's up to eps
+    # std = sqrt(unbiased var + 1e-5) for both images (docs/MODEL.md §4.4): the output's raw std is the reference's
+    # up to eps
     st_raw = target.flatten(2).std(dim=2, unbiased=True)
     ss_eps = (source.flatten(2).var(dim=2, unbiased=True) + 1e-5).sqrt()
     st_eps = (st_raw**2 + 1e-5).sqrt()
@@ -81,7 +83,7 @@ def test_blending_identical_overlapping_latents_reproduces_them(kind):
     smooth = torch.stack([torch.sin(3 * ys + k) * torch.cos(2 * xs - k) for k in range(8)])
     for latent in (smooth, torch.full((8, h, w), 0.37), torch.randn(8, h, w, generator=g)):
         tiles = tile_grid(h, w, t, 1)
-        crops = torch.stack([latent[:, tl.y: tl.y + t, tl.x: tl.x + t] for tl in tiles])
+        crops = torch.stack([latent[:, tl.y : tl.y + t, tl.x : tl.x + t] for tl in tiles])
         out = blend_tiles(crops, tiles, (h, w), kind)
         torch.testing.assert_close(out, latent, atol=1e-6, rtol=0)
 

@@ -2,6 +2,7 @@
 exists and is valid, the held-out figures are printed and logged, the MLflow record is one parent run with named
 children (the registered version's source run is the stage-2 training run), the sample grids show different samples,
 a re-run resumes (skips finished steps), and the demo folder moved elsewhere still opens with every artifact."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,25 @@ def _demo(workdir: Path, *extra: str, timeout: int = 900) -> subprocess.Complete
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", "demo", "--workdir", str(workdir), "--stage2-steps", "2",
-         "--batch-size", "2", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--stage2-steps",
+            "2",
+            "--batch-size",
+            "2",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -61,7 +78,6 @@ def test_demo_end_to_end_reduced(tmp_path):
     assert n == c["samples"]
 
     # MLflow: stage-1 and stage-2 runs, a registered version under @champion carrying lineage
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{w / 'mlflow.db'}"
@@ -75,7 +91,9 @@ def test_demo_end_to_end_reduced(tmp_path):
     mv = client.get_model_version_by_alias("varsr-demo", "champion")
     assert mv.tags.get("varsr.data.manifest_sha256") == _sha256(w / "shards" / "manifest.json")
     # the version carries the demo's sampling settings as its own defaults (issue 28, finding 5)
-    assert mv.tags.get("varsr.sampling.cfg") == str(DemoConfig().cfg) and mv.tags.get("varsr.sampling.source") == "model"
+    assert (
+        mv.tags.get("varsr.sampling.cfg") == str(DemoConfig().cfg) and mv.tags.get("varsr.sampling.source") == "model"
+    )
     assert mv.tags.get("varsr.sampling.color_fix") == DemoConfig().color_fix
 
     # serving answered a real HTTP request with an image of the right size, and refused a bad one with a 4xx
@@ -114,7 +132,7 @@ def test_demo_end_to_end_reduced(tmp_path):
     moved = tmp_path / "elsewhere" / "demo-moved"
     moved.parent.mkdir()
     shutil.move(str(w), str(moved))
-    again = _demo(moved, timeout=300)                     # reopening re-points the store at the new place
+    again = _demo(moved, timeout=300)  # reopening re-points the store at the new place
     assert again.returncode == 0, again.stderr[-2000:]
     _check_artifacts_resolve(moved)
 
@@ -150,20 +168,24 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     preset = read_config(DemoConfig().base_dir())[0].name
     assert parent.info.run_name.startswith(f"demo {preset} seed0 ") and parent.info.status == "FINISHED"
     assert parent.data.metrics["data/kept"] > 0
-    children = {r.info.run_name.split(" ")[0]: r for r in runs.values()
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.info.run_name.split(" ")[0]: r
+        for r in runs.values()
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert {"stage2-isr", "serve", "upscale"} <= set(children), sorted(children)
-    assert len({r.info.run_name for r in runs.values()}) == len(runs)   # no two runs share a name
+    assert len({r.info.run_name for r in runs.values()}) == len(runs)  # no two runs share a name
     # the registered version comes from the stage-2 training run itself, which shows its logged model
     mv = client.get_model_version_by_alias("varsr-demo", "champion")
     assert mv.run_id == children["stage2-isr"].info.run_id
     assert client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{mv.run_id}'")
     up = children["upscale"]
-    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic",
-            "quality_bar_met"} <= set(up.data.metrics)
+    assert {"psnr_y_varsr", "psnr_y_bicubic", "hf_energy_varsr", "hf_energy_bicubic", "quality_bar_met"} <= set(
+        up.data.metrics
+    )
     assert up.data.tags["varsr.model_uri"] == "models:/varsr-demo@champion" and up.data.params["cfg"]
     assert up.data.params["color_fix"] == children["serve"].data.params["color_fix"] == DemoConfig().color_fix
-    assert up.inputs.dataset_inputs                                     # the held-out photo it ran on
+    assert up.inputs.dataset_inputs  # the held-out photo it ran on
     names = {a.path for a in client.list_artifacts(up.info.run_id, "upscale")}
     assert {"upscale/comparison.png", "upscale/bicubic.png", "upscale/motorcycle_sr.png"} <= names
     # no absolute local path in any tag or param
@@ -175,11 +197,10 @@ def _check_run_tree(w: Path, uri: str, st: dict) -> None:
     meta, rows = grid_tiles(grids[-1])
     assert len(rows) >= 2
     hr = [row[-1] for row in rows]
-    assert all((a != b).any() for i, a in enumerate(hr) for b in hr[i + 1:])
+    assert all((a != b).any() for i, a in enumerate(hr) for b in hr[i + 1 :])
 
 
 def _check_artifacts_resolve(w: Path) -> None:
-    import mlflow
     from mlflow.models import Model
     from mlflow.tracking import MlflowClient
 
@@ -196,8 +217,7 @@ def _check_artifacts_resolve(w: Path) -> None:
     with tracking_uri_scope(uri):
         info = Model.load("models:/varsr-demo@champion")
     assert info.signature.inputs.input_names() == ["image"]
-    assert not any(str(p).startswith("/tmp/pytest") and "elsewhere" not in str(p)
-                   for p in [exp.artifact_location])
+    assert not any(str(p).startswith("/tmp/pytest") and "elsewhere" not in str(p) for p in [exp.artifact_location])
 
 
 def _sha256(p: Path) -> str:
@@ -217,8 +237,10 @@ def test_demo_trains_the_preset_of_its_base_and_shards_at_its_tile_size(tmp_path
     demo = Demo(DemoConfig(workdir=str(tmp_path / "a")))
     scratch = Demo(DemoConfig(workdir=str(tmp_path / "b"), from_scratch=True))
     assert (demo.preset(), demo.tile_size()) == (base.name, base.image_size)
-    assert (scratch.preset(), scratch.tile_size()) == (FROM_SCRATCH_PRESET,
-                                                       VARSRConfig.preset(FROM_SCRATCH_PRESET).image_size)
+    assert (scratch.preset(), scratch.tile_size()) == (
+        FROM_SCRATCH_PRESET,
+        VARSRConfig.preset(FROM_SCRATCH_PRESET).image_size,
+    )
     for name in ("vqvae.yaml", "stage1.yaml", "stage2.yaml"):
         assert yaml.safe_load((ROOT / "configs" / "demo" / name).read_text())["model"]["preset"] == FROM_SCRATCH_PRESET
     assert PHOTO_SHORT_SIDE / 128 == 1.25  # the `small` shards keep the data build's default resize

@@ -2,6 +2,7 @@
 shard-owned function, ``data_pipeline.shards.manifest_ref``, gives a dataset's manifest reference; inference does not
 rebuild ``…/manifest.json`` itself). The roof wires that function into the eval command, and the evaluation's dataset
 input carries the manifest's sha256 for a dataset folder and the pixels' hash for tars, which have no manifest."""
+
 from __future__ import annotations
 
 import hashlib

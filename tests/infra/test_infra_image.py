@@ -2,22 +2,23 @@
 and a Dockerfile whose pins are pyproject's. There is no Docker engine here, so the image is not built; what can be
 checked without one is: the pins, the requirement list the Dockerfile derives from pyproject.toml, the build context
 filter, and the rendered manifests."""
+
 from __future__ import annotations
 
 import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "infra/docker/Dockerfile"
 RENDER = ROOT / "infra/scripts/render_manifests.py"
 PLACEHOLDER = "${VARSR_IMAGE}"
-THIRD_PARTY = {"postgres:16"}          # docker compose's database: not our image
+THIRD_PARTY = {"postgres:16"}  # docker compose's database: not our image
 
 
 def _pins() -> dict[str, str]:
@@ -30,8 +31,9 @@ def _pins() -> dict[str, str]:
 
 
 def _image_env() -> str:
-    lines = [line for line in (ROOT / "infra/docker/image.env").read_text().splitlines()
-             if line.startswith("VARSR_IMAGE=")]
+    lines = [
+        line for line in (ROOT / "infra/docker/image.env").read_text().splitlines() if line.startswith("VARSR_IMAGE=")
+    ]
     assert len(lines) == 1
     return lines[0].split("=", 1)[1]
 
@@ -68,8 +70,9 @@ def test_dockerfile_installs_exactly_pyprojects_requirements(tmp_path):
     m = re.search(r'python -c "(import tomllib;.*?)" > /tmp/requirements\.txt', text)
     assert m, "requirement extraction step not found"
     (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
-    out = subprocess.run([sys.executable, "-c", m.group(1)], cwd=tmp_path, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", m.group(1)], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert out == project["dependencies"] + project["optional-dependencies"]["cluster"]
     assert all("==" in r for r in out)
@@ -94,21 +97,33 @@ def test_image_reference_is_pinned_and_in_one_place():
                 if value in THIRD_PARTY:
                     continue
                 seen += 1
-                assert value == PLACEHOLDER or value.startswith(PLACEHOLDER[:-1] + ":?"), \
+                assert value == PLACEHOLDER or value.startswith(PLACEHOLDER[:-1] + ":?"), (
                     f"{path.relative_to(ROOT)}{where} names the image itself ({value}); use {PLACEHOLDER}"
-    assert seen >= 6       # RayCluster head + 2 worker groups, 2 submitters, launcher docker, compose mlflow
+                )
+    assert seen >= 6  # RayCluster head + 2 worker groups, 2 submitters, launcher docker, compose mlflow
     # and no file anywhere else spells out the reference except image.env
     for path in [p for p in (ROOT / "infra").rglob("*") if p.is_file() and p.suffix in (".yaml", ".sh", ".py")]:
         assert image not in path.read_text(), f"{path.relative_to(ROOT)} repeats the image reference"
 
 
 def test_render_fills_in_the_image_everywhere(tmp_path):
-    res = subprocess.run([sys.executable, str(RENDER), "--out", str(tmp_path)], capture_output=True, text=True,
-                         check=True, env={k: v for k, v in os.environ.items() if k != "VARSR_IMAGE"})
+    res = subprocess.run(
+        [sys.executable, str(RENDER), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "VARSR_IMAGE"},
+    )
     written = [Path(p) for p in res.stdout.split()]
     names = {p.relative_to(tmp_path).as_posix() for p in written}
-    assert {"kuberay/raycluster.yaml", "kuberay/rayjob-data.yaml", "kuberay/rayjob-train.yaml",
-            "kuberay/storage.yaml", "ray/cluster.yaml", "k8s/serve.yaml"} == names   # templates are not rendered
+    assert {
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-data.yaml",
+        "kuberay/rayjob-train.yaml",
+        "kuberay/storage.yaml",
+        "ray/cluster.yaml",
+        "k8s/serve.yaml",
+    } == names  # templates are not rendered
     image = _image_env()
     count = 0
     for p in written:
@@ -128,8 +143,9 @@ def test_render_takes_the_environment_override_and_refuses_unpinned(tmp_path):
     subprocess.run([sys.executable, str(RENDER), "--out", str(tmp_path)], env=env, check=True, capture_output=True)
     assert "image: registry.example.com/team/varsr:2026.11.30" in (tmp_path / "kuberay/raycluster.yaml").read_text()
     for bad in ("registry.example.com/team/varsr", "Registry/Bad Name:1"):
-        res = subprocess.run([sys.executable, str(RENDER), "--out", str(tmp_path / "x"), "--image", bad],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, str(RENDER), "--out", str(tmp_path / "x"), "--image", bad], capture_output=True, text=True
+        )
         assert res.returncode != 0 and "not a pinned image reference" in res.stderr
 
 

@@ -7,6 +7,7 @@ objects fit together (selectors, named ports, the HPA's target), the probes use 
 memory is sized from the measured memory per worker, credentials come from Secrets only, and the entry point turns
 its environment into the `varsr serve` command line.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,12 @@ def _quantity(q) -> float:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("rendered")
-    subprocess.run([sys.executable, str(ROOT / "infra/scripts/render_manifests.py"), "--out", str(out)], check=True,
-                   capture_output=True, env={k: v for k, v in os.environ.items() if k != "VARSR_IMAGE"})
+    subprocess.run(
+        [sys.executable, str(ROOT / "infra/scripts/render_manifests.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != "VARSR_IMAGE"},
+    )
     docs = {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted((out / "k8s").glob("*.yaml"))}
     for p in sorted(K8S.glob("*.example.yaml")):  # templates are not rendered (they name no image): validate as is
         docs[p.name] = [d for d in yaml.safe_load_all(p.read_text()) if d]
@@ -73,20 +78,34 @@ def test_every_object_passes_the_strict_upstream_schema(rendered):
     for doc in _objects(rendered):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         kinds.append(doc["kind"])
-    assert sorted(kinds) == ["Deployment", "HorizontalPodAutoscaler", "HorizontalPodAutoscaler",
-                             "PodDisruptionBudget", "Service"]
+    assert sorted(kinds) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
 
 
-@pytest.mark.parametrize("kind, mutate, where", [
-    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(readinesProbe={}), "misspelt"),
-    ("Deployment", lambda d: d["spec"].update(replicas="2"), "replicas as a string"),
-    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort="x"),
-     "port not a number"),
-    ("Service", lambda d: d["spec"]["ports"][0].update(targetport="http"), "misspelt targetPort"),
-    ("HorizontalPodAutoscaler", lambda d: d["spec"]["metrics"][0]["resource"].update(targetAverage=70),
-     "autoscaling/v1-style field in v2"),
-    ("PodDisruptionBudget", lambda d: d["spec"].update(minAvailble=1), "misspelt"),
-])
+@pytest.mark.parametrize(
+    "kind, mutate, where",
+    [
+        ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(readinesProbe={}), "misspelt"),
+        ("Deployment", lambda d: d["spec"].update(replicas="2"), "replicas as a string"),
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort="x"),
+            "port not a number",
+        ),
+        ("Service", lambda d: d["spec"]["ports"][0].update(targetport="http"), "misspelt targetPort"),
+        (
+            "HorizontalPodAutoscaler",
+            lambda d: d["spec"]["metrics"][0]["resource"].update(targetAverage=70),
+            "autoscaling/v1-style field in v2",
+        ),
+        ("PodDisruptionBudget", lambda d: d["spec"].update(minAvailble=1), "misspelt"),
+    ],
+)
 def test_the_schema_refuses_broken_copies(rendered, kind, mutate, where):
     bad = copy.deepcopy(_one(rendered, kind))
     mutate(bad)
@@ -108,11 +127,14 @@ def test_the_objects_fit_together(rendered):
     assert ann["prometheus.io/path"] == METRICS_PATH and int(ann["prometheus.io/port"]) == ports["http"]
     for file in ("serve.yaml", "hpa-in-flight.example.yaml"):
         hpa = _one(rendered, "HorizontalPodAutoscaler", file)
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                                 "name": dep["metadata"]["name"]}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": dep["metadata"]["name"],
+        }
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     metric = _one(rendered, "HorizontalPodAutoscaler", "hpa-in-flight.example.yaml")["spec"]["metrics"][0]
-    assert metric["pods"]["metric"]["name"] == "varsr_requests_in_flight"   # a gauge the endpoint exports
+    assert metric["pods"]["metric"]["name"] == "varsr_requests_in_flight"  # a gauge the endpoint exports
 
 
 def test_probes_use_the_health_endpoints_and_the_stop_fits_the_grace_period(rendered):
@@ -127,6 +149,7 @@ def test_probes_use_the_health_endpoints_and_the_stop_fits_the_grace_period(rend
     assert pre_stop[0] == "sleep" and int(pre_stop[1]) + int(_env(c)["VARSR_STOP_TIMEOUT"]) < grace
 
 
+@pytest.mark.slow
 def test_memory_is_sized_from_the_measured_memory_per_worker(rendered):
     """Per worker: the measured idle worker (WORKER_BASE_BYTES) + the released model's weights (counted on the meta
     device, nothing allocated) + one request at the memory budget; the limit leaves `varsr serve`'s 20 % share."""
@@ -138,21 +161,25 @@ def test_memory_is_sized_from_the_measured_memory_per_worker(rendered):
     c = _container(rendered)
     env = _env(c)
     sets = dict(item.split("=", 1) for item in env["VARSR_SERVE_SET"].split())
-    budget = load_inference_config(overrides=[f"{k}={v}" for k, v in sets.items() if k.startswith("serving.")]
-                                   ).serving.max_request_memory_mb
+    budget = load_inference_config(
+        overrides=[f"{k}={v}" for k, v in sets.items() if k.startswith("serving.")]
+    ).serving.max_request_memory_mb
     workers = int(env["VARSR_WORKERS"])
     need = workers * worker_memory_bytes(weights, budget) / MEMORY_SHARE
     req, lim = c["resources"]["requests"], c["resources"]["limits"]
-    assert _quantity(req["memory"]) == _quantity(lim["memory"])             # Guaranteed QoS
+    assert _quantity(req["memory"]) == _quantity(lim["memory"])  # Guaranteed QoS
     assert need <= _quantity(lim["memory"]) < need + 2 * 2**30, (need / 2**30, lim["memory"])
-    assert _quantity(req["cpu"]) == workers * int(sets["runtime.cpu_threads"])   # one core per worker thread
+    assert _quantity(req["cpu"]) == workers * int(sets["runtime.cpu_threads"])  # one core per worker thread
     assert 256 * 2**20 <= WORKER_BASE_BYTES <= 2 * 2**30
 
 
 def test_credentials_only_from_secrets_and_the_model_by_uri_and_alias(rendered):
     c = _container(rendered)
-    example = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
-        (ROOT / "infra/kuberay/secrets.example.yaml").read_text()) if d}
+    example = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((ROOT / "infra/kuberay/secrets.example.yaml").read_text())
+        if d
+    }
     refs = {e["secretRef"]["name"] for e in c["envFrom"]}
     assert refs == {"varsr-mlflow", "varsr-s3"} and refs <= set(example)
     assert "MLFLOW_TRACKING_URI" in example["varsr-mlflow"]["stringData"]
@@ -160,7 +187,7 @@ def test_credentials_only_from_secrets_and_the_model_by_uri_and_alias(rendered):
         assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|TRACKING_URI", e["name"]), e["name"]
     assert re.fullmatch(r"models:/[^/@]+@[A-Za-z0-9_-]+", _env(c)["VARSR_MODEL_URI"])
     assert c["image"] == (ROOT / "infra/docker/image.env").read_text().split("VARSR_IMAGE=")[1].split()[0]
-    assert c["command"] == ["bash", "/opt/varsr/infra/docker/serve-entrypoint.sh"]   # WORKDIR /opt/varsr: COPY . .
+    assert c["command"] == ["bash", "/opt/varsr/infra/docker/serve-entrypoint.sh"]  # WORKDIR /opt/varsr: COPY . .
     sc = _one(rendered, "Deployment")["spec"]["template"]["spec"]["securityContext"]
     assert sc["runAsNonRoot"] is True and c["securityContext"]["allowPrivilegeEscalation"] is False
 
@@ -183,7 +210,20 @@ def test_entrypoint_builds_the_serve_command_from_its_environment(tmp_path, rend
     res = _run_entrypoint(tmp_path, env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:-1] == [
-        "serve", "models:/varsr@champion", "--host", "0.0.0.0", "--port", "8080", "--stop-timeout", "45",
-        "--workers", "2", "--set", "runtime.cpu_threads=1", "--set", "runtime.device=cpu"]
-    res = _run_entrypoint(tmp_path, {"VARSR_MODEL_URI": "models:/m@a"})           # workers chosen by varsr serve
+        "serve",
+        "models:/varsr@champion",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--stop-timeout",
+        "45",
+        "--workers",
+        "2",
+        "--set",
+        "runtime.cpu_threads=1",
+        "--set",
+        "runtime.device=cpu",
+    ]
+    res = _run_entrypoint(tmp_path, {"VARSR_MODEL_URI": "models:/m@a"})  # workers chosen by varsr serve
     assert "--workers" not in res.stdout.split() and "--set" not in res.stdout.split()

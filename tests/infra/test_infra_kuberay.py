@@ -8,16 +8,17 @@ to the fields the recipes use, with ``additionalProperties: false`` at every lev
 own validation (RayCluster names are DNS-1035 labels of at most 53 characters, RayJob names at most 47;
 ``rayStartParams`` values are strings).
 """
+
 from __future__ import annotations
 
 import copy
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,9 @@ KUBERAY = ROOT / "infra/kuberay"
 # ------------------------------------------------------------------------------------------------------ schemas
 DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+QUANTITY_RE = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -39,115 +42,259 @@ BOOL = {"type": "boolean"}
 INT0 = {"type": "integer", "minimum": 0}
 STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 QUANTITY = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": QUANTITY_RE}]}
-RESOURCE_LIST = {"type": "object", "additionalProperties": QUANTITY,
-                 "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[a-z0-9-]+$"}}
+RESOURCE_LIST = {
+    "type": "object",
+    "additionalProperties": QUANTITY,
+    "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[a-z0-9-]+$"},
+}
 RESOURCES = obj({"limits": RESOURCE_LIST, "requests": RESOURCE_LIST})
-METADATA = obj({"name": {"type": "string", "pattern": DNS1123, "maxLength": 253}, "namespace": STR,
-                "labels": STR_MAP, "annotations": STR_MAP})
+METADATA = obj(
+    {
+        "name": {"type": "string", "pattern": DNS1123, "maxLength": 253},
+        "namespace": STR,
+        "labels": STR_MAP,
+        "annotations": STR_MAP,
+    }
+)
 
 SECRET_KEY_REF = obj({"name": {"type": "string", "pattern": DNS1123}, "key": STR, "optional": BOOL}, ("name", "key"))
-ENV_VAR = obj({"name": {"type": "string", "pattern": ENV_NAME}, "value": STR,
-               "valueFrom": obj({"secretKeyRef": SECRET_KEY_REF, "configMapKeyRef": SECRET_KEY_REF})}, ("name",))
-ENV_FROM = obj({"secretRef": obj({"name": {"type": "string", "pattern": DNS1123}, "optional": BOOL}, ("name",)),
-                "configMapRef": obj({"name": {"type": "string", "pattern": DNS1123}, "optional": BOOL}, ("name",)),
-                "prefix": STR}, minProperties=1)
-PORT = obj({"containerPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "name": {"type": "string", "pattern": DNS1123, "maxLength": 15},
-            "protocol": {"enum": ["TCP", "UDP", "SCTP"]}}, ("containerPort",))
-VOLUME_MOUNT = obj({"name": {"type": "string", "pattern": DNS1123}, "mountPath": {"type": "string", "pattern": "^/"},
-                    "readOnly": BOOL, "subPath": STR}, ("name", "mountPath"))
-CONTAINER = obj({
-    "name": {"type": "string", "pattern": DNS1123, "maxLength": 63},
-    "image": {"type": "string", "minLength": 1},
-    "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-    "command": {"type": "array", "items": STR}, "args": {"type": "array", "items": STR},
-    "env": {"type": "array", "items": ENV_VAR}, "envFrom": {"type": "array", "items": ENV_FROM},
-    "ports": {"type": "array", "items": PORT}, "resources": RESOURCES,
-    "volumeMounts": {"type": "array", "items": VOLUME_MOUNT},
-    "securityContext": {"type": "object"}, "workingDir": STR,
-}, ("name", "image"))
-VOLUME = obj({
-    "name": {"type": "string", "pattern": DNS1123, "maxLength": 63},
-    "persistentVolumeClaim": obj({"claimName": {"type": "string", "pattern": DNS1123}, "readOnly": BOOL},
-                                 ("claimName",)),
-    "emptyDir": obj({"medium": {"enum": ["", "Memory"]}, "sizeLimit": QUANTITY}),
-    "secret": obj({"secretName": STR, "defaultMode": INT0}, ("secretName",)),
-    "configMap": obj({"name": STR, "defaultMode": INT0}, ("name",)),
-}, ("name",), minProperties=2, maxProperties=2)       # a name and exactly one source
-TOLERATION = obj({"key": STR, "operator": {"enum": ["Exists", "Equal"]}, "value": STR,
-                  "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-                  "tolerationSeconds": {"type": "integer"}})
-POD_SPEC = obj({
-    "containers": {"type": "array", "items": CONTAINER, "minItems": 1},
-    "volumes": {"type": "array", "items": VOLUME},
-    "securityContext": obj({"fsGroup": INT0, "runAsUser": INT0, "runAsGroup": INT0, "runAsNonRoot": BOOL}),
-    "tolerations": {"type": "array", "items": TOLERATION}, "nodeSelector": STR_MAP, "affinity": {"type": "object"},
-    "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}, "serviceAccountName": STR,
-    "imagePullSecrets": {"type": "array", "items": obj({"name": STR}, ("name",))},
-}, ("containers",))
+ENV_VAR = obj(
+    {
+        "name": {"type": "string", "pattern": ENV_NAME},
+        "value": STR,
+        "valueFrom": obj({"secretKeyRef": SECRET_KEY_REF, "configMapKeyRef": SECRET_KEY_REF}),
+    },
+    ("name",),
+)
+ENV_FROM = obj(
+    {
+        "secretRef": obj({"name": {"type": "string", "pattern": DNS1123}, "optional": BOOL}, ("name",)),
+        "configMapRef": obj({"name": {"type": "string", "pattern": DNS1123}, "optional": BOOL}, ("name",)),
+        "prefix": STR,
+    },
+    minProperties=1,
+)
+PORT = obj(
+    {
+        "containerPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "name": {"type": "string", "pattern": DNS1123, "maxLength": 15},
+        "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+    },
+    ("containerPort",),
+)
+VOLUME_MOUNT = obj(
+    {
+        "name": {"type": "string", "pattern": DNS1123},
+        "mountPath": {"type": "string", "pattern": "^/"},
+        "readOnly": BOOL,
+        "subPath": STR,
+    },
+    ("name", "mountPath"),
+)
+CONTAINER = obj(
+    {
+        "name": {"type": "string", "pattern": DNS1123, "maxLength": 63},
+        "image": {"type": "string", "minLength": 1},
+        "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+        "command": {"type": "array", "items": STR},
+        "args": {"type": "array", "items": STR},
+        "env": {"type": "array", "items": ENV_VAR},
+        "envFrom": {"type": "array", "items": ENV_FROM},
+        "ports": {"type": "array", "items": PORT},
+        "resources": RESOURCES,
+        "volumeMounts": {"type": "array", "items": VOLUME_MOUNT},
+        "securityContext": {"type": "object"},
+        "workingDir": STR,
+    },
+    ("name", "image"),
+)
+VOLUME = obj(
+    {
+        "name": {"type": "string", "pattern": DNS1123, "maxLength": 63},
+        "persistentVolumeClaim": obj(
+            {"claimName": {"type": "string", "pattern": DNS1123}, "readOnly": BOOL}, ("claimName",)
+        ),
+        "emptyDir": obj({"medium": {"enum": ["", "Memory"]}, "sizeLimit": QUANTITY}),
+        "secret": obj({"secretName": STR, "defaultMode": INT0}, ("secretName",)),
+        "configMap": obj({"name": STR, "defaultMode": INT0}, ("name",)),
+    },
+    ("name",),
+    minProperties=2,
+    maxProperties=2,
+)  # a name and exactly one source
+TOLERATION = obj(
+    {
+        "key": STR,
+        "operator": {"enum": ["Exists", "Equal"]},
+        "value": STR,
+        "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+        "tolerationSeconds": {"type": "integer"},
+    }
+)
+POD_SPEC = obj(
+    {
+        "containers": {"type": "array", "items": CONTAINER, "minItems": 1},
+        "volumes": {"type": "array", "items": VOLUME},
+        "securityContext": obj({"fsGroup": INT0, "runAsUser": INT0, "runAsGroup": INT0, "runAsNonRoot": BOOL}),
+        "tolerations": {"type": "array", "items": TOLERATION},
+        "nodeSelector": STR_MAP,
+        "affinity": {"type": "object"},
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
+        "serviceAccountName": STR,
+        "imagePullSecrets": {"type": "array", "items": obj({"name": STR}, ("name",))},
+    },
+    ("containers",),
+)
 POD_TEMPLATE = obj({"metadata": obj({"labels": STR_MAP, "annotations": STR_MAP}), "spec": POD_SPEC}, ("spec",))
 RAY_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
 
-HEAD_GROUP = obj({"rayStartParams": RAY_START_PARAMS, "template": POD_TEMPLATE,
-                  "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "enableIngress": BOOL},
-                 ("template",))
-WORKER_GROUP = obj({"groupName": {"type": "string", "pattern": DNS1123, "maxLength": 63}, "replicas": INT0,
-                    "minReplicas": INT0, "maxReplicas": INT0, "idleTimeoutSeconds": INT0,
-                    "numOfHosts": {"type": "integer", "minimum": 1}, "rayStartParams": RAY_START_PARAMS,
-                    "template": POD_TEMPLATE, "suspend": BOOL},
-                   ("groupName", "minReplicas", "maxReplicas", "template"))
-AUTOSCALER_OPTIONS = obj({"upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                          "idleTimeoutSeconds": INT0, "resources": RESOURCES, "image": STR,
-                          "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-                          "env": {"type": "array", "items": ENV_VAR}, "envFrom": {"type": "array", "items": ENV_FROM},
-                          "securityContext": {"type": "object"}, "version": {"enum": ["v1", "v2"]}})
-RAY_CLUSTER_SPEC = obj({"rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-                        "enableInTreeAutoscaling": BOOL, "autoscalerOptions": AUTOSCALER_OPTIONS,
-                        "headGroupSpec": HEAD_GROUP, "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
-                        "suspend": BOOL}, ("headGroupSpec",))
+HEAD_GROUP = obj(
+    {
+        "rayStartParams": RAY_START_PARAMS,
+        "template": POD_TEMPLATE,
+        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+        "enableIngress": BOOL,
+    },
+    ("template",),
+)
+WORKER_GROUP = obj(
+    {
+        "groupName": {"type": "string", "pattern": DNS1123, "maxLength": 63},
+        "replicas": INT0,
+        "minReplicas": INT0,
+        "maxReplicas": INT0,
+        "idleTimeoutSeconds": INT0,
+        "numOfHosts": {"type": "integer", "minimum": 1},
+        "rayStartParams": RAY_START_PARAMS,
+        "template": POD_TEMPLATE,
+        "suspend": BOOL,
+    },
+    ("groupName", "minReplicas", "maxReplicas", "template"),
+)
+AUTOSCALER_OPTIONS = obj(
+    {
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "idleTimeoutSeconds": INT0,
+        "resources": RESOURCES,
+        "image": STR,
+        "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+        "env": {"type": "array", "items": ENV_VAR},
+        "envFrom": {"type": "array", "items": ENV_FROM},
+        "securityContext": {"type": "object"},
+        "version": {"enum": ["v1", "v2"]},
+    }
+)
+RAY_CLUSTER_SPEC = obj(
+    {
+        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+        "enableInTreeAutoscaling": BOOL,
+        "autoscalerOptions": AUTOSCALER_OPTIONS,
+        "headGroupSpec": HEAD_GROUP,
+        "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
+        "suspend": BOOL,
+    },
+    ("headGroupSpec",),
+)
 
-RAY_CLUSTER = obj({
-    "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"},
-    "metadata": obj({"name": {"type": "string", "pattern": DNS1035, "maxLength": 53}, "namespace": STR,
-                     "labels": STR_MAP, "annotations": STR_MAP}, ("name",)),
-    "spec": RAY_CLUSTER_SPEC,
-}, ("apiVersion", "kind", "metadata", "spec"))
+RAY_CLUSTER = obj(
+    {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayCluster"},
+        "metadata": obj(
+            {
+                "name": {"type": "string", "pattern": DNS1035, "maxLength": 53},
+                "namespace": STR,
+                "labels": STR_MAP,
+                "annotations": STR_MAP,
+            },
+            ("name",),
+        ),
+        "spec": RAY_CLUSTER_SPEC,
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
 
-RAY_JOB = obj({
-    "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"},
-    "metadata": obj({"name": {"type": "string", "pattern": DNS1035, "maxLength": 47}, "namespace": STR,
-                     "labels": STR_MAP, "annotations": STR_MAP}, ("name",)),
-    "spec": obj({
-        "entrypoint": {"type": "string", "minLength": 1},
-        "clusterSelector": STR_MAP, "rayClusterSpec": RAY_CLUSTER_SPEC,
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-        "submitterPodTemplate": POD_TEMPLATE, "runtimeEnvYAML": STR,
-        "shutdownAfterJobFinishes": BOOL, "ttlSecondsAfterFinished": INT0,
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1}, "backoffLimit": INT0,
-        "entrypointNumCpus": {"type": "number", "minimum": 0}, "entrypointNumGpus": {"type": "number", "minimum": 0},
-        "entrypointResources": STR, "jobId": STR, "suspend": BOOL, "metadata": STR_MAP,
-    }, ("entrypoint",)),
-}, ("apiVersion", "kind", "metadata", "spec"))
+RAY_JOB = obj(
+    {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayJob"},
+        "metadata": obj(
+            {
+                "name": {"type": "string", "pattern": DNS1035, "maxLength": 47},
+                "namespace": STR,
+                "labels": STR_MAP,
+                "annotations": STR_MAP,
+            },
+            ("name",),
+        ),
+        "spec": obj(
+            {
+                "entrypoint": {"type": "string", "minLength": 1},
+                "clusterSelector": STR_MAP,
+                "rayClusterSpec": RAY_CLUSTER_SPEC,
+                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+                "submitterPodTemplate": POD_TEMPLATE,
+                "runtimeEnvYAML": STR,
+                "shutdownAfterJobFinishes": BOOL,
+                "ttlSecondsAfterFinished": INT0,
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                "backoffLimit": INT0,
+                "entrypointNumCpus": {"type": "number", "minimum": 0},
+                "entrypointNumGpus": {"type": "number", "minimum": 0},
+                "entrypointResources": STR,
+                "jobId": STR,
+                "suspend": BOOL,
+                "metadata": STR_MAP,
+            },
+            ("entrypoint",),
+        ),
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
 
-PVC = obj({
-    "apiVersion": {"const": "v1"}, "kind": {"const": "PersistentVolumeClaim"},
-    "metadata": obj({"name": {"type": "string", "pattern": DNS1123}, "namespace": STR, "labels": STR_MAP,
-                     "annotations": STR_MAP}, ("name",)),
-    "spec": obj({"accessModes": {"type": "array", "minItems": 1, "items": {
-                     "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
-                 "resources": obj({"requests": obj({"storage": QUANTITY}, ("storage",))}, ("requests",)),
-                 "storageClassName": STR, "volumeMode": {"enum": ["Filesystem", "Block"]}},
-                ("accessModes", "resources")),
-}, ("apiVersion", "kind", "metadata", "spec"))
+PVC = obj(
+    {
+        "apiVersion": {"const": "v1"},
+        "kind": {"const": "PersistentVolumeClaim"},
+        "metadata": obj(
+            {
+                "name": {"type": "string", "pattern": DNS1123},
+                "namespace": STR,
+                "labels": STR_MAP,
+                "annotations": STR_MAP,
+            },
+            ("name",),
+        ),
+        "spec": obj(
+            {
+                "accessModes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                },
+                "resources": obj({"requests": obj({"storage": QUANTITY}, ("storage",))}, ("requests",)),
+                "storageClassName": STR,
+                "volumeMode": {"enum": ["Filesystem", "Block"]},
+            },
+            ("accessModes", "resources"),
+        ),
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
 
-SECRET = obj({
-    "apiVersion": {"const": "v1"}, "kind": {"const": "Secret"},
-    "metadata": obj({"name": {"type": "string", "pattern": DNS1123}, "namespace": STR, "labels": STR_MAP},
-                    ("name",)),
-    "type": STR,
-    "stringData": {"type": "object", "additionalProperties": STR, "propertyNames": {"pattern": ENV_NAME}},
-    "data": STR_MAP,
-}, ("apiVersion", "kind", "metadata"))
+SECRET = obj(
+    {
+        "apiVersion": {"const": "v1"},
+        "kind": {"const": "Secret"},
+        "metadata": obj(
+            {"name": {"type": "string", "pattern": DNS1123}, "namespace": STR, "labels": STR_MAP}, ("name",)
+        ),
+        "type": STR,
+        "stringData": {"type": "object", "additionalProperties": STR, "propertyNames": {"pattern": ENV_NAME}},
+        "data": STR_MAP,
+    },
+    ("apiVersion", "kind", "metadata"),
+)
 
 BY_KIND = {"RayCluster": RAY_CLUSTER, "RayJob": RAY_JOB, "PersistentVolumeClaim": PVC, "Secret": SECRET}
 
@@ -204,15 +351,25 @@ def test_every_manifest_matches_its_schema(path):
         jsonschema.validate(doc, BY_KIND[doc["kind"]])
 
 
-@pytest.mark.parametrize("mutate, where", [
-    (lambda c: c["spec"].update(enableInTreeAutoscalling=True), "misspelt spec key"),
-    (lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "non-string rayStartParam"),
-    (lambda c: c["spec"]["workerGroupSpecs"][0].pop("maxReplicas"), "worker group without maxReplicas"),
-    (lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(envfrom=[]), "misspelt field"),
-    (lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
-     .update(cpu="lots"), "bad quantity"),
-    (lambda c: c["metadata"].update(name="Varsr_Cluster"), "name not a DNS-1035 label"),
-])
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda c: c["spec"].update(enableInTreeAutoscalling=True), "misspelt spec key"),
+        (lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "non-string rayStartParam"),
+        (lambda c: c["spec"]["workerGroupSpecs"][0].pop("maxReplicas"), "worker group without maxReplicas"),
+        (
+            lambda c: c["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(envfrom=[]),
+            "misspelt field",
+        ),
+        (
+            lambda c: c["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].update(cpu="lots"),
+            "bad quantity",
+        ),
+        (lambda c: c["metadata"].update(name="Varsr_Cluster"), "name not a DNS-1035 label"),
+    ],
+)
 def test_schema_rejects_broken_clusters(mutate, where):
     """The schema is strict: each single mistake below is refused (so the positive test above means something)."""
     bad = copy.deepcopy(_cluster())
@@ -230,10 +387,10 @@ def test_ray_version_equals_the_pin():
 
 def test_dashboard_is_reachable_by_the_job_submitter():
     head = _cluster()["spec"]["headGroupSpec"]
-    assert head["rayStartParams"].get("dashboard-host", "0.0.0.0") == "0.0.0.0"   # KubeRay's default; not loopback
+    assert head["rayStartParams"].get("dashboard-host", "0.0.0.0") == "0.0.0.0"  # KubeRay's default; not loopback
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert ports.get("dashboard") == 8265
-    assert head["rayStartParams"].get("num-cpus") == "0"      # the head runs drivers, not tasks
+    assert head["rayStartParams"].get("num-cpus") == "0"  # the head runs drivers, not tasks
 
 
 def test_autoscaling_has_room_for_every_cluster_train_config():
@@ -290,7 +447,7 @@ def test_secrets_by_reference_with_the_s3_endpoint_and_mlflow():
     example = {d["metadata"]["name"]: d for d in _docs(KUBERAY / "secrets.example.yaml")}
     assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(example["varsr-s3"]["stringData"])
     assert "MLFLOW_TRACKING_URI" in example["varsr-mlflow"]["stringData"]
-    for secret in example.values():       # a template: every value is a <placeholder>, never a credential
+    for secret in example.values():  # a template: every value is a <placeholder>, never a credential
         for key, value in secret["stringData"].items():
             assert value.startswith("<") and value.endswith(">"), f"{key} is not a placeholder"
     for name, pod in _pod_specs(_cluster()).items():
@@ -299,7 +456,7 @@ def test_secrets_by_reference_with_the_s3_endpoint_and_mlflow():
         refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e}
         assert {"varsr-s3", "varsr-mlflow"} <= refs, f"{name} pods miss a secret"
         assert refs <= set(example), f"{name}: references a secret the template does not describe"
-        for e in c.get("env", []):   # no literal credentials in plain env entries
+        for e in c.get("env", []):  # no literal credentials in plain env entries
             assert not re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", e["name"]) or "valueFrom" in e, e["name"]
 
 
@@ -318,4 +475,4 @@ def test_rayjobs_select_the_cluster_and_run_from_the_image_workdir():
         assert spec["entrypoint"].startswith(f"cd {workdir} && varsr "), spec["entrypoint"]
         assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
         submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-        assert "command" not in submitter   # KubeRay fills in `ray job submit` against the head service
+        assert "command" not in submitter  # KubeRay fills in `ray job submit` against the head service

@@ -1,6 +1,7 @@
 """The platform's one logging style (infra/core/log.py): user-facing lines reach the terminal as written, on the
 stream their kind names, whether or not the entry point set logging up; diagnostics get the entry point's format; the
 redaction of infra/core/redact.py applies to both."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,6 +1,7 @@
 """The MLflow tracking-server recipe (infra/mlflow/start_server.sh) really serves: PostgreSQL backend, proxied S3
 artifacts in a bucket it creates, Host and CORS checks from the environment, and a database password holding '@',
 ':' and '/' that works and is never printed, not even in part."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,7 @@ SCRIPT = ROOT / "infra/mlflow/start_server.sh"
 def _serve_module():
     spec = importlib.util.spec_from_file_location("varsr_mlflow_serve", ROOT / "infra/mlflow/serve.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod          # dataclasses look their module up while the class is built
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 
@@ -46,8 +47,9 @@ def _run_recipe(env: dict, cwd: Path, timeout: float = 120) -> subprocess.Comple
 
 
 # --------------------------------------------------------------------------------------- the running server
-def test_run_with_artifact_goes_to_postgres_and_s3_and_reads_back(mlflow_server, s3_server, postgres_server,
-                                                                  tmp_path, monkeypatch):
+def test_run_with_artifact_goes_to_postgres_and_s3_and_reads_back(
+    mlflow_server, s3_server, postgres_server, tmp_path, monkeypatch
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -69,8 +71,9 @@ def test_run_with_artifact_goes_to_postgres_and_s3_and_reads_back(mlflow_server,
         got = client.get_run(run_id)
         assert got.data.params["stage"] == "isr" and got.data.metrics["loss"] == 0.25
         assert got.info.artifact_uri.startswith("mlflow-artifacts:"), got.info.artifact_uri
-        back = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="docs/notes.txt",
-                                                   dst_path=str(tmp_path / "back"))
+        back = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="docs/notes.txt", dst_path=str(tmp_path / "back")
+        )
         assert Path(back).read_text() == payload.read_text()
     finally:
         mlflow.set_tracking_uri(None)
@@ -90,8 +93,7 @@ def test_allowed_host_gets_200_and_other_hosts_403(mlflow_server):
     url = f"{mlflow_server.uri}/api/2.0/mlflow/experiments/search"
     ok = requests.get(url, params={"max_results": 1}, headers={"Host": MLFLOW_ALLOWED_HOST}, timeout=30)
     assert ok.status_code == 200 and "experiments" in ok.json()
-    refused = requests.get(url, params={"max_results": 1}, headers={"Host": "mlflow.attacker.example:5000"},
-                           timeout=30)
+    refused = requests.get(url, params={"max_results": 1}, headers={"Host": "mlflow.attacker.example:5000"}, timeout=30)
     assert refused.status_code == 403
     # loopback stays allowed beside the listed host (local health checks, port-forwards)
     assert requests.get(url, params={"max_results": 1}, timeout=30).status_code == 200
@@ -109,14 +111,14 @@ def test_cors_origins_come_from_the_environment(mlflow_server):
 
 def test_server_output_never_contains_the_password(mlflow_server, postgres_server):
     text = mlflow_server.log_text()
-    assert "backend=postgresql+psycopg://varsr:***@127.0.0.1:" in text      # the banner, masked
+    assert "backend=postgresql+psycopg://varsr:***@127.0.0.1:" in text  # the banner, masked
     _assert_no_secret(text, postgres_server.password, "the MLflow server log")
 
 
 # ------------------------------------------------------------------------------------ failing starts: one line
 def test_wrong_password_fails_in_one_line_without_printing_it(s3_server, postgres_server, tmp_path):
     env = mlflow_recipe_env(s3_server, postgres_server, postgres_server.dbname, free_port(), "unused-bucket")
-    wrong = postgres_server.password[::-1]          # same characters, so the same fragments would show if printed
+    wrong = postgres_server.password[::-1]  # same characters, so the same fragments would show if printed
     env.update({"MLFLOW_DB_PASSWORD": wrong, "MLFLOW_STARTUP_WAIT_S": "0"})
     res = _run_recipe(env, tmp_path)
     out = res.stdout + res.stderr
@@ -131,9 +133,15 @@ def test_wrong_password_fails_in_one_line_without_printing_it(s3_server, postgre
 def test_endpoint_down_fails_in_one_line_naming_the_bucket(s3_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(s3_server.env)
-    env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "PYTHON": sys.executable,
-                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
-                "MLFLOW_ARTIFACTS_DESTINATION": "s3://varsr-down/artifacts", "MLFLOW_STARTUP_WAIT_S": "0"})
+    env.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "PYTHON": sys.executable,
+            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "MLFLOW_ARTIFACTS_DESTINATION": "s3://varsr-down/artifacts",
+            "MLFLOW_STARTUP_WAIT_S": "0",
+        }
+    )
     res = _run_recipe(env, tmp_path)
     out = (res.stdout + res.stderr).strip()
     assert res.returncode == 2 and "\n" not in out, out
@@ -143,8 +151,14 @@ def test_endpoint_down_fails_in_one_line_naming_the_bucket(s3_server, tmp_path):
 def test_refused_credentials_fail_in_one_line(s3_server_strict, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(s3_server_strict.env)
-    env.update({"PYTHON": sys.executable, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
-                "MLFLOW_ARTIFACTS_DESTINATION": "s3://varsr-refused/artifacts", "MLFLOW_STARTUP_WAIT_S": "0"})
+    env.update(
+        {
+            "PYTHON": sys.executable,
+            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "MLFLOW_ARTIFACTS_DESTINATION": "s3://varsr-refused/artifacts",
+            "MLFLOW_STARTUP_WAIT_S": "0",
+        }
+    )
     res = _run_recipe(env, tmp_path)
     out = (res.stdout + res.stderr).strip()
     assert res.returncode == 2 and "\n" not in out, out
@@ -158,17 +172,30 @@ def test_password_is_url_encoded_and_round_trips():
 
     serve = _serve_module()
     password = "p@ss:w/rd%?#x"
-    b = serve.backend_from_env({"MLFLOW_DB_HOST": "db.internal", "MLFLOW_DB_USER": "ml@user",
-                                "MLFLOW_DB_PASSWORD": password, "MLFLOW_DB_NAME": "mlflow"}, "/tmp")
+    b = serve.backend_from_env(
+        {
+            "MLFLOW_DB_HOST": "db.internal",
+            "MLFLOW_DB_USER": "ml@user",
+            "MLFLOW_DB_PASSWORD": password,
+            "MLFLOW_DB_NAME": "mlflow",
+        },
+        "/tmp",
+    )
     url = make_url(b.uri)
-    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == \
-        ("postgresql+psycopg", "ml@user", password, "db.internal", 5432, "mlflow")
+    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == (
+        "postgresql+psycopg",
+        "ml@user",
+        password,
+        "db.internal",
+        5432,
+        "mlflow",
+    )
     assert b.shown == "postgresql+psycopg://ml%40user:***@db.internal:5432/mlflow"
 
 
 def test_raw_uri_is_masked_whole_and_pointed_at_psycopg():
     serve = _serve_module()
-    raw = "postgresql://mlflow:abc@def:ghi/jkl@db.internal:5432/mlflow"   # a raw password with '@', ':' and '/'
+    raw = "postgresql://mlflow:abc@def:ghi/jkl@db.internal:5432/mlflow"  # a raw password with '@', ':' and '/'
     b = serve.backend_from_env({"MLFLOW_BACKEND_STORE_URI": raw}, "/tmp")
     assert b.uri.startswith("postgresql+psycopg://")
     assert b.shown == "postgresql+psycopg://***@db.internal:5432/mlflow"
@@ -181,7 +208,7 @@ def test_defaults_bind_loopback_and_keep_mlflow_host_defaults():
     cmd = serve.build_command({}, "/tmp/mlartifacts")
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert "--allowed-hosts" not in cmd and "--cors-allowed-origins" not in cmd
-    assert "--backend-store-uri" not in cmd          # the URI (with its password) travels in the environment
+    assert "--backend-store-uri" not in cmd  # the URI (with its password) travels in the environment
     listed = serve.allowed_hosts({"MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow.internal:5000, mlflow.internal"})
     assert listed.split(",")[:2] == ["mlflow.internal:5000", "mlflow.internal"] and "127.0.0.1:*" in listed
 
@@ -189,8 +216,9 @@ def test_defaults_bind_loopback_and_keep_mlflow_host_defaults():
 def test_both_backend_forms_at_once_is_an_error():
     serve = _serve_module()
     with pytest.raises(serve.SetupError, match="not both"):
-        serve.backend_from_env({"MLFLOW_DB_HOST": "h", "MLFLOW_DB_PASSWORD": "x",
-                                "MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"}, "/tmp")
+        serve.backend_from_env(
+            {"MLFLOW_DB_HOST": "h", "MLFLOW_DB_PASSWORD": "x", "MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"}, "/tmp"
+        )
 
 
 def test_docker_compose_drives_the_same_recipe():

@@ -1,5 +1,6 @@
 """`varsr demo pretrain` pieces that run without the network: config loading, the MLflow parent run that adopts
 every stage run as its child (and survives a restart of the recipe), and the commands it issues."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from infra.core.config import ConfigError
-from infra.demo.pretrain import (EXPERIMENT, Pretrain, cmd_corpus, cmd_train_stage, cmd_train_vqvae,
-                                 load_pretrain_config)
+from infra.demo.pretrain import EXPERIMENT, Pretrain, cmd_corpus, cmd_train_stage, cmd_train_vqvae, load_pretrain_config
 
 
 def test_default_recipe_trains_on_photos_and_holds_out_lomiri_and_ukui():
@@ -65,7 +65,7 @@ def test_training_commands_resume_and_carry_overrides():
     cmd = cmd_train_stage("isr", Path("c.yaml"), ["max_steps=3"])
     assert cmd[:2] == ["train", "isr"] and cmd[-2:] == ["--resume", "auto"]
     parser = build_parser()
-    assert parser.parse_args(cmd).overrides == ["max_steps=3"]          # the real CLI reads the overrides
+    assert parser.parse_args(cmd).overrides == ["max_steps=3"]  # the real CLI reads the overrides
     vq = cmd_train_vqvae(Path("v.yaml"), ["lr=1"])
     assert vq[:2] == ["train", "vqvae"] and parser.parse_args(vq).overrides == ["lr=1"]
     assert vq[-2:] == ["--resume", "auto"] and parser.parse_args(vq).resume == "auto"
@@ -86,7 +86,7 @@ def test_an_unknown_colour_fix_is_refused_before_any_step_runs(tmp_path):
     assert not (tmp_path / "w").exists()
     with pytest.raises(UserError, match="color_fix must be one of"):
         Demo(DemoConfig(workdir=str(tmp_path / "d"), color_fix="sepia"))
-    Pretrain(load_pretrain_config(None, ["eval_color_fix=wavelet"]), str(tmp_path / "w"))   # a known one is taken
+    Pretrain(load_pretrain_config(None, ["eval_color_fix=wavelet"]), str(tmp_path / "w"))  # a known one is taken
 
 
 def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_path):
@@ -97,15 +97,22 @@ def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_pat
     from infra.core.errors import UserError
     from training.stage0_vqvae import colour_verdict
 
-    lost = {"images": 32, "chroma_gain": 0.02, "chroma_err": 0.17, "chroma_gain_tokens": 0.01,
-            "chroma_err_tokens": 0.17, "min_chroma_gain": 0.5}
+    lost = {
+        "images": 32,
+        "chroma_gain": 0.02,
+        "chroma_err": 0.17,
+        "chroma_gain_tokens": 0.01,
+        "chroma_err_tokens": 0.17,
+        "min_chroma_gain": 0.5,
+    }
     assert colour_verdict(lost) == "lost"
     assert colour_verdict({**lost, "chroma_gain_tokens": 0.8}) == "kept"
     assert colour_verdict({**lost, "chroma_gain_tokens": float("nan")}) == "undetermined"
     final = tmp_path / "pt" / "runs" / "vqvae" / "final"
     final.mkdir(parents=True)
-    (final / "config.json").write_text(json.dumps({"lineage": {"mlflow_run_id": "r0"},
-                                                   "colour_check": {**lost, "verdict": "lost"}}))
+    (final / "config.json").write_text(
+        json.dumps({"lineage": {"mlflow_run_id": "r0"}, "colour_check": {**lost, "verdict": "lost"}})
+    )
     issued = []
 
     def recipe(*overrides):
@@ -172,11 +179,15 @@ def test_continuing_a_base_keeps_its_stages_0_and_1_and_starts_stage_2_from_it(t
     torch.manual_seed(0)
     cfg = VARSRConfig.preset("tiny")
     vq, var = build(cfg)
-    base = save_pretrained(tmp_path / "base", vq, var, extra={"lineage": {"varsr.tokenizer.run_id": "tok0",
-                                                                          "varsr.parent.run_id": "c2i0"}})
+    base = save_pretrained(
+        tmp_path / "base", vq, var, extra={"lineage": {"varsr.tokenizer.run_id": "tok0", "varsr.parent.run_id": "c2i0"}}
+    )
     issued = []
-    p = Pretrain(load_pretrain_config(None, [f"continue_from={base}", "stage2.steps=3"]), str(tmp_path / "pt"),
-                 log=lambda s: None)
+    p = Pretrain(
+        load_pretrain_config(None, [f"continue_from={base}", "stage2.steps=3"]),
+        str(tmp_path / "pt"),
+        log=lambda s: None,
+    )
     p.train_step = lambda *cmd: issued.append(cmd)
     p.varsr = lambda *cmd: issued.append(cmd)
     v, s1 = p.step_vqvae(), p.step_stage1()
@@ -201,8 +212,9 @@ def test_continuing_a_base_keeps_its_stages_0_and_1_and_starts_stage_2_from_it(t
     with pytest.raises(UserError, match="tokenizer-only"):
         bad.step_vqvae()
     # a base that is itself a continuation names no stage-0 run: its tokenizer's record is its stage 0b's run
-    again = save_pretrained(tmp_path / "again", vq, var, extra={"lineage": {"varsr.decoder.run_id": "dec1",
-                                                                            "varsr.parent.run_id": "c2i0"}})
+    again = save_pretrained(
+        tmp_path / "again", vq, var, extra={"lineage": {"varsr.decoder.run_id": "dec1", "varsr.parent.run_id": "c2i0"}}
+    )
     p3 = Pretrain(load_pretrain_config(None, [f"continue_from={again}"]), str(tmp_path / "pt3"), log=lambda s: None)
     assert p3.step_vqvae()["mlflow_run_id"] == "dec1" and p3.step_stage1()["mlflow_run_id"] == "c2i0"
 
@@ -212,25 +224,58 @@ def test_the_model_card_of_a_continued_base_names_it_and_lists_the_decoder_stage
 
     pcfg = load_pretrain_config(None, ["continue_from=model/pretrained/small4-base"])
     pkg = {"name": "mate-backgrounds", "version": "1", "licenses": ["GPL-2+"], "images": ["a.jpg"]}
-    st = {"corpus": {"seconds": 1.0, "command": f"varsr demo pretrain --only corpus --workdir {tmp_path / 'w'}",
-                     "info": {"photos": 1, "tiles": 4, "packages": [pkg], "eval_packages": [pkg]}},
-          "data": {"seconds": 2.0, "command": "varsr data build", "info": {
-              "inputs": 4, "kept": 4, "rejected": {}, "samples": 8, "shard_files": 1, "manifest_sha256": "ab" * 32,
-              "shards": str(tmp_path / "w" / "shards")}},
-          "vqvae": {"seconds": 0.1, "command": "", "info": {"checkpoint": "/x/model/pretrained/small4-base",
-                                                            "from_base": True, "base_commit": "c0ffee" * 6,
-                                                            "mlflow_run_id": "tok0"}},
-          "stage1": {"seconds": 0.1, "command": "", "info": {"from_base": True, "mlflow_run_id": "c2i0"}},
-          "stage2": {"seconds": 600.0, "command": "varsr train isr", "info": {
-              "steps": 400, "first_loss": 2.0, "last_loss": 1.5, "mlflow_run_id": "r2"}},
-          "decoder": {"seconds": 300.0, "command": "varsr train vqvae", "info": {
-              "checkpoint": "runs/vqvae_decoder/final", "mlflow_run_id": "d0"}}}
+    st = {
+        "corpus": {
+            "seconds": 1.0,
+            "command": f"varsr demo pretrain --only corpus --workdir {tmp_path / 'w'}",
+            "info": {"photos": 1, "tiles": 4, "packages": [pkg], "eval_packages": [pkg]},
+        },
+        "data": {
+            "seconds": 2.0,
+            "command": "varsr data build",
+            "info": {
+                "inputs": 4,
+                "kept": 4,
+                "rejected": {},
+                "samples": 8,
+                "shard_files": 1,
+                "manifest_sha256": "ab" * 32,
+                "shards": str(tmp_path / "w" / "shards"),
+            },
+        },
+        "vqvae": {
+            "seconds": 0.1,
+            "command": "",
+            "info": {
+                "checkpoint": "/x/model/pretrained/small4-base",
+                "from_base": True,
+                "base_commit": "c0ffee" * 6,
+                "mlflow_run_id": "tok0",
+            },
+        },
+        "stage1": {"seconds": 0.1, "command": "", "info": {"from_base": True, "mlflow_run_id": "c2i0"}},
+        "stage2": {
+            "seconds": 600.0,
+            "command": "varsr train isr",
+            "info": {"steps": 400, "first_loss": 2.0, "last_loss": 1.5, "mlflow_run_id": "r2"},
+        },
+        "decoder": {
+            "seconds": 300.0,
+            "command": "varsr train vqvae",
+            "info": {"checkpoint": "runs/vqvae_decoder/final", "mlflow_run_id": "d0"},
+        },
+    }
     keys = ["psnr_y", "ssim_y", "hf_energy", "hf_gap_db"]
-    mean = {**{f"{a}_{k}": 1.0 for a in ("bicubic", "varsr") for k in keys},
-            **{f"ceiling_{k}": 1.0 for k in ("psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual",
-                                               "ssim_y_tokens_residual")}}
-    card = model_card(pcfg, st, {"mean": mean, "config": {"n": 6, "hr_side": 256, "cfg": 0.0}}, [], "p0",
-                      tmp_path / "pretrain.yaml")
+    mean = {
+        **{f"{a}_{k}": 1.0 for a in ("bicubic", "varsr") for k in keys},
+        **{
+            f"ceiling_{k}": 1.0
+            for k in ("psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual", "ssim_y_tokens_residual")
+        },
+    }
+    card = model_card(
+        pcfg, st, {"mean": mean, "config": {"n": 6, "hr_side": 256, "cfg": 0.0}}, [], "p0", tmp_path / "pretrain.yaml"
+    )
     assert "| vqvae | from the continued base | | | | `tok0` |" in card
     assert "| stage1 | from the continued base | | | | `c2i0` |" in card
     assert "| stage2 | `varsr train isr` | 400 | 600.0 | 2.000 -> 1.500 | `r2` |" in card

@@ -1,5 +1,6 @@
 """Held-out quality measurements (infra/demo/quality.py) and the high-frequency energy measure (infra/core/metrics.py),
 on a randomly initialised tiny model (fast) and synthetic images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,9 +58,17 @@ def test_tokenizer_ceiling_with_exact_residual_is_the_autoencoder_reconstruction
     want = full_reference(ref, hr)["psnr_y"]
     assert got["psnr_y_tokens_residual"] == pytest.approx(want, abs=0.05)
     assert got["chroma_err_tokens_residual"] == pytest.approx(
-        chroma_fidelity((tiles + 1) / 2, rec.clamp(0, 1))["chroma_err"], abs=1e-6)
-    assert set(got) == {"psnr_y_tokens", "ssim_y_tokens", "psnr_y_tokens_residual", "ssim_y_tokens_residual",
-                        "chroma_err_tokens", "chroma_err_tokens_residual", "hf_energy_tokens"}
+        chroma_fidelity((tiles + 1) / 2, rec.clamp(0, 1))["chroma_err"], abs=1e-6
+    )
+    assert set(got) == {
+        "psnr_y_tokens",
+        "ssim_y_tokens",
+        "psnr_y_tokens_residual",
+        "ssim_y_tokens_residual",
+        "chroma_err_tokens",
+        "chroma_err_tokens_residual",
+        "hf_energy_tokens",
+    }
     # with the LR: its own codes decoded; an "LR" that is the HR itself (so its bicubic upsampling is the HR) gives
     # the tokens-only ceiling exactly
     same = tokenizer_ceiling(vqvae, 64, hr, lr=hr)

@@ -1,5 +1,6 @@
 """The README stays true: it opens with the two commands, the test command is what CI runs, and every `varsr`
 command it shows parses against the real CLI with existing config files."""
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,7 @@ def _commands() -> list[list[str]]:
             for part in line.split("&&"):
                 part = part.strip()
                 if part.startswith(".venv/bin/varsr "):
-                    part = part[len(".venv/bin/"):]
+                    part = part[len(".venv/bin/") :]
                 if part.startswith("varsr "):  # shell variables get example values (the cluster section's)
                     part = part.replace("$PORT", "5001").replace("$RAY", "127.0.0.1:6379")
                     out.append(shlex.split(part)[1:])

@@ -3,6 +3,7 @@ config path a recipe names parses against the real CLI and exists. These are sta
 real by other tests (the MLflow server script in test_infra_mlflow_server.py, the cluster commands in tests/cluster,
 the launcher YAML through Ray's validator in test_infra_ray_launcher.py); a KubeRay apply needs a Kubernetes cluster,
 which no test here has."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def _recipe_texts() -> list[tuple[Path, str]]:
             continue
         strings = []
 
-        def walk(o):
+        def walk(o, strings=strings):
             if isinstance(o, dict):
                 for v in o.values():
                     walk(v)
@@ -64,12 +65,23 @@ def _recipe_texts() -> list[tuple[Path, str]]:
 
 def test_there_are_recipes():
     names = {p.relative_to(ROOT).as_posix() for p in YAMLS}
-    for must in ("infra/ray/cluster.yaml", "infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob-data.yaml",
-                 "infra/kuberay/rayjob-train.yaml", "infra/kuberay/storage.yaml", "infra/kuberay/secrets.example.yaml",
-                 "infra/mlflow/docker-compose.yaml"):
+    for must in (
+        "infra/ray/cluster.yaml",
+        "infra/kuberay/raycluster.yaml",
+        "infra/kuberay/rayjob-data.yaml",
+        "infra/kuberay/rayjob-train.yaml",
+        "infra/kuberay/storage.yaml",
+        "infra/kuberay/secrets.example.yaml",
+        "infra/mlflow/docker-compose.yaml",
+    ):
         assert must in names
-    for must in ("infra/docker/Dockerfile", "infra/docker/image.env", "infra/mlflow/start_server.sh",
-                 "infra/scripts/render_manifests.py", "docs/CLUSTER.md"):
+    for must in (
+        "infra/docker/Dockerfile",
+        "infra/docker/image.env",
+        "infra/mlflow/start_server.sh",
+        "infra/scripts/render_manifests.py",
+        "docs/CLUSTER.md",
+    ):
         assert (ROOT / must).is_file(), must
 
 
@@ -99,7 +111,8 @@ def test_every_varsr_command_in_recipes_parses_and_its_files_exist():
 
 
 def test_cluster_guide_commands_parse_and_name_existing_files():
-    """docs/CLUSTER.md (with its "The commands" block, once in the README): every `varsr` command selects a real subcommand with
+    """docs/CLUSTER.md (with its "The commands" block, once in the README): every `varsr` command selects a real
+    subcommand with
     its required arguments, and every repository path it names exists. Options are written in the `--set KEY=VALUE`
     form every command is moving to; until a command takes `--set`, that is the only option allowed to be unknown."""
     parser = _varsr_parser()
@@ -117,14 +130,18 @@ def test_cluster_guide_commands_parse_and_name_existing_files():
 
 
 def test_command_finder_sees_commands_in_every_form():
-    text = ("entrypoint: cd /opt/varsr && varsr data build --input a --output b\n"
-            "ray job submit -- \"cd /opt/varsr && varsr train isr --config x.yaml --ray-address auto\"\n"
-            "  name: varsr\n.venv/bin/varsr data inspect out  # comment\n"
-            "varsr train isr --config c.yaml \\\n   --resume auto\n")
-    assert _varsr_commands(text) == [["data", "build", "--input", "a", "--output", "b"],
-                                     ["train", "isr", "--config", "x.yaml", "--ray-address", "auto"],
-                                     ["data", "inspect", "out"],
-                                     ["train", "isr", "--config", "c.yaml", "--resume", "auto"]]
+    text = (
+        "entrypoint: cd /opt/varsr && varsr data build --input a --output b\n"
+        'ray job submit -- "cd /opt/varsr && varsr train isr --config x.yaml --ray-address auto"\n'
+        "  name: varsr\n.venv/bin/varsr data inspect out  # comment\n"
+        "varsr train isr --config c.yaml \\\n   --resume auto\n"
+    )
+    assert _varsr_commands(text) == [
+        ["data", "build", "--input", "a", "--output", "b"],
+        ["train", "isr", "--config", "x.yaml", "--ray-address", "auto"],
+        ["data", "inspect", "out"],
+        ["train", "isr", "--config", "c.yaml", "--resume", "auto"],
+    ]
 
 
 def test_shell_paths_in_recipes_exist():
@@ -162,10 +179,10 @@ def test_data_configs_load_into_typed_config():
 
 
 def test_train_configs_load_into_typed_config():
+    from infra.core.config import load_config
     from model.config import VARSRConfig
     from training.config import TrainConfig, load_train_config
     from training.stage0_vqvae import VQVAETrainConfig
-    from infra.core.config import load_config
 
     paths = sorted((ROOT / "configs/train").glob("*.yaml")) + sorted((ROOT / "configs/demo").glob("stage*.yaml"))
     assert paths

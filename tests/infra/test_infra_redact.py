@@ -2,6 +2,7 @@
 masked, everything else is kept exactly; configs are written masked but used as given; the MLflow server recipe
 prints a libpq ``?password=`` query masked (issue 28, finding 15). The end-to-end check over a whole training run is
 tests/training/test_train_secrets.py."""
+
 from __future__ import annotations
 
 import json
@@ -24,36 +25,64 @@ MASKED = [  # (text, what it must become)
     (f"https://x-access-token:{PW}@host/p", "https://***@host/p"),
     (f"postgresql://mlflow:ab@{PW}:c/d@db.internal:5432/mlflow", "postgresql://***@db.internal:5432/mlflow"),
     (f"postgresql+psycopg://ml%40user:{PW}%40%3A%2F@db:5432/m", "postgresql+psycopg://***@db:5432/m"),
-    (f"postgresql://db:5432/mlflow?user=mlflow&password={PW}&sslmode=require",
-     "postgresql://db:5432/mlflow?user=mlflow&password=***&sslmode=require"),
+    (
+        f"postgresql://db:5432/mlflow?user=mlflow&password={PW}&sslmode=require",
+        "postgresql://db:5432/mlflow?user=mlflow&password=***&sslmode=require",
+    ),
     (f"postgresql://db/m?sslpassword={PW}#frag", "postgresql://db/m?sslpassword=***#frag"),
-    (f"https://b.s3.amazonaws.com/k.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA{PW}%2F20240101"
-     f"&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token={PW}&X-Amz-Signature={PW}",
-     "https://b.s3.amazonaws.com/k.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
-     "&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token=***&X-Amz-Signature=***"),
-    (f"https://storage.googleapis.com/b/o?X-Goog-Credential=x{PW}&X-Goog-Signature={PW}",
-     "https://storage.googleapis.com/b/o?X-Goog-Credential=***&X-Goog-Signature=***"),
-    (f"https://acct.blob.core.windows.net/c/b?sv=2022-11-02&se=2030&sig={PW}",
-     "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&se=2030&sig=***"),
+    (
+        f"https://b.s3.amazonaws.com/k.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA{PW}%2F20240101"
+        f"&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token={PW}&X-Amz-Signature={PW}",
+        "https://b.s3.amazonaws.com/k.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+        "&X-Amz-Date=20240101T000000Z&X-Amz-Security-Token=***&X-Amz-Signature=***",
+    ),
+    (
+        f"https://storage.googleapis.com/b/o?X-Goog-Credential=x{PW}&X-Goog-Signature={PW}",
+        "https://storage.googleapis.com/b/o?X-Goog-Credential=***&X-Goog-Signature=***",
+    ),
+    (
+        f"https://acct.blob.core.windows.net/c/b?sv=2022-11-02&se=2030&sig={PW}",
+        "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&se=2030&sig=***",
+    ),
     (f"https://h/shards/{{000..009}}.tar?token={PW}&v=2", "https://h/shards/{000..009}.tar?token=***&v=2"),
-    (f"https://h/x?access_token={PW};key={PW}&api_key={PW}&secret={PW}",
-     "https://h/x?access_token=***;key=***&api_key=***&secret=***"),
-    (f"host=db port=5432 user=mlflow password={PW} dbname=mlflow",
-     "host=db port=5432 user=mlflow password=*** dbname=mlflow"),
+    (
+        f"https://h/x?access_token={PW};key={PW}&api_key={PW}&secret={PW}",
+        "https://h/x?access_token=***;key=***&api_key=***&secret=***",
+    ),
+    (
+        f"host=db port=5432 user=mlflow password={PW} dbname=mlflow",
+        "host=db port=5432 user=mlflow password=*** dbname=mlflow",
+    ),
     (f"host=db password='{PW} with \\' quote' dbname=m", "host=db password=*** dbname=m"),
-    (f"MLFLOW_TRACKING_PASSWORD={PW} MLFLOW_TRACKING_TOKEN={PW} aws_secret_access_key={PW}",
-     "MLFLOW_TRACKING_PASSWORD=*** MLFLOW_TRACKING_TOKEN=*** aws_secret_access_key=***"),
-    (f"[train] MLflow run 1f5b (stage2-isr tiny) at http://varsr:{PW}@127.0.0.1:5000",
-     "[train] MLflow run 1f5b (stage2-isr tiny) at http://***@127.0.0.1:5000"),
-    (f"registered varsr version 3 (run ab) in 'http://u:{PW}@h:5000', then https://a:{PW}@b",
-     "registered varsr version 3 (run ab) in 'http://***@h:5000', then https://***@b"),
+    (
+        f"MLFLOW_TRACKING_PASSWORD={PW} MLFLOW_TRACKING_TOKEN={PW} aws_secret_access_key={PW}",
+        "MLFLOW_TRACKING_PASSWORD=*** MLFLOW_TRACKING_TOKEN=*** aws_secret_access_key=***",
+    ),
+    (
+        f"[train] MLflow run 1f5b (stage2-isr tiny) at http://varsr:{PW}@127.0.0.1:5000",
+        "[train] MLflow run 1f5b (stage2-isr tiny) at http://***@127.0.0.1:5000",
+    ),
+    (
+        f"registered varsr version 3 (run ab) in 'http://u:{PW}@h:5000', then https://a:{PW}@b",
+        "registered varsr version 3 (run ab) in 'http://***@h:5000', then https://***@b",
+    ),
 ]
 KEPT = [  # nothing secret: returned exactly
-    "sqlite:////tmp/work/mlflow.db", "sqlite:///mlflow.db?mode=ro", "models:/varsr@champion", "models:/varsr/3",
-    "mlflow-artifacts:/1/abc/artifacts", "s3://bucket/prefix/key@v2/x.tar", "file:///data/shards",
-    "http://127.0.0.1:5000", "http://[::1]:5000/#/experiments/1", "https://h/p?user=mlflow&sslmode=require",
-    "https://h/search?q=a@b", "data.token_cache=auto max_tokens=5 key=shard-0001 exit code=2 PWD=/home/x",
-    "host=db port=5432 user=mlflow dbname=mlflow", "[train] step 3/4 loss 5.1234", "",
+    "sqlite:////tmp/work/mlflow.db",
+    "sqlite:///mlflow.db?mode=ro",
+    "models:/varsr@champion",
+    "models:/varsr/3",
+    "mlflow-artifacts:/1/abc/artifacts",
+    "s3://bucket/prefix/key@v2/x.tar",
+    "file:///data/shards",
+    "http://127.0.0.1:5000",
+    "http://[::1]:5000/#/experiments/1",
+    "https://h/p?user=mlflow&sslmode=require",
+    "https://h/search?q=a@b",
+    "data.token_cache=auto max_tokens=5 key=shard-0001 exit code=2 PWD=/home/x",
+    "host=db port=5432 user=mlflow dbname=mlflow",
+    "[train] step 3/4 loss 5.1234",
+    "",
 ]
 
 
@@ -74,9 +103,20 @@ def test_non_strings_pass_through():
 
 
 def test_secret_names():
-    for name in ("password", "PASSWORD", "sslpassword", "MLFLOW_TRACKING_PASSWORD", "access_token", "X-Amz-Signature",
-                 "X-Amz-Credential", "X-Amz-Security-Token", "client_secret", "aws_secret_access_key", "api-key",
-                 "private_key"):
+    for name in (
+        "password",
+        "PASSWORD",
+        "sslpassword",
+        "MLFLOW_TRACKING_PASSWORD",
+        "access_token",
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+        "X-Amz-Security-Token",
+        "client_secret",
+        "aws_secret_access_key",
+        "api-key",
+        "private_key",
+    ):
         assert secret_key(name), name
     for name in ("token_cache", "max_tokens", "tokens", "keys", "user", "host", "sslkey", "sslmode", "key", "sig"):
         assert not secret_key(name), name
@@ -84,13 +124,17 @@ def test_secret_names():
 
 
 def test_redact_config_masks_uris_and_secret_keys_in_a_copy():
-    data = {"tracking": {"tracking_uri": f"http://u:{PW}@h:5000", "experiment": "x"},
-            "data": {"shards": [f"https://h/a.tar?token={PW}", "/local/b.tar"], "token_cache": "auto"},
-            "db": {"password": PW, "password_file": "", "port": 5432}}
+    data = {
+        "tracking": {"tracking_uri": f"http://u:{PW}@h:5000", "experiment": "x"},
+        "data": {"shards": [f"https://h/a.tar?token={PW}", "/local/b.tar"], "token_cache": "auto"},
+        "db": {"password": PW, "password_file": "", "port": 5432},
+    }
     shown = redact_config(data)
-    assert shown == {"tracking": {"tracking_uri": "http://***@h:5000", "experiment": "x"},
-                     "data": {"shards": ["https://h/a.tar?token=***", "/local/b.tar"], "token_cache": "auto"},
-                     "db": {"password": MASK, "password_file": "", "port": 5432}}
+    assert shown == {
+        "tracking": {"tracking_uri": "http://***@h:5000", "experiment": "x"},
+        "data": {"shards": ["https://h/a.tar?token=***", "/local/b.tar"], "token_cache": "auto"},
+        "db": {"password": MASK, "password_file": "", "port": 5432},
+    }
     assert data["tracking"]["tracking_uri"] == f"http://u:{PW}@h:5000", "the original is untouched"
 
 
@@ -117,8 +161,10 @@ def test_saved_config_is_masked_but_the_config_used_keeps_the_uri(tmp_path):
         save_config(cfg, tmp_path / name)
         text = (tmp_path / name).read_text()
         assert PW not in text and "http://***@127.0.0.1:5000" in text, name
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["tracking"]["tracking_uri"] == \
-        "http://***@127.0.0.1:5000"
+    assert (
+        yaml.safe_load((tmp_path / "config.yaml").read_text())["tracking"]["tracking_uri"]
+        == "http://***@127.0.0.1:5000"
+    )
     assert cfg.tracking.tracking_uri == uri and config_hash(cfg) == before
 
 
@@ -160,29 +206,63 @@ except ValueError:
 warnings.warn("store MLFLOW_TRACKING_TOKEN={PW} is old")
 raise RuntimeError("API request to https://t:{PW}@h/api/2.0 failed")
 """
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode == 1, p.stderr
     err = p.stderr
     assert PW not in err + p.stdout, err
     assert p.stdout == "View run x at: http://***@h:5000/#/experiments/1/runs/2\n"
-    for shown in ("dsn host=db password=***", "mlflow.fake request to http://***@h:5000/api failed", "setup failed for host=db password=***",
-                  "ValueError: cannot reach postgresql://db/m?password=***", "MLFLOW_TRACKING_TOKEN=*** is old",
-                  "RuntimeError: API request to https://***@h/api/2.0 failed"):
+    for shown in (
+        "dsn host=db password=***",
+        "mlflow.fake request to http://***@h:5000/api failed",
+        "setup failed for host=db password=***",
+        "ValueError: cannot reach postgresql://db/m?password=***",
+        "MLFLOW_TRACKING_TOKEN=*** is old",
+        "RuntimeError: API request to https://***@h/api/2.0 failed",
+    ):
         assert shown in err, err
 
 
+@pytest.mark.slow
 def test_the_cli_error_line_is_redacted(tmp_path):
     """A UserError quoting the store (start_run's 'parent run ... is not in the tracking store URI', here from
     ``varsr register`` against a refused loopback port) is printed as one masked line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VARSR_PARENT_RUN_ID": "0123456789abcdef",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    p = subprocess.run([sys.executable, "-m", "infra.cli", "register", str(ROOT / "model/pretrained/small4-base"),
-                        "--name", "x", "--no-validate", "--tracking-uri", f"http://u:{PW}@127.0.0.1:1"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "VARSR_PARENT_RUN_ID": "0123456789abcdef",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "register",
+            str(ROOT / "model/pretrained/small4-base"),
+            "--name",
+            "x",
+            "--no-validate",
+            "--tracking-uri",
+            f"http://u:{PW}@127.0.0.1:1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert p.returncode == 2, p.stderr
-    assert "varsr: error: parent run 0123456789abcdef is not in the tracking store http://***@127.0.0.1:1" \
-        in p.stderr, p.stderr
+    assert (
+        "varsr: error: parent run 0123456789abcdef is not in the tracking store http://***@127.0.0.1:1" in p.stderr
+    ), p.stderr
     assert PW not in p.stderr + p.stdout
 
 
@@ -199,9 +279,10 @@ def _serve_module():
 
 def test_recipe_masks_a_libpq_password_query():
     serve = _serve_module()
-    b = serve.backend_from_env({"MLFLOW_BACKEND_STORE_URI":
-                                f"postgresql://db.internal:5432/mlflow?user=mlflow&password={PW}&sslmode=require"},
-                               "/tmp")
+    b = serve.backend_from_env(
+        {"MLFLOW_BACKEND_STORE_URI": f"postgresql://db.internal:5432/mlflow?user=mlflow&password={PW}&sslmode=require"},
+        "/tmp",
+    )
     assert b.uri.endswith(f"password={PW}&sslmode=require"), "the server gets the URI as given"
     assert b.shown == "postgresql+psycopg://db.internal:5432/mlflow?user=mlflow&password=***&sslmode=require"
     assert PW in b.secrets
@@ -210,21 +291,32 @@ def test_recipe_masks_a_libpq_password_query():
 
 def test_recipe_startup_error_does_not_print_a_query_password(tmp_path):
     """The database is down: the one error line names the store, without the password given as ?password=."""
-    env = {**os.environ, "PYTHON": sys.executable, "MLFLOW_STARTUP_WAIT_S": "0",
-           "MLFLOW_BACKEND_STORE_URI": f"postgresql://127.0.0.1:1/mlflow?user=mlflow&password={PW}"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "MLFLOW_STARTUP_WAIT_S": "0",
+        "MLFLOW_BACKEND_STORE_URI": f"postgresql://127.0.0.1:1/mlflow?user=mlflow&password={PW}",
+    }
     env.pop("MLFLOW_DB_HOST", None)
-    p = subprocess.run(["bash", str(ROOT / "infra/mlflow/start_server.sh")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        ["bash", str(ROOT / "infra/mlflow/start_server.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
-    assert "cannot connect to the backend store postgresql+psycopg://127.0.0.1:1/mlflow?user=mlflow&password=***" \
-        in p.stderr, p.stderr
+    assert (
+        "cannot connect to the backend store postgresql+psycopg://127.0.0.1:1/mlflow?user=mlflow&password=***"
+        in p.stderr
+    ), p.stderr
     assert PW not in p.stderr + p.stdout
 
 
 def test_an_evaluation_run_records_no_credential_of_its_model_or_data_urls(tmp_path):
     """`varsr eval`'s MLflow run (params, tags, dataset source) and its summary.json name a model or data URL
     without the credentials or signature it carries (issue 28, finding 15: every URI printed, written or logged)."""
-    import json
 
     from mlflow.tracking import MlflowClient
 
@@ -238,11 +330,17 @@ def test_an_evaluation_run_records_no_credential_of_its_model_or_data_urls(tmp_p
     out.mkdir()
     _write_files(res, out, {**data, "model": model, "baseline": "bicubic"})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = _log_mlflow(res, out, {"scale": 4}, "bicubic", TrackingOptions(uri, "eval-redact"), data, model,
-                         "0" * 64, {"tile": "auto"})
+    run_id = _log_mlflow(
+        res, out, {"scale": 4}, "bicubic", TrackingOptions(uri, "eval-redact"), data, model, "0" * 64, {"tile": "auto"}
+    )
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
-    shown = json.dumps({"params": run.data.params, "tags": run.data.tags,
-                        "inputs": [d.dataset.source for d in run.inputs.dataset_inputs]})
+    shown = json.dumps(
+        {
+            "params": run.data.params,
+            "tags": run.data.tags,
+            "inputs": [d.dataset.source for d in run.inputs.dataset_inputs],
+        }
+    )
     assert "models.example" in shown and "bucket/test/HR" in shown  # the URLs are still named
     assert secret not in shown
     summary = (out / "summary.json").read_text()

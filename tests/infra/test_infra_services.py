@@ -1,6 +1,7 @@
 """The loopback service fixtures (tests/services.py) are the real things: s3fs and boto3 talk to moto's S3 server
 through the environment alone, the strict server refuses credentials, and PostgreSQL accepts the role whose password
 holds '@', ':' and '/' only when the URL encodes it."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ def test_s3_env_lets_s3fs_and_boto3_reach_moto_by_environment_only(s3_bucket, s3
     import boto3
     import s3fs
 
-    fs = s3fs.S3FileSystem()            # no arguments: endpoint and credentials come from AWS_* variables
+    fs = s3fs.S3FileSystem()  # no arguments: endpoint and credentials come from AWS_* variables
     with fs.open(f"{s3_bucket}/dir/a.bin", "wb") as f:
         f.write(b"\x00varsr" * 1000)
     assert fs.cat(f"s3://{s3_bucket}/dir/a.bin") == b"\x00varsr" * 1000
@@ -50,19 +51,29 @@ def test_postgres_role_logs_in_with_encoded_url_only(postgres_server):
     finally:
         engine.dispose()
     # pasted raw, the same password breaks the URL: it no longer names this user, password and host
-    raw = (f"postgresql+psycopg://{postgres_server.user}:{postgres_server.password}"
-           f"@{postgres_server.host}:{postgres_server.port}/{postgres_server.dbname}")
+    raw = (
+        f"postgresql+psycopg://{postgres_server.user}:{postgres_server.password}"
+        f"@{postgres_server.host}:{postgres_server.port}/{postgres_server.dbname}"
+    )
     try:
         parsed = sqlalchemy.engine.make_url(raw)
-        assert (parsed.username, parsed.password, parsed.host) != \
-            (postgres_server.user, postgres_server.password, postgres_server.host)
+        assert (parsed.username, parsed.password, parsed.host) != (
+            postgres_server.user,
+            postgres_server.password,
+            postgres_server.host,
+        )
     except (ValueError, sqlalchemy.exc.ArgumentError):
         pass
     # and a wrong password is refused by the server (the role really requires it)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(host=postgres_server.host, port=postgres_server.port, user=postgres_server.user,
-                        password="not-" + postgres_server.password, dbname=postgres_server.dbname,
-                        connect_timeout=5).close()
+        psycopg.connect(
+            host=postgres_server.host,
+            port=postgres_server.port,
+            user=postgres_server.user,
+            password="not-" + postgres_server.password,
+            dbname=postgres_server.dbname,
+            connect_timeout=5,
+        ).close()
 
 
 def test_postgres_create_database_is_owned_by_the_role(postgres_server):
@@ -84,11 +95,15 @@ def test_ensure_postgres_finds_debian_layout_and_names_the_install_step(tmp_path
     debian = tmp_path / "lib/postgresql/15/bin"
     debian.mkdir(parents=True)
     (debian / "pg_ctl").write_text("")
-    found = subprocess.run(["bash", script], env={"PATH": str(tools), "PG_LIB_DIR": str(tmp_path / "lib/postgresql")},
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["bash", script],
+        env={"PATH": str(tools), "PG_LIB_DIR": str(tmp_path / "lib/postgresql")},
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0 and found.stdout == found.stderr == ""
-    missing = subprocess.run(["bash", script], env={"PATH": str(tools), "PG_LIB_DIR": str(tmp_path / "none")},
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        ["bash", script], env={"PATH": str(tools), "PG_LIB_DIR": str(tmp_path / "none")}, capture_output=True, text=True
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "apt-get install -y postgresql" in missing.stderr
-

@@ -1,6 +1,7 @@
 """The storage layer (infra/core/storage.py) against a real S3-compatible endpoint on loopback (moto's server):
 atomic writes, listing, streaming reads, and one-line errors naming the URL for a missing bucket, refused
 credentials and an endpoint that is down — in seconds, not after minutes of retries."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ from infra.core.net import free_port
 
 def test_round_trip_on_s3(s3_bucket):
     base = f"s3://{s3_bucket}/prefix"
-    storage.makedirs(base)                                    # checks that the bucket exists
+    storage.makedirs(base)  # checks that the bucket exists
     storage.write_bytes(storage.join(base, "a", "x.bin"), b"hello")
     storage.write_text(storage.join(base, "b.txt"), "world")
     assert storage.exists(storage.join(base, "a", "x.bin")) and storage.size(storage.join(base, "b.txt")) == 5
@@ -19,6 +20,7 @@ def test_round_trip_on_s3(s3_bucket):
     with storage.open_url(storage.join(base, "a", "x.bin")) as f:
         assert f.read(3) == b"hel"
     import hashlib
+
     assert storage.sha256(storage.join(base, "b.txt")) == hashlib.sha256(b"world").hexdigest()
     storage.remove(storage.join(base, "a"), recursive=True)
     assert storage.listdir(base) == ["b.txt"]
@@ -33,7 +35,7 @@ def test_trees_and_files_between_local_and_s3(s3_bucket, tmp_path):
     storage.get_tree(url, tmp_path / "back")
     assert (tmp_path / "back" / "sub" / "w.bin").read_bytes() == b"\x00" * 1000
     assert (tmp_path / "back" / "c.json").read_text() == "{}"
-    assert (tmp_path / "src" / "c.json").exists()              # put_tree copies, it does not move
+    assert (tmp_path / "src" / "c.json").exists()  # put_tree copies, it does not move
 
 
 def test_local_writes_are_atomic_and_leave_no_temporaries(tmp_path):
@@ -67,16 +69,17 @@ def test_refused_credentials_are_one_line(s3_server_strict, monkeypatch):
         _clear_s3fs_cache()
 
 
+@pytest.mark.slow
 def test_endpoint_down_fails_fast_with_one_line(monkeypatch):
     from tests.services import _clear_s3fs_cache
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")   # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     _clear_s3fs_cache()
     try:
-        with pytest.raises(storage.StorageError) as ei:   # raised at all: the retries are bounded, not endless
+        with pytest.raises(storage.StorageError) as ei:  # raised at all: the retries are bounded, not endless
             storage.exists("s3://bucket/manifest.json")
         assert "s3://bucket/manifest.json" in str(ei.value) and "endpoint" in str(ei.value)
         assert "\n" not in str(ei.value)

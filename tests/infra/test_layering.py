@@ -8,6 +8,7 @@
   infra.cli / infra.demo   the only modules that compose components; nothing else imports them
 and there is no import cycle anywhere. The rule checker is itself tested on a small tree that breaks each rule.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,10 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             if layer is None or _under(t, layer):
                 continue
             if not any(_under(t, ok) for ok in ALLOWED[layer]):
-                problems.append(f"{m} ({layer}) imports {t}: {layer} may import only "
-                                f"{', '.join(ALLOWED[layer]) or 'nothing of ours'}")
+                problems.append(
+                    f"{m} ({layer}) imports {t}: {layer} may import only "
+                    f"{', '.join(ALLOWED[layer]) or 'nothing of ours'}"
+                )
     return problems
 
 
@@ -61,8 +64,11 @@ def test_the_project_imports_only_point_down():
 def test_only_the_cli_and_the_demo_compose_components():
     graph = import_graph(ROOT)
     components = ("model", "data_pipeline", "training", "inference")
-    composers = {m for m, ts in graph.items()
-                 if len({c for c in components for t in ts if _under(t, c)} - {m.split(".")[0]}) >= 3}
+    composers = {
+        m
+        for m, ts in graph.items()
+        if len({c for c in components for t in ts if _under(t, c)} - {m.split(".")[0]}) >= 3
+    }
     assert composers and composers <= {"infra.cli"} | {m for m in graph if _under(m, "infra.demo")}, composers
     # a composing module is the top of the graph: only the `varsr` entry point may import one (a recipe that grew
     # a third component once became one while the demo's CLI glue still imported it)
@@ -82,19 +88,22 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checker_catches_each_kind_of_broken_rule(tmp_path):
-    root = _tree(tmp_path, {
-        "infra/core/errors.py": "import training.trainer\n",                    # bottom reaching up
-        "model/net.py": "from inference import pipeline\n",                     # model importing a component
-        "inference/pipeline.py": "from . import registry\n",                    # cycle inside inference
-        "inference/registry.py": "def f():\n    from inference.pipeline import x\n",
-        "training/trainer.py": "from infra.cli import main\nfrom data_pipeline import jobs\n",
-        "data_pipeline/jobs.py": "import torch\n",
-        "infra/cli.py": "import training.trainer\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "infra/core/errors.py": "import training.trainer\n",  # bottom reaching up
+            "model/net.py": "from inference import pipeline\n",  # model importing a component
+            "inference/pipeline.py": "from . import registry\n",  # cycle inside inference
+            "inference/registry.py": "def f():\n    from inference.pipeline import x\n",
+            "training/trainer.py": "from infra.cli import main\nfrom data_pipeline import jobs\n",
+            "data_pipeline/jobs.py": "import torch\n",
+            "infra/cli.py": "import training.trainer\n",
+        },
+    )
     found = "\n".join(violations(import_graph(root)))
     assert "infra.core.errors (infra.core) imports training.trainer" in found
     assert "model.net (model) imports inference.pipeline" in found
     assert "import cycle: inference.pipeline -> inference.registry" in found
     assert "training.trainer imports the composing module infra.cli" in found
-    assert "training.trainer (training) imports data_pipeline.jobs" in found   # only the shard reader is allowed
+    assert "training.trainer (training) imports data_pipeline.jobs" in found  # only the shard reader is allowed
     assert not any(line.startswith("infra.cli ") for line in found.splitlines())  # the roof may import anything

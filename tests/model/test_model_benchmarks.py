@@ -1,5 +1,6 @@
 """The benchmarks run end to end here: gpu_bench on CPU (tiny preset), so the GPU benchmark cannot rot between GPU
 runs, and model_bench's interleaved before/after comparison of generation."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,23 @@ PHASES = {"ar_s", "refiner_s", "decode_s", "total_s"}
 @pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_and_reports_every_figure():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--preset", "tiny", "--device",
-                        "cpu", "--threads", "1"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_bench.py"),
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stdout[-2000:]  # exactly one JSON object on stdout
@@ -30,7 +46,11 @@ def test_gpu_bench_runs_on_cpu_and_reports_every_figure():
         assert set(g["per_image_s"]) == PHASES and all(v > 0 for v in g["per_image_s"].values())
         assert "peak_memory_mib" in g and g["images_per_s"] > 0
     assert sum(gen["sdpa_backends"].values()) > 0 and set(gen["sdpa_backends"]) <= {
-        "flash", "memory_efficient", "cudnn", "math"}
+        "flash",
+        "memory_efficient",
+        "cudnn",
+        "math",
+    }
     assert "skipped" in gen["compiled"]  # compile variants are CUDA-only by default
     tr = out["train"]["tiny"]
     assert (tr["precision"], tr["zero_stage"]) == ("bf16", 2)
@@ -42,6 +62,7 @@ def test_gpu_bench_runs_on_cpu_and_reports_every_figure():
     assert "skipped" in tr["compiled"]
 
 
+@pytest.mark.slow
 def test_model_bench_compares_generation_with_the_baseline_commit_interleaved():
     """model_bench imports the baseline commit's model package beside today's, gives both the same weights, inputs
     and streams, and reports per-phase medians and base/new ratios; the images must agree."""
@@ -49,9 +70,25 @@ def test_model_bench_compares_generation_with_the_baseline_commit_interleaved():
     if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{ref}^{{commit}}"], capture_output=True).returncode:
         pytest.skip(f"baseline commit {ref} is not in this clone (shallow checkout)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_bench.py"), "--preset", "tiny", "--reps", "2",
-                        "--threads", "1", "--baseline-ref", ref], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "model_bench.py"),
+            "--preset",
+            "tiny",
+            "--reps",
+            "2",
+            "--threads",
+            "1",
+            "--baseline-ref",
+            ref,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     gen = out["generate"]

@@ -1,4 +1,6 @@
-"""Checkpoints: native round trip, official-format import (trainer-nested and plain), strict key errors, safe unpickling."""
+"""Checkpoints: native round trip, official-format import (trainer-nested and plain), strict key errors, safe
+unpickling."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ from infra.core.errors import UserError
 from model import VARSRConfig, build, from_pretrained, import_official, load_stage_weights, save_pretrained
 from model.official import infer_config
 
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -17,7 +20,8 @@ def tiny():
 
 
 def _official_var_sd(varsr) -> dict:
-    """The transformer's state dict in the official layout, with the upstream buffers regenerated as upstream stores them."""
+    """The transformer's state dict in the official layout, with the upstream buffers regenerated as upstream
+    stores them."""
     sd = {k: v.clone() for k, v in varsr.state_dict().items()}
     lvl = varsr.level_ids("cpu")
     S = lvl.numel()
@@ -84,7 +88,9 @@ def test_import_official_layouts(tiny, tmp_path, layout):
     else:
         torch.save(var_sd, tmp_path / "VARSR.pth")
         torch.save(vae_sd, tmp_path / "VQVAE.pth")
-    vq2, var2 = import_official(tmp_path / "VARSR.pth", tmp_path / "VQVAE.pth", config=varsr.cfg, out_dir=tmp_path / "n")
+    vq2, var2 = import_official(
+        tmp_path / "VARSR.pth", tmp_path / "VQVAE.pth", config=varsr.cfg, out_dir=tmp_path / "n"
+    )
     _assert_equal_state(vqvae, vq2)
     _assert_equal_state(varsr, var2)
     vq3, var3 = from_pretrained(tmp_path / "n")
@@ -136,10 +142,18 @@ def test_code_running_pickle_is_refused(tiny, tmp_path):
 
 def test_infer_config_from_released_shapes():
     # a narrow model with the released 10-scale, 512-px geometry: shapes only, so build on the meta device
-    cfg = VARSRConfig.from_dict(dict(
-        name="narrow", depth=2, embed_dim=64, num_heads=1, refiner_width=64, refiner_depth=3,
-        lr_encoder_channels=[8, 16, 16, 32],
-        vqvae=dict(vocab_size=128, z_channels=8, ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1)))
+    cfg = VARSRConfig.from_dict(
+        dict(
+            name="narrow",
+            depth=2,
+            embed_dim=64,
+            num_heads=1,
+            refiner_width=64,
+            refiner_depth=3,
+            lr_encoder_channels=[8, 16, 16, 32],
+            vqvae=dict(vocab_size=128, z_channels=8, ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1),
+        )
+    )
     vqvae, varsr = build(cfg, device="meta")
     got = infer_config(varsr.state_dict(), vqvae.state_dict())
     for f in ["variant", "patch_nums", "depth", "C", "heads", "num_classes", "refiner_width", "refiner_depth"]:
@@ -191,20 +205,49 @@ def test_cli_info_and_import(tiny, tmp_path, capsys):
     vqvae, varsr = tiny
     torch.save(_official_var_sd(varsr), tmp_path / "VARSR.pth")
     _write_trainer(tmp_path / "VQVAE.pth", vae_sd=vqvae.state_dict())
-    assert main(["import-checkpoint", "--var", str(tmp_path / "VARSR.pth"), "--vae", str(tmp_path / "VQVAE.pth"),
-                 "-o", str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    assert (
+        main(
+            [
+                "import-checkpoint",
+                "--var",
+                str(tmp_path / "VARSR.pth"),
+                "--vae",
+                str(tmp_path / "VQVAE.pth"),
+                "-o",
+                str(tmp_path / "out"),
+                "--preset",
+                "tiny",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["model", "info", "--checkpoint", str(tmp_path / "out")]) == 0
     capsys.readouterr()
-    assert main(["import-checkpoint", "--var", str(tmp_path / "nope.pth"), "--vae", str(tmp_path / "VQVAE.pth"),
-                 "-o", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "import-checkpoint",
+                "--var",
+                str(tmp_path / "nope.pth"),
+                "--vae",
+                str(tmp_path / "VQVAE.pth"),
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_import_var_transformer_file_as_stage2_init(tiny, tmp_path):
     vqvae, varsr = tiny
-    sd = {k: v for k, v in _official_var_sd(varsr).items()
-          if not k.startswith(("diffloss.", "decoder_norm.", "con_embedding."))}
+    sd = {
+        k: v
+        for k, v in _official_var_sd(varsr).items()
+        if not k.startswith(("diffloss.", "decoder_norm.", "con_embedding."))
+    }
     sd["pos_1LC"] = torch.zeros(1, 21, varsr.C)  # VAR's absolute position table
     sd["pos_start"] = torch.zeros(1, 1, varsr.C)
     sd["class_emb.weight"] = torch.randn(5, varsr.C)  # VAR: classes + null row
@@ -222,10 +265,20 @@ def test_import_var_transformer_file_as_stage2_init(tiny, tmp_path):
 def test_import_research_checkpoint_whose_lr_encoder_is_wider_than_the_model(tmp_path):
     """Research checkpoints keep the released 1536-wide last LR-encoder stage at every width C: the importer reads
     that width from the file (here 96 at C = 64), builds it, and the weights load strictly and round-trip."""
-    cfg = VARSRConfig.from_dict(dict(
-        name="research-narrow", depth=2, embed_dim=64, num_heads=1, refiner_width=64, refiner_depth=2,
-        lr_encoder_channels=[8, 16, 16, 32], lr_encoder_hidden=96, patch_nums=[1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
-        vqvae=dict(vocab_size=128, z_channels=8, ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1)))
+    cfg = VARSRConfig.from_dict(
+        dict(
+            name="research-narrow",
+            depth=2,
+            embed_dim=64,
+            num_heads=1,
+            refiner_width=64,
+            refiner_depth=2,
+            lr_encoder_channels=[8, 16, 16, 32],
+            lr_encoder_hidden=96,
+            patch_nums=[1, 2, 3, 4, 6, 9, 13, 18, 24, 32],
+            vqvae=dict(vocab_size=128, z_channels=8, ch=32, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=1),
+        )
+    )
     torch.manual_seed(0)
     vqvae, varsr = build(cfg)
     sd = _official_var_sd(varsr)

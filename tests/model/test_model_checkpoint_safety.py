@@ -1,6 +1,7 @@
 """Checkpoint inputs a careless or hostile user may give (issue 28, findings 5, 10, 11): weights that are NaN or not
 floating point, files that are not PyTorch checkpoints at all, and the model's own sampling defaults
 (``sampling.json``) kept beside its weights. Each bad input ends in one line that names what is wrong."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from infra.core.errors import UserError
 from model import VARSRConfig, build, from_pretrained, import_official, save_pretrained
-from model.checkpoint import (SAMPLING, read_parts, read_sampling_defaults, validate_sampling_defaults,
-                              write_sampling_defaults)
+from model.checkpoint import (
+    SAMPLING,
+    read_parts,
+    read_sampling_defaults,
+    validate_sampling_defaults,
+    write_sampling_defaults,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +40,14 @@ def _rewrite(d, key, fn):
 
 
 # ---- finding 10: NaN / integer weights ------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad, words", [
-    (lambda t: t.clone().fill_(float("nan")), "not finite"),
-    (lambda t: torch.where(torch.arange(t.numel()).view(t.shape) == 0, float("inf"), t), "not finite"),
-    (lambda t: t.to(torch.int32), "int32"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (lambda t: t.clone().fill_(float("nan")), "not finite"),
+        (lambda t: torch.where(torch.arange(t.numel()).view(t.shape) == 0, float("inf"), t), "not finite"),
+        (lambda t: t.to(torch.int32), "int32"),
+    ],
+)
 def test_nan_inf_and_integer_weights_are_refused_naming_the_tensor(ckpt, bad, words):
     key = "varsr.blocks.0.ffn.fc1.weight"
     _rewrite(ckpt, key, bad)
@@ -88,7 +97,7 @@ def test_import_checkpoint_says_what_each_bad_file_is(tiny, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello, this is a text file and not a checkpoint\n")
     (tmp_path / "garbage.bin").write_bytes(bytes((i * 7919 + 13) % 251 for i in range(4096)))
     (tmp_path / "empty.pth").write_bytes(b"")
-    whole = (tmp_path / "whole.pth")
+    whole = tmp_path / "whole.pth"
     torch.save(varsr.state_dict(), whole)
     (tmp_path / "truncated.pth").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
 
@@ -97,8 +106,13 @@ def test_import_checkpoint_says_what_each_bad_file_is(tiny, tmp_path, capsys):
             return (print, ("ran",))
 
     torch.save({"w": torch.zeros(1), "x": Evil()}, tmp_path / "evil.pth")
-    cases = {"notes.txt": "not a PyTorch checkpoint", "garbage.bin": "not a PyTorch checkpoint",
-             "empty.pth": "is empty", "truncated.pth": "corrupt", "evil.pth": "could run arbitrary code"}
+    cases = {
+        "notes.txt": "not a PyTorch checkpoint",
+        "garbage.bin": "not a PyTorch checkpoint",
+        "empty.pth": "is empty",
+        "truncated.pth": "corrupt",
+        "evil.pth": "could run arbitrary code",
+    }
     for name, words in cases.items():
         rc, err = _import_cli(tmp_path, capsys, tmp_path / name, good)
         assert rc == 2 and words in err and len(err.splitlines()) == 1, (name, err)
@@ -118,11 +132,20 @@ def test_sampling_defaults_round_trip_and_absence(ckpt):
     assert read_sampling_defaults(ckpt) == {"top_k": 2}
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"cfg": float("nan")}, "cfg"), ({"cfg": -1}, "cfg"), ({"top_p": 1.5}, "top_p"), ({"top_k": 1.5}, "top_k"),
-    ({"top_k": True}, "top_k"), ({"temperature": 1.0}, "temperature"), ({"color_fix": "sepia"}, "color_fix"),
-    ({"scale": 0}, "scale"), ({"cfg": "high"}, "cfg"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"cfg": float("nan")}, "cfg"),
+        ({"cfg": -1}, "cfg"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"temperature": 1.0}, "temperature"),
+        ({"color_fix": "sepia"}, "color_fix"),
+        ({"scale": 0}, "scale"),
+        ({"cfg": "high"}, "cfg"),
+    ],
+)
 def test_bad_sampling_defaults_are_refused_by_name(ckpt, values, words):
     with pytest.raises(UserError, match=words):
         validate_sampling_defaults(values, "test")

@@ -1,5 +1,6 @@
 """Determinism and random streams: the same seed gives the same tokens and image; each image (and tile) draws from
 its own stream derived from the seed; an image in a batch equals that image alone, with its own stream."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from model import VARSRConfig, build
-from model.vae_layers import AttnBlock
 from model.sampling import derive_seed, image_generators, resolve_generators, stream_generator
+from model.vae_layers import AttnBlock
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,15 @@ def test_batch_equals_each_image_alone(model):
     cfg = varsr.cfg
     lr = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     labels = [0, 1, 0]
-    fb, infob = varsr.generate(lr, label=torch.tensor(labels), generator=image_generators(11, 3), top_k=20, top_p=0.9,
-                               return_fhat=True, return_info=True)
+    fb, infob = varsr.generate(
+        lr,
+        label=torch.tensor(labels),
+        generator=image_generators(11, 3),
+        top_k=20,
+        top_p=0.9,
+        return_fhat=True,
+        return_info=True,
+    )
     img_b = varsr.vqvae.fhat_to_img(fb)
     # layers of sequential reductions on the way to the latent: per scale every Linear of the blocks and the head plus
     # the two attention products per block; per refiner step every Linear of the res blocks and final layer
@@ -107,15 +115,22 @@ def test_batch_equals_each_image_alone(model):
     dec_layers = len(convs) + 2 * n_attn
     red_dec = max(c.in_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs)
     for i in range(3):
-        fa, infoa = varsr.generate(lr[i:i + 1], label=labels[i], generator=[stream_generator(11, i)], top_k=20,
-                                   top_p=0.9, return_fhat=True, return_info=True)
-        assert all(torch.equal(x[i:i + 1], y) for x, y in zip(infob.tokens, infoa.tokens))
+        fa, infoa = varsr.generate(
+            lr[i : i + 1],
+            label=labels[i],
+            generator=[stream_generator(11, i)],
+            top_k=20,
+            top_p=0.9,
+            return_fhat=True,
+            return_info=True,
+        )
+        assert all(torch.equal(x[i : i + 1], y) for x, y in zip(infob.tokens, infoa.tokens))
         tol_f = _rounding_bound(torch.float32, float(fa.abs().max()), latent_layers, red_latent)
-        assert float((fb[i:i + 1] - fa).abs().max()) <= tol_f
+        assert float((fb[i : i + 1] - fa).abs().max()) <= tol_f
         # the decoder, the same way: image i of the batched decode against the decode of that latent alone
-        img_alone = varsr.vqvae.fhat_to_img(fb[i:i + 1])
+        img_alone = varsr.vqvae.fhat_to_img(fb[i : i + 1])
         tol_img = _rounding_bound(torch.float32, float(img_alone.abs().max()), dec_layers, red_dec)
-        assert float((img_b[i:i + 1] - img_alone).abs().max()) <= tol_img
+        assert float((img_b[i : i + 1] - img_alone).abs().max()) <= tol_img
         assert tol_img < 1e-3  # a rounding-level bound, not a loose one
 
 

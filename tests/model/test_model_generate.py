@@ -6,6 +6,7 @@ through the teacher-forced forward of both branches and combining them with the 
 must reproduce generate's greedy choice at every scale. That ties the sampling loop to the model it was trained as:
 level embeddings, level-0 position, guidance schedule and the negative branch all have to be right.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,8 @@ def _inputs(varsr, B: int = 3):
 
 
 def _expected_guidance(cfg: VARSRConfig, si: int, scale: float) -> float:
-    """The logit guidance per scale, written out independently of the model code (docs/MODEL.md §4.2, docs/MODEL.md §2.12)."""
+    """The logit guidance per scale, written out independently of the model code (docs/MODEL.md §4.2, docs/MODEL.md
+    §2.12)."""
     K = cfg.num_scales
     if cfg.variant == "isr":
         return scale * si / (K - 1)
@@ -54,7 +56,7 @@ def _expected_guidance(cfg: VARSRConfig, si: int, scale: float) -> float:
 def _teacher_forced(vqvae, varsr, tokens, labels, lr):
     """Logits (B, L, V) and the last block's output (B, S, C) of the teacher-forced forward fed with ``tokens``."""
     x_in = vqvae.idxBl_to_var_input(tokens)
-    B, n_last = labels.numel(), varsr.cfg.pn_last ** 2
+    B, n_last = labels.numel(), varsr.cfg.pn_last**2
     seen = []
     hook = varsr.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o))
     try:
@@ -70,8 +72,15 @@ def _teacher_forced(vqvae, varsr, tokens, labels, lr):
 def test_greedy_generate_equals_argmax_of_guided_teacher_forced_logits(preset, scale):
     vqvae, varsr = _model(preset)
     kwargs, pos, neg, lr = _inputs(varsr)
-    _, info = varsr.generate(**kwargs, cfg=scale, top_k=1, top_p=0.0, generator=torch.Generator().manual_seed(0),
-                             return_fhat=True, return_info=True)
+    _, info = varsr.generate(
+        **kwargs,
+        cfg=scale,
+        top_k=1,
+        top_p=0.0,
+        generator=torch.Generator().manual_seed(0),
+        return_fhat=True,
+        return_info=True,
+    )
     tokens = info.tokens
     assert [t.shape for t in tokens] == [(3, pn * pn) for pn in varsr.patch_nums]
     logits_pos, _ = _teacher_forced(vqvae, varsr, tokens, pos, lr)
@@ -100,8 +109,13 @@ def _one_step_refiner_residual(varsr, h_last2, idx_last, noise, s):
     B, C = idx_last.shape[0], varsr.Cvae
     e = varsr.vqvae.quantize.embedding.weight[idx_last]  # (B, n, Cvae)
     n = varsr.decoder_norm
-    z = F.layer_norm(h_last2 + F.linear(e.repeat(2, 1, 1), varsr.word_embed.weight, varsr.word_embed.bias),
-                     n.normalized_shape, n.weight, n.bias, n.eps)  # (2B, n, C)
+    z = F.layer_norm(
+        h_last2 + F.linear(e.repeat(2, 1, 1), varsr.word_embed.weight, varsr.word_embed.bias),
+        n.normalized_shape,
+        n.weight,
+        n.bias,
+        n.eps,
+    )  # (2B, n, C)
     abar = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     beta0 = min(1 - abar(1 / 1000) / abar(0), 0.999)
     a0 = 1 - beta0
@@ -132,12 +146,20 @@ def _fhat_of_tokens(vqvae, tokens):
 def test_refiner_is_guided_by_the_negative_branch_as_the_formula_says(preset):
     vqvae, varsr = _model(preset, refiner_sample_steps=1)
     kwargs, pos, neg, lr = _inputs(varsr, B=2)
-    n_last = varsr.cfg.pn_last ** 2
+    n_last = varsr.cfg.pn_last**2
     # small initial noise keeps x̂₀ inside the clamp, so ε (and the guidance) acts on every entry
     noise = 0.3 * torch.randn(2, n_last, varsr.Cvae, generator=torch.Generator().manual_seed(1))
     s = 6.0
-    f_hat, info = varsr.generate(**kwargs, cfg=s, top_k=1, top_p=0.0, refiner_noise=noise, return_fhat=True,
-                                 return_info=True, generator=torch.Generator().manual_seed(0))
+    f_hat, info = varsr.generate(
+        **kwargs,
+        cfg=s,
+        top_k=1,
+        top_p=0.0,
+        refiner_noise=noise,
+        return_fhat=True,
+        return_info=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     residual = (f_hat - _fhat_of_tokens(vqvae, info.tokens)).flatten(2).transpose(1, 2)  # (B, n_last, Cvae)
     with torch.no_grad():
         _, h_pos = _teacher_forced(vqvae, varsr, info.tokens, pos, lr)
@@ -179,8 +201,15 @@ def test_concurrent_generate_calls_equal_sequential_ones():
     lrs = [torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
 
     def call(i):
-        return varsr.generate(lrs[i], label=i % 2, cfg=3.0 + i, top_k=20, top_p=0.9,
-                              generator=image_generators(100 + i, 2), return_info=True)
+        return varsr.generate(
+            lrs[i],
+            label=i % 2,
+            cfg=3.0 + i,
+            top_k=20,
+            top_p=0.9,
+            generator=image_generators(100 + i, 2),
+            return_info=True,
+        )
 
     sequential = [call(i) for i in range(4)]
     for _ in range(2):

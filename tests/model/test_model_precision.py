@@ -1,10 +1,12 @@
 """Inference precision: bf16 is the default only where the hardware multiplies bf16 natively, and a bf16 decode with
 the released decoder architecture stays within 45 dB PSNR of the fp32 decode."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data as skdata
@@ -35,6 +37,7 @@ def test_bf16_is_the_default_exactly_where_the_cpu_has_bf16_units():
     assert default_inference_dtype("meta") == torch.float32
 
 
+@pytest.mark.slow
 def test_bf16_decode_stays_within_45_db_of_the_fp32_decode():
     """The released VQVAE architecture (ch 160, ch_mult 1-1-2-2-4, 3 res blocks per up level, attention at the lowest
     level), random weights, decoding the latent of a real photo. The decoder is fully convolutional, so a 128-px

@@ -1,4 +1,6 @@
-"""Diffusion refiner (docs/MODEL.md §3): schedule numbers, key layout, loss, sampler determinism and guidance algebra."""
+"""Diffusion refiner (docs/MODEL.md §3): schedule numbers, key layout, loss, sampler determinism and guidance
+algebra."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +11,6 @@ import torch.nn as nn
 from model.config import VARSRConfig
 from model.diffusion_schedule import GaussianSchedule, cosine_betas, space_timesteps
 from model.refiner import DiffLoss
-
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,18 @@ def test_respaced_schedule_numbers():
     s = DiffLoss(cfg).sample_schedule
     assert space_timesteps(1000, 10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     assert s.timestep_map == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    beta = [4.128e-05, 3.437e-02, 9.272e-02, 1.5305e-01, 2.1934e-01, 2.9716e-01, 3.9574e-01, 5.3252e-01, 7.4237e-01,
-            0.9999999]
+    beta = [
+        4.128e-05,
+        3.437e-02,
+        9.272e-02,
+        1.5305e-01,
+        2.1934e-01,
+        2.9716e-01,
+        3.9574e-01,
+        5.3252e-01,
+        7.4237e-01,
+        0.9999999,
+    ]
     abar = [0.99996, 0.96559, 0.87606, 0.74197, 0.57923, 0.40711, 0.24600, 0.11500, 0.029628, 2.43e-09]
     np.testing.assert_allclose(s.betas, beta, rtol=2e-3)
     np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=2e-3)
@@ -66,20 +77,33 @@ def test_released_refiner_keys_and_count():
         holder.diffloss = DiffLoss(cfg)
     sd = {k: tuple(v.shape) for k, v in holder.state_dict().items()}
     expect = {
-        "diffloss.net.time_embed.mlp.0.weight": (1024, 256), "diffloss.net.time_embed.mlp.0.bias": (1024,),
-        "diffloss.net.time_embed.mlp.2.weight": (1024, 1024), "diffloss.net.time_embed.mlp.2.bias": (1024,),
-        "diffloss.net.cond_embed.weight": (1024, 1536), "diffloss.net.cond_embed.bias": (1024,),
-        "diffloss.net.input_proj.weight": (1024, 32), "diffloss.net.input_proj.bias": (1024,),
-        "diffloss.net.final_layer.linear.weight": (64, 1024), "diffloss.net.final_layer.linear.bias": (64,),
+        "diffloss.net.time_embed.mlp.0.weight": (1024, 256),
+        "diffloss.net.time_embed.mlp.0.bias": (1024,),
+        "diffloss.net.time_embed.mlp.2.weight": (1024, 1024),
+        "diffloss.net.time_embed.mlp.2.bias": (1024,),
+        "diffloss.net.cond_embed.weight": (1024, 1536),
+        "diffloss.net.cond_embed.bias": (1024,),
+        "diffloss.net.input_proj.weight": (1024, 32),
+        "diffloss.net.input_proj.bias": (1024,),
+        "diffloss.net.final_layer.linear.weight": (64, 1024),
+        "diffloss.net.final_layer.linear.bias": (64,),
         "diffloss.net.final_layer.adaLN_modulation.1.weight": (2048, 1024),
         "diffloss.net.final_layer.adaLN_modulation.1.bias": (2048,),
     }
     for i in range(6):
         p = f"diffloss.net.res_blocks.{i}."
-        expect.update({p + "in_ln.weight": (1024,), p + "in_ln.bias": (1024,),
-                       p + "mlp.0.weight": (1024, 1024), p + "mlp.0.bias": (1024,),
-                       p + "mlp.2.weight": (1024, 1024), p + "mlp.2.bias": (1024,),
-                       p + "adaLN_modulation.1.weight": (3072, 1024), p + "adaLN_modulation.1.bias": (3072,)})
+        expect.update(
+            {
+                p + "in_ln.weight": (1024,),
+                p + "in_ln.bias": (1024,),
+                p + "mlp.0.weight": (1024, 1024),
+                p + "mlp.0.bias": (1024,),
+                p + "mlp.2.weight": (1024, 1024),
+                p + "mlp.2.bias": (1024,),
+                p + "adaLN_modulation.1.weight": (3072, 1024),
+                p + "adaLN_modulation.1.bias": (3072,),
+            }
+        )
     assert sd == expect
     assert sum(p.numel() for p in holder.parameters()) == pytest.approx(36.586e6, abs=1e3)
 
@@ -178,8 +202,9 @@ def test_sample_matches_reference_loop(tiny):
     with torch.no_grad():
         for i in reversed(range(10)):
             half = x[:N]
-            o = dl.net(torch.cat([half, half]).float(), torch.full((2 * N,), sch.timestep_map[i]),
-                       torch.cat([zp, zn])).double()
+            o = dl.net(
+                torch.cat([half, half]).float(), torch.full((2 * N,), sch.timestep_map[i]), torch.cat([zp, zn])
+            ).double()
             eps = (1 + s) * o[:N, :C] - s * o[N:, :C]
             eps, v = torch.cat([eps, eps]), o[:, C:]
             x0 = (np.sqrt(1 / sch.alphas_cumprod[i]) * x - np.sqrt(1 / sch.alphas_cumprod[i] - 1) * eps).clamp(-1, 1)
@@ -252,9 +277,11 @@ def test_loss_value_and_detached_vb_mean(tiny):
     phi = lambda u: 0.5 * (1 + torch.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))  # noqa: E731
     inv = torch.exp(-0.5 * lv_p)
     cp, cm = phi(inv * (x0 - mean_p + 1 / 255)), phi(inv * (x0 - mean_p - 1 / 255))
-    logp = torch.where(x0 < -0.999, torch.log(cp.clamp(min=1e-12)),
-                       torch.where(x0 > 0.999, torch.log((1 - cm).clamp(min=1e-12)),
-                                   torch.log((cp - cm).clamp(min=1e-12))))
+    logp = torch.where(
+        x0 < -0.999,
+        torch.log(cp.clamp(min=1e-12)),
+        torch.where(x0 > 0.999, torch.log((1 - cm).clamp(min=1e-12)), torch.log((cp - cm).clamp(min=1e-12))),
+    )
     vb = torch.where(t == 0, -logp.mean(1), kl.mean(1)) / np.log(2)
     expect = (mse + vb).mean()
     assert float(loss.detach()) == pytest.approx(float(expect), rel=1e-4)

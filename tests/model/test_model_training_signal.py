@@ -1,5 +1,6 @@
 """Training signal: 150 AdamW steps of the tiny preset on bundled real photos reduce CE and refiner loss, and the
 trained model reads its LR input (every photo has label 0, so only the LR prefix tells them apart)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,7 @@ from model import VARSRConfig, build, compute_loss
 
 skdata = pytest.importorskip("skimage.data")
 
+
 def real_photos(size: int) -> torch.Tensor:
     """Four bundled photos, centre-cropped square and area-resized to size×size, in [0, 1]."""
     out = []
@@ -18,12 +20,13 @@ def real_photos(size: int) -> torch.Tensor:
         a = np.asarray(getattr(skdata, name)(), dtype=np.float32)[..., :3] / 255.0
         h, w = a.shape[:2]
         s = min(h, w)
-        a = a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        a = a[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
         t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
         out.append(F.interpolate(t, size=(size, size), mode="area"))
     return torch.cat(out).clamp(0, 1)
 
 
+@pytest.mark.slow
 def test_tiny_training_reduces_ce_and_refiner_loss():
     torch.manual_seed(0)
     cfg = VARSRConfig.preset("tiny")
@@ -54,6 +57,8 @@ def test_tiny_training_reduces_ce_and_refiner_loss():
     varsr.eval()
     with torch.no_grad():
         own = compute_loss(vqvae, varsr, hr, lr, label, generator=torch.Generator().manual_seed(1)).ce.item()
-        other = compute_loss(vqvae, varsr, hr, lr.roll(1, 0), label, generator=torch.Generator().manual_seed(1)).ce.item()
+        other = compute_loss(
+            vqvae, varsr, hr, lr.roll(1, 0), label, generator=torch.Generator().manual_seed(1)
+        ).ce.item()
     print(f"CE with its own LR {own:.3f}, with another photo's LR {other:.3f}")
     assert other > own + 0.5

@@ -1,4 +1,5 @@
 """VARSR transformer: teacher-forced vs KV-cached logits, RoPE spot values, level mask, parameter counts, c2i."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from model import VARSRConfig, build, compute_loss, sample_top_k_top_p
 from model.attention import KVCache
 from model.rope import apply_rope, rope_angles, rope_frequencies
 
+
 def _tiny(**kw):
     # strong AdaLN gammas so every block really changes the residual stream (the default 1e-4 is near-identity)
     cfg = VARSRConfig.preset("tiny", init_adaln_gamma=1.0, **kw)
@@ -19,7 +21,6 @@ def _tiny(**kw):
 
 def _incremental_logits(varsr, x_in, label, lr):
     """KV-cached, scale-by-scale logits fed with the teacher-forcing inputs (the generate() path without sampling)."""
-    B = x_in.shape[0]
     cond = varsr.class_emb(label)
     sos = cond[:, None]
     if varsr.prefix_len:
@@ -28,14 +29,14 @@ def _incremental_logits(varsr, x_in, label, lr):
     cos, sin = varsr.rope("cpu")
     out, cursor, begin = [], 0, 0
     cache = KVCache(len(varsr.blocks), varsr.cfg.seq_len)
-    for si, pn in enumerate(varsr.patch_nums):
+    for si in range(len(varsr.patch_nums)):
         n = x.shape[1]
-        h = varsr.run_blocks(x, cond, (cos[cursor:cursor + n], sin[cursor:cursor + n]), None, cache)
+        h = varsr.run_blocks(x, cond, (cos[cursor : cursor + n], sin[cursor : cursor + n]), None, cache)
         cursor += n
         out.append(varsr.logits(h[:, -1:] if si == 0 else h, cond))
         if si + 1 < len(varsr.patch_nums):
             nxt = varsr.patch_nums[si + 1] ** 2
-            x = varsr.word_embed(x_in[:, begin:begin + nxt]) + varsr.lvl_embed.weight[si + 1]
+            x = varsr.word_embed(x_in[:, begin : begin + nxt]) + varsr.lvl_embed.weight[si + 1]
             begin += nxt
     return out
 
@@ -68,8 +69,24 @@ def test_rope_spot_values_released_geometry():
     ang = rope_angles(sides, grid=32, head_dim=64)
     assert ang.shape == (3264, 32) and ang.dtype == torch.float32
     theta = rope_frequencies(64)
-    expect_theta = [1, 0.5623, 0.3162, 0.1778, 0.1, 0.05623, 0.03162, 0.01778, 0.01, 0.005623, 0.003162, 0.001778,
-                    0.001, 5.623e-4, 3.162e-4, 1.778e-4]
+    expect_theta = [
+        1,
+        0.5623,
+        0.3162,
+        0.1778,
+        0.1,
+        0.05623,
+        0.03162,
+        0.01778,
+        0.01,
+        0.005623,
+        0.003162,
+        0.001778,
+        0.001,
+        5.623e-4,
+        3.162e-4,
+        1.778e-4,
+    ]
     torch.testing.assert_close(theta, torch.tensor(expect_theta), rtol=1e-3, atol=0)
     assert torch.all(ang[1024] == 0)  # class token at (0, 0)
     for r, (x, y) in enumerate([(0, 0), (0, 16), (16, 0), (16, 16)]):
@@ -102,7 +119,7 @@ def test_level_mask_visibility():
         for k in range(cfg.seq_len):
             assert bool(m[q, k]) == bool(lvl[k] <= lvl[q])
     assert m[: cfg.first_l, : cfg.first_l].all()  # level 0 (prefix + class) is bidirectional
-    assert not m[: cfg.first_l, cfg.first_l:].any()  # and never sees scale tokens
+    assert not m[: cfg.first_l, cfg.first_l :].any()  # and never sees scale tokens
     # released layout: level token counts of spec Appendix A, and no mask/level buffer in the state dict
     _, big = build(VARSRConfig.preset("d24"), device="meta")
     counts = torch.bincount(big.level_ids("cpu")).tolist()
@@ -117,10 +134,13 @@ def test_d24_parameter_count_matches_spec():
     assert n(varsr) == 1_101_916_448  # spec: 1,101.9 M
     assert round(n(varsr) / 1e6, 1) == 1101.9
     assert all(n(b) == 42_488_856 for b in varsr.blocks)
-    per_module = {name: round(n(getattr(varsr, name)) / 1e6, 3)
-                  for name in ["diffloss", "con_embedding", "head", "head_nm", "word_embed", "lvl_embed"]}
-    assert per_module == dict(diffloss=36.586, con_embedding=32.935, head=6.296, head_nm=4.722, word_embed=0.051,
-                              lvl_embed=0.015)
+    per_module = {
+        name: round(n(getattr(varsr, name)) / 1e6, 3)
+        for name in ["diffloss", "con_embedding", "head", "head_nm", "word_embed", "lvl_embed"]
+    }
+    assert per_module == dict(
+        diffloss=36.586, con_embedding=32.935, head=6.296, head_nm=4.722, word_embed=0.051, lvl_embed=0.015
+    )
     assert round(varsr.pos_start.numel() / 1e6, 3) == 1.574
     assert round(n(vqvae) / 1e6, 1) == 108.9
     assert len(varsr.state_dict()) == 405 - 2 - 24  # official entries minus the regenerated buffers
@@ -272,6 +292,7 @@ def test_the_cpu_presets_lr_prefix_carries_the_lr_at_init(preset):
     """The LR prefix is added to pos_start (docs/MODEL.md §2.4). With the released conv init N(0, 0.02) a narrow
     LR encoder shrinks its input by ~0.02·√fan_in/2 per layer, so at init the prefix is 1e-6..1e-8 of pos_start and a
     short run never learns to read the LR; the CPU presets use the variance-preserving ``lr_encoder_init="fan_in"``."""
+
     def prefix_spread(cfg):
         torch.manual_seed(0)
         _, varsr = build(cfg)

@@ -1,4 +1,6 @@
-"""Multi-scale VQVAE (docs/MODEL.md §1): tokeniser identities, phi tables, released key layout, attention, decode, training."""
+"""Multi-scale VQVAE (docs/MODEL.md §1): tokeniser identities, phi tables, released key layout, attention, decode,
+training."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,6 @@ from model.quantizer import computed_phi_index
 from model.resample import area_down, bicubic_up
 from model.vae_layers import AttnBlock
 from model.vqvae import VQVAE
-
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +219,13 @@ def test_training_forward_straight_through_and_usage():
     assert all(0.0 <= u <= 100.0 for u in usage)
     assert float(vq.quantize.ema_vocab_hit_SV[0].sum()) == 2.0  # first record copies the batch's hits (B·1²)
     (F.mse_loss(rec, x) + vq_loss).backward()
-    for name in ("encoder.conv_in.weight", "quantize.embedding.weight", "quantize.quant_resi.qresi_ls.0.weight",
-                 "decoder.conv_out.weight", "quant_conv.weight"):
+    for name in (
+        "encoder.conv_in.weight",
+        "quantize.embedding.weight",
+        "quantize.quant_resi.qresi_ls.0.weight",
+        "decoder.conv_out.weight",
+        "quant_conv.weight",
+    ):
         g = dict(vq.named_parameters())[name].grad
         assert g is not None and float(g.abs().sum()) > 0, name
 
@@ -260,7 +266,7 @@ def test_fan_in_init_keeps_the_trunks_variance_where_the_default_init_shrinks_it
     assert len(convs) > 20
     for m in convs:
         fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        assert abs(float(m.weight.detach().std()) * fan_in ** 0.5 - 1) < 0.15, m
+        assert abs(float(m.weight.detach().std()) * fan_in**0.5 - 1) < 0.15, m
         assert float(m.bias.detach().abs().max()) == 0.0
     # the quantizer's phi convs and quant convs keep their own init
     assert vq_fan.quant_conv.bias.abs().max() > 0
@@ -270,8 +276,11 @@ def test_fan_in_init_keeps_the_trunks_variance_where_the_default_init_shrinks_it
         h = x
         with torch.no_grad():
             for m in vq.decoder.modules():
-                if isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels == x.shape[1] \
-                        and m.kernel_size == (3, 3):
+                if (
+                    isinstance(m, torch.nn.Conv2d)
+                    and m.in_channels == m.out_channels == x.shape[1]
+                    and m.kernel_size == (3, 3)
+                ):
                     h = m(h)
         return float(h.var() / x.var())
 

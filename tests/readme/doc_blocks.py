@@ -12,14 +12,16 @@ GitHub) says when a block is run another way:
 Blocks of one document run in order, in one folder, each in a fresh shell whose ``PATH`` starts with the project's
 ``.venv/bin`` (what ``source .venv/bin/activate`` gives the reader).
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-FENCE = re.compile(r"(?:^<!-- readme-test: (?P<note>[^\n]*?) -->\n)?^```(?P<lang>bash|python)\n(?P<body>.*?)^```",
-                   re.M | re.S)
+FENCE = re.compile(
+    r"(?:^<!-- readme-test: (?P<note>[^\n]*?) -->\n)?^```(?P<lang>bash|python)\n(?P<body>.*?)^```", re.M | re.S
+)
 KINDS = ("run", "first", "background", "cluster", "skip")
 
 

@@ -10,6 +10,7 @@ HR/LR test pair folder, and ``checkpoints/VARSR.pth`` + ``VQVAE.pth`` written in
 
 Slow (a real demo, trainings, a server): marked ``readme``, run by ``.ci/run`` as its own pytest run.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from doc_blocks import read_blocks  # tests/readme/doc_blocks.py
 
 pytestmark = pytest.mark.readme
@@ -68,9 +68,23 @@ def _link_venv(dst: Path) -> None:
 def _user_env(checkout: Path, activated: bool) -> dict:
     """A new user's shell: no MLflow or parent-run variables of ours, no other venv on PATH; ``activated`` puts the
     copy's .venv first, as ``source .venv/bin/activate`` does."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
-                        "VARSR_PARENT_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "VIRTUAL_ENV",
+            "PYTHONPATH",
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_EXPERIMENT_NAME",
+            "VARSR_PARENT_RUN_ID",
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        )
+    }
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and not p.rstrip("/").endswith(".venv/bin")]
     if activated:
         path.insert(0, str(checkout / ".venv" / "bin"))
@@ -94,8 +108,14 @@ def first_command(checkout):
     block = read_blocks(checkout, "README.md")[0]
     assert block.kind == "first"
     t = time.monotonic()
-    p = subprocess.run(["bash", "-c", block.body], cwd=checkout, env=_user_env(checkout, activated=False),
-                       capture_output=True, text=True, timeout=FIRST_TIMEOUT_S)
+    p = subprocess.run(
+        ["bash", "-c", block.body],
+        cwd=checkout,
+        env=_user_env(checkout, activated=False),
+        capture_output=True,
+        text=True,
+        timeout=FIRST_TIMEOUT_S,
+    )
     log = checkout.parent / "first-command.log"
     log.write_text(p.stdout + "\n---- stderr ----\n" + p.stderr)
     print(f"README first command: rc {p.returncode} in {time.monotonic() - t:.0f} s (log {log})")
@@ -165,7 +185,9 @@ def _check_outputs(checkout: Path, body: str, out: str) -> None:
 def test_the_readme_first_command_runs_on_a_fresh_copy_from_its_root(checkout, first_command):
     block, p = first_command
     assert block.body.strip() == "bash infra/scripts/setup.sh && .venv/bin/varsr demo --workdir varsr-demo"
-    assert p.returncode == 0, f"README first command failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, (
+        f"README first command failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    )
     text = p.stdout + p.stderr
     for i, step in enumerate(DEMO_STEPS, 1):
         assert re.search(rf"\[{i}/7\] {step}: ok in", text), f"demo step {i}/7 {step} did not finish"
@@ -208,18 +230,28 @@ def test_every_other_block_of_the_docs_runs(checkout, first_command):
                     continue
                 body = block.body.replace("5001", port)
                 if block.kind == "background":
-                    servers.append(subprocess.Popen(["bash", "-c", body], cwd=checkout, env=env,
-                                                    start_new_session=True, stdout=subprocess.DEVNULL,
-                                                    stderr=open(checkout.parent / f"server-{block.index}.log", "w")))
+                    servers.append(
+                        subprocess.Popen(
+                            ["bash", "-c", body],
+                            cwd=checkout,
+                            env=env,
+                            start_new_session=True,
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(checkout.parent / f"server-{block.index}.log", "w"),
+                        )
+                    )
                     _wait_ready(block.arg.replace("5001", port), servers[-1], checkout / f"../server-{block.index}.log")
                     ran.append(block.id)
                     continue
-                cmd = ["bash", "-euo", "pipefail", "-c", body] if block.lang == "bash" else [
-                    str(checkout / ".venv" / "bin" / "python"), "-c", body]
-                p = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True,
-                                   timeout=BLOCK_TIMEOUT_S)
-                assert p.returncode == 0, (f"{block.id} failed (rc {p.returncode}):\n{body}\n"
-                                           f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+                cmd = (
+                    ["bash", "-euo", "pipefail", "-c", body]
+                    if block.lang == "bash"
+                    else [str(checkout / ".venv" / "bin" / "python"), "-c", body]
+                )
+                p = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+                assert p.returncode == 0, (
+                    f"{block.id} failed (rc {p.returncode}):\n{body}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+                )
                 _check_outputs(checkout, body, p.stdout)
                 ran.append(block.id)
         finally:

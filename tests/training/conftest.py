@@ -1,4 +1,5 @@
 """Shared fixtures for the training tests: shards built once by the real data pipeline from bundled photos."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,20 @@ def shards(tmp_path_factory) -> Path:
     write_sample_corpus(root / "corpus", with_bad_files=False)
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False
+        )
     try:
-        cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                    f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=2"])
+        cfg = dp.load_build_config(
+            None,
+            [
+                "shard.crop_size=64",
+                "shard.max_samples_per_shard=4",
+                "select.cluster.k=4",
+                f"score.weights_dir={root / 'no-iqa'}",
+                "shard.lr_variants=2",
+            ],
+        )
         dp.build(str(root / "corpus"), str(root / "shards"), cfg, print_summary=False)
     finally:
         if started:

@@ -2,6 +2,7 @@
 same one for its HR and its LR (so the pair stays a valid SR pair), draws are fixed by (seed, step), and a stage-2
 run with ``data.augment`` really trains on augmented crops, bypasses the token cache with one line saying why, and
 resumes exactly."""
+
 from __future__ import annotations
 
 import itertools
@@ -59,14 +60,29 @@ def test_colour_p_zero_keeps_the_channel_order_and_non_square_crops_are_not_turn
 
 
 def _cfg(tmp_path, name, shards, extra=()):
-    return load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / name}", f"data.shards={shards}", "data.batch_size=4",
-        "data.workers=0", "total_steps=4", "optim.lr=2e-3", "tracking.enabled=false",
-        "validation.num_images=1", "validation.batches=1", "seed=3", *extra])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / name}",
+            f"data.shards={shards}",
+            "data.batch_size=4",
+            "data.workers=0",
+            "total_steps=4",
+            "optim.lr=2e-3",
+            "tracking.enabled=false",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "seed=3",
+            *extra,
+        ],
+    )
 
 
-def test_stage2_with_augment_trains_on_augmented_crops_and_resumes_exactly(shards, tmp_path, dist_port, monkeypatch,
-                                                                           capfd):
+def test_stage2_with_augment_trains_on_augmented_crops_and_resumes_exactly(
+    shards, tmp_path, dist_port, monkeypatch, capfd
+):
     plain = train(_cfg(tmp_path, "plain", shards, ["max_steps=4"]))
     monkeypatch.setenv("MASTER_PORT", str(dist_port + 1))
     full = train(_cfg(tmp_path, "full", shards, ["max_steps=4", "data.augment=true"]))

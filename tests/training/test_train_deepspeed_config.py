@@ -1,5 +1,7 @@
 """DeepSpeed JSON files: every shipped file parses with DeepSpeed's own config class, and the trainer merges a file
-with what it derives (batch sizes from the TrainConfig and world size; ZeRO stage, precision and clipping must agree)."""
+with what it derives (batch sizes from the TrainConfig and world size; ZeRO stage, precision and clipping must
+agree)."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +35,17 @@ def test_there_are_deepspeed_files_and_each_parses_with_deepspeed():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_trainer_merges_a_file_with_what_it_derives(path):
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
-    cfg = load_config(TrainConfig, None, [f"deepspeed=configs/deepspeed/{path.name}", f"zero_stage={stage}",
-                                          "precision=bf16", "data.batch_size=3", "optim.grad_accum=2"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            f"deepspeed=configs/deepspeed/{path.name}",
+            f"zero_stage={stage}",
+            "precision=bf16",
+            "data.batch_size=3",
+            "optim.grad_accum=2",
+        ],
+    )
     merged = deepspeed_config(cfg, world_size=4)
     assert merged["train_micro_batch_size_per_gpu"] == 3 and merged["gradient_accumulation_steps"] == 2
     assert merged["train_batch_size"] == 3 * 2 * 4

@@ -2,6 +2,7 @@
 drawn parameters as an MLflow artifact, and every recorded draw replays through the existing replay code to the LR
 of that sample and epoch; the same shards without a preset are refused in one line. Validation reads the stored-LR
 shards (a fixed held-out set)."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ from infra.core.config import load_config
 from infra.core.errors import UserError
 from training.config import TrainConfig
 
+# the fast loop leaves out every test that uses these (tests/conftest.py): HR-only shards built by a Ray job
+HEAVY_FIXTURES = {"hr_only"}
+
 
 @pytest.fixture(scope="module")
 def hr_only(tmp_path_factory):
@@ -29,11 +33,20 @@ def hr_only(tmp_path_factory):
     write_sample_corpus(root / "corpus", with_bad_files=False)
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False
+        )
     try:
-        cfg = dp.load_build_config(None, ["shard.crop_size=64", "shard.max_samples_per_shard=4", "select.cluster.k=4",
-                                          f"score.weights_dir={root / 'no-iqa'}", "shard.lr_variants=0"])
+        cfg = dp.load_build_config(
+            None,
+            [
+                "shard.crop_size=64",
+                "shard.max_samples_per_shard=4",
+                "select.cluster.k=4",
+                f"score.weights_dir={root / 'no-iqa'}",
+                "shard.lr_variants=0",
+            ],
+        )
         dp.build(str(root / "corpus"), str(root / "shards"), cfg, print_summary=False)
     finally:
         if started:
@@ -42,10 +55,24 @@ def hr_only(tmp_path_factory):
 
 
 def _cfg(tmp_path, hr_only, shards, *extra):
-    return load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / 'run'}", f"data.shards={hr_only}", f"data.val_shards={shards}",
-        "data.batch_size=2", "data.workers=0", "max_steps=3", "checkpoint_every=0", "validation.num_images=1",
-        "validation.batches=1", "optim.lr=2e-3", *extra])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.shards={hr_only}",
+            f"data.val_shards={shards}",
+            "data.batch_size=2",
+            "data.workers=0",
+            "max_steps=3",
+            "checkpoint_every=0",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "optim.lr=2e-3",
+            *extra,
+        ],
+    )
 
 
 def test_online_training_records_replayable_draws(hr_only, shards, tmp_path, dist_port):
@@ -54,8 +81,16 @@ def test_online_training_records_replayable_draws(hr_only, shards, tmp_path, dis
     from training.trainer import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = train(_cfg(tmp_path, hr_only, shards, "data.degrade=varsr-mild", "data.degrade_log_every=2",
-                   f"tracking.tracking_uri={uri}"))
+    r = train(
+        _cfg(
+            tmp_path,
+            hr_only,
+            shards,
+            "data.degrade=varsr-mild",
+            "data.degrade_log_every=2",
+            f"tracking.tracking_uri={uri}",
+        )
+    )
     assert r.steps == 3 and all(math.isfinite(x) for x in r.losses)
     local = tmp_path / "run" / DRAWS
     rows = [json.loads(x) for x in local.read_text().splitlines()]
@@ -85,10 +120,23 @@ def test_validation_on_the_hr_only_training_shards_draws_the_presets_lr(hr_only,
     (a fixed draw: validation seed, epoch 0) instead of refusing them for lack of a stored LR."""
     from training.trainer import train
 
-    cfg = load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / 'run'}", f"data.shards={hr_only}", "data.batch_size=2",
-        "data.workers=0", "max_steps=2", "checkpoint_every=0", "validation.num_images=1", "validation.batches=1",
-        "data.degrade=varsr-mild", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.shards={hr_only}",
+            "data.batch_size=2",
+            "data.workers=0",
+            "max_steps=2",
+            "checkpoint_every=0",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "data.degrade=varsr-mild",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
     r = train(cfg)
     assert r.steps == 2 and all(math.isfinite(x) for x in r.losses)
     from mlflow.tracking import MlflowClient

@@ -1,5 +1,6 @@
 """Two ranks (torchrun + gloo, ZeRO-2) through the CLI: identical parameters on both ranks, equal to one process
 training on the combined batch."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,24 @@ def _run(tmp_path, shards, name, nproc, batch):
     env["MASTER_PORT"] = str(free_port()) if nproc == 1 else ""
     if not env["MASTER_PORT"]:
         env.pop("MASTER_PORT")
-    overrides = [f"output_dir={out}", f"data.shards={shards}", f"data.batch_size={batch}", "data.workers=0",
-                 "data.split=global_batch", "data.shuffle_buffer=0", "zero_stage=2", "max_steps=3", "optim.lr=2e-3",
-                 "optim.warmup_epochs=0", "model.overrides.drop_path_rate=0.0", "model.overrides.diff_weight=0.0",
-                 "tracking.enabled=false", "validation.num_images=1", "validation.batches=1", "seed=1"]
+    overrides = [
+        f"output_dir={out}",
+        f"data.shards={shards}",
+        f"data.batch_size={batch}",
+        "data.workers=0",
+        "data.split=global_batch",
+        "data.shuffle_buffer=0",
+        "zero_stage=2",
+        "max_steps=3",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0",
+        "model.overrides.drop_path_rate=0.0",
+        "model.overrides.diff_weight=0.0",
+        "tracking.enabled=false",
+        "validation.num_images=1",
+        "validation.batches=1",
+        "seed=1",
+    ]
     cmd = [sys.executable, "-m", "infra.cli", "train", "isr", f"--nproc={nproc}"]
     cmd += [a for o in overrides for a in ("--set", o)]
     if nproc == 1:
@@ -48,8 +63,10 @@ def _initial_weights(export_dir, seed: int) -> dict[str, torch.Tensor]:
     np.random.seed(seed)
     torch.manual_seed(seed)
     vq, var = build(cfg)
-    return {**{f"vqvae.{k}": v for k, v in vq.state_dict().items()},
-            **{f"varsr.{k}": v for k, v in var.state_dict().items()}}
+    return {
+        **{f"vqvae.{k}": v for k, v in vq.state_dict().items()},
+        **{f"varsr.{k}": v for k, v in var.state_dict().items()},
+    }
 
 
 def test_two_ranks_zero2_match_single_process(shards, tmp_path):

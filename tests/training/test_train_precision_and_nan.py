@@ -2,6 +2,7 @@
 ends the run with a clear error and the offending batch saved, `skip` skips those steps and finishes. A checkpoint
 holding a NaN is refused at load (model.checkpoint.check_tensors), so the NaN is put into the weights after loading,
 as a run that diverges has them."""
+
 from __future__ import annotations
 
 import json
@@ -16,22 +17,38 @@ from model import VARSRConfig, build, from_pretrained, save_pretrained
 from training.config import TrainConfig
 from training.trainer import train
 
-COMMON = ["data.batch_size=4", "data.workers=0", "validation.num_images=1", "validation.batches=1",
-          "checkpoint_every=0", "tracking.enabled=false"]
+COMMON = [
+    "data.batch_size=4",
+    "data.workers=0",
+    "validation.num_images=1",
+    "validation.batches=1",
+    "checkpoint_every=0",
+    "tracking.enabled=false",
+]
 
 
 def _cfg(tmp_path, name, shards, *extra):
-    return load_config(TrainConfig, None, ["stage=isr", f"output_dir={tmp_path / name}", f"data.shards={shards}",
-                                           *COMMON, *extra])
+    return load_config(
+        TrainConfig, None, ["stage=isr", f"output_dir={tmp_path / name}", f"data.shards={shards}", *COMMON, *extra]
+    )
 
 
 def test_bf16_zero3_trains_and_exports(shards, tmp_path, dist_port):
     """Also the cluster DeepSpeed file: its ZeRO-3 tuning is merged with the trainer's batch sizes."""
-    r = train(_cfg(tmp_path, "bf16z3", shards, "precision=bf16", "zero_stage=3", "max_steps=3",
-                   "deepspeed=configs/deepspeed/zero3_bf16.json"))
+    r = train(
+        _cfg(
+            tmp_path,
+            "bf16z3",
+            shards,
+            "precision=bf16",
+            "zero_stage=3",
+            "max_steps=3",
+            "deepspeed=configs/deepspeed/zero3_bf16.json",
+        )
+    )
     assert r.steps == 3 and all(math.isfinite(x) for x in r.losses)
     used = json.loads((tmp_path / "bf16z3" / "deepspeed_config.json").read_text())
-    assert used["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000   # from the file
+    assert used["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000  # from the file
     assert used["train_micro_batch_size_per_gpu"] == 4 and used["train_batch_size"] == 4  # from the TrainConfig
     vq, var = from_pretrained(r.export_dir)  # gathered ZeRO-3 shards export as a full native checkpoint
     assert var.cfg.name == "tiny"

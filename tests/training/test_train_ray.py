@@ -1,5 +1,6 @@
 """The Ray Train launcher for real: `varsr train isr --ray-address local` runs DeepSpeed inside a Ray Train
 TorchTrainer worker (local Ray runtime), with relative paths resolved for the worker, and exports + tracks the run."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_ray_train_launcher_runs_deepspeed_in_a_worker(shards, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                            "MASTER_ADDR", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     # relative paths on purpose: the Ray worker runs elsewhere and must still find the shards and the output folder
     rel_shards = os.path.relpath(shards, tmp_path)
-    overrides = [f"data.shards={rel_shards}", "output_dir=runs/ray", "max_steps=3", "data.batch_size=4",
-                 "data.workers=0", "validation.num_images=1", "validation.batches=1", "ray.num_workers=1",
-                 "ray.cpus_per_worker=1"]
+    overrides = [
+        f"data.shards={rel_shards}",
+        "output_dir=runs/ray",
+        "max_steps=3",
+        "data.batch_size=4",
+        "data.workers=0",
+        "validation.num_images=1",
+        "validation.batches=1",
+        "ray.num_workers=1",
+        "ray.cpus_per_worker=1",
+    ]
     cmd = [sys.executable, "-m", "infra.cli", "train", "isr", "--ray-address", "local"]
     cmd += [a for o in overrides for a in ("--set", o)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -2,6 +2,7 @@
 command puts its work folder inside the checkout (``--workdir varsr-demo``), and registering that run once opened an
 empty store at ``runs/stage2/<repo>/varsr-demo/mlflow.db`` (issue 27). A run and its SQLite store inside the
 checkout, outside it, and moved after the run must all register from their ``summary.json``."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,18 @@ import pytest
 from infra.core.config import load_config
 from infra.core.tracking import REPO_REF, REPO_ROOT, portable_ref, resolve_ref, shipped_relpath
 
-COMMON = ["data.batch_size=4", "data.workers=0", "optim.lr=2e-3", "validation.num_images=2", "validation.batches=1",
-          "validation.top_k=5", "validation.every=0", "checkpoint_every=0", "log_every=1", "max_steps=2"]
+COMMON = [
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=2e-3",
+    "validation.num_images=2",
+    "validation.batches=1",
+    "validation.top_k=5",
+    "validation.every=0",
+    "checkpoint_every=0",
+    "log_every=1",
+    "max_steps=2",
+]
 BASE = REPO_ROOT / "model" / "pretrained" / "small4-base"
 
 
@@ -25,8 +36,9 @@ def test_a_shipped_file_is_recorded_by_its_place_in_the_repository(tmp_path):
     ref = portable_ref(BASE, tmp_path)
     assert ref == REPO_REF + "model/pretrained/small4-base"
     assert resolve_ref(ref, tmp_path / "anywhere") == str(BASE)  # whatever the reader's folder
-    assert shipped_relpath(REPO_ROOT / "configs" / "demo" / "stage2.yaml") == os.path.join("configs", "demo",
-                                                                                           "stage2.yaml")
+    assert shipped_relpath(REPO_ROOT / "configs" / "demo" / "stage2.yaml") == os.path.join(
+        "configs", "demo", "stage2.yaml"
+    )
 
 
 def test_a_work_folder_inside_the_checkout_is_not_a_shipped_file():
@@ -63,10 +75,19 @@ def _train_and_register(shards, work: Path, name: str):
     from training.config import TrainConfig
     from training.trainer import train
 
-    cfg = load_config(TrainConfig, None, [
-        "stage=c2i", f"output_dir={work / 'runs' / 'stage1'}", f"data.shards={shards}",
-        f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=refs", f"register.name={name}",
-        *COMMON])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=c2i",
+            f"output_dir={work / 'runs' / 'stage1'}",
+            f"data.shards={shards}",
+            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "tracking.experiment=refs",
+            f"register.name={name}",
+            *COMMON,
+        ],
+    )
     train(cfg)
     register_trained_model(cfg)
     return json.loads((work / "runs" / "stage1" / "summary.json").read_text())
@@ -90,8 +111,9 @@ def work_in_checkout():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_a_run_inside_the_checkout_registers_and_still_does_after_moving_out(shards, work_in_checkout, tmp_path,
-                                                                              dist_port):
+def test_a_run_inside_the_checkout_registers_and_still_does_after_moving_out(
+    shards, work_in_checkout, tmp_path, dist_port
+):
     from inference.registry import register_training_run
 
     summary = _train_and_register(shards, work_in_checkout, "refs-inside")

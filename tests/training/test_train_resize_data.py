@@ -1,6 +1,7 @@
 """The data position of a checkpoint resumed on another number of ranks (data_pipeline.shards.reader.regroup_position):
 with data.split=global_batch no sample of the interrupted epoch is seen twice and none is left out bar the tail of a
 worker stream that fills no batch; with split=node the run goes on at the next epoch; bad input is one line."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,19 @@ MICRO = 2
 
 
 def _stream(shards, rank, world, workers, split="global_batch", position=None):
-    return BatchStream(resolve_shards(str(shards)), size=64, want_lr=False, batch_size=MICRO, workers=workers, seed=3,
-                       rank=rank, world=world, split=split, shuffle_buffer=8, position=position)
+    return BatchStream(
+        resolve_shards(str(shards)),
+        size=64,
+        want_lr=False,
+        batch_size=MICRO,
+        workers=workers,
+        seed=3,
+        rank=rank,
+        world=world,
+        split=split,
+        shuffle_buffer=8,
+        position=position,
+    )
 
 
 def _rest_of_epoch(streams):

@@ -11,6 +11,7 @@ ZeRO-2 in both directions (2 -> 1 and 1 -> 2 ranks); ZeRO 0 and 1 from 2 to 1 (t
   steps' global batch (the resized run took them at the old size) and by which samples fill each batch, so the match
   is close, not exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,27 @@ def _train(out: Path, shards, nproc: int, zero: int, max_steps: int, resume: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
-    overrides = [f"output_dir={out}", f"data.shards={shards}", "data.batch_size=2", "data.workers=0",
-                 "data.split=global_batch", "data.shuffle_buffer=0", f"zero_stage={zero}", f"max_steps={max_steps}",
-                 f"total_steps={STEPS}", f"checkpoint_every={CKPT}", "keep_checkpoints=3", "optim.lr=2e-3",
-                 "optim.warmup_epochs=0", "model.overrides.drop_path_rate=0.0", "model.overrides.diff_weight=0.0",
-                 "tracking.enabled=false", "validation.num_images=1", "validation.batches=1", "seed=1"]
+    overrides = [
+        f"output_dir={out}",
+        f"data.shards={shards}",
+        "data.batch_size=2",
+        "data.workers=0",
+        "data.split=global_batch",
+        "data.shuffle_buffer=0",
+        f"zero_stage={zero}",
+        f"max_steps={max_steps}",
+        f"total_steps={STEPS}",
+        f"checkpoint_every={CKPT}",
+        "keep_checkpoints=3",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0",
+        "model.overrides.drop_path_rate=0.0",
+        "model.overrides.diff_weight=0.0",
+        "tracking.enabled=false",
+        "validation.num_images=1",
+        "validation.batches=1",
+        "seed=1",
+    ]
     cmd = [sys.executable, "-m", "infra.cli", "train", "isr", f"--nproc={nproc}"]
     cmd += [a for o in overrides for a in ("--set", o)]
     if resume is not None:
@@ -71,8 +88,9 @@ def _checkpoint_weights(ckpt: Path, zero: int) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
-def _check_resize(tmp_path: Path, shards, zero: int, old: int, new: int, reference: Path | None,
-                  source: Path, go_on: bool = True) -> None:
+def _check_resize(
+    tmp_path: Path, shards, zero: int, old: int, new: int, reference: Path | None, source: Path, go_on: bool = True
+) -> None:
     ckpt = source / "checkpoints" / f"step_{CKPT:08d}"
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == old
     # 1. the weights at the moment of resume: a resumed run that stops at once exports them
@@ -100,7 +118,9 @@ def _check_resize(tmp_path: Path, shards, zero: int, old: int, new: int, referen
     # loss is rank 0's; any drift of weights, data position or RNG would show here
     src = _history(source)
     assert h[CKPT + 1]["loss/total"] == pytest.approx(src[CKPT + 1]["loss/total"], rel=1e-6, abs=0), (
-        h[CKPT + 1]["loss/total"], src[CKPT + 1]["loss/total"])
+        h[CKPT + 1]["loss/total"],
+        src[CKPT + 1]["loss/total"],
+    )
     if reference is None:
         return
     ref = _history(reference)

@@ -1,4 +1,5 @@
 """Exact resume: a run stopped after k steps and resumed (--resume auto) gives the uninterrupted loss sequence."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,25 @@ from training.trainer import train
 
 
 def _cfg(tmp_path, name, shards, extra=()):
-    return load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / name}", f"data.shards={shards}", "data.batch_size=8",
-        "data.workers=2", "data.shuffle_buffer=16", "total_steps=7", "optim.lr=2e-3", "tracking.enabled=false",
-        "validation.num_images=1", "validation.batches=1", "seed=3", *extra])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / name}",
+            f"data.shards={shards}",
+            "data.batch_size=8",
+            "data.workers=2",
+            "data.shuffle_buffer=16",
+            "total_steps=7",
+            "optim.lr=2e-3",
+            "tracking.enabled=false",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "seed=3",
+            *extra,
+        ],
+    )
 
 
 def test_interrupted_run_resumes_exactly(shards, tmp_path, dist_port, monkeypatch):
@@ -51,14 +67,14 @@ def test_a_restarted_ray_worker_finds_its_own_launchs_checkpoints(tmp_path):
         if marker is not None:
             (d / "COMPLETE").write_text(marker)
 
-    ckpt(4, json.dumps({"step": 4, "launch": "old"}))   # an earlier launch into the same output folder
+    ckpt(4, json.dumps({"step": 4, "launch": "old"}))  # an earlier launch into the same output folder
     ckpt(8, json.dumps({"step": 8, "launch": "L1"}))
     ckpt(12, json.dumps({"step": 12, "launch": "L1"}))
-    ckpt(16, None)                                        # torn: never complete
-    ckpt(20, json.dumps({"step": 20}))                    # written outside Ray Train (no launch)
+    ckpt(16, None)  # torn: never complete
+    ckpt(20, json.dumps({"step": 20}))  # written outside Ray Train (no launch)
 
     assert checkpointing.find_resume(run, None, launch="L1").name == "step_00000012"
-    assert checkpointing.find_resume(run, None, launch="L2") is None          # a fresh launch starts from scratch
+    assert checkpointing.find_resume(run, None, launch="L2") is None  # a fresh launch starts from scratch
     assert checkpointing.find_resume(run, "auto", launch="L2").name == "step_00000020"  # unless asked to resume
     assert checkpointing.find_resume(run, "auto").name == "step_00000020"
     assert checkpointing.launch_of(run, 4) == "old" and checkpointing.launch_of(run, 20) is None

@@ -5,6 +5,7 @@ checkpoint against an allow-list first and routes DeepSpeed's reads through ``we
 whose ``__reduce__`` would create a marker file is refused with one line naming the file, and the marker never
 appears; real checkpoints (ZeRO 0 fp32, ZeRO 2 bf16 with its loss scaler and fragment addresses) still round-trip.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,12 +43,19 @@ def _engine(zero: int, bf16: bool):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
-           "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2,
+        "zero_optimization": {"stage": zero},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     if bf16:
         cfg["bf16"] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg,
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=cfg, dist_init_required=False
+    )
     x = torch.randn(2, 4, dtype=torch.bfloat16 if bf16 else torch.float32)
     loss = engine(x).float().sum()
     engine.backward(loss)
@@ -65,6 +73,7 @@ def _save(engine, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("zero,bf16", [(0, False), (2, True)])
+@pytest.mark.slow
 def test_real_checkpoints_resume_through_the_allow_list(tmp_path, dist_port, zero, bf16):
     from training import checkpointing
 
@@ -80,8 +89,10 @@ def test_real_checkpoints_resume_through_the_allow_list(tmp_path, dist_port, zer
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("zero,bf16,victim", [(0, False, "mp_rank_00_model_states.pt"),
-                                              (2, True, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")])
+@pytest.mark.parametrize(
+    "zero,bf16,victim",
+    [(0, False, "mp_rank_00_model_states.pt"), (2, True, "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")],
+)
 def test_a_planted_pickle_is_refused_by_name_and_never_runs(tmp_path, dist_port, zero, bf16, victim):
     from training import checkpointing
 
@@ -120,10 +131,24 @@ def test_train_resume_auto_refuses_a_planted_checkpoint(shards, tmp_path, dist_p
     from training.trainer import train
 
     def cfg(steps: int):
-        return load_config(TrainConfig, None, [
-            "stage=isr", f"output_dir={tmp_path / 'run'}", f"data.shards={shards}", "data.batch_size=4",
-            "data.workers=0", "data.shuffle_buffer=4", "total_steps=4", f"max_steps={steps}", "tracking.enabled=false",
-            "validation.num_images=1", "validation.batches=1", "seed=3"])
+        return load_config(
+            TrainConfig,
+            None,
+            [
+                "stage=isr",
+                f"output_dir={tmp_path / 'run'}",
+                f"data.shards={shards}",
+                "data.batch_size=4",
+                "data.workers=0",
+                "data.shuffle_buffer=4",
+                "total_steps=4",
+                f"max_steps={steps}",
+                "tracking.enabled=false",
+                "validation.num_images=1",
+                "validation.batches=1",
+                "seed=3",
+            ],
+        )
 
     train(cfg(1))
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"

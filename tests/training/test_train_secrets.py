@@ -15,6 +15,7 @@ Every file of the output folder, of the server's artifact folder and of its data
 the registration's log and the server's log are searched for the planted secrets (raw and URL-encoded). The run and
 both registrations must have succeeded through the server, so the URI was used as given.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,20 @@ import pytest
 from infra.core.net import free_port
 from tests.services import _stop, _wait_http
 
-TRAIN = ["data.batch_size=4", "data.workers=0", "max_steps=2", "optim.lr=2e-3", "validation.num_images=1",
-         "validation.batches=1", "validation.top_k=5", "checkpoint_every=0", "log_every=1", "model.preset=tiny",
-         "tracking.system_metrics=false", "tracking.experiment=secrets-test"]
+TRAIN = [
+    "data.batch_size=4",
+    "data.workers=0",
+    "max_steps=2",
+    "optim.lr=2e-3",
+    "validation.num_images=1",
+    "validation.batches=1",
+    "validation.top_k=5",
+    "checkpoint_every=0",
+    "log_every=1",
+    "model.preset=tiny",
+    "tracking.system_metrics=false",
+    "tracking.experiment=secrets-test",
+]
 
 
 @pytest.fixture
@@ -42,9 +54,23 @@ def loopback_mlflow(tmp_path):
     root = tmp_path / "server"
     root.mkdir()
     port, log = free_port(), root / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "wb") as f:
@@ -57,14 +83,22 @@ def loopback_mlflow(tmp_path):
 
 
 def _varsr(args: list[str], cwd: Path, env_uri: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     if env_uri:
         env["MLFLOW_TRACKING_URI"] = env_uri
-    p = subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, f"varsr {' '.join(args[:2])} failed:\n{p.stderr[-4000:]}"
     return p
 
@@ -85,8 +119,9 @@ def _leaks(password: str, texts: dict[str, str], folders: list[Path]) -> list[st
     return found
 
 
-def test_no_tracking_credential_in_any_output_artifact_or_log(shards, tmp_path, loopback_mlflow, monkeypatch,
-                                                              caplog, capsys):
+def test_no_tracking_credential_in_any_output_artifact_or_log(
+    shards, tmp_path, loopback_mlflow, monkeypatch, caplog, capsys
+):
     from mlflow.tracking import MlflowClient
 
     from inference.registry import register_training_run
@@ -94,16 +129,32 @@ def test_no_tracking_credential_in_any_output_artifact_or_log(shards, tmp_path, 
     port, server_root, server_log = loopback_mlflow
     work = tmp_path / "work"
     work.mkdir()
-    pw_set = f"p@ss:w/rd-{secrets.token_hex(8)}"   # '@', ':' and '/' percent-encoded in the URI
+    pw_set = f"p@ss:w/rd-{secrets.token_hex(8)}"  # '@', ':' and '/' percent-encoded in the URI
     pw_env = f"envpass-{secrets.token_hex(8)}"
     uri_set = f"http://varsr:{quote(pw_set, safe='')}@127.0.0.1:{port}"
     uri_env = f"http://varsr:{pw_env}@127.0.0.1:{port}"
     shown = f"http://***@127.0.0.1:{port}"
 
     out = work / "run"
-    p = _varsr(["train", "isr", *[a for o in [f"output_dir={out}", f"data.shards={shards}", *TRAIN,
-                                            f"tracking.tracking_uri={uri_set}", "register.name=secret-set"]
-                                  for a in ("--set", o)]], work, uri_env)
+    p = _varsr(
+        [
+            "train",
+            "isr",
+            *[
+                a
+                for o in [
+                    f"output_dir={out}",
+                    f"data.shards={shards}",
+                    *TRAIN,
+                    f"tracking.tracking_uri={uri_set}",
+                    "register.name=secret-set",
+                ]
+                for a in ("--set", o)
+            ],
+        ],
+        work,
+        uri_env,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["tracking_uri"] == shown, "the store is named, without secret"
     assert f"at {shown}" in p.stderr, "the start line still names the store"
@@ -122,8 +173,12 @@ def test_no_tracking_credential_in_any_output_artifact_or_log(shards, tmp_path, 
         assert client.get_model_version_by_alias(name, "champion").run_id == summary["mlflow_run_id"], name
     assert mv.name == "secret-env"
 
-    texts = {"train.stdout": p.stdout, "train.stderr": p.stderr, "register log": logged,
-             "server log": server_log.read_text(errors="replace")}
+    texts = {
+        "train.stdout": p.stdout,
+        "train.stderr": p.stderr,
+        "register log": logged,
+        "server log": server_log.read_text(errors="replace"),
+    }
     folders = [work, server_root]
     leaks = _leaks(pw_set, texts, folders) + _leaks(pw_env, texts, folders)
     assert not leaks, "planted tracking password found in:\n" + "\n".join(leaks[:40])

@@ -4,6 +4,7 @@ The run records the manifest's sha256 as its lineage, so it must not train on ot
 swapped for another is refused at start (size), a zeroed sha256 as the shard streams (hash), each with one line
 naming the shard, and the run ends FAILED.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,24 @@ from training.trainer import train
 
 
 def _cfg(tmp_path, shards, name):
-    return load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / name}", f"data.shards={shards}", "data.batch_size=4", "data.workers=2",
-        "data.shuffle_buffer=4", "total_steps=30", "max_steps=30", "tracking.enabled=false",
-        "validation.num_images=1", "validation.batches=1", "seed=3"])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / name}",
+            f"data.shards={shards}",
+            "data.batch_size=4",
+            "data.workers=2",
+            "data.shuffle_buffer=4",
+            "total_steps=30",
+            "max_steps=30",
+            "tracking.enabled=false",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "seed=3",
+        ],
+    )
 
 
 def _copy(shards, tmp_path):
@@ -45,8 +60,9 @@ def test_a_zeroed_sha256_stops_the_run_naming_the_shard(shards, tmp_path, dist_p
 
 def test_a_shard_swapped_for_another_is_refused_at_start(shards, tmp_path, dist_port):
     ds, m = _copy(shards, tmp_path)
-    a, b = next((x, y) for x in m["shards"] for y in m["shards"] if x["samples"] and y["samples"]
-                and x["bytes"] != y["bytes"])
+    a, b = next(
+        (x, y) for x in m["shards"] for y in m["shards"] if x["samples"] and y["samples"] and x["bytes"] != y["bytes"]
+    )
     shutil.copyfile(ds / b["name"], ds / a["name"])
     with pytest.raises(ShardIntegrityError, match=rf"{a['name']}: \d+ bytes where the manifest records"):
         train(_cfg(tmp_path, ds, "run"))

@@ -1,13 +1,13 @@
 """Stage 0 (tokenizer) helpers: dead-code re-seeding keeps a small VQVAE from collapsing onto a few codes, and the
 tokenizer-only export loads into a stage-1/2 model through ``model.vqvae_checkpoint``."""
+
 from __future__ import annotations
 
 import json
 
 import torch
 
-from model import VARSRConfig, VQVAE, build
-
+from model import VQVAE, VARSRConfig, build
 from model.checkpoint import load_tokenizer, save_tokenizer
 from training.stage0_vqvae import restart_dead_codes
 
@@ -76,10 +76,22 @@ def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
     from training.stage0_vqvae import load_vqvae_config, train_vqvae
 
     def cfg(name, steps, *extra):
-        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
-                                        f"max_steps={steps}", "data.batch_size=4", "data.workers=0",
-                                        "checkpoint_every=2", "restart_dead_codes_every=2", "tracking.enabled=false",
-                                        "grid_images=2", *extra])
+        return load_vqvae_config(
+            None,
+            [
+                f"output_dir={tmp_path / name}",
+                f"data.shards={shards}",
+                "model.preset=tiny",
+                f"max_steps={steps}",
+                "data.batch_size=4",
+                "data.workers=0",
+                "checkpoint_every=2",
+                "restart_dead_codes_every=2",
+                "tracking.enabled=false",
+                "grid_images=2",
+                *extra,
+            ],
+        )
 
     full = train_vqvae(cfg("full", 6))
     first = train_vqvae(cfg("split", 3))
@@ -98,7 +110,13 @@ def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
 def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
     from training.stage0_vqvae import MIN_CHROMA_GAIN, _report_colour
 
-    kept = {"images": 32, "chroma_gain": 0.93, "chroma_err": 0.01, "chroma_gain_tokens": 0.88, "chroma_err_tokens": 0.02}
+    kept = {
+        "images": 32,
+        "chroma_gain": 0.93,
+        "chroma_err": 0.01,
+        "chroma_gain_tokens": 0.88,
+        "chroma_err_tokens": 0.02,
+    }
     _report_colour(kept)
     out = capsys.readouterr().out
     assert "chroma gain 0.88 tokens only / 0.93 reconstruction" in out and "WARNING" not in out
@@ -121,7 +139,7 @@ def test_lowpass_loss_sees_block_colour_but_not_texture_that_averages_out():
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     tint = torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)
-    assert torch.isclose(lowpass_mse(x + tint, x, 8), (tint ** 2).mean(), rtol=1e-5)
+    assert torch.isclose(lowpass_mse(x + tint, x, 8), (tint**2).mean(), rtol=1e-5)
     checker = (torch.arange(32).view(1, 32) + torch.arange(32).view(32, 1)) % 2 * 2 - 1.0
     assert float(lowpass_mse(x + 0.3 * checker, x, 8)) < 1e-10
     assert float(((x + 0.3 * checker - x) ** 2).mean()) > 0.08  # the per-pixel loss does see it
@@ -144,10 +162,22 @@ def test_augmented_cosine_tokenizer_run_resumes_exactly_and_refuses_another_sche
     from training.stage0_vqvae import VQVAETrainConfig, load_vqvae_config, lr_factor, train_vqvae
 
     def cfg(name, steps, *extra):
-        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
-                                        f"max_steps={steps}", "data.batch_size=4", "data.workers=0",
-                                        "checkpoint_every=2", "tracking.enabled=false", "grid_images=2",
-                                        "warmup_steps=3", *extra])
+        return load_vqvae_config(
+            None,
+            [
+                f"output_dir={tmp_path / name}",
+                f"data.shards={shards}",
+                "model.preset=tiny",
+                f"max_steps={steps}",
+                "data.batch_size=4",
+                "data.workers=0",
+                "checkpoint_every=2",
+                "tracking.enabled=false",
+                "grid_images=2",
+                "warmup_steps=3",
+                *extra,
+            ],
+        )
 
     aug = ("augment=true", "lr_schedule=cosine")  # steps 1-3 are warm-up: the same lr whatever max_steps says
     plain = train_vqvae(cfg("plain", 5, "lr_schedule=cosine"))
@@ -156,8 +186,11 @@ def test_augmented_cosine_tokenizer_run_resumes_exactly_and_refuses_another_sche
     train_vqvae(cfg("split", 3, *aug))
     rest = train_vqvae(cfg("split", 5, *aug), resume="auto")
     assert rest["losses"] == full["losses"]
-    for other in (("lr_schedule=cosine",), ("augment=true",), ("augment=true", "lr_schedule=cosine",
-                                                                "augment_colour_p=0.5")):
+    for other in (
+        ("lr_schedule=cosine",),
+        ("augment=true",),
+        ("augment=true", "lr_schedule=cosine", "augment_colour_p=0.5"),
+    ):
         with pytest.raises(UserError, match="another config"):
             train_vqvae(cfg("split", 6, *other), resume="auto")
     c = VQVAETrainConfig(lr_schedule="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
@@ -207,11 +240,26 @@ def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards
     full = save_pretrained(tmp_path / "full", vq, var)
 
     def cfg(name, steps, *extra):
-        return load_vqvae_config(None, [f"output_dir={tmp_path / name}", f"data.shards={shards}", "model.preset=tiny",
-                                        f"max_steps={steps}", "data.batch_size=4", "checkpoint_every=2",
-                                        "tracking.enabled=false", "grid_images=2", f"init_from={full}",
-                                        "train_parts=decoder", "hf_weight=1", "gan_weight=0.1", "gan_start=1",
-                                        "lr=0.01", *extra])
+        return load_vqvae_config(
+            None,
+            [
+                f"output_dir={tmp_path / name}",
+                f"data.shards={shards}",
+                "model.preset=tiny",
+                f"max_steps={steps}",
+                "data.batch_size=4",
+                "checkpoint_every=2",
+                "tracking.enabled=false",
+                "grid_images=2",
+                f"init_from={full}",
+                "train_parts=decoder",
+                "hf_weight=1",
+                "gan_weight=0.1",
+                "gan_start=1",
+                "lr=0.01",
+                *extra,
+            ],
+        )
 
     done = train_vqvae(cfg("dec", 4))
     split = train_vqvae(cfg("split", 2))
@@ -243,7 +291,8 @@ def test_decoder_finetune_keeps_every_code_and_merges_into_the_full_model(shards
 def test_residual_mix_decodes_a_share_of_crops_from_the_encoder_latent(shards):
     """Stage 0b's ``residual_mix`` (docs/EXPERIMENTS.md): a crop gets either the token-only f_hat or the encoder
     latent f (= f_hat + the exact last-scale residual, what a perfect refiner adds); 0 gives f_hat for every crop,
-    1 gives f for every crop, 0.5 mixes them, and the setting is refused outside [0, 1] or without train_parts=decoder."""
+    1 gives f for every crop, 0.5 mixes them, and the setting is refused outside [0, 1] or without
+    train_parts=decoder."""
     import pytest
 
     from infra.core.errors import UserError

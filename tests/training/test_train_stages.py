@@ -1,5 +1,6 @@
 """Stage 1 (c2i) then stage 2 (isr) on real shards: losses fall, stage 2 starts from stage 1's weights, MLflow run
 holds params / metrics / image artifacts / lineage, bad samples are skipped and counted, clear config errors."""
+
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import sha256  # tests/training/conftest.py
 from safetensors.torch import load_file
 
 from infra.core.config import load_config
@@ -18,17 +20,26 @@ from training.config import TrainConfig
 from training.model_setup import build_models
 from training.trainer import train
 
-from conftest import sha256  # tests/training/conftest.py
-
-COMMON = ["data.batch_size=4", "data.workers=0", "optim.lr=2e-3", "validation.num_images=2",
-          "validation.batches=1", "validation.top_k=5", "checkpoint_every=0", "log_every=1"]
+COMMON = [
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=2e-3",
+    "validation.num_images=2",
+    "validation.batches=1",
+    "validation.top_k=5",
+    "checkpoint_every=0",
+    "log_every=1",
+]
 
 
 def _bad_shard(path: Path) -> Path:
     """A tar with one sample whose HR PNG is truncated garbage (must be skipped and counted, not fatal)."""
     with tarfile.open(path, "w") as t:
-        for name, data in (("bad0.hr.png", b"\x89PNG\r\n\x1a\n-truncated"), ("bad0.lr.png", b"nope"),
-                           ("bad0.json", b'{"label": 0, "class_id": 1}')):
+        for name, data in (
+            ("bad0.hr.png", b"\x89PNG\r\n\x1a\n-truncated"),
+            ("bad0.lr.png", b"nope"),
+            ("bad0.json", b'{"label": 0, "class_id": 1}'),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
@@ -36,9 +47,19 @@ def _bad_shard(path: Path) -> Path:
 
 
 def _cfg(tmp_path, name, stage, shards, extra=()):
-    return load_config(TrainConfig, None, [
-        f"stage={stage}", f"output_dir={tmp_path / name}", f"data.shards={shards}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=test-train", *COMMON, *extra])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            f"stage={stage}",
+            f"output_dir={tmp_path / name}",
+            f"data.shards={shards}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=test-train",
+            *COMMON,
+            *extra,
+        ],
+    )
 
 
 def _falls(xs, k=3):
@@ -84,9 +105,26 @@ def test_stage1_then_stage2_with_mlflow_lineage(shards, tmp_path, dist_port, mon
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
     assert p["stage"] == "isr" and float(p["optim.lr"]) == 2e-3 and p["zero_stage"] == "0"
     assert p["optim.betas"] == "[0.9, 0.95]" and p["resolved.total_steps"] == "14"
-    for key in ("loss/total", "loss/ce", "loss/refiner", "acc/total", "acc/scale_0", "acc/scale_2", "ce/scale_0",
-                "lr", "optim/grad_norm", "optim/loss_scale", "throughput/tokens_per_s", "throughput/samples_per_s",
-                "throughput/mfu", "val/loss", "val/psnr_y", "val/ssim_y", "val/psnr_rgb", "init/loaded"):
+    for key in (
+        "loss/total",
+        "loss/ce",
+        "loss/refiner",
+        "acc/total",
+        "acc/scale_0",
+        "acc/scale_2",
+        "ce/scale_0",
+        "lr",
+        "optim/grad_norm",
+        "optim/loss_scale",
+        "throughput/tokens_per_s",
+        "throughput/samples_per_s",
+        "throughput/mfu",
+        "val/loss",
+        "val/psnr_y",
+        "val/ssim_y",
+        "val/psnr_rgb",
+        "init/loaded",
+    ):
         assert key in m, key
     assert len(client.get_metric_history(r2.run_id, "loss/total")) == 14
     assert m["optim/grad_norm"] > 0 and 0 < m["throughput/mfu"] < 1
@@ -108,8 +146,22 @@ def test_clear_errors(shards, tmp_path, dist_port):
     with pytest.raises(UserError, match="does not exist"):
         train(_cfg(tmp_path, "e1", "isr", str(tmp_path / "missing"), ["max_steps=1", "tracking.enabled=false"]))
     with pytest.raises(UserError, match="64px HR crops but model preset"):
-        train(_cfg(tmp_path, "e2", "isr", str(shards),
-                   ["max_steps=1", "tracking.enabled=false", "model.overrides.patch_nums=[1,2,4,8]"]))
+        train(
+            _cfg(
+                tmp_path,
+                "e2",
+                "isr",
+                str(shards),
+                ["max_steps=1", "tracking.enabled=false", "model.overrides.patch_nums=[1,2,4,8]"],
+            )
+        )
     with pytest.raises(UserError, match="class id .* >= model num_classes 2"):
-        train(_cfg(tmp_path, "e3", "c2i", str(shards),
-                   ["max_steps=1", "tracking.enabled=false", "model.overrides.num_classes=2"]))
+        train(
+            _cfg(
+                tmp_path,
+                "e3",
+                "c2i",
+                str(shards),
+                ["max_steps=1", "tracking.enabled=false", "model.overrides.num_classes=2"],
+            )
+        )

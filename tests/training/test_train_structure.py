@@ -1,5 +1,6 @@
 """The pieces the stages share (issue 31): phase timing as a context manager, stage 0's config with its own
 validate(), the shard-owned manifest reference, and the one distinct-sample picker."""
+
 from __future__ import annotations
 
 import pytest
@@ -80,14 +81,23 @@ def test_the_sample_picker_returns_distinct_crops_and_one_per_class_first(shards
     from training.validation import distinct_samples
 
     def stream():
-        return BatchStream(resolve_shards(str(shards)), size=64, want_lr=True, batch_size=4, workers=0, seed=0,
-                           rank=0, world=1, shuffle_buffer=0)
+        return BatchStream(
+            resolve_shards(str(shards)),
+            size=64,
+            want_lr=True,
+            batch_size=4,
+            workers=0,
+            seed=0,
+            rank=0,
+            world=1,
+            shuffle_buffer=0,
+        )
 
     checked = []
     picked = distinct_samples(stream(), 5, check=checked.append)
     assert len(picked) == 5 and checked
     hrs = [p["hr"] for p in picked]
-    assert all(not torch.equal(a, b) for i, a in enumerate(hrs) for b in hrs[i + 1:])  # shards repeat HR per LR
+    assert all(not torch.equal(a, b) for i, a in enumerate(hrs) for b in hrs[i + 1 :])  # shards repeat HR per LR
     assert all(p["lr"] is not None for p in picked)
     by_class = distinct_samples(stream(), 3, prefer_classes=True)
     classes = [p["class_id"] for p in by_class]

@@ -3,6 +3,7 @@ gradients and updated weights, with the tokenizer not run at all), the trainer p
 cache made by another tokenizer is ignored with one line saying why.
 
 Ray (the tokenise job) runs in a fixture and is shut down before any DeepSpeed rank starts."""
+
 from __future__ import annotations
 
 import copy
@@ -63,6 +64,7 @@ class CountingTokenizer:
         def counted(x):
             self.encodes += x.shape[0]
             return attr(x)
+
         return counted
 
 
@@ -83,8 +85,15 @@ def test_a_step_from_the_cache_equals_one_that_tokenises(cached):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
         counting = CountingTokenizer(vq)
         tokens = (batch["tokens"], batch["resid"]) if "tokens" in batch else None
-        out = compute_loss(counting, model, batch["hr"], batch["lr"], batch["label"],
-                           generator=torch.Generator().manual_seed(7), tokens=tokens)
+        out = compute_loss(
+            counting,
+            model,
+            batch["hr"],
+            batch["lr"],
+            batch["label"],
+            generator=torch.Generator().manual_seed(7),
+            tokens=tokens,
+        )
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
@@ -99,10 +108,26 @@ def test_a_step_from_the_cache_equals_one_that_tokenises(cached):
 
 
 def _cfg(tmp_path, name, ds, tok, *extra):
-    return load_config(TrainConfig, None, [
-        "stage=isr", f"output_dir={tmp_path / name}", f"data.shards={ds}", f"model.vqvae_checkpoint={tok}",
-        "data.batch_size=4", "data.workers=0", "optim.lr=2e-3", "validation.num_images=1", "validation.batches=1",
-        "checkpoint_every=0", "tracking.enabled=false", "seed=2", "data.lr_upsample=random", *extra])
+    return load_config(
+        TrainConfig,
+        None,
+        [
+            "stage=isr",
+            f"output_dir={tmp_path / name}",
+            f"data.shards={ds}",
+            f"model.vqvae_checkpoint={tok}",
+            "data.batch_size=4",
+            "data.workers=0",
+            "optim.lr=2e-3",
+            "validation.num_images=1",
+            "validation.batches=1",
+            "checkpoint_every=0",
+            "tracking.enabled=false",
+            "seed=2",
+            "data.lr_upsample=random",
+            *extra,
+        ],
+    )
 
 
 def test_training_from_the_cache_equals_training_without(cached, tmp_path, dist_port, monkeypatch, capfd):
@@ -128,7 +153,9 @@ def test_a_cache_of_another_tokenizer_is_ignored_with_one_line(cached, tmp_path,
     t = Trainer(_cfg(tmp_path, "other", ds, other, "max_steps=1"))
     r = t.train()
     lines = [x for x in capfd.readouterr().err.splitlines() if "token cache" in x]
-    assert lines == [f"[train] token cache of {ds} was made by tokenizer {made_by[:12]} for scales [1, 2, 4], but "
-                     f"this run's frozen tokenizer is {own[:12]} for scales [1, 2, 4]: ignoring it, tokenising HR "
-                     f"on the fly"]
+    assert lines == [
+        f"[train] token cache of {ds} was made by tokenizer {made_by[:12]} for scales [1, 2, 4], but "
+        f"this run's frozen tokenizer is {own[:12]} for scales [1, 2, 4]: ignoring it, tokenising HR "
+        f"on the fly"
+    ]
     assert not t.token_cache and not any(".tok-" in u for u in t.stream.urls) and r.steps == 1

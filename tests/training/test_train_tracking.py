@@ -6,6 +6,7 @@ and sample grids whose tiles differ.
 
 One real SQLite store; the trainings are tiny (tiny preset, a few steps) and shared by every test of the module.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import sha256  # tests/training/conftest.py
 
 NAME = re.compile(r"^(stage0-vqvae|stage1-c2i|stage2-isr) tiny seed0 \d{4}-\d\d-\d\dT\d\d:\d\d$")
-LINEAGE = {"varsr.stage", "varsr.model_preset", "varsr.config_hash", "varsr.git_commit", "varsr.data.location",
-           "varsr.data.manifest_sha256", "varsr.output_dir"}
+LINEAGE = {
+    "varsr.stage",
+    "varsr.model_preset",
+    "varsr.config_hash",
+    "varsr.git_commit",
+    "varsr.data.location",
+    "varsr.data.manifest_sha256",
+    "varsr.output_dir",
+}
 OLD_NAMES = {"loss", "ce", "diff", "acc", "acc_scale0", "ce_scale0", "tokens_per_s", "grad_norm", "mfu"}
-COMMON = ["data.batch_size=4", "data.workers=0", "optim.lr=2e-3", "validation.num_images=4", "validation.batches=1",
-          "validation.top_k=5", "validation.every=2", "checkpoint_every=0", "log_every=1", "max_steps=4"]
+COMMON = [
+    "data.batch_size=4",
+    "data.workers=0",
+    "optim.lr=2e-3",
+    "validation.num_images=4",
+    "validation.batches=1",
+    "validation.top_k=5",
+    "validation.every=2",
+    "checkpoint_every=0",
+    "log_every=1",
+    "max_steps=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +58,72 @@ def pipeline(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline") / "work"
     root.mkdir()
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "MASTER_PORT", "MASTER_ADDR",
-                                            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
-    os.environ.update(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", MASTER_PORT=str(free_port()))
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+            "MASTER_PORT",
+            "MASTER_ADDR",
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MLFLOW_TRACKING_URI",
+        )
+    }
+    os.environ.update(
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",
+        MASTER_ADDR="127.0.0.1",
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_PORT=str(free_port()),
+    )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         parent = start_run(uri, run_name("pipeline", "tiny", "seed0"), experiment="varsr-test").info.run_id
         track = [f"tracking.tracking_uri={uri}", f"tracking.parent_run_id={parent}"]
-        s0 = train_vqvae(load_vqvae_config(None, [f"output_dir={root / 'runs' / 'vqvae'}", f"data.shards={shards}",
-                                                  "model.preset=tiny", "data.batch_size=4", "max_steps=6",
-                                                  "log_every=3", *track]))
-        c1 = load_config(TrainConfig, None, [
-            "stage=c2i", f"output_dir={root / 'runs' / 'stage1'}", f"data.shards={shards}",
-            f"model.vqvae_checkpoint={root / 'runs' / 'vqvae' / 'final'}", *COMMON, *track])
+        s0 = train_vqvae(
+            load_vqvae_config(
+                None,
+                [
+                    f"output_dir={root / 'runs' / 'vqvae'}",
+                    f"data.shards={shards}",
+                    "model.preset=tiny",
+                    "data.batch_size=4",
+                    "max_steps=6",
+                    "log_every=3",
+                    *track,
+                ],
+            )
+        )
+        c1 = load_config(
+            TrainConfig,
+            None,
+            [
+                "stage=c2i",
+                f"output_dir={root / 'runs' / 'stage1'}",
+                f"data.shards={shards}",
+                f"model.vqvae_checkpoint={root / 'runs' / 'vqvae' / 'final'}",
+                *COMMON,
+                *track,
+            ],
+        )
         r1 = train(c1)
         os.environ["MASTER_PORT"] = str(free_port())
-        c2 = load_config(TrainConfig, None, [
-            "stage=isr", f"output_dir={root / 'runs' / 'stage2'}", f"data.shards={shards}",
-            f"model.init_from={root / 'runs' / 'stage1' / 'final'}",
-            f"model.vqvae_checkpoint={root / 'runs' / 'vqvae' / 'final'}", "register.name=varsr-test", *COMMON,
-            *track])
+        c2 = load_config(
+            TrainConfig,
+            None,
+            [
+                "stage=isr",
+                f"output_dir={root / 'runs' / 'stage2'}",
+                f"data.shards={shards}",
+                f"model.init_from={root / 'runs' / 'stage1' / 'final'}",
+                f"model.vqvae_checkpoint={root / 'runs' / 'vqvae' / 'final'}",
+                "register.name=varsr-test",
+                *COMMON,
+                *track,
+            ],
+        )
         r2 = train(c2)
         register_trained_model(c2)
         end_run(uri, parent)
@@ -82,8 +144,11 @@ def _client(uri):
 
 def _runs(p) -> dict:
     client = _client(p["uri"])
-    return {"vqvae": client.get_run(p["s0"]["run_id"]), "c2i": client.get_run(p["r1"].run_id),
-            "isr": client.get_run(p["r2"].run_id)}
+    return {
+        "vqvae": client.get_run(p["s0"]["run_id"]),
+        "c2i": client.get_run(p["r1"].run_id),
+        "isr": client.get_run(p["r2"].run_id),
+    }
 
 
 def test_one_parent_run_with_named_children_in_one_experiment(pipeline):
@@ -116,14 +181,16 @@ def test_same_lineage_keys_on_every_stage_and_links_through_mlflow(pipeline):
         (ds,) = run.inputs.dataset_inputs
         assert ds.dataset.digest == sha[:36] and json.loads(ds.dataset.profile)["manifest_sha256"] == sha
         assert json.loads(ds.dataset.source)["uri"] == os.path.relpath(
-            pipeline["shards"] / "manifest.json", pipeline["root"] / "runs" / stage.replace("c2i", "stage1")
-            .replace("isr", "stage2"))
+            pipeline["shards"] / "manifest.json",
+            pipeline["root"] / "runs" / stage.replace("c2i", "stage1").replace("isr", "stage2"),
+        )
         assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
     assert runs["vqvae"].data.tags["varsr.output_dir"] == "runs/vqvae"
     assert runs["isr"].data.tags["varsr.output_dir"] == "runs/stage2"
     # stage 2 starts from stage 1: lineage tags and the stage-1 export (a logged model) as a model input
-    s1_model = client.search_logged_models([runs["c2i"].info.experiment_id],
-                                           filter_string=f"source_run_id = '{runs['c2i'].info.run_id}'").to_list()
+    s1_model = client.search_logged_models(
+        [runs["c2i"].info.experiment_id], filter_string=f"source_run_id = '{runs['c2i'].info.run_id}'"
+    ).to_list()
     assert [m.name for m in s1_model] == ["stage1-c2i"]
     tok_model = pipeline["s0"]["model_id"]
     assert client.get_logged_model(tok_model).source_run_id == runs["vqvae"].info.run_id
@@ -137,30 +204,59 @@ def test_same_lineage_keys_on_every_stage_and_links_through_mlflow(pipeline):
     files = {a.path for a in client.list_logged_model_artifacts(tok_model)}
     assert {"config.json", "model.safetensors"} <= files
     meta = json.loads((pipeline["root"] / "runs" / "vqvae" / "final" / "config.json").read_text())
-    assert meta["lineage"]["mlflow_model_id"] == tok_model and meta["lineage"]["mlflow_run_id"] == \
-        runs["vqvae"].info.run_id
+    assert (
+        meta["lineage"]["mlflow_model_id"] == tok_model
+        and meta["lineage"]["mlflow_run_id"] == runs["vqvae"].info.run_id
+    )
 
 
 def test_one_metric_vocabulary_validation_curves_and_system_metrics(pipeline):
     client = _client(pipeline["uri"])
     runs = _runs(pipeline)
     m2 = runs["isr"].data.metrics
-    for key in ("loss/total", "loss/ce", "loss/refiner", "acc/total", "acc/scale_0", "ce/scale_0", "lr",
-                "throughput/tokens_per_s", "throughput/mfu", "optim/grad_norm", "val/loss", "val/acc", "val/psnr_y",
-                "val/ssim_y"):
+    for key in (
+        "loss/total",
+        "loss/ce",
+        "loss/refiner",
+        "acc/total",
+        "acc/scale_0",
+        "ce/scale_0",
+        "lr",
+        "throughput/tokens_per_s",
+        "throughput/mfu",
+        "optim/grad_norm",
+        "val/loss",
+        "val/acc",
+        "val/psnr_y",
+        "val/ssim_y",
+    ):
         assert key in m2, key
     assert not OLD_NAMES & set(m2), OLD_NAMES & set(m2)
     assert "loss/total" in runs["c2i"].data.metrics and "loss/refiner" in runs["c2i"].data.metrics
-    for key in ("loss/total", "loss/l1", "loss/mse", "loss/vq", "recon/psnr", "recon/chroma_err", "codebook/usage_pct",
-                "lr", "eval/chroma_gain", "eval/chroma_gain_tokens", "eval/chroma_err", "eval/chroma_err_tokens"):
+    for key in (
+        "loss/total",
+        "loss/l1",
+        "loss/mse",
+        "loss/vq",
+        "recon/psnr",
+        "recon/chroma_err",
+        "codebook/usage_pct",
+        "lr",
+        "eval/chroma_gain",
+        "eval/chroma_gain_tokens",
+        "eval/chroma_err",
+        "eval/chroma_err_tokens",
+    ):
         assert key in runs["vqvae"].data.metrics, key
     assert len(client.get_metric_history(runs["vqvae"].info.run_id, "loss/l1")) == 6
     colour = pipeline["s0"]["colour"]  # the end-of-run colour check, as returned and as logged
     assert colour["images"] >= 2
     assert runs["vqvae"].data.metrics["eval/chroma_gain_tokens"] == pytest.approx(colour["chroma_gain_tokens"])
     # the check travels with the tokenizer, as standard JSON (no NaN)
-    meta = json.loads((pipeline["root"] / "runs" / "vqvae" / "final" / "config.json").read_text(),
-                       parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    meta = json.loads(
+        (pipeline["root"] / "runs" / "vqvae" / "final" / "config.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"),
+    )
     assert meta["colour_check"]["verdict"] in ("kept", "lost") and meta["colour_check"]["images"] == colour["images"]
     # validation every 2 of 4 steps: a curve, not a point
     assert [m.step for m in client.get_metric_history(runs["isr"].info.run_id, "val/psnr_y")] == [2, 4]
@@ -195,9 +291,12 @@ def test_the_training_run_shows_its_logged_and_registered_model(pipeline):
         info = mlflow.models.get_model_info("models:/varsr-test@champion")
     assert info.signature is not None and info.signature.inputs.input_names() == ["image"]
     # stage 2 was registered: its export is not logged a second time as a checkpoint model
-    assert client.search_logged_models([run.info.experiment_id],
-                                       filter_string=f"source_run_id = '{run.info.run_id}'").to_list()[0].name \
+    assert (
+        client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        .to_list()[0]
+        .name
         == "model"
+    )
 
 
 def _all_text(client, pipeline) -> list[tuple[str, str]]:
@@ -264,10 +363,14 @@ def test_the_store_folder_moves_with_every_artifact_and_the_model_schema(pipelin
             info = mlflow.models.get_model_info("models:/varsr-test@champion")
             local = mlflow.artifacts.download_artifacts("models:/varsr-test@champion", dst_path=str(tmp_path / "m"))
         assert info.signature is not None and info.signature.params is not None
-        assert (Path(local) / "artifacts" / "final" / "model.safetensors").is_file() or \
-            any(Path(local).rglob("model.safetensors"))
-        assert resolve_tracking_uri(uri) == uri and client.get_experiment(exps[0].experiment_id).artifact_location \
-            == (new / "mlartifacts" / "varsr-test").as_uri()  # idempotent
+        assert (Path(local) / "artifacts" / "final" / "model.safetensors").is_file() or any(
+            Path(local).rglob("model.safetensors")
+        )
+        assert (
+            resolve_tracking_uri(uri) == uri
+            and client.get_experiment(exps[0].experiment_id).artifact_location
+            == (new / "mlartifacts" / "varsr-test").as_uri()
+        )  # idempotent
     finally:
         hidden.rename(old)
 
