@@ -9,12 +9,12 @@
    head with 0 CPUs, two 1-CPU workers) in the middle of a 2-worker Ray Train run until training has resumed from its
    last checkpoint, and the extra wall time of the whole run against an uninterrupted one.
 4. ``checkpoint_stall``: seconds each checkpoint holds the step loop (``training.checkpointing.STALLS``: from the
-   call to ``save`` until it returns), a checkpoint every step of a tiny run, for a local output folder (the local
+   call to ``save`` until it returns), a checkpoint every N steps of a tiny run, for a local output folder (the local
    save alone), an ``s3://`` output uploading in the loop (before) and with ``checkpoint_async`` (after: the upload
    runs in the background, the commit of the previous checkpoint happens at the next save).
 
     python benchmarks/cluster_bench.py [--images 96] [--rounds 3] [--train-steps 12] [--skip-recovery]
-    python benchmarks/cluster_bench.py --only-checkpoint-stall [--rounds 2] [--train-steps 6]
+    python benchmarks/cluster_bench.py --only-checkpoint-stall [--rounds 2] [--train-steps 6] [--checkpoint-every 1]
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def bench_train(tmp: Path, steps: int, rounds: int) -> dict:
     }
 
 
-def bench_checkpoint_stall(tmp: Path, steps: int, rounds: int) -> dict:
+def bench_checkpoint_stall(tmp: Path, steps: int, rounds: int, every: int = 1) -> dict:
     """Median seconds a checkpoint holds the step loop: local output, s3 output uploading in the loop, s3 output
     uploading in the background (interleaved arms, in this process)."""
     import ray
@@ -264,7 +264,7 @@ def bench_checkpoint_stall(tmp: Path, steps: int, rounds: int) -> dict:
                         "validation.num_images=1",
                         "validation.batches=1",
                         "seed=0",
-                        "checkpoint_every=1",
+                        f"checkpoint_every={every}",
                         "keep_checkpoints=2",
                         f"checkpoint_async={str(asynchronous).lower()}",
                     ],
@@ -276,6 +276,7 @@ def bench_checkpoint_stall(tmp: Path, steps: int, rounds: int) -> dict:
     return {
         "steps": steps,
         "rounds": rounds,
+        "checkpoint_every": every,
         "checkpoints_per_arm": {k: len(v) for k, v in stalls.items()},
         "median_stall_s": {k: round(v, 3) for k, v in med.items()},
         "max_stall_s": {k: round(max(v), 3) for k, v in stalls.items()},
@@ -371,6 +372,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=12)
     ap.add_argument("--skip-recovery", action="store_true")
     ap.add_argument("--only-checkpoint-stall", action="store_true")
+    # a checkpoint every step is the worst case for the async arm: each save first waits for the previous upload
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="steps between checkpoints (checkpoint_stall)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="varsr-cluster-bench-") as d:
         tmp = Path(d)
@@ -382,10 +385,13 @@ def main() -> None:
                         {
                             "benchmark": "checkpoint stall of the step loop, loopback S3 (moto)",
                             "config": {
-                                "train": "tiny preset, batch 4, fp32, ZeRO-0, a checkpoint every step",
+                                "train": "tiny preset, batch 4, fp32, ZeRO-0",
+                                "checkpoint_every": args.checkpoint_every,
                                 "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()[0]},
                             },
-                            "checkpoint_stall": bench_checkpoint_stall(tmp, args.train_steps, args.rounds),
+                            "checkpoint_stall": bench_checkpoint_stall(
+                                tmp, args.train_steps, args.rounds, args.checkpoint_every
+                            ),
                         }
                     )
                 )

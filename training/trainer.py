@@ -23,17 +23,16 @@ from infra.core.errors import UserError
 from infra.core.log import say
 from infra.core.redact import redact
 from infra.core.tracking import portable_ref
-from training import checkpointing, deepspeed_engine
+from training import checkpointing, deepspeed_engine, finish
 from training.config import TrainConfig
-from training.figures import plot_loss_curves, save_grid
+from training.figures import save_grid
 from training.model_setup import build_models
 from training.run_dir import RunDir
 from training.run_start import run_lineage, start_tracking, tracking_uri
-from training.run_start import store_ref as _store_ref  # summary.json's store; the name tests read
 from training.schedule import build_schedule
 from training.steps import NonFiniteLoss, StepSetup, token_cache_choice, train_step
 from training.timing import Stopwatch, peak_flops, step_flops
-from training.tracking import STAGE_RUN_KIND, MlflowTracker, NullTracker, checkpoint_lineage
+from training.tracking import NullTracker, checkpoint_lineage
 from training.validation import evaluate
 
 log = logging.getLogger(__name__)
@@ -418,104 +417,15 @@ class Trainer:
             say(f"[val] step {step} " + " ".join(f"{k} {val:.4f}" for k, val in metrics.items()))
         return metrics
 
-    # ---- end ---------------------------------------------------------------------------------------------------------
+    # ---- end (training/finish.py) ------------------------------------------------------------------------------------
     def export(self, step: int) -> Path | None:
-        """Final weights in the native format (+ lineage), optionally registered; rank 0 writes."""
-        import deepspeed
+        return finish.export_final(self, step)
 
-        from model import save_pretrained
-
-        params = list(self.model.parameters())
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3 else None
-        d = self.out / "final"
-        if self.run.remote and d.exists():
-            import shutil
-
-            shutil.rmtree(d)
-        if ctx is not None:
-            ctx.__enter__()
-        model = None
-        try:
-            if self.is_main:
-                self.model.float()
-                # the export becomes a logged model of this run, unless the CLI logs the served model at registration
-                if not self.cfg.register.name and isinstance(self.tracker, MlflowTracker):
-                    model = self.tracker.create_model(
-                        STAGE_RUN_KIND[self.cfg.stage],
-                        model_type=f"varsr-{self.cfg.stage}-checkpoint",
-                        tags=self.lineage(),
-                    )
-                lineage = {
-                    **self.lineage(),
-                    "mlflow_run_id": self.tracker.run_id,
-                    "step": step,
-                    "mlflow_model_id": model.model_id if model else None,
-                }
-                save_pretrained(d, self.vqvae, self.model, extra={"lineage": lineage})
-                save_config(self.cfg, d / "train_config.yaml")
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-        if not self.is_main:
-            return d
-        self.tracker.log_artifact(d / "config.json", "final")
-        self.tracker.log_artifact(d / "train_config.yaml", "final")
-        self.run.publish_tree("final")
-        export_ref = "final" if not self.run.remote else self.run.url_of("final")  # relative to the output folder
-        self.tracker.set_tags({"varsr.export_dir": export_ref})
-        if model is not None:
-            self.tracker.log_checkpoint_model(
-                model.name, d, model_id=model.model_id, weights=self.cfg.tracking.log_checkpoint, step=step
-            )
-        say(f"[train] exported final weights to {redact(self.run.url_of('final'))}")
-        return d
-
-    @torch.no_grad()
     def _rank_checksums(self) -> list[float]:
-        """sum(p) + sum(p²) over all parameters on every rank (all-gathered): ranks must agree after training."""
-        if self.cfg.zero_stage == 3:
-            return []
-        s = sum(p.double().sum() + p.double().pow(2).sum() for p in self.model.parameters())
-        t = torch.tensor([float(s)], dtype=torch.float64, device=self.device)
-        out = [torch.zeros_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t)
-        vals = [float(x) for x in out]
-        if self.is_main and max(vals) - min(vals) > 1e-6 * max(1.0, abs(vals[0])):
-            log.warning("parameters differ across ranks: %s", vals)
-        return vals
+        return finish.rank_checksums(self)
 
     def _finish(self, step: int, losses: list[float], wall: float, status: str) -> None:
-        if (self.out / "degradations.jsonl").is_file():  # data.degrade: the recorded draws (data_pipeline/degrade)
-            self.tracker.log_artifact(self.out / "degradations.jsonl", "degradations")
-        if self.history:
-            png = plot_loss_curves(self.history, self.out / "plots" / "loss_curve.png")
-            self.tracker.log_artifact(png, "plots")
-        summary = {
-            "status": status,
-            "stage": self.cfg.stage,
-            "steps": step,
-            "wall_s": round(wall, 1),
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "bad_samples": self.stream.pos.bad_samples if hasattr(self, "stream") else 0,
-            "mlflow_run_id": self.tracker.run_id,
-            **_store_ref(getattr(self, "tracking_uri", None), self.run.url),
-            "output_dir": redact(self.run.url) if self.run.remote else ".",
-            "export_dir": (self.run.url_of("final") if self.run.remote else "final") if status == "FINISHED" else None,
-            "world_size": self.world,
-            "rank_param_checksums": getattr(self, "rank_checksums", []),
-        }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for rel in ("history.jsonl", "samples", "plots", "summary.json"):  # summary last: the run is done
-            if (self.out / rel).is_dir():
-                self.run.publish_tree(rel)
-            elif (self.out / rel).is_file():
-                self.run.publish(rel)
-        self.tracker.log_artifact(self.out / "summary.json")
-        self.tracker.end("FINISHED" if status == "FINISHED" else "FAILED")
-        summary["output_dir"] = redact(self.run.url)  # on the terminal: where to look
-        width = max(len(k) for k in summary)
-        say("[train] summary\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in summary.items()))
+        finish.write_summary(self, step, losses, wall, status)
 
 
 def train(

@@ -226,7 +226,7 @@ class Pretrain(Demo):
             ),
         )
         meta = read_metadata(self.w / "runs" / "vqvae" / "final")
-        # stage 0's end-of-run colour check (training/stage0_vqvae.py); None for a tokenizer exported before it existed
+        # stage 0's end-of-run colour check (training/stage0_finish.py); None for a tokenizer exported before it existed
         colour = meta.get("colour_check")
         if colour and colour["verdict"] == "lost" and p.require_colour:
             raise UserError(

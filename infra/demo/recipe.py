@@ -63,7 +63,7 @@ class PretrainConfig:
     # a shipped base to continue (a native full checkpoint, relative to the repository or absolute): stages 0-1 are
     # taken from it and stage 2 starts from its weights; None = train every stage from nothing
     continue_from: str | None = None
-    # stop after the tokenizer step when its colour check (training/stage0_vqvae.py) says colour is lost: stages 1-2
+    # stop after the tokenizer step when its colour check (training/stage0_finish.py) says colour is lost: stages 1-2
     # trained on such tokens cannot produce colour, so the hour they take would be wasted (docs/EXPERIMENTS.md)
     require_colour: bool = True
 

@@ -95,7 +95,7 @@ def test_the_recipe_stops_after_a_tokenizer_that_failed_its_colour_check(tmp_pat
     import json
 
     from infra.core.errors import UserError
-    from training.stage0_vqvae import colour_verdict
+    from training.stage0_finish import colour_verdict
 
     lost = {
         "images": 32,

@@ -169,7 +169,7 @@ def test_saved_config_is_masked_but_the_config_used_keeps_the_uri(tmp_path):
 
 
 def test_summary_names_the_store_without_its_credentials():
-    from training.trainer import _store_ref
+    from training.run_start import store_ref as _store_ref
 
     assert _store_ref(f"http://u:{PW}@h:5000", "/out") == {"tracking_uri": "http://***@h:5000"}
     assert _store_ref("http://h:5000", "/out") == {"tracking_uri": "http://h:5000"}

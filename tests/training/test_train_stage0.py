@@ -108,7 +108,8 @@ def test_an_interrupted_tokenizer_run_resumes_exactly(shards, tmp_path):
 
 
 def test_the_end_of_run_colour_check_warns_when_the_tokens_lost_colour(capsys):
-    from training.stage0_vqvae import MIN_CHROMA_GAIN, _report_colour
+    from training.stage0_finish import MIN_CHROMA_GAIN
+    from training.stage0_finish import report_colour as _report_colour
 
     kept = {
         "images": 32,
