@@ -205,6 +205,13 @@ def test_the_readme_first_command_runs_on_a_fresh_copy_from_its_root(checkout, f
     comp.verify()
     assert comp.size[0] >= 4 * comp.size[1] * 0.9  # four panels side by side: LR | SR | bicubic | HR
     assert not (work / "runs" / "stage2" / "<repo>").exists()  # issue 27's stray store
+    # the small real set scored by `varsr eval --suite bundled` (issue 29): the model's row beside bicubic's, with the
+    # offline metrics of docs/EVALUATION.md, and the same table on the terminal
+    table = (work / "outputs" / "eval-bundled" / "table.md").read_text()
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert {"varsr-demo@champion", "bicubic"} <= set(rows)
+    assert all(f"bundled/{m}" in table for m in ("psnr_y", "ssim_y", "niqe", "brisque"))
+    assert rows["varsr-demo@champion"] in first_command[1].stdout
 
 
 def test_every_other_block_of_the_docs_runs(checkout, first_command):
