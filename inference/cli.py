@@ -12,6 +12,7 @@ from pathlib import Path
 
 from infra.core.config import add_config_args
 from infra.core.errors import UserError
+from infra.core.log import say, summary
 
 from .config import COLOR_FIXES
 
@@ -150,8 +151,8 @@ def cmd_upscale(args) -> int:
         ok += 1
     secs = time.perf_counter() - t0
     for f in failed:
-        print(f"skipped {f}", file=sys.stderr)
-    print(
+        say(f"skipped {f}")
+    summary(
         f"upscaled {ok} image(s), skipped {len(failed)}, {secs:.1f} s"
         + (f" ({secs / ok:.2f} s/image)" if ok else "")
         + f" -> {out}"
@@ -192,7 +193,7 @@ def cmd_register(args) -> int:
         sampling=sampling,
     )
     uri = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{mv.version}"
-    print(
+    summary(
         json.dumps({"name": mv.name, "version": int(mv.version), "alias": args.alias, "uri": uri, "run_id": mv.run_id})
     )
     return 0
@@ -255,11 +256,11 @@ def cmd_eval(args) -> int:
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     for n in res.notices:
-        print(f"notice: {n}", file=sys.stderr)
+        say(f"notice: {n}")
     for f in res.failed:
-        print(f"skipped {f}", file=sys.stderr)
-    print(format_table(res.summary))
-    print(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
+        say(f"skipped {f}")
+    summary(format_table(res.summary))
+    summary(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
     return 0 if res.summary else 2
 
 
@@ -301,9 +302,9 @@ def cmd_eval_suite(args) -> int:
         methods.append(Method("bicubic"))
     res = run_suite(cfg, methods, args.output, log_to_mlflow=not args.no_mlflow, tracking_uri=args.tracking_uri)
     for n in res.notices:
-        print(f"notice: {n}", file=sys.stderr)
-    print((res.out_dir / "table.md").read_text(), end="")
-    print(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
+        say(f"notice: {n}")
+    summary((res.out_dir / "table.md").read_text().rstrip("\n"))
+    summary(f"results in {res.out_dir}" + (f"; MLflow run {res.run_id}" if res.run_id else ""))
     return 0
 
 
@@ -338,7 +339,7 @@ def cmd_eval_prepare(args) -> int:
             same = eval_sets.replay_check(es, args.replayer)
             if same != len(es.pairs):
                 raise UserError(f"{args.output}: {len(es.pairs) - same} LR(s) differ from their recorded degradation")
-    print(
+    summary(
         json.dumps(
             {
                 "set": es.name,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from infra.core.errors import UserError
+from infra.core.log import say
 from training.config import TrainConfig
 from training.param_groups import param_groups, torch_groups
 from training.schedule import Schedule
@@ -147,7 +148,6 @@ def extensions_dir() -> str:
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, poll_s: float = 5.0) -> list[str]:
     """Wait while a torch-extension build lock is younger than ``max_age_s`` (another process is building the op),
     then remove any lock older than that (left by a killed build), saying so on stderr. Returns the removed paths."""
-    import sys
     import time
     from pathlib import Path
 
@@ -163,20 +163,16 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, poll_s: float
                 if age > max_age_s:
                     lock.unlink()
                     removed.append(str(lock))
-                    print(
+                    say(
                         f"[train] removed a stale torch-extension build lock {lock} ({age:.0f} s old, left by a "
-                        f"killed build); the op is rebuilt",
-                        file=sys.stderr,
-                        flush=True,
+                        f"killed build); the op is rebuilt"
                     )
                 else:
                     young = True
                     if not said:
-                        print(
+                        say(
                             f"[train] waiting for a torch-extension build to release {lock} (another process is "
-                            f"compiling the op; a lock older than {max_age_s:.0f} s is removed)",
-                            file=sys.stderr,
-                            flush=True,
+                            f"compiling the op; a lock older than {max_age_s:.0f} s is removed)"
                         )
                         said = True
             except FileNotFoundError:  # the build finished, or another process cleared it, meanwhile

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from infra.core.config import load_config, save_config, to_dict
 from infra.core.errors import UserError
+from infra.core.log import say
 from infra.core.redact import install as redact_output
 from infra.core.redact import redact, restore
 from infra.core.tracking import default_tracking_uri
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.tracking.tracking_uri = restore(cfg.tracking.tracking_uri, default_tracking_uri())
         run_local(cfg, args.resume)
     except UserError as e:
-        print(f"varsr: error: {redact(str(e))}", file=sys.stderr)
+        say(f"varsr: error: {redact(str(e))}")
         return 2
     return 0
 
